@@ -1,0 +1,76 @@
+// The C ABI that Python loads with ctypes. Picks the widest instruction set the CPU supports, once.
+#include "pyquant/capi.h"
+
+#include <omp.h>
+
+#include "pyquant/blockwise.h"
+
+#define PQ_DECLARE_ISA(ns)                                                                                   \
+  namespace ns {                                                                                             \
+  void quantize_blockwise(const void*, int32_t, int64_t, int64_t, const uint8_t*, uint8_t*, float*);         \
+  void dequantize_blockwise(const uint8_t*, const float*, const float*, int64_t, int64_t, void*, int32_t);   \
+  int64_t adam_step(const pq_adam_tensor*, int32_t, const float*, const float*, const uint8_t*,             \
+                    const uint8_t*, int32_t);                                                               \
+  }
+PQ_DECLARE_ISA(pq_scalar)
+PQ_DECLARE_ISA(pq_avx2)
+PQ_DECLARE_ISA(pq_avx512)
+
+namespace {
+enum Isa : int32_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+int32_t detect_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return kAvx2;
+  return kScalar;
+}
+
+int32_t g_isa = detect_isa();
+}  // namespace
+
+extern "C" {
+
+int32_t pq_isa(void) { return g_isa; }
+
+// Lets tests and benchmarks force a narrower path; returns the previous choice.
+int32_t pq_set_isa(int32_t isa) {
+  const int32_t previous = g_isa;
+  const int32_t best = detect_isa();
+  g_isa = isa < best ? isa : best;
+  return previous;
+}
+
+// table[bin] = code index for each of the 65536 grid bins (docs/numerics.md, section 2, step 5).
+void pq_build_code_table(const float* code, uint8_t* table) {
+  float mids[255];
+  for (int j = 0; j < 255; ++j) mids[j] = pq::code_midpoint(code, j);
+  for (uint32_t bin = 0; bin < (uint32_t)pq::kGridPoints; ++bin) table[bin] = (uint8_t)pq::code_index_of_bin(bin, mids);
+}
+
+#define PQ_DISPATCH(call)            \
+  switch (g_isa) {                   \
+    case kAvx512: return pq_avx512::call; \
+    case kAvx2: return pq_avx2::call;     \
+    default: return pq_scalar::call;      \
+  }
+
+void pq_quantize_blockwise(const void* x, int32_t dtype, int64_t n, int64_t blocksize, const uint8_t* table,
+                           uint8_t* q, float* absmax) {
+  PQ_DISPATCH(quantize_blockwise(x, dtype, n, blocksize, table, q, absmax))
+}
+
+void pq_dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n, int64_t blocksize,
+                             void* out, int32_t dtype) {
+  PQ_DISPATCH(dequantize_blockwise(q, absmax, code, n, blocksize, out, dtype))
+}
+
+int64_t pq_adam_step(const pq_adam_tensor* tensors, int32_t count, const float* code1, const float* code2,
+                     const uint8_t* table1, const uint8_t* table2, int32_t nonfinite) {
+  PQ_DISPATCH(adam_step(tensors, count, code1, code2, table1, table2, nonfinite))
+}
+
+}  // extern "C"

@@ -1,0 +1,171 @@
+// Per-element math of block-wise 8-bit quantisation and of the Adam step with 8-bit states.
+//
+// Written once, compiled for the host (the C++ CPU library) and, under nvcc, for the device (the CUDA
+// library). The Python reference (pyquant/_reference.py) and the Triton kernels follow the same rules;
+// docs/numerics.md states them. Every operation below is one IEEE float32 operation, in the order
+// written: the build forbids fp contraction (-ffp-contract=off, nvcc --fmad=false) and fast math,
+// and fmaf() appears exactly where the contract asks for a fused multiply-add.
+#pragma once
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__CUDACC__)
+#define PQ_HD __host__ __device__ __forceinline__
+#else
+#define PQ_HD static inline
+#endif
+
+namespace pq {
+
+enum DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+enum NonFinite : int32_t { kSkipElement = 0, kPropagate = 1 };
+
+constexpr int kOptimizerBlock = 256;  // block size of the optimizer states (bitsandbytes' value)
+constexpr int kGridPoints = 65536;    // the quantiser snaps y in [-1, 1] to this grid first
+
+PQ_HD uint32_t float_bits(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return u;
+}
+PQ_HD float bits_float(uint32_t u) {
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+// ---- storage conversions (exact widening, round-to-nearest-even narrowing, as torch's .to()) ----
+PQ_HD float half_to_float(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu;
+  uint32_t man = h & 0x3FFu;
+  if (exp == 0x1Fu) return bits_float(sign | 0x7F800000u | (man << 13));  // inf / NaN
+  if (exp == 0) {
+    // zero or subnormal: man * 2^-24 is exact in float32
+    float mag = (float)man * 5.9604644775390625e-8f;
+    return sign ? -mag : mag;
+  }
+  return bits_float(sign | ((exp + 112u) << 23) | (man << 13));
+}
+
+PQ_HD uint16_t float_to_half(float f) {
+  uint32_t u = float_bits(f);
+  uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+  uint32_t abs = u & 0x7FFFFFFFu;
+  if (abs >= 0x7F800000u) return sign | (abs > 0x7F800000u ? 0x7E00u : 0x7C00u);  // NaN (quiet) / inf
+  if (abs >= 0x477FF000u) return sign | 0x7C00u;  // rounds to >= 65520: overflow to inf
+  if (abs < 0x38800000u) {
+    // result is a half subnormal (or zero): scale so the half ulp (2^-24) becomes 1, round to even
+    if (abs < 0x33000000u) return sign;  // below half of the smallest subnormal: +-0
+    uint32_t exp = abs >> 23;
+    uint32_t man = (abs & 0x7FFFFFu) | 0x800000u;
+    uint32_t shift = 126u - exp;  // 14..24
+    uint32_t kept = man >> shift;
+    uint32_t rem = man & ((1u << shift) - 1u);
+    uint32_t halfway = 1u << (shift - 1u);
+    if (rem > halfway || (rem == halfway && (kept & 1u))) kept += 1u;
+    return sign | (uint16_t)kept;
+  }
+  uint32_t rounded = abs + 0xFFFu + ((abs >> 13) & 1u);  // round to nearest even on the 13 dropped bits
+  return sign | (uint16_t)((rounded - 0x38000000u) >> 13);
+}
+
+PQ_HD float bf16_to_float(uint16_t b) { return bits_float((uint32_t)b << 16); }
+
+PQ_HD uint16_t float_to_bf16(float f) {
+  uint32_t u = float_bits(f);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40u);  // NaN stays a quiet NaN
+  return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+PQ_HD float load_as_float(const void* base, int64_t i, int32_t dtype) {
+  if (dtype == kFloat32) return ((const float*)base)[i];
+  if (dtype == kFloat16) return half_to_float(((const uint16_t*)base)[i]);
+  return bf16_to_float(((const uint16_t*)base)[i]);
+}
+
+PQ_HD void store_from_float(void* base, int64_t i, int32_t dtype, float v) {
+  if (dtype == kFloat32)
+    ((float*)base)[i] = v;
+  else if (dtype == kFloat16)
+    ((uint16_t*)base)[i] = float_to_half(v);
+  else
+    ((uint16_t*)base)[i] = float_to_bf16(v);
+}
+
+// ---- quantisation (docs/numerics.md, section 2) ----
+
+// Running block absmax: NaN never wins a comparison, so it is ignored; +-inf counts.
+PQ_HD float absmax_update(float running, float x) {
+  float a = fabsf(x);
+  return a > running ? a : running;
+}
+
+// Step 3-4: scale by the block's reciprocal absmax, clamp (NaN passes), snap to the 65536-point grid.
+PQ_HD uint32_t grid_bin(float x, float inv_absmax) {
+  float y = x * inv_absmax;
+  y = y > 1.0f ? 1.0f : y;
+  y = y < -1.0f ? -1.0f : y;
+  float t = (y + 1.0f) * 0.5f;
+  float s = t * 65535.0f + 0.5f;
+  if (s != s) return 0u;  // NaN -> bin 0
+  return ((uint32_t)s) & 0xFFFFu;  // s is in [0.5, 65535.5]: truncation is the contract's rounding
+}
+
+// Step 5: the centre of a grid bin, mapped back to [-1, 1].
+PQ_HD float grid_centre(uint32_t bin) { return (2.0f * (float)bin) / 65535.0f - 1.0f; }
+
+// Step 5: the code index is the number of midpoints strictly below the bin's centre (ties go low).
+// `mids` holds the 255 float32 midpoints (code[j] + code[j+1]) * 0.5 of a sorted 256-entry code.
+PQ_HD uint32_t code_index_of_bin(uint32_t bin, const float* mids) {
+  float c = grid_centre(bin);
+  uint32_t lo = 0, hi = 255;  // answer in [0, 255]: count of mids[j] < c
+  while (lo < hi) {
+    uint32_t mid = (lo + hi) >> 1;
+    if (mids[mid] < c)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+PQ_HD float code_midpoint(const float* code, int j) { return (code[j] + code[j + 1]) * 0.5f; }
+
+// The reciprocal used for one block; an all-zero block is special-cased by the caller (every code 0).
+PQ_HD float block_inverse(float absmax) { return 1.0f / absmax; }
+
+// ---- Adam with 8-bit states (docs/numerics.md, section 4) ----
+struct AdamConstants {
+  float beta1, one_minus_beta1;  // f32(b1), f32(1 - b1)
+  float beta2, one_minus_beta2;  // f32(b2), f32(1 - b2)
+  float eps;                     // f32(eps)           (8-bit states)
+  float eps_c2;                  // f32(eps * c2)      (float32 states)
+  float c2;                      // f32(sqrt(1 - b2^t))
+  float step_size;               // f32(-lr / c1) for 8-bit states, f32(-lr * c2 / c1) for float32 states
+  float decay;                   // f32(1 - lr * wd); exactly 1 when wd == 0
+};
+
+PQ_HD bool is_finite(float x) { return (float_bits(x) & 0x7F800000u) != 0x7F800000u; }
+
+PQ_HD void adam_moments(float g, float& m, float& v, const AdamConstants& k) {
+  m = fmaf(k.one_minus_beta1, g, m * k.beta1);
+  v = fmaf(k.one_minus_beta2 * g, g, v * k.beta2);
+}
+
+// Parameter update with the moments of 8-bit states: denom = sqrt(v)/c2 + eps, p += (step*m)/denom.
+PQ_HD float adam_param_8bit(float p, float m, float v, const AdamConstants& k) {
+  float denom = sqrtf(v) / k.c2 + k.eps;
+  p = p * k.decay;
+  return p + (k.step_size * m) / denom;
+}
+
+// Parameter update with float32 states (tensors below min_8bit_size): u = m/(sqrt(v)+eps*c2), p += step*u.
+PQ_HD float adam_param_32bit(float p, float m, float v, const AdamConstants& k) {
+  float u = m / (sqrtf(v) + k.eps_c2);
+  p = p * k.decay;
+  return fmaf(k.step_size, u, p);
+}
+
+}  // namespace pq

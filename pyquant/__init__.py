@@ -1,0 +1,13 @@
+"""pyquant: train and run medical-imaging models on the hardware a hospital or a small lab has.
+
+- `pyquant.Adam8bit` / `pyquant.AdamW8bit`: drop-ins for torch's Adam/AdamW and bitsandbytes' 8-bit ones;
+- `pyquant.functional`: block-wise 8-bit quantisation (bitsandbytes-compatible bits);
+- `pyquant.use_backend(name)`: force the reference, cpu, triton or cuda implementation of the ops.
+"""
+
+from pyquant import functional
+from pyquant.backends import use_backend
+from pyquant.optim import *  # noqa: F401,F403 (filled in below)
+
+__version__ = "0.1.0"
+__all__ = ["Adam8bit", "AdamW8bit", "functional", "use_backend", "__version__"]

@@ -1,0 +1,193 @@
+"""Block-wise 8-bit quantisation, API-compatible with bitsandbytes.functional.
+
+Each op is a `torch.library` custom op in the `pyquant` namespace with a fake kernel (so `torch.compile`
+and meta tensors work); its device kernels run on the backend that `pyquant.backends` selects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Sequence
+
+import torch
+
+from pyquant import _maps, backends
+from pyquant._nvtx import kernel_range
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_dynamic_maps: dict[bool, torch.Tensor] = {}
+_code_tables: dict[tuple, torch.Tensor] = {}
+
+
+def create_dynamic_map(signed: bool = True) -> torch.Tensor:
+    """The 256 float32 codes of bitsandbytes' dynamic map (7 exponent bits, 8 bits), bit for bit.
+
+    `signed=True` is the map of Adam's first moment, `signed=False` the map of the second.
+    """
+    signed = bool(signed)
+    if signed not in _dynamic_maps:
+        hex_words = re.findall(r"[0-9a-f]{8}", _maps.SIGNED_HEX if signed else _maps.UNSIGNED_HEX)
+        bits = torch.tensor([int(w, 16) for w in hex_words], dtype=torch.int64).to(torch.int32)
+        code = bits.view(torch.float32).clone()
+        digest = hashlib.sha256(code.numpy().astype("<f4").tobytes()).hexdigest()
+        expected = _maps.SIGNED_SHA256 if signed else _maps.UNSIGNED_SHA256
+        if digest != expected:
+            raise RuntimeError(f"pyquant's stored {'signed' if signed else 'unsigned'} dynamic map is corrupt")
+        _dynamic_maps[signed] = code
+    return _dynamic_maps[signed].clone()
+
+
+# ---- input checks: every public entry point says exactly what is wrong ----
+def _check_blocksize(blocksize) -> int:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
+        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+    return blocksize
+
+
+def check_code(code: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if not isinstance(code, torch.Tensor):
+        raise TypeError(f"code must be a torch.Tensor of 256 float32 values, got {type(code).__name__}")
+    if code.dtype != torch.float32 or code.numel() != 256 or code.dim() != 1:
+        raise ValueError(
+            f"code must be 256 sorted float32 values (a 1-D tensor), got dtype {code.dtype} and shape {tuple(code.shape)}"
+        )
+    if code.device != device:
+        raise ValueError(f"code is on {code.device} but the data is on {device}; move them to the same device")
+    host = code.detach().cpu()
+    if not torch.isfinite(host).all() or not (host[1:] >= host[:-1]).all():
+        raise ValueError("code must be 256 finite float32 values sorted in ascending order")
+    return code.contiguous()
+
+
+def _check_float(x: torch.Tensor, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+
+
+def cached_code_table(code: torch.Tensor) -> torch.Tensor:
+    """The 65536-entry bin -> code index table of `code` (docs/numerics.md section 2, step 5), cached."""
+    key = (code.device, code.detach().cpu().numpy().tobytes())
+    table = _code_tables.get(key)
+    if table is None:
+        build = backends.implementation("code_table", "cpu") if backends.available("cpu", "cpu") else None
+        if build is None or backends.forced_backend() == "reference":
+            from pyquant._reference import code_table as build
+        table = build(code.detach().cpu()).to(code.device)
+        _code_tables[key] = table
+    return table
+
+
+# ---- custom ops ----
+@torch.library.custom_op("pyquant::quantize_blockwise", mutates_args=())
+def _quantize_blockwise_op(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    with kernel_range("quantize_blockwise"):
+        return backends.implementation("quantize_blockwise", x.device.type)(x, code, blocksize)
+
+
+@_quantize_blockwise_op.register_fake
+def _(x, code, blocksize):
+    blocks = -(-x.numel() // blocksize)
+    return torch.empty_like(x, dtype=torch.uint8), x.new_empty((blocks,), dtype=torch.float32)
+
+
+@torch.library.custom_op("pyquant::dequantize_blockwise", mutates_args=())
+def _dequantize_blockwise_op(
+    q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, dtype: torch.dtype
+) -> torch.Tensor:
+    with kernel_range("dequantize_blockwise"):
+        return backends.implementation("dequantize_blockwise", q.device.type)(q, absmax, code, blocksize, dtype)
+
+
+@_dequantize_blockwise_op.register_fake
+def _(q, absmax, code, blocksize, dtype):
+    return torch.empty_like(q, dtype=dtype)
+
+
+@torch.library.custom_op(
+    "pyquant::adam_step_", mutates_args=("params", "state1", "state2", "absmax1", "absmax2")
+)
+def _adam_step_op(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    state1: list[torch.Tensor],
+    state2: list[torch.Tensor],
+    absmax1: list[torch.Tensor],
+    absmax2: list[torch.Tensor],
+    constants: torch.Tensor,
+    code1: torch.Tensor,
+    code2: torch.Tensor,
+    nonfinite: int,
+) -> torch.Tensor:
+    with kernel_range("adam_step"):
+        return backends.implementation("adam_step", params[0].device.type)(
+            params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite
+        )
+
+
+@_adam_step_op.register_fake
+def _(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite):
+    return torch.empty((), dtype=torch.int64)
+
+
+# ---- public API ----
+def quantize_blockwise(
+    x: torch.Tensor, code: torch.Tensor | None = None, blocksize: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise `x` block by block to 8-bit code indices.
+
+    Returns `(q, absmax)`: `q` is uint8 with x's shape, `absmax` float32 with one entry per block of
+    `blocksize` consecutive elements (in x's row-major order; the last block may be partial).
+    `code` defaults to the signed dynamic map. The bits equal bitsandbytes' CPU `quantize_blockwise`.
+    """
+    _check_float(x, "x")
+    blocksize = _check_blocksize(blocksize)
+    code = check_code(create_dynamic_map(True).to(x.device) if code is None else code, x.device)
+    return _quantize_blockwise_op(x.contiguous(), code, blocksize)
+
+
+def dequantize_blockwise(
+    q: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor | None = None,
+    blocksize: int = 256,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Inverse of `quantize_blockwise`: out = code[q] * absmax[block], in float32, then rounded once to `dtype`."""
+    if not isinstance(q, torch.Tensor) or q.dtype != torch.uint8:
+        raise TypeError(f"q must be a uint8 tensor, got {getattr(q, 'dtype', type(q).__name__)}")
+    if not isinstance(absmax, torch.Tensor) or absmax.dtype != torch.float32:
+        raise TypeError(f"absmax must be a float32 tensor, got {getattr(absmax, 'dtype', type(absmax).__name__)}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    blocksize = _check_blocksize(blocksize)
+    blocks = -(-q.numel() // blocksize)
+    if absmax.numel() != blocks:
+        raise ValueError(
+            f"absmax has {absmax.numel()} entries but q has {q.numel()} elements, i.e. {blocks} blocks of {blocksize}"
+        )
+    if absmax.device != q.device:
+        raise ValueError(f"absmax is on {absmax.device} but q is on {q.device}")
+    code = check_code(create_dynamic_map(True).to(q.device) if code is None else code, q.device)
+    return _dequantize_blockwise_op(q.contiguous(), absmax.reshape(-1).contiguous(), code, blocksize, dtype)
+
+
+def adam_step_multi_tensor(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    state1: Sequence[torch.Tensor],
+    state2: Sequence[torch.Tensor],
+    absmax1: Sequence[torch.Tensor],
+    absmax2: Sequence[torch.Tensor],
+    constants: torch.Tensor,
+    code1: torch.Tensor,
+    code2: torch.Tensor,
+    nonfinite: int,
+) -> torch.Tensor:
+    """One fused Adam step over a list of tensors (the optimizers' kernel; inputs are checked by them)."""
+    return _adam_step_op(
+        list(params), list(grads), list(state1), list(state2), list(absmax1), list(absmax2),
+        constants, code1, code2, nonfinite,
+    )
