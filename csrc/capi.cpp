@@ -34,6 +34,10 @@ int32_t g_isa = detect_isa();
 
 extern "C" {
 
+pq_vsqrt_fn pq_cpu_sqrt = nullptr;
+
+void pq_set_cpu_sqrt(pq_vsqrt_fn fn) { pq_cpu_sqrt = fn; }
+
 int32_t pq_isa(void) { return g_isa; }
 
 // Lets tests and benchmarks force a narrower path; returns the previous choice.

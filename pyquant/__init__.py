@@ -7,7 +7,7 @@
 
 from pyquant import functional
 from pyquant.backends import use_backend
-from pyquant.optim import *  # noqa: F401,F403 (filled in below)
+from pyquant.optim import Adam8bit, AdamW8bit
 
 __version__ = "0.1.0"
 __all__ = ["Adam8bit", "AdamW8bit", "functional", "use_backend", "__version__"]

@@ -70,9 +70,8 @@ def _find(name: str) -> Path | None:
 @functools.cache
 def cpu_library() -> ctypes.CDLL | None:
     """The C++ CPU library, or None (with one warning) when it was not built."""
-    if os.environ.get("PYQUANT_NO_LIB") == "1":
-        return None
-    path = _find("libpyquant_cpu.so")
+    # PYQUANT_NO_LIB=1 pretends the library is missing (tests of the fallback).
+    path = None if os.environ.get("PYQUANT_NO_LIB") == "1" else _find("libpyquant_cpu.so")
     if path is None:
         warnings.warn(
             "pyquant: the compiled CPU library was not found (build it with `pip install -e .`); "
@@ -94,7 +93,40 @@ def cpu_library() -> ctypes.CDLL | None:
     lib.pq_dequantize_blockwise.restype = None
     lib.pq_adam_step.argtypes = [ctypes.POINTER(AdamTensor), I32, P, P, P, P, I32]
     lib.pq_adam_step.restype = I64
+    lib.pq_set_cpu_sqrt.argtypes = [P]
+    lib.pq_set_cpu_sqrt.restype = None
+    lib.pq_set_cpu_sqrt(_torch_cpu_sqrt())
     return lib
+
+
+def _torch_cpu_sqrt() -> int | None:
+    """The address of the vsSqrt that torch.sqrt uses on CPU float32, or None when torch's sqrt is IEEE.
+
+    Adam's denominator has a square root; bitsandbytes computes it with torch.sqrt, and torch 2.14.1's CPU
+    builds compute that with MKL's vsSqrt, which is up to 1 ulp away from IEEE sqrtf for about one value
+    in six. The CPU library calls the same routine so that its bits equal torch's and bitsandbytes'.
+    """
+    probe = torch.rand(65536, generator=torch.Generator().manual_seed(0)) * torch.logspace(-30, 30, 65536)
+    torch_sqrt = torch.sqrt(probe)
+    if torch.equal(torch_sqrt, torch.sqrt(probe.double()).float()):
+        return None
+    try:
+        libtorch = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        vssqrt = libtorch.VSSQRT_
+    except (OSError, AttributeError):
+        vssqrt = None
+    if vssqrt is not None:
+        out = torch.empty_like(probe)
+        vssqrt(ctypes.byref(ctypes.c_int(probe.numel())), ctypes.c_void_p(probe.data_ptr()), ctypes.c_void_p(out.data_ptr()))
+        if torch.equal(out, torch_sqrt):
+            return ctypes.cast(vssqrt, ctypes.c_void_p).value
+    warnings.warn(
+        "pyquant: torch's CPU sqrt is not IEEE sqrt and pyquant could not find the routine it uses; the cpu "
+        "backend's Adam steps may differ from bitsandbytes' and the reference backend in the last bit",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return None
 
 
 @functools.cache

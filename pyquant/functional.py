@@ -11,6 +11,7 @@ import re
 from typing import Sequence
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from pyquant import _maps, backends
 from pyquant._nvtx import kernel_range
@@ -18,6 +19,9 @@ from pyquant._nvtx import kernel_range
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _dynamic_maps: dict[bool, torch.Tensor] = {}
 _code_tables: dict[tuple, torch.Tensor] = {}
+# The same code tensor (the optimizers' maps) is looked up every step: find it by identity and version
+# first, so that a GPU step does not copy the code to the host to build the content key.
+_tables_by_tensor = WeakIdKeyDictionary()
 
 
 def create_dynamic_map(signed: bool = True) -> torch.Tensor:
@@ -69,6 +73,9 @@ def _check_float(x: torch.Tensor, name: str) -> None:
 
 def cached_code_table(code: torch.Tensor) -> torch.Tensor:
     """The 65536-entry bin -> code index table of `code` (docs/numerics.md section 2, step 5), cached."""
+    hit = _tables_by_tensor.get(code)
+    if hit is not None and hit[0] == code._version:
+        return hit[1]
     key = (code.device, code.detach().cpu().numpy().tobytes())
     table = _code_tables.get(key)
     if table is None:
@@ -77,6 +84,7 @@ def cached_code_table(code: torch.Tensor) -> torch.Tensor:
             from pyquant._reference import code_table as build
         table = build(code.detach().cpu()).to(code.device)
         _code_tables[key] = table
+    _tables_by_tensor[code] = (code._version, table)
     return table
 
 

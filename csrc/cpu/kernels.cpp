@@ -75,11 +75,23 @@ void dequantize_blockwise(const uint8_t* q, const float* absmax, const float* co
   }
 }
 
-// One block of a tensor with 8-bit states: dequantise, update, find the new absmax, requantise.
+// sqrt(v) for a block, as torch computes it on this CPU (see pq_cpu_sqrt in capi.h).
+static inline void block_sqrt(const float* v, float* out, int64_t len) {
+  if (pq_cpu_sqrt != nullptr) {
+    const int32_t n = (int32_t)len;
+    pq_cpu_sqrt(&n, v, out);
+  } else {
+    for (int64_t i = 0; i < len; ++i) out[i] = sqrtf(v[i]);
+  }
+}
+
+// One block of a tensor with 8-bit states: dequantise and update the moments, update the parameters,
+// find the new absmax, requantise. Everything stays in these stack arrays: no full-size temporaries.
 static inline int64_t adam_block_8bit(const pq_adam_tensor& t, int64_t start, int64_t len, const float* code1,
                                       const float* code2, const uint8_t* table1, const uint8_t* table2,
                                       int32_t nonfinite) {
-  float m[kOptimizerBlock], v[kOptimizerBlock];
+  float m[kOptimizerBlock], v[kOptimizerBlock], root[kOptimizerBlock];
+  bool skip[kOptimizerBlock];
   uint8_t* q1 = (uint8_t*)t.state1 + start;
   uint8_t* q2 = (uint8_t*)t.state2 + start;
   const int64_t b = start / kOptimizerBlock;
@@ -89,15 +101,17 @@ static inline int64_t adam_block_8bit(const pq_adam_tensor& t, int64_t start, in
     const float g = load_as_float(t.grad, start + i, t.grad_dtype);
     float mi = code1[q1[i]] * a1;
     float vi = code2[q2[i]] * a2;
-    if (nonfinite == kSkipElement && !is_finite(g)) {
-      ++bad;  // this element keeps its parameter and moments
-    } else {
-      adam_moments(g, mi, vi, t.k);
-      const float p = load_as_float(t.param, start + i, t.param_dtype);
-      store_from_float(t.param, start + i, t.param_dtype, adam_param_8bit(p, mi, vi, t.k));
-    }
+    skip[i] = nonfinite == kSkipElement && !is_finite(g);  // such an element keeps its parameter and moments
+    bad += skip[i];
+    if (!skip[i]) adam_moments(g, mi, vi, t.k);
     m[i] = mi;
     v[i] = vi;
+  }
+  block_sqrt(v, root, len);
+  for (int64_t i = 0; i < len; ++i) {
+    if (skip[i]) continue;
+    const float p = load_as_float(t.param, start + i, t.param_dtype);
+    store_from_float(t.param, start + i, t.param_dtype, adam_param_8bit_given_sqrt(p, m[i], root[i], t.k));
   }
   const float new_a1 = block_absmax(m, len), new_a2 = block_absmax(v, len);
   t.absmax1[b] = new_a1;
@@ -110,19 +124,20 @@ static inline int64_t adam_block_8bit(const pq_adam_tensor& t, int64_t start, in
 static inline int64_t adam_block_32bit(const pq_adam_tensor& t, int64_t start, int64_t len, int32_t nonfinite) {
   float* m = (float*)t.state1 + start;
   float* v = (float*)t.state2 + start;
+  float root[kOptimizerBlock];
+  bool skip[kOptimizerBlock];
   int64_t bad = 0;
   for (int64_t i = 0; i < len; ++i) {
     const float g = load_as_float(t.grad, start + i, t.grad_dtype);
-    if (nonfinite == kSkipElement && !is_finite(g)) {
-      ++bad;
-      continue;
-    }
-    float mi = m[i], vi = v[i];
-    adam_moments(g, mi, vi, t.k);
-    m[i] = mi;
-    v[i] = vi;
+    skip[i] = nonfinite == kSkipElement && !is_finite(g);
+    bad += skip[i];
+    if (!skip[i]) adam_moments(g, m[i], v[i], t.k);
+  }
+  block_sqrt(v, root, len);
+  for (int64_t i = 0; i < len; ++i) {
+    if (skip[i]) continue;
     const float p = load_as_float(t.param, start + i, t.param_dtype);
-    store_from_float(t.param, start + i, t.param_dtype, adam_param_32bit(p, mi, vi, t.k));
+    store_from_float(t.param, start + i, t.param_dtype, adam_param_32bit_given_sqrt(p, m[i], root[i], t.k));
   }
   return bad;
 }

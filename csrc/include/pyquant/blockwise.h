@@ -154,18 +154,31 @@ PQ_HD void adam_moments(float g, float& m, float& v, const AdamConstants& k) {
   v = fmaf(k.one_minus_beta2 * g, g, v * k.beta2);
 }
 
+// The square root is torch's sqrt on the device the tensors live on: IEEE sqrtf on a GPU, and on a CPU
+// whatever torch's CPU sqrt is (MKL's vsSqrt in torch 2.14.1 builds, up to 1 ulp from IEEE). The CPU
+// library therefore takes the block's sqrt(v) from outside (see capi.cpp, pq_set_cpu_sqrt), and these
+// functions come in two forms: one taking sqrt(v), one computing it with IEEE sqrtf.
+
 // Parameter update with the moments of 8-bit states: denom = sqrt(v)/c2 + eps, p += (step*m)/denom.
-PQ_HD float adam_param_8bit(float p, float m, float v, const AdamConstants& k) {
-  float denom = sqrtf(v) / k.c2 + k.eps;
+PQ_HD float adam_param_8bit_given_sqrt(float p, float m, float sqrt_v, const AdamConstants& k) {
+  float denom = sqrt_v / k.c2 + k.eps;
   p = p * k.decay;
   return p + (k.step_size * m) / denom;
 }
 
 // Parameter update with float32 states (tensors below min_8bit_size): u = m/(sqrt(v)+eps*c2), p += step*u.
-PQ_HD float adam_param_32bit(float p, float m, float v, const AdamConstants& k) {
-  float u = m / (sqrtf(v) + k.eps_c2);
+PQ_HD float adam_param_32bit_given_sqrt(float p, float m, float sqrt_v, const AdamConstants& k) {
+  float u = m / (sqrt_v + k.eps_c2);
   p = p * k.decay;
   return fmaf(k.step_size, u, p);
+}
+
+PQ_HD float adam_param_8bit(float p, float m, float v, const AdamConstants& k) {
+  return adam_param_8bit_given_sqrt(p, m, sqrtf(v), k);
+}
+
+PQ_HD float adam_param_32bit(float p, float m, float v, const AdamConstants& k) {
+  return adam_param_32bit_given_sqrt(p, m, sqrtf(v), k);
 }
 
 }  // namespace pq

@@ -23,4 +23,11 @@ struct pq_adam_tensor {
   pq::AdamConstants k;  // per tensor: the step count (hence c1, c2) can differ inside a group
 };
 
+// The CPU library's square root of a block of second moments: torch's CPU sqrt, which is not always IEEE
+// sqrtf (torch 2.14.1 computes it with MKL's vsSqrt, up to 1 ulp away). NULL means IEEE sqrtf. The
+// signature is MKL's Fortran-style vsSqrt(n, in, out); pyquant._native installs it after checking that it
+// reproduces torch.sqrt bit for bit.
+typedef void (*pq_vsqrt_fn)(const int32_t* n, const float* in, float* out);
+extern pq_vsqrt_fn pq_cpu_sqrt;
+
 }  // extern "C"
