@@ -66,6 +66,10 @@ def available(name: str, device_type: str) -> bool:
             return _native.cpu_library() is not None
         return name == "triton" and triton_interpreted()
     if device_type == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return False
         if name == "cuda":
             return _native.cuda_library() is not None
         return name == "triton"

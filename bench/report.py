@@ -1,0 +1,91 @@
+"""Run the benchmarks and write bench/RESULTS.md: one table per group with ratios, the machine and the date.
+
+    python bench/report.py [extra pytest args, e.g. -k quantize]
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BASELINES = ("pyquant", "bitsandbytes", "torch")  # ratios are taken against the first entry of each group
+
+
+def machine() -> str:
+    import torch
+
+    from pyquant import _native
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    threads = os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))
+    return (
+        f"{cpu}, {os.cpu_count()} logical cores, OMP_NUM_THREADS={threads}; Python {platform.python_version()}, "
+        f"torch {torch.__version__}, pyquant CPU library: {_native.cpu_isa()}"
+    )
+
+
+def label(bench: dict) -> str:
+    name = bench["name"].removeprefix("test_")
+    return name
+
+
+def table(group: str, benches: list[dict]) -> list[str]:
+    benches = sorted(benches, key=lambda b: b["stats"]["median"])
+    pyquant_median = next((b["stats"]["median"] for b in benches if "pyquant" in b["name"]), None)
+    lines = [f"### {group}", "", "| implementation | median ms | GB/s | time / pyquant | extra |", "|---|---:|---:|---:|---|"]
+    for b in benches:
+        median = b["stats"]["median"]
+        info = dict(b.get("extra_info", {}))
+        gbs = info.pop("GB/s", None)
+        extra = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items() if k == "state bytes/param")
+        ratio = f"{median / pyquant_median:.2f}x" if pyquant_median else ""
+        lines.append(f"| {label(b)} | {1e3 * median:.2f} | {gbs:.2f} | {ratio} | {extra} |" if gbs else f"| {label(b)} | {1e3 * median:.2f} | | {ratio} | {extra} |")
+    return lines + [""]
+
+
+def main(argv: list[str]) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bench.json"
+        cmd = [sys.executable, "-m", "pytest", str(HERE), "--benchmark-only", f"--benchmark-json={out}", "-q", *argv]
+        subprocess.run(cmd, check=True)
+        data = json.loads(out.read_text())
+    groups: dict[str, list[dict]] = {}
+    for b in data["benchmarks"]:
+        groups.setdefault(b["group"], []).append(b)
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Measured {datetime.date.today().isoformat()} with `python bench/report.py {' '.join(argv)}`".rstrip() + ".",
+        "",
+        f"Machine: {machine()}.",
+        "",
+        "Medians over the rounds of pytest-benchmark; GB/s counts the bytes each operation must move "
+        "(8-bit Adam 16 B/param, float32 Adam 28 B/param, quantise/dequantise 5 B/element).",
+        "",
+    ]
+    for group in sorted(groups):
+        lines += table(group, groups[group])
+    notes = HERE / "NOTES.md"
+    if notes.exists():
+        lines += ["## Analysis", "", notes.read_text().strip(), ""]
+    (HERE / "RESULTS.md").write_text("\n".join(lines))
+    print(f"wrote {HERE / 'RESULTS.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
