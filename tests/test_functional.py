@@ -225,3 +225,29 @@ def test_missing_library_falls_back_to_reference_with_one_warning():
     env = dict(os.environ, PYQUANT_NO_LIB="1")
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["reference", "1"]
+
+
+def test_every_kernel_launch_sits_in_a_named_nvtx_range(monkeypatch):
+    import contextlib
+
+    from pyquant import _nvtx
+
+    names = []
+
+    class Recorder:
+        @staticmethod
+        def annotate(message, domain):
+            names.append((message, domain))
+            return contextlib.nullcontext()
+
+    monkeypatch.setattr(_nvtx, "_nvtx", Recorder)
+    q, absmax = F.quantize_blockwise(torch.randn(1000))
+    F.dequantize_blockwise(q, absmax)
+    p = torch.nn.Parameter(torch.randn(5000))
+    p.grad = torch.randn(5000)
+    pyquant.Adam8bit([p]).step()
+    assert names == [
+        ("pyquant::quantize_blockwise", "pyquant"),
+        ("pyquant::dequantize_blockwise", "pyquant"),
+        ("pyquant::adam_step", "pyquant"),
+    ]
