@@ -88,7 +88,11 @@ def select(device_type: str) -> str:
     return next(n for n in preferred if available(n, device_type))
 
 
+def ops(device_type: str) -> dict:
+    """The ops of the backend selected for tensors of `device_type` (name -> function)."""
+    return importlib.import_module(_MODULES[select(device_type)]).OPS
+
+
 def implementation(op: str, device_type: str):
     """The function implementing `op` for tensors of `device_type` on the selected backend."""
-    name = select(device_type)
-    return importlib.import_module(_MODULES[name]).OPS[op]
+    return ops(device_type)[op]

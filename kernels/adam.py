@@ -1,0 +1,206 @@
+"""Triton kernel for the fused Adam step with 8-bit (or float32) states (docs/numerics.md section 4).
+
+Multi-tensor: one launch covers every tensor of a call that shares (param dtype, grad dtype), i.e. one
+launch per parameter group in the usual case. Triton cannot take a list of tensors, so the host builds
+  - `meta` (int64 [n_tensors, 8]): the tensors' addresses, numel and state kind (8 or 32 bits), and
+  - `progs` (int32 [n_programs, 2]): for each program, its tensor index and its first 256-element block.
+Each program updates ROWS consecutive blocks of one tensor, loading its pointers from `meta` (int64 ->
+pointer casts). 8-bit and float32-state tensors share the launch through a branch on the state kind.
+Both tables depend only on the tensors' addresses and sizes and are cached.
+
+Per element the math is blockwise.h's adam_moments / adam_param_8bit / adam_param_32bit: `tl.fma` where
+the contract has fma, `tl.div_rn` / `tl.sqrt_rn` (correctly rounded on a GPU, unlike `/` and `tl.sqrt`),
+and launches with `enable_fp_fusion=False` so nothing else is contracted. A block's new absmax is the
+max over its updated m (v) kept in registers; no full-size float32 temporaries are written.
+
+The non-finite count comes back as a 0-dim int64 tensor on the parameters' device (no host sync).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pyquant.kernels.blockwise import (
+    DTYPE_CODES,
+    LAUNCH,
+    load_f32,
+    masked_abs,
+    quantize_values,
+    store_f32,
+)
+
+STATE_BLOCK = 256  # block size of the 8-bit states (pyquant._reference.OPTIMIZER_BLOCK)
+ADAM_ROWS = 4  # state blocks per program
+N_CONSTANTS = 9  # columns of `constants`: pyquant._reference.CONSTANT_FIELDS
+META_FIELDS = 8  # param, grad, state1, state2, absmax1, absmax2 addresses; numel; state bits
+_TABLE_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_TABLE_CACHE_SIZE = 32
+
+
+@triton.jit
+def storage_ptr(addr, DTYPE: tl.constexpr):
+    """The pointer load_f32/store_f32 expect for storage of DTYPE, from a raw int64 address."""
+    if DTYPE == 0:
+        ptr = addr.to(tl.pointer_type(tl.float32))
+    else:
+        ptr = addr.to(tl.pointer_type(tl.int16))
+    return ptr
+
+
+@triton.jit
+def _adam_kernel(meta_ptr, const_ptr, prog_ptr, code1_ptr, code2_ptr, table1_ptr, table2_ptr, bad_ptr,
+                 P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, NONFINITE: tl.constexpr,
+                 ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(prog_ptr + 2 * pid)  # tensor this program works on
+    first = tl.load(prog_ptr + 2 * pid + 1)  # its first state block within that tensor
+    row = meta_ptr + t * 8  # the tensor's row of `meta`
+    p_ptr = storage_ptr(tl.load(row + 0), P_DTYPE)
+    g_ptr = storage_ptr(tl.load(row + 1), G_DTYPE)
+    numel = tl.load(row + 6)
+    bits = tl.load(row + 7)
+    k = const_ptr + t * 9  # the tensor's row of constants, in pq::AdamConstants order
+    beta1 = tl.load(k + 0)
+    one_minus_beta1 = tl.load(k + 1)
+    beta2 = tl.load(k + 2)
+    one_minus_beta2 = tl.load(k + 3)
+    eps = tl.load(k + 4)
+    eps_c2 = tl.load(k + 5)
+    c2 = tl.load(k + 6)
+    step_size = tl.load(k + 7)
+    decay = tl.load(k + 8)
+
+    blocks = first + tl.arange(0, ROWS)  # state block indices within the tensor
+    offs = blocks.to(tl.int64)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # element indices
+    mask = offs < numel  # covers the partial last block and blocks past the end
+    block_ok = blocks.to(tl.int64) * BLOCK < numel
+    g = load_f32(g_ptr, offs, mask, G_DTYPE)
+    bad = (g.to(tl.uint32, bitcast=True) & 0x7F800000) == 0x7F800000  # inf or NaN
+    if NONFINITE == 0:
+        update = mask & ~bad  # a skipped element keeps its p, m and v
+    else:
+        update = mask
+    p = load_f32(p_ptr, offs, mask, P_DTYPE)
+
+    if bits == 8:
+        s1_ptr = tl.load(row + 2).to(tl.pointer_type(tl.uint8))
+        s2_ptr = tl.load(row + 3).to(tl.pointer_type(tl.uint8))
+        a1_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
+        a2_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
+        a1 = tl.load(a1_ptr + blocks, mask=block_ok, other=0.0)
+        a2 = tl.load(a2_ptr + blocks, mask=block_ok, other=0.0)
+        m = tl.load(code1_ptr + tl.load(s1_ptr + offs, mask=mask, other=0)) * a1[:, None]
+        v = tl.load(code2_ptr + tl.load(s2_ptr + offs, mask=mask, other=0)) * a2[:, None]
+        m_new = tl.fma(one_minus_beta1, g, m * beta1)
+        v_new = tl.fma(one_minus_beta2 * g, g, v * beta2)
+        denom = tl.div_rn(tl.sqrt_rn(v_new), c2) + eps
+        p_new = p * decay
+        p_new = p_new + tl.div_rn(step_size * m_new, denom)
+        store_f32(p_ptr, offs, p_new, update, P_DTYPE)
+        if NONFINITE == 0:
+            m_new = tl.where(bad, m, m_new)
+            v_new = tl.where(bad, v, v_new)
+        # New absmax over the block's real elements only (masked_abs zeroes the lanes past numel).
+        amax1 = tl.max(masked_abs(m_new, mask), axis=1)
+        amax2 = tl.max(masked_abs(v_new, mask), axis=1)
+        tl.store(a1_ptr + blocks, amax1, mask=block_ok)
+        tl.store(a2_ptr + blocks, amax2, mask=block_ok)
+        tl.store(s1_ptr + offs, quantize_values(m_new, amax1, table1_ptr, mask), mask=mask)
+        tl.store(s2_ptr + offs, quantize_values(v_new, amax2, table2_ptr, mask), mask=mask)
+    else:
+        s1_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+        s2_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+        m = tl.load(s1_ptr + offs, mask=mask, other=0.0)
+        v = tl.load(s2_ptr + offs, mask=mask, other=0.0)
+        m_new = tl.fma(one_minus_beta1, g, m * beta1)
+        v_new = tl.fma(one_minus_beta2 * g, g, v * beta2)
+        u = tl.div_rn(m_new, tl.sqrt_rn(v_new) + eps_c2)
+        p_new = tl.fma(step_size, u, p * decay)
+        tl.store(s1_ptr + offs, m_new, mask=update)
+        tl.store(s2_ptr + offs, v_new, mask=update)
+        store_f32(p_ptr, offs, p_new, update, P_DTYPE)
+
+    if NONFINITE == 0:
+        tl.store(bad_ptr + pid, tl.sum((mask & bad).to(tl.int32)))
+    else:
+        tl.store(bad_ptr + pid, 0)
+
+
+def _check(i, device, p, g, s1, s2, a1, a2):
+    if p.device != device:
+        raise ValueError(f"adam_step: param {i} is on {p.device}, param 0 on {device}; make one call per device")
+    for name, t in (("param", p), ("grad", g), ("state1", s1), ("state2", s2), ("absmax1", a1), ("absmax2", a2)):
+        if not t.is_contiguous():
+            raise ValueError(f"adam_step: {name} of tensor {i} must be contiguous")
+        if t.device != p.device:
+            raise ValueError(f"adam_step: {name} of tensor {i} is on {t.device}, its param on {p.device}")
+    if p.dtype not in DTYPE_CODES or g.dtype not in DTYPE_CODES:
+        raise TypeError(f"adam_step: tensor {i} has param {p.dtype} / grad {g.dtype}; need float32/16, bfloat16")
+    if g.numel() != p.numel() or s1.numel() != p.numel() or s2.numel() != p.numel():
+        raise ValueError(f"adam_step: grad and states of tensor {i} must have its {p.numel()} elements")
+    if s1.dtype != s2.dtype or s1.dtype not in (torch.uint8, torch.float32):
+        raise TypeError(f"adam_step: states of tensor {i} must both be uint8 or both float32")
+    if s1.dtype == torch.uint8:
+        blocks = -(-p.numel() // STATE_BLOCK)
+        if a1.numel() != blocks or a2.numel() != blocks or a1.dtype != torch.float32 or a2.dtype != torch.float32:
+            raise ValueError(f"adam_step: absmax of tensor {i} must be {blocks} float32 values")
+
+
+def _tables(tensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """`meta` and `progs` (see the module docstring) for `tensors`: (p, g, s1, s2, a1, a2) tuples."""
+    rows, key = [], []
+    for p, g, s1, s2, a1, a2 in tensors:
+        bits = 8 if s1.dtype == torch.uint8 else 32
+        row = [p.data_ptr(), g.data_ptr(), s1.data_ptr(), s2.data_ptr(), a1.data_ptr(), a2.data_ptr(), p.numel(), bits]
+        rows.append(row)
+        key.extend(row)
+    device = tensors[0][0].device
+    key = (str(device), *key)
+    cached = _TABLE_CACHE.get(key)
+    if cached is not None:
+        return cached
+    progs = []
+    for t, row in enumerate(rows):
+        blocks = -(-row[6] // STATE_BLOCK)
+        progs.extend((t, b) for b in range(0, blocks, ADAM_ROWS))  # program -> (tensor, first block)
+    meta = torch.tensor(rows, dtype=torch.int64).to(device)
+    prog = torch.tensor(progs, dtype=torch.int32).reshape(-1, 2).to(device)
+    if len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE:
+        _TABLE_CACHE.pop(next(iter(_TABLE_CACHE)))
+    _TABLE_CACHE[key] = (meta, prog)
+    return meta, prog
+
+
+def adam_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite):
+    from pyquant.functional import cached_code_table
+
+    if len(params) == 0:
+        return torch.zeros((), dtype=torch.int64)
+    device = params[0].device
+    total = torch.zeros((), dtype=torch.int64, device=device)
+    if nonfinite not in (0, 1):
+        raise ValueError(f"adam_step: nonfinite must be 0 (skip element) or 1 (propagate), got {nonfinite!r}")
+    buckets: dict[tuple, list[int]] = {}  # (param dtype, grad dtype) -> tensor indices: one launch each
+    for i, tensors in enumerate(zip(params, grads, state1, state2, absmax1, absmax2)):
+        _check(i, device, *tensors)
+        if tensors[0].numel() > 0:
+            buckets.setdefault((tensors[0].dtype, tensors[1].dtype), []).append(i)
+    if not buckets:
+        return total
+    table1, table2 = cached_code_table(code1), cached_code_table(code2)
+    code1, code2 = code1.contiguous(), code2.contiguous()
+    consts = constants.to(device=device, dtype=torch.float32).contiguous()
+    for (p_dtype, g_dtype), idx in buckets.items():
+        group = [(params[i], grads[i], state1[i], state2[i], absmax1[i], absmax2[i]) for i in idx]
+        meta, progs = _tables(group)
+        k = consts if len(idx) == len(params) else consts[torch.tensor(idx, device=device)].contiguous()
+        counts = torch.empty(progs.shape[0], dtype=torch.int32, device=device)
+        _adam_kernel[(progs.shape[0],)](
+            meta, k, progs, code1, code2, table1, table2, counts,
+            P_DTYPE=DTYPE_CODES[p_dtype], G_DTYPE=DTYPE_CODES[g_dtype], NONFINITE=nonfinite,
+            ROWS=ADAM_ROWS, BLOCK=STATE_BLOCK, **LAUNCH,
+        )
+        total += counts.sum(dtype=torch.int64)
+    return total
