@@ -4,6 +4,7 @@
 #include <omp.h>
 
 #include "pyquant/blockwise.h"
+#include "pyquant/dispatch.h"
 
 #define PQ_DECLARE_ISA(ns)                                                                                   \
   namespace ns {                                                                                             \
@@ -12,9 +13,7 @@
   int64_t adam_step(const pq_adam_tensor*, int32_t, const float*, const float*, const uint8_t*,             \
                     const uint8_t*, int32_t);                                                               \
   }
-PQ_DECLARE_ISA(pq_scalar)
-PQ_DECLARE_ISA(pq_avx2)
-PQ_DECLARE_ISA(pq_avx512)
+PQ_FOR_EACH_ISA(PQ_DECLARE_ISA)
 
 namespace {
 enum Isa : int32_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
@@ -54,13 +53,6 @@ void pq_build_code_table(const float* code, uint8_t* table) {
   for (int j = 0; j < 255; ++j) mids[j] = pq::code_midpoint(code, j);
   for (uint32_t bin = 0; bin < (uint32_t)pq::kGridPoints; ++bin) table[bin] = (uint8_t)pq::code_index_of_bin(bin, mids);
 }
-
-#define PQ_DISPATCH(call)            \
-  switch (g_isa) {                   \
-    case kAvx512: return pq_avx512::call; \
-    case kAvx2: return pq_avx2::call;     \
-    default: return pq_scalar::call;      \
-  }
 
 void pq_quantize_blockwise(const void* x, int32_t dtype, int64_t n, int64_t blocksize, const uint8_t* table,
                            uint8_t* q, float* absmax) {

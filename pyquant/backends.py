@@ -26,6 +26,8 @@ _MODULES = {
     "triton": "pyquant.kernels",
     "cuda": "pyquant._cuda",
 }
+# Ops added by other modules (pyquant.ops, pyquant.amp, ...): (op, backend) -> function.
+_registered: dict[tuple[str, str], object] = {}
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("pyquant_backend", default=None)
 
 
@@ -88,11 +90,23 @@ def select(device_type: str) -> str:
     return next(n for n in preferred if available(n, device_type))
 
 
+def register(op: str, backend: str, fn) -> None:
+    """Add the `backend` implementation of `op` from outside the backend modules' OPS tables."""
+    _registered[(op, _check_name(backend))] = fn
+
+
 def ops(device_type: str) -> dict:
     """The ops of the backend selected for tensors of `device_type` (name -> function)."""
-    return importlib.import_module(_MODULES[select(device_type)]).OPS
+    name = select(device_type)
+    table = dict(importlib.import_module(_MODULES[name]).OPS)
+    table.update({op: fn for (op, backend), fn in _registered.items() if backend == name})
+    return table
 
 
 def implementation(op: str, device_type: str):
     """The function implementing `op` for tensors of `device_type` on the selected backend."""
-    return ops(device_type)[op]
+    name = select(device_type)
+    fn = _registered.get((op, name)) or importlib.import_module(_MODULES[name]).OPS.get(op)
+    if fn is None:
+        raise NotImplementedError(f"pyquant op {op!r} has no {name!r} implementation")
+    return fn
