@@ -1,13 +1,14 @@
 """pyquant: train and run medical-imaging models on the hardware a hospital or a small lab has.
 
 - `pyquant.Adam8bit` / `pyquant.AdamW8bit`: drop-ins for torch's Adam/AdamW and bitsandbytes' 8-bit ones;
+- `pyquant.amp.GradScaler`: torch.amp.GradScaler's bits, and float16 gradients too;
 - `pyquant.functional`: block-wise 8-bit quantisation (bitsandbytes-compatible bits);
 - `pyquant.use_backend(name)`: force the reference, cpu, triton or cuda implementation of the ops.
 """
 
-from pyquant import functional
+from pyquant import amp, functional
 from pyquant.backends import use_backend
 from pyquant.optim import Adam8bit, AdamW8bit
 
 __version__ = "0.1.0"
-__all__ = ["Adam8bit", "AdamW8bit", "functional", "use_backend", "__version__"]
+__all__ = ["Adam8bit", "AdamW8bit", "amp", "functional", "use_backend", "__version__"]
