@@ -3,6 +3,66 @@
 from __future__ import annotations
 
 import argparse
+import sys
+
+
+def _experiment_parser(commands) -> None:
+    p = commands.add_parser(
+        "experiment",
+        help="run the resource-efficiency study (a grid of task x model x setting x seed x scale runs)",
+        description="Run the study; finished runs (same config hash) are skipped, so an interrupted grid resumes "
+        "when the same command is run again. Writes one JSON record per run and, at the end, the report.",
+    )
+    p.add_argument("--preset", default="quick", help="quick, paper, or a TOML/YAML config file (default: quick)")
+    p.add_argument("--task", nargs="+", dest="tasks", help="rsna, lidc, tabular")
+    p.add_argument("--models", nargs="+", help="registered model names (e.g. densenet121 vit_tiny swin_tiny mlp)")
+    p.add_argument("--settings", nargs="+", help="baseline amp 8bit amp+8bit half+8bit bnb-8bit bf16")
+    p.add_argument("--seeds", nargs="+", type=int)
+    p.add_argument("--scales", nargs="+", type=int, help="down-sampling factors S (1 2 4 8)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--patience", type=int)
+    p.add_argument("--monitor", choices=["val_loss", "val_auc"])
+    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1")
+    p.add_argument("--amp-dtype", dest="amp_dtype", choices=["auto", "bfloat16", "float16"])
+    p.add_argument("--half-dtype", dest="half_dtype", choices=["auto", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--out", help="runs folder")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config key, dotted, value in TOML syntax (e.g. data.rsna.root='/data/rsna')")
+    p.add_argument("--report-dir", help="where to write the report (default: <out>/report)")
+    p.add_argument("--no-report", action="store_true", help="do not build the report at the end")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and whether each is finished, and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _experiment(args) -> int:
+    from pathlib import Path
+
+    from pyquant.experiment import config, runner
+
+    overrides = {k: getattr(args, k) for k in ("tasks", "models", "settings", "seeds", "scales", "epochs", "patience",
+                                               "monitor", "batch_size", "lr", "device", "amp_dtype", "half_dtype",
+                                               "threads", "out")}
+    cfg = config.load(args.preset, overrides=overrides, sets=args.set)
+    if args.print_config:
+        print(config.to_toml(cfg), end="")
+        return 0
+    if args.dry_run:
+        for run in config.expand(cfg):
+            name = config.run_name(run)
+            print(("done  " if runner.is_finished(Path(cfg["out"]) / name, run["hash"]) else "todo  ") + name)
+        return 0
+    code = runner.run_grid(cfg, progress=not args.quiet)
+    if code == 0 and not args.no_report:
+        from pyquant.experiment.report import build_report
+
+        written = build_report(cfg["out"], args.report_dir)
+        print(next(p for p in written if p.name == "table.md").read_text())
+        print("report: " + ", ".join(str(p) for p in written))
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -11,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="train a small model with torch.optim.Adam and pyquant.Adam8bit side by side")
     demo.add_argument("--epochs", type=int, default=30)
     commands.add_parser("info", help="show the backends and the instruction set pyquant uses here")
+    _experiment_parser(commands)
+    report = commands.add_parser("report", help="tables (markdown, CSV, LaTeX) and radar plots from a runs folder")
+    report.add_argument("runs_dir")
+    report.add_argument("--out", help="output folder (default: RUNS_DIR/report)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from pyquant import demo as demo_module
@@ -25,6 +89,22 @@ def main(argv: list[str] | None = None) -> int:
         for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
             usable = [name for name in backends.BACKENDS if backends.available(name, device)]
             print(f"{device}: default backend {backends.select(device)}; available: {', '.join(usable)}")
+    elif args.command == "experiment":
+        try:
+            return _experiment(args)
+        except (KeyError, ValueError, FileNotFoundError, RuntimeError) as e:
+            print(f"pyquant experiment: error: {str(e).strip(chr(34) + chr(39))}", file=sys.stderr)
+            return 2
+    elif args.command == "report":
+        from pyquant.experiment.report import build_report
+
+        try:
+            written = build_report(args.runs_dir, args.out)
+        except FileNotFoundError as e:
+            print(f"pyquant report: error: {e}", file=sys.stderr)
+            return 2
+        print(next(p for p in written if p.name == "table.md").read_text())
+        print("wrote: " + ", ".join(str(p) for p in written))
     return 0
 
 

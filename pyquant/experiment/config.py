@@ -1,0 +1,249 @@
+"""Study configuration: the paper's protocol as defaults, presets, TOML/YAML files, command-line overrides, and the
+grid of runs they expand to.
+
+A config file sets any of the keys of DEFAULTS (print a complete one with
+``pyquant experiment --preset paper --print-config``). Layers, later wins: DEFAULTS, the preset or file, the
+command line (``--epochs 3``, or ``--set data.rsna.root=/data/rsna`` for any key; values are read as TOML).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+
+# The paper's protocol (Selvan et al. 2023): Adam lr 1e-5, batch 32, at most 50 epochs, patience 5, three seeds.
+DEFAULTS: dict = {
+    "tasks": ["rsna"],
+    "models": ["densenet121"],
+    "settings": ["baseline", "amp", "8bit", "amp+8bit", "half+8bit"],
+    "seeds": [1, 10, 100],
+    "scales": [1],  # down-sampling factors S: images are S times smaller for training and inference
+    "downsample": {"tasks": [], "models": [], "settings": [], "scales": []},  # an extra grid (the paper's Fig. 2-C)
+    "epochs": 50,
+    "min_epochs": 1,
+    "patience": 5,
+    "monitor": "val_loss",  # or "val_auc": early stopping and the best checkpoint follow it
+    "batch_size": 32,
+    "lr": 1e-5,
+    "amp_dtype": "auto",  # dtype of "auto" autocast: float16 on CUDA, bfloat16 on CPU
+    "half_dtype": "auto",  # dtype of "auto" half-precision models: float16 on CUDA, bfloat16 on CPU
+    "device": "auto",
+    "threads": 0,  # torch CPU threads; 0 keeps torch's default
+    "workers": 0,  # DataLoader worker processes
+    "threshold_rule": "youden",  # how the decision threshold is chosen on validation ("youden" or "fixed" 0.5)
+    "inference_repeats": 3,  # timed passes over the pre-loaded test set (the median is reported)
+    "warmup_batches": 2,
+    "out": "runs",
+    "isolate": True,  # each run in a fresh Python process, so that CPU process-memory figures are per run
+    "model_args": {},  # per model: extra keyword arguments for create_model
+    "pretrained": {},  # per model: a local weights file
+    "data": {
+        "rsna": {"root": "data/rsna", "csv": "train.csv", "images": "train_images", "max_age": 55, "size": 256,
+                 "split_seed": 0, "fractions": [0.6, 0.2, 0.2], "generate": {}},
+        "lidc": {"path": "data/lidc/data_lidc.pickle", "min_raters": 2, "split_seed": 0,
+                 "fractions": [0.6, 0.2, 0.2], "generate": {}},
+        "tabular": {"split_seed": 0, "fractions": [0.6, 0.2, 0.2]},
+    },
+}
+
+PRESETS: dict[str, str] = {
+    "quick": """\
+# The demo: a small DenseNet on generated RSNA-format mammograms (data/rsna-demo, made on first use), the paper's
+# five settings, one seed, plus a down-sampling curve (S = 2, 4) for the baseline: about 5 minutes on 2 CPU cores.
+# Models start from random weights (nothing is downloaded), so the learning rate is 3e-4 instead of the paper's
+# 1e-5 fine-tuning rate. One torch thread: on a shared 2-core machine it is faster and steadier than two.
+tasks = ["rsna"]
+models = ["densenet_small"]
+settings = ["baseline", "amp", "8bit", "amp+8bit", "half+8bit"]
+seeds = [1]
+scales = [1]
+epochs = 20
+patience = 5
+monitor = "val_loss"
+batch_size = 32
+lr = 3e-4
+threads = 1
+out = "runs/quick"
+
+[downsample]
+tasks = ["rsna"]
+models = ["densenet_small"]
+settings = ["baseline"]
+scales = [2, 4]
+
+[data.rsna]
+root = "data/rsna-demo"
+size = 64
+generate = { n_patients = 500, size = 128, seed = 0 }
+""",
+    "paper": """\
+# The paper's full grid on the real data, placed by you (nothing is downloaded):
+#  - RSNA: Kaggle's rsna-breast-cancer-detection train.csv and train_images/ (DICOM, or PNG conversions) under root;
+#  - LIDC: the Probabilistic U-Net project's LIDC patch pickle at path.
+tasks = ["rsna", "lidc"]
+models = ["densenet121", "efficientnet_b0", "swin_base", "vit_base", "mlp"]
+settings = ["baseline", "amp", "8bit", "amp+8bit", "half+8bit"]
+seeds = [1, 10, 100]
+scales = [1]
+epochs = 50
+patience = 5
+monitor = "val_loss"
+batch_size = 32
+lr = 1e-5
+out = "runs/paper"
+
+[downsample]
+tasks = ["rsna"]
+models = ["densenet121"]
+settings = ["baseline", "8bit", "half+8bit"]
+scales = [2, 4, 8]
+
+[data.rsna]
+root = "data/rsna-breast-cancer-detection"
+size = 256
+max_age = 55
+
+[data.lidc]
+path = "data/lidc/data_lidc.pickle"
+min_raters = 2
+""",
+}
+
+
+def merge(base: dict, update: dict, where: str = "") -> dict:
+    """Deep merge; unknown keys are an error except under the free-form tables (data, model_args, pretrained)."""
+    out = copy.deepcopy(base)
+    free = where.split(".")[0] in ("data", "model_args", "pretrained") if where else False
+    for key, value in update.items():
+        path = f"{where}.{key}" if where else key
+        if key not in out and not free:
+            raise KeyError(f"unknown config key {path!r}; known: {', '.join(sorted(base))}")
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value, path) if key != "generate" else dict(value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_file(path: str | Path) -> dict:
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        return yaml.safe_load(text) or {}
+    return tomllib.loads(text)
+
+
+def load(preset_or_file: str = "quick", overrides: dict | None = None, sets: list[str] | None = None) -> dict:
+    """The config of a preset name or a TOML/YAML file, with ``overrides`` (dotted keys -> values) and
+    ``sets`` ("a.b=value", value parsed as TOML, else taken as a string) applied."""
+    if preset_or_file in PRESETS:
+        layer = tomllib.loads(PRESETS[preset_or_file])
+    elif Path(preset_or_file).is_file():
+        layer = read_file(preset_or_file)
+    else:
+        raise FileNotFoundError(f"{preset_or_file!r} is neither a preset ({', '.join(PRESETS)}) nor a config file")
+    cfg = merge(DEFAULTS, layer)
+    for item in sets or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        cfg = set_key(cfg, key.strip(), value)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            cfg = set_key(cfg, key, value)
+    return cfg
+
+
+def set_key(cfg: dict, dotted: str, value) -> dict:
+    update: dict = {}
+    node = update
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return merge(cfg, update)
+
+
+def to_toml(cfg: dict) -> str:
+    """A TOML rendering of a config (scalars, lists and nested tables), for --print-config."""
+
+    def scalar(v) -> str:
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{json.dumps(k) if not k.isidentifier() else k} = {scalar(x)}" for k, x in v.items()) + " }"
+        return json.dumps(v)
+
+    lines, tables = [], []
+
+    def emit(table: dict, prefix: str) -> None:
+        for key, value in table.items():
+            if isinstance(value, dict) and key != "generate":
+                tables.append((f"{prefix}{key}", value))
+            else:
+                lines.append(f"{json.dumps(key) if not key.replace('_', 'a').isalnum() else key} = {scalar(value)}")
+
+    emit(cfg, "")
+    while tables:
+        name, table = tables.pop(0)
+        lines.append(f"\n[{name}]")
+        emit(table, name + ".")
+    return "\n".join(lines) + "\n"
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+RUN_KEYS = ("epochs", "min_epochs", "patience", "monitor", "batch_size", "lr", "amp_dtype", "half_dtype", "threads",
+            "workers", "threshold_rule", "inference_repeats", "warmup_batches")
+
+
+def expand(cfg: dict) -> list[dict]:
+    """The runs of a config: tasks x models x settings x seeds x scales, then the down-sampling grid (duplicates
+    dropped). Each run is a self-contained dict; its hash names its folder and decides whether it is finished."""
+    grids = [(cfg["tasks"], cfg["models"], cfg["settings"], cfg["scales"])]
+    ds = cfg["downsample"]
+    if ds.get("scales"):
+        grids.append((ds.get("tasks") or cfg["tasks"], ds.get("models") or cfg["models"],
+                      ds.get("settings") or cfg["settings"], ds["scales"]))
+    device = resolve_device(cfg["device"])
+    runs, seen = [], set()
+    for tasks, models, settings, scales in grids:
+        for task in tasks:
+            for model in models:
+                for setting in settings:
+                    for scale in scales:
+                        for seed in cfg["seeds"]:
+                            run = {
+                                "task": task, "model": model, "setting": setting, "seed": int(seed), "scale": int(scale),
+                                "device": device, "data": cfg["data"].get(task, {}),
+                                "model_args": cfg["model_args"].get(model, {}),
+                                "pretrained": cfg["pretrained"].get(model),
+                                **{k: cfg[k] for k in RUN_KEYS},
+                            }
+                            run["hash"] = run_hash(run)
+                            if run["hash"] not in seen:
+                                seen.add(run["hash"])
+                                runs.append(run)
+    return runs
+
+
+def run_hash(run: dict) -> str:
+    body = {k: v for k, v in run.items() if k != "hash"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def run_name(run: dict) -> str:
+    return f"{run['task']}_{run['model']}_{run['setting']}_S{run['scale']}_seed{run['seed']}_{run['hash']}"

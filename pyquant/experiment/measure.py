@@ -1,0 +1,243 @@
+"""Measurements: peak memory per phase, synchronised time, energy counters, FLOPs, optimizer-state bytes, and the
+environment a run ran in.
+
+Memory. CUDA: the caching allocator's peak allocated bytes, reset at the start of each phase. CPU: the process's
+peak resident set size (VmHWM) after resetting it through /proc/self/clear_refs at the start of each phase; where
+that reset is refused, VmRSS sampled every 5 ms by a thread. The CPU number is the whole process (Python, torch,
+the data held in memory), so compare settings with each other, not with a GPU's figure. Optimizer-state bytes are
+counted exactly from the optimizer's state tensors.
+
+Energy. NVML's total-energy counter on GPU (pynvml), RAPL package counters on CPU
+(/sys/class/powercap/intel-rapl:N/energy_uj), read at phase boundaries. RAPL counts the whole CPU package, other
+processes included. Where no counter can be read the record says ``available: false`` and why.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import platform
+import subprocess
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as m: ...`` then ``m.peak_bytes`` (and ``m.method``)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_bytes: int | None = None
+        self.start_bytes: int | None = None  # in use when the phase began (CUDA: allocated; CPU: RSS)
+        self.method = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sampled = 0
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_bytes = int(torch.cuda.memory_allocated(self.device))
+            self.method = "CUDA peak allocated (torch.cuda.max_memory_allocated, reset per phase)"
+        elif _reset_hwm() and _status_kib("VmHWM") is not None:
+            self.method = "process peak RSS (VmHWM, reset per phase via /proc/self/clear_refs)"
+            self.start_bytes = 1024 * (_status_kib("VmRSS") or 0)
+        else:
+            self.method = "process RSS sampled every 5 ms (VmRSS)"
+            self._sampled = _status_kib("VmRSS") or 0
+            self.start_bytes = 1024 * self._sampled
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self._sampled = max(self._sampled, _status_kib("VmRSS") or 0)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
+        elif self._thread is None:
+            self.peak_bytes = 1024 * (_status_kib("VmHWM") or 0)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_bytes = 1024 * max(self._sampled, _status_kib("VmRSS") or 0)
+
+    @property
+    def growth_bytes(self) -> int:
+        """How far the peak rose above the memory in use when the phase began."""
+        return max(0, (self.peak_bytes or 0) - (self.start_bytes or 0))
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in the optimizer's state; tensors shared between parameters (code maps) count once."""
+    seen, total = set(), 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and value.numel() and value.data_ptr() not in seen:
+                seen.add(value.data_ptr())
+                total += value.numel() * value.element_size()
+    return total
+
+
+class EnergyMeter:
+    """Cumulative energy counter in joules: ``read()`` (None when unavailable), ``available``, ``source``,
+    ``reason``."""
+
+    def __init__(self, device: torch.device):
+        self.source, self.reason, self._read = None, "", None
+        if device.type == "cuda":
+            self._try_nvml(device)
+        else:
+            self._try_rapl()
+        self.available = self._read is not None
+
+    def _try_nvml(self, device: torch.device) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(device.index if device.index is not None else torch.cuda.current_device())
+            pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)  # raises when unsupported
+        except ImportError:
+            self.reason = "NVML unavailable: pynvml (nvidia-ml-py) is not installed"
+            return
+        except Exception as e:  # noqa: BLE001 - NVML raises its own error types
+            self.reason = f"NVML total energy counter unavailable ({type(e).__name__}: {e})"
+            return
+        self.source = "nvml"
+        self._read = lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1e3  # mJ -> J
+
+    def _try_rapl(self) -> None:
+        zones = sorted(p for p in glob.glob("/sys/class/powercap/intel-rapl:*") if p.count(":") == 1)
+        if not zones:
+            self.reason = "no RAPL counters: /sys/class/powercap/intel-rapl:* does not exist on this machine"
+            return
+        try:
+            ranges = [int(Path(z, "max_energy_range_uj").read_text()) for z in zones]
+            [int(Path(z, "energy_uj").read_text()) for z in zones]
+        except (OSError, ValueError) as e:
+            self.reason = f"RAPL counters not readable ({type(e).__name__}: {e}); reading energy_uj usually needs root"
+            return
+        self.source = "rapl (" + ", ".join(Path(z, "name").read_text().strip() for z in zones) + ")"
+        self._last = None
+        self._total = 0.0
+
+        def read() -> float:
+            now = [int(Path(z, "energy_uj").read_text()) for z in zones]
+            if self._last is not None:
+                for i, (a, b) in enumerate(zip(self._last, now)):
+                    self._total += ((b - a) % (ranges[i] + 1)) / 1e6  # the counter wraps at max_energy_range_uj
+            self._last = now
+            return self._total
+
+        self._read = read
+
+    def read(self) -> float | None:
+        return None if self._read is None else self._read()
+
+    def describe(self) -> dict:
+        return {"available": self.available, "source": self.source, "reason": self.reason or None}
+
+
+def count_flops(model: torch.nn.Module, example: torch.Tensor) -> int | None:
+    """FLOPs of one forward pass (torch.utils.flop_counter: 2 per multiply-add, matmul/conv/attention only)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(example)
+        return int(counter.get_total_flops())
+    except Exception:  # noqa: BLE001 - an op the counter cannot trace should not fail the run
+        return None
+    finally:
+        model.train(was_training)
+
+
+_PACKAGES = ("torch", "torchvision", "timm", "numpy", "scikit-learn", "bitsandbytes", "pyquant", "matplotlib")
+
+
+def _git_revision() -> dict:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return {"revision": None, "dirty": None}
+        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=root, capture_output=True, text=True, timeout=10)
+        return {"revision": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"revision": None, "dirty": None}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def environment(device: torch.device) -> dict:
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    env = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cuda": torch.version.cuda,
+        "packages": versions,
+        "git": _git_revision(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    try:
+        from pyquant import backends
+
+        env["pyquant_backend"] = backends.select(device.type)
+    except Exception:  # noqa: BLE001
+        env["pyquant_backend"] = None
+    return env

@@ -1,0 +1,284 @@
+"""Tables and figures from run records: ``pyquant report RUNS_DIR``.
+
+Groups records by (task, model, setting, scale) and reports mean ± std over seeds (sample std, n-1) as markdown,
+CSV and LaTeX; draws one radar plot per (task, model) and a down-sampling curve per (task, model) that has several
+scales. Radar axes all use one normalisation: the best value among the plotted settings divided by the value
+(lower is better) or the value divided by the best (higher is better), so every axis runs from 0 to 1, the outer
+ring is the best setting on that axis, and outward is better everywhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from pyquant.experiment.settings import SETTINGS
+
+MIB = 2**20
+
+# (key, header, getter, digits, higher_is_better)
+COLUMNS = [
+    ("accuracy", "Acc", lambda r: r["metrics"]["test"]["accuracy_argmax"], 3, True),
+    ("balanced_accuracy", "Bal. acc", lambda r: r["metrics"]["test"]["balanced_accuracy"], 3, True),
+    ("auc", "AUC", lambda r: r["metrics"]["test"]["auc"], 3, True),
+    ("sensitivity", "Sens", lambda r: r["metrics"]["test"]["sensitivity"], 3, True),
+    ("specificity", "Spec", lambda r: r["metrics"]["test"]["specificity"], 3, True),
+    ("train_peak_mib", "Train peak (MiB)", lambda r: r["resources"]["memory"]["train_peak_bytes"] / MIB, 0, False),
+    ("train_growth_mib", "Train growth (MiB)", lambda r: r["resources"]["memory"]["train_growth_bytes"] / MIB, 0, False),
+    ("eval_peak_mib", "Eval peak (MiB)", lambda r: r["resources"]["memory"]["eval_peak_bytes"] / MIB, 0, False),
+    ("optimizer_state_mib", "Opt. state (MiB)", lambda r: r["resources"]["memory"]["optimizer_state_bytes"] / MIB, 2, False),
+    ("time_to_best_s", "T best (s)", lambda r: r["resources"]["time"]["to_best_s"], 1, False),
+    ("train_time_s", "T total (s)", lambda r: r["resources"]["time"]["train_total_s"], 1, False),
+    ("best_epoch", "Best epoch", lambda r: r["training"]["best_epoch"], 1, False),
+    ("inference_s", "Inference (s)", lambda r: r["resources"]["time"]["inference_s"], "3g", False),
+    ("energy_train_wh", "Energy (Wh)", lambda r: r["resources"]["energy"].get("train_wh"), 2, False),
+]
+RADAR_AXES = ["auc", "balanced_accuracy", "train_peak_mib", "optimizer_state_mib", "time_to_best_s", "inference_s",
+              "energy_train_wh"]
+RULES = {"youden": "Youden's J", "fixed": "fixed 0.5"}
+SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def load_records(runs_dir: str | Path) -> list[dict]:
+    records = []
+    for path in sorted(Path(runs_dir).rglob("record.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if record.get("status") == "done":
+            records.append(record)
+    return records
+
+
+def precision(record: dict) -> str:
+    s = record["setting"]
+    parts = []
+    if s.get("autocast_dtype"):
+        parts.append(f"{SHORT.get(s['autocast_dtype'], s['autocast_dtype'])} autocast")
+    parts.append(f"{SHORT.get(s['model_dtype'], s['model_dtype'])} model")
+    if s.get("loss_scaling_used"):
+        parts.append("loss scaling")
+    return ", ".join(parts)
+
+
+def _mean_std(values):
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _order(setting: str) -> tuple:
+    names = list(SETTINGS)
+    return (names.index(setting) if setting in names else len(names), setting)
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One row per (task, model, setting, scale): means and stds of COLUMNS over seeds."""
+    groups = defaultdict(list)
+    for r in records:
+        c = r["config"]
+        groups[(c["task"], c["model"], c["setting"], c["scale"])].append(r)
+    rows = []
+    for (task, model, setting, scale), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][3], _order(kv[0][2]))):
+        row = {"task": task, "model": model, "setting": setting, "scale": scale, "precision": precision(rs[0]),
+               "seeds": sorted(r["config"]["seed"] for r in rs), "n": len(rs),
+               "params_m": rs[0]["model"]["params"] / 1e6,
+               "gflops": (rs[0]["model"]["flops_forward_per_sample"] or 0) / 1e9,
+               "threshold_rule": rs[0]["metrics"]["threshold_rule"],
+               "diverged": sum(bool(r["training"]["diverged"]) for r in rs),
+               "energy_reason": rs[0]["resources"]["energy"].get("reason"),
+               "memory_method": rs[0]["resources"]["memory"]["method"],
+               "device": rs[0]["environment"]["device"]}
+        for key, _, get, _, _ in COLUMNS:
+            row[key], row[key + "_std"] = _mean_std([get(r) for r in rs])
+        rows.append(row)
+    return rows
+
+
+def _fmt(mean, std, digits, n) -> str:
+    if mean is None:
+        return "n/a"
+    spec = digits if isinstance(digits, str) else f".{digits}f"  # "3g": three significant digits
+    if n == 1:
+        return f"{mean:.0f}" if float(mean).is_integer() and digits in (0, 1) else f"{mean:{'.' + spec if isinstance(digits, str) else spec}}"
+    spec = "." + spec if isinstance(digits, str) else spec
+    return f"{mean:{spec}} ± {std:{spec}}"
+
+
+HEAD = ["Task", "Model", "Params (M)", "GFLOPs", "Setting", "Precision", "S", "Seeds"]
+
+
+def _cells(row: dict) -> list[str]:
+    cells = [row["task"], row["model"], f"{row['params_m']:.2f}", f"{row['gflops']:.3g}", row["setting"],
+             row["precision"], str(row["scale"]), str(row["n"])]
+    for key, _, _, digits, _ in COLUMNS:
+        cell = _fmt(row[key], row[key + "_std"], digits, row["n"])
+        if key == "accuracy" and row["diverged"]:
+            cell += "*"
+        cells.append(cell)
+    return cells
+
+
+def _notes(rows: list[dict]) -> list[str]:
+    notes = [
+        "Mean ± sample std over seeds (a single value: one seed). Acc: argmax accuracy (the paper's P_T). Bal. acc, Sens, Spec: at the "
+        f"threshold chosen on validation ({', '.join(sorted({RULES.get(r['threshold_rule'], r['threshold_rule']) for r in rows}))}) "
+        "applied to test. All on the best-on-validation checkpoint, reloaded from disk.",
+        "T best: wall time from the start of training to the end of the best epoch; T total: until early stopping "
+        "(both include validation passes). Inference: one synchronised pass over the pre-loaded test set, median "
+        "of repeats after warm-up. Train growth: peak minus memory in use when the training phase began. "
+        "* = at least one seed diverged.",
+    ]
+    notes += sorted({f"Memory on {r['device']}: {r['memory_method']}." for r in rows})
+    notes += sorted({f"Energy: unavailable ({r['energy_reason']})." for r in rows if r["energy_train_wh"] is None and r["energy_reason"]})
+    return notes
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = HEAD + [c[1] for c in COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in _notes(rows)) + "\n"
+
+
+def csv_table(rows: list[dict]) -> str:
+    keys = ["task", "model", "params_m", "gflops", "setting", "precision", "scale", "n", "diverged"]
+    for key, *_ in COLUMNS:
+        keys += [key, key + "_std"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _tex(text: str) -> str:
+    for a, b in [("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"), ("±", r"$\pm$")]:
+        text = text.replace(a, b)
+    return text
+
+
+def latex_table(rows: list[dict]) -> str:
+    head = HEAD + [c[1] for c in COLUMNS]
+    lines = [r"\begin{tabular}{" + "l" * len(HEAD) + "r" * len(COLUMNS) + "}", r"\hline",
+             " & ".join(_tex(h) for h in head) + r" \\", r"\hline"]
+    lines += [" & ".join(_tex(c) for c in _cells(r)) + r" \\" for r in rows]
+    lines += [r"\hline", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def radar(rows: list[dict], title: str, path_stem: Path) -> list[Path]:
+    """One polygon per setting; every axis = best/value (lower is better) or value/best (higher is better)."""
+    plt = _plt()
+    spec = {c[0]: c for c in COLUMNS}
+    axes = [k for k in RADAR_AXES if all(r[k] is not None and r[k] > 0 for r in rows)]
+    if len(axes) < 3:
+        return []
+    labels, scores = [], {r["setting"]: [] for r in rows}
+    for key in axes:
+        _, header, _, digits, higher = spec[key]
+        values = [r[key] for r in rows]
+        best = max(values) if higher else min(values)
+        labels.append(f"{header} {'↑' if higher else '↓'}\nbest {_fmt(best, 0.0, digits, 1)}")
+        for r in rows:
+            scores[r["setting"]].append(r[key] / best if higher else best / r[key])
+    angles = [2 * math.pi * i / len(axes) for i in range(len(axes))]
+    fig, ax = plt.subplots(figsize=(8, 6.5), subplot_kw={"projection": "polar"})
+    for setting, vals in scores.items():
+        ax.plot(angles + angles[:1], vals + vals[:1], linewidth=1.8, label=setting)
+        ax.fill(angles + angles[:1], vals + vals[:1], alpha=0.04)
+    ax.set_xticks(angles)
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_yticks([0.25, 0.5, 0.75, 1.0])
+    ax.set_yticklabels(["0.25", "0.5", "0.75", "1 = best"], fontsize=7)
+    ax.set_title(title, fontsize=10, pad=18)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.12, 1.05), fontsize=8, title="setting")
+    missing = [spec[k][1] for k in RADAR_AXES if k not in axes]
+    note = "Each axis: value/best (↑) or best/value (↓) over the settings shown; outward is better."
+    if missing:
+        note += f"\nNot plotted (unavailable): {', '.join(missing)}."
+    ax.text(0.5, -0.09, note, ha="center", va="top", fontsize=7.5, transform=ax.transAxes)
+    out = []
+    for ext in ("png", "pdf"):
+        path = path_stem.with_suffix(f".{ext}")
+        fig.savefig(path, dpi=130, bbox_inches="tight")
+        out.append(path)
+    plt.close(fig)
+    return out
+
+
+def downsampling_curve(rows: list[dict], title: str, path_stem: Path) -> list[Path]:
+    """Test AUC and balanced accuracy against the down-sampling factor S, mean ± std over seeds, per setting."""
+    plt = _plt()
+    by_setting = defaultdict(list)
+    for r in rows:
+        by_setting[r["setting"]].append(r)
+    by_setting = {s: sorted(v, key=lambda r: r["scale"]) for s, v in by_setting.items() if len(v) > 1}
+    if not by_setting:
+        return []
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, key, label in [(axes[0], "auc", "test AUC"), (axes[1], "balanced_accuracy", "test balanced accuracy")]:
+        for setting, rs in by_setting.items():
+            s = [r["scale"] for r in rs]
+            m = [r[key] for r in rs]
+            sd = [r[key + "_std"] or 0.0 for r in rs]
+            ax.plot(s, m, marker="o", label=setting)
+            ax.fill_between(s, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)], alpha=0.2)
+        ax.set_xscale("log", base=2)
+        ticks = sorted({r["scale"] for rs in by_setting.values() for r in rs})
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([str(t) for t in ticks])
+        ax.set_xlabel("down-sampling factor S (image side / S)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title + " (mean ± std over seeds)", fontsize=10)
+    fig.tight_layout()
+    out = []
+    for ext in ("png", "pdf"):
+        path = path_stem.with_suffix(f".{ext}")
+        fig.savefig(path, dpi=130)
+        out.append(path)
+    plt.close(fig)
+    return out
+
+
+def build_report(runs_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Write table.md/.csv/.tex, radar_<task>_<model>.png/.pdf and downsampling_<task>_<model>.png/.pdf."""
+    records = load_records(runs_dir)
+    if not records:
+        raise FileNotFoundError(f"{runs_dir}: no finished run records (record.json) found")
+    out = Path(out_dir) if out_dir else Path(runs_dir) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summarize(records)
+    written = []
+    for name, text in [("table.md", markdown_table(rows)), ("table.csv", csv_table(rows)), ("table.tex", latex_table(rows))]:
+        (out / name).write_text(text)
+        written.append(out / name)
+    pairs = sorted({(r["task"], r["model"]) for r in rows})
+    for task, model in pairs:
+        mine = [r for r in rows if r["task"] == task and r["model"] == model]
+        base_scale = min(r["scale"] for r in mine)
+        main = [r for r in mine if r["scale"] == base_scale]
+        n = max(r["n"] for r in main)
+        written += radar(main, f"{task} / {model} (S={base_scale}, {n} seed{'s' if n > 1 else ''})",
+                         out / f"radar_{task}_{model}")
+        written += downsampling_curve(mine, f"{task} / {model}: down-sampling", out / f"downsampling_{task}_{model}")
+    return written

@@ -1,0 +1,157 @@
+"""Settings: named training recipes. A setting is data, not code: which optimizer, which autocast dtype, which
+model dtype, whether to scale the loss. One training loop (pyquant.experiment.runner) runs them all.
+
+    register_setting(Setting("amp+8bit", optimizer="8bit", autocast="auto"))
+    register_optimizer("sgd")(lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9))
+
+"auto" dtypes resolve per device: float16 on CUDA (the paper's AMP and half precision), bfloat16 on CPU (CPU
+autocast's default; float16 matmul and convolution run 20-40x slower than bfloat16 in torch on CPU). The resolved
+dtypes and whether the loss was scaled go into each run's record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import torch
+
+OPTIMIZERS: dict[str, Callable] = {}
+SETTINGS: dict[str, "Setting"] = {}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def register_optimizer(name: str):
+    """Decorator: register ``factory(params, lr) -> torch.optim.Optimizer`` under ``name``."""
+
+    def decorate(factory):
+        OPTIMIZERS[name] = factory
+        return factory
+
+    return decorate
+
+
+@register_optimizer("adam")
+def _adam(params, lr):
+    return torch.optim.Adam(params, lr=lr)
+
+
+@register_optimizer("8bit")
+def _adam8bit(params, lr):
+    import pyquant
+
+    return pyquant.Adam8bit(params, lr=lr)
+
+
+@register_optimizer("bnb-8bit")
+def _bnb_adam8bit(params, lr):
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise ImportError("setting 'bnb-8bit' needs bitsandbytes (pip install bitsandbytes)") from e
+    return bnb.optim.Adam8bit(params, lr=lr)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A recipe. ``autocast`` / ``model_dtype``: None (float32), "auto", "bfloat16" or "float16".
+    ``loss_scaling``: "auto" (when anything runs in float16), "always" or "never".
+    ``norms_fp32``: in a half-precision model, keep normalisation layers (and their statistics) in float32."""
+
+    name: str
+    optimizer: str = "adam"
+    autocast: Optional[str] = None
+    model_dtype: Optional[str] = None
+    loss_scaling: str = "auto"
+    norms_fp32: bool = True
+    description: str = ""
+
+
+def register_setting(setting: Setting) -> Setting:
+    SETTINGS[setting.name] = setting
+    return setting
+
+
+def get_setting(name: str) -> Setting:
+    if name not in SETTINGS:
+        raise KeyError(f"unknown setting {name!r}; registered: {', '.join(SETTINGS)} (add one with register_setting)")
+    return SETTINGS[name]
+
+
+PAPER_SETTINGS = ("baseline", "amp", "8bit", "amp+8bit", "half+8bit")
+for _s in [
+    Setting("baseline", description="float32 model, torch.optim.Adam"),
+    Setting("amp", autocast="auto", description="autocast (float16 on CUDA, bfloat16 on CPU) + loss scaling in float16"),
+    Setting("8bit", optimizer="8bit", description="pyquant.Adam8bit: 8-bit optimizer states"),
+    Setting("amp+8bit", optimizer="8bit", autocast="auto", description="autocast + pyquant.Adam8bit"),
+    Setting("half+8bit", optimizer="8bit", model_dtype="auto",
+            description="half-precision model (norms in float32), pyquant.Adam8bit, loss scaling in float16"),
+    Setting("bnb-8bit", optimizer="bnb-8bit", description="bitsandbytes.optim.Adam8bit, for comparison"),
+    Setting("bf16", autocast="bfloat16", description="bfloat16 autocast, torch.optim.Adam"),
+]:
+    register_setting(_s)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A setting resolved for one device: concrete dtypes and whether the loss is scaled."""
+
+    setting: Setting
+    device_type: str
+    autocast_dtype: Optional[torch.dtype]
+    model_dtype: torch.dtype
+    loss_scaling: bool
+
+    def make_optimizer(self, params, lr: float) -> torch.optim.Optimizer:
+        if self.setting.optimizer not in OPTIMIZERS:
+            raise KeyError(f"unknown optimizer {self.setting.optimizer!r}; registered: {', '.join(OPTIMIZERS)}")
+        return OPTIMIZERS[self.setting.optimizer](params, lr)
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Cast a float32 model to the model dtype (keeping norms in float32 when the setting says so)."""
+        if self.model_dtype == torch.float32:
+            return model
+        model.to(self.model_dtype)
+        if self.setting.norms_fp32:
+            norms = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm)
+            for module in model.modules():
+                if isinstance(module, norms):
+                    module.float()
+        return model
+
+    def record(self) -> dict:
+        return {
+            **asdict(self.setting),
+            "device_type": self.device_type,
+            "autocast_dtype": None if self.autocast_dtype is None else str(self.autocast_dtype).removeprefix("torch."),
+            "model_dtype": str(self.model_dtype).removeprefix("torch."),
+            "loss_scaling_used": self.loss_scaling,
+        }
+
+
+def _dtype(value: Optional[str], device_type: str, override: str) -> Optional[torch.dtype]:
+    if value is None:
+        return None
+    if value == "auto":
+        value = override if override != "auto" else ("float16" if device_type == "cuda" else "bfloat16")
+    if value not in DTYPES:
+        raise ValueError(f"unknown dtype {value!r}; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[value]
+
+
+def resolve(setting: Setting | str, device_type: str, amp_dtype: str = "auto", half_dtype: str = "auto") -> Recipe:
+    """Concrete dtypes for ``device_type``; ``amp_dtype`` / ``half_dtype`` replace "auto" when not "auto"."""
+    setting = get_setting(setting) if isinstance(setting, str) else setting
+    autocast_dtype = _dtype(setting.autocast, device_type, amp_dtype)
+    model_dtype = _dtype(setting.model_dtype, device_type, half_dtype) or torch.float32
+    if setting.loss_scaling not in ("auto", "always", "never"):
+        raise ValueError(f"loss_scaling must be auto, always or never, got {setting.loss_scaling!r}")
+    uses_fp16 = torch.float16 in (autocast_dtype, model_dtype)
+    scaling = setting.loss_scaling == "always" or (setting.loss_scaling == "auto" and uses_fp16)
+    return Recipe(setting, device_type, autocast_dtype, model_dtype, scaling)

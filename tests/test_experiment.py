@@ -1,0 +1,299 @@
+"""The study harness: metrics against scikit-learn, settings, config, records, resuming, and a tiny grid end to end."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pyquant import cli
+from pyquant.experiment import config, measure, metrics, models, report, runner, settings
+
+sklearn_metrics = pytest.importorskip("sklearn.metrics")
+
+
+# ---- metrics against scikit-learn ----
+def _cases():
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        n = int(rng.integers(2, 300))
+        y = rng.integers(0, 2, n)
+        if y.min() == y.max():
+            y[0] = 1 - y[0]
+        s = rng.random(n)
+        if i % 3 == 0:
+            s = np.round(s, 1)  # many ties
+        if i % 5 == 0:
+            s = (s + y * rng.random()) / 2  # some signal
+        yield y, s
+
+
+@pytest.mark.parametrize("case", list(range(40)))
+def test_metrics_match_sklearn(case):
+    y, s = list(_cases())[case]
+    assert metrics.roc_auc(y, s) == pytest.approx(sklearn_metrics.roc_auc_score(y, s), abs=1e-12)
+    fpr, tpr, thr = metrics.roc_curve(y, s)
+    sk_fpr, sk_tpr, sk_thr = sklearn_metrics.roc_curve(y, s, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr[1:])
+    np.testing.assert_allclose(tpr, sk_tpr[1:])
+    np.testing.assert_allclose(thr, sk_thr[1:])
+    t = metrics.youden_threshold(y, s)
+    assert t in s
+    m = metrics.binary_metrics(y, s, t)
+    assert m["sensitivity"] + m["specificity"] - 1 == pytest.approx(np.max(sk_tpr - sk_fpr), abs=1e-12)
+    pred = (s >= t).astype(int)
+    assert m["accuracy"] == pytest.approx(sklearn_metrics.accuracy_score(y, pred))
+    assert m["balanced_accuracy"] == pytest.approx(sklearn_metrics.balanced_accuracy_score(y, pred))
+    assert m["sensitivity"] == pytest.approx(sklearn_metrics.recall_score(y, pred, pos_label=1))
+    assert m["specificity"] == pytest.approx(sklearn_metrics.recall_score(y, pred, pos_label=0))
+    tn, fp, fn, tp = sklearn_metrics.confusion_matrix(y, pred, labels=[0, 1]).ravel()
+    assert (m["tn"], m["fp"], m["fn"], m["tp"]) == (tn, fp, fn, tp)
+
+
+def test_metrics_one_class_is_nan_not_an_error():
+    y, s = np.ones(5, int), np.linspace(0, 1, 5)
+    assert math.isnan(metrics.roc_auc(y, s))
+    m = metrics.binary_metrics(y, s, metrics.youden_threshold(y, s))
+    assert math.isnan(m["specificity"]) and m["sensitivity"] == 0.6
+
+
+# ---- settings ----
+def test_settings_resolve_per_device():
+    amp_cpu = settings.resolve("amp", "cpu")
+    assert amp_cpu.autocast_dtype == torch.bfloat16 and not amp_cpu.loss_scaling
+    amp_fp16 = settings.resolve("amp", "cpu", amp_dtype="float16")
+    assert amp_fp16.autocast_dtype == torch.float16 and amp_fp16.loss_scaling
+    amp_cuda = settings.resolve("amp", "cuda")
+    assert amp_cuda.autocast_dtype == torch.float16 and amp_cuda.loss_scaling
+    half = settings.resolve("half+8bit", "cpu")
+    assert half.model_dtype == torch.bfloat16 and half.autocast_dtype is None and not half.loss_scaling
+    assert settings.resolve("half+8bit", "cpu", half_dtype="float16").loss_scaling
+    assert settings.resolve("bf16", "cuda").autocast_dtype == torch.bfloat16
+    assert settings.resolve("baseline", "cpu").record()["model_dtype"] == "float32"
+    assert set(settings.PAPER_SETTINGS) | {"bnb-8bit", "bf16"} <= set(settings.SETTINGS)
+    with pytest.raises(KeyError, match="unknown setting"):
+        settings.resolve("fp8", "cpu")
+
+
+def test_half_model_keeps_norms_in_float32_and_uses_8bit_states():
+    model = models.create_model("densenet_small")
+    recipe = settings.resolve("half+8bit", "cpu")
+    recipe.prepare_model(model)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert norms and all(m.weight.dtype == torch.float32 and m.running_var.dtype == torch.float32 for m in norms)
+    assert convs and all(m.weight.dtype == torch.bfloat16 for m in convs)
+    optimizer = recipe.make_optimizer(model.parameters(), 1e-3)
+    from pyquant import Adam8bit
+
+    assert isinstance(optimizer, Adam8bit)
+
+
+# ---- models ----
+def test_model_registry_by_name_and_local_weights(tmp_path):
+    @models.register_model("test_tiny_linear")
+    def _tiny(in_chans=1, num_classes=2, img_size=None, pretrained=None):
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(num_classes))
+
+    assert "test_tiny_linear" in models.list_models()
+    assert models.create_model("test_tiny_linear")(torch.zeros(2, 1, 4, 4)).shape == (2, 2)
+    with pytest.raises(KeyError, match="unknown model"):
+        models.create_model("no_such_model")
+    with pytest.raises(FileNotFoundError):
+        models.create_model("densenet_small", pretrained=tmp_path / "missing.pth")
+    a = models.create_model("densenet_small")
+    torch.save(a.state_dict(), tmp_path / "w.pth")
+    b = models.create_model("densenet_small", pretrained=tmp_path / "w.pth")
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+    # timm models: a local file goes through timm's loader (a 3-channel stem is adapted to 1 channel).
+    import timm
+
+    rgb = timm.create_model("resnet18", pretrained=False, num_classes=1000)
+    torch.save(rgb.state_dict(), tmp_path / "resnet18.pth")
+    gray = models.create_model("resnet18", in_chans=1, num_classes=2, pretrained=tmp_path / "resnet18.pth")
+    assert torch.allclose(gray.conv1.weight, rgb.conv1.weight.sum(1, keepdim=True))
+    assert gray.fc.out_features == 2
+
+
+@pytest.mark.parametrize("name", ["vit_tiny", "swin_tiny", "efficientnet_b0", "mlp"])
+def test_models_take_one_channel_and_a_small_image(name):
+    model = models.create_model(name, in_chans=1, num_classes=2, img_size=32)
+    assert model(torch.rand(2, 1, 32, 32)).shape == (2, 2)
+
+
+# ---- measurements ----
+def test_flops_and_optimizer_state_bytes_are_exact():
+    linear = torch.nn.Linear(10, 5)
+    assert measure.count_flops(linear, torch.zeros(1, 10)) == 2 * 10 * 5
+    model = torch.nn.Linear(100, 100)
+    adam = torch.optim.Adam(model.parameters())
+    model(torch.zeros(1, 100)).sum().backward()
+    adam.step()
+    params = 100 * 100 + 100
+    # exp_avg and exp_avg_sq in float32 plus one float32 step counter per tensor
+    assert measure.optimizer_state_bytes(adam) == 2 * 4 * params + 2 * 4
+
+
+def test_peak_memory_sees_a_phase_allocation():
+    with measure.PeakMemory(torch.device("cpu")) as mem:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB
+        del x
+    assert mem.growth_bytes >= 60 * 2**20
+    assert mem.method
+
+
+def test_energy_meter_says_why_when_unavailable():
+    meter = measure.EnergyMeter(torch.device("cpu"))
+    info = meter.describe()
+    if meter.available:
+        assert meter.read() is not None and info["source"].startswith("rapl")
+    else:
+        assert meter.read() is None and info["reason"]
+
+
+# ---- config ----
+def test_config_layers_and_hash(tmp_path):
+    cfg = config.load("quick", overrides={"epochs": 3, "seeds": [1, 2]}, sets=["data.rsna.size=32", "lr=0.01"])
+    assert cfg["epochs"] == 3 and cfg["data"]["rsna"]["size"] == 32 and cfg["lr"] == 0.01
+    assert cfg["data"]["rsna"]["max_age"] == 55  # from the defaults
+    paper = config.load("paper")
+    assert (paper["epochs"], paper["patience"], paper["batch_size"], paper["lr"], paper["seeds"]) == (50, 5, 32, 1e-5, [1, 10, 100])
+    with pytest.raises(KeyError, match="unknown config key"):
+        config.load("quick", sets=["epochz=3"])
+    toml_file = tmp_path / "c.toml"
+    toml_file.write_text(config.to_toml(cfg))
+    assert config.load(str(toml_file)) == cfg
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("epochs: 7\nmodels: [mlp]\n")
+    assert config.load(str(yaml_file))["epochs"] == 7
+    runs = config.expand(cfg)
+    # 5 settings x 2 seeds, plus the baseline at S = 2 and 4 for 2 seeds
+    assert len(runs) == 5 * 2 + 2 * 2
+    assert len({r["hash"] for r in runs}) == len(runs)
+    again = config.expand(cfg)
+    assert [r["hash"] for r in again] == [r["hash"] for r in runs]
+    other = config.expand(config.set_key(cfg, "lr", 0.02))
+    assert not {r["hash"] for r in other} & {r["hash"] for r in runs}
+
+
+# ---- resuming ----
+def _tabular_cfg(out: Path, **kw) -> dict:
+    cfg = config.load("quick", overrides={"tasks": ["tabular"], "models": ["mlp"], "settings": ["baseline", "8bit"],
+                                          "seeds": [1], "epochs": 2, "out": str(out), "lr": 1e-3, "isolate": False,
+                                          **kw},
+                      sets=["downsample.scales=[]"])
+    return cfg
+
+
+def test_finished_runs_are_skipped_and_interrupted_ones_rerun(tmp_path, monkeypatch):
+    cfg = _tabular_cfg(tmp_path / "runs")
+    real = runner.run_one
+    calls = []
+
+    def interrupted_second(run, run_dir, data, progress=True):
+        calls.append(run["setting"])
+        if len(calls) == 2:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            (Path(run_dir) / "best.pt").write_bytes(b"partial")
+            raise KeyboardInterrupt
+        return real(run, run_dir, data, progress)
+
+    monkeypatch.setattr(runner, "run_one", interrupted_second)
+    assert runner.run_grid(cfg, progress=False, log=lambda *a: None) == 130
+    runs = config.expand(cfg)
+    dirs = [tmp_path / "runs" / config.run_name(r) for r in runs]
+    assert (dirs[0] / "record.json").is_file() and not (dirs[1] / "record.json").exists()
+    first_record = (dirs[0] / "record.json").read_text()
+
+    calls.clear()
+    monkeypatch.setattr(runner, "run_one", lambda *a, **k: (calls.append(a[0]["setting"]), real(*a, **k))[1])
+    assert runner.run_grid(cfg, progress=False, log=lambda *a: None) == 0
+    assert calls == ["8bit"]  # only the interrupted run ran again
+    assert (dirs[0] / "record.json").read_text() == first_record
+    assert torch.load(dirs[1] / "best.pt", weights_only=True)["config_hash"] == runs[1]["hash"]
+
+    calls.clear()
+    assert runner.run_grid(cfg, progress=False, log=lambda *a: None) == 0
+    assert calls == []  # everything finished: nothing runs
+    # A changed config is a new run.
+    assert runner.run_grid(config.set_key(cfg, "epochs", 1), progress=False, log=lambda *a: None) == 0
+    assert calls == ["baseline", "8bit"]
+
+
+# ---- a tiny grid end to end, through the command line ----
+@pytest.fixture(scope="module")
+def tiny_grid(tmp_path_factory):
+    base = tmp_path_factory.mktemp("tiny")
+    out, root = base / "runs", base / "rsna-tiny"
+    code = cli.main([
+        "experiment", "--preset", "quick", "--models", "densenet_small", "--settings", "baseline", "half+8bit",
+        "--seeds", "1", "--epochs", "2", "--out", str(out), "--quiet",
+        "--set", f"data.rsna.root='{root}'", "--set", "data.rsna.generate={n_patients=30, size=48, seed=0}",
+        "--set", "data.rsna.size=32", "--set", "downsample.scales=[2]",
+    ])
+    assert code == 0
+    return out, root
+
+
+def test_tiny_grid_writes_records_checkpoints_and_report(tiny_grid):
+    out, root = tiny_grid
+    assert (root / "train.csv").is_file()  # the data set was generated on first use
+    records = report.load_records(out)
+    assert sorted((r["config"]["setting"], r["config"]["scale"]) for r in records) == [
+        ("baseline", 1), ("baseline", 2), ("half+8bit", 1)]
+    for name in ("table.md", "table.csv", "table.tex", "radar_rsna_densenet_small.png", "radar_rsna_densenet_small.pdf",
+                 "downsampling_rsna_densenet_small.png"):
+        assert (out / "report" / name).stat().st_size > 0
+    table = (out / "report" / "table.md").read_text()
+    assert "| rsna | densenet_small |" in table and "half+8bit" in table and "bf16 model" in table
+
+
+def test_record_contents(tiny_grid):
+    out, _ = tiny_grid
+    by_setting = {(r["config"]["setting"], r["config"]["scale"]): r for r in report.load_records(out)}
+    for (setting, scale), r in by_setting.items():
+        assert r["format"] == runner.RECORD_FORMAT and r["status"] == "done"
+        assert r["config_hash"] == config.run_hash(r["config"])
+        c = r["config"]
+        assert (c["task"], c["model"], c["seed"], c["batch_size"], c["epochs"]) == ("rsna", "densenet_small", 1, 32, 2)
+        test = r["metrics"]["test"]
+        for key in ("accuracy", "accuracy_argmax", "balanced_accuracy", "auc", "sensitivity", "specificity", "threshold"):
+            assert key in test
+        assert r["metrics"]["threshold_rule"] == "youden" and r["metrics"]["threshold"] == test["threshold"]
+        mem, t = r["resources"]["memory"], r["resources"]["time"]
+        assert mem["train_peak_bytes"] > 0 and mem["eval_peak_bytes"] > 0 and mem["optimizer_state_bytes"] > 0
+        assert 0 < t["to_best_s"] <= t["train_total_s"] and t["inference_s"] > 0 and t["synchronised"]
+        energy = r["resources"]["energy"]
+        assert energy["available"] is True and energy["train_wh"] >= 0 or energy["available"] is False and energy["reason"]
+        assert r["model"]["params"] > 0 and r["model"]["flops_forward_per_sample"] > 0
+        assert r["model"]["input_shape"] == [1, 1, 32 // scale, 32 // scale]
+        env = r["environment"]
+        assert env["packages"]["torch"] == torch.__version__.split("+")[0] or env["packages"]["torch"].startswith("2.")
+        assert "revision" in env["git"] and env["device"] == "cpu"
+        run_dir = out / r["run_id"]
+        ckpt = torch.load(run_dir / "best.pt", weights_only=True)
+        assert ckpt["epoch"] == r["training"]["best_epoch"] and ckpt["config_hash"] == r["config_hash"]
+        from pyquant.data import load_split
+
+        split = load_split(run_dir / "split.json")
+        assert set(split) == {"train", "val", "test"}
+        assert sum(map(len, split.values())) == r["data"]["train"] + r["data"]["val"] + r["data"]["test"]
+    base, half = by_setting[("baseline", 1)], by_setting[("half+8bit", 1)]
+    assert half["setting"]["model_dtype"] == "bfloat16" and half["setting"]["optimizer"] == "8bit"
+    assert base["setting"]["model_dtype"] == "float32" and base["setting"]["autocast_dtype"] is None
+    assert half["resources"]["memory"]["optimizer_state_bytes"] < base["resources"]["memory"]["optimizer_state_bytes"] / 3
+
+
+def test_report_command_and_mean_std(tiny_grid, tmp_path, capsys):
+    out, _ = tiny_grid
+    assert cli.main(["report", str(out), "--out", str(tmp_path)]) == 0
+    assert "| Task | Model |" in capsys.readouterr().out
+    assert report._mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert report._mean_std([0.5]) == (0.5, 0.0)
+    assert report._mean_std([None, float("nan")]) == (None, None)
+    rows = list(__import__("csv").DictReader(open(tmp_path / "table.csv")))
+    assert len(rows) == 3 and {"auc", "auc_std", "train_peak_mib"} <= set(rows[0])
+    assert "\\begin{tabular}" in (tmp_path / "table.tex").read_text()
