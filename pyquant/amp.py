@@ -32,7 +32,7 @@ from torch.amp.grad_scaler import OptState  # the stage values, shared with torc
 from pyquant import backends
 from pyquant._nvtx import kernel_range
 
-__all__ = ["GradScaler", "OptState", "unscale_", "unscale_reference", "unscale_triton"]
+__all__ = ["GradScaler", "OptState", "half", "unscale_", "unscale_reference", "unscale_triton"]
 
 GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -460,3 +460,10 @@ class GradScaler:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+
+
+def half(model: torch.nn.Module, dtype: torch.dtype = torch.float16, keep_norm_fp32: bool = True, **kwargs):
+    """Cast `model` for the "half" setting (see `pyquant.nn.half_precision.half`, imported on first use)."""
+    from pyquant.nn.half_precision import half as cast
+
+    return cast(model, dtype, keep_norm_fp32=keep_norm_fp32, **kwargs)

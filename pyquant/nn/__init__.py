@@ -2,7 +2,12 @@
 
 import importlib
 
-_LAYERS = {"LowRankConv2d": "pyquant.nn.lowrank", "Linear16": "pyquant.nn.half"}
+_LAYERS = {
+    "LowRankConv2d": "pyquant.nn.lowrank",
+    "Linear16": "pyquant.nn.half_precision",
+    "Conv2d16": "pyquant.nn.half_precision",
+    "half": "pyquant.nn.half_precision",
+}
 __all__ = sorted(_LAYERS)
 
 

@@ -2,7 +2,7 @@
 
 import importlib
 
-_OPS = {"matmul": "pyquant.ops.matmul", "lowrank_conv2d": "pyquant.ops.lowrank_conv"}
+_OPS = {"matmul": "pyquant.ops.gemm", "linear": "pyquant.ops.gemm", "lowrank_conv2d": "pyquant.ops.lowrank_conv"}
 __all__ = sorted(_OPS)
 
 

@@ -1,0 +1,380 @@
+"""Fused low-rank convolution: a k x k convolution into `rank` channels followed by a 1 x 1 convolution.
+
+`pyquant.ops.lowrank_conv2d(x, weight_first, weight_second, bias=None, stride=1, padding=0, dilation=1)` is
+
+    F.conv2d(F.conv2d(x, weight_first, None, stride, padding, dilation), weight_second, bias)
+
+for NCHW `x` [N, C, H, W] (or unbatched [C, H, W]), `weight_first` [R, C, kh, kw], `weight_second` [O, R] or
+[O, R, 1, 1] and `bias` [O], all float32, float16 or bfloat16 (float64 runs the reference math). Products
+are accumulated in float32 and rounded once to the output dtype: the intermediate [N, R, Ho, Wo] is never
+rounded (nor, on the cpu and triton backends, written to memory at inference).
+
+It is two `torch.library` custom ops with fake kernels (meta tensors, torch.compile) and autograd:
+
+- ``pyquant::lowrank_conv2d(x, w1, w2, bias, stride, padding, dilation) -> y``: inference, and what
+  `torch.ops.pyquant.lowrank_conv2d` users get; its backward recomputes the intermediate;
+- ``pyquant::lowrank_conv2d_train(...) -> (y, t)``: the same kernel also writes the intermediate `t`
+  (what the unfused pair keeps for backward anyway); `lowrank_conv2d` calls it when a gradient is needed.
+
+Implementations picked by `pyquant.backends`:
+
+- ``reference``: two `F.conv2d` calls in float32 (float64 stays float64), one rounding;
+- ``cpu``: csrc/cpu/lowrank_conv.cpp: per output tile, the rank channels and their 1 x 1 projection from
+  registers and an L1/L2-resident tile buffer (AVX-512 micro-kernel, OpenMP over (image, tile), the same
+  bits for any thread count);
+- ``triton``: kernels/lowrank_conv.py (also what CUDA tensors use: the CUDA library has no such kernel).
+
+Backward (all backends): torch's convolution backward (oneDNN on CPU) for the k x k factor and matrix
+products for the 1 x 1 factor, from the intermediate the training op wrote (the inference op recomputes
+it); float16 is widened to float32 for it (torch's float16 kernels are slow on CPUs), bfloat16 and
+float32 run as they are. docs/compress.md says why and gives the tolerance of every backend.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib
+import warnings
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from pyquant import _native, backends
+from pyquant._nvtx import kernel_range
+
+__all__ = ["lowrank_conv2d", "conv_output_size", "KERNEL_DTYPES"]
+
+OP = "lowrank_conv2d"
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_HALF = (torch.float16, torch.bfloat16)
+
+
+# ---- shapes ----
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _out_shape(x, w1, w2, stride, padding, dilation) -> tuple[int, int, int, int]:
+    n, _, h, w = x.shape
+    kh, kw = w1.shape[2], w1.shape[3]
+    return (
+        n,
+        w2.shape[0],
+        conv_output_size(h, kh, stride[0], padding[0], dilation[0]),
+        conv_output_size(w, kw, stride[1], padding[1], dilation[1]),
+    )
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _HALF else dtype
+
+
+# ---- implementations: (x, w1, w2 [O, R], bias, stride, padding, dilation, keep) -> (y, t or empty) ----
+def lowrank_conv2d_reference(x, w1, w2, bias, stride, padding, dilation, keep: bool):
+    """Two F.conv2d calls in float32 (float64 stays float64), rounded once to x's dtype."""
+    cd = _compute_dtype(x.dtype)
+    t = F.conv2d(x.to(cd), w1.to(cd), None, stride, padding, dilation)
+    y = F.conv2d(t, w2.to(cd)[:, :, None, None], None if bias is None else bias.to(cd))
+    return y.to(x.dtype), (t.to(x.dtype) if keep else x.new_empty(0))
+
+
+@functools.cache
+def _cpu_fn():
+    lib = _native.cpu_library()
+    if lib is None:
+        return None
+    try:
+        fn = lib.pq_lowrank_conv2d
+    except AttributeError:
+        warnings.warn(
+            "pyquant: the compiled CPU library predates the low-rank convolution kernel (rebuild it); "
+            "lowrank_conv2d runs the reference implementation",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    P = ctypes.c_void_p
+    fn.argtypes = [P, P, P, P, P, P, ctypes.c_int32, ctypes.POINTER(ctypes.c_int64), ctypes.c_int32]
+    fn.restype = ctypes.c_int32
+    return fn
+
+
+def cpu_bf16_dot(on: Optional[bool] = None) -> bool:
+    """Whether the CPU kernel runs bfloat16 input on the AVX512_BF16 pair kernel where the CPU has it
+    (default True); `on` changes it. Returns the previous setting (tests and benchmarks compare both)."""
+    lib = _native.cpu_library()
+    if lib is None or _cpu_fn() is None:
+        return False
+    fn = lib.pq_lowrank_set_bf16_dot
+    fn.argtypes, fn.restype = [ctypes.c_int32], ctypes.c_int32
+    previous = bool(fn(1))
+    fn(int(previous if on is None else bool(on)))
+    return previous
+
+
+def lowrank_conv2d_cpu(x, w1, w2, bias, stride, padding, dilation, keep: bool):
+    """csrc/cpu/lowrank_conv.cpp for float32 / float16 / bfloat16 (other dtypes: the reference)."""
+    fn = _cpu_fn()
+    if fn is None or x.dtype not in _DTYPE_CODES:
+        return lowrank_conv2d_reference(x, w1, w2, bias, stride, padding, dilation, keep)
+    x, w1, w2 = x.contiguous(), w1.contiguous(), w2.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    n, o, ho, wo = _out_shape(x, w1, w2, stride, padding, dilation)
+    r, c, kh, kw = w1.shape
+    y = torch.empty((n, o, ho, wo), dtype=x.dtype)
+    t = torch.empty((n, r, ho, wo), dtype=x.dtype) if keep else x.new_empty(0)
+    if y.numel() == 0:
+        return y, t
+    dims = (ctypes.c_int64 * 16)(
+        n, c, x.shape[2], x.shape[3], r, o, kh, kw, *stride, *padding, *dilation, ho, wo
+    )
+    rc = fn(
+        x.data_ptr(), w1.data_ptr(), w2.data_ptr(), None if bias is None else bias.data_ptr(),
+        y.data_ptr(), t.data_ptr() if keep else None, _DTYPE_CODES[x.dtype], dims, torch.get_num_threads(),
+    )
+    if rc == 1:
+        raise MemoryError("pyquant lowrank_conv2d: the CPU kernel could not allocate its buffers")
+    if rc != 0:
+        raise RuntimeError(f"pyquant lowrank_conv2d: the CPU kernel rejected its arguments (code {rc})")
+    return y, t
+
+
+def lowrank_conv2d_triton(x, w1, w2, bias, stride, padding, dilation, keep: bool):
+    if x.dtype not in KERNEL_DTYPES:
+        return lowrank_conv2d_reference(x, w1, w2, bias, stride, padding, dilation, keep)
+    return importlib.import_module("pyquant.kernels.lowrank_conv").lowrank_conv2d(
+        x, w1, w2, bias, stride, padding, dilation, keep
+    )
+
+
+backends.register(OP, "reference", lowrank_conv2d_reference)
+backends.register(OP, "cpu", lowrank_conv2d_cpu)
+backends.register(OP, "triton", lowrank_conv2d_triton)
+# The CUDA library has no low-rank convolution: CUDA tensors use the Triton kernel.
+backends.register(OP, "cuda", lowrank_conv2d_triton)
+
+
+def _forward(x, w1, w2, bias, stride, padding, dilation, keep):
+    with kernel_range(OP):
+        return backends.implementation(OP, x.device.type)(
+            x, w1, w2, bias, list(stride), list(padding), list(dilation), keep
+        )
+
+
+# ---- the custom ops ----
+@torch.library.custom_op("pyquant::lowrank_conv2d", mutates_args=())
+def _lowrank_op(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> torch.Tensor:
+    return _forward(x, w1, w2, bias, stride, padding, dilation, False)[0]
+
+
+@_lowrank_op.register_fake
+def _(x, w1, w2, bias, stride, padding, dilation):
+    return x.new_empty(_out_shape(x, w1, w2, stride, padding, dilation))
+
+
+@torch.library.custom_op("pyquant::lowrank_conv2d_train", mutates_args=())
+def _lowrank_train_op(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(x, w1, w2, bias, stride, padding, dilation, True)
+
+
+@_lowrank_train_op.register_fake
+def _(x, w1, w2, bias, stride, padding, dilation):
+    n, o, ho, wo = _out_shape(x, w1, w2, stride, padding, dilation)
+    return x.new_empty((n, o, ho, wo)), x.new_empty((n, w1.shape[0], ho, wo))
+
+
+def _backward_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float16 convolutions and matrix products are 20-40x slower than float32 ones in torch on CPUs
+    # without native float16 arithmetic: widen. bfloat16 ones run on oneDNN's bfloat16 kernels (float32
+    # accumulation), faster than float32: keep (the unfused pair's autograd does the same).
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def _backward_math(ctx, x, w1, w2, t, grad_y, grad_t):
+    """Gradients of y = w2 . t + bias, t = conv(x, w1), with torch's kernels (see the module docstring)."""
+    cd = _backward_dtype(x.dtype)
+    need_x, need_w1, need_w2, need_b = ctx.needs_input_grad[:4]
+    grad_x = grad_w1 = grad_w2 = grad_b = None
+    if grad_y is None:
+        grad_y = torch.zeros(_out_shape(x, w1, w2, ctx.stride, ctx.padding, ctx.dilation), dtype=cd, device=x.device)
+    gy = grad_y.to(cd)
+    n, o, ho, wo = gy.shape
+    r = w1.shape[0]
+    if need_b and ctx.has_bias:
+        grad_b = gy.sum(dim=(0, 2, 3), dtype=torch.float32 if cd != torch.float64 else cd).to(ctx.bias_dtype)
+    if need_w2:
+        if t is None:
+            t = F.conv2d(x.to(_compute_dtype(x.dtype)), w1.to(_compute_dtype(x.dtype)), None, ctx.stride,
+                         ctx.padding, ctx.dilation)
+        # one matrix product over every (image, pixel): [O, N*P] @ [N*P, R]
+        gy_rows = gy.transpose(0, 1).reshape(o, -1)
+        t_rows = t.to(cd).transpose(0, 1).reshape(r, -1)
+        grad_w2 = torch.mm(gy_rows, t_rows.t()).to(w2.dtype)
+    if need_x or need_w1:
+        gt = torch.matmul(w2.to(cd).t(), gy.reshape(n, o, ho * wo)).reshape(n, r, ho, wo)
+        if grad_t is not None:
+            gt = gt + grad_t.to(cd)
+        gx, gw1, _ = torch.ops.aten.convolution_backward(
+            gt, x.to(cd), w1.to(cd), None, ctx.stride, ctx.padding, ctx.dilation, False, [0, 0], 1,
+            [bool(need_x), bool(need_w1), False],
+        )
+        grad_x = None if gx is None else gx.to(x.dtype)
+        grad_w1 = None if gw1 is None else gw1.to(w1.dtype)
+    return grad_x, grad_w1, grad_w2, grad_b
+
+
+def _setup(ctx, inputs, t):
+    x, w1, w2, bias, stride, padding, dilation = inputs
+    ctx.stride, ctx.padding, ctx.dilation = list(stride), list(padding), list(dilation)
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.save_for_backward(x, w1, w2, t)
+
+
+def _setup_context(ctx, inputs, output):
+    _setup(ctx, inputs, None)
+
+
+def _setup_context_train(ctx, inputs, output):
+    _setup(ctx, inputs, output[1])
+
+
+def _backward(ctx, grad_y):
+    x, w1, w2, t = ctx.saved_tensors
+    return (*_backward_math(ctx, x, w1, w2, t, grad_y, None), None, None, None)
+
+
+def _backward_train(ctx, grad_y, grad_t):
+    x, w1, w2, t = ctx.saved_tensors
+    return (*_backward_math(ctx, x, w1, w2, t, grad_y, grad_t), None, None, None)
+
+
+torch.library.register_autograd("pyquant::lowrank_conv2d", _backward, setup_context=_setup_context)
+torch.library.register_autograd("pyquant::lowrank_conv2d_train", _backward_train, setup_context=_setup_context_train)
+
+
+# ---- public API ----
+def _pair(value, name: str, minimum: int) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(value) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {tuple(value)}")
+    return int(value[0]), int(value[1])
+
+
+def resolve_padding(padding, kernel_size: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]):
+    """An int, a pair, "valid" or "same" (stride 1, symmetric padding only) -> a pair of ints."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return 0, 0
+        if padding == "same":
+            if stride != (1, 1):
+                raise ValueError("padding='same' needs stride 1 (as torch.nn.Conv2d)")
+            total = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+            if any(t % 2 for t in total):
+                raise ValueError(
+                    f"padding='same' with kernel {kernel_size} and dilation {dilation} needs asymmetric padding, "
+                    "which lowrank_conv2d does not support; pad the input with F.pad first"
+                )
+            return total[0] // 2, total[1] // 2
+        raise ValueError(f"padding must be an int, a pair of ints, 'valid' or 'same', got {padding!r}")
+    return _pair(padding, "padding", 0)
+
+
+def _check(x, w1, w2, bias):
+    for name, t in (("x", x), ("weight_first", w1), ("weight_second", w2), ("bias", bias)):
+        if t is None and name == "bias":
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor")
+        if t.dtype not in KERNEL_DTYPES + (torch.float64,):
+            raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} is {t.dtype} but x is {x.dtype}: all operands must have the same dtype")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if w1.dim() != 4:
+        raise ValueError(f"weight_first must be [rank, in_channels, kh, kw], got shape {tuple(w1.shape)}")
+    if w2.dim() == 4:
+        if w2.shape[2:] != (1, 1):
+            raise ValueError(f"weight_second must be [out, rank] or [out, rank, 1, 1], got shape {tuple(w2.shape)}")
+        w2 = w2.reshape(w2.shape[0], w2.shape[1])
+    if w2.dim() != 2:
+        raise ValueError(f"weight_second must be [out, rank] or [out, rank, 1, 1], got shape {tuple(w2.shape)}")
+    if w2.shape[1] != w1.shape[0]:
+        raise ValueError(f"weight_second has {w2.shape[1]} input channels but weight_first has rank {w1.shape[0]}")
+    if min(w1.shape) < 1 or w2.shape[0] < 1:
+        raise ValueError(f"empty weights: weight_first {tuple(w1.shape)}, weight_second {tuple(w2.shape)}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be [N, C, H, W] or [C, H, W], got shape {tuple(x.shape)}")
+    if x.shape[1] != w1.shape[1]:
+        raise ValueError(f"x has {x.shape[1]} channels but weight_first expects {w1.shape[1]}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != w2.shape[0]):
+        raise ValueError(f"bias must be [{w2.shape[0]}], got shape {tuple(bias.shape)}")
+    return w2
+
+
+def lowrank_conv2d(
+    x: torch.Tensor,
+    weight_first: torch.Tensor,
+    weight_second: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+) -> torch.Tensor:
+    """`conv2d(conv2d(x, weight_first, None, stride, padding, dilation), weight_second, bias)`, fused.
+
+    Shapes: x [N, C, H, W] or [C, H, W]; weight_first [R, C, kh, kw]; weight_second [O, R] or
+    [O, R, 1, 1]; bias [O] or None. Same dtype (float32, float16, bfloat16, or float64 for the reference
+    math) and device for all. float32 accumulation, one rounding to x's dtype. Differentiable in every tensor.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    unbatched = x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+    w2 = _check(x, weight_first, weight_second, bias)
+    kernel = (weight_first.shape[2], weight_first.shape[3])
+    stride = _pair(stride, "stride", 1)
+    dilation = _pair(dilation, "dilation", 1)
+    padding = resolve_padding(padding, kernel, stride, dilation)
+    n, o, ho, wo = _out_shape(x, weight_first, w2, stride, padding, dilation)
+    if ho < 1 or wo < 1:
+        raise ValueError(
+            f"the input {tuple(x.shape[2:])} (padded by {padding}) is smaller than the dilated kernel "
+            f"{tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel))}"
+        )
+    args = (x, weight_first, w2, bias, list(stride), list(padding), list(dilation))
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight_first, w2, bias)
+    )
+    y = torch.ops.pyquant.lowrank_conv2d_train(*args)[0] if wants_grad else torch.ops.pyquant.lowrank_conv2d(*args)
+    return y.squeeze(0) if unbatched else y
