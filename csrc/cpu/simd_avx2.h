@@ -1,0 +1,379 @@
+// AVX2 (+FMA, F16C) block kernels, included by kernels.cpp in its avx2 build only.
+//
+// Same bits as the scalar rules of pyquant/blockwise.h. AVX2 has no two-table permutes and no mask
+// registers, so lookups use gathers (the 1 KiB code for dequantisation; 32-bit words at byte offsets of
+// the 65536-entry table for quantisation), and a partial vector at the end of a block goes through a
+// zero-padded copy. Only IEEE-exact operations, in the contract's order; fma only where it has fmaf.
+#pragma once
+// GCC before 13 reports the deliberately undefined pass-through operand (_mm512_undefined_ps and kin)
+// of its own unmasked intrinsics as uninitialized wherever they are inlined, i.e. in every function of
+// this translation unit that uses them, so the warning stays off for the rest of it.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+#include <string.h>
+
+#include "pyquant/blockwise.h"
+#include "pyquant/capi.h"
+
+namespace PQ_NS {
+namespace vec {
+using namespace pq;
+
+constexpr bool kEmulatesCpuSqrt = true;
+
+template <int DT>
+constexpr int64_t elem_size() {
+  return DT == kFloat32 ? 4 : 2;
+}
+
+// Loads elements i .. i+n-1 (n <= 8), zero beyond n.
+template <int DT>
+static inline __m256 load8(const void* base, int64_t i, int64_t n) {
+  const char* src = (const char*)base + i * elem_size<DT>();
+  alignas(32) char pad[32];
+  if (n < 8) {
+    memset(pad, 0, sizeof pad);
+    memcpy(pad, src, (size_t)(n * elem_size<DT>()));
+    src = pad;
+  }
+  if constexpr (DT == kFloat32) {
+    return _mm256_loadu_ps((const float*)src);
+  } else {
+    const __m128i h = _mm_loadu_si128((const __m128i*)src);
+    // vcvtph2ps quiets a signalling NaN; every loaded value reaches an output only through arithmetic
+    // (which quiets it the same way) or comparisons, so the outputs agree with half_to_float's.
+    if constexpr (DT == kFloat16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
+static inline __m128i pack_u32_to_u16(__m256i w) {  // every lane must be in [0, 65535]
+  return _mm_packus_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+}
+
+// float_to_half: hardware rounding to nearest even, then the scalar rule's canonical NaN.
+static inline __m128i to_half8(__m256 v) {
+  const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(v), 16), _mm256_set1_epi32(0x8000));
+  const __m128i quiet = pack_u32_to_u16(_mm256_or_si256(sign, _mm256_set1_epi32(0x7E00)));
+  return _mm_blendv_epi8(h, quiet, _mm_packs_epi32(_mm256_castsi256_si128(nan), _mm256_extracti128_si256(nan, 1)));
+}
+
+// float_to_bf16, the integer rounding of blockwise.h lane by lane.
+static inline __m128i to_bf16_8(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i hi = _mm256_srli_epi32(u, 16);
+  const __m256i odd = _mm256_and_si256(hi, _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  return pack_u32_to_u16(_mm256_blendv_epi8(r, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan));
+}
+
+// Stores the lanes of `v` selected by `keep` (all-ones lanes) among the first n; other lanes keep their bits.
+template <int DT>
+static inline void store8(void* base, int64_t i, int64_t n, __m256 v, __m256 keep) {
+  char* dst = (char*)base + i * elem_size<DT>();
+  alignas(32) char buf[32];
+  char* out = n < 8 ? buf : dst;
+  if (n < 8) memcpy(buf, dst, (size_t)(n * elem_size<DT>()));
+  if constexpr (DT == kFloat32) {
+    _mm256_storeu_ps((float*)out, _mm256_blendv_ps(_mm256_loadu_ps((const float*)out), v, keep));
+  } else {
+    const __m128i bits = DT == kFloat16 ? to_half8(v) : to_bf16_8(v);
+    const __m256i k = _mm256_castps_si256(keep);
+    const __m128i k16 = _mm_packs_epi32(_mm256_castsi256_si128(k), _mm256_extracti128_si256(k, 1));
+    _mm_storeu_si128((__m128i*)out, _mm_blendv_epi8(_mm_loadu_si128((const __m128i*)out), bits, k16));
+  }
+  if (n < 8) memcpy(dst, buf, (size_t)(n * elem_size<DT>()));
+}
+
+static inline __m256 first_lanes(int64_t n) {  // all-ones in lanes 0 .. n-1
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+}
+
+static inline __m128i load_bytes8(const uint8_t* q, int64_t n) {
+  if (n >= 8) return _mm_loadl_epi64((const __m128i*)q);
+  uint64_t w = 0;
+  memcpy(&w, q, (size_t)n);
+  return _mm_cvtsi64_si128((long long)w);
+}
+
+static inline void store_bytes8(uint8_t* q, int64_t n, __m128i b) {
+  if (n >= 8) {
+    _mm_storel_epi64((__m128i*)q, b);
+  } else {
+    const uint64_t w = (uint64_t)_mm_cvtsi128_si64(b);
+    memcpy(q, &w, (size_t)n);
+  }
+}
+
+static inline __m256 abs8(__m256 x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x); }
+
+static inline float hmax8(__m256 v) {  // exact: max of non-NaN values in any order
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+// ---- dequantisation ----
+
+struct DequantTable {
+  const float* code;
+};
+static inline void prepare_dequant(const float* code, DequantTable& t) { t.code = code; }
+
+static inline __m256 lookup8(const DequantTable& t, __m128i q) {
+  return _mm256_i32gather_ps(t.code, _mm256_cvtepu8_epi32(q), 4);
+}
+
+// ---- quantisation ----
+
+struct QuantTable {
+  const uint8_t* table;
+};
+static inline bool prepare_quant(const uint8_t* table, QuantTable& t) {
+  t.table = table;
+  return true;
+}
+
+// grid_bin, lane by lane.
+static inline __m256i grid_bins(__m256 x, __m256 inv) {
+  const __m256 one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f);
+  __m256 y = _mm256_mul_ps(x, inv);
+  // vminps/vmaxps return the second operand when either is NaN: with y second, NaN passes like in grid_bin.
+  y = _mm256_min_ps(one, y);
+  y = _mm256_max_ps(_mm256_set1_ps(-1.0f), y);
+  const __m256 t = _mm256_mul_ps(_mm256_add_ps(y, one), half);
+  const __m256 s = _mm256_add_ps(_mm256_mul_ps(t, _mm256_set1_ps(65535.0f)), half);
+  // NaN converts to 0x80000000, whose low 16 bits are bin 0.
+  return _mm256_and_si256(_mm256_cvttps_epi32(s), _mm256_set1_epi32(0xFFFF));
+}
+
+// table[bin] for 8 bins: gather the 32-bit word at byte offset bin, or at 65532 for the last three bins
+// (so nothing past the table is read) and shift the wanted byte down.
+static inline __m128i table_lookup8(const uint8_t* table, __m256i bins) {
+  const __m256i at = _mm256_min_epu32(bins, _mm256_set1_epi32(65532));
+  __m256i w = _mm256_i32gather_epi32((const int*)table, at, 1);
+  w = _mm256_srlv_epi32(w, _mm256_slli_epi32(_mm256_sub_epi32(bins, at), 3));
+  w = _mm256_and_si256(w, _mm256_set1_epi32(0xFF));
+  const __m128i w16 = pack_u32_to_u16(w);
+  return _mm_packus_epi16(w16, w16);
+}
+
+template <int DT>
+static inline void quantize_values(const void* x, int64_t start, int64_t len, float absmax, const QuantTable& t,
+                                   uint8_t* q) {
+  if (absmax == 0.0f) {
+    memset(q, 0, (size_t)len);
+    return;
+  }
+  const __m256 inv = _mm256_set1_ps(block_inverse(absmax));
+  for (int64_t i = 0; i < len; i += 8) {
+    const int64_t n = len - i < 8 ? len - i : 8;
+    store_bytes8(q + i, n, table_lookup8(t.table, grid_bins(load8<DT>(x, start + i, n), inv)));
+  }
+}
+
+template <int DT>
+static inline void quantize_block(const void* x, int64_t start, int64_t len, const QuantTable& t, uint8_t* q,
+                                  float* absmax) {
+  __m256 amax = _mm256_setzero_ps();  // vmaxps keeps the running value when |x| is NaN
+  for (int64_t i = 0; i < len; i += 8) amax = _mm256_max_ps(abs8(load8<DT>(x, start + i, len - i < 8 ? len - i : 8)), amax);
+  const float a = hmax8(amax);
+  *absmax = a;
+  quantize_values<DT>(x, start, len, a, t, q + start);
+}
+
+template <int DT>
+static inline void dequantize_block(const uint8_t* q, float absmax, int64_t start, int64_t len, const DequantTable& t,
+                                    void* out) {
+  const __m256 a = _mm256_set1_ps(absmax);
+  const __m256 all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  for (int64_t i = 0; i < len; i += 8) {
+    const int64_t n = len - i < 8 ? len - i : 8;
+    store8<DT>(out, start + i, n, _mm256_mul_ps(lookup8(t, load_bytes8(q + start + i, n)), a), all);
+  }
+}
+
+// ---- sqrt(v) of Adam's denominator: IEEE, or torch's CPU sqrt emulated (see simd_avx512.h, cpu_sqrt.h) ----
+
+static inline __m256 sqrt8(__m256 x, int mode, pq_vsqrt_fn fn) {
+  if (mode == kSqrtIeee) return _mm256_sqrt_ps(x);
+  const __m256 r = _mm256_rsqrt_ps(x);
+  const __m256 half = _mm256_set1_ps(0.5f);
+  const __m256 s0 = _mm256_mul_ps(x, r);
+  const __m256 h0 = _mm256_mul_ps(r, half);
+  const __m256 e = _mm256_sub_ps(half, _mm256_mul_ps(s0, h0));
+  const __m256 s1 = _mm256_add_ps(_mm256_mul_ps(s0, e), s0);
+  const __m256 h1 = _mm256_add_ps(_mm256_mul_ps(h0, e), h0);
+  const __m256 d = _mm256_sub_ps(x, _mm256_mul_ps(s1, s1));
+  __m256 res = _mm256_add_ps(_mm256_mul_ps(d, h1), s1);
+  const __m256i bits = _mm256_castps_si256(x);
+  const __m256i special =
+      _mm256_cmpgt_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(kCpuSqrtBias)), _mm256_set1_epi32(kCpuSqrtLimit));
+  if (!_mm256_testz_si256(special, special)) {
+    const __m256i zero = _mm256_cmpeq_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x7FFFFFFF)), _mm256_setzero_si256());
+    res = _mm256_blendv_ps(res, x, _mm256_castsi256_ps(zero));
+    const __m256i other = _mm256_andnot_si256(zero, special);
+    if (!_mm256_testz_si256(other, other)) {
+      alignas(32) float in[8], out[8];
+      _mm256_store_ps(in, x);
+      const int32_t n = 8;
+      fn(&n, in, out);  // element-wise: each lane's result depends on that lane only
+      res = _mm256_blendv_ps(res, _mm256_load_ps(out), _mm256_castsi256_ps(other));
+    }
+  }
+  return res;
+}
+
+static inline void sqrt_block(const float* x, float* out, int64_t n, int mode, pq_vsqrt_fn fn) {
+  for (int64_t i = 0; i < n; i += 8) {
+    const int64_t c = n - i < 8 ? n - i : 8;
+    alignas(32) float r[8];
+    _mm256_store_ps(r, sqrt8(load8<kFloat32>(x, i, c), mode, fn));
+    memcpy(out + i, r, (size_t)c * 4);
+  }
+}
+
+// ---- Adam ----
+
+struct AdamTables {
+  DequantTable deq1, deq2;
+  QuantTable quant1, quant2;
+};
+
+struct AdamVectors {
+  __m256 beta1, one_minus_beta1, beta2, one_minus_beta2, eps, eps_c2, c2, step_size, decay;
+  explicit AdamVectors(const AdamConstants& k)
+      : beta1(_mm256_set1_ps(k.beta1)), one_minus_beta1(_mm256_set1_ps(k.one_minus_beta1)),
+        beta2(_mm256_set1_ps(k.beta2)), one_minus_beta2(_mm256_set1_ps(k.one_minus_beta2)),
+        eps(_mm256_set1_ps(k.eps)), eps_c2(_mm256_set1_ps(k.eps_c2)), c2(_mm256_set1_ps(k.c2)),
+        step_size(_mm256_set1_ps(k.step_size)), decay(_mm256_set1_ps(k.decay)) {}
+};
+
+static inline void moments8(const AdamVectors& k, __m256 g, __m256& m, __m256& v) {
+  m = _mm256_fmadd_ps(k.one_minus_beta1, g, _mm256_mul_ps(m, k.beta1));
+  v = _mm256_fmadd_ps(_mm256_mul_ps(k.one_minus_beta2, g), g, _mm256_mul_ps(v, k.beta2));
+}
+
+static inline __m256 param8(const AdamVectors& k, __m256 p, __m256 m, __m256 root) {
+  const __m256 denom = _mm256_add_ps(_mm256_div_ps(root, k.c2), k.eps);
+  return _mm256_add_ps(_mm256_mul_ps(p, k.decay), _mm256_div_ps(_mm256_mul_ps(k.step_size, m), denom));
+}
+
+static inline __m256 param32(const AdamVectors& k, __m256 p, __m256 m, __m256 root) {
+  const __m256 u = _mm256_div_ps(m, _mm256_add_ps(root, k.eps_c2));
+  return _mm256_fmadd_ps(k.step_size, u, _mm256_mul_ps(p, k.decay));
+}
+
+static inline __m256 nonfinite8(__m256 g) {  // all-ones where the exponent is all ones (NaN, ±inf)
+  const __m256i e = _mm256_and_si256(_mm256_castps_si256(g), _mm256_set1_epi32(0x7F800000));
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(e, _mm256_set1_epi32(0x7F800000)));
+}
+
+template <int PDT, int GDT>
+static inline int64_t adam_block_8bit(const pq_adam_tensor& t, int64_t start, int64_t len, const AdamTables& tab,
+                                      int32_t nonfinite, int sqrt_mode, pq_vsqrt_fn fn) {
+  alignas(32) float m[kOptimizerBlock], v[kOptimizerBlock], root[kOptimizerBlock];
+  __m256 update[kOptimizerBlock / 8];
+  const AdamVectors k(t.k);
+  uint8_t* q1 = (uint8_t*)t.state1 + start;
+  uint8_t* q2 = (uint8_t*)t.state2 + start;
+  const int64_t b = start / kOptimizerBlock;
+  const __m256 a1 = _mm256_set1_ps(t.absmax1[b]), a2 = _mm256_set1_ps(t.absmax2[b]);
+  const bool deferred_sqrt = sqrt_mode == kSqrtCall;
+  __m256 amax1 = _mm256_setzero_ps(), amax2 = _mm256_setzero_ps();
+  int64_t bad = 0;
+  for (int64_t j = 0; j < len; j += 8) {
+    const int64_t n = len - j < 8 ? len - j : 8;
+    const __m256 valid = first_lanes(n);
+    const __m256 m_old = _mm256_mul_ps(lookup8(tab.deq1, load_bytes8(q1 + j, n)), a1);
+    const __m256 v_old = _mm256_mul_ps(lookup8(tab.deq2, load_bytes8(q2 + j, n)), a2);
+    const __m256 g = load8<GDT>(t.grad, start + j, n);
+    __m256 mi = m_old, vi = v_old;
+    moments8(k, g, mi, vi);
+    __m256 upd = valid;
+    if (nonfinite == kSkipElement) {
+      const __m256 skip = _mm256_and_ps(nonfinite8(g), valid);  // keeps its parameter and moments
+      bad += __builtin_popcount((unsigned)_mm256_movemask_ps(skip));
+      upd = _mm256_andnot_ps(skip, valid);
+      mi = _mm256_blendv_ps(mi, m_old, skip);
+      vi = _mm256_blendv_ps(vi, v_old, skip);
+    }
+    _mm256_store_ps(m + j, mi);
+    _mm256_store_ps(v + j, vi);
+    amax1 = _mm256_max_ps(_mm256_and_ps(abs8(mi), valid), amax1);
+    amax2 = _mm256_max_ps(_mm256_and_ps(abs8(vi), valid), amax2);
+    if (deferred_sqrt) {
+      update[j / 8] = upd;
+    } else {
+      const __m256 p = load8<PDT>(t.param, start + j, n);
+      store8<PDT>(t.param, start + j, n, param8(k, p, mi, sqrt8(vi, sqrt_mode, fn)), upd);
+    }
+  }
+  if (deferred_sqrt) {
+    const int32_t n32 = (int32_t)len;
+    fn(&n32, v, root);
+    for (int64_t j = 0; j < len; j += 8) {
+      const int64_t n = len - j < 8 ? len - j : 8;
+      const __m256 p = load8<PDT>(t.param, start + j, n);
+      store8<PDT>(t.param, start + j, n, param8(k, p, _mm256_load_ps(m + j), _mm256_load_ps(root + j)), update[j / 8]);
+    }
+  }
+  const float new_a1 = hmax8(amax1), new_a2 = hmax8(amax2);
+  t.absmax1[b] = new_a1;
+  t.absmax2[b] = new_a2;
+  quantize_values<kFloat32>(m, 0, len, new_a1, tab.quant1, q1);
+  quantize_values<kFloat32>(v, 0, len, new_a2, tab.quant2, q2);
+  return bad;
+}
+
+template <int PDT, int GDT>
+static inline int64_t adam_block_32bit(const pq_adam_tensor& t, int64_t start, int64_t len, int32_t nonfinite,
+                                       int sqrt_mode, pq_vsqrt_fn fn) {
+  alignas(32) float root[kOptimizerBlock];
+  __m256 update[kOptimizerBlock / 8];
+  const AdamVectors k(t.k);
+  float* m = (float*)t.state1 + start;
+  float* v = (float*)t.state2 + start;
+  const bool deferred_sqrt = sqrt_mode == kSqrtCall;
+  int64_t bad = 0;
+  for (int64_t j = 0; j < len; j += 8) {
+    const int64_t n = len - j < 8 ? len - j : 8;
+    const __m256 g = load8<GDT>(t.grad, start + j, n);
+    __m256 upd = first_lanes(n);
+    if (nonfinite == kSkipElement) {
+      const __m256 skip = _mm256_and_ps(nonfinite8(g), upd);
+      bad += __builtin_popcount((unsigned)_mm256_movemask_ps(skip));
+      upd = _mm256_andnot_ps(skip, upd);
+    }
+    __m256 mi = load8<kFloat32>(m, j, n), vi = load8<kFloat32>(v, j, n);
+    moments8(k, g, mi, vi);
+    store8<kFloat32>(m, j, n, mi, upd);
+    store8<kFloat32>(v, j, n, vi, upd);
+    if (deferred_sqrt) {
+      update[j / 8] = upd;
+    } else {
+      const __m256 p = load8<PDT>(t.param, start + j, n);
+      store8<PDT>(t.param, start + j, n, param32(k, p, mi, sqrt8(vi, sqrt_mode, fn)), upd);
+    }
+  }
+  if (deferred_sqrt) {
+    const int32_t n32 = (int32_t)len;
+    fn(&n32, v, root);
+    for (int64_t j = 0; j < len; j += 8) {
+      const int64_t n = len - j < 8 ? len - j : 8;
+      const __m256 p = load8<PDT>(t.param, start + j, n);
+      store8<PDT>(t.param, start + j, n, param32(k, p, load8<kFloat32>(m, j, n), _mm256_load_ps(root + j)), update[j / 8]);
+    }
+  }
+  return bad;
+}
+
+}  // namespace vec
+}  // namespace PQ_NS
