@@ -24,10 +24,13 @@ Implementations picked by `pyquant.backends`:
   bits for any thread count);
 - ``triton``: kernels/lowrank_conv.py (also what CUDA tensors use: the CUDA library has no such kernel).
 
-Backward (all backends): torch's convolution backward (oneDNN on CPU) for the k x k factor and matrix
-products for the 1 x 1 factor, from the intermediate the training op wrote (the inference op recomputes
-it); float16 is widened to float32 for it (torch's float16 kernels are slow on CPUs), bfloat16 and
-float32 run as they are. docs/compress.md says why and gives the tolerance of every backend.
+Backward (all backends): the unfused pair's backward, torch's convolution backward (oneDNN on CPU) for
+the 1 x 1 and then the k x k factor, from the intermediate the training op wrote (the inference op
+recomputes it), except the input gradient of a stride-1 factor of rank <= 16 on the cpu backend, which
+is the CPU kernel's first stage alone (a convolution of the rank-channel gradient with the flipped
+weight; oneDNN is slow with so few input channels). float16 is widened to float32 for backward (torch's
+float16 kernels are slow on CPUs); bfloat16 and float32 run as they are. docs/compress.md says why and
+gives the tolerances.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ OP = "lowrank_conv2d"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _HALF = (torch.float16, torch.bfloat16)
+LOWRANK_ABI = 2  # csrc/capi_lowrank.cpp pq_lowrank_abi()
 
 
 # ---- shapes ----
@@ -87,11 +91,16 @@ def _cpu_fn():
     if lib is None:
         return None
     try:
+        abi = lib.pq_lowrank_abi
+        abi.argtypes, abi.restype = [], ctypes.c_int32
+        version = abi()
         fn = lib.pq_lowrank_conv2d
     except AttributeError:
+        version = None
+    if version != LOWRANK_ABI:
         warnings.warn(
-            "pyquant: the compiled CPU library predates the low-rank convolution kernel (rebuild it); "
-            "lowrank_conv2d runs the reference implementation",
+            "pyquant: the compiled CPU library has another version of the low-rank convolution kernel "
+            f"({version} instead of {LOWRANK_ABI}: rebuild it); lowrank_conv2d runs the reference implementation",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -140,6 +149,46 @@ def lowrank_conv2d_cpu(x, w1, w2, bias, stride, padding, dilation, keep: bool):
     if rc != 0:
         raise RuntimeError(f"pyquant lowrank_conv2d: the CPU kernel rejected its arguments (code {rc})")
     return y, t
+
+
+def conv2d_cpu(x, w, padding, dilation):
+    """A stride-1 convolution (no bias) on the CPU kernel's first stage alone, or None when it cannot run
+    (no library, dtype). The backward pass uses it for the input gradient at low rank, where oneDNN's
+    convolution with few input channels is slow."""
+    fn = _cpu_fn()
+    if fn is None or x.dtype not in _DTYPE_CODES or x.device.type != "cpu":
+        return None
+    x, w = x.contiguous(), w.contiguous()
+    n, c, h, wd = x.shape
+    r, _, kh, kw = w.shape
+    ho = conv_output_size(h, kh, 1, padding[0], dilation[0])
+    wo = conv_output_size(wd, kw, 1, padding[1], dilation[1])
+    y = torch.empty((n, r, ho, wo), dtype=x.dtype)
+    if y.numel() == 0:
+        return y
+    dims = (ctypes.c_int64 * 16)(n, c, h, wd, r, r, kh, kw, 1, 1, *padding, *dilation, ho, wo)
+    rc = fn(x.data_ptr(), w.data_ptr(), None, None, y.data_ptr(), None, _DTYPE_CODES[x.dtype], dims,
+            torch.get_num_threads())
+    if rc == 1:
+        raise MemoryError("pyquant conv2d_cpu: the CPU kernel could not allocate its buffers")
+    if rc != 0:
+        raise RuntimeError(f"pyquant conv2d_cpu: the CPU kernel rejected its arguments (code {rc})")
+    return y
+
+
+def _input_grad_cpu(gt, x, w1, stride, padding, dilation):
+    """d(conv(x, w1))/dx for gradient gt with the CPU kernel (stride 1: a convolution of gt with the
+    flipped, transposed w1), or None when torch should do it."""
+    if tuple(stride) != (1, 1) or x.device.type != "cpu" or backends.select("cpu") != "cpu":
+        return None
+    r, c, kh, kw = w1.shape
+    pad = (dilation[0] * (kh - 1) - padding[0], dilation[1] * (kw - 1) - padding[1])
+    if min(pad) < 0 or r > 16:  # oneDNN pads fewer than 16 input channels to 16 and is slow there; fine above
+        return None
+    gx = conv2d_cpu(gt, w1.flip(2, 3).transpose(0, 1), pad, dilation)
+    if gx is None or gx.shape != x.shape:
+        return None
+    return gx
 
 
 def lowrank_conv2d_triton(x, w1, w2, bias, stride, padding, dilation, keep: bool):
@@ -210,33 +259,38 @@ def _backward_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _backward_math(ctx, x, w1, w2, t, grad_y, grad_t):
-    """Gradients of y = w2 . t + bias, t = conv(x, w1), with torch's kernels (see the module docstring)."""
+    """Gradients of y = w2 . t + bias, t = conv(x, w1): the unfused pair's backward, two
+    `aten.convolution_backward` calls (oneDNN on CPU), from the saved (or recomputed) intermediate."""
     cd = _backward_dtype(x.dtype)
     need_x, need_w1, need_w2, need_b = ctx.needs_input_grad[:4]
-    grad_x = grad_w1 = grad_w2 = grad_b = None
+    need_b = bool(need_b and ctx.has_bias)
     if grad_y is None:
         grad_y = torch.zeros(_out_shape(x, w1, w2, ctx.stride, ctx.padding, ctx.dilation), dtype=cd, device=x.device)
-    gy = grad_y.to(cd)
-    n, o, ho, wo = gy.shape
-    r = w1.shape[0]
-    if need_b and ctx.has_bias:
-        grad_b = gy.sum(dim=(0, 2, 3), dtype=torch.float32 if cd != torch.float64 else cd).to(ctx.bias_dtype)
-    if need_w2:
+    need_gt = bool(need_x or need_w1)
+    grad_x = grad_w1 = grad_w2 = grad_b = None
+    if need_gt or need_w2 or need_b:
         if t is None:
             t = F.conv2d(x.to(_compute_dtype(x.dtype)), w1.to(_compute_dtype(x.dtype)), None, ctx.stride,
                          ctx.padding, ctx.dilation)
-        # one matrix product over every (image, pixel): [O, N*P] @ [N*P, R]
-        gy_rows = gy.transpose(0, 1).reshape(o, -1)
-        t_rows = t.to(cd).transpose(0, 1).reshape(r, -1)
-        grad_w2 = torch.mm(gy_rows, t_rows.t()).to(w2.dtype)
-    if need_x or need_w1:
-        gt = torch.matmul(w2.to(cd).t(), gy.reshape(n, o, ho * wo)).reshape(n, r, ho, wo)
+        o, r = w2.shape
+        gt, gw2, gb = torch.ops.aten.convolution_backward(
+            grad_y.to(cd), t.to(cd), w2.to(cd).reshape(o, r, 1, 1), [o] if need_b else None, [1, 1], [0, 0],
+            [1, 1], False, [0, 0], 1, [need_gt, bool(need_w2), need_b],
+        )
+        if need_w2:
+            grad_w2 = gw2.reshape(o, r).to(w2.dtype)
+        if need_b:
+            grad_b = gb.to(ctx.bias_dtype)
+    if need_gt:
         if grad_t is not None:
             gt = gt + grad_t.to(cd)
-        gx, gw1, _ = torch.ops.aten.convolution_backward(
+        gx = _input_grad_cpu(gt, x, w1.to(cd), ctx.stride, ctx.padding, ctx.dilation) if need_x else None
+        gx_torch = bool(need_x) and gx is None
+        gx2, gw1, _ = torch.ops.aten.convolution_backward(
             gt, x.to(cd), w1.to(cd), None, ctx.stride, ctx.padding, ctx.dilation, False, [0, 0], 1,
-            [bool(need_x), bool(need_w1), False],
-        )
+            [gx_torch, bool(need_w1), False],
+        ) if (gx_torch or need_w1) else (None, None, None)
+        gx = gx2 if gx_torch else gx
         grad_x = None if gx is None else gx.to(x.dtype)
         grad_w1 = None if gw1 is None else gw1.to(w1.dtype)
     return grad_x, grad_w1, grad_w2, grad_b

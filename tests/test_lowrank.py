@@ -1,0 +1,411 @@
+"""pyquant.ops.lowrank_conv2d and pyquant.nn.LowRankConv2d: every backend against the float64 reference.
+
+Tolerance (docs/compress.md, "Numerics"): with y64 the float64 result of the unfused pair on the same
+(dtype-rounded) operands and B = |W2| (|W1| * |x|) + |b| the same computation on absolute values,
+|y - y64| <= 2^-16 B for float32 and 2^-16 B + u |y64| for float16 (u = 2^-11) and bfloat16 (u = 2^-8):
+float32 accumulation in another order, then one rounding. Triton runs under its interpreter
+(TRITON_INTERPRET=1, tests/conftest.py) on small shapes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pyquant
+from pyquant import _native, backends
+from pyquant.nn import LowRankConv2d
+from pyquant.nn.lowrank import LowRankLinear
+from pyquant.ops import lowrank_conv2d
+from pyquant.ops import lowrank_conv as L
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+UNIT = {torch.float32: 0.0, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+HAVE_CPU = L._cpu_fn() is not None
+try:
+    import triton  # noqa: F401
+
+    HAVE_TRITON = backends.available("triton", "cpu")
+except Exception:  # pragma: no cover - depends on the environment
+    HAVE_TRITON = False
+
+# (N, C, H, W, R, O, kernel, stride, padding, dilation)
+SHAPES = [
+    (2, 5, 9, 11, 3, 7, (3, 3), (1, 1), (1, 1), (1, 1)),  # odd sizes, odd rank and outputs
+    (2, 6, 10, 9, 4, 8, (3, 3), (2, 2), (1, 1), (1, 1)),  # stride 2
+    (1, 4, 13, 10, 5, 6, (3, 2), (2, 1), (2, 0), (2, 1)),  # asymmetric everything, dilation
+    (3, 7, 7, 7, 1, 3, (1, 1), (1, 1), (0, 0), (1, 1)),  # 1x1, rank 1
+    (1, 3, 17, 19, 9, 10, (5, 5), (3, 2), (2, 3), (1, 2)),  # stride 3, rank 9 (one 8-block and a rest)
+    (2, 6, 8, 8, 6, 5, (1, 1), (2, 2), (0, 0), (1, 1)),  # strided 1x1
+    (1, 33, 12, 30, 13, 17, (3, 3), (1, 1), (1, 1), (1, 1)),  # odd channels (bf16 pairs), wide rows
+    (2, 16, 28, 28, 16, 32, (3, 3), (1, 1), (1, 1), (1, 1)),  # DenseNet-like, several tiles
+    (1, 8, 3, 40, 12, 4, (3, 3), (1, 1), (3, 1), (2, 1)),  # padding larger than the input rows
+    (2, 9, 30, 31, 3, 5, (1, 1), (1, 1), (0, 0), (1, 1)),  # 1x1 read in place (float32), several tiles
+    (2, 5, 12, 17, 7, 6, (3, 5), (1, 1), (1, 2), (2, 1)),  # stride 1, padding below "same": x read with masks
+    (1, 3, 20, 100, 2, 3, (3, 3), (1, 1), (0, 0), (1, 1)),  # no padding, wide rows: several row tiles
+]
+SMALL = SHAPES[:4] + [SHAPES[5]]
+
+
+def make(shape, dtype, seed=0, bias=True):
+    n, c, h, w, r, o, k, *_ = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g).to(dtype)
+    w1 = (torch.randn(r, c, *k, generator=g) / (c * k[0] * k[1]) ** 0.5).to(dtype)
+    w2 = (torch.randn(o, r, generator=g) / r**0.5).to(dtype)
+    b = torch.randn(o, generator=g).to(dtype) if bias else None
+    return x, w1, w2, b
+
+
+def exact(x, w1, w2, b, stride, padding, dilation):
+    """(y64, bound, t64, t_bound): the float64 unfused pair and the same on absolute values."""
+    d = torch.float64
+    t = F.conv2d(x.to(d), w1.to(d), None, stride, padding, dilation)
+    tb = F.conv2d(x.to(d).abs(), w1.to(d).abs(), None, stride, padding, dilation)
+    y = F.conv2d(t, w2.to(d)[:, :, None, None], None if b is None else b.to(d))
+    yb = F.conv2d(tb, w2.to(d).abs()[:, :, None, None], None if b is None else b.to(d).abs())
+    return y, yb, t, tb
+
+
+def assert_within(actual, y64, bound, dtype, what):
+    assert actual.dtype == dtype and actual.shape == y64.shape, what
+    err = (actual.to(torch.float64) - y64).abs()
+    allowed = 2.0**-16 * bound + UNIT[dtype] * y64.abs() + (2.0**-24 if dtype == torch.float16 else 0.0)
+    bad = err > allowed
+    assert not bad.any(), f"{what}: {int(bad.sum())} of {err.numel()} outside the tolerance, worst {float((err - allowed).max()):.3g}"
+
+
+def backends_to_test():
+    out = ["reference"]
+    if HAVE_CPU:
+        out.append("cpu")
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _interpreter():
+    if HAVE_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
+        from triton_exact_fma import interpreter_as_device
+
+        with interpreter_as_device():
+            yield
+    else:
+        yield
+
+
+# ---- forward ----
+@pytest.mark.parametrize("backend", backends_to_test())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:6])) + f"_k{s[6]}_s{s[7]}_p{s[8]}_d{s[9]}")
+def test_forward_matches_float64(backend, dtype, shape):
+    x, w1, w2, b = make(shape, dtype)
+    stride, padding, dilation = shape[7:]
+    y64, bound, t64, tbound = exact(x, w1, w2, b, stride, padding, dilation)
+    with pyquant.use_backend(backend):
+        y = lowrank_conv2d(x, w1, w2, b, stride, padding, dilation)
+        y2, t = torch.ops.pyquant.lowrank_conv2d_train(x, w1, w2, b, list(stride), list(padding), list(dilation))
+    assert_within(y, y64, bound, dtype, f"{backend} y")
+    assert torch.equal(y, y2), "the inference and training ops compute the same output"
+    assert_within(t, t64, tbound, dtype, f"{backend} t")
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton cannot run here")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SMALL, ids=lambda s: "x".join(map(str, s[:6])))
+def test_triton_matches_float64(dtype, shape):
+    x, w1, w2, b = make(shape, dtype, seed=1, bias=shape[4] != 1)
+    stride, padding, dilation = shape[7:]
+    y64, bound, t64, tbound = exact(x, w1, w2, b, stride, padding, dilation)
+    with pyquant.use_backend("triton"):
+        y, t = torch.ops.pyquant.lowrank_conv2d_train(x, w1, w2, b, list(stride), list(padding), list(dilation))
+        y_inf = torch.ops.pyquant.lowrank_conv2d(x, w1, w2, b, list(stride), list(padding), list(dilation))
+    assert_within(y, y64, bound, dtype, "triton y")
+    assert_within(t, t64, tbound, dtype, "triton t")
+    assert torch.equal(y, y_inf)
+
+
+@pytest.mark.skipif(not HAVE_CPU, reason="the CPU library (with the low-rank kernel) is not built")
+def test_cpu_deterministic_for_any_thread_count():
+    x, w1, w2, b = make(SHAPES[7], torch.float32, seed=3)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3, 5):
+            torch.set_num_threads(threads)
+            outs.append(L.lowrank_conv2d_cpu(x, w1, w2, b, [1, 1], [1, 1], [1, 1], True))
+    finally:
+        torch.set_num_threads(before)
+    for y, t in outs[1:]:
+        assert torch.equal(y, outs[0][0]) and torch.equal(t, outs[0][1])
+
+
+@pytest.mark.skipif(not HAVE_CPU, reason="the CPU library (with the low-rank kernel) is not built")
+@pytest.mark.parametrize("isa", [0, 1, 2], ids=["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_every_instruction_set(isa, dtype):
+    lib = _native.cpu_library()
+    previous = lib.pq_set_isa(isa)
+    try:
+        if lib.pq_isa() != isa:
+            pytest.skip("this CPU lacks the instruction set")
+        for shape in (SHAPES[2], SHAPES[4], SHAPES[6]):
+            x, w1, w2, b = make(shape, dtype, seed=isa)
+            y64, bound, t64, tbound = exact(x, w1, w2, b, *shape[7:])
+            y, t = L.lowrank_conv2d_cpu(x, w1, w2, b, *[list(v) for v in shape[7:]], True)
+            assert_within(y, y64, bound, dtype, f"isa {isa} y")
+            assert_within(t, t64, tbound, dtype, f"isa {isa} t")
+    finally:
+        lib.pq_set_isa(previous)
+
+
+@pytest.mark.skipif(not HAVE_CPU, reason="the CPU library (with the low-rank kernel) is not built")
+def test_cpu_bfloat16_pair_kernel_and_float32_path_agree():
+    x, w1, w2, b = make(SHAPES[6], torch.bfloat16, seed=5)
+    y64, bound, *_ = exact(x, w1, w2, b, (1, 1), (1, 1), (1, 1))
+    previous = L.cpu_bf16_dot(False)
+    try:
+        y_f32path, _ = L.lowrank_conv2d_cpu(x, w1, w2, b, [1, 1], [1, 1], [1, 1], False)
+        L.cpu_bf16_dot(True)
+        y_pairs, _ = L.lowrank_conv2d_cpu(x, w1, w2, b, [1, 1], [1, 1], [1, 1], False)
+    finally:
+        L.cpu_bf16_dot(previous)
+    assert_within(y_f32path, y64, bound, torch.bfloat16, "float32 path")
+    assert_within(y_pairs, y64, bound, torch.bfloat16, "pair kernel")
+    # both round the same float32 value up to reordering: at most one bfloat16 ulp apart
+    ulp = torch.finfo(torch.bfloat16).eps * y64.abs().clamp_min(1e-30)
+    assert ((y_f32path.double() - y_pairs.double()).abs() <= ulp * 1.01 + 2.0**-16 * bound).all()
+
+
+@pytest.mark.skipif(not HAVE_CPU, reason="the CPU library (with the low-rank kernel) is not built")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_single_convolution_for_the_input_gradient(dtype):
+    """The kernel's first stage alone (w2 NULL): backward's input gradient at low rank."""
+    g = torch.Generator().manual_seed(9)
+    for n, c, h, w, r, k, pad, dil in ((2, 3, 9, 11, 20, (3, 3), (2, 2), (1, 1)), (1, 5, 12, 7, 7, (3, 2), (2, 1), (2, 1)),
+                                       (2, 4, 6, 6, 9, (1, 1), (0, 0), (1, 1))):
+        x = torch.randn(n, c, h, w, generator=g).to(dtype)
+        wt = (torch.randn(r, c, *k, generator=g) / 3).to(dtype)
+        y = L.conv2d_cpu(x, wt, pad, dil)
+        y64 = F.conv2d(x.double(), wt.double(), None, 1, pad, dil)
+        bound = F.conv2d(x.double().abs(), wt.double().abs(), None, 1, pad, dil)
+        assert_within(y, y64, bound, dtype, "single convolution")
+    # the input gradient through it equals torch's
+    x, w1, w2, b = make((2, 6, 10, 9, 5, 4, (3, 3), None, None, None), dtype)
+    gt = torch.randn(2, 5, 10, 5, generator=g).to(dtype)
+    ours = L._input_grad_cpu(gt, x, w1, (1, 1), (1, 0), (1, 2))
+    ref = torch.ops.aten.convolution_backward(gt.double(), x.double(), w1.double(), None, [1, 1], [1, 0], [1, 2], False,
+                                              [0, 0], 1, [True, False, False])[0]
+    bound = torch.ops.aten.convolution_backward(gt.double().abs(), x.double(), w1.double().abs(), None, [1, 1], [1, 0],
+                                                [1, 2], False, [0, 0], 1, [True, False, False])[0]
+    assert_within(ours, ref, bound, dtype, "input gradient")
+
+
+def test_nonfinite_inputs_propagate():
+    x, w1, w2, b = make(SHAPES[1], torch.float32)
+    x[0, 1, 4, 4] = float("nan")
+    x[1, 2, 0, 0] = float("inf")
+    ref = L.lowrank_conv2d_reference(x, w1, w2, b, [2, 2], [1, 1], [1, 1], False)[0]
+    for backend in backends_to_test():
+        with pyquant.use_backend(backend):
+            y = lowrank_conv2d(x, w1, w2, b, 2, 1)
+        assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(torch.isinf(y), torch.isinf(ref)), backend
+
+
+def test_unbatched_empty_and_float64():
+    x, w1, w2, b = make(SHAPES[0], torch.float32)
+    y = lowrank_conv2d(x[0], w1, w2, b, padding=1)
+    assert torch.allclose(y, lowrank_conv2d(x[:1], w1, w2, b, padding=1)[0])
+    assert lowrank_conv2d(x[:0], w1, w2, b, padding=1).shape == (0, 7, 9, 11)
+    xd, w1d, w2d, bd = (t.double() for t in (x, w1, w2, b))
+    yd = lowrank_conv2d(xd, w1d, w2d[:, :, None, None], bd, padding=1)
+    assert yd.dtype == torch.float64 and torch.allclose(yd, exact(xd, w1d, w2d, bd, 1, 1, 1)[0])
+
+
+def test_padding_strings():
+    x, w1, w2, b = make((1, 3, 8, 8, 2, 4, (3, 3), None, None, None), torch.float32)
+    assert torch.equal(lowrank_conv2d(x, w1, w2, b, padding="same"), lowrank_conv2d(x, w1, w2, b, padding=1))
+    assert torch.equal(lowrank_conv2d(x, w1, w2, b, padding="valid"), lowrank_conv2d(x, w1, w2, b, padding=0))
+    with pytest.raises(ValueError, match="stride 1"):
+        lowrank_conv2d(x, w1, w2, b, stride=2, padding="same")
+    with pytest.raises(ValueError, match="asymmetric"):
+        lowrank_conv2d(x, w1[:, :, :2], w2, b, padding="same")
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (lambda a: a.update(x=a["x"].half()), TypeError, "same dtype"),
+        (lambda a: a.update(x=a["x"].int()), TypeError, "float32"),
+        (lambda a: a.update(x=a["x"][:, :2]), ValueError, "channels"),
+        (lambda a: a.update(w2=a["w2"][:, :1]), ValueError, "rank"),
+        (lambda a: a.update(w2=a["w2"][:, :, None]), ValueError, "weight_second"),
+        (lambda a: a.update(w1=a["w1"][0]), ValueError, "weight_first"),
+        (lambda a: a.update(b=a["b"][:2]), ValueError, "bias"),
+        (lambda a: a.update(stride=0), ValueError, "stride"),
+        (lambda a: a.update(padding=-1), ValueError, "padding"),
+        (lambda a: a.update(dilation=(1, 1, 1)), TypeError, "dilation"),
+        (lambda a: a.update(x=a["x"][..., :1, :1]), ValueError, "smaller than the dilated kernel"),
+        (lambda a: a.update(x=[1.0]), TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_input(change, error, match):
+    x, w1, w2, b = make(SHAPES[0], torch.float32)
+    args = {"x": x, "w1": w1, "w2": w2, "b": b, "stride": 1, "padding": 0, "dilation": 1}
+    change(args)
+    with pytest.raises(error, match=match):
+        lowrank_conv2d(args["x"], args["w1"], args["w2"], args["b"], args["stride"], args["padding"], args["dilation"])
+
+
+# ---- backward ----
+def test_gradcheck_reference_float64():
+    x, w1, w2, b = (t.double().requires_grad_() for t in make((1, 3, 5, 6, 2, 3, (3, 2), None, None, None), torch.float32))
+    with pyquant.use_backend("reference"):
+        assert torch.autograd.gradcheck(lambda *a: lowrank_conv2d(*a, stride=(2, 1), padding=1, dilation=(1, 2)), (x, w1, w2, b))
+        # the inference op's backward recomputes the intermediate; the training op's t output is differentiable
+        assert torch.autograd.gradcheck(
+            lambda *a: torch.ops.pyquant.lowrank_conv2d(*a, [1, 1], [0, 1], [1, 1]), (x, w1, w2, b)
+        )
+        assert torch.autograd.gradcheck(
+            lambda *a: sum(o.sum() * (i + 1) for i, o in enumerate(torch.ops.pyquant.lowrank_conv2d_train(*a, [1, 1], [1, 1], [1, 1]))),
+            (x, w1, w2, b),
+        )
+
+
+def _grads(fn, tensors):
+    for t in tensors:
+        t.grad = None
+    fn().backward(torch.ones(()))
+    return [t.grad.clone() for t in tensors]
+
+
+@pytest.mark.parametrize("backend", backends_to_test())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[4]], ids=["odd", "dilated", "stride3"])
+def test_gradients_match_unfused_float64(backend, dtype, shape):
+    x, w1, w2, b = make(shape, dtype, seed=7)
+    stride, padding, dilation = shape[7:]
+    g = torch.randn(exact(x, w1, w2, b, stride, padding, dilation)[0].shape, generator=torch.Generator().manual_seed(8))
+    leaves64 = [t.double().requires_grad_() for t in (x, w1, w2, b)]
+    ref = _grads(lambda: (F.conv2d(F.conv2d(leaves64[0], leaves64[1], None, stride, padding, dilation),
+                                   leaves64[2][:, :, None, None], leaves64[3]) * g.double()).sum(), leaves64)
+    leaves = [t.clone().requires_grad_() for t in (x, w1, w2, b)]
+    with pyquant.use_backend(backend):
+        got = _grads(lambda: (lowrank_conv2d(*leaves, stride, padding, dilation).float() * g).sum(), leaves)
+        got_recompute = _grads(
+            lambda: (torch.ops.pyquant.lowrank_conv2d(*leaves, list(stride), list(padding), list(dilation)).float() * g).sum(),
+            leaves,
+        )
+    rtol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}[dtype]
+    for name, a, e, c in zip(("x", "weight_first", "weight_second", "bias"), got, ref, got_recompute):
+        assert a.dtype == dtype
+        scale = e.abs().max().item() + 1e-12
+        assert (a.double() - e).abs().max().item() <= rtol * scale, f"grad {name}"
+        assert (c.double() - e).abs().max().item() <= rtol * scale, f"grad {name} (recomputed intermediate)"
+
+
+# ---- the layer ----
+def test_layer_parameters_state_dict_and_forms():
+    torch.manual_seed(0)
+    layer = LowRankConv2d(6, 10, 3, rank=4, stride=2, padding=1)
+    assert layer.weight_first.shape == (4, 6, 3, 3) and layer.weight_second.shape == (10, 4, 1, 1)
+    sd = layer.state_dict()
+    assert set(sd) == {"weight_first", "weight_second", "bias"} and all(type(v) is torch.Tensor for v in sd.values())
+    other = LowRankConv2d(6, 10, 3, rank=4, stride=2, padding=1)
+    other.load_state_dict(sd)
+    x = torch.randn(2, 6, 11, 9)
+    y = layer(x)
+    assert torch.equal(y, other(x))
+    assert torch.allclose(y, layer.to_sequential()(x), atol=1e-5)
+    assert torch.allclose(y, layer.to_dense()(x), atol=1e-5)
+    assert "rank=4" in repr(layer) and "stride=(2, 2)" in repr(layer)
+    y.sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())
+    assert LowRankConv2d(6, 10, (3, 1), rank=2, padding="same", bias=False)(x).shape == (2, 10, 11, 9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_from_conv_exact_when_rank_suffices(dtype):
+    torch.manual_seed(1)
+    conv = nn.Conv2d(8, 12, 3, stride=2, padding=2, dilation=2).to(dtype)
+    with torch.no_grad():  # a weight of rank 5
+        conv.weight.copy_((torch.randn(12, 5, dtype=dtype) @ torch.randn(5, 72, dtype=dtype)).reshape(12, 8, 3, 3))
+    x = torch.randn(2, 8, 15, 13, dtype=dtype)
+    for rank in (5, 7):
+        layer = LowRankConv2d.from_conv(conv, rank)
+        tol = 1e-10 if dtype == torch.float64 else 1e-4
+        assert torch.allclose(layer(x), conv(x), atol=tol, rtol=tol)
+        assert torch.allclose(layer.dense_weight(), conv.weight, atol=tol)
+    worse = LowRankConv2d.from_conv(conv, 3)
+    assert (worse(x) - conv(x)).abs().max() > 1e-3
+
+
+def test_from_conv_rejects():
+    with pytest.raises(ValueError, match="grouped"):
+        LowRankConv2d.from_conv(nn.Conv2d(4, 4, 3, groups=2), 2)
+    with pytest.raises(TypeError, match="Conv2d"):
+        LowRankConv2d.from_conv(nn.ConvTranspose2d(4, 4, 3), 2)
+    with pytest.raises(ValueError, match="padding_mode"):
+        LowRankConv2d.from_conv(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), 2)
+    with pytest.raises(ValueError, match=r"rank must be in \[1, 4\]"):
+        LowRankConv2d.from_conv(nn.Conv2d(4, 4, 3), 5)
+    with pytest.raises(ValueError, match="rank must be in"):
+        LowRankConv2d.from_conv(nn.Conv2d(4, 4, 3), 0)
+    with pytest.raises(TypeError, match="rank must be an int"):
+        LowRankConv2d.from_conv(nn.Conv2d(4, 4, 3), 2.0)
+    with pytest.raises(ValueError, match="asymmetric"):
+        LowRankConv2d.from_conv(nn.Conv2d(4, 4, 2, padding="same"), 2)
+    with pytest.raises(ValueError, match="in_channels"):
+        LowRankConv2d(0, 4, 3, 1)
+
+
+def test_lowrank_linear():
+    torch.manual_seed(2)
+    lin = nn.Linear(20, 9)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(9, 3) @ torch.randn(3, 20))
+    low = LowRankLinear.from_linear(lin, 3)
+    x = torch.randn(4, 5, 20)
+    assert torch.allclose(low(x), lin(x), atol=1e-5)
+    assert torch.allclose(low.to_dense()(x), lin(x), atol=1e-5)
+    with pytest.raises(ValueError, match="rank"):
+        LowRankLinear.from_linear(lin, 10)
+
+
+# ---- torch.library integration ----
+def test_fake_tensors_and_compile():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, w1, w2, b = make(SHAPES[1], torch.bfloat16)
+    with FakeTensorMode() as mode:
+        fx, f1, f2, fb = (mode.from_tensor(t) for t in (x, w1, w2, b))
+        y, t = torch.ops.pyquant.lowrank_conv2d_train(fx, f1, f2, fb, [2, 2], [1, 1], [1, 1])
+        assert y.shape == (2, 8, 5, 5) and t.shape == (2, 4, 5, 5) and y.dtype == torch.bfloat16
+    torch.manual_seed(0)
+    layer = LowRankConv2d(6, 8, 3, rank=4, stride=2, padding=1)
+    xf = x.float()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(xf), layer(xf))
+    xg = xf.clone().requires_grad_()
+    compiled(xg).sum().backward()
+    xe = xf.clone().requires_grad_()
+    layer(xe).sum().backward()
+    assert torch.allclose(xg.grad, xe.grad)
+
+
+def test_opcheck():
+    x, w1, w2, b = make(SHAPES[0], torch.float32)
+    args = (x, w1, w2, b, [1, 1], [1, 1], [1, 1])
+    torch.library.opcheck(torch.ops.pyquant.lowrank_conv2d.default, args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.pyquant.lowrank_conv2d_train.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_cpu_kernel_rejects_bad_dims():
+    if not HAVE_CPU:
+        pytest.skip("the CPU library (with the low-rank kernel) is not built")
+    dims = (ctypes.c_int64 * 16)(1, 1, 4, 4, 1, 1, 3, 3, 0, 1, 0, 0, 1, 1, 2, 2)  # stride 0
+    assert L._cpu_fn()(None, None, None, None, None, None, 0, dims, 1) == 2
