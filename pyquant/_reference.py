@@ -98,7 +98,6 @@ def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
 
 
 def _adam_one_tensor(p, g, s1, s2, a1, a2, k: dict, code1, code2, nonfinite: int) -> int:
-    dev = p.device
     gf = g.reshape(-1).float()
     pf = p.reshape(-1).float()
     eight_bit = s1.dtype == torch.uint8

@@ -30,7 +30,7 @@ from typing import Iterable, Optional, Union
 import torch
 import torch.nn as nn
 
-from pyquant.nn.lowrank import LowRankConv2d, LowRankLinear, max_rank
+from pyquant.nn.lowrank import LowRankConv2d, LowRankLinear
 
 __all__ = ["lowrank", "prune_neurons", "CompressionReport", "LayerReport", "ELEMENTWISE"]
 
