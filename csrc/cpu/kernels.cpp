@@ -286,28 +286,44 @@ struct AdamCall {
 };
 }  // namespace
 
+// Calls f(std::integral_constant<int, value>) for a value among the listed ones (the first if none match).
+template <int First, int... Rest, class F>
+static inline auto with_value(int value, F&& f) {
+  if constexpr (sizeof...(Rest) == 0) {
+    return f(std::integral_constant<int, First>());
+  } else {
+    if (value == First) return f(std::integral_constant<int, First>());
+    return with_value<Rest...>(value, f);
+  }
+}
+
 // Blocks [b0, b1) of one tensor.
 static int64_t adam_blocks(const pq_adam_tensor& t, int64_t b0, int64_t b1, const AdamCall& c) {
-  int64_t bad = 0;
 #if PQ_VECTOR
   if (c.vector) {
-    return with_dtype(t.param_dtype, [&](auto p) {
-      return with_dtype(t.grad_dtype, [&](auto g) {
-        constexpr int PDT = decltype(p)::value, GDT = decltype(g)::value;
-        int64_t bad_elements = 0;
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t start = b * kOptimizerBlock;
-          const int64_t len = std::min<int64_t>(kOptimizerBlock, t.numel - start);
-          if (t.state_bits == 8)
-            bad_elements += vec::adam_block_8bit<PDT, GDT>(t, start, len, c.tables, c.nonfinite, c.sqrt_mode, c.fn);
-          else
-            bad_elements += vec::adam_block_32bit<PDT, GDT>(t, start, len, c.nonfinite, c.sqrt_mode, c.fn);
-        }
-        return bad_elements;
+    return with_value<kFloat32, kFloat16, kBFloat16>(t.param_dtype, [&](auto p) {
+      return with_value<kFloat32, kFloat16, kBFloat16>(t.grad_dtype, [&](auto g) {
+        return with_value<kSkipElement, kPropagate>(c.nonfinite, [&](auto nf) {
+          return with_value<kSqrtEmulated, kSqrtIeee, kSqrtCall>(c.sqrt_mode, [&](auto sm) {
+            constexpr int PDT = decltype(p)::value, GDT = decltype(g)::value;
+            constexpr int NF = decltype(nf)::value, SM = decltype(sm)::value;
+            int64_t bad = 0;
+            for (int64_t b = b0; b < b1; ++b) {
+              const int64_t start = b * kOptimizerBlock;
+              const int64_t len = std::min<int64_t>(kOptimizerBlock, t.numel - start);
+              if (t.state_bits == 8)
+                bad += vec::adam_block_8bit<PDT, GDT, NF, SM>(t, start, len, c.tables, c.fn);
+              else
+                bad += vec::adam_block_32bit<PDT, GDT, NF, SM>(t, start, len, c.fn);
+            }
+            return bad;
+          });
+        });
       });
     });
   }
 #endif
+  int64_t bad = 0;
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t start = b * kOptimizerBlock;
     const int64_t len = std::min<int64_t>(kOptimizerBlock, t.numel - start);

@@ -15,12 +15,20 @@
 #include <immintrin.h>
 #include <string.h>
 
+#include <type_traits>
+
 #include "pyquant/blockwise.h"
 #include "pyquant/capi.h"
+
+// Everything a block kernel uses is forced inline (see simd_avx512.h).
+#define PQ_INLINE __attribute__((always_inline)) static inline
 
 namespace PQ_NS {
 namespace vec {
 using namespace pq;
+
+// The length of a full optimizer block, as a type: converts to int64_t and is known at compile time.
+using FullBlock = std::integral_constant<int64_t, kOptimizerBlock>;
 
 constexpr bool kEmulatesCpuSqrt = true;
 
@@ -31,7 +39,7 @@ constexpr int64_t elem_size() {
 
 // Loads elements i .. i+n-1 (n <= 8), zero beyond n.
 template <int DT>
-static inline __m256 load8(const void* base, int64_t i, int64_t n) {
+PQ_INLINE __m256 load8(const void* base, int64_t i, int64_t n) {
   const char* src = (const char*)base + i * elem_size<DT>();
   alignas(32) char pad[32];
   if (n < 8) {
@@ -50,12 +58,12 @@ static inline __m256 load8(const void* base, int64_t i, int64_t n) {
   }
 }
 
-static inline __m128i pack_u32_to_u16(__m256i w) {  // every lane must be in [0, 65535]
+PQ_INLINE __m128i pack_u32_to_u16(__m256i w) {  // every lane must be in [0, 65535]
   return _mm_packus_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
 }
 
 // float_to_half: hardware rounding to nearest even, then the scalar rule's canonical NaN.
-static inline __m128i to_half8(__m256 v) {
+PQ_INLINE __m128i to_half8(__m256 v) {
   const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
   const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(v), 16), _mm256_set1_epi32(0x8000));
@@ -64,7 +72,7 @@ static inline __m128i to_half8(__m256 v) {
 }
 
 // float_to_bf16, the integer rounding of blockwise.h lane by lane.
-static inline __m128i to_bf16_8(__m256 v) {
+PQ_INLINE __m128i to_bf16_8(__m256 v) {
   const __m256i u = _mm256_castps_si256(v);
   const __m256i hi = _mm256_srli_epi32(u, 16);
   const __m256i odd = _mm256_and_si256(hi, _mm256_set1_epi32(1));
@@ -75,7 +83,7 @@ static inline __m128i to_bf16_8(__m256 v) {
 
 // Stores the lanes of `v` selected by `keep` (all-ones lanes) among the first n; other lanes keep their bits.
 template <int DT>
-static inline void store8(void* base, int64_t i, int64_t n, __m256 v, __m256 keep) {
+PQ_INLINE void store8(void* base, int64_t i, int64_t n, __m256 v, __m256 keep) {
   char* dst = (char*)base + i * elem_size<DT>();
   alignas(32) char buf[32];
   char* out = n < 8 ? buf : dst;
@@ -91,18 +99,18 @@ static inline void store8(void* base, int64_t i, int64_t n, __m256 v, __m256 kee
   if (n < 8) memcpy(dst, buf, (size_t)(n * elem_size<DT>()));
 }
 
-static inline __m256 first_lanes(int64_t n) {  // all-ones in lanes 0 .. n-1
+PQ_INLINE __m256 first_lanes(int64_t n) {  // all-ones in lanes 0 .. n-1
   return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
 }
 
-static inline __m128i load_bytes8(const uint8_t* q, int64_t n) {
+PQ_INLINE __m128i load_bytes8(const uint8_t* q, int64_t n) {
   if (n >= 8) return _mm_loadl_epi64((const __m128i*)q);
   uint64_t w = 0;
   memcpy(&w, q, (size_t)n);
   return _mm_cvtsi64_si128((long long)w);
 }
 
-static inline void store_bytes8(uint8_t* q, int64_t n, __m128i b) {
+PQ_INLINE void store_bytes8(uint8_t* q, int64_t n, __m128i b) {
   if (n >= 8) {
     _mm_storel_epi64((__m128i*)q, b);
   } else {
@@ -111,9 +119,9 @@ static inline void store_bytes8(uint8_t* q, int64_t n, __m128i b) {
   }
 }
 
-static inline __m256 abs8(__m256 x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x); }
+PQ_INLINE __m256 abs8(__m256 x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x); }
 
-static inline float hmax8(__m256 v) {  // exact: max of non-NaN values in any order
+PQ_INLINE float hmax8(__m256 v) {  // exact: max of non-NaN values in any order
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
   m = _mm_max_ss(m, _mm_movehdup_ps(m));
@@ -127,7 +135,7 @@ struct DequantTable {
 };
 static inline void prepare_dequant(const float* code, DequantTable& t) { t.code = code; }
 
-static inline __m256 lookup8(const DequantTable& t, __m128i q) {
+PQ_INLINE __m256 lookup8(const DequantTable& t, __m128i q) {
   return _mm256_i32gather_ps(t.code, _mm256_cvtepu8_epi32(q), 4);
 }
 
@@ -142,21 +150,22 @@ static inline bool prepare_quant(const uint8_t* table, QuantTable& t) {
 }
 
 // grid_bin, lane by lane.
-static inline __m256i grid_bins(__m256 x, __m256 inv) {
+PQ_INLINE __m256i grid_bins(__m256 x, __m256 inv) {
   const __m256 one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f);
   __m256 y = _mm256_mul_ps(x, inv);
   // vminps/vmaxps return the second operand when either is NaN: with y second, NaN passes like in grid_bin.
   y = _mm256_min_ps(one, y);
   y = _mm256_max_ps(_mm256_set1_ps(-1.0f), y);
-  const __m256 t = _mm256_mul_ps(_mm256_add_ps(y, one), half);
-  const __m256 s = _mm256_add_ps(_mm256_mul_ps(t, _mm256_set1_ps(65535.0f)), half);
+  // t = (y + 1) * 0.5 is exact (y + 1 is 0 or at least 2^-24), so t * 65535 rounds exactly like
+  // (y + 1) * 32767.5: one multiply fewer, same bits.
+  const __m256 s = _mm256_add_ps(_mm256_mul_ps(_mm256_add_ps(y, one), _mm256_set1_ps(32767.5f)), half);
   // NaN converts to 0x80000000, whose low 16 bits are bin 0.
   return _mm256_and_si256(_mm256_cvttps_epi32(s), _mm256_set1_epi32(0xFFFF));
 }
 
 // table[bin] for 8 bins: gather the 32-bit word at byte offset bin, or at 65532 for the last three bins
 // (so nothing past the table is read) and shift the wanted byte down.
-static inline __m128i table_lookup8(const uint8_t* table, __m256i bins) {
+PQ_INLINE __m128i table_lookup8(const uint8_t* table, __m256i bins) {
   const __m256i at = _mm256_min_epu32(bins, _mm256_set1_epi32(65532));
   __m256i w = _mm256_i32gather_epi32((const int*)table, at, 1);
   w = _mm256_srlv_epi32(w, _mm256_slli_epi32(_mm256_sub_epi32(bins, at), 3));
@@ -165,8 +174,8 @@ static inline __m128i table_lookup8(const uint8_t* table, __m256i bins) {
   return _mm_packus_epi16(w16, w16);
 }
 
-template <int DT>
-static inline void quantize_values(const void* x, int64_t start, int64_t len, float absmax, const QuantTable& t,
+template <int DT, class Len>
+PQ_INLINE void quantize_values(const void* x, int64_t start, Len len, float absmax, const QuantTable& t,
                                    uint8_t* q) {
   if (absmax == 0.0f) {
     memset(q, 0, (size_t)len);
@@ -179,9 +188,9 @@ static inline void quantize_values(const void* x, int64_t start, int64_t len, fl
   }
 }
 
-template <int DT>
-static inline void quantize_block(const void* x, int64_t start, int64_t len, const QuantTable& t, uint8_t* q,
-                                  float* absmax) {
+template <int DT, class Len>
+PQ_INLINE void quantize_block_impl(const void* x, int64_t start, Len len, const QuantTable& t, uint8_t* q,
+                                       float* absmax) {
   __m256 amax = _mm256_setzero_ps();  // vmaxps keeps the running value when |x| is NaN
   for (int64_t i = 0; i < len; i += 8) amax = _mm256_max_ps(abs8(load8<DT>(x, start + i, len - i < 8 ? len - i : 8)), amax);
   const float a = hmax8(amax);
@@ -189,9 +198,9 @@ static inline void quantize_block(const void* x, int64_t start, int64_t len, con
   quantize_values<DT>(x, start, len, a, t, q + start);
 }
 
-template <int DT>
-static inline void dequantize_block(const uint8_t* q, float absmax, int64_t start, int64_t len, const DequantTable& t,
-                                    void* out) {
+template <int DT, class Len>
+PQ_INLINE void dequantize_block_impl(const uint8_t* q, float absmax, int64_t start, Len len, const DequantTable& t,
+                                         void* out) {
   const __m256 a = _mm256_set1_ps(absmax);
   const __m256 all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
   for (int64_t i = 0; i < len; i += 8) {
@@ -200,47 +209,84 @@ static inline void dequantize_block(const uint8_t* q, float absmax, int64_t star
   }
 }
 
+// Blocks of the optimizers' size take instantiations with a compile-time length (see adam_block_8bit).
+template <int DT>
+static inline void quantize_block(const void* x, int64_t start, int64_t len, const QuantTable& t, uint8_t* q,
+                                  float* absmax) {
+  if (len == kOptimizerBlock)
+    quantize_block_impl<DT>(x, start, FullBlock(), t, q, absmax);
+  else
+    quantize_block_impl<DT>(x, start, len, t, q, absmax);
+}
+
+template <int DT>
+static inline void dequantize_block(const uint8_t* q, float absmax, int64_t start, int64_t len, const DequantTable& t,
+                                    void* out) {
+  if (len == kOptimizerBlock)
+    dequantize_block_impl<DT>(q, absmax, start, FullBlock(), t, out);
+  else
+    dequantize_block_impl<DT>(q, absmax, start, len, t, out);
+}
+
 // ---- sqrt(v) of Adam's denominator: IEEE, or torch's CPU sqrt emulated (see simd_avx512.h, cpu_sqrt.h) ----
 
-static inline __m256 sqrt8(__m256 x, int mode, pq_vsqrt_fn fn) {
+// Lanes whose inputs need the routine itself come back in `needs_routine` (all-ones lanes), for the caller
+// to handle outside its loop.
+PQ_INLINE __m256 sqrt8(__m256 x, int mode, __m256& needs_routine) {
+  needs_routine = _mm256_setzero_ps();
   if (mode == kSqrtIeee) return _mm256_sqrt_ps(x);
   const __m256 r = _mm256_rsqrt_ps(x);
   const __m256 half = _mm256_set1_ps(0.5f);
   const __m256 s0 = _mm256_mul_ps(x, r);
-  const __m256 h0 = _mm256_mul_ps(r, half);
+  // h0 = r * 0.5 exactly, as an exponent decrement (see simd_avx512.h).
+  const __m256 h0 = _mm256_castsi256_ps(_mm256_sub_epi32(_mm256_castps_si256(r), _mm256_set1_epi32(0x00800000)));
   const __m256 e = _mm256_sub_ps(half, _mm256_mul_ps(s0, h0));
   const __m256 s1 = _mm256_add_ps(_mm256_mul_ps(s0, e), s0);
   const __m256 h1 = _mm256_add_ps(_mm256_mul_ps(h0, e), h0);
   const __m256 d = _mm256_sub_ps(x, _mm256_mul_ps(s1, s1));
-  __m256 res = _mm256_add_ps(_mm256_mul_ps(d, h1), s1);
+  const __m256 res = _mm256_add_ps(_mm256_mul_ps(d, h1), s1);
   const __m256i bits = _mm256_castps_si256(x);
   const __m256i special =
       _mm256_cmpgt_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(kCpuSqrtBias)), _mm256_set1_epi32(kCpuSqrtLimit));
-  if (!_mm256_testz_si256(special, special)) {
-    const __m256i zero = _mm256_cmpeq_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x7FFFFFFF)), _mm256_setzero_si256());
-    res = _mm256_blendv_ps(res, x, _mm256_castsi256_ps(zero));
-    const __m256i other = _mm256_andnot_si256(zero, special);
-    if (!_mm256_testz_si256(other, other)) {
-      alignas(32) float in[8], out[8];
-      _mm256_store_ps(in, x);
-      const int32_t n = 8;
-      fn(&n, in, out);  // element-wise: each lane's result depends on that lane only
-      res = _mm256_blendv_ps(res, _mm256_load_ps(out), _mm256_castsi256_ps(other));
-    }
-  }
-  return res;
+  const __m256i zero = _mm256_cmpeq_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x7FFFFFFF)), _mm256_setzero_si256());
+  needs_routine = _mm256_castsi256_ps(_mm256_andnot_si256(zero, special));
+  return _mm256_blendv_ps(res, x, _mm256_castsi256_ps(zero));  // the routine returns +-0 unchanged
 }
 
 static inline void sqrt_block(const float* x, float* out, int64_t n, int mode, pq_vsqrt_fn fn) {
   for (int64_t i = 0; i < n; i += 8) {
     const int64_t c = n - i < 8 ? n - i : 8;
-    alignas(32) float r[8];
-    _mm256_store_ps(r, sqrt8(load8<kFloat32>(x, i, c), mode, fn));
+    alignas(32) float in[8], r[8], routine[8];
+    const __m256 xv = load8<kFloat32>(x, i, c);
+    __m256 rest;
+    __m256 res = sqrt8(xv, mode, rest);
+    if (_mm256_movemask_ps(rest)) {
+      _mm256_store_ps(in, xv);
+      const int32_t n8 = 8;
+      fn(&n8, in, routine);  // element-wise: each lane's result depends on that lane only
+      res = _mm256_blendv_ps(res, _mm256_load_ps(routine), rest);
+    }
+    _mm256_store_ps(r, res);
     memcpy(out + i, r, (size_t)c * 4);
   }
 }
 
 // ---- Adam ----
+
+// Touching the data a few blocks ahead hides memory latency (see simd_avx512.h).
+constexpr int64_t kPrefetchBlocks = 2;
+
+PQ_INLINE void prefetch_block(const pq_adam_tensor& t, int64_t start, int64_t param_bytes, int64_t grad_bytes,
+                              int64_t state_bytes) {
+  const int64_t ahead = start + kPrefetchBlocks * kOptimizerBlock;
+  if (ahead >= t.numel) return;
+  const int64_t n = t.numel - ahead < kOptimizerBlock ? t.numel - ahead : kOptimizerBlock;
+  const void* streams[4] = {(const char*)t.param + ahead * param_bytes, (const char*)t.grad + ahead * grad_bytes,
+                            (const char*)t.state1 + ahead * state_bytes, (const char*)t.state2 + ahead * state_bytes};
+  const int64_t bytes[4] = {n * param_bytes, n * grad_bytes, n * state_bytes, n * state_bytes};
+  for (int s = 0; s < 4; ++s)
+    for (int64_t o = 0; o < bytes[s]; o += 64) _mm_prefetch((const char*)streams[s] + o, _MM_HINT_T0);
+}
 
 struct AdamTables {
   DequantTable deq1, deq2;
@@ -256,37 +302,55 @@ struct AdamVectors {
         step_size(_mm256_set1_ps(k.step_size)), decay(_mm256_set1_ps(k.decay)) {}
 };
 
-static inline void moments8(const AdamVectors& k, __m256 g, __m256& m, __m256& v) {
+PQ_INLINE void moments8(const AdamVectors& k, __m256 g, __m256& m, __m256& v) {
   m = _mm256_fmadd_ps(k.one_minus_beta1, g, _mm256_mul_ps(m, k.beta1));
   v = _mm256_fmadd_ps(_mm256_mul_ps(k.one_minus_beta2, g), g, _mm256_mul_ps(v, k.beta2));
 }
 
-static inline __m256 param8(const AdamVectors& k, __m256 p, __m256 m, __m256 root) {
+PQ_INLINE __m256 param8(const AdamVectors& k, __m256 p, __m256 m, __m256 root) {
   const __m256 denom = _mm256_add_ps(_mm256_div_ps(root, k.c2), k.eps);
   return _mm256_add_ps(_mm256_mul_ps(p, k.decay), _mm256_div_ps(_mm256_mul_ps(k.step_size, m), denom));
 }
 
-static inline __m256 param32(const AdamVectors& k, __m256 p, __m256 m, __m256 root) {
+PQ_INLINE __m256 param32(const AdamVectors& k, __m256 p, __m256 m, __m256 root) {
   const __m256 u = _mm256_div_ps(m, _mm256_add_ps(root, k.eps_c2));
   return _mm256_fmadd_ps(k.step_size, u, _mm256_mul_ps(p, k.decay));
 }
 
-static inline __m256 nonfinite8(__m256 g) {  // all-ones where the exponent is all ones (NaN, ±inf)
+PQ_INLINE __m256 nonfinite8(__m256 g) {  // all-ones where the exponent is all ones (NaN, ±inf)
   const __m256i e = _mm256_and_si256(_mm256_castps_si256(g), _mm256_set1_epi32(0x7F800000));
   return _mm256_castsi256_ps(_mm256_cmpeq_epi32(e, _mm256_set1_epi32(0x7F800000)));
 }
 
-template <int PDT, int GDT>
-static inline int64_t adam_block_8bit(const pq_adam_tensor& t, int64_t start, int64_t len, const AdamTables& tab,
-                                      int32_t nonfinite, int sqrt_mode, pq_vsqrt_fn fn) {
-  alignas(32) float m[kOptimizerBlock], v[kOptimizerBlock], root[kOptimizerBlock];
-  __m256 update[kOptimizerBlock / 8];
+// Parameter updates left for after a block's main loop (see simd_avx512.h).
+template <int PDT, bool EightBit>
+static inline void finish_deferred(const pq_adam_tensor& t, int64_t start, int64_t len, const AdamVectors& k,
+                                   const float* m, const float* v, const __m256* later, pq_vsqrt_fn fn) {
+  alignas(32) float root[kOptimizerBlock];
+  const int32_t n32 = (int32_t)len;
+  fn(&n32, v, root);
+  for (int64_t j = 0; j < len; j += 8) {
+    if (!_mm256_movemask_ps(later[j / 8])) continue;
+    const int64_t n = len - j < 8 ? len - j : 8;
+    const __m256 p = load8<PDT>(t.param, start + j, n);
+    const __m256 mj = load8<kFloat32>(m, j, n), rj = load8<kFloat32>(root, j, n);
+    store8<PDT>(t.param, start + j, n, EightBit ? param8(k, p, mj, rj) : param32(k, p, mj, rj), later[j / 8]);
+  }
+}
+
+// NONFINITE and SQRT_MODE are template parameters for the reason given in simd_avx512.h.
+template <int PDT, int GDT, int NONFINITE, int SQRT_MODE, class Len>
+PQ_INLINE int64_t adam_block_8bit_impl(const pq_adam_tensor& t, int64_t start, Len len, const AdamTables& tab,
+                                           pq_vsqrt_fn fn) {
+  alignas(32) float m[kOptimizerBlock], v[kOptimizerBlock];
+  __m256 later[kOptimizerBlock / 8];
+  int any_later = 0;
   const AdamVectors k(t.k);
   uint8_t* q1 = (uint8_t*)t.state1 + start;
   uint8_t* q2 = (uint8_t*)t.state2 + start;
   const int64_t b = start / kOptimizerBlock;
   const __m256 a1 = _mm256_set1_ps(t.absmax1[b]), a2 = _mm256_set1_ps(t.absmax2[b]);
-  const bool deferred_sqrt = sqrt_mode == kSqrtCall;
+  prefetch_block(t, start, elem_size<PDT>(), elem_size<GDT>(), 1);
   __m256 amax1 = _mm256_setzero_ps(), amax2 = _mm256_setzero_ps();
   int64_t bad = 0;
   for (int64_t j = 0; j < len; j += 8) {
@@ -298,7 +362,7 @@ static inline int64_t adam_block_8bit(const pq_adam_tensor& t, int64_t start, in
     __m256 mi = m_old, vi = v_old;
     moments8(k, g, mi, vi);
     __m256 upd = valid;
-    if (nonfinite == kSkipElement) {
+    if constexpr (NONFINITE == kSkipElement) {
       const __m256 skip = _mm256_and_ps(nonfinite8(g), valid);  // keeps its parameter and moments
       bad += __builtin_popcount((unsigned)_mm256_movemask_ps(skip));
       upd = _mm256_andnot_ps(skip, valid);
@@ -309,22 +373,17 @@ static inline int64_t adam_block_8bit(const pq_adam_tensor& t, int64_t start, in
     _mm256_store_ps(v + j, vi);
     amax1 = _mm256_max_ps(_mm256_and_ps(abs8(mi), valid), amax1);
     amax2 = _mm256_max_ps(_mm256_and_ps(abs8(vi), valid), amax2);
-    if (deferred_sqrt) {
-      update[j / 8] = upd;
-    } else {
+    __m256 rest = upd;
+    if constexpr (SQRT_MODE != kSqrtCall) {
+      const __m256 root = sqrt8(vi, SQRT_MODE, rest);
+      rest = _mm256_and_ps(rest, upd);
       const __m256 p = load8<PDT>(t.param, start + j, n);
-      store8<PDT>(t.param, start + j, n, param8(k, p, mi, sqrt8(vi, sqrt_mode, fn)), upd);
+      store8<PDT>(t.param, start + j, n, param8(k, p, mi, root), _mm256_andnot_ps(rest, upd));
     }
+    later[j / 8] = rest;
+    any_later |= _mm256_movemask_ps(rest);
   }
-  if (deferred_sqrt) {
-    const int32_t n32 = (int32_t)len;
-    fn(&n32, v, root);
-    for (int64_t j = 0; j < len; j += 8) {
-      const int64_t n = len - j < 8 ? len - j : 8;
-      const __m256 p = load8<PDT>(t.param, start + j, n);
-      store8<PDT>(t.param, start + j, n, param8(k, p, _mm256_load_ps(m + j), _mm256_load_ps(root + j)), update[j / 8]);
-    }
-  }
+  if (any_later) finish_deferred<PDT, true>(t, start, len, k, m, v, later, fn);
   const float new_a1 = hmax8(amax1), new_a2 = hmax8(amax2);
   t.absmax1[b] = new_a1;
   t.absmax2[b] = new_a2;
@@ -333,21 +392,30 @@ static inline int64_t adam_block_8bit(const pq_adam_tensor& t, int64_t start, in
   return bad;
 }
 
-template <int PDT, int GDT>
-static inline int64_t adam_block_32bit(const pq_adam_tensor& t, int64_t start, int64_t len, int32_t nonfinite,
-                                       int sqrt_mode, pq_vsqrt_fn fn) {
-  alignas(32) float root[kOptimizerBlock];
-  __m256 update[kOptimizerBlock / 8];
+// A full block takes an instantiation where the length is a compile-time constant: with a run-time length
+// GCC neither unrolled nor inlined the block's loops, and the step ran at half the speed.
+template <int PDT, int GDT, int NONFINITE, int SQRT_MODE>
+static inline int64_t adam_block_8bit(const pq_adam_tensor& t, int64_t start, int64_t len, const AdamTables& tab,
+                                      pq_vsqrt_fn fn) {
+  if (len == kOptimizerBlock)
+    return adam_block_8bit_impl<PDT, GDT, NONFINITE, SQRT_MODE>(t, start, FullBlock(), tab, fn);
+  return adam_block_8bit_impl<PDT, GDT, NONFINITE, SQRT_MODE>(t, start, len, tab, fn);
+}
+
+template <int PDT, int GDT, int NONFINITE, int SQRT_MODE, class Len>
+PQ_INLINE int64_t adam_block_32bit_impl(const pq_adam_tensor& t, int64_t start, Len len, pq_vsqrt_fn fn) {
+  __m256 later[kOptimizerBlock / 8];
+  int any_later = 0;
   const AdamVectors k(t.k);
   float* m = (float*)t.state1 + start;
   float* v = (float*)t.state2 + start;
-  const bool deferred_sqrt = sqrt_mode == kSqrtCall;
+  prefetch_block(t, start, elem_size<PDT>(), elem_size<GDT>(), 4);
   int64_t bad = 0;
   for (int64_t j = 0; j < len; j += 8) {
     const int64_t n = len - j < 8 ? len - j : 8;
     const __m256 g = load8<GDT>(t.grad, start + j, n);
     __m256 upd = first_lanes(n);
-    if (nonfinite == kSkipElement) {
+    if constexpr (NONFINITE == kSkipElement) {
       const __m256 skip = _mm256_and_ps(nonfinite8(g), upd);
       bad += __builtin_popcount((unsigned)_mm256_movemask_ps(skip));
       upd = _mm256_andnot_ps(skip, upd);
@@ -356,23 +424,25 @@ static inline int64_t adam_block_32bit(const pq_adam_tensor& t, int64_t start, i
     moments8(k, g, mi, vi);
     store8<kFloat32>(m, j, n, mi, upd);
     store8<kFloat32>(v, j, n, vi, upd);
-    if (deferred_sqrt) {
-      update[j / 8] = upd;
-    } else {
+    __m256 rest = upd;
+    if constexpr (SQRT_MODE != kSqrtCall) {
+      const __m256 root = sqrt8(vi, SQRT_MODE, rest);
+      rest = _mm256_and_ps(rest, upd);
       const __m256 p = load8<PDT>(t.param, start + j, n);
-      store8<PDT>(t.param, start + j, n, param32(k, p, mi, sqrt8(vi, sqrt_mode, fn)), upd);
+      store8<PDT>(t.param, start + j, n, param32(k, p, mi, root), _mm256_andnot_ps(rest, upd));
     }
+    later[j / 8] = rest;
+    any_later |= _mm256_movemask_ps(rest);
   }
-  if (deferred_sqrt) {
-    const int32_t n32 = (int32_t)len;
-    fn(&n32, v, root);
-    for (int64_t j = 0; j < len; j += 8) {
-      const int64_t n = len - j < 8 ? len - j : 8;
-      const __m256 p = load8<PDT>(t.param, start + j, n);
-      store8<PDT>(t.param, start + j, n, param32(k, p, load8<kFloat32>(m, j, n), _mm256_load_ps(root + j)), update[j / 8]);
-    }
-  }
+  // The routine reads v for the whole block; skipped lanes kept their old v, and their results are unused.
+  if (any_later) finish_deferred<PDT, false>(t, start, len, k, m, v, later, fn);
   return bad;
+}
+
+template <int PDT, int GDT, int NONFINITE, int SQRT_MODE>
+static inline int64_t adam_block_32bit(const pq_adam_tensor& t, int64_t start, int64_t len, pq_vsqrt_fn fn) {
+  if (len == kOptimizerBlock) return adam_block_32bit_impl<PDT, GDT, NONFINITE, SQRT_MODE>(t, start, FullBlock(), fn);
+  return adam_block_32bit_impl<PDT, GDT, NONFINITE, SQRT_MODE>(t, start, len, fn);
 }
 
 }  // namespace vec

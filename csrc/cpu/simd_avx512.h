@@ -23,22 +23,31 @@
 #include <immintrin.h>
 #include <string.h>
 
+#include <type_traits>
+
 #include "pyquant/blockwise.h"
 #include "pyquant/capi.h"
+
+// Everything a block kernel uses is forced inline: GCC otherwise outlined pieces (e.g. quantize_values) and
+// kept masked loads and stores that a full block does not need, and the step ran at half the speed.
+#define PQ_INLINE __attribute__((always_inline)) static inline
 
 namespace PQ_NS {
 namespace vec {
 using namespace pq;
 
+// The length of a full optimizer block, as a type: converts to int64_t and is known at compile time.
+using FullBlock = std::integral_constant<int64_t, kOptimizerBlock>;
+
 constexpr bool kEmulatesCpuSqrt = true;
 
-static inline __mmask16 mask16(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
-static inline __mmask32 mask32(int64_t n) { return n >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << n) - 1u); }
+PQ_INLINE __mmask16 mask16(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
+PQ_INLINE __mmask32 mask32(int64_t n) { return n >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << n) - 1u); }
 
 // ---- storage conversions ----
 
 template <int DT>
-static inline __m512 load16(const void* base, int64_t i, __mmask16 k) {
+PQ_INLINE __m512 load16(const void* base, int64_t i, __mmask16 k) {
   if constexpr (DT == kFloat32) {
     return _mm512_maskz_loadu_ps(k, (const float*)base + i);
   } else {
@@ -53,7 +62,7 @@ static inline __m512 load16(const void* base, int64_t i, __mmask16 k) {
 
 // float_to_half: the hardware conversion rounds to nearest even like the scalar rule, but keeps NaN payloads
 // where the rule writes the canonical quiet NaN with the input's sign.
-static inline __m256i to_half16(__m512 v) {
+PQ_INLINE __m256i to_half16(__m512 v) {
   const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
   const __m512i sign = _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(v), 16), _mm512_set1_epi32(0x8000));
@@ -62,7 +71,7 @@ static inline __m256i to_half16(__m512 v) {
 }
 
 // float_to_bf16, the integer rounding of blockwise.h lane by lane.
-static inline __m256i to_bf16_16(__m512 v) {
+PQ_INLINE __m256i to_bf16_16(__m512 v) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i hi = _mm512_srli_epi32(u, 16);
   const __m512i odd = _mm512_and_si512(hi, _mm512_set1_epi32(1));
@@ -73,7 +82,7 @@ static inline __m256i to_bf16_16(__m512 v) {
 }
 
 template <int DT>
-static inline void store16(void* base, int64_t i, __m512 v, __mmask16 k) {
+PQ_INLINE void store16(void* base, int64_t i, __m512 v, __mmask16 k) {
   if constexpr (DT == kFloat32)
     _mm512_mask_storeu_ps((float*)base + i, k, v);
   else if constexpr (DT == kFloat16)
@@ -98,7 +107,7 @@ static inline void prepare_dequant(const float* code, DequantTable& t) {
 }
 
 // One 16-bit plane: vpermt2w covers 64 entries, bits 6 and 7 of the index pick among four of them.
-static inline __m512i plane_lookup(const uint16_t* p, __m512i idx, __mmask32 bit6, __mmask32 bit7) {
+PQ_INLINE __m512i plane_lookup(const uint16_t* p, __m512i idx, __mmask32 bit6, __mmask32 bit7) {
   const __m512i r0 = _mm512_permutex2var_epi16(_mm512_load_si512(p), idx, _mm512_load_si512(p + 32));
   const __m512i r1 = _mm512_permutex2var_epi16(_mm512_load_si512(p + 64), idx, _mm512_load_si512(p + 96));
   const __m512i r2 = _mm512_permutex2var_epi16(_mm512_load_si512(p + 128), idx, _mm512_load_si512(p + 160));
@@ -107,7 +116,7 @@ static inline __m512i plane_lookup(const uint16_t* p, __m512i idx, __mmask32 bit
 }
 
 // The codes of 32 byte indices: elements 0-15 in `a`, 16-31 in `b`.
-static inline void lookup32(const DequantTable& t, __m256i q, __m512& a, __m512& b) {
+PQ_INLINE void lookup32(const DequantTable& t, __m256i q, __m512& a, __m512& b) {
   // The final 16-bit unpacks pair words inside 128-bit lanes; interleaving the indices' dwords first makes
   // their output come out in element order (word 8L+i holds q[4L+i], word 8L+4+i holds q[16+4L+i]).
   const __m128i q0 = _mm256_castsi256_si128(q), q1 = _mm256_extracti128_si256(q, 1);
@@ -179,71 +188,97 @@ static inline bool prepare_quant(const uint8_t* table, QuantTable& t) {
 
 // grid_bin without the final truncation to 16 bits: NaN gives 0x80000000, which the signed-to-unsigned
 // saturating pack below turns into bin 0, as the contract wants.
-static inline __m512i grid_bins(__m512 x, __m512 inv) {
+PQ_INLINE __m512i grid_bins(__m512 x, __m512 inv) {
   const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
   __m512 y = _mm512_mul_ps(x, inv);
   // vminps/vmaxps return the second operand when either is NaN: with y second, NaN passes like in grid_bin.
   y = _mm512_min_ps(one, y);
   y = _mm512_max_ps(_mm512_set1_ps(-1.0f), y);
-  const __m512 t = _mm512_mul_ps(_mm512_add_ps(y, one), half);
-  const __m512 s = _mm512_add_ps(_mm512_mul_ps(t, _mm512_set1_ps(65535.0f)), half);
+  // t = (y + 1) * 0.5 is exact (y + 1 is 0 or at least 2^-24), so t * 65535 rounds exactly like
+  // (y + 1) * 32767.5: one multiply fewer, same bits.
+  const __m512 s = _mm512_add_ps(_mm512_mul_ps(_mm512_add_ps(y, one), _mm512_set1_ps(32767.5f)), half);
   return _mm512_cvttps_epi32(s);
 }
 
-// Code indices of 32 unsigned 16-bit bins: the count of step positions <= bin, one tree level at a time.
-// Each level is h = 2h + (bin >= position(h)); with H = h + 1 that is H = 2H - (bin < position), and
-// bin < position is min(position -sat bin, 1): plain vector ops, no mask registers on the critical path
-// (compare-into-mask then masked add was twice as slow on this CPU).
-static inline __m256i code_index32(const QuantTable& t, __m512i bins) {
+// Code indices of NC x 32 unsigned 16-bit bins: the count of step positions <= bin, found one tree level at
+// a time. Each level is h = 2h + (bin >= position(h)); with H = h + 1 that is H = 2H - (bin < position), and
+// bin < position is min(position -sat bin, 1): plain vector ops, no mask registers. The levels form a long
+// dependent chain (permute, subtract, min, subtract), so NC independent chunks go through each level
+// together: one chunk at a time ran at under half the throughput of eight on this CPU.
+template <int NC>
+PQ_INLINE void code_index(const QuantTable& t, const __m512i (&bins)[NC], __m256i (&out)[NC]) {
   const __m512i one = _mm512_set1_epi16(1);
-  __m512i H = _mm512_set1_epi16(2);
-  auto level = [&](__m512i position) {
-    const __m512i below = _mm512_min_epu16(_mm512_subs_epu16(position, bins), one);
-    H = _mm512_sub_epi16(_mm512_add_epi16(H, H), below);
+  __m512i H[NC];
+  for (int c = 0; c < NC; ++c) H[c] = _mm512_set1_epi16(2);
+  auto level = [&](int c, __m512i position) {
+    const __m512i below = _mm512_min_epu16(_mm512_subs_epu16(position, bins[c]), one);
+    H[c] = _mm512_sub_epi16(_mm512_add_epi16(H[c], H[c]), below);
   };
+  const __m512i root = _mm512_set1_epi16((short)t.root);
+  for (int c = 0; c < NC; ++c) level(c, root);
   const __m512i upper = _mm512_load_si512(t.upper);
-  level(_mm512_set1_epi16((short)t.root));
-  level(_mm512_permutexvar_epi16(H, upper));
-  level(_mm512_permutexvar_epi16(H, upper));
-  level(_mm512_permutexvar_epi16(H, upper));
-  level(_mm512_permutexvar_epi16(H, upper));
-  level(_mm512_permutexvar_epi16(H, _mm512_load_si512(t.level6)));
-  level(_mm512_permutex2var_epi16(_mm512_load_si512(t.level7), H, _mm512_load_si512(t.level7 + 32)));
-  const __m512i lo = _mm512_permutex2var_epi16(_mm512_load_si512(t.level8), H, _mm512_load_si512(t.level8 + 32));
-  const __m512i hi = _mm512_permutex2var_epi16(_mm512_load_si512(t.level8 + 64), H, _mm512_load_si512(t.level8 + 96));
-  level(_mm512_mask_blend_epi16(_mm512_test_epi16_mask(H, _mm512_set1_epi16(64)), lo, hi));
-  return _mm512_cvtepi16_epi8(H);  // H = 257 + index: its low byte is index + 1
+  for (int l = 2; l <= 5; ++l)
+    for (int c = 0; c < NC; ++c) level(c, _mm512_permutexvar_epi16(H[c], upper));
+  const __m512i l6 = _mm512_load_si512(t.level6);
+  for (int c = 0; c < NC; ++c) level(c, _mm512_permutexvar_epi16(H[c], l6));
+  const __m512i l7a = _mm512_load_si512(t.level7), l7b = _mm512_load_si512(t.level7 + 32);
+  for (int c = 0; c < NC; ++c) level(c, _mm512_permutex2var_epi16(l7a, H[c], l7b));
+  const __m512i l8a = _mm512_load_si512(t.level8), l8b = _mm512_load_si512(t.level8 + 32);
+  const __m512i l8c = _mm512_load_si512(t.level8 + 64), l8d = _mm512_load_si512(t.level8 + 96);
+  const __m512i bit6 = _mm512_set1_epi16(64);
+  for (int c = 0; c < NC; ++c) {
+    const __m512i lo = _mm512_permutex2var_epi16(l8a, H[c], l8b);
+    const __m512i hi = _mm512_permutex2var_epi16(l8c, H[c], l8d);
+    level(c, _mm512_mask_blend_epi16(_mm512_test_epi16_mask(H[c], bit6), lo, hi));
+  }
+  // H = 257 + index: its low byte is index + 1. packus (see quantize_chunks) interleaved 4-element groups of
+  // the two input vectors within 128-bit lanes: the dword permute restores element order.
+  const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  const __m256i top = _mm256_set1_epi8((char)t.top);
+  for (int c = 0; c < NC; ++c) {
+    const __m256i idx = _mm256_permutevar8x32_epi32(_mm512_cvtepi16_epi8(H[c]), order);
+    out[c] = _mm256_min_epu8(_mm256_sub_epi8(idx, _mm256_set1_epi8(1)), top);
+  }
 }
 
-// Code indices of 32 values (x0: elements 0-15, x1: 16-31) of a block with reciprocal absmax `inv`.
-static inline __m256i quantize32(const QuantTable& t, __m512 x0, __m512 x1, __m512 inv) {
-  const __m512i bins = _mm512_packus_epi32(grid_bins(x0, inv), grid_bins(x1, inv));
-  __m256i idx = code_index32(t, bins);
-  // packus interleaved 4-element groups of x0 and x1 within 128-bit lanes: restore element order.
-  idx = _mm256_permutevar8x32_epi32(idx, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
-  return _mm256_min_epu8(_mm256_sub_epi8(idx, _mm256_set1_epi8(1)), _mm256_set1_epi8((char)t.top));
+// Quantises NC chunks of 32 values starting at x + start + i (elements beyond len read as 0, not stored).
+template <int DT, int NC>
+PQ_INLINE void quantize_chunks(const void* x, int64_t start, int64_t i, int64_t len, __m512 inv,
+                                   const QuantTable& t, uint8_t* q) {
+  __m512i bins[NC];
+  __m256i idx[NC];
+  for (int c = 0; c < NC; ++c) {
+    const int64_t j = i + 32 * c;
+    const __mmask32 k = mask32(len - j);
+    const __m512 x0 = load16<DT>(x, start + j, (__mmask16)k);
+    const __m512 x1 = load16<DT>(x, start + j + 16, (__mmask16)(k >> 16));
+    bins[c] = _mm512_packus_epi32(grid_bins(x0, inv), grid_bins(x1, inv));
+  }
+  code_index<NC>(t, bins, idx);
+  for (int c = 0; c < NC; ++c) {
+    const int64_t j = i + 32 * c;
+    _mm256_mask_storeu_epi8(q + j, mask32(len - j), idx[c]);
+  }
 }
 
 // Quantise `len` values of one block whose absmax is known.
-template <int DT>
-static inline void quantize_values(const void* x, int64_t start, int64_t len, float absmax, const QuantTable& t,
+template <int DT, class Len>
+PQ_INLINE void quantize_values(const void* x, int64_t start, Len len, float absmax, const QuantTable& t,
                                    uint8_t* q) {
   if (absmax == 0.0f) {
     memset(q, 0, (size_t)len);
     return;
   }
   const __m512 inv = _mm512_set1_ps(block_inverse(absmax));
-  for (int64_t i = 0; i < len; i += 32) {
-    const __mmask32 k = mask32(len - i);
-    const __m512 x0 = load16<DT>(x, start + i, (__mmask16)k);
-    const __m512 x1 = load16<DT>(x, start + i + 16, (__mmask16)(k >> 16));
-    _mm256_mask_storeu_epi8(q + i, k, quantize32(t, x0, x1, inv));
-  }
+  int64_t i = 0;
+  for (; i + 224 < len; i += 256) quantize_chunks<DT, 8>(x, start, i, len, inv, t, q);
+  for (; i + 96 < len; i += 128) quantize_chunks<DT, 4>(x, start, i, len, inv, t, q);
+  for (; i < len; i += 32) quantize_chunks<DT, 1>(x, start, i, len, inv, t, q);
 }
 
-template <int DT>
-static inline void quantize_block(const void* x, int64_t start, int64_t len, const QuantTable& t, uint8_t* q,
-                                  float* absmax) {
+template <int DT, class Len>
+PQ_INLINE void quantize_block_impl(const void* x, int64_t start, Len len, const QuantTable& t, uint8_t* q,
+                                       float* absmax) {
   // max is exact and NaN-free here (vmaxps keeps the running value when |x| is NaN), so lane order is free.
   __m512 amax = _mm512_setzero_ps();
   for (int64_t i = 0; i < len; i += 16)
@@ -253,9 +288,9 @@ static inline void quantize_block(const void* x, int64_t start, int64_t len, con
   quantize_values<DT>(x, start, len, a, t, q + start);
 }
 
-template <int DT>
-static inline void dequantize_block(const uint8_t* q, float absmax, int64_t start, int64_t len, const DequantTable& t,
-                                    void* out) {
+template <int DT, class Len>
+PQ_INLINE void dequantize_block_impl(const uint8_t* q, float absmax, int64_t start, Len len, const DequantTable& t,
+                                         void* out) {
   const __m512 a = _mm512_set1_ps(absmax);
   for (int64_t i = 0; i < len; i += 32) {
     const __mmask32 k = mask32(len - i);
@@ -266,51 +301,97 @@ static inline void dequantize_block(const uint8_t* q, float absmax, int64_t star
   }
 }
 
+// Blocks of the optimizers' size take instantiations with a compile-time length (see adam_block_8bit).
+template <int DT>
+static inline void quantize_block(const void* x, int64_t start, int64_t len, const QuantTable& t, uint8_t* q,
+                                  float* absmax) {
+  if (len == kOptimizerBlock)
+    quantize_block_impl<DT>(x, start, FullBlock(), t, q, absmax);
+  else
+    quantize_block_impl<DT>(x, start, len, t, q, absmax);
+}
+
+template <int DT>
+static inline void dequantize_block(const uint8_t* q, float absmax, int64_t start, int64_t len, const DequantTable& t,
+                                    void* out) {
+  if (len == kOptimizerBlock)
+    dequantize_block_impl<DT>(q, absmax, start, FullBlock(), t, out);
+  else
+    dequantize_block_impl<DT>(q, absmax, start, len, t, out);
+}
+
 // ---- sqrt(v) of Adam's denominator ----
 
 // IEEE, or torch's CPU sqrt emulated (cpu_sqrt.h): MKL's vsSqrt on this CPU computes, for positive normal
 // x up to 0x7F7FF000, r = rsqrtps(x) (the CPU's approximation), then two Newton steps in float32 with
-// separate multiplies and adds. Its other inputs go through a scalar routine: ±0 return themselves, the
-// rest (subnormal, near FLT_MAX, negative, inf, NaN) are rare and are handed to the routine itself.
-static inline __m512 sqrt16(__m512 x, int mode, pq_vsqrt_fn fn) {
+// separate multiplies and adds. Its other inputs go through a scalar routine: ±0 return themselves; the
+// rest (subnormal, near FLT_MAX, negative, inf, NaN) are rare, and come back in `needs_routine` for the
+// caller to pass to the routine itself, outside its loop: a call inside the loop would make the compiler
+// keep every vector in memory across it (all zmm registers are caller-saved), which halved the speed.
+PQ_INLINE __m512 sqrt16(__m512 x, int mode, __mmask16& needs_routine) {
+  needs_routine = 0;
   if (mode == kSqrtIeee) return _mm512_sqrt_ps(x);
   const __m256 r_lo = _mm256_rsqrt_ps(_mm512_castps512_ps256(x));  // no 512-bit rsqrtps: the AVX-512
   const __m256 r_hi = _mm256_rsqrt_ps(_mm512_extractf32x8_ps(x, 1));  // rsqrt14 is a different approximation
   const __m512 r = _mm512_insertf32x8(_mm512_castps256_ps512(r_lo), r_hi, 1);
   const __m512 half = _mm512_set1_ps(0.5f);
   const __m512 s0 = _mm512_mul_ps(x, r);
-  const __m512 h0 = _mm512_mul_ps(r, half);
+  // h0 = r * 0.5, exactly: r is a normal number near 1/sqrt(x), between about 2^-64 and 2^63 for every
+  // main-path x, so halving it is an exponent decrement (an integer op, off the busy multiply pipes).
+  const __m512 h0 = _mm512_castsi512_ps(_mm512_sub_epi32(_mm512_castps_si512(r), _mm512_set1_epi32(0x00800000)));
   const __m512 e = _mm512_sub_ps(half, _mm512_mul_ps(s0, h0));
   const __m512 s1 = _mm512_add_ps(_mm512_mul_ps(s0, e), s0);
   const __m512 h1 = _mm512_add_ps(_mm512_mul_ps(h0, e), h0);
   const __m512 d = _mm512_sub_ps(x, _mm512_mul_ps(s1, s1));
-  __m512 res = _mm512_add_ps(_mm512_mul_ps(d, h1), s1);
+  const __m512 res = _mm512_add_ps(_mm512_mul_ps(d, h1), s1);
   const __m512i bits = _mm512_castps_si512(x);
   const __mmask16 special =
       _mm512_cmpgt_epi32_mask(_mm512_add_epi32(bits, _mm512_set1_epi32(kCpuSqrtBias)), _mm512_set1_epi32(kCpuSqrtLimit));
-  if (special) {
-    const __mmask16 zero = _mm512_testn_epi32_mask(bits, _mm512_set1_epi32(0x7FFFFFFF));
-    res = _mm512_mask_mov_ps(res, zero, x);
-    const __mmask16 other = special & (__mmask16)~zero;
-    if (other) {
-      alignas(64) float in[16], out[16];
-      _mm512_store_ps(in, x);
-      const int32_t n = 16;
-      fn(&n, in, out);  // element-wise: each lane's result depends on that lane only
-      res = _mm512_mask_mov_ps(res, other, _mm512_load_ps(out));
-    }
-  }
-  return res;
+  const __mmask16 zero = _mm512_testn_epi32_mask(bits, _mm512_set1_epi32(0x7FFFFFFF));
+  needs_routine = special & (__mmask16)~zero;
+  return _mm512_mask_mov_ps(res, zero, x);
 }
 
 static inline void sqrt_block(const float* x, float* out, int64_t n, int mode, pq_vsqrt_fn fn) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 k = mask16(n - i);
-    _mm512_mask_storeu_ps(out + i, k, sqrt16(_mm512_maskz_loadu_ps(k, x + i), mode, fn));
+    __mmask16 rest;
+    _mm512_mask_storeu_ps(out + i, k, sqrt16(_mm512_maskz_loadu_ps(k, x + i), mode, rest));
+    rest &= k;
+    if (rest) {
+      alignas(64) float in[16], res[16];
+      _mm512_store_ps(in, _mm512_maskz_loadu_ps(k, x + i));
+      const int32_t n16 = 16;
+      fn(&n16, in, res);  // element-wise: each lane's result depends on that lane only
+      _mm512_mask_storeu_ps(out + i, rest, _mm512_load_ps(res));
+    }
   }
 }
 
 // ---- Adam ----
+
+// A block does a lot of arithmetic per byte: the out-of-order window fills long before the next block's
+// loads issue, and the hardware prefetchers alone left a step over DRAM-resident tensors at half the speed
+// of the same step on cache-resident ones. Touching the data kPrefetchBlocks blocks ahead hides the latency.
+#ifndef PQ_PREFETCH_BLOCKS
+#define PQ_PREFETCH_BLOCKS 2
+#endif
+constexpr int64_t kPrefetchBlocks = PQ_PREFETCH_BLOCKS;
+
+PQ_INLINE void prefetch_bytes(const void* p, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char*)p + o, _MM_HINT_T0);
+}
+
+template <int PDT, int GDT>
+PQ_INLINE void prefetch_block(const pq_adam_tensor& t, int64_t start, int64_t state_bytes) {
+  const int64_t ahead = start + kPrefetchBlocks * kOptimizerBlock;
+  if (ahead >= t.numel) return;
+  const int64_t n = t.numel - ahead < kOptimizerBlock ? t.numel - ahead : kOptimizerBlock;
+  prefetch_bytes((const char*)t.param + ahead * (PDT == kFloat32 ? 4 : 2), n * (PDT == kFloat32 ? 4 : 2));
+  prefetch_bytes((const char*)t.grad + ahead * (GDT == kFloat32 ? 4 : 2), n * (GDT == kFloat32 ? 4 : 2));
+  prefetch_bytes((const char*)t.state1 + ahead * state_bytes, n * state_bytes);
+  prefetch_bytes((const char*)t.state2 + ahead * state_bytes, n * state_bytes);
+}
 
 struct AdamTables {
   DequantTable deq1, deq2;
@@ -327,37 +408,57 @@ struct AdamVectors {
 };
 
 // adam_moments, lane by lane.
-static inline void moments16(const AdamVectors& k, __m512 g, __m512& m, __m512& v) {
+PQ_INLINE void moments16(const AdamVectors& k, __m512 g, __m512& m, __m512& v) {
   m = _mm512_fmadd_ps(k.one_minus_beta1, g, _mm512_mul_ps(m, k.beta1));
   v = _mm512_fmadd_ps(_mm512_mul_ps(k.one_minus_beta2, g), g, _mm512_mul_ps(v, k.beta2));
 }
 
 // adam_param_8bit_given_sqrt.
-static inline __m512 param8(const AdamVectors& k, __m512 p, __m512 m, __m512 root) {
+PQ_INLINE __m512 param8(const AdamVectors& k, __m512 p, __m512 m, __m512 root) {
   const __m512 denom = _mm512_add_ps(_mm512_div_ps(root, k.c2), k.eps);
   return _mm512_add_ps(_mm512_mul_ps(p, k.decay), _mm512_div_ps(_mm512_mul_ps(k.step_size, m), denom));
 }
 
 // adam_param_32bit_given_sqrt.
-static inline __m512 param32(const AdamVectors& k, __m512 p, __m512 m, __m512 root) {
+PQ_INLINE __m512 param32(const AdamVectors& k, __m512 p, __m512 m, __m512 root) {
   const __m512 u = _mm512_div_ps(m, _mm512_add_ps(root, k.eps_c2));
   return _mm512_fmadd_ps(k.step_size, u, _mm512_mul_ps(p, k.decay));
 }
 
 // Lanes whose gradient is NaN or ±inf (QNaN | +inf | -inf | SNaN).
-static inline __mmask16 nonfinite16(__mmask16 k, __m512 g) { return _mm512_mask_fpclass_ps_mask(k, g, 0x99); }
+PQ_INLINE __mmask16 nonfinite16(__mmask16 k, __m512 g) { return _mm512_mask_fpclass_ps_mask(k, g, 0x99); }
 
-template <int PDT, int GDT>
-static inline int64_t adam_block_8bit(const pq_adam_tensor& t, int64_t start, int64_t len, const AdamTables& tab,
-                                      int32_t nonfinite, int sqrt_mode, pq_vsqrt_fn fn) {
-  alignas(64) float m[kOptimizerBlock], v[kOptimizerBlock], root[kOptimizerBlock];
-  __mmask16 update[kOptimizerBlock / 16];
+// Parameter updates left for after a block's main loop: the lanes whose sqrt needs the routine (all of them
+// in kSqrtCall mode), with the new moments in m and v. `m` and `v` hold the block's values at offset 0.
+template <int PDT, bool EightBit>
+static inline void finish_deferred(const pq_adam_tensor& t, int64_t start, int64_t len, const AdamVectors& k,
+                                   const float* m, const float* v, const __mmask16* later, pq_vsqrt_fn fn) {
+  alignas(64) float root[kOptimizerBlock];
+  const int32_t n = (int32_t)len;
+  fn(&n, v, root);
+  for (int64_t j = 0; j < len; j += 16) {
+    const __mmask16 lanes = later[j / 16];
+    if (!lanes) continue;
+    const __m512 p = load16<PDT>(t.param, start + j, lanes);
+    const __m512 mj = _mm512_maskz_loadu_ps(lanes, m + j), rj = _mm512_maskz_loadu_ps(lanes, root + j);
+    store16<PDT>(t.param, start + j, EightBit ? param8(k, p, mj, rj) : param32(k, p, mj, rj), lanes);
+  }
+}
+
+// NONFINITE and SQRT_MODE are template parameters: with them as run-time values (even perfectly predicted
+// branches) GCC generated code that ran at half the speed.
+template <int PDT, int GDT, int NONFINITE, int SQRT_MODE, class Len>
+PQ_INLINE int64_t adam_block_8bit_impl(const pq_adam_tensor& t, int64_t start, Len len, const AdamTables& tab,
+                                           pq_vsqrt_fn fn) {
+  alignas(64) float m[kOptimizerBlock], v[kOptimizerBlock];
+  __mmask16 later[kOptimizerBlock / 16];
+  __mmask16 any_later = 0;
   const AdamVectors k(t.k);
   uint8_t* q1 = (uint8_t*)t.state1 + start;
   uint8_t* q2 = (uint8_t*)t.state2 + start;
   const int64_t b = start / kOptimizerBlock;
   const __m512 a1 = _mm512_set1_ps(t.absmax1[b]), a2 = _mm512_set1_ps(t.absmax2[b]);
-  const bool deferred_sqrt = sqrt_mode == kSqrtCall;  // the routine is called once for the whole block
+  prefetch_block<PDT, GDT>(t, start, 1);
   __m512 amax1 = _mm512_setzero_ps(), amax2 = _mm512_setzero_ps();
   int64_t bad = 0;
   for (int64_t i = 0; i < len; i += 32) {
@@ -368,13 +469,12 @@ static inline int64_t adam_block_8bit(const pq_adam_tensor& t, int64_t start, in
     for (int half = 0; half < 2; ++half) {
       const int64_t j = i + 16 * half;
       const __mmask16 valid = (__mmask16)(k32 >> (16 * half));
-      if (!valid) break;
       const __m512 m_old = _mm512_mul_ps(mq[half], a1), v_old = _mm512_mul_ps(vq[half], a2);
       const __m512 g = load16<GDT>(t.grad, start + j, valid);
       __m512 mi = m_old, vi = v_old;
       moments16(k, g, mi, vi);
       __mmask16 upd = valid;
-      if (nonfinite == kSkipElement) {
+      if constexpr (NONFINITE == kSkipElement) {
         const __mmask16 skip = nonfinite16(valid, g);  // such an element keeps its parameter and moments
         bad += __builtin_popcount((unsigned)skip);
         upd = valid & (__mmask16)~skip;
@@ -385,23 +485,21 @@ static inline int64_t adam_block_8bit(const pq_adam_tensor& t, int64_t start, in
       _mm512_store_ps(v + j, vi);
       amax1 = _mm512_mask_max_ps(amax1, valid, _mm512_abs_ps(mi), amax1);
       amax2 = _mm512_mask_max_ps(amax2, valid, _mm512_abs_ps(vi), amax2);
-      if (deferred_sqrt) {
-        update[j / 16] = upd;
-      } else {
+      __mmask16 rest = upd;
+      if constexpr (SQRT_MODE != kSqrtCall) {
+        // Load and store masks must not depend on the arithmetic: with a late mask the core holds younger
+        // loads behind the store and memory latency is no longer hidden (the step ran at half speed). The
+        // lanes left for the routine get a placeholder here and their final value in finish_deferred.
         const __m512 p = load16<PDT>(t.param, start + j, upd);
-        store16<PDT>(t.param, start + j, param8(k, p, mi, sqrt16(vi, sqrt_mode, fn)), upd);
+        const __m512 root = sqrt16(vi, SQRT_MODE, rest);
+        rest &= upd;
+        store16<PDT>(t.param, start + j, _mm512_mask_mov_ps(param8(k, p, mi, root), rest, p), upd);
       }
+      later[j / 16] = rest;
+      any_later |= rest;
     }
   }
-  if (deferred_sqrt) {
-    const int32_t n = (int32_t)len;
-    fn(&n, v, root);
-    for (int64_t j = 0; j < len; j += 16) {
-      const __mmask16 upd = update[j / 16];
-      const __m512 p = load16<PDT>(t.param, start + j, upd);
-      store16<PDT>(t.param, start + j, param8(k, p, _mm512_load_ps(m + j), _mm512_load_ps(root + j)), upd);
-    }
-  }
+  if (any_later) finish_deferred<PDT, true>(t, start, len, k, m, v, later, fn);
   const float new_a1 = _mm512_reduce_max_ps(amax1), new_a2 = _mm512_reduce_max_ps(amax2);
   t.absmax1[b] = new_a1;
   t.absmax2[b] = new_a2;
@@ -410,21 +508,30 @@ static inline int64_t adam_block_8bit(const pq_adam_tensor& t, int64_t start, in
   return bad;
 }
 
-template <int PDT, int GDT>
-static inline int64_t adam_block_32bit(const pq_adam_tensor& t, int64_t start, int64_t len, int32_t nonfinite,
-                                       int sqrt_mode, pq_vsqrt_fn fn) {
-  alignas(64) float root[kOptimizerBlock];
-  __mmask16 update[kOptimizerBlock / 16];
+// A full block takes an instantiation where the length is a compile-time constant: with a run-time length
+// GCC neither unrolled nor inlined the block's loops, and the step ran at half the speed.
+template <int PDT, int GDT, int NONFINITE, int SQRT_MODE>
+static inline int64_t adam_block_8bit(const pq_adam_tensor& t, int64_t start, int64_t len, const AdamTables& tab,
+                                      pq_vsqrt_fn fn) {
+  if (len == kOptimizerBlock)
+    return adam_block_8bit_impl<PDT, GDT, NONFINITE, SQRT_MODE>(t, start, FullBlock(), tab, fn);
+  return adam_block_8bit_impl<PDT, GDT, NONFINITE, SQRT_MODE>(t, start, len, tab, fn);
+}
+
+template <int PDT, int GDT, int NONFINITE, int SQRT_MODE, class Len>
+PQ_INLINE int64_t adam_block_32bit_impl(const pq_adam_tensor& t, int64_t start, Len len, pq_vsqrt_fn fn) {
+  __mmask16 later[kOptimizerBlock / 16];
+  __mmask16 any_later = 0;
   const AdamVectors k(t.k);
   float* m = (float*)t.state1 + start;
   float* v = (float*)t.state2 + start;
-  const bool deferred_sqrt = sqrt_mode == kSqrtCall;
+  prefetch_block<PDT, GDT>(t, start, 4);
   int64_t bad = 0;
   for (int64_t j = 0; j < len; j += 16) {
     const __mmask16 valid = mask16(len - j);
     const __m512 g = load16<GDT>(t.grad, start + j, valid);
     __mmask16 upd = valid;
-    if (nonfinite == kSkipElement) {
+    if constexpr (NONFINITE == kSkipElement) {
       const __mmask16 skip = nonfinite16(valid, g);
       bad += __builtin_popcount((unsigned)skip);
       upd = valid & (__mmask16)~skip;
@@ -433,23 +540,25 @@ static inline int64_t adam_block_32bit(const pq_adam_tensor& t, int64_t start, i
     moments16(k, g, mi, vi);
     _mm512_mask_storeu_ps(m + j, upd, mi);
     _mm512_mask_storeu_ps(v + j, upd, vi);
-    if (deferred_sqrt) {
-      update[j / 16] = upd;
-    } else {
-      const __m512 p = load16<PDT>(t.param, start + j, upd);
-      store16<PDT>(t.param, start + j, param32(k, p, mi, sqrt16(vi, sqrt_mode, fn)), upd);
+    __mmask16 rest = upd;
+    if constexpr (SQRT_MODE != kSqrtCall) {
+      const __m512 p = load16<PDT>(t.param, start + j, upd);  // masks independent of the arithmetic
+      const __m512 root = sqrt16(vi, SQRT_MODE, rest);
+      rest &= upd;
+      store16<PDT>(t.param, start + j, _mm512_mask_mov_ps(param32(k, p, mi, root), rest, p), upd);
     }
+    later[j / 16] = rest;
+    any_later |= rest;
   }
-  if (deferred_sqrt) {
-    const int32_t n = (int32_t)len;
-    fn(&n, v, root);
-    for (int64_t j = 0; j < len; j += 16) {
-      const __mmask16 upd = update[j / 16];
-      const __m512 p = load16<PDT>(t.param, start + j, upd);
-      store16<PDT>(t.param, start + j, param32(k, p, _mm512_maskz_loadu_ps(upd, m + j), _mm512_load_ps(root + j)), upd);
-    }
-  }
+  // The routine reads v for the whole block; skipped lanes kept their old v, and their results are unused.
+  if (any_later) finish_deferred<PDT, false>(t, start, len, k, m, v, later, fn);
   return bad;
+}
+
+template <int PDT, int GDT, int NONFINITE, int SQRT_MODE>
+static inline int64_t adam_block_32bit(const pq_adam_tensor& t, int64_t start, int64_t len, pq_vsqrt_fn fn) {
+  if (len == kOptimizerBlock) return adam_block_32bit_impl<PDT, GDT, NONFINITE, SQRT_MODE>(t, start, FullBlock(), fn);
+  return adam_block_32bit_impl<PDT, GDT, NONFINITE, SQRT_MODE>(t, start, len, fn);
 }
 
 }  // namespace vec
