@@ -21,6 +21,8 @@ The unscale-and-check of all gradients of one device is one custom op, `pyquant:
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import importlib.util
 import warnings
 from collections import abc, defaultdict
@@ -29,10 +31,10 @@ from typing import Any
 import torch
 from torch.amp.grad_scaler import OptState  # the stage values, shared with torch for code that reads them
 
-from pyquant import backends
+from pyquant import _native, backends
 from pyquant._nvtx import kernel_range
 
-__all__ = ["GradScaler", "OptState", "half", "unscale_", "unscale_reference", "unscale_triton"]
+__all__ = ["GradScaler", "OptState", "half", "unscale_", "unscale_cpu", "unscale_reference", "unscale_triton"]
 
 GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -58,13 +60,56 @@ def unscale_triton(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale
     kernel(grads, found_inf, inv_scale)
 
 
+_CPU_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+@functools.cache
+def _cpu_kernel():
+    """`pq_unscale_` of the C++ CPU library with its argtypes set, or None when the library lacks it."""
+    lib = _native.cpu_library()
+    if lib is None or not hasattr(lib, "pq_unscale_"):
+        return None
+    fn = lib.pq_unscale_
+    P, I32 = ctypes.c_void_p, ctypes.c_int32
+    fn.argtypes = [I32, P, P, P, P, P, I32, I32]
+    fn.restype = None
+    return fn
+
+
+def unscale_cpu(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor, *,
+                threads: int = 0, vector: bool = True) -> None:
+    """The C++ kernel (csrc/cpu/amp.cpp): one call for all contiguous grads, OpenMP over chunks of all of
+    them; a non-contiguous grad goes to the reference. Same bits as the reference for any thread count
+    (`threads` <= 0: OpenMP's default); `vector=False` forces the element-by-element code (tests)."""
+    kernel = _cpu_kernel()
+    if kernel is None:  # a library built before this kernel
+        return unscale_reference(grads, found_inf, inv_scale)
+    dense = [g for g in grads if g.numel() > 0 and g.is_contiguous()]
+    if dense:
+        n = len(dense)
+        kernel(
+            n,
+            (ctypes.c_void_p * n)(*[g.data_ptr() for g in dense]),
+            (ctypes.c_int64 * n)(*[g.numel() for g in dense]),
+            (ctypes.c_int32 * n)(*[_CPU_DTYPE_CODES[g.dtype] for g in dense]),
+            found_inf.data_ptr(),
+            inv_scale.data_ptr(),
+            threads,
+            int(vector),
+        )
+    others = [g for g in grads if g.numel() > 0 and not g.is_contiguous()]
+    if others:
+        unscale_reference(others, found_inf, inv_scale)
+
+
 backends.register("unscale_", "reference", unscale_reference)
 backends.register("unscale_", "triton", unscale_triton)
+backends.register("unscale_", "cpu", unscale_cpu)
 
 
 def _implementation(device_type: str):
-    """The selected backend's "unscale_" (pyquant.backends). Until the C++ cpu and CUDA libraries have
-    one, their tensors go to the reference (CPU) and the Triton kernel (CUDA, when triton imports)."""
+    """The selected backend's "unscale_" (pyquant.backends). Until the CUDA library has one, CUDA tensors
+    go to the Triton kernel (when triton imports); without the C++ CPU library, CPU tensors go to the reference."""
     try:
         return backends.implementation("unscale_", device_type)  # raises if a forced backend cannot run here
     except NotImplementedError:

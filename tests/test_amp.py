@@ -217,8 +217,12 @@ def test_backends_find_the_implementations():
     if os.environ.get("TRITON_INTERPRET") == "1":
         with backends.use_backend("triton"):
             assert backends.implementation("unscale_", "cpu") is amp.unscale_triton
-    # the default CPU backend (the C++ library, or the reference without it) runs the reference for now
-    assert amp._implementation("cpu") is amp.unscale_reference
+    # the default CPU backend: the C++ kernel, or the reference without the library
+    want = amp.unscale_cpu if backends.available("cpu", "cpu") else amp.unscale_reference
+    assert amp._implementation("cpu") is want
+    if backends.available("cpu", "cpu"):
+        with backends.use_backend("cpu"):
+            assert backends.implementation("unscale_", "cpu") is amp.unscale_cpu
 
 
 def test_forced_triton_without_interpreter_is_a_clear_error(monkeypatch):
@@ -227,6 +231,150 @@ def test_forced_triton_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with backends.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         amp.unscale_([torch.ones(2)], torch.zeros(()), torch.tensor(0.5))
+
+
+# ---- the C++ CPU kernel (csrc/cpu/amp.cpp) against the reference and torch's kernel ----
+def _cpu_kernel_or_skip():
+    if amp._cpu_kernel() is None:
+        pytest.skip("the C++ CPU library (with pq_unscale_) is not built")
+
+
+def _exact(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(INT_VIEW[a.element_size()]), b.view(INT_VIEW[b.element_size()]))
+
+
+def _float64_values() -> torch.Tensor:
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(-(2**63), 2**63 - 1, (1 << 15,), dtype=torch.int64, generator=g).view(torch.float64)
+    return torch.cat([x, torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 5e-324, 1e300])])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_cpu_kernel_is_the_reference_and_torchs_kernel_bit_for_bit(dtype):
+    _cpu_kernel_or_skip()
+    x = _float64_values() if dtype == torch.float64 else every_value(dtype)
+    for inv in INV_SCALES:
+        inv_t = torch.tensor(inv, dtype=torch.float32)
+        ref, found_ref = x.clone(), torch.zeros(())
+        amp.unscale_reference([ref], found_ref, inv_t)
+        outs = {}
+        for vector in (True, False):  # the AVX-512 code and the element-by-element rule: identical bits
+            got, found = x.clone(), torch.zeros(())
+            amp.unscale_cpu([got], found, inv_t, vector=vector)
+            assert found.item() == found_ref.item() == 1.0
+            assert_same_bits(got, ref, f"{dtype} inv={inv} vector={vector}")
+            outs[vector] = got
+        assert _exact(outs[True], outs[False]), f"{dtype} inv={inv}: vector and scalar code differ (NaNs included)"
+        if dtype in (torch.float32, torch.float64):  # even the NaN payloads
+            assert _exact(outs[True], ref)
+        if dtype != torch.float16:  # torch refuses float16
+            want, found_want = x.clone(), torch.zeros(())
+            torch._amp_foreach_non_finite_check_and_unscale_([want], found_want, inv_t)
+            assert_same_bits(outs[True], want, f"{dtype} inv={inv} vs torch")
+            if dtype == torch.float32:
+                assert _exact(outs[True], want)
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 31, 33, (1 << 15) - 1, (1 << 15) + 5, 100_003])
+def test_cpu_kernel_tails_and_chunk_edges(n):
+    _cpu_kernel_or_skip()
+    g = torch.Generator().manual_seed(n)
+    inv = torch.tensor(2.0**-10, dtype=torch.float32)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        x = (torch.randn(n, generator=g) * 1e3).to(dtype)
+        ref, got, f1, f2 = x.clone(), x.clone(), torch.zeros(()), torch.zeros(())
+        amp.unscale_reference([ref], f1, inv)
+        amp.unscale_cpu([got], f2, inv)
+        assert _exact(got, ref) and f1.item() == f2.item() == 0.0, (dtype, n)
+        if n:  # one inf, at the last element (a masked tail for most n)
+            x[-1] = float("inf")
+            f = torch.zeros(())
+            amp.unscale_cpu([x], f, inv)
+            assert f.item() == 1.0, (dtype, n)
+
+
+def _mixed_grads(seed=5):
+    g = torch.Generator().manual_seed(seed)
+    grads = [
+        torch.randn(70_001, generator=g) * 1e4,
+        torch.randn(3, 33, generator=g).to(torch.float16) * 100,
+        torch.randn(40_000, generator=g).to(torch.bfloat16),
+        torch.randn(17, generator=g, dtype=torch.float64),
+        torch.randn(0),
+        torch.randn(9, 8, generator=g)[:, ::2],  # non-contiguous: the reference
+        torch.randn(6, 5, generator=g).to(torch.bfloat16).t(),  # non-contiguous
+        torch.randn((), generator=g),
+        torch.randn(100_000, generator=g).to(torch.float16),
+    ]
+    grads[1][2, 7] = float("inf")
+    grads[8][-3] = 1e-7  # float16 subnormal region after scaling: kept, not flushed
+    return grads
+
+
+@pytest.mark.parametrize("inv", [1.0, 2.0**-7, 1 / 3])
+def test_cpu_kernel_mixed_list_one_call(inv):
+    _cpu_kernel_or_skip()
+    grads = _mixed_grads()
+    inv_t = torch.tensor(inv, dtype=torch.float32)
+    ref = [t.clone() for t in grads]
+    f_ref = torch.zeros(())
+    amp.unscale_reference(ref, f_ref, inv_t)
+    f = torch.zeros(())
+    with backends.use_backend("cpu"):
+        amp.unscale_(grads, f, inv_t)
+    assert_same_bits(grads, ref)
+    assert f.item() == f_ref.item() == 1.0
+    clean = _mixed_grads()
+    clean[1][2, 7] = 1.0
+    f = torch.zeros(())
+    amp.unscale_cpu(clean, f, inv_t)
+    assert f.item() == 0.0
+    clean[6][1, 1] = float("nan")  # in a non-contiguous grad: found by the reference fallback
+    amp.unscale_cpu(clean, f, inv_t)
+    assert f.item() == 1.0
+
+
+def test_cpu_kernel_isa_builds_agree():
+    _cpu_kernel_or_skip()
+    from pyquant import _native
+
+    lib = _native.cpu_library()
+    inv = torch.tensor(1 / 3, dtype=torch.float32)
+    outs = []
+    best = lib.pq_isa()
+    try:
+        for isa in (0, 1, 2):
+            lib.pq_set_isa(isa)
+            grads, f = _mixed_grads(), torch.zeros(())
+            amp.unscale_cpu(grads, f, inv)
+            outs.append((grads, f.item()))
+    finally:
+        lib.pq_set_isa(best)
+    for grads, f in outs[1:]:
+        assert f == outs[0][1]
+        assert all(_exact(a.contiguous(), b.contiguous()) for a, b in zip(grads, outs[0][0]))
+
+
+def test_cpu_kernel_bits_do_not_depend_on_the_thread_count(outputs_by_thread_count):
+    _cpu_kernel_or_skip()
+    script = """
+import hashlib, torch
+import pyquant.amp as amp
+g = torch.Generator().manual_seed(0)
+grads = [torch.randn(n, generator=g).to(dt) * 1e4 for n, dt in
+         ((300_001, torch.float32), (200_003, torch.float16), (150_000, torch.bfloat16), (70_000, torch.float64))]
+grads[2][149_999] = float("nan")
+f = torch.zeros(())
+amp.unscale_cpu(grads, f, torch.tensor(1 / 3, dtype=torch.float32))
+h = hashlib.sha256()
+for t in grads:
+    h.update(t.view(torch.uint8).numpy().tobytes())
+print(h.hexdigest(), f.item(), torch.get_num_threads())
+"""
+    lines = outputs_by_thread_count(script)
+    assert len({line.rsplit(" ", 1)[0] for line in lines}) == 1, lines
+    assert len(lines) >= 2  # really ran under different thread counts (torch caps them at the cores)
+    assert all(" 1.0 " in line for line in lines)
 
 
 # ---- GradScaler against torch.amp.GradScaler, side by side ----

@@ -1,0 +1,273 @@
+// Gradient unscaling for dynamic loss scaling (pyquant/amp.py, op `pyquant::unscale_`): torch's
+// `_amp_foreach_non_finite_check_and_unscale_` over all gradients of the CPU in one call.
+//
+// Per element: v = the gradient widened to float32 (float64 stays float64); if v is inf or NaN the call
+// reports it; the gradient becomes (inv_scale == 1 ? v : v * inv_scale) rounded back to its dtype
+// (round to nearest even, pyquant/blockwise.h; subnormals are kept, never flushed). One multiplication,
+// so the result does not depend on the instruction set: the avx512 build runs 16 (8 for float64)
+// elements at a time (F16C conversions for float16, integer rounding for bfloat16) and gives the same
+// bits as the element-by-element rule, NaNs included (a float16 NaN is written as sign | 0x7E00, as
+// float_to_half does).
+//
+// Work: every tensor is cut into chunks of kChunk elements; the chunks of all tensors, in order, are
+// split statically over the OpenMP threads (one contiguous run each). Each thread keeps its own
+// "non-finite seen" flag; the flags are OR-ed at the end, so the result and every written bit are the
+// same for any number of threads.
+//
+// Compiled once per instruction set (PQ_ISA, csrc/include/pyquant/dispatch.h); csrc/capi_amp.cpp picks one.
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "pyquant/blockwise.h"
+
+#define PQ_CAT2(a, b) a##b
+#define PQ_CAT(a, b) PQ_CAT2(a, b)
+#define PQ_NS PQ_CAT(pq_, PQ_ISA)
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
+    defined(__F16C__)
+#define PQ_AMP_AVX512 1
+#include <immintrin.h>
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13  // false positives on the _mm512_undefined_* inside intrinsics
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace PQ_NS {
+namespace {
+using namespace pq;
+
+constexpr int32_t kFloat64 = 3;        // the dtype code of float64 here (pq::DType has 0, 1, 2)
+constexpr int64_t kChunk = 1 << 15;    // elements per work item
+constexpr int64_t kSerialBelow = 1 << 16;  // fewer elements in all: one thread
+
+inline bool finite64(double x) {
+  uint64_t u;
+  memcpy(&u, &x, 8);
+  return (u & 0x7FF0000000000000ull) != 0x7FF0000000000000ull;
+}
+
+// ---- the element-by-element rule (every build; the avx512 build's tails use the masked vector code) ----
+bool scalar_f32(float* p, int64_t n, float inv, bool unit) {
+  bool bad = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = p[i];
+    bad |= !is_finite(v);
+    if (!unit) p[i] = v * inv;
+  }
+  return bad;
+}
+
+bool scalar_f16(uint16_t* p, int64_t n, float inv, bool unit) {
+  bool bad = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = half_to_float(p[i]);
+    bad |= !is_finite(v);
+    p[i] = float_to_half(unit ? v : v * inv);
+  }
+  return bad;
+}
+
+bool scalar_bf16(uint16_t* p, int64_t n, float inv, bool unit) {
+  bool bad = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = bf16_to_float(p[i]);
+    bad |= !is_finite(v);
+    p[i] = float_to_bf16(unit ? v : v * inv);
+  }
+  return bad;
+}
+
+bool scalar_f64(double* p, int64_t n, double inv, bool unit) {
+  bool bad = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = p[i];
+    bad |= !finite64(v);
+    if (!unit) p[i] = v * inv;
+  }
+  return bad;
+}
+
+#if defined(PQ_AMP_AVX512)
+// fpclass categories: QNaN (0x01), +inf (0x08), -inf (0x10), SNaN (0x80)
+constexpr int kNonFinite = 0x01 | 0x08 | 0x10 | 0x80;
+constexpr int kNaN = 0x01 | 0x80;
+
+inline __mmask16 tail16(int64_t r) { return r >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << r) - 1u); }
+inline __mmask8 tail8(int64_t r) { return r >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << r) - 1u); }
+
+bool vec_f32(float* p, int64_t n, float inv, bool unit) {
+  const __m512 vinv = _mm512_set1_ps(inv);
+  __mmask16 bad = 0;
+  int64_t i = 0;
+  if (unit) {
+    for (; i + 16 <= n; i += 16) bad |= _mm512_fpclass_ps_mask(_mm512_loadu_ps(p + i), kNonFinite);
+    if (i < n) {
+      const __mmask16 m = tail16(n - i);
+      bad |= _mm512_mask_fpclass_ps_mask(m, _mm512_maskz_loadu_ps(m, p + i), kNonFinite);
+    }
+    return bad != 0;
+  }
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(p + i);
+    bad |= _mm512_fpclass_ps_mask(v, kNonFinite);
+    _mm512_storeu_ps(p + i, _mm512_mul_ps(v, vinv));
+  }
+  if (i < n) {
+    const __mmask16 m = tail16(n - i);
+    const __m512 v = _mm512_maskz_loadu_ps(m, p + i);
+    bad |= _mm512_mask_fpclass_ps_mask(m, v, kNonFinite);
+    _mm512_mask_storeu_ps(p + i, m, _mm512_mul_ps(v, vinv));
+  }
+  return bad != 0;
+}
+
+bool vec_f64(double* p, int64_t n, double inv, bool unit) {
+  const __m512d vinv = _mm512_set1_pd(inv);
+  __mmask8 bad = 0;
+  for (int64_t i = 0; i < n; i += 8) {
+    const __mmask8 m = tail8(n - i);
+    const __m512d v = _mm512_maskz_loadu_pd(m, p + i);
+    bad |= _mm512_mask_fpclass_pd_mask(m, v, kNonFinite);
+    if (!unit) _mm512_mask_storeu_pd(p + i, m, _mm512_mul_pd(v, vinv));
+  }
+  return bad != 0;
+}
+
+// 16 float16 -> float32 (exact), the product, back with round to nearest even; NaN lanes -> sign | 0x7E00.
+inline __m256i f16_step(__m256i h, __m512 vinv, bool unit, __mmask16 m, __mmask16& bad) {
+  const __m512 v = _mm512_cvtph_ps(h);
+  bad |= _mm512_mask_fpclass_ps_mask(m, v, kNonFinite);
+  const __m512 r = unit ? v : _mm512_mul_ps(v, vinv);
+  __m256i out = _mm512_cvtps_ph(r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __mmask16 nan = _mm512_fpclass_ps_mask(r, kNaN);
+  const __m256i canon = _mm256_or_si256(_mm256_and_si256(out, _mm256_set1_epi16((short)0x8000)),
+                                        _mm256_set1_epi16(0x7E00));
+  return _mm256_mask_blend_epi16(nan, out, canon);
+}
+
+bool vec_f16(uint16_t* p, int64_t n, float inv, bool unit) {
+  const __m512 vinv = _mm512_set1_ps(inv);
+  __mmask16 bad = 0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i h = _mm256_loadu_si256((const __m256i*)(p + i));
+    _mm256_storeu_si256((__m256i*)(p + i), f16_step(h, vinv, unit, (__mmask16)0xFFFF, bad));
+  }
+  if (i < n) {
+    const __mmask16 m = tail16(n - i);
+    const __m256i h = _mm256_maskz_loadu_epi16(m, p + i);
+    _mm256_mask_storeu_epi16(p + i, m, f16_step(h, vinv, unit, m, bad));
+  }
+  return bad != 0;
+}
+
+// 16 bfloat16 -> float32 (a shift), the product, back as float_to_bf16 does it in integer arithmetic.
+inline __m256i bf16_step(__m256i b, __m512 vinv, bool unit, __mmask16 m, __mmask16& bad) {
+  const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+  bad |= _mm512_mask_fpclass_ps_mask(m, v, kNonFinite);
+  const __m512i u = _mm512_castps_si512(unit ? v : _mm512_mul_ps(v, vinv));
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)),
+                                                _mm512_set1_epi32(0x7F800000));
+  const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet));
+}
+
+bool vec_bf16(uint16_t* p, int64_t n, float inv, bool unit) {
+  const __m512 vinv = _mm512_set1_ps(inv);
+  __mmask16 bad = 0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i b = _mm256_loadu_si256((const __m256i*)(p + i));
+    _mm256_storeu_si256((__m256i*)(p + i), bf16_step(b, vinv, unit, (__mmask16)0xFFFF, bad));
+  }
+  if (i < n) {
+    const __mmask16 m = tail16(n - i);
+    const __m256i b = _mm256_maskz_loadu_epi16(m, p + i);
+    _mm256_mask_storeu_epi16(p + i, m, bf16_step(b, vinv, unit, m, bad));
+  }
+  return bad != 0;
+}
+#endif
+
+// One piece [begin, end) of one tensor; true if it holds a non-finite value.
+bool unscale_piece(void* base, int32_t dtype, int64_t begin, int64_t end, float inv, bool unit, bool vector) {
+  const int64_t n = end - begin;
+#if defined(PQ_AMP_AVX512)
+  if (vector) {
+    switch (dtype) {
+      case kFloat32: return vec_f32((float*)base + begin, n, inv, unit);
+      case kFloat16: return vec_f16((uint16_t*)base + begin, n, inv, unit);
+      case kBFloat16: return vec_bf16((uint16_t*)base + begin, n, inv, unit);
+      case kFloat64: return vec_f64((double*)base + begin, n, (double)inv, unit);
+      default: return false;
+    }
+  }
+#else
+  (void)vector;
+#endif
+  switch (dtype) {
+    case kFloat32: return scalar_f32((float*)base + begin, n, inv, unit);
+    case kFloat16: return scalar_f16((uint16_t*)base + begin, n, inv, unit);
+    case kBFloat16: return scalar_bf16((uint16_t*)base + begin, n, inv, unit);
+    case kFloat64: return scalar_f64((double*)base + begin, n, (double)inv, unit);
+    default: return false;
+  }
+}
+}  // namespace
+
+// grads[t]: numels[t] contiguous elements of dtype dtypes[t] (0 float32, 1 float16, 2 bfloat16, 3 float64).
+// Sets *found_inf = 1 if any element is inf or NaN (never clears it). threads <= 0: OpenMP's default.
+// vector == 0 forces the element-by-element rule (tests: both give the same bits).
+void unscale(int32_t count, void* const* grads, const int64_t* numels, const int32_t* dtypes, float* found_inf,
+             const float* inv_scale, int32_t threads, int32_t vector) {
+  if (count <= 0) return;
+  const float inv = *inv_scale;
+  const bool unit = inv == 1.0f;
+  // first_chunk[t]: index of tensor t's first chunk among all chunks
+  std::vector<int64_t> first_chunk((size_t)count + 1);
+  int64_t total = 0;
+  first_chunk[0] = 0;
+  for (int32_t t = 0; t < count; ++t) {
+    const int64_t n = numels[t] > 0 ? numels[t] : 0;
+    total += n;
+    first_chunk[t + 1] = first_chunk[t] + (n + kChunk - 1) / kChunk;
+  }
+  const int64_t chunks = first_chunk[count];
+  if (chunks == 0) return;
+  int nt = threads > 0 ? threads : omp_get_max_threads();
+  if (total < kSerialBelow) nt = 1;
+  if ((int64_t)nt > chunks) nt = (int)chunks;
+  std::vector<unsigned char> flags((size_t)nt, 0);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    const int tid = omp_get_thread_num();
+    const int used = omp_get_num_threads();
+    const int64_t c0 = chunks * tid / used, c1 = chunks * (tid + 1) / used;
+    bool bad = false;
+    if (c0 < c1) {
+      // the tensor holding chunk c0: the last t with first_chunk[t] <= c0 (and chunks of its own)
+      int32_t t = (int32_t)(std::upper_bound(first_chunk.begin(), first_chunk.end(), c0) - first_chunk.begin()) - 1;
+      for (int64_t c = c0; c < c1; ++c) {
+        while (c >= first_chunk[t + 1]) ++t;
+        const int64_t begin = (c - first_chunk[t]) * kChunk;
+        const int64_t end = std::min(begin + kChunk, numels[t]);
+        bad |= unscale_piece(grads[t], dtypes[t], begin, end, inv, unit, vector != 0);
+      }
+    }
+    flags[(size_t)tid] = bad ? 1 : 0;
+  }
+  bool any = false;
+  for (unsigned char f : flags) any |= f != 0;
+  if (any) *found_inf = 1.0f;
+}
+
+}  // namespace PQ_NS
