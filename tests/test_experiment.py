@@ -139,9 +139,9 @@ def test_flops_and_optimizer_state_bytes_are_exact():
 
 def test_peak_memory_sees_a_phase_allocation():
     with measure.PeakMemory(torch.device("cpu")) as mem:
-        x = torch.ones(64 * 2**20 // 4)  # 64 MiB
+        x = torch.ones(1024 * 2**20 // 4)  # 1 GiB: more than earlier tests can leave resident
         del x
-    assert mem.growth_bytes >= 60 * 2**20
+    assert mem.growth_bytes >= 900 * 2**20
     assert mem.method
 
 
