@@ -128,6 +128,20 @@ def test_shapes_and_non_contiguous_inputs(backend):
     assert out.shape == x.shape
     assert (out - x).abs().max() <= 0.02 * x.abs().max()  # 8-bit codes: relative error of the dynamic map
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_dequantize_takes_the_streaming_path_with_the_same_bits(dtype):
+    # Outputs of 32 MiB and more are written with non-temporal stores (csrc/cpu/kernels.cpp); the partial last
+    # block still takes the ordinary path.
+    n = (32 << 20) // torch.tensor([], dtype=dtype).element_size() + 300
+    x = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    q, absmax = F.quantize_blockwise(x, blocksize=256)
+    with pyquant.use_backend("cpu"):
+        out = F.dequantize_blockwise(q, absmax, blocksize=256, dtype=dtype)
+    with pyquant.use_backend("reference"):
+        expected = F.dequantize_blockwise(q, absmax, blocksize=256, dtype=dtype)
+    assert torch.equal(out, expected)
+
+
 
 @settings(max_examples=60, deadline=None)
 @given(

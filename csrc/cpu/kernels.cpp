@@ -249,18 +249,34 @@ void quantize_blockwise(const void* x, int32_t dtype, int64_t n, int64_t blocksi
   }
 }
 
+#if PQ_VECTOR
+constexpr int64_t kStreamingBytes = (int64_t)32 << 20;  // the last-level cache of this class of CPU
+#endif
+
 void dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n,
                           int64_t blocksize, void* out, int32_t dtype) {
   const int64_t blocks = (n + blocksize - 1) / blocksize;
 #if PQ_VECTOR
   vec::DequantTable deq;
   vec::prepare_dequant(code, deq);
+  // An output much larger than the last-level cache goes out with non-temporal stores (simd_avx512.h).
+  const int64_t out_bytes = n * (dtype == kFloat32 ? 4 : 2);
+  const bool streaming = vec::kStreamingDequant && blocksize == kOptimizerBlock && out_bytes >= kStreamingBytes &&
+                         ((uintptr_t)out & 63) == 0;
   with_dtype(dtype, [&](auto d) {
     constexpr int DT = decltype(d)::value;
-#pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t start = b * blocksize;
-      vec::dequantize_block<DT>(q, absmax[b], start, std::min(blocksize, n - start), deq, out);
+#pragma omp parallel
+    {
+#pragma omp for schedule(static) nowait
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t start = b * blocksize;
+        const int64_t len = std::min(blocksize, n - start);
+        if (streaming && len == kOptimizerBlock)
+          vec::dequantize_block_streaming<DT>(q, absmax[b], start, deq, out);
+        else
+          vec::dequantize_block<DT>(q, absmax[b], start, len, deq, out);
+      }
+      if (streaming) vec::stream_fence();  // before the region's closing barrier
     }
   });
 #else

@@ -228,6 +228,15 @@ static inline void dequantize_block(const uint8_t* q, float absmax, int64_t star
     dequantize_block_impl<DT>(q, absmax, start, len, t, out);
 }
 
+// No streaming variant here (see simd_avx512.h): the AVX2 path is a fallback.
+template <int DT>
+static inline void dequantize_block_streaming(const uint8_t* q, float absmax, int64_t start, const DequantTable& t,
+                                              void* out) {
+  dequantize_block<DT>(q, absmax, start, kOptimizerBlock, t, out);
+}
+constexpr bool kStreamingDequant = false;
+static inline void stream_fence() {}
+
 // ---- sqrt(v) of Adam's denominator: IEEE, or torch's CPU sqrt emulated (see simd_avx512.h, cpu_sqrt.h) ----
 
 // Lanes whose inputs need the routine itself come back in `needs_routine` (all-ones lanes), for the caller
