@@ -39,6 +39,8 @@ void pq_set_cpu_sqrt(pq_vsqrt_fn fn) { pq_cpu_sqrt = fn; }
 
 int32_t pq_isa(void) { return g_isa; }
 
+int32_t pq_abi_version(void) { return PQ_ABI_VERSION; }
+
 // Lets tests and benchmarks force a narrower path; returns the previous choice.
 int32_t pq_set_isa(int32_t isa) {
   const int32_t previous = g_isa;

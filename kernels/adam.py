@@ -28,12 +28,13 @@ from pyquant.kernels.blockwise import (
     load_f32,
     masked_abs,
     quantize_values,
+    rounded_to,
     store_f32,
 )
 
 STATE_BLOCK = 256  # block size of the 8-bit states (pyquant._reference.OPTIMIZER_BLOCK)
 ADAM_ROWS = 4  # state blocks per program
-N_CONSTANTS = 9  # columns of `constants`: pyquant._reference.CONSTANT_FIELDS
+N_CONSTANTS = 10  # columns of `constants`: pyquant._reference.CONSTANT_FIELDS
 META_FIELDS = 8  # param, grad, state1, state2, absmax1, absmax2 addresses; numel; state bits
 _TABLE_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 _TABLE_CACHE_SIZE = 32
@@ -61,7 +62,7 @@ def _adam_kernel(meta_ptr, const_ptr, prog_ptr, code1_ptr, code2_ptr, table1_ptr
     g_ptr = storage_ptr(tl.load(row + 1), G_DTYPE)
     numel = tl.load(row + 6)
     bits = tl.load(row + 7)
-    k = const_ptr + t * 9  # the tensor's row of constants, in pq::AdamConstants order
+    k = const_ptr + t * 10  # the tensor's row of constants, in pq::AdamConstants order
     beta1 = tl.load(k + 0)
     one_minus_beta1 = tl.load(k + 1)
     beta2 = tl.load(k + 2)
@@ -71,12 +72,14 @@ def _adam_kernel(meta_ptr, const_ptr, prog_ptr, code1_ptr, code2_ptr, table1_ptr
     c2 = tl.load(k + 6)
     step_size = tl.load(k + 7)
     decay = tl.load(k + 8)
+    inv_grad_scale = tl.load(k + 9)
 
     blocks = first + tl.arange(0, ROWS)  # state block indices within the tensor
     offs = blocks.to(tl.int64)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # element indices
     mask = offs < numel  # covers the partial last block and blocks past the end
     block_ok = blocks.to(tl.int64) * BLOCK < numel
-    g = load_f32(g_ptr, offs, mask, G_DTYPE)
+    # blockwise.h's unscaled_grad: the gradient as a separate GradScaler.unscale_ pass would have stored it.
+    g = rounded_to(load_f32(g_ptr, offs, mask, G_DTYPE) * inv_grad_scale, G_DTYPE)
     bad = (g.to(tl.uint32, bitcast=True) & 0x7F800000) == 0x7F800000  # inf or NaN
     if NONFINITE == 0:
         update = mask & ~bad  # a skipped element keeps its p, m and v

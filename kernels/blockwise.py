@@ -61,6 +61,16 @@ def float_to_bf16_bits(x):
 
 
 @triton.jit
+def rounded_to(x, DTYPE: tl.constexpr):
+    """float32 `x` rounded once to DTYPE's precision, as float32: what store_f32 then load_f32 give."""
+    if DTYPE == 1:
+        x = x.to(tl.float16).to(tl.float32)
+    elif DTYPE == 2:
+        x = (float_to_bf16_bits(x).to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
 def store_f32(ptr, offs, x, mask, DTYPE: tl.constexpr):
     """Store float32 `x` to storage of DTYPE with one round-to-nearest-even rounding."""
     if DTYPE == 0:

@@ -33,6 +33,8 @@ def _library() -> ctypes.CDLL:
     lib.pq_cuda_dequantize_blockwise.restype = I32
     lib.pq_cuda_adam_step.argtypes = [P, P, I32, I64, P, P, P, P, I32, P, P]
     lib.pq_cuda_adam_step.restype = I32
+    lib.pq_cuda_unscale_.argtypes = [P, I32, I64, P, P, P]
+    lib.pq_cuda_unscale_.restype = I32
     lib.pq_cuda_error_string.argtypes = [I32]
     lib.pq_cuda_error_string.restype = ctypes.c_char_p
     return lib
@@ -131,6 +133,36 @@ def adam_step(params, grads, state1, state2, absmax1, absmax2, constants, code1,
         )
     _check(lib, error, "adam_step")
     return bad
+
+
+UNSCALE_CHUNK = 4096  # kUnscaleChunk of csrc/cuda/kernels.cu
+UNSCALE_DTYPE_CODES = {**DTYPE_CODES, torch.float64: 3}
+
+
+def unscale_(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor) -> None:
+    """GradScaler's unscale_ in one launch over every gradient of the device (op `pyquant::unscale_`,
+    registered by pyquant.amp); a non-contiguous gradient goes to the reference. Asynchronous."""
+    from pyquant.amp import unscale_reference
+
+    dense = [g for g in grads if g.numel() > 0 and g.is_contiguous()]
+    others = [g for g in grads if g.numel() > 0 and not g.is_contiguous()]
+    if dense:
+        lib = _library()
+        device = found_inf.device
+        chunks = [-(-g.numel() // UNSCALE_CHUNK) for g in dense]
+        first_chunk = [sum(chunks[:i]) for i in range(len(dense))]
+        meta = torch.tensor(
+            [[_ptr(g) for g in dense], [g.numel() for g in dense], [UNSCALE_DTYPE_CODES[g.dtype] for g in dense],
+             first_chunk],
+            dtype=torch.int64,
+        ).to(device)
+        with torch.cuda.device(device):
+            error = lib.pq_cuda_unscale_(
+                _ptr(meta), len(dense), sum(chunks), _ptr(found_inf), _ptr(inv_scale), _stream(device)
+            )
+        _check(lib, error, "unscale_")
+    if others:
+        unscale_reference(others, found_inf, inv_scale)
 
 
 OPS = {

@@ -27,6 +27,7 @@ class AdamConstants(ctypes.Structure):
         ("c2", ctypes.c_float),
         ("step_size", ctypes.c_float),
         ("decay", ctypes.c_float),
+        ("inv_grad_scale", ctypes.c_float),
     ]
 
 
@@ -67,6 +68,23 @@ def _find(name: str) -> Path | None:
     return None
 
 
+ABI_VERSION = 2  # PQ_ABI_VERSION of csrc/include/pyquant/capi.h, which these ctypes descriptions mirror
+
+
+def _checked(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL | None:
+    """`lib`, or None (with a warning) when it was built from sources with another C ABI."""
+    version = lib.pq_abi_version() if hasattr(lib, "pq_abi_version") else 1
+    if version == ABI_VERSION:
+        return lib
+    warnings.warn(
+        f"pyquant: {path} was built from other sources (C ABI {version}, this pyquant needs {ABI_VERSION}); "
+        "rebuild it with `pip install -e .`; until then the reference implementation runs",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return None
+
+
 @functools.cache
 def cpu_library() -> ctypes.CDLL | None:
     """The C++ CPU library, or None (with one warning) when it was not built."""
@@ -80,7 +98,9 @@ def cpu_library() -> ctypes.CDLL | None:
             stacklevel=3,
         )
         return None
-    lib = ctypes.CDLL(str(path))
+    lib = _checked(ctypes.CDLL(str(path)), path)
+    if lib is None:
+        return None
     P, I32, I64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
     lib.pq_isa.restype = I32
     lib.pq_set_isa.argtypes = [I32]
@@ -137,7 +157,7 @@ def cuda_library() -> ctypes.CDLL | None:
     path = _find("libpyquant_cuda.so")
     if path is None:
         return None
-    return ctypes.CDLL(str(path))
+    return _checked(ctypes.CDLL(str(path)), path)
 
 
 def cpu_isa() -> str:

@@ -8,13 +8,39 @@ where a product is not rounded before the addition.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 GRID_POINTS = 65536
 OPTIMIZER_BLOCK = 256
 SKIP_ELEMENT, PROPAGATE = 0, 1
 # Field order of pq::AdamConstants; the optimizer builds one row per tensor.
-CONSTANT_FIELDS = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "eps_c2", "c2", "step_size", "decay")
+CONSTANT_FIELDS = (
+    "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "eps_c2", "c2", "step_size", "decay", "inv_grad_scale"
+)
+
+
+def adam_constants(group: dict, step: int, eight_bit: bool, inv_grad_scale: float = 1.0) -> list[float]:
+    """One row of pq::AdamConstants for a parameter group (lr, betas, eps, weight_decay) at `step`, in
+    double precision (docs/numerics.md section 4); a float32 tensor of rows rounds each entry once."""
+    beta1, beta2 = (float(b) for b in group["betas"])
+    lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
+    c1 = 1.0 - beta1**step
+    c2 = math.sqrt(1.0 - beta2**step)
+    values = dict(
+        beta1=beta1,
+        one_minus_beta1=1.0 - beta1,
+        beta2=beta2,
+        one_minus_beta2=1.0 - beta2,
+        eps=eps,
+        eps_c2=eps * c2,
+        c2=c2,
+        step_size=-lr / c1 if eight_bit else -lr * c2 / c1,
+        decay=1.0 - lr * wd if wd > 0.0 else 1.0,
+        inv_grad_scale=inv_grad_scale,
+    )
+    return [values[name] for name in CONSTANT_FIELDS]
 
 
 def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -97,8 +123,15 @@ def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     return (code[flat] * scale).to(dtype).reshape(q.shape)
 
 
+def unscaled_grad(g: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
+    """GradScaler's unscale fused into the step: g * inv_scale rounded to g's dtype, as unscale_ leaves it."""
+    if float(inv_scale) == 1.0:
+        return g.float()
+    return (g.float() * inv_scale).to(g.dtype).float()
+
+
 def _adam_one_tensor(p, g, s1, s2, a1, a2, k: dict, code1, code2, nonfinite: int) -> int:
-    gf = g.reshape(-1).float()
+    gf = unscaled_grad(g.reshape(-1), k["inv_grad_scale"])
     pf = p.reshape(-1).float()
     eight_bit = s1.dtype == torch.uint8
     if eight_bit:

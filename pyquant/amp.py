@@ -107,9 +107,19 @@ backends.register("unscale_", "triton", unscale_triton)
 backends.register("unscale_", "cpu", unscale_cpu)
 
 
+def unscale_cuda(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor) -> None:
+    """The CUDA kernel (csrc/cuda/kernels.cu, unscale_kernel): one launch for all grads of the device."""
+    from pyquant import _cuda
+
+    _cuda.unscale_(grads, found_inf, inv_scale)
+
+
+backends.register("unscale_", "cuda", unscale_cuda)
+
+
 def _implementation(device_type: str):
-    """The selected backend's "unscale_" (pyquant.backends). Until the CUDA library has one, CUDA tensors
-    go to the Triton kernel (when triton imports); without the C++ CPU library, CPU tensors go to the reference."""
+    """The selected backend's "unscale_" (pyquant.backends): the CUDA kernel when the CUDA library is built,
+    else the Triton kernel (when triton imports); without the C++ CPU library, CPU tensors go to the reference."""
     try:
         return backends.implementation("unscale_", device_type)  # raises if a forced backend cannot run here
     except NotImplementedError:

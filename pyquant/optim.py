@@ -14,7 +14,6 @@ Differences from torch.optim.Adam, on purpose:
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections import defaultdict
 from copy import deepcopy
@@ -23,7 +22,14 @@ from itertools import chain
 import torch
 
 from pyquant import functional as F
-from pyquant._reference import CONSTANT_FIELDS, OPTIMIZER_BLOCK
+from pyquant._reference import OPTIMIZER_BLOCK, adam_constants
+from pyquant.distributed import (
+    checked_sharded_state,
+    is_sharded,
+    local_tensor,
+    refuse_sharded,
+    sharded_state_entry,
+)
 
 __all__ = ["Adam8bit", "AdamW8bit", "from_torch", "to_torch"]
 
@@ -43,6 +49,10 @@ class Adam8bit(torch.optim.Optimizer):
         weight_decay: decoupled weight decay (p *= 1 - lr * wd), as bitsandbytes' Adam8bit does.
         amsgrad: must be False (not supported; bitsandbytes ignores it, pyquant says so).
         min_8bit_size: tensors with fewer elements keep float32 states (default 4096, as bitsandbytes).
+        master_weights: for float16/bfloat16 parameters, keep a float32 copy (state "master") that the
+            step updates; the parameter is that copy rounded to its dtype after every step, so updates
+            smaller than half a unit in the last place of a float16 weight are not lost (+4 bytes per
+            such parameter element). Float32 parameters need none and get none.
         nonfinite: what a NaN or inf gradient element does.
             ``"skip"`` (default): that element's parameter and moments are left unchanged; every other
             element, including the rest of its block, is updated as if it were absent (the block's scale
@@ -50,9 +60,16 @@ class Adam8bit(torch.optim.Optimizer):
             elements in the last step.
             ``"propagate"``: bitsandbytes' CPU behaviour, bit for bit: the NaN/inf flows into the parameter
             element and, through the block's scale, into the states of its whole block.
+
+    With a GradScaler (pyquant.amp's or torch.amp's), the unscale is fused into the step: the scaler
+    hands over the loss scale and the found-inf flag (attributes ``grad_scale`` and ``found_inf``, set for
+    one step), the kernel multiplies each gradient by 1/scale as it reads it (rounded to the gradient's
+    dtype, as ``unscale_`` would store it), and a step with an inf/NaN gradient anywhere is skipped whole.
+    Same bits as unscale-then-step, without the pass that writes unscaled gradients back.
     """
 
     _default_weight_decay = 0.0
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -64,6 +81,7 @@ class Adam8bit(torch.optim.Optimizer):
         amsgrad: bool = False,
         *,
         min_8bit_size: int = 4096,
+        master_weights: bool = False,
         nonfinite: str = "skip",
     ):
         weight_decay = self._default_weight_decay if weight_decay is None else weight_decay
@@ -85,6 +103,7 @@ class Adam8bit(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         self.min_8bit_size = int(min_8bit_size)
+        self.master_weights = bool(master_weights)
         self.nonfinite = nonfinite
         self.nonfinite_count: torch.Tensor | int = 0
         self._warned_nonfinite = False
@@ -102,20 +121,26 @@ class Adam8bit(torch.optim.Optimizer):
     def _uses_8bit(self, p: torch.Tensor) -> bool:
         return p.numel() >= self.min_8bit_size
 
+    def _keeps_master(self, p: torch.Tensor) -> bool:
+        return self.master_weights and p.dtype != torch.float32
+
     def _init_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
         state["step"] = 0
-        if self._uses_8bit(p):
+        shard = local_tensor(p)  # under FSDP2 the states are this rank's shard's (pyquant/distributed.py)
+        if self._keeps_master(p):
+            state["master"] = shard.detach().float().contiguous()
+        if self._uses_8bit(p):  # decided on the whole parameter: the same on every rank and world size
             code1, code2 = self._codes_on(p.device)
-            blocks = -(-p.numel() // OPTIMIZER_BLOCK)
-            state["state1"] = torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.contiguous_format)
-            state["state2"] = torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.contiguous_format)
+            blocks = -(-shard.numel() // OPTIMIZER_BLOCK)
+            state["state1"] = torch.zeros_like(shard, dtype=torch.uint8, memory_format=torch.contiguous_format)
+            state["state2"] = torch.zeros_like(shard, dtype=torch.uint8, memory_format=torch.contiguous_format)
             state["qmap1"], state["qmap2"] = code1, code2
             state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
             state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
         else:
-            state["state1"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-            state["state2"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            state["state1"] = torch.zeros_like(shard, dtype=torch.float32, memory_format=torch.contiguous_format)
+            state["state2"] = torch.zeros_like(shard, dtype=torch.float32, memory_format=torch.contiguous_format)
         return state
 
     def state_bytes(self) -> int:
@@ -146,25 +171,6 @@ class Adam8bit(torch.optim.Optimizer):
         if g.device != p.device:
             raise ValueError(f"gradient on {g.device} but parameter on {p.device}")
 
-    def _constants(self, group: dict, step: int, eight_bit: bool) -> list[float]:
-        """One row of pq::AdamConstants, in double precision; the float32 tensor rounds each entry once."""
-        beta1, beta2 = (float(b) for b in group["betas"])
-        lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
-        c1 = 1.0 - beta1**step
-        c2 = math.sqrt(1.0 - beta2**step)
-        values = dict(
-            beta1=beta1,
-            one_minus_beta1=1.0 - beta1,
-            beta2=beta2,
-            one_minus_beta2=1.0 - beta2,
-            eps=eps,
-            eps_c2=eps * c2,
-            c2=c2,
-            step_size=-lr / c1 if eight_bit else -lr * c2 / c1,
-            decay=1.0 - lr * wd if wd > 0.0 else 1.0,
-        )
-        return [values[name] for name in CONSTANT_FIELDS]
-
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimization step; `closure` re-evaluates the model and returns the loss."""
@@ -173,6 +179,10 @@ class Adam8bit(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         policy = NONFINITE_POLICIES[self.nonfinite]
+        inv_grad_scale = self._fused_inv_grad_scale()
+        if inv_grad_scale is None:  # GradScaler found an inf/NaN gradient: the whole step is skipped
+            self.nonfinite_count = 0
+            return loss
         counts = []
         for group in self.param_groups:
             by_device: dict[torch.device, list] = defaultdict(list)
@@ -183,19 +193,22 @@ class Adam8bit(torch.optim.Optimizer):
                 if not p.is_contiguous():
                     p.data = p.data.contiguous()  # the kernel walks memory linearly, as bitsandbytes does
                 state = self.state[p] if len(self.state[p]) else self._init_state(p)
+                if self._keeps_master(p) and "master" not in state:  # e.g. loaded from a checkpoint without one
+                    state["master"] = local_tensor(p).detach().float().contiguous()
                 state["step"] += 1
                 by_device[p.device].append((p, state))
             for device, items in by_device.items():
                 code1, code2 = self._codes_on(device)
                 empty = torch.empty(0, dtype=torch.float32, device=device)
                 constants = torch.tensor(
-                    [self._constants(group, s["step"], s["state1"].dtype == torch.uint8) for _, s in items],
+                    [adam_constants(group, s["step"], s["state1"].dtype == torch.uint8, inv_grad_scale)
+                     for _, s in items],
                     dtype=torch.float32,
                 )
                 counts.append(
                     F.adam_step_multi_tensor(
-                        [p for p, _ in items],
-                        [p.grad.contiguous() for p, _ in items],
+                        [s.get("master", local_tensor(p)) for p, s in items],  # FSDP2: this rank's shards
+                        [local_tensor(p.grad).contiguous() for p, _ in items],
                         [s["state1"] for _, s in items],
                         [s["state2"] for _, s in items],
                         [s.get("absmax1", empty) for _, s in items],
@@ -206,6 +219,9 @@ class Adam8bit(torch.optim.Optimizer):
                         policy,
                     )
                 )
+                masters = [(p, s["master"]) for p, s in items if "master" in s]
+                if masters:  # the parameters the model computes with: their master copies, rounded once
+                    torch._foreach_copy_([local_tensor(p) for p, _ in masters], [m for _, m in masters])
         self.nonfinite_count = sum(int(c) if c.device.type == "cpu" else c for c in counts) if counts else 0
         if isinstance(self.nonfinite_count, int) and self.nonfinite_count and not self._warned_nonfinite:
             self._warned_nonfinite = True
@@ -217,11 +233,27 @@ class Adam8bit(torch.optim.Optimizer):
             )
         return loss
 
+    def _fused_inv_grad_scale(self) -> float | None:
+        """1/loss-scale for the kernel when a GradScaler fused its unscale into this step (1 otherwise), or
+        None when its found-inf flag says the step is to be skipped (one host sync, as GradScaler.step's)."""
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and float(found_inf) != 0.0:
+            return None
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is None:
+            return 1.0
+        # The reciprocal as GradScaler.unscale_ takes it: in float64, rounded once to float32.
+        return float(torch.as_tensor(grad_scale).double().reciprocal().float())
+
     # ---- checkpoints: bitsandbytes' layout ----
     def state_dict(self) -> dict:
         sd = super().state_dict()
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))  # index -> parameter
         wrapped = {}
         for key, param_state in sd["state"].items():
+            if is_sharded(params[key]):  # FSDP2: float32 moments as DTensors, which DCP can reshard
+                wrapped[key] = sharded_state_entry(params[key], param_state)
+                continue
             param_state = dict(param_state)
             quant = {k: param_state.pop(k) for k in QUANT_STATE_FIELDS if k in param_state}
             if quant:
@@ -235,6 +267,8 @@ class Adam8bit(torch.optim.Optimizer):
         saved = dict(saved)
         saved.update(saved.pop(QUANT_STATE_KEY, {}))
         where = f"state of parameter {index} (shape {tuple(p.shape)}, {p.dtype})"
+        if is_sharded(p):
+            return checked_sharded_state(self, p, saved, where)
         step = saved.get("step")
         if isinstance(step, torch.Tensor):
             step = step.item()
@@ -250,6 +284,12 @@ class Adam8bit(torch.optim.Optimizer):
             if t.dtype not in (torch.uint8, torch.float32):
                 raise ValueError(f"{where}: {key} has dtype {t.dtype}, expected uint8 (8-bit) or float32")
             state[key] = t.to(p.device).contiguous()
+        master = saved.get("master")
+        if master is not None:  # only optimizers with master_weights=True write one; others ignore it
+            if not isinstance(master, torch.Tensor) or master.dtype != torch.float32 or master.shape != p.shape:
+                raise ValueError(f"{where}: master must be a float32 tensor of shape {tuple(p.shape)}")
+            if self._keeps_master(p):
+                state["master"] = master.to(p.device).contiguous()
         if state["state1"].dtype != state["state2"].dtype:
             raise ValueError(f"{where}: state1 is {state['state1'].dtype} but state2 is {state['state2'].dtype}")
         if state["state1"].dtype == torch.uint8:
@@ -296,6 +336,7 @@ class Adam8bit(torch.optim.Optimizer):
     # ---- switching with torch.optim.Adam / AdamW ----
     def load_torch_state_dict(self, torch_state_dict: dict) -> None:
         """Load the state of a torch.optim.Adam/AdamW (exp_avg, exp_avg_sq) over the same parameters."""
+        refuse_sharded(self, "load_torch_state_dict (and from_torch)")
         converted = {"param_groups": [], "state": {}}
         for sg in torch_state_dict["param_groups"]:
             if sg.get("amsgrad"):
@@ -330,6 +371,7 @@ class Adam8bit(torch.optim.Optimizer):
 
     def torch_state_dict(self) -> dict:
         """This optimizer's state in torch.optim.Adam/AdamW's format (moments dequantised to float32)."""
+        refuse_sharded(self, "torch_state_dict (and to_torch)")
         sd = super().state_dict()
         out = {"param_groups": [], "state": {}}
         for group in sd["param_groups"]:

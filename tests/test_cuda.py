@@ -18,12 +18,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import pyquant
-from pyquant import _native, functional
+from pyquant import _native, _reference, functional
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPILE_SCRIPT = ROOT / ".ci" / "compile_cuda.sh"
@@ -214,17 +213,8 @@ def test_kernels_run_on_the_current_stream(backends):
 
 
 # ---- Adam ----
-def f32(value: float) -> float:
-    return float(np.float32(value))
-
-
 def constants_row(step: int, eight_bit: bool, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, wd=0.0) -> list[float]:
-    """One row of pq::AdamConstants as docs/numerics.md section 4 defines it."""
-    c1 = 1 - b1**step
-    c2 = math.sqrt(1 - b2**step)
-    step_size = -lr / c1 if eight_bit else -lr * c2 / c1
-    return [f32(b1), f32(1 - b1), f32(b2), f32(1 - b2), f32(eps), f32(eps * c2), f32(c2), f32(step_size),
-            f32(1 - lr * wd)]
+    return _reference.adam_constants(dict(lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd), step, eight_bit)
 
 
 # (numel, 8-bit states, param dtype, grad dtype, weight decay): 8-bit and float32 states, partial last
@@ -369,3 +359,28 @@ def test_adam_step_large_group_one_launch(ieee_cpu_sqrt):
     for name, host_list, dev_list in zip(names, (params, s1, s2, a1, a2), dev):
         for i, (c, d) in enumerate(zip(host_list, dev_list)):
             assert_same(c, d, f"{name}[{i}] (numel {sizes[i]})")
+
+
+# ---- GradScaler's unscale_ ----
+@pytest.mark.gpu
+@pytest.mark.parametrize("inv", [1.0, 2.0**-16, 1 / 3])
+def test_unscale_kernel_is_the_cpu_rule_in_one_launch(backends, inv):
+    """Mixed dtypes, chunk edges, specials: the CUDA kernel's gradients and flag equal the reference's."""
+    from pyquant.amp import unscale_cuda, unscale_reference
+
+    sizes = [1, 4095, 4096, 4097, 70_001]
+    dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float32]
+    grads = [special_values(n, torch.float32, seed=n).to(dt) for n, dt in zip(sizes, dtypes)]
+    finite = [torch.nan_to_num(g, nan=0.0, posinf=1.0, neginf=-1.0) for g in grads]
+    inv_scale = torch.tensor(inv)
+    for case in (grads, finite):
+        expected = [g.clone() for g in case]
+        flag = torch.zeros(())
+        unscale_reference(expected, flag, inv_scale)
+        on_gpu = [g.cuda() for g in case]
+        flag_gpu = torch.zeros((), device="cuda")
+        unscale_cuda(on_gpu, flag_gpu, inv_scale.cuda())
+        assert flag_gpu.item() == flag.item() == (1.0 if case is grads else 0.0)
+        for i, (e, d) in enumerate(zip(expected, on_gpu)):
+            same = (e.cpu() == d.cpu()) | (torch.isnan(e.cpu()) & torch.isnan(d.cpu()))
+            assert bool(same.all()), f"grad {i} ({dtypes[i]})"

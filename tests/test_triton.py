@@ -13,7 +13,6 @@ sign, GPUs produce a canonical NaN), so NaNs are compared by position only.
 from __future__ import annotations
 
 import importlib
-import math
 import os
 
 import pytest
@@ -238,16 +237,9 @@ ADAM_TENSORS = (
 )
 
 
-def constants_row(step: int, wd: float, eight_bit: bool) -> list[float]:
-    """pq::AdamConstants in double precision (as pyquant.optim builds them); float32 rounds each once."""
-    beta1, beta2 = BETAS
-    c1, c2 = 1.0 - beta1**step, math.sqrt(1.0 - beta2**step)
-    values = dict(
-        beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2, eps=EPS,
-        eps_c2=EPS * c2, c2=c2, step_size=-LR / c1 if eight_bit else -LR * c2 / c1,
-        decay=1.0 - LR * wd if wd > 0.0 else 1.0,
-    )
-    return [values[name] for name in _reference.CONSTANT_FIELDS]
+def constants_row(step: int, wd: float, eight_bit: bool, inv_grad_scale: float = 1.0) -> list[float]:
+    group = dict(lr=LR, betas=BETAS, eps=EPS, weight_decay=wd)
+    return _reference.adam_constants(group, step, eight_bit, inv_grad_scale)
 
 
 def make_adam_problem(seed: int):
@@ -351,15 +343,18 @@ def test_adam_step_ieee_sqrt(monkeypatch):
             assert_bits_equal(a, e, f"tensor {i}, IEEE sqrt")
 
 
-def test_adam_step_through_custom_op():
-    """The public multi-tensor entry point selects the triton backend and agrees with the reference."""
+@pytest.mark.parametrize("inv_grad_scale", [1.0, 2.0**-7])
+def test_adam_step_through_custom_op(inv_grad_scale):
+    """The public multi-tensor entry point selects the triton backend and agrees with the reference, also with
+    GradScaler's unscale fused into the step (gradients multiplied by 1/scale and rounded to their dtype)."""
     tensors, code1, code2 = make_adam_problem(seed=9)
     results = {}
     for name in ("triton", "reference"):
         ts = clone_to(tensors, DEVICE)
         grads = [g.to(DEVICE) for g in make_grads(1, seed=9)]
         constants = torch.tensor(
-            [constants_row(1, wd, eight_bit) for _, _, _, eight_bit, wd in ADAM_TENSORS], dtype=torch.float32
+            [constants_row(1, wd, eight_bit, inv_grad_scale) for _, _, _, eight_bit, wd in ADAM_TENSORS],
+            dtype=torch.float32,
         )
         cols = list(zip(*ts))
         with pyquant.use_backend(name):

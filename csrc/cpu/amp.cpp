@@ -43,54 +43,14 @@ namespace PQ_NS {
 namespace {
 using namespace pq;
 
-constexpr int32_t kFloat64 = 3;        // the dtype code of float64 here (pq::DType has 0, 1, 2)
 constexpr int64_t kChunk = 1 << 15;    // elements per work item
 constexpr int64_t kSerialBelow = 1 << 16;  // fewer elements in all: one thread
 
-inline bool finite64(double x) {
-  uint64_t u;
-  memcpy(&u, &x, 8);
-  return (u & 0x7FF0000000000000ull) != 0x7FF0000000000000ull;
-}
-
-// ---- the element-by-element rule (every build; the avx512 build's tails use the masked vector code) ----
-bool scalar_f32(float* p, int64_t n, float inv, bool unit) {
+// ---- the element-by-element rule, pq::unscale_element (every build; the avx512 build's tails use the
+// masked vector code) ----
+bool scalar_piece(void* base, int32_t dtype, int64_t begin, int64_t end, float inv) {
   bool bad = false;
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = p[i];
-    bad |= !is_finite(v);
-    if (!unit) p[i] = v * inv;
-  }
-  return bad;
-}
-
-bool scalar_f16(uint16_t* p, int64_t n, float inv, bool unit) {
-  bool bad = false;
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = half_to_float(p[i]);
-    bad |= !is_finite(v);
-    p[i] = float_to_half(unit ? v : v * inv);
-  }
-  return bad;
-}
-
-bool scalar_bf16(uint16_t* p, int64_t n, float inv, bool unit) {
-  bool bad = false;
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = bf16_to_float(p[i]);
-    bad |= !is_finite(v);
-    p[i] = float_to_bf16(unit ? v : v * inv);
-  }
-  return bad;
-}
-
-bool scalar_f64(double* p, int64_t n, double inv, bool unit) {
-  bool bad = false;
-  for (int64_t i = 0; i < n; ++i) {
-    const double v = p[i];
-    bad |= !finite64(v);
-    if (!unit) p[i] = v * inv;
-  }
+  for (int64_t i = begin; i < end; ++i) bad |= unscale_element(base, i, dtype, inv);
   return bad;
 }
 
@@ -200,9 +160,9 @@ bool vec_bf16(uint16_t* p, int64_t n, float inv, bool unit) {
 
 // One piece [begin, end) of one tensor; true if it holds a non-finite value.
 bool unscale_piece(void* base, int32_t dtype, int64_t begin, int64_t end, float inv, bool unit, bool vector) {
-  const int64_t n = end - begin;
 #if defined(PQ_AMP_AVX512)
   if (vector) {
+    const int64_t n = end - begin;
     switch (dtype) {
       case kFloat32: return vec_f32((float*)base + begin, n, inv, unit);
       case kFloat16: return vec_f16((uint16_t*)base + begin, n, inv, unit);
@@ -213,14 +173,9 @@ bool unscale_piece(void* base, int32_t dtype, int64_t begin, int64_t end, float 
   }
 #else
   (void)vector;
+  (void)unit;
 #endif
-  switch (dtype) {
-    case kFloat32: return scalar_f32((float*)base + begin, n, inv, unit);
-    case kFloat16: return scalar_f16((uint16_t*)base + begin, n, inv, unit);
-    case kBFloat16: return scalar_bf16((uint16_t*)base + begin, n, inv, unit);
-    case kFloat64: return scalar_f64((double*)base + begin, n, (double)inv, unit);
-    default: return false;
-  }
+  return scalar_piece(base, dtype, begin, end, inv);
 }
 }  // namespace
 

@@ -101,7 +101,7 @@ static inline int64_t adam_block_8bit(const pq_adam_tensor& t, int64_t start, in
   const float a1 = t.absmax1[b], a2 = t.absmax2[b];
   int64_t bad = 0;
   for (int64_t i = 0; i < len; ++i) {
-    const float g = load_as_float(t.grad, start + i, t.grad_dtype);
+    const float g = unscaled_grad(load_as_float(t.grad, start + i, t.grad_dtype), t.k.inv_grad_scale, t.grad_dtype);
     float mi = code1[q1[i]] * a1;
     float vi = code2[q2[i]] * a2;
     skip[i] = nonfinite == kSkipElement && !is_finite(g);  // such an element keeps its parameter and moments
@@ -132,7 +132,7 @@ static inline int64_t adam_block_32bit(const pq_adam_tensor& t, int64_t start, i
   bool skip[kOptimizerBlock];
   int64_t bad = 0;
   for (int64_t i = 0; i < len; ++i) {
-    const float g = load_as_float(t.grad, start + i, t.grad_dtype);
+    const float g = unscaled_grad(load_as_float(t.grad, start + i, t.grad_dtype), t.k.inv_grad_scale, t.grad_dtype);
     skip[i] = nonfinite == kSkipElement && !is_finite(g);
     bad += skip[i];
     if (!skip[i]) adam_moments(g, m[i], v[i], t.k);

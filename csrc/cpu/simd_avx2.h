@@ -37,6 +37,13 @@ constexpr int64_t elem_size() {
   return DT == kFloat32 ? 4 : 2;
 }
 
+// 8 float16 or bfloat16 values (exactly) as float32.
+template <int DT>
+PQ_INLINE __m256 widen8(__m128i h) {
+  if constexpr (DT == kFloat16) return _mm256_cvtph_ps(h);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
 // Loads elements i .. i+n-1 (n <= 8), zero beyond n.
 template <int DT>
 PQ_INLINE __m256 load8(const void* base, int64_t i, int64_t n) {
@@ -53,8 +60,7 @@ PQ_INLINE __m256 load8(const void* base, int64_t i, int64_t n) {
     const __m128i h = _mm_loadu_si128((const __m128i*)src);
     // vcvtph2ps quiets a signalling NaN; every loaded value reaches an output only through arithmetic
     // (which quiets it the same way) or comparisons, so the outputs agree with half_to_float's.
-    if constexpr (DT == kFloat16) return _mm256_cvtph_ps(h);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return widen8<DT>(h);
   }
 }
 
@@ -303,13 +309,23 @@ struct AdamTables {
 };
 
 struct AdamVectors {
-  __m256 beta1, one_minus_beta1, beta2, one_minus_beta2, eps, eps_c2, c2, step_size, decay;
+  __m256 beta1, one_minus_beta1, beta2, one_minus_beta2, eps, eps_c2, c2, step_size, decay, inv_grad_scale;
   explicit AdamVectors(const AdamConstants& k)
       : beta1(_mm256_set1_ps(k.beta1)), one_minus_beta1(_mm256_set1_ps(k.one_minus_beta1)),
         beta2(_mm256_set1_ps(k.beta2)), one_minus_beta2(_mm256_set1_ps(k.one_minus_beta2)),
         eps(_mm256_set1_ps(k.eps)), eps_c2(_mm256_set1_ps(k.eps_c2)), c2(_mm256_set1_ps(k.c2)),
-        step_size(_mm256_set1_ps(k.step_size)), decay(_mm256_set1_ps(k.decay)) {}
+        step_size(_mm256_set1_ps(k.step_size)), decay(_mm256_set1_ps(k.decay)),
+        inv_grad_scale(_mm256_set1_ps(k.inv_grad_scale)) {}
 };
+
+// unscaled_grad, lane by lane (always applied, see simd_avx512.h).
+template <int GDT>
+PQ_INLINE __m256 unscaled8(const AdamVectors& k, __m256 g) {
+  const __m256 x = _mm256_mul_ps(g, k.inv_grad_scale);
+  if constexpr (GDT == kFloat16) return widen8<GDT>(to_half8(x));
+  if constexpr (GDT == kBFloat16) return widen8<GDT>(to_bf16_8(x));
+  return x;
+}
 
 PQ_INLINE void moments8(const AdamVectors& k, __m256 g, __m256& m, __m256& v) {
   m = _mm256_fmadd_ps(k.one_minus_beta1, g, _mm256_mul_ps(m, k.beta1));
@@ -367,7 +383,7 @@ PQ_INLINE int64_t adam_block_8bit_impl(const pq_adam_tensor& t, int64_t start, L
     const __m256 valid = first_lanes(n);
     const __m256 m_old = _mm256_mul_ps(lookup8(tab.deq1, load_bytes8(q1 + j, n)), a1);
     const __m256 v_old = _mm256_mul_ps(lookup8(tab.deq2, load_bytes8(q2 + j, n)), a2);
-    const __m256 g = load8<GDT>(t.grad, start + j, n);
+    const __m256 g = unscaled8<GDT>(k, load8<GDT>(t.grad, start + j, n));
     __m256 mi = m_old, vi = v_old;
     moments8(k, g, mi, vi);
     __m256 upd = valid;
@@ -422,7 +438,7 @@ PQ_INLINE int64_t adam_block_32bit_impl(const pq_adam_tensor& t, int64_t start, 
   int64_t bad = 0;
   for (int64_t j = 0; j < len; j += 8) {
     const int64_t n = len - j < 8 ? len - j : 8;
-    const __m256 g = load8<GDT>(t.grad, start + j, n);
+    const __m256 g = unscaled8<GDT>(k, load8<GDT>(t.grad, start + j, n));
     __m256 upd = first_lanes(n);
     if constexpr (NONFINITE == kSkipElement) {
       const __m256 skip = _mm256_and_ps(nonfinite8(g), upd);

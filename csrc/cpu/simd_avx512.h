@@ -46,6 +46,13 @@ PQ_INLINE __mmask32 mask32(int64_t n) { return n >= 32 ? (__mmask32)0xFFFFFFFFu 
 
 // ---- storage conversions ----
 
+// 16 float16 or bfloat16 values (exactly) as float32.
+template <int DT>
+PQ_INLINE __m512 widen16(__m256i h) {
+  if constexpr (DT == kFloat16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
 template <int DT>
 PQ_INLINE __m512 load16(const void* base, int64_t i, __mmask16 k) {
   if constexpr (DT == kFloat32) {
@@ -55,8 +62,7 @@ PQ_INLINE __m512 load16(const void* base, int64_t i, __mmask16 k) {
     // vcvtph2ps quiets a signalling NaN where half_to_float keeps it; every loaded value goes through
     // arithmetic (which quiets it the same way) or a comparison before it can reach an output, so the
     // outputs agree.
-    if constexpr (DT == kFloat16) return _mm512_cvtph_ps(h);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return widen16<DT>(h);
   }
 }
 
@@ -425,13 +431,24 @@ struct AdamTables {
 };
 
 struct AdamVectors {
-  __m512 beta1, one_minus_beta1, beta2, one_minus_beta2, eps, eps_c2, c2, step_size, decay;
+  __m512 beta1, one_minus_beta1, beta2, one_minus_beta2, eps, eps_c2, c2, step_size, decay, inv_grad_scale;
   explicit AdamVectors(const AdamConstants& k)
       : beta1(_mm512_set1_ps(k.beta1)), one_minus_beta1(_mm512_set1_ps(k.one_minus_beta1)),
         beta2(_mm512_set1_ps(k.beta2)), one_minus_beta2(_mm512_set1_ps(k.one_minus_beta2)),
         eps(_mm512_set1_ps(k.eps)), eps_c2(_mm512_set1_ps(k.eps_c2)), c2(_mm512_set1_ps(k.c2)),
-        step_size(_mm512_set1_ps(k.step_size)), decay(_mm512_set1_ps(k.decay)) {}
+        step_size(_mm512_set1_ps(k.step_size)), decay(_mm512_set1_ps(k.decay)),
+        inv_grad_scale(_mm512_set1_ps(k.inv_grad_scale)) {}
 };
+
+// unscaled_grad, lane by lane: always applied (a multiply by 1 and an exact round trip when no scale is fused),
+// because a run-time branch here cost more than the arithmetic.
+template <int GDT>
+PQ_INLINE __m512 unscaled16(const AdamVectors& k, __m512 g) {
+  const __m512 x = _mm512_mul_ps(g, k.inv_grad_scale);
+  if constexpr (GDT == kFloat16) return widen16<GDT>(to_half16(x));
+  if constexpr (GDT == kBFloat16) return widen16<GDT>(to_bf16_16(x));
+  return x;
+}
 
 // adam_moments, lane by lane.
 PQ_INLINE void moments16(const AdamVectors& k, __m512 g, __m512& m, __m512& v) {
@@ -496,7 +513,7 @@ PQ_INLINE int64_t adam_block_8bit_impl(const pq_adam_tensor& t, int64_t start, L
       const int64_t j = i + 16 * half;
       const __mmask16 valid = (__mmask16)(k32 >> (16 * half));
       const __m512 m_old = _mm512_mul_ps(mq[half], a1), v_old = _mm512_mul_ps(vq[half], a2);
-      const __m512 g = load16<GDT>(t.grad, start + j, valid);
+      const __m512 g = unscaled16<GDT>(k, load16<GDT>(t.grad, start + j, valid));
       __m512 mi = m_old, vi = v_old;
       moments16(k, g, mi, vi);
       __mmask16 upd = valid;
@@ -555,7 +572,7 @@ PQ_INLINE int64_t adam_block_32bit_impl(const pq_adam_tensor& t, int64_t start, 
   int64_t bad = 0;
   for (int64_t j = 0; j < len; j += 16) {
     const __mmask16 valid = mask16(len - j);
-    const __m512 g = load16<GDT>(t.grad, start + j, valid);
+    const __m512 g = unscaled16<GDT>(k, load16<GDT>(t.grad, start + j, valid));
     __mmask16 upd = valid;
     if constexpr (NONFINITE == kSkipElement) {
       const __mmask16 skip = nonfinite16(valid, g);

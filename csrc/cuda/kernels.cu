@@ -117,7 +117,7 @@ __global__ void __launch_bounds__(kAdamThreads) adam_kernel(const pq_adam_tensor
   __syncthreads();
   for (int64_t gb = blockIdx.x; gb < total_blocks; gb += gridDim.x) {
     const int32_t ti = tensor_of_block(first_block, count, gb);
-    const pq_adam_tensor t = tensors[ti];  // block-uniform: every branch on it below is taken by the whole block
+    const pq_adam_tensor& t = tensors[ti];  // block-uniform: every branch on it below is taken by the whole block
     const int64_t b = gb - first_block[ti];
     const int64_t start = b * kOptimizerBlock;
     const int64_t len = kOptimizerBlock < t.numel - start ? (int64_t)kOptimizerBlock : t.numel - start;
@@ -130,7 +130,7 @@ __global__ void __launch_bounds__(kAdamThreads) adam_kernel(const pq_adam_tensor
       const float a1 = t.absmax1[b], a2 = t.absmax2[b];
       float m = 0.0f, v = 0.0f;  // padding threads hold 0, which never changes an absmax
       if (live) {
-        const float g = load_as_float(t.grad, i, t.grad_dtype);
+        const float g = unscaled_grad(load_as_float(t.grad, i, t.grad_dtype), t.k.inv_grad_scale, t.grad_dtype);
         m = s_code1[q1[i]] * a1;
         v = s_code2[q2[i]] * a2;
         if (nonfinite == kSkipElement && !is_finite(g)) {
@@ -156,7 +156,7 @@ __global__ void __launch_bounds__(kAdamThreads) adam_kernel(const pq_adam_tensor
     } else if (live) {
       float* ms = (float*)t.state1;
       float* vs = (float*)t.state2;
-      const float g = load_as_float(t.grad, i, t.grad_dtype);
+      const float g = unscaled_grad(load_as_float(t.grad, i, t.grad_dtype), t.k.inv_grad_scale, t.grad_dtype);
       if (nonfinite == kSkipElement && !is_finite(g)) {
         bad = 1;
       } else {
@@ -171,6 +171,33 @@ __global__ void __launch_bounds__(kAdamThreads) adam_kernel(const pq_adam_tensor
     // Count this block's non-finite gradient elements (every thread of the block reaches this barrier).
     const int block_bad = __syncthreads_count(bad);
     if (tid == 0 && block_bad > 0) atomicAdd((unsigned long long*)bad_count, (unsigned long long)block_bad);
+  }
+}
+
+// GradScaler's unscale_ over many gradients in one launch. meta holds 4 rows of `count` int64 values: the
+// gradients' addresses, their numels, their dtypes (pq::DType or kFloat64) and the index of their first chunk
+// of kUnscaleChunk elements among all chunks. Each CUDA block takes whole chunks; the per-element rule is
+// pq::unscale_element, as in the CPU kernel. found_inf is only ever set to 1 (a benign race: same value).
+constexpr int64_t kUnscaleChunk = 4096;
+constexpr int kUnscaleThreads = 256;
+
+__global__ void __launch_bounds__(kUnscaleThreads) unscale_kernel(const int64_t* __restrict__ meta, int32_t count,
+                                                                  int64_t total_chunks, float* found_inf,
+                                                                  const float* __restrict__ inv_scale) {
+  const int64_t* addresses = meta;
+  const int64_t* numels = meta + count;
+  const int64_t* dtypes = meta + 2 * count;
+  const int64_t* first_chunk = meta + 3 * count;
+  const float inv = *inv_scale;
+  for (int64_t c = blockIdx.x; c < total_chunks; c += gridDim.x) {
+    const int32_t t = tensor_of_block(first_chunk, count, c);
+    const int64_t begin = (c - first_chunk[t]) * kUnscaleChunk;
+    const int64_t end = begin + kUnscaleChunk < numels[t] ? begin + kUnscaleChunk : numels[t];
+    void* base = (void*)addresses[t];
+    int bad = 0;
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x)
+      bad |= unscale_element(base, i, (int32_t)dtypes[t], inv) ? 1 : 0;
+    if (__syncthreads_or(bad) && threadIdx.x == 0) *found_inf = 1.0f;
   }
 }
 
@@ -189,6 +216,8 @@ extern "C" {
 // Every entry point returns a cudaError_t (0 = success): the launch-configuration error, if any. Errors of
 // the asynchronous execution surface at the next synchronising CUDA call, as for any CUDA kernel.
 // All pointers are device pointers; `stream` is a cudaStream_t (torch's current stream).
+
+int32_t pq_abi_version(void) { return PQ_ABI_VERSION; }
 
 int32_t pq_cuda_quantize_blockwise(const void* x, int32_t dtype, int64_t n, int64_t blocksize, const uint8_t* table,
                                    uint8_t* q, float* absmax, void* stream) {
@@ -223,6 +252,17 @@ int32_t pq_cuda_adam_step(const pq_adam_tensor* device_descriptors, const int64_
   adam_kernel<<<grid_for(total_blocks), kAdamThreads, 0, (cudaStream_t)stream>>>(
       device_descriptors, device_first_block, count, total_blocks, code1, code2, table1, table2, nonfinite,
       device_bad_count);
+  return (int32_t)cudaGetLastError();
+}
+
+// device_meta: see unscale_kernel (4 x count int64 values in device memory); found_inf and inv_scale are
+// one-element float32 device tensors.
+int32_t pq_cuda_unscale_(const int64_t* device_meta, int32_t count, int64_t total_chunks, float* found_inf,
+                         const float* inv_scale, void* stream) {
+  if (count <= 0 || total_chunks <= 0) return (int32_t)cudaSuccess;
+  unscale_kernel<<<grid_for(total_chunks), kUnscaleThreads, 0, (cudaStream_t)stream>>>(device_meta, count,
+                                                                                      total_chunks, found_inf,
+                                                                                      inv_scale);
   return (int32_t)cudaGetLastError();
 }
 

@@ -145,9 +145,19 @@ struct AdamConstants {
   float c2;                      // f32(sqrt(1 - b2^t))
   float step_size;               // f32(-lr / c1) for 8-bit states, f32(-lr * c2 / c1) for float32 states
   float decay;                   // f32(1 - lr * wd); exactly 1 when wd == 0
+  float inv_grad_scale;          // f32(1 / loss scale) when GradScaler's unscale is fused into the step, else 1
 };
 
 PQ_HD bool is_finite(float x) { return (float_bits(x) & 0x7F800000u) != 0x7F800000u; }
+
+// The gradient as a separate unscale pass (GradScaler.unscale_) would have left it: g * inv_scale rounded to
+// the gradient's dtype. With inv_scale == 1 it is g itself (a NaN may come back quieted, which the
+// arithmetic that follows does anyway).
+PQ_HD float unscaled_grad(float g, float inv_scale, int32_t dtype) {
+  const float x = g * inv_scale;
+  if (dtype == kFloat32) return x;
+  return dtype == kFloat16 ? half_to_float(float_to_half(x)) : bf16_to_float(float_to_bf16(x));
+}
 
 PQ_HD void adam_moments(float g, float& m, float& v, const AdamConstants& k) {
   m = fmaf(k.one_minus_beta1, g, m * k.beta1);
@@ -179,6 +189,34 @@ PQ_HD float adam_param_8bit(float p, float m, float v, const AdamConstants& k) {
 
 PQ_HD float adam_param_32bit(float p, float m, float v, const AdamConstants& k) {
   return adam_param_32bit_given_sqrt(p, m, sqrtf(v), k);
+}
+
+// ---- GradScaler's unscale_ (pyquant/amp.py; torch's _amp_foreach_non_finite_check_and_unscale_) ----
+constexpr int32_t kFloat64 = 3;  // gradients may be float64 too; the dtype code used by the unscale kernels
+
+PQ_HD bool is_finite64(double x) {
+  uint64_t u;
+  memcpy(&u, &x, 8);
+  return (u & 0x7FF0000000000000ull) != 0x7FF0000000000000ull;
+}
+
+// One stored gradient element: widened to float32 (float64 stays float64), checked, multiplied by inv_scale
+// unless that is exactly 1, and rounded back to its dtype (round to nearest even; a float16/bfloat16 element
+// is always rewritten, which only canonicalises a NaN). Returns whether the element was inf or NaN.
+PQ_HD bool unscale_element(void* base, int64_t i, int32_t dtype, float inv_scale) {
+  const bool unit = inv_scale == 1.0f;
+  if (dtype == kFloat64) {
+    double* p = (double*)base;
+    const double v = p[i];
+    if (!unit) p[i] = v * (double)inv_scale;
+    return !is_finite64(v);
+  }
+  const float v = load_as_float(base, i, dtype);
+  if (!unit)
+    store_from_float(base, i, dtype, v * inv_scale);
+  else if (dtype != kFloat32)
+    store_from_float(base, i, dtype, v);
+  return !is_finite(v);
 }
 
 }  // namespace pq

@@ -4,6 +4,10 @@
 
 #include "pyquant/blockwise.h"
 
+// Bumped whenever a struct or a signature below (or pq::AdamConstants) changes: Python refuses a library
+// built from other sources rather than passing it descriptors it would misread.
+#define PQ_ABI_VERSION 2
+
 extern "C" {
 
 // One tensor of a multi-tensor Adam step. state_bits 8: state1/state2 are uint8 codes with float32

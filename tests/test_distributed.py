@@ -1,0 +1,396 @@
+"""Adam8bit inside torch.distributed, on CPU with gloo: DDP bits, FSDP2 shards, DCP checkpoints across world sizes.
+
+Starting processes is the expensive part (each imports torch), so one 2-process run does every 2-rank scenario
+and records what it saw, one 1-process run loads its checkpoint, and the tests below check the records.
+"""
+
+import math
+import os
+import tempfile
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import pyquant
+from pyquant import functional as F
+from pyquant._reference import OPTIMIZER_BLOCK
+from pyquant.distributed import load_checkpoint, quantize_moment, save_checkpoint
+from pyquant.optim import to_torch
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with the gloo backend"
+)
+
+LR = 1e-3
+STEPS = 4  # before the checkpoint, and again after it
+BATCH = 8  # per rank
+
+
+def bits(t):
+    return t.detach().view({4: torch.int32, 2: torch.int16, 1: torch.uint8}[t.element_size()])
+
+
+def same_bits(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
+
+
+# ---- models and data, identical in every process ----
+def ddp_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 160), nn.Tanh(), nn.Linear(160, 1))  # 5120 weights: 8-bit states
+
+
+def ddp_batch(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(2 * BATCH, 32, generator=g), torch.randn(2 * BATCH, 1, generator=g)
+
+
+class Net(nn.Module):
+    """FSDP2 shards dim 0: fc1.weight splits 39/38 rows (partial last blocks), head and scale sit whole on
+    rank 0 and leave rank 1 an empty shard of a float32-state and of an 8-bit-state parameter."""
+
+    def __init__(self, hidden=77, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1 = nn.Linear(64, hidden)  # 4928 weights: 8-bit
+        self.fc2 = nn.Linear(hidden, 96)  # 7392 weights: 8-bit
+        self.head = nn.Linear(96, 1)  # float32 states
+        self.scale = nn.Parameter(1 + 0.1 * torch.randn(1, 4160))  # 8-bit, one row
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x * self.scale[:, :64]))
+        return self.head(torch.tanh(self.fc2(h)))
+
+
+def fsdp_batch(step, rank):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(BATCH, 64, generator=g), torch.randn(BATCH, 1, generator=g)
+
+
+def sharded(model, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    for layer in (model.fc1, model.fc2):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def train(model, optimizer, steps, rank, first_step=0, shadow=None, dtype=torch.float32):
+    for step in range(first_step, first_step + steps):
+        x, y = fsdp_batch(step, rank)
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x.to(dtype)).float(), y).backward()
+        optimizer.step()
+        if shadow is not None:
+            shadow.step_and_compare(optimizer)
+
+
+def full_params(model):
+    return {name: p.full_tensor().detach().clone() for name, p in model.named_parameters()}
+
+
+def full_moments(optimizer):
+    """The float32 moments of every parameter, gathered whole (state_dict() of a sharded optimizer)."""
+    return {
+        key: {k: s[k].full_tensor() for k in ("exp_avg", "exp_avg_sq")} for key, s in optimizer.state_dict()["state"].items()
+    }
+
+
+class Shadow:
+    """Plain Adam8bits over copies of this rank's shards, fed the same local gradients: the sharded optimizer
+    must give their bits, with 8-bit states for the same parameters (chosen on the full size)."""
+
+    def __init__(self, model, optimizer):
+        self.real = list(model.parameters())
+        self.copies = [nn.Parameter(p.to_local().detach().clone()) for p in self.real]
+        eight = [c for p, c in zip(self.real, self.copies) if optimizer._uses_8bit(p)]
+        full = [c for p, c in zip(self.real, self.copies) if not optimizer._uses_8bit(p)]
+        self.optimizers = [pyquant.AdamW8bit(eight, lr=LR, min_8bit_size=0), pyquant.AdamW8bit(full, lr=LR, min_8bit_size=2**62)]
+        self.mismatches = 0
+
+    def step_and_compare(self, optimizer):
+        for p, c in zip(self.real, self.copies):
+            c.grad = p.grad.to_local().clone()
+        for o in self.optimizers:
+            o.step()
+        mine = {c: s for o in self.optimizers for c, s in o.state.items()}
+        for p, c in zip(self.real, self.copies):
+            theirs, ours = optimizer.state[p], mine[c]
+            self.mismatches += not same_bits(p.to_local(), c)
+            for key in ("state1", "state2", "absmax1", "absmax2"):
+                self.mismatches += (key in theirs) != (key in ours) or (key in ours and not same_bits(theirs[key], ours[key]))
+
+
+# ---- the processes ----
+def _run(rank, world_size, init_file, scenario, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=timedelta(seconds=120)
+    )
+    try:
+        record = scenario(rank, world_size, out_dir)
+        torch.save(record, os.path.join(out_dir, f"{scenario.__name__}.rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(scenario, world_size, out_dir):
+    """Run scenario(rank, world_size, out_dir) in `world_size` fresh processes; return each rank's record."""
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        mp.start_processes(
+            _run, args=(world_size, init_file, scenario, out_dir), nprocs=world_size, start_method="spawn"
+        )
+    return [
+        torch.load(os.path.join(out_dir, f"{scenario.__name__}.rank{r}.pt"), weights_only=True)
+        for r in range(world_size)
+    ]
+
+
+def two_ranks(rank, world_size, out_dir):
+    from torch.nn.parallel import DistributedDataParallel
+
+    record = {}
+    # DDP: each rank takes its half of the global batch.
+    model = ddp_model()
+    ddp = DistributedDataParallel(model)
+    optimizer = pyquant.AdamW8bit(ddp.parameters(), lr=LR)
+    for step in range(STEPS):
+        x, y = ddp_batch(step)
+        optimizer.zero_grad()
+        nn.functional.mse_loss(ddp(x.chunk(world_size)[rank]), y.chunk(world_size)[rank]).backward()
+        optimizer.step()
+    record["ddp"] = [p.detach().clone() for p in model.parameters()]
+
+    # FSDP2: train, checkpoint, train on; then a fresh model and optimizer resume from the checkpoint.
+    checkpoint = os.path.join(out_dir, "checkpoint")
+    model = sharded(Net(), world_size)
+    optimizer = pyquant.AdamW8bit(model.parameters(), lr=LR)
+    shadow = Shadow(model, optimizer)
+    train(model, optimizer, STEPS, rank, shadow=shadow)
+    record["shadow_mismatches"] = shadow.mismatches
+    record["state_bytes"] = optimizer.state_bytes()
+    record["local_shapes"] = {name: tuple(p.to_local().shape) for name, p in model.named_parameters()}
+    save_checkpoint(checkpoint, model, optimizer)
+    record["saved_moments"] = full_moments(optimizer)
+    record["saved_params"] = full_params(model)
+    train(model, optimizer, STEPS, rank, first_step=STEPS)
+    record["uninterrupted"] = full_params(model)
+
+    resumed = sharded(Net(seed=1), world_size)
+    resumed_optimizer = pyquant.AdamW8bit(resumed.parameters(), lr=LR)
+    load_checkpoint(checkpoint, resumed, resumed_optimizer)
+    record["resumed_state_bytes"] = resumed_optimizer.state_bytes()
+    train(resumed, resumed_optimizer, STEPS, rank, first_step=STEPS)
+    record["resumed"] = full_params(resumed)
+
+    # bfloat16 parameters with float32 master weights: the masters are per shard and resume bit for bit too.
+    finals = []
+    for seed, first_step in ((0, 0), (1, None)):
+        half = sharded(Net(seed=seed).to(torch.bfloat16), world_size)
+        half_optimizer = pyquant.AdamW8bit(half.parameters(), lr=LR, master_weights=True)
+        if first_step is None:
+            load_checkpoint(os.path.join(out_dir, "half"), half, half_optimizer)
+        else:
+            train(half, half_optimizer, 2, rank, dtype=torch.bfloat16)
+            save_checkpoint(os.path.join(out_dir, "half"), half, half_optimizer)
+        train(half, half_optimizer, 2, rank, first_step=2, dtype=torch.bfloat16)
+        finals.append(full_params(half))
+    record["master_resumed"] = all(same_bits(finals[0][k], finals[1][k]) for k in finals[0])
+    record["master_in_state"] = all("master" in s for s in half_optimizer.state_dict()["state"].values())
+
+    # A checkpoint of another model: refused, and the trained model and optimizer keep every bit.
+    other = sharded(Net(hidden=80), world_size)
+    other_optimizer = pyquant.AdamW8bit(other.parameters(), lr=LR)
+    train(other, other_optimizer, 1, rank)
+    save_checkpoint(os.path.join(out_dir, "other"), other, other_optimizer)
+    before_params, before_state = full_params(model), full_moments(optimizer)
+    try:
+        load_checkpoint(os.path.join(out_dir, "other"), model, optimizer)
+        record["other_error"] = ""
+    except ValueError as error:
+        record["other_error"] = str(error)
+    record["other_kept_params"] = all(same_bits(before_params[k], v) for k, v in full_params(model).items())
+    after_state = full_moments(optimizer)
+    record["other_kept_state"] = all(
+        same_bits(before_state[k][m], after_state[k][m]) for k in before_state for m in ("exp_avg", "exp_avg_sq")
+    )
+    # A fresh optimizer that fails to load is left without state, as it was.
+    fresh = pyquant.AdamW8bit(model.parameters(), lr=LR)
+    with pytest.raises(ValueError):
+        load_checkpoint(os.path.join(out_dir, "other"), model, fresh)
+    record["fresh_left_empty"] = len(fresh.state) == 0
+
+    # The unsharded (bitsandbytes) layout is refused for DTensor parameters, with the reason.
+    plain = pyquant.AdamW8bit([nn.Parameter(p.full_tensor().detach()) for p in model.parameters()], lr=LR)
+    train_plain = plain.param_groups[0]["params"]
+    for p in train_plain:
+        p.grad = torch.ones_like(p)
+    plain.step()
+    try:
+        optimizer.load_state_dict(plain.state_dict())
+        record["plain_error"] = ""
+    except ValueError as error:
+        record["plain_error"] = str(error)
+    with pytest.raises(NotImplementedError, match="unsharded parameters"):
+        to_torch(optimizer)
+    return record
+
+
+def one_rank(rank, world_size, out_dir):
+    model = sharded(Net(seed=2), world_size)
+    optimizer = pyquant.AdamW8bit(model.parameters(), lr=LR)
+    load_checkpoint(os.path.join(out_dir, "checkpoint"), model, optimizer)
+    record = {"loaded_params": full_params(model), "loaded_moments": full_moments(optimizer)}
+    record["state_bytes"] = optimizer.state_bytes()
+    record["absmax"] = {key: s["absmax1"] for key, s in enumerate(optimizer.state.values()) if "absmax1" in s}
+    # The same global batches the two ranks took, now in one process.
+    for step in range(STEPS, 2 * STEPS):
+        x, y = zip(*(fsdp_batch(step, r) for r in range(2)))
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(torch.cat(x)), torch.cat(y)).backward()
+        optimizer.step()
+    record["continued"] = full_params(model)
+    return record
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out_dir = str(tmp_path_factory.mktemp("distributed"))
+    two = spawn(two_ranks, 2, out_dir)
+    one = spawn(one_rank, 1, out_dir)
+    return two, one[0]
+
+
+# ---- DDP ----
+def test_ddp_gives_every_rank_the_bits_of_one_process_on_the_global_batch(runs):
+    two, _ = runs
+    # One process, same global batch and same gradient arithmetic: each half's mean-loss gradient, halved
+    # (exact), summed. gloo's sum of two values is the same on both ranks and in any order.
+    model = ddp_model()
+    optimizer = pyquant.AdamW8bit(model.parameters(), lr=LR)
+    for step in range(STEPS):
+        x, y = ddp_batch(step)
+        optimizer.zero_grad()
+        for xs, ys in zip(x.chunk(2), y.chunk(2)):
+            (nn.functional.mse_loss(model(xs), ys) * 0.5).backward()
+        optimizer.step()
+    for rank in (0, 1):
+        for ours, theirs in zip(model.parameters(), two[rank]["ddp"]):
+            assert same_bits(ours.detach(), theirs), f"rank {rank}: {int((bits(ours) != bits(theirs)).sum())} differ"
+
+
+def test_ddp_against_one_forward_over_the_global_batch_stays_within_the_stated_bound(runs):
+    two, _ = runs
+    # One forward over all 16 samples sums the gradient in another order: a few ulp apart, and Adam's
+    # normalised update turns that into parameter differences far below one step (lr) per element.
+    model = ddp_model()
+    optimizer = pyquant.AdamW8bit(model.parameters(), lr=LR)
+    for step in range(STEPS):
+        x, y = ddp_batch(step)
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+    worst = max((p.detach() - q).abs().max().item() for p, q in zip(model.parameters(), two[0]["ddp"]))
+    assert worst <= 0.05 * LR * STEPS
+
+
+# ---- FSDP2 ----
+def test_fsdp2_steps_each_local_shard_like_adam8bit_on_that_shard(runs):
+    two, _ = runs
+    assert two[0]["local_shapes"]["fc1.weight"] == (39, 64) and two[1]["local_shapes"]["fc1.weight"] == (38, 64)
+    assert two[1]["local_shapes"]["scale"] == (0, 4160) and two[1]["local_shapes"]["head.bias"] == (0,)
+    assert [r["shadow_mismatches"] for r in two] == [0, 0]
+
+
+def expected_state_bytes(local_shapes):
+    total = 0
+    for name, shape in local_shapes.items():
+        n = math.prod(shape)
+        full_size = {"fc1.weight": 4928, "fc2.weight": 7392, "scale": 4160}.get(name, 0)
+        total += 2 * n + 2 * 4 * -(-n // OPTIMIZER_BLOCK) if full_size >= 4096 else 8 * n
+    return total
+
+
+def test_optimizer_state_bytes_per_rank_fall_with_the_number_of_ranks(runs):
+    two, one = runs
+    full_shapes = {name: tuple(p.shape) for name, p in Net().named_parameters()}
+    assert one["state_bytes"] == expected_state_bytes(full_shapes) == 35648
+    assert [r["state_bytes"] for r in two] == [expected_state_bytes(r["local_shapes"]) for r in two] == [22512, 13144]
+    assert [r["resumed_state_bytes"] for r in two] == [22512, 13144]
+
+
+def test_fsdp2_checkpoint_resumes_bit_for_bit_at_the_same_world_size(runs):
+    two, _ = runs
+    for rank in (0, 1):
+        for name, p in two[rank]["uninterrupted"].items():
+            assert same_bits(p, two[rank]["resumed"][name]), f"rank {rank}, {name}"
+    assert not same_bits(two[0]["saved_params"]["fc1.weight"], two[0]["uninterrupted"]["fc1.weight"])
+
+
+def test_fsdp2_master_weights_live_per_shard_and_resume_bit_for_bit(runs):
+    two, _ = runs
+    assert all(r["master_in_state"] and r["master_resumed"] for r in two)
+
+
+def test_two_rank_checkpoint_loads_in_one_rank_and_training_continues(runs):
+    two, one = runs
+    for name, p in two[0]["saved_params"].items():
+        assert same_bits(one["loaded_params"][name], p), name
+    code_gaps = {
+        "exp_avg": (F.create_dynamic_map(True).diff()).max(),
+        "exp_avg_sq": (F.create_dynamic_map(False).diff()).max(),
+    }
+    # Parameters with float32 states come back exactly; 8-bit ones are re-quantised in the blocks of the
+    # whole tensor: within one code gap of their block's scale.
+    for key, saved in two[0]["saved_moments"].items():
+        for m, value in saved.items():
+            loaded = one["loaded_moments"][key][m]
+            if value.numel() < 4096:
+                assert same_bits(loaded, value)
+            else:
+                scale = value.reshape(-1).abs().max()
+                assert (loaded - value).abs().max() <= code_gaps[m] * scale
+    for name, p in one["continued"].items():
+        drift = (p - two[0]["uninterrupted"][name]).abs().max().item()
+        assert drift <= 0.5 * LR * STEPS, name  # same batches: close to the 2-rank run
+        assert not same_bits(p, one["loaded_params"][name]), name  # it trained on
+
+
+def test_checkpoint_of_another_model_is_refused_and_nothing_changes(runs):
+    two, _ = runs
+    for r in two:
+        assert "does not fit this model and optimizer" in r["other_error"]
+        assert "fc1.weight" in r["other_error"] and "80" in r["other_error"]
+        assert r["other_kept_params"] and r["other_kept_state"] and r["fresh_left_empty"]
+        assert "sharded DTensor" in r["plain_error"] and "exp_avg" in r["plain_error"]
+
+
+# ---- the re-quantisation on load, without processes ----
+def test_requantising_saved_moments_gives_back_the_same_blocks():
+    p = nn.Parameter(torch.randn(20_000))
+    optimizer = pyquant.AdamW8bit([p], lr=LR)
+    plain_misses = 0
+    for step in range(8):
+        g = torch.Generator().manual_seed(step)
+        p.grad = torch.randn(p.shape, generator=g) * 10.0 ** torch.randint(-6, 2, p.shape, generator=g)
+        optimizer.step()
+        state = optimizer.state[p]
+        for key in ("1", "2"):
+            q, absmax, code = state["state" + key], state["absmax" + key], state["qmap" + key]
+            moment = F.dequantize_blockwise(q, absmax, code, OPTIMIZER_BLOCK)
+            new_q, new_absmax = quantize_moment(moment, code)
+            assert same_bits(new_q, q) and same_bits(new_absmax, absmax), f"step {step}, moment {key}"
+            plain_misses += int((F.quantize_blockwise(moment, code, OPTIMIZER_BLOCK)[0] != q).sum())
+    assert plain_misses > 0  # plain re-quantisation would not have given these blocks back
+    # Moments that no block represents (float32 Adam's) get the plain quantisation.
+    other = torch.randn(1000)
+    ours, plain = quantize_moment(other, state["qmap1"]), F.quantize_blockwise(other, state["qmap1"])
+    assert same_bits(ours[0], plain[0]) and same_bits(ours[1], plain[1])
