@@ -57,3 +57,33 @@ def test_unscale_densenet121(benchmark, name, densenet_grads):
         bytes=moved,
         **{"GB/s": moved / benchmark.stats.stats.median / 1e9},
     )
+
+
+@pytest.mark.parametrize("path", ["fused", "unscale_ then step"])
+def test_scaler_step_adam8bit_densenet121(benchmark, path, densenet_grads):
+    """scaler.step(pyquant.Adam8bit) over DenseNet-121: the unscale fused into the 8-bit step (a read-only
+    inf/NaN check, then the step multiplies by 1/scale as it reads each gradient) against unscale_ (read and
+    write every gradient) followed by the step. Same bits either way (tests/test_optim_amp.py)."""
+    import pyquant
+
+    params, grads = densenet_grads
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt = pyquant.Adam8bit(params, lr=1e-6)
+    scaler = pyquant.amp.GradScaler("cpu")
+    scaler.scale(torch.ones(()))
+    scaler.step(opt)  # warm-up: creates the states
+
+    def setup():
+        scaler.update()
+        for p, g in zip(params, grads):
+            p.grad.copy_(g)
+
+    def step():
+        if path != "fused":
+            scaler.unscale_(opt)
+        scaler.step(opt)
+
+    benchmark.group = "GradScaler.step(Adam8bit) DenseNet-121 float32 grads"
+    benchmark.pedantic(step, setup=setup, rounds=20, warmup_rounds=3)
+    benchmark.extra_info.update(params=sum(p.numel() for p in params))
