@@ -48,6 +48,8 @@ SHAPES = [
     (2, 9, 30, 31, 3, 5, (1, 1), (1, 1), (0, 0), (1, 1)),  # 1x1 read in place (float32), several tiles
     (2, 5, 12, 17, 7, 6, (3, 5), (1, 1), (1, 2), (2, 1)),  # stride 1, padding below "same": x read with masks
     (1, 3, 20, 100, 2, 3, (3, 3), (1, 1), (0, 0), (1, 1)),  # no padding, wide rows: several row tiles
+    (37, 9, 1, 1, 24, 40, (1, 1), (1, 1), (0, 0), (1, 1)),  # 1x1 on 1x1 images, batched: vectors span images
+    (9, 21, 3, 5, 20, 37, (1, 1), (1, 1), (0, 0), (1, 1)),  # 1x1 on 3x5 images (batched but float32), odd C
 ]
 SMALL = SHAPES[:4] + [SHAPES[5]]
 
@@ -130,14 +132,15 @@ def test_triton_matches_float64(dtype, shape):
 
 
 @pytest.mark.skipif(not HAVE_CPU, reason="the CPU library (with the low-rank kernel) is not built")
-def test_cpu_deterministic_for_any_thread_count():
-    x, w1, w2, b = make(SHAPES[7], torch.float32, seed=3)
+@pytest.mark.parametrize("shape", [SHAPES[7], SHAPES[12]], ids=["3x3", "1x1-batched"])  # 1x1: tiles per thread
+def test_cpu_deterministic_for_any_thread_count(shape):
+    x, w1, w2, b = make(shape, torch.float32, seed=3)
     before = torch.get_num_threads()
     outs = []
     try:
         for threads in (1, 2, 3, 5):
             torch.set_num_threads(threads)
-            outs.append(L.lowrank_conv2d_cpu(x, w1, w2, b, [1, 1], [1, 1], [1, 1], True))
+            outs.append(L.lowrank_conv2d_cpu(x, w1, w2, b, *[list(v) for v in shape[7:]], True))
     finally:
         torch.set_num_threads(before)
     for y, t in outs[1:]:
@@ -153,7 +156,7 @@ def test_cpu_every_instruction_set(isa, dtype):
     try:
         if lib.pq_isa() != isa:
             pytest.skip("this CPU lacks the instruction set")
-        for shape in (SHAPES[2], SHAPES[4], SHAPES[6]):
+        for shape in (SHAPES[2], SHAPES[4], SHAPES[6], SHAPES[12], SHAPES[13]):
             x, w1, w2, b = make(shape, dtype, seed=isa)
             y64, bound, t64, tbound = exact(x, w1, w2, b, *shape[7:])
             y, t = L.lowrank_conv2d_cpu(x, w1, w2, b, *[list(v) for v in shape[7:]], True)
@@ -402,6 +405,32 @@ def test_opcheck():
     args = (x, w1, w2, b, [1, 1], [1, 1], [1, 1])
     torch.library.opcheck(torch.ops.pyquant.lowrank_conv2d.default, args, test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.pyquant.lowrank_conv2d_train.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_eager_inference_shortcut_leaves_modes_and_the_profiler_the_op():
+    """Eager CPU inference calls the implementation without the op's dispatch; a dispatch mode and the
+    profiler still see `pyquant::lowrank_conv2d`, with the same result."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, w1, w2, b = make(SHAPES[0], torch.float32)
+    with torch.no_grad():
+        direct = lowrank_conv2d(x, w1, w2, b, padding=1)
+        with Record() as mode:
+            seen = lowrank_conv2d(x, w1, w2, b, padding=1)
+        with torch.profiler.profile() as prof:
+            profiled = lowrank_conv2d(x, w1, w2, b, padding=1)
+    assert "pyquant.lowrank_conv2d.default" in mode.ops
+    assert any(e.name == "pyquant::lowrank_conv2d" for e in prof.events())
+    assert torch.equal(direct, seen) and torch.equal(direct, profiled)
 
 
 def test_cpu_kernel_rejects_bad_dims():

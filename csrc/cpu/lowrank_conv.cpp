@@ -16,7 +16,9 @@
 //    lanes whose input lies outside the image (masks per tap and vector, made once per chunk; the rows
 //    of the tile are prefetched first, stage 1 walking more channel streams than hardware prefetchers
 //    follow); a 1x1 stride-1 unpadded one reads x in tiles of pixels (the last tile of the batch through
-//    the tile buffer, so that no read passes x's end).
+//    the tile buffer, so that no read passes x's end). A 1x1 stride-1 unpadded one on small images takes
+//    the batch's pixels as one sequence (tiles of whole vectors that may span images, packed; outputs
+//    stored image by image with masked stores: struct Segments), so no lanes idle at every image's end.
 // 2. Stage 1 (the k x k conv into R channels): an implicit GEMM whose micro-kernel holds 8 rank channels x
 //    3 vectors of 16 pixels (or 4 x 6 for the last channels) in 24 of the 32 zmm registers and, for each
 //    (channel, tap), loads the pixel vectors and broadcasts the weights: one fused multiply-add per
@@ -120,14 +122,14 @@ static inline void vstore(float* p, vec v) { *p = v; }
 constexpr int CH = VL * SMALL_V;  // pixels per chunk
 static_assert(CH % (VL * BIG_V) == 0, "a chunk must hold whole BIG micro-kernel calls");
 
-// Store the first `lanes` (1..VL, or more: capped at VL) lanes of v as dtype DT at out + off, rounding
-// once (to nearest even, as torch's .to()).
+// Store the lanes of v whose bit is set in `mask` as dtype DT, lane l at out + off + l, rounding once (to
+// nearest even, as torch's .to()).
 template <int DT>
-static inline void store_lanes(void* out, int64_t off, vec v, int64_t lanes) {
+static inline void store_mask(void* out, int64_t off, vec v, uint32_t mask) {
 #if PQ_LR_ISA == 2
-  const __mmask16 m = lanes >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << lanes) - 1u);
+  const __mmask16 m = (__mmask16)mask;
   if (DT == kFloat32) {
-    if (lanes >= 16)
+    if (mask == 0xFFFFu)
       _mm512_storeu_ps((float*)out + off, v);
     else
       _mm512_mask_storeu_ps((float*)out + off, m, v);
@@ -147,9 +149,15 @@ static inline void store_lanes(void* out, int64_t off, vec v, int64_t lanes) {
 #else
   float tmp[VL];
   vstore(tmp, v);
-  const int64_t n = lanes < VL ? lanes : VL;
-  for (int64_t i = 0; i < n; ++i) pq::store_from_float(out, off + i, DT, tmp[i]);
+  for (int64_t i = 0; i < VL; ++i)
+    if (mask >> i & 1u) pq::store_from_float(out, off + i, DT, tmp[i]);
 #endif
+}
+
+// Store the first `lanes` (1..VL, or more: capped at VL) lanes of v at out + off.
+template <int DT>
+static inline void store_lanes(void* out, int64_t off, vec v, int64_t lanes) {
+  store_mask<DT>(out, off, v, lanes >= VL ? (uint32_t)((1ull << VL) - 1) : (uint32_t)((1ull << lanes) - 1));
 }
 
 // out[0..n) = float32(x[off .. off + n)) (exact widening).
@@ -278,6 +286,9 @@ struct Geometry {
   int64_t amax, bmax;    // largest tap offset in plane rows / columns
   int64_t nphase;        // phase planes packed per channel
   int64_t phase_of[64];  // (ph * sw + pw) -> plane index, -1 when no tap uses it (sh * sw <= 64)
+  bool batched;          // 1x1, stride 1, no padding, small images: tiles of "batch pixels" that may span
+                         // images (pixel p of image n is batch pixel n * H * W + p), packed
+  int64_t batch_vecs;    // batched: vectors of VL batch pixels, split evenly over the tiles
   bool direct;           // float32 1x1, stride 1, no padding: stage 1 reads x itself (tiles of TP pixels)
   const int64_t* koffd;  // direct: the stage-1 offsets into x (c * H * W)
   bool masked;           // float32, stride 1, k > 1, padding <= "same" (AVX-512): stage 1 reads x with masks
@@ -462,6 +473,17 @@ static void pair_rows(const uint16_t* xa, const uint16_t* xb, int64_t xstride, f
         }
   }
 }
+
+// One run of n pixels of channels a and b (null: zeros) as 32-bit pairs, as pair_rows; stores n pairs only.
+static inline void pair_run(const uint16_t* xa, const uint16_t* xb, int64_t n, float* __restrict dst) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
+    const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, xa + i));
+    const __m512i hi =
+        xb ? _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, xb + i)), 16) : _mm512_setzero_si512();
+    _mm512_mask_storeu_epi32(dst + i, m, _mm512_or_si512(lo, hi));
+  }
+}
 #endif
 
 static void* alloc_floats(int64_t n) {
@@ -593,6 +615,43 @@ struct OutSink {  // stage 2: accumulators -> y, rounded once, the tail masked, 
   }
 };
 
+// Batched tiles: where the lanes of each vector of the tile go. Vector v holds batch pixels q0 + v * VL ..;
+// its lanes fall into n[v] images (more than two only for images smaller than a vector): segment s covers
+// the lanes in mask[v][s], of image img[v][s], lane l at pixel l + at[v][s]. Channel ch of a
+// [N, planes, HW] tensor: lane l at (img * planes + ch) * HW + at + l.
+constexpr int kTileVecs = 8 * SMALL_V;  // the most vectors a batched tile has
+struct Segments {
+  int32_t n[kTileVecs];
+  int32_t img[kTileVecs][VL], at[kTileVecs][VL];
+  uint32_t mask[kTileVecs][VL];
+  void build(int64_t q0, int64_t count, int64_t HW) {  // batch pixels [q0, q0 + count)
+    for (int64_t v = 0; v * VL < count; ++v) {
+      const int64_t q = q0 + v * VL, lanes = std::min<int64_t>(VL, count - v * VL);
+      int32_t k = 0;
+      for (int64_t l = 0; l < lanes; ++k) {
+        const int64_t img_ = (q + l) / HW, p = (q + l) % HW, len = std::min(lanes - l, HW - p);
+        img[v][k] = (int32_t)img_, at[v][k] = (int32_t)(p - l), mask[v][k] = (uint32_t)(((1ull << len) - 1) << l);
+        l += len;
+      }
+      n[v] = k;
+    }
+  }
+  template <int DT>
+  inline void store(void* out, int64_t planes, int64_t HW, int64_t ch, int64_t v, vec a) const {
+    for (int32_t k = 0; k < n[v]; ++k) store_mask<DT>(out, (img[v][k] * planes + ch) * HW + at[v][k], a, mask[v][k]);
+  }
+};
+
+template <int DT>
+struct BatchOutSink {  // OutSink for batched tiles: the call's vector v is the tile's vector v0 + v
+  void* y;
+  int64_t O, HW, o0, v0, rows;
+  const Segments* seg;
+  inline void operator()(int r, int v, vec a) const {
+    if (r < rows) seg->template store<DT>(y, O, HW, o0 + r, v0 + v, a);
+  }
+};
+
 struct Workspace {
   float* packed;  // the tile's input, tile_floats
   float* text;    // Rpad x TP: stage-1 result on the extended grid
@@ -629,6 +688,28 @@ static void tile(const Geometry& g, const void* x, int64_t n, int64_t t, const i
     ext = nrows * g.Wq;
     v0 = r0 * g.Wo;
     nv = nrows * g.Wo;
+  } else if (g.batched) {
+    // batch pixels [q0, q1): whole vectors (the last one may be partial), any number of images
+    const int64_t HW = g.H * g.W;
+    const int64_t q0 = t * g.batch_vecs / g.ntiles * VL, q1 = std::min(g.N * HW, (t + 1) * g.batch_vecs / g.ntiles * VL);
+    for (int64_t c = 0; c < g.Cp; ++c) {
+      float* dst = ws.packed + c * g.TP - q0;
+      for (int64_t q = q0; q < q1;) {
+        const int64_t img = q / HW, p = q % HW, len = std::min(HW - p, q1 - q);
+        if constexpr (DP) {
+#if PQ_LR_BF16DOT
+          const uint16_t* xa = (const uint16_t*)x + (img * g.C + 2 * c) * HW + p;
+          pair_run(xa, 2 * c + 1 < g.C ? xa + HW : nullptr, len, dst + q);
+#endif
+        } else {
+          load_row<DT>(x, (img * g.C + c) * HW + p, len, dst + q);
+        }
+        q += len;
+      }
+    }
+    ext = q1 - q0;
+    v0 = q0;
+    nv = ext;
   } else if (g.direct) {
     // pixels [p0, p0 + ext) of every channel straight from x. Stage 1 reads up to a chunk past them:
     // still inside x except in the last tile of the last image, which goes through the tile buffer.
@@ -732,7 +813,12 @@ static void tile(const Geometry& g, const void* x, int64_t n, int64_t t, const i
     tc = ws.tc;
   }
   const int64_t HoWo = g.Ho * g.Wo;
-  if (tout) {
+  Segments seg;
+  if (g.batched) seg.build(v0, nv, HoWo);
+  if (tout && g.batched) {
+    for (int64_t r = 0; r < g.R; ++r)
+      for (int64_t i = 0; i < nv; i += VL) seg.store<DT>(tout, g.R, HoWo, r, i / VL, vload(tc + r * g.TP + i));
+  } else if (tout) {
     for (int64_t r = 0; r < g.R; ++r) {
       const int64_t off = (n * g.R + r) * HoWo + v0;
       for (int64_t i = 0; i < nv; i += VL) store_lanes<DT>(tout, off + i, vload(tc + r * g.TP + i), nv - i);
@@ -743,9 +829,13 @@ static void tile(const Geometry& g, const void* x, int64_t n, int64_t t, const i
   for (int64_t ob = 0; ob < g.Opad / SMALL_R; ++ob) {
     const int64_t no = std::min<int64_t>(SMALL_R, g.O - ob * SMALL_R);
     for (int64_t i = 0; i < nv; i += CH) {
-      micro_nv<SMALL_R, SMALL_V>((std::min<int64_t>(CH, nv - i) + VL - 1) / VL, tc + i, koff2, g.R,
-                                 w2p + ob * g.R * SMALL_R, biasp + ob * SMALL_R,
-                                 OutSink<DT>{y, (n * g.O + ob * SMALL_R) * HoWo + v0 + i, HoWo, nv - i, no});
+      const int64_t vecs = (std::min<int64_t>(CH, nv - i) + VL - 1) / VL;
+      if (g.batched)
+        micro_nv<SMALL_R, SMALL_V>(vecs, tc + i, koff2, g.R, w2p + ob * g.R * SMALL_R, biasp + ob * SMALL_R,
+                                   BatchOutSink<DT>{y, g.O, HoWo, ob * SMALL_R, i / VL, no, &seg});
+      else
+        micro_nv<SMALL_R, SMALL_V>(vecs, tc + i, koff2, g.R, w2p + ob * g.R * SMALL_R, biasp + ob * SMALL_R,
+                                   OutSink<DT>{y, (n * g.O + ob * SMALL_R) * HoWo + v0 + i, HoWo, nv - i, no});
     }
   }
 }
@@ -781,7 +871,17 @@ static int32_t run(Geometry& g, const void* x, const void* w1, const void* w2, c
   // Tiles of whole output rows: about 768 extended pixels (8 chunks), fewer rows when the packed tile
   // would pass 512 KiB (it should stay in L2 between packing and use) or the intermediate 64 KiB; then
   // the rows are spread evenly over the tiles. Each tile packs amax halo rows more than it computes.
-  g.direct = DT == kFloat32 && taps == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
+  const int nthreads = threads > 0 ? threads : omp_get_max_threads();
+  // A 1x1 convolution of small images in tiles of one image each leaves lanes of the last vector of every
+  // image idle (7x7: 15 of 64): take the batch's pixels as one sequence instead. That needs a packed copy of
+  // x, which the float32 path otherwise reads in place: there, only when the idle lanes' share of the
+  // multiply-adds (R (C + O) per pixel) outweighs the copy (C per pixel) 64 times. Measured with one thread
+  // (about +-10%): batching EfficientNet-B0's 320 -> 1280 head at 7x7 made it 1.1-1.2x faster at ranks 80
+  // and 160 but 0.75x at rank 40 (float32), and its 14x14 projection (6% idle) 0.74-0.97x.
+  const int64_t HW = g.H * g.W, lanes = (HW + VL - 1) / VL * VL;
+  const bool copy_costs = DT == kFloat32 && (lanes - HW) * g.R * (g.C + g.O) < 64 * lanes * g.C;
+  g.batched = taps == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 && HW < 4 * CH && !copy_costs;
+  g.direct = !g.batched && DT == kFloat32 && taps == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
   // Reading x in place pays while an image's channels span few pages: beyond that every channel step of
   // stage 1 is a first-level TLB miss (the packed tile sits in huge pages) and packing wins (measured:
   // 128 x 28 x 28 in place 10% faster, 128 x 56 x 56 packed 1.2-2x faster).
@@ -798,6 +898,17 @@ static int32_t run(Geometry& g, const void* x, const void* w1, const void* w2, c
     g.TP = (g.rows * g.Wq + CH - 1) / CH * CH;
     g.pstride = g.cstride = 0;
     g.tile_floats = 16;
+  } else if (g.batched) {
+    // Up to 8 chunks per tile (the intermediate up to 64 KiB), and a whole number of tiles per thread: the
+    // tiles are as even as whole vectors allow (the tiling changes no bit: every output is one chain of sums).
+    g.batch_vecs = (g.N * g.H * g.W + VL - 1) / VL;
+    const int64_t most = std::max<int64_t>(1, std::min<int64_t>(kTileVecs, (16 << 10) / (g.Rpad * VL)));
+    const int64_t tiles = (g.batch_vecs + most - 1) / most;
+    g.ntiles = std::min(g.batch_vecs, (tiles + nthreads - 1) / nthreads * nthreads);
+    g.TP = ((g.batch_vecs + g.ntiles - 1) / g.ntiles * VL + CH - 1) / CH * CH;
+    g.rows = 0;
+    g.pstride = g.cstride = g.TP;
+    g.tile_floats = g.Cp * g.TP + 2 * CH;
   } else if (g.direct) {
     // Tiles of up to 8 chunks of pixels (the intermediate up to 64 KiB), the same number per image.
     const int64_t HW = g.H * g.W;
@@ -819,7 +930,6 @@ static int32_t run(Geometry& g, const void* x, const void* w1, const void* w2, c
     g.cstride = g.nphase * g.pstride;
     g.tile_floats = g.Cp * g.cstride + g.Wq + g.TP + 2 * CH;  // stage 1 reads a chunk and a row past the end
   }
-  const int nthreads = threads > 0 ? threads : omp_get_max_threads();
 
   // packed weights (float32): stage-1 blocks [rows][k][rows in block], w2p[ob][r][SMALL_R], biasp[Opad]
   const int64_t n1 = (g.Rpad * g.K1 + 15) / 16 * 16, n2 = (g.Opad * g.R + 15) / 16 * 16,
@@ -889,7 +999,7 @@ static int32_t run(Geometry& g, const void* x, const void* w1, const void* w2, c
   }
   for (int64_t r = 0; r < g.R; ++r) koff2[r] = r * g.TP;
 
-  const int64_t items = g.N * g.ntiles;
+  const int64_t items = g.batched ? g.ntiles : g.N * g.ntiles;
   int64_t next = 0, done = 0;
 #pragma omp parallel num_threads((int)std::min<int64_t>(nthreads, items))
   {
@@ -915,12 +1025,14 @@ static int32_t run(Geometry& g, const void* x, const void* w1, const void* w2, c
         if (item >= items) break;
         if constexpr (DT == kBFloat16) {
           if (dp) {
-            tile<DT, true>(g, x, item / g.ntiles, item % g.ntiles, koff1, koff2, w1p, w2p, biasp, y, tout, ws);
+            tile<DT, true>(g, x, g.batched ? 0 : item / g.ntiles, g.batched ? item : item % g.ntiles, koff1, koff2,
+                           w1p, w2p, biasp, y, tout, ws);
             ++mine;
             continue;
           }
         }
-        tile<DT, false>(g, x, item / g.ntiles, item % g.ntiles, koff1, koff2, w1p, w2p, biasp, y, tout, ws);
+        tile<DT, false>(g, x, g.batched ? 0 : item / g.ntiles, g.batched ? item : item % g.ntiles, koff1, koff2, w1p,
+                        w2p, biasp, y, tout, ws);
         ++mine;
       }
     }
