@@ -45,13 +45,20 @@ def label(bench: dict) -> str:
 
 def table(group: str, benches: list[dict]) -> list[str]:
     benches = sorted(benches, key=lambda b: b["stats"]["median"])
-    pyquant_median = next((b["stats"]["median"] for b in benches if "pyquant" in b["name"]), None)
-    lines = [f"### {group}", "", "| implementation | median ms | GB/s | time / pyquant | extra |", "|---|---:|---:|---:|---|"]
+    # Ratios against pyquant's entry; in a group of settings (the training step), against the baseline setting.
+    reference, ref_name = next((b for b in benches if "pyquant" in b["name"]), None), "pyquant"
+    if reference is None:
+        reference = next((b for b in benches if b.get("extra_info", {}).get("setting") == "baseline"), None)
+        ref_name = "baseline"
+    pyquant_median = reference["stats"]["median"] if reference else None
+    lines = [f"### {group}", "", f"| implementation | median ms | GB/s | time / {ref_name} | extra |",
+             "|---|---:|---:|---:|---|"]
     for b in benches:
         median = b["stats"]["median"]
         info = dict(b.get("extra_info", {}))
         gbs = info.pop("GB/s", None)
-        extra = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items() if k == "state bytes/param")
+        shown = ("state bytes/param", "samples/s", "optimizer_state MiB", "activations MiB")
+        extra = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items() if k in shown)
         ratio = f"{median / pyquant_median:.2f}x" if pyquant_median else ""
         lines.append(f"| {label(b)} | {1e3 * median:.2f} | {gbs:.2f} | {ratio} | {extra} |" if gbs else f"| {label(b)} | {1e3 * median:.2f} | | {ratio} | {extra} |")
     return lines + [""]

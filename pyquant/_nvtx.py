@@ -1,11 +1,15 @@
-"""NVTX ranges around every kernel launch, so Nsight Systems shows pyquant's ops by name.
+"""NVTX ranges around every kernel launch, so Nsight Systems shows pyquant's ops by name; while torch.profiler
+records, the same name is also a `record_function` range, so its traces show pyquant's ops too.
 
-The `nvtx` package's ranges cost next to nothing when no profiler is attached.
+The `nvtx` package's ranges cost next to nothing when no profiler is attached; the torch.profiler range is only
+opened while that profiler is on (one global flag read per launch).
 """
 
 from __future__ import annotations
 
 import contextlib
+
+import torch.autograd.profiler as _torch_profiler
 
 try:
     import nvtx as _nvtx
@@ -15,6 +19,14 @@ except ImportError:  # nvtx is a dependency, but a missing profiler hook must ne
 
 def kernel_range(name: str):
     """A context manager marking one kernel launch named `pyquant::<name>`."""
-    if _nvtx is None:
-        return contextlib.nullcontext()
-    return _nvtx.annotate(f"pyquant::{name}", domain="pyquant")
+    label = f"pyquant::{name}"
+    nvtx_range = contextlib.nullcontext() if _nvtx is None else _nvtx.annotate(label, domain="pyquant")
+    if not _torch_profiler._is_profiler_enabled:
+        return nvtx_range
+    return _with_torch_range(nvtx_range, label)
+
+
+@contextlib.contextmanager
+def _with_torch_range(nvtx_range, label: str):
+    with nvtx_range, _torch_profiler.record_function(label):
+        yield

@@ -16,7 +16,9 @@ def _experiment_parser(commands) -> None:
     p.add_argument("--preset", default="quick", help="quick, paper, or a TOML/YAML config file (default: quick)")
     p.add_argument("--task", nargs="+", dest="tasks", help="rsna, lidc, tabular")
     p.add_argument("--models", nargs="+", help="registered model names (e.g. densenet121 vit_tiny swin_tiny mlp)")
-    p.add_argument("--settings", nargs="+", help="baseline amp 8bit amp+8bit half+8bit bnb-8bit bf16")
+    p.add_argument("--settings", nargs="+", help="baseline amp 8bit amp+8bit half+8bit bnb-8bit bf16, each optionally "
+                   "followed by +subset:<method>@<fraction> (random, moderate, proxy, ...), +importance-sampling, "
+                   "+budget:<seconds>s, e.g. amp+8bit+subset:proxy@0.25 (docs/subsets.md)")
     p.add_argument("--seeds", nargs="+", type=int)
     p.add_argument("--scales", nargs="+", type=int, help="down-sampling factors S (1 2 4 8)")
     p.add_argument("--epochs", type=int)
@@ -28,6 +30,8 @@ def _experiment_parser(commands) -> None:
     p.add_argument("--amp-dtype", dest="amp_dtype", choices=["auto", "bfloat16", "float16"])
     p.add_argument("--half-dtype", dest="half_dtype", choices=["auto", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--nproc", type=int, help="data-parallel processes per run (DDP; gloo on CPU, nccl on CUDA); "
+                   "--batch-size is the global batch, split evenly over them")
     p.add_argument("--out", help="runs folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key, dotted, value in TOML syntax (e.g. data.rsna.root='/data/rsna')")
@@ -45,7 +49,7 @@ def _experiment(args) -> int:
 
     overrides = {k: getattr(args, k) for k in ("tasks", "models", "settings", "seeds", "scales", "epochs", "patience",
                                                "monitor", "batch_size", "lr", "device", "amp_dtype", "half_dtype",
-                                               "threads", "out")}
+                                               "threads", "nproc", "out")}
     cfg = config.load(args.preset, overrides=overrides, sets=args.set)
     if args.print_config:
         print(config.to_toml(cfg), end="")
@@ -75,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     report = commands.add_parser("report", help="tables (markdown, CSV, LaTeX) and radar plots from a runs folder")
     report.add_argument("runs_dir")
     report.add_argument("--out", help="output folder (default: RUNS_DIR/report)")
+    from pyquant import profiling
+
+    profiling.add_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "demo":
         from pyquant import demo as demo_module
@@ -94,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
             return _experiment(args)
         except (KeyError, ValueError, FileNotFoundError, RuntimeError) as e:
             print(f"pyquant experiment: error: {str(e).strip(chr(34) + chr(39))}", file=sys.stderr)
+            return 2
+    elif args.command == "profile":
+        try:
+            return profiling.main(args)
+        except (profiling.ProfileError, KeyError, ValueError, FileNotFoundError, RuntimeError) as e:
+            print(f"pyquant profile: error: {str(e).strip(chr(34) + chr(39))}", file=sys.stderr)
             return 2
     elif args.command == "report":
         from pyquant.experiment.report import build_report

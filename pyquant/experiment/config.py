@@ -33,6 +33,7 @@ DEFAULTS: dict = {
     "device": "auto",
     "threads": 0,  # torch CPU threads; 0 keeps torch's default
     "workers": 0,  # DataLoader worker processes
+    "nproc": 1,  # data-parallel processes per run (DistributedDataParallel); batch_size stays the global batch
     "threshold_rule": "youden",  # how the decision threshold is chosen on validation ("youden" or "fixed" 0.5)
     "inference_repeats": 3,  # timed passes over the pre-loaded test set (the median is reported)
     "warmup_batches": 2,
@@ -73,6 +74,31 @@ tasks = ["rsna"]
 models = ["densenet_small"]
 settings = ["baseline"]
 scales = [2, 4]
+
+[data.rsna]
+root = "data/rsna-demo"
+size = 64
+generate = { n_patients = 500, size = 128, seed = 0 }
+""",
+    "subsets": """\
+# Less data, same accuracy (docs/subsets.md): the quick preset's data and small DenseNet at 32 px (S = 2, where the
+# task is not yet saturated), trained on 25 %, 50 % and 100 % of the training split chosen at random, by Moderate
+# Coreset and via a proxy (least confidence), and importance sampling against uniform batches with the same
+# wall-clock budget. Two seeds. Run it with `python -m pyquant.subsets.study`, which also draws the plots.
+tasks = ["rsna"]
+models = ["densenet_small"]
+settings = ["baseline", "subset:random@0.25", "subset:random@0.5", "subset:moderate@0.25", "subset:moderate@0.5",
+            "subset:proxy@0.25", "subset:proxy@0.5", "baseline+budget:12s", "importance-sampling+budget:12s",
+            "baseline+budget:30s", "importance-sampling+budget:30s"]
+seeds = [1, 2]
+scales = [2]
+epochs = 20
+patience = 5
+monitor = "val_loss"
+batch_size = 32
+lr = 3e-4
+threads = 1
+out = "runs/subsets"
 
 [data.rsna]
 root = "data/rsna-demo"
@@ -219,6 +245,9 @@ def expand(cfg: dict) -> list[dict]:
         grids.append((ds.get("tasks") or cfg["tasks"], ds.get("models") or cfg["models"],
                       ds.get("settings") or cfg["settings"], ds["scales"]))
     device = resolve_device(cfg["device"])
+    from pyquant.experiment.parallel import check
+
+    nproc = check(cfg["nproc"], cfg["batch_size"])
     runs, seen = [], set()
     for tasks, models, settings, scales in grids:
         for task in tasks:
@@ -233,6 +262,8 @@ def expand(cfg: dict) -> list[dict]:
                                 "pretrained": cfg["pretrained"].get(model),
                                 **{k: cfg[k] for k in RUN_KEYS},
                             }
+                            if nproc > 1:  # only then: single-process runs keep the hashes they always had
+                                run["nproc"] = nproc
                             run["hash"] = run_hash(run)
                             if run["hash"] not in seen:
                                 seen.add(run["hash"])

@@ -112,6 +112,89 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
+def _storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (a view or a shared tensor counts once)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+class SavedActivations:
+    """``with SavedActivations(model) as saved: model(x)`` then ``saved.bytes``: the bytes of the tensors autograd
+    keeps for the backward pass (each storage once; the model's parameters and buffers excluded). That is what a
+    training step holds at its peak besides parameters, gradients and optimizer states, counted exactly on any
+    device (on CPU the process's peak memory cannot separate it from the interpreter and the data)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self._own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        self._seen: set[int] = set()
+        self.bytes = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self._own and storage.data_ptr() not in self._seen:
+            self._seen.add(storage.data_ptr())  # saved tensors stay alive until backward, so no address is reused
+            self.bytes += storage.nbytes()
+        return t
+
+    def __enter__(self) -> SavedActivations:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor, autocast=None) -> int:
+    """Bytes saved for backward by one training-mode forward pass of the batch ``x`` (under ``autocast``, a
+    context manager). The model's buffers (batch-norm statistics) and the random state are left as they were."""
+    import contextlib
+
+    buffers = [b.detach().clone() for b in model.buffers()]
+    was_training = model.training
+    cuda = [x.device.index or 0] if x.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda), torch.enable_grad(), SavedActivations(model) as saved:
+            model.train()
+            with autocast or contextlib.nullcontext():
+                model(x)
+    finally:
+        with torch.no_grad():
+            for b, kept in zip(model.buffers(), buffers):
+                b.copy_(kept)
+        model.train(was_training)
+    return saved.bytes
+
+
+def memory_breakdown(model: torch.nn.Module, optimizer: torch.optim.Optimizer, activations_saved_bytes: int | None = None,
+                     allocator_peak_bytes: int | None = None) -> dict:
+    """Where a training step's memory goes: parameters, buffers, gradients (one per trainable parameter, in its
+    dtype), optimizer states (as the optimizer holds them after a step), activations.
+
+    Activations are the allocator's training peak minus everything else when ``allocator_peak_bytes`` is given (a
+    CUDA figure: it also holds temporaries, the batch and workspaces), otherwise the bytes saved for backward
+    (``activations_saved_bytes``, from :func:`saved_activation_bytes`)."""
+    params = list(model.parameters())
+    breakdown = {
+        "parameters_bytes": _storage_bytes(params),
+        "buffers_bytes": _storage_bytes(list(model.buffers())),
+        "gradients_bytes": sum(p.numel() * p.element_size() for p in params if p.requires_grad),
+        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+    }
+    rest = sum(breakdown.values())
+    if allocator_peak_bytes is not None:
+        breakdown["activations_bytes"] = max(0, int(allocator_peak_bytes) - rest)
+        breakdown["activations_method"] = "allocator training peak minus parameters, buffers, gradients and states"
+    elif activations_saved_bytes is not None:
+        breakdown["activations_bytes"] = int(activations_saved_bytes)
+        breakdown["activations_method"] = "tensors saved for backward by one training forward pass (exact)"
+    else:
+        breakdown["activations_bytes"], breakdown["activations_method"] = None, "not measured"
+    breakdown["saved_for_backward_bytes"] = activations_saved_bytes
+    breakdown["total_bytes"] = rest + (breakdown["activations_bytes"] or 0)
+    return breakdown
+
+
 class EnergyMeter:
     """Cumulative energy counter in joules: ``read()`` (None when unavailable), ``available``, ``source``,
     ``reason``."""

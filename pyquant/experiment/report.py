@@ -38,6 +38,9 @@ COLUMNS = [
     ("inference_s", "Inference (s)", lambda r: r["resources"]["time"]["inference_s"], "3g", False),
     ("energy_train_wh", "Energy (Wh)", lambda r: r["resources"]["energy"].get("train_wh"), 2, False),
 ]
+# The memory breakdown of a training step (record: resources.memory.breakdown): (key, header).
+BREAKDOWN = [("parameters_bytes", "Params"), ("buffers_bytes", "Buffers"), ("gradients_bytes", "Grads"),
+             ("optimizer_state_bytes", "Opt. states"), ("activations_bytes", "Activations"), ("total_bytes", "Sum")]
 RADAR_AXES = ["auc", "balanced_accuracy", "train_peak_mib", "optimizer_state_mib", "time_to_best_s", "inference_s",
               "energy_train_wh"]
 RULES = {"youden": "Youden's J", "fixed": "fixed 0.5"}
@@ -98,6 +101,10 @@ def summarize(records: list[dict]) -> list[dict]:
                "device": rs[0]["environment"]["device"]}
         for key, _, get, _, _ in COLUMNS:
             row[key], row[key + "_std"] = _mean_std([get(r) for r in rs])
+        breakdowns = [r["resources"]["memory"].get("breakdown") or {} for r in rs]  # absent in older records
+        for key, _ in BREAKDOWN:
+            row["memory_" + key] = _mean_std([b.get(key) for b in breakdowns])[0]
+        row["activations_method"] = breakdowns[0].get("activations_method")
         rows.append(row)
     return rows
 
@@ -148,10 +155,28 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in _notes(rows)) + "\n"
 
 
+def breakdown_table(rows: list[dict]) -> str:
+    """Markdown: where each setting's training-step memory goes, in MiB (mean over seeds)."""
+    rows = [r for r in rows if r["memory_total_bytes"] is not None]
+    if not rows:
+        return ""
+    head = ["Task", "Model", "Setting", "S"] + [f"{h} (MiB)" for _, h in BREAKDOWN]
+    lines = ["### Memory of a training step", "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        cells = [r["task"], r["model"], r["setting"], str(r["scale"])]
+        cells += ["n/a" if r["memory_" + k] is None else f"{r['memory_' + k] / MIB:.2f}" for k, _ in BREAKDOWN]
+        lines.append("| " + " | ".join(cells) + " |")
+    methods = sorted({r["activations_method"] for r in rows if r["activations_method"]})
+    notes = ["Parameters, buffers (batch-norm statistics), gradients and optimizer states are counted exactly from "
+             "the tensors; activations: " + "; ".join(methods) + "."]
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+
+
 def csv_table(rows: list[dict]) -> str:
     keys = ["task", "model", "params_m", "gflops", "setting", "precision", "scale", "n", "diverged"]
     for key, *_ in COLUMNS:
         keys += [key, key + "_std"]
+    keys += ["memory_" + key for key, _ in BREAKDOWN]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -269,7 +294,9 @@ def build_report(runs_dir: str | Path, out_dir: str | Path | None = None) -> lis
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize(records)
     written = []
-    for name, text in [("table.md", markdown_table(rows)), ("table.csv", csv_table(rows)), ("table.tex", latex_table(rows))]:
+    breakdown = breakdown_table(rows)
+    for name, text in [("table.md", markdown_table(rows) + ("\n" + breakdown if breakdown else "")),
+                       ("table.csv", csv_table(rows)), ("table.tex", latex_table(rows))]:
         (out / name).write_text(text)
         written.append(out / name)
     pairs = sorted({(r["task"], r["model"]) for r in rows})

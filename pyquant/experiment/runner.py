@@ -24,11 +24,22 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from pyquant.experiment import config as config_mod
-from pyquant.experiment.measure import EnergyMeter, PeakMemory, count_flops, environment, optimizer_state_bytes, synchronize
+from pyquant.experiment import parallel
+from pyquant.experiment.measure import (
+    EnergyMeter,
+    PeakMemory,
+    count_flops,
+    environment,
+    memory_breakdown,
+    optimizer_state_bytes,
+    saved_activation_bytes,
+    synchronize,
+)
 from pyquant.experiment.metrics import THRESHOLD_RULES, binary_metrics, roc_auc
 from pyquant.experiment.models import create_model
 from pyquant.experiment.settings import resolve
 from pyquant.experiment.tasks import TaskData, get_task
+from pyquant.subsets import harness as subsets_harness
 
 RECORD_FORMAT = "pyquant-experiment-run-v1"
 RECORD_NAME = "record.json"
@@ -91,8 +102,23 @@ class _Batches:
         return x.to(self.dtype)
 
 
-def train_epoch(model, loader, optimizer, scaler, recipe, batches) -> tuple[float, int]:
-    """One pass over the training data; (mean loss over finite steps, number of non-finite steps)."""
+def train_step(model, x, y, optimizer, scaler, recipe, loss_fn=None) -> torch.Tensor:
+    """One training step (forward, backward, optimizer) on a batch already on the device; the detached loss.
+    The one step every caller uses: the epoch loop, `pyquant profile` and bench/test_train_step.py.
+    ``loss_fn(logits, y)``: another loss than mean cross-entropy (importance sampling's weighted one)."""
+    with recipe.autocast():
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y) if loss_fn is None else loss_fn(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)  # skipped when a scaled gradient overflowed (float16)
+    scaler.update()
+    return loss.detach()
+
+
+def train_epoch(model, loader, optimizer, scaler, recipe, batches, importance=None) -> tuple[float, int]:
+    """One pass over the training data; (mean loss over finite steps, number of non-finite steps).
+    ``importance``: the loader's pyquant.subsets.ImportanceSampler, when the setting samples by importance."""
     model.train()
     device = batches.device
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -100,14 +126,10 @@ def train_epoch(model, loader, optimizer, scaler, recipe, batches) -> tuple[floa
     bad = torch.zeros((), dtype=torch.int64, device=device)
     for x, y in loader:
         x, y = batches(x), y.to(device)
-        with recipe.autocast():
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)  # skipped when a scaled gradient overflowed (float16)
-        scaler.update()
-        finite = torch.isfinite(loss.detach())
+        if importance is not None:  # b of the B presampled, by score; their weights go into the loss
+            x, y = importance.select(model, x, y, recipe.autocast)
+        loss = train_step(model, x, y, optimizer, scaler, recipe, None if importance is None else importance.loss)
+        finite = torch.isfinite(loss)
         total += torch.where(finite, loss.detach().double() * len(y), 0.0)
         count += finite.double() * len(y)
         bad += (~finite).long()
@@ -171,7 +193,7 @@ def run_one(run: dict, run_dir: Path, data: TaskData, progress: bool = True) -> 
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(run["device"])
+    device = parallel.rank_device(run["device"])
     if run["threads"]:
         torch.set_num_threads(int(run["threads"]))
     seed_everything(run["seed"])
@@ -182,7 +204,8 @@ def run_one(run: dict, run_dir: Path, data: TaskData, progress: bool = True) -> 
     size = None if data.image_size is None else data.image_size // scale
     from pyquant.data import save_split
 
-    save_split(run_dir / "split.json", data.split, data.patient_ids, meta={"task": run["task"], "data": run["data"]})
+    if parallel.is_main():
+        save_split(run_dir / "split.json", data.split, data.patient_ids, meta={"task": run["task"], "data": run["data"]})
 
     model = create_model(run["model"], in_chans=data.in_chans, num_classes=data.num_classes,
                          pretrained=run["pretrained"], img_size=size, **run["model_args"])
@@ -195,7 +218,17 @@ def run_one(run: dict, run_dir: Path, data: TaskData, progress: bool = True) -> 
     input_dtype = recipe.model_dtype
     batches = _Batches(device, size, input_dtype)
     bs, workers = int(run["batch_size"]), int(run["workers"])
-    train_loader = _loader(data.train, bs, workers, True, run["seed"])
+    train_model = parallel.wrap(model, device)  # DistributedDataParallel under --nproc N; model itself otherwise
+    # pyquant.subsets: the training subset is chosen before training (timed apart), importance sampling during it.
+    train_set, selection = subsets_harness.training_subset(run, recipe.setting, data,
+                                                           _Batches(device, size, torch.float32), device)
+    importance = subsets_harness.importance_sampler(recipe.setting, len(train_set), bs, run["seed"], parallel.world_size())
+    if parallel.world_size() > 1:
+        train_loader = parallel.train_loader(train_set, bs, workers, run["seed"])
+    elif importance is not None:
+        train_loader = importance.loader(train_set, workers)
+    else:
+        train_loader = _loader(train_set, bs, workers, True, run["seed"])
     val_loader = _loader(data.val, bs, workers, False, run["seed"])
     test_loader = _loader(data.test, bs, workers, False, run["seed"])
 
@@ -213,10 +246,16 @@ def run_one(run: dict, run_dir: Path, data: TaskData, progress: bool = True) -> 
     e_start = energy.read()
     start = time.perf_counter()
     for epoch in epochs:
+        parallel.set_epoch(train_loader, epoch)
         t0 = time.perf_counter()
         with PeakMemory(device) as mem:
-            train_loss, bad_steps = train_epoch(model, train_loader, optimizer, scaler, recipe, batches)
+            train_loss, bad_steps = train_epoch(train_model, train_loader, optimizer, scaler, recipe, batches, importance)
+        train_loss = parallel.mean_over_ranks(train_loss)
         synchronize(device)
+        if not parallel.is_main():  # rank 0 validates and decides; the other ranks only train
+            if parallel.broadcast_stop(False):
+                break
+            continue
         t1 = time.perf_counter()
         with PeakMemory(device) as vmem:
             val_loss, val_p, val_y = predict(model, val_loader, recipe, batches)
@@ -240,15 +279,20 @@ def run_one(run: dict, run_dir: Path, data: TaskData, progress: bool = True) -> 
                         "loss_scale": scaler.get_scale() if recipe.loss_scaling else None})
         epochs.set_postfix(train_loss=f"{train_loss:.3f}", val_loss=f"{val_loss:.3f}", val_auc=f"{val_auc:.3f}",
                            best=best_epoch)
-        if not math.isfinite(val_loss) or not math.isfinite(train_loss):
-            diverged = True
-            break
-        if bad_epochs >= int(run["patience"]) and epoch >= int(run["min_epochs"]):
+        diverged = not math.isfinite(val_loss) or not math.isfinite(train_loss)
+        if parallel.broadcast_stop(diverged or bad_epochs >= int(run["patience"]) and epoch >= int(run["min_epochs"])
+                                   or subsets_harness.out_of_time(recipe.setting, time.perf_counter() - start)):
             break
     synchronize(device)
     train_total = time.perf_counter() - start
     e_train = energy.read()
     epochs.close()
+    if not parallel.is_main():
+        return {}
+    first_batch = torch.stack([data.train[i][0] for i in range(min(bs // parallel.world_size(), len(data.train)))])
+    breakdown = memory_breakdown(
+        model, optimizer, activations_saved_bytes=saved_activation_bytes(model, batches(first_batch), recipe.autocast()),
+        allocator_peak_bytes=train_peak if device.type == "cuda" else None)
 
     # The best-on-validation checkpoint, read back from disk, is what gets tested and timed.
     checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
@@ -289,11 +333,12 @@ def run_one(run: dict, run_dir: Path, data: TaskData, progress: bool = True) -> 
                      "stopped_early": len(history) < int(run["epochs"]) and not diverged, "diverged": diverged,
                      "nonfinite_steps": nonfinite_steps, "history": history, "checkpoint": CHECKPOINT_NAME},
         "metrics": {"threshold_rule": run["threshold_rule"], "threshold": threshold, "val": val_metrics, "test": test_metrics},
+        "subsets": subsets_harness.record(selection, importance, recipe.setting, train_total),
         "resources": {
             "memory": {"method": memory_method, "train_peak_bytes": train_peak, "eval_peak_bytes": eval_peak,
                        "inference_peak_bytes": imem.peak_bytes, "train_growth_bytes": train_growth,
                        "eval_growth_bytes": eval_growth, "inference_growth_bytes": imem.growth_bytes,
-                       "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+                       "optimizer_state_bytes": optimizer_state_bytes(optimizer), "breakdown": breakdown,
                        "note": "peak: highest use in the phase; growth: peak minus use when the phase began"},
             "time": {"train_total_s": train_total, "to_best_s": time_to_best, "inference_s": inference_s,
                      "inference_runs_s": inference_all, "inference_per_sample_ms": 1e3 * inference_s / max(1, n_test),
@@ -301,6 +346,7 @@ def run_one(run: dict, run_dir: Path, data: TaskData, progress: bool = True) -> 
                      "note": "train time includes the validation pass of each epoch and checkpoint saving"},
             "energy": energy_record,
         },
+        "parallel": parallel.describe(len(train_set), bs),
         "environment": environment(device),
     }
     write_record(run_dir / RECORD_NAME, record)
@@ -326,37 +372,43 @@ def _child(run: dict, run_dir: str, progress: bool) -> None:
 
 
 def run_isolated(run: dict, run_dir: Path, progress: bool = True) -> dict:
-    """``run_one`` in a fresh Python process (spawned), so that its process memory figures are its own."""
+    """``run_one`` in a fresh Python process (spawned), so that its process memory figures are its own; with
+    ``nproc`` > 1, in that many data-parallel processes (pyquant.experiment.parallel)."""
     import multiprocessing
 
-    process = multiprocessing.get_context("spawn").Process(target=_child, args=(run, str(run_dir), progress))
-    process.start()
-    try:
-        process.join()
-    except KeyboardInterrupt:  # the child got the same Ctrl-C; let it finish unwinding
-        process.join()
-        raise
-    if process.exitcode == 130:
+    if int(run.get("nproc", 1)) > 1:
+        exitcode = parallel.launch(run, run_dir, progress)
+    else:
+        process = multiprocessing.get_context("spawn").Process(target=_child, args=(run, str(run_dir), progress))
+        process.start()
+        try:
+            process.join()
+        except KeyboardInterrupt:  # the child got the same Ctrl-C; let it finish unwinding
+            process.join()
+            raise
+        exitcode = process.exitcode
+    if exitcode == 130:
         raise KeyboardInterrupt
     record = read_record(Path(run_dir) / RECORD_NAME)
-    if process.exitcode != 0 or record is None:
-        raise RuntimeError(f"run {config_mod.run_name(run)} failed (exit code {process.exitcode}); its error is above")
+    if exitcode != 0 or record is None:
+        raise RuntimeError(f"run {config_mod.run_name(run)} failed (exit code {exitcode}); its error is above")
     return record
 
 
 def check_names(runs: list[dict]) -> None:
     """Fail before anything runs when a task, model, setting or optimizer name is not registered."""
     from pyquant.experiment.models import MODELS
-    from pyquant.experiment.settings import OPTIMIZERS, SETTINGS
+    from pyquant.experiment.settings import OPTIMIZERS, get_setting
     from pyquant.experiment.tasks import TASKS
 
-    for kind, key, registry in [("task", "task", TASKS), ("model", "model", MODELS), ("setting", "setting", SETTINGS)]:
+    for kind, key, registry in [("task", "task", TASKS), ("model", "model", MODELS)]:
         unknown = sorted({r[key] for r in runs} - set(registry))
         if unknown:
             raise KeyError(f"unknown {kind}(s) {', '.join(unknown)}; registered: {', '.join(sorted(registry))}")
     for name in {r["setting"] for r in runs}:
-        if SETTINGS[name].optimizer not in OPTIMIZERS:
-            raise KeyError(f"setting {name!r} uses unknown optimizer {SETTINGS[name].optimizer!r}")
+        setting = get_setting(name)  # a registered setting or one with modifiers (subset:..., importance-sampling)
+        if setting.optimizer not in OPTIMIZERS:
+            raise KeyError(f"setting {name!r} uses unknown optimizer {setting.optimizer!r}")
 
 
 def run_grid(cfg: dict, progress: bool = True, log=print) -> int:
@@ -379,7 +431,7 @@ def run_grid(cfg: dict, progress: bool = True, log=print) -> int:
             run_dir = out / name
             if run_dir.exists():  # an interrupted earlier attempt: start it again from scratch
                 shutil.rmtree(run_dir)
-            if cfg["isolate"]:
+            if cfg["isolate"] or int(run.get("nproc", 1)) > 1:
                 record = run_isolated(run, run_dir, progress)
             else:
                 key = json.dumps([run["task"], run["data"]], sort_keys=True)

@@ -12,7 +12,8 @@ dtypes and whether the loss was scaled go into each run's record.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -57,7 +58,11 @@ def _bnb_adam8bit(params, lr):
 class Setting:
     """A recipe. ``autocast`` / ``model_dtype``: None (float32), "auto", "bfloat16" or "float16".
     ``loss_scaling``: "auto" (when anything runs in float16), "always" or "never".
-    ``norms_fp32``: in a half-precision model, keep normalisation layers (and their statistics) in float32."""
+    ``norms_fp32``: in a half-precision model, keep normalisation layers (and their statistics) in float32.
+    Data selection (pyquant.subsets; set through name modifiers, see :func:`get_setting`): ``subset`` is a method
+    of ``pyquant.subsets.harness.SUBSET_METHODS`` keeping ``subset_fraction`` of the training data before training,
+    ``importance_sampling`` turns on Katharopoulos & Fleuret's sampler, ``time_budget_s`` stops training after the
+    first epoch that ends past that many seconds (for comparisons at equal wall-clock)."""
 
     name: str
     optimizer: str = "adam"
@@ -66,6 +71,10 @@ class Setting:
     loss_scaling: str = "auto"
     norms_fp32: bool = True
     description: str = ""
+    subset: str | None = None
+    subset_fraction: float = 1.0
+    importance_sampling: bool = False
+    time_budget_s: float | None = None
 
 
 def register_setting(setting: Setting) -> Setting:
@@ -74,9 +83,58 @@ def register_setting(setting: Setting) -> Setting:
 
 
 def get_setting(name: str) -> Setting:
-    if name not in SETTINGS:
-        raise KeyError(f"unknown setting {name!r}; registered: {', '.join(SETTINGS)} (add one with register_setting)")
-    return SETTINGS[name]
+    """A registered setting, or a composite name: a registered setting followed by modifiers joined with "+", e.g.
+    ``amp+8bit+subset:proxy@0.25``, ``8bit+importance-sampling``; modifiers alone apply to ``baseline``
+    (``subset:moderate@0.5``). Modifiers: ``subset:<method>@<fraction>`` (fraction in (0, 1]),
+    ``importance-sampling``, ``budget:<seconds>s``. The composite keeps its full name, so it is what records show."""
+    if name in SETTINGS:
+        return SETTINGS[name]
+    base, changes = [], {}
+    for part in name.split("+"):
+        modifier = _modifier(part, name)
+        if modifier is None:
+            if changes:
+                raise ValueError(f"setting {name!r}: modifiers come after the registered setting, found {part!r} after them")
+            base.append(part)
+        elif set(modifier) & set(changes):
+            raise ValueError(f"setting {name!r}: {part!r} repeats a modifier")
+        else:
+            changes.update(modifier)
+    base_name = "+".join(base) or "baseline"
+    if not changes or base_name not in SETTINGS:
+        raise KeyError(f"unknown setting {base_name!r}; registered: {', '.join(SETTINGS)} (add one with register_setting), "
+                       "optionally followed by +subset:<method>@<fraction>, +importance-sampling, +budget:<seconds>s")
+    return replace(SETTINGS[base_name], name=name, **changes)
+
+
+def _modifier(part: str, name: str) -> dict | None:
+    """The Setting fields a name modifier sets, or None when ``part`` is not a modifier."""
+    if part == "importance-sampling":
+        return {"importance_sampling": True}
+    if part.startswith("budget:"):
+        text = part.removeprefix("budget:")
+        seconds = _number(text.removesuffix("s"), f"setting {name!r}: budget {text!r} must be seconds, e.g. budget:60s")
+        if not text.endswith("s") or not 0 < seconds < math.inf:
+            raise ValueError(f"setting {name!r}: budget {text!r} must be a positive number of seconds, e.g. budget:60s")
+        return {"time_budget_s": seconds}
+    if part.startswith("subset:"):
+        from pyquant.subsets.harness import SUBSET_METHODS
+
+        method, at, fraction_text = part.removeprefix("subset:").partition("@")
+        if method not in SUBSET_METHODS:
+            raise ValueError(f"setting {name!r}: unknown subset method {method!r}; use one of {', '.join(SUBSET_METHODS)}")
+        fraction = _number(fraction_text, f"setting {name!r}: {part!r} needs a fraction, e.g. subset:{method}@0.5")
+        if not at or not 0 < fraction <= 1:
+            raise ValueError(f"setting {name!r}: subset fraction must be in (0, 1], got {fraction_text!r}")
+        return {"subset": method, "subset_fraction": fraction}
+    return None
+
+
+def _number(text: str, message: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(message) from None
 
 
 PAPER_SETTINGS = ("baseline", "amp", "8bit", "amp+8bit", "half+8bit")
