@@ -4,6 +4,7 @@ measured implementation rule, and a few training steps of a half model."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -222,3 +223,47 @@ def test_half_errors():
         half(lambda x: x)
     with pytest.raises(ValueError, match="impl"):
         half(nn.Linear(2, 2), impl="cuda")
+
+
+@pytest.mark.skipif(H.native_fp16_cpu(), reason="this CPU has FP16 arithmetic: the harness keeps torch's layers")
+def test_harness_float16_setting_runs_on_pyquant_layers():
+    """`half+8bit` with --half-dtype float16 on a CPU without FP16 arithmetic converts through half() (Conv2d16 /
+    Linear16, norms in float32), trains with loss scaling and 8-bit states, and starts from the float32 model's loss;
+    bfloat16 stays a plain cast onto torch's layers."""
+    pytest.importorskip("timm")
+    import pyquant
+    from pyquant.amp import GradScaler
+    from pyquant.experiment.models import create_model
+    from pyquant.experiment.runner import train_step
+    from pyquant.experiment.settings import resolve
+
+    torch.manual_seed(0)
+    reference = create_model("densenet_small", in_chans=1, num_classes=2).train()
+    x, y = torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 1, 0])
+    recipe = resolve("half+8bit", "cpu", half_dtype="float16")
+    model = recipe.prepare_model(copy.deepcopy(reference))
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(type(m) is Conv2d16 and m.weight.dtype == torch.float16 for m in convs)
+    assert isinstance(model.classifier, Linear16) and model.classifier.weight.dtype == torch.float16
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(m.weight.dtype == m.running_mean.dtype == torch.float32 for m in norms)
+
+    with torch.no_grad():
+        expected = F.cross_entropy(copy.deepcopy(reference)(x), y)
+        first = F.cross_entropy(copy.deepcopy(model)(x.half()).float(), y)
+    assert abs(first.item() - expected.item()) < 2e-2 * max(1.0, expected.item()), (first, expected)
+
+    optimizer = recipe.make_optimizer(model.parameters(), 1e-3)
+    assert isinstance(optimizer, pyquant.Adam8bit) and recipe.loss_scaling
+    scaler = GradScaler("cpu", enabled=recipe.loss_scaling)
+    before = [p.detach().clone() for p in model.parameters()]
+    losses = [train_step(model, x.half(), y, optimizer, scaler, recipe).item() for _ in range(3)]
+    assert all(math.isfinite(v) and v < 1e3 for v in losses), losses
+    moved = sum(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert moved > len(before) // 2
+    assert all(p.dtype == (torch.float32 if any(p is q for n in norms for q in n.parameters()) else torch.float16)
+               for p in model.parameters())
+
+    plain = resolve("half+8bit", "cpu", half_dtype="bfloat16").prepare_model(copy.deepcopy(reference))
+    assert all(type(m) is nn.Conv2d and m.weight.dtype == torch.bfloat16 for m in plain.modules()
+               if isinstance(m, nn.Conv2d))

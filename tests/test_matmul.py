@@ -148,10 +148,10 @@ def test_bias_rows_and_columns_and_cross_dtypes(backend):
 
 
 # ---- the cpu kernel: exactly the sequential float32 fma chain ----
-def fma_chain(a: torch.Tensor, b: torch.Tensor, order) -> torch.Tensor:
+def fma_chain(a: torch.Tensor, b: torch.Tensor, order, start=None) -> torch.Tensor:
     from pyquant._reference import fma32
 
-    c = torch.zeros(a.shape[0], b.shape[1])
+    c = torch.zeros(a.shape[0], b.shape[1]) if start is None else start.float().clone()
     for k in order:
         c = fma32(a[:, k : k + 1].float(), b[k : k + 1, :].float(), c)
     return c
@@ -173,6 +173,28 @@ def test_cpu_bits_are_the_sequential_fma_chain(dtype, bf16_dot):
         M.set_bf16_dot(True)
         expected = fma_chain(a, b, pair_order(k)) if (BF16_DOT and dtype == torch.bfloat16) else seq
         assert torch.equal(matmul(a, b, out_dtype=torch.float32), expected)
+
+
+@pytest.mark.skipif(not HAVE_CPU, reason="the compiled CPU library is not built")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_narrow_tile_and_transposed_products_keep_the_chain(dtype, bf16_dot):
+    """At most 16 columns: the 28 x 16 tile (here over several row panels and two K blocks); at most 16 rows
+    and more columns: computed as C^T = B^T @ A^T. Both must still give every element the chain c = bias;
+    c = fma(a_ik, b_kj, c) in order of k (pairs of k with the bf16 dot product), biases per column and per row."""
+    cases = [((70, 16, 300), "contiguous"), ((61, 9, 40), "transposed"), ((16, 100, 520), "transposed"),
+             ((5, 40, 33), "strided"), ((1, 17, 8), "contiguous")]
+    for (m, n, k), layout in cases:
+        a, b = operand((m, k), dtype, m, layout), operand((k, n), dtype, n, "transposed")
+        for bias_dim, size in ((-1, n), (-2, m)):
+            bias = operand((1, size), torch.float32, 3)[0]
+            start = bias.expand(m, n) if bias_dim == -1 else bias[:, None].expand(m, n)
+            M.set_bf16_dot(False)
+            seq = fma_chain(a, b, range(k), start)
+            assert torch.equal(_matmul_op(a, b, bias, bias_dim, torch.float32), seq), (m, n, k, bias_dim)
+            M.set_bf16_dot(True)
+            paired = BF16_DOT and dtype == torch.bfloat16
+            expected = fma_chain(a, b, pair_order(k), start) if paired else seq
+            assert torch.equal(_matmul_op(a, b, bias, bias_dim, torch.float32), expected), (m, n, k, bias_dim)
 
 
 @pytest.mark.skipif(not HAVE_CPU, reason="the compiled CPU library is not built")

@@ -16,6 +16,9 @@
 // transposed 16 x 16 in registers when B's columns are contiguous (x @ W.T). Between K blocks the
 // micro-kernel keeps its float32 accumulators in a per-thread buffer; after the last K block it rounds
 // them once to C's dtype and stores them. Work is split over output tiles only, never over K.
+// Two register tiles (AVX-512): 14 x 32, and 28 x 16 for products with at most 16 columns; a product with at
+// most 16 rows and more columns is computed as its transpose (gemm_any_tile). The functions are templates on
+// the tile.
 //
 // Numerics: every element of C is c = bias_j or bias_i (or 0); c = fma(a_ik, b_kj, c) for k = 0, ..., K-1
 // in order; one rounding of c to C's dtype. The blocking (MC, KC, NC), the tile an element lands in, the
@@ -32,6 +35,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <utility>
 
 #include "pyquant/blockwise.h"
 
@@ -63,22 +67,31 @@ using namespace pq;
 #define PQ_GEMM_MR 14
 #define PQ_GEMM_NV 2
 #endif
-constexpr int VW = 16;          // floats per vector
-constexpr int MR = PQ_GEMM_MR;  // 14 x 32 tile: 28 zmm accumulators + 2 for B + 1 broadcast
-constexpr int NV = PQ_GEMM_NV;
+constexpr int VW = 16;               // floats per vector
+constexpr int MR_WIDE = PQ_GEMM_MR;  // 14 x 32 tile: 28 zmm accumulators + 2 for B + 1 broadcast
+constexpr int NV_WIDE = PQ_GEMM_NV;
+// Products with at most 16 columns (a 16-channel convolution; the transpose of a product with at most 16
+// rows) use a 28 x 16 tile instead: 28 accumulators + 1 for B, where the wide tile would leave half of
+// its lanes idle (measured 1.5x faster on such shapes, docs/low_precision.md section 8).
+constexpr int MR_NARROW = 28;
+constexpr int NV_NARROW = 1;
 #elif defined(PQ_GEMM_AVX2)
 constexpr int VW = 8;
-constexpr int MR = 6;  // 6 x 16 tile: 12 ymm accumulators + 2 for B + 1 broadcast
-constexpr int NV = 2;
+constexpr int MR_WIDE = 6;  // 6 x 16 tile: 12 ymm accumulators + 2 for B + 1 broadcast
+constexpr int NV_WIDE = 2;
+constexpr int MR_NARROW = MR_WIDE;  // one tile only
+constexpr int NV_NARROW = NV_WIDE;
 #else
 constexpr int VW = 4;
-constexpr int MR = 4;
-constexpr int NV = 2;
+constexpr int MR_WIDE = 4;
+constexpr int NV_WIDE = 2;
+constexpr int MR_NARROW = MR_WIDE;
+constexpr int NV_NARROW = NV_WIDE;
 #endif
-constexpr int NR = NV * VW;
+constexpr bool kNarrowTile = MR_NARROW != MR_WIDE || NV_NARROW != NV_WIDE;
+// The functions below are templates on the tile: MR rows, NV vectors (NR = NV * VW columns).
 constexpr int64_t KC_MAX = 256;              // a KC x NR float32 panel of B (32 KiB) stays in L1
 constexpr int64_t LDA = KC_MAX + 16;         // row stride of a packed A panel in rows layout (1088 B: no set aliasing)
-constexpr int64_t MC_MAX = (160 / MR) * MR;  // an MC x KC block of A (~150 KiB) stays in L2
 constexpr int64_t B_BUDGET = 4 << 20;        // bytes of packed B per column block (K x NC floats), L3
 constexpr double PARALLEL_MIN_FLOPS = 1 << 20;  // products with fewer multiply-adds run on one thread
 constexpr double SMALL_FLOPS = 1 << 24;         // batches of products this small: one product per thread
@@ -222,7 +235,7 @@ static inline void prefetch_rows(const char* p, int64_t rows, int64_t ld, int64_
 
 // A block: rows [i0, i0+mc), k in [k0, k0+kc) -> panels of MR rows, panel p at out + p*MR*kc, element
 // (r, k) at [k*MR + r]; rows past mc are 0.
-template <int DT>
+template <int DT, int MR>
 static void pack_a_t(const Mat& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, float* out, float* tmp) {
   const int64_t es = elem_size(DT);
   for (int64_t p = 0; p * MR < mc; ++p) {
@@ -242,7 +255,8 @@ static void pack_a_t(const Mat& A, int64_t i0, int64_t mc, int64_t k0, int64_t k
       // columns of the panel are contiguous: one short run per k
       for (int64_t k = 0; k < kc; ++k) {
 #if defined(PQ_GEMM_AVX512)
-        _mm512_mask_storeu_ps(o + k * MR, mask16(MR), load16<DT>(base + k * A.cs * es, mask16(mr)));
+        for (int r = 0; r < MR; r += 16)  // MR may exceed one vector (the narrow tile)
+          _mm512_mask_storeu_ps(o + k * MR + r, mask16(MR - r), load16<DT>(base + (k * A.cs + r) * es, mask16(mr - r)));
 #else
         convert_run<DT>(base + k * A.cs * es, 1, mr, o + k * MR);
         for (int r = mr; r < MR; ++r) o[k * MR + r] = 0.0f;
@@ -258,8 +272,9 @@ static void pack_a_t(const Mat& A, int64_t i0, int64_t mc, int64_t k0, int64_t k
 
 // B block: k in [0, K), columns [j0, j0+nc) -> panels of NR columns, panel p at out + p*NR*K, element
 // (k, j) at [k*NR + j]; columns past nc are 0.
-template <int DT>
+template <int DT, int NV>
 static void pack_b_panel(const Mat& B, int64_t K, int64_t j0, int64_t nr, float* o, float* tmp) {
+  constexpr int NR = NV * VW;
   const int64_t es = elem_size(DT);
   const char* base = B.data + j0 * B.cs * es;
   if (B.cs == 1) {
@@ -317,6 +332,7 @@ static inline __m512i interleave16(__m256i lo, __m256i hi) {
 
 // bfloat16 pairs: A block rows [i0, i0+mc), k in [k0, k0+kc) -> panels of MR rows, unit u of row r at
 // word [u*MR + r] = a(r, k0+2u) | a(r, k0+2u+1) << 16 (0 past kc and past mc).
+template <int MR>
 static void pack_a_pairs(const Mat& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, uint32_t* out) {
   const int64_t units = cdiv(kc, 2);
   for (int64_t p = 0; p * MR < mc; ++p) {
@@ -333,12 +349,14 @@ static void pack_a_pairs(const Mat& A, int64_t i0, int64_t mc, int64_t k0, int64
                                                       : _mm512_setzero_si512());
       }
     } else if (A.rs == 1) {
-      for (int64_t u = 0; u < units; ++u) {
-        const __m256i lo = _mm256_maskz_loadu_epi16(mask16(mr), base + 2 * u * A.cs * 2);
-        const __m256i hi = 2 * u + 1 < kc ? _mm256_maskz_loadu_epi16(mask16(mr), base + (2 * u + 1) * A.cs * 2)
-                                          : _mm256_setzero_si256();
-        _mm512_mask_storeu_epi32(o + u * MR, mask16(MR), interleave16(lo, hi));
-      }
+      for (int64_t u = 0; u < units; ++u)
+        for (int r = 0; r < MR; r += 16) {  // MR may exceed one vector (the narrow tile)
+          const char* lo_p = base + (2 * u * A.cs + r) * 2;
+          const __m256i lo = _mm256_maskz_loadu_epi16(mask16(mr - r), lo_p);
+          const __m256i hi = 2 * u + 1 < kc ? _mm256_maskz_loadu_epi16(mask16(mr - r), lo_p + A.cs * 2)
+                                            : _mm256_setzero_si256();
+          _mm512_mask_storeu_epi32(o + u * MR + r, mask16(MR - r), interleave16(lo, hi));
+        }
     } else {
       for (int64_t u = 0; u < units; ++u)
         for (int r = 0; r < MR; ++r) {
@@ -352,7 +370,9 @@ static void pack_a_pairs(const Mat& A, int64_t i0, int64_t mc, int64_t k0, int64
 
 // bfloat16 pairs: B, k in [0, K), columns [j0, j0+nr) -> one panel, unit u of column j at word
 // [u*NR + j] = b(2u, j) | b(2u+1, j) << 16 (0 past K and past nr).
+template <int NV>
 static void pack_b_pairs(const Mat& B, int64_t K, int64_t j0, int64_t nr, uint32_t* o) {
+  constexpr int NR = NV * VW;
   const int64_t units = cdiv(K, 2);
   const char* base = B.data + j0 * B.cs * 2;
   if (B.cs == 1) {
@@ -393,22 +413,24 @@ static void pack_b_pairs(const Mat& B, int64_t K, int64_t j0, int64_t nr, uint32
 }
 #endif
 
+template <int MR>
 static void pack_a(const Mat& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, float* out, float* tmp) {
   if (A.dt == kFloat16)
-    pack_a_t<kFloat16>(A, i0, mc, k0, kc, out, tmp);
+    pack_a_t<kFloat16, MR>(A, i0, mc, k0, kc, out, tmp);
   else if (A.dt == kBFloat16)
-    pack_a_t<kBFloat16>(A, i0, mc, k0, kc, out, tmp);
+    pack_a_t<kBFloat16, MR>(A, i0, mc, k0, kc, out, tmp);
   else
-    pack_a_t<kFloat32>(A, i0, mc, k0, kc, out, tmp);
+    pack_a_t<kFloat32, MR>(A, i0, mc, k0, kc, out, tmp);
 }
 
+template <int NV>
 static void pack_b(const Mat& B, int64_t K, int64_t j0, int64_t nr, float* out, float* tmp) {
   if (B.dt == kFloat16)
-    pack_b_panel<kFloat16>(B, K, j0, nr, out, tmp);
+    pack_b_panel<kFloat16, NV>(B, K, j0, nr, out, tmp);
   else if (B.dt == kBFloat16)
-    pack_b_panel<kBFloat16>(B, K, j0, nr, out, tmp);
+    pack_b_panel<kBFloat16, NV>(B, K, j0, nr, out, tmp);
   else
-    pack_b_panel<kFloat32>(B, K, j0, nr, out, tmp);
+    pack_b_panel<kFloat32, NV>(B, K, j0, nr, out, tmp);
 }
 
 // ---- output: round float32 rows to C's dtype once ----
@@ -419,7 +441,9 @@ struct Out {
 };
 
 // tile[r*NR + j] for r < mr, j < nr -> C(i0 + r, j0 + j)
+template <int NV>
 static inline void store_tile(const float* tile, const Out& c, int64_t i0, int64_t j0, int mr, int nr) {
+  constexpr int NR = NV * VW;
   const int64_t es = elem_size(c.dt);
   for (int r = 0; r < mr; ++r) {
     char* row = c.data + ((i0 + r) * c.rs + j0 * c.cs) * es;
@@ -499,54 +523,58 @@ static inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
 
 #define PQ_ALWAYS_INLINE __attribute__((always_inline)) static inline
 
+template <int MR, int NV>
 PQ_ALWAYS_INLINE void init_acc(const TileJob& t, V (*c)[NV]) {
   if (t.from_buf) {
-#pragma GCC unroll 16
+#pragma GCC unroll 32
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
       for (int h = 0; h < NV; ++h) c[r][h] = vload(t.buf + r * t.ldb + h * VW);
   } else if (t.bias) {
-#pragma GCC unroll 16
+#pragma GCC unroll 32
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
       for (int h = 0; h < NV; ++h) c[r][h] = vload(t.bias + h * VW);
   } else if (t.bias_row) {
-#pragma GCC unroll 16
+#pragma GCC unroll 32
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
       for (int h = 0; h < NV; ++h) c[r][h] = vbcast(t.bias_row + r);
   } else {
-#pragma GCC unroll 16
+#pragma GCC unroll 32
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
       for (int h = 0; h < NV; ++h) c[r][h] = vzero();
   }
 }
 
+template <int MR, int NV>
 PQ_ALWAYS_INLINE void finish_acc(const TileJob& t, V (*c)[NV]) {
+  constexpr int NR = NV * VW;
   float* dst = t.last ? nullptr : t.buf;
   alignas(64) float tile[MR * NR];
   const int64_t ld = t.last ? NR : t.ldb;
   if (!dst) dst = tile;
-#pragma GCC unroll 16
+#pragma GCC unroll 32
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
     for (int h = 0; h < NV; ++h) vstore(dst + r * ld + h * VW, c[r][h]);
-  if (t.last) store_tile(tile, *t.c, t.i0, t.j0, t.mr, t.nr);
+  if (t.last) store_tile<NV>(tile, *t.c, t.i0, t.j0, t.mr, t.nr);
 }
 
 // AROWS: A element (r, k) at a[r*LDA + k] (rows layout), else at a[k*MR + r].
-template <bool AROWS>
+template <bool AROWS, int MR, int NV>
 static void micro_kernel(const TileJob& t) {
+  constexpr int NR = NV * VW;
   V c[MR][NV];
-  init_acc(t, c);
+  init_acc<MR, NV>(t, c);
   const float* a = t.a;
   const float* b = t.b;
   for (int64_t k = 0; k < t.kc; ++k) {
     V bv[NV];
 #pragma GCC unroll 4
     for (int h = 0; h < NV; ++h) bv[h] = vload(b + h * VW);
-#pragma GCC unroll 16
+#pragma GCC unroll 32
     for (int r = 0; r < MR; ++r) {
       const V ar = vbcast(a + (AROWS ? r * LDA : r));
 #pragma GCC unroll 4
@@ -555,7 +583,7 @@ static void micro_kernel(const TileJob& t) {
     a += AROWS ? 1 : MR;
     b += NR;
   }
-  finish_acc(t, c);
+  finish_acc<MR, NV>(t, c);
 }
 
 #if defined(PQ_GEMM_AVX512)
@@ -563,17 +591,18 @@ static void micro_kernel(const TileJob& t) {
 // (k = 2u, 2u + 1). vdpbf16ps computes, per lane, c = fma(a_2u, b_2u, fma(a_2u+1, b_2u+1, c)) (checked
 // bit for bit on this CPU class; Intel documents the same order) with inputs and results below 2^-126
 // flushed to zero. Compiled for avx512bf16 only here; used after a run-time check.
-template <bool AROWS>
+template <bool AROWS, int MR, int NV>
 __attribute__((target("avx512bf16"))) static void micro_kernel_bf16(const TileJob& t) {
+  constexpr int NR = NV * VW;
   V c[MR][NV];
-  init_acc(t, c);
+  init_acc<MR, NV>(t, c);
   const uint32_t* a = (const uint32_t*)t.a;
   const float* b = t.b;
   for (int64_t u = 0; u < t.kc; ++u) {
     __m512bh bv[NV];
 #pragma GCC unroll 4
     for (int h = 0; h < NV; ++h) bv[h] = (__m512bh)_mm512_loadu_ps(b + h * VW);
-#pragma GCC unroll 16
+#pragma GCC unroll 32
     for (int r = 0; r < MR; ++r) {
       const __m512bh ar = (__m512bh)_mm512_set1_epi32((int)a[AROWS ? r * LDA : r]);
 #pragma GCC unroll 4
@@ -582,7 +611,7 @@ __attribute__((target("avx512bf16"))) static void micro_kernel_bf16(const TileJo
     a += AROWS ? 1 : MR;
     b += NR;
   }
-  finish_acc(t, c);
+  finish_acc<MR, NV>(t, c);
 }
 
 static const bool kHaveBf16Dot = [] {
@@ -592,8 +621,9 @@ static const bool kHaveBf16Dot = [] {
 #endif
 #else
 // Portable build: plain loops (no fma instruction; a*b + c, see the file comment).
-template <bool AROWS>
+template <bool AROWS, int MR, int NV>
 static inline void micro_kernel(const TileJob& t) {
+  constexpr int NR = NV * VW;
   float c[MR][NR];
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NR; ++j)
@@ -613,7 +643,7 @@ static inline void micro_kernel(const TileJob& t) {
       for (int j = 0; j < NR; ++j) t.buf[r * t.ldb + j] = c[r][j];
     return;
   }
-  store_tile(&c[0][0], *t.c, t.i0, t.j0, t.mr, t.nr);
+  store_tile<NV>(&c[0][0], *t.c, t.i0, t.j0, t.mr, t.nr);
 }
 #endif
 
@@ -629,7 +659,10 @@ struct Problem {
   float bias_at(int64_t index) const { return load_as_float(bias, index * bias_stride, bias_dt); }
 };
 
+template <int MR, int NV>
 static void gemm(const Problem& p, int nthreads, bool allow_bf16_dot) {
+  constexpr int NR = NV * VW;
+  constexpr int64_t MC_MAX = (160 / MR) * MR;  // an MC x KC block of A (~150 KiB) stays in L2
   const int64_t M = p.M, N = p.N, K = p.K;
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
@@ -642,7 +675,7 @@ static void gemm(const Problem& p, int nthreads, bool allow_bf16_dot) {
         for (int r = 0; r < mr; ++r)
           for (int j = 0; j < nr; ++j)
             tile[r * NR + j] = !p.bias ? 0.0f : p.bias_rows ? p.bias_at(i0 + r) : p.bias_at(j0 + j);
-        store_tile(tile, p.C, i0, j0, mr, nr);
+        store_tile<NV>(tile, p.C, i0, j0, mr, nr);
       }
     }
     return;
@@ -694,10 +727,10 @@ static void gemm(const Problem& p, int nthreads, bool allow_bf16_dot) {
         const int64_t nr = std::min<int64_t>(NR, nc - q * NR);
 #if defined(PQ_GEMM_AVX512)
         if (pairs)
-          pack_b_pairs(p.B, K, j0 + q * NR, nr, (uint32_t*)(bp + q * NR * KU));
+          pack_b_pairs<NV>(p.B, K, j0 + q * NR, nr, (uint32_t*)(bp + q * NR * KU));
         else
 #endif
-          pack_b(p.B, K, j0 + q * NR, nr, bp + q * NR * KU, tmp);
+          pack_b<NV>(p.B, K, j0 + q * NR, nr, bp + q * NR * KU, tmp);
         if (p.bias && !p.bias_rows)
           for (int64_t j = 0; j < NR; ++j) bias_p[q * NR + j] = j < nr ? p.bias_at(j0 + q * NR + j) : 0.0f;
       }
@@ -717,10 +750,10 @@ static void gemm(const Problem& p, int nthreads, bool allow_bf16_dot) {
           const int64_t k0 = u0 * step, kc_elems = std::min(kc * step, K - k0);
 #if defined(PQ_GEMM_AVX512)
           if (pairs)
-            pack_a_pairs(p.A, i0, mc, k0, kc_elems, (uint32_t*)ap);
+            pack_a_pairs<MR>(p.A, i0, mc, k0, kc_elems, (uint32_t*)ap);
           else
 #endif
-            pack_a(p.A, i0, mc, k0, kc_elems, ap, tmp);
+            pack_a<MR>(p.A, i0, mc, k0, kc_elems, ap, tmp);
           TileJob t;
           t.kc = kc;
           t.ldb = NR;
@@ -742,22 +775,43 @@ static void gemm(const Problem& p, int nthreads, bool allow_bf16_dot) {
 #if defined(PQ_GEMM_AVX512)
               if (pairs) {
                 if (t.a_rows)
-                  micro_kernel_bf16<true>(t);
+                  micro_kernel_bf16<true, MR, NV>(t);
                 else
-                  micro_kernel_bf16<false>(t);
+                  micro_kernel_bf16<false, MR, NV>(t);
                 continue;
               }
 #endif
               if (t.a_rows)
-                micro_kernel<true>(t);
+                micro_kernel<true, MR, NV>(t);
               else
-                micro_kernel<false>(t);
+                micro_kernel<false, MR, NV>(t);
             }
           }
         }
       }
     }
   }
+}
+
+// The tile for one product. With the narrow tile available, a product with at most 16 columns uses it, and
+// one with at most 16 rows and more columns is computed as its transpose, C^T = B^T @ A^T, so that its few
+// rows become the narrow tile's columns (a convolution's weight gradient: C_out x (kh*kw*C_in) over a long K).
+// Every element is still the same chain c = fma(a_ik, b_kj, c), k = 0..K-1 (fma(a, b, c) = fma(b, a, c)),
+// so the choice does not change the bits.
+static void gemm_any_tile(Problem p, int nthreads, bool allow_bf16_dot) {
+  constexpr int64_t narrow = NV_NARROW * VW;
+  if (kNarrowTile && p.M <= narrow && p.N > narrow) {
+    std::swap(p.M, p.N);
+    std::swap(p.A, p.B);
+    std::swap(p.A.rs, p.A.cs);
+    std::swap(p.B.rs, p.B.cs);
+    std::swap(p.C.rs, p.C.cs);
+    p.bias_rows = !p.bias_rows;
+  }
+  if (kNarrowTile && p.N <= narrow)
+    gemm<MR_NARROW, NV_NARROW>(p, nthreads, allow_bf16_dot);
+  else
+    gemm<MR_WIDE, NV_WIDE>(p, nthreads, allow_bf16_dot);
 }
 
 }  // namespace
@@ -805,9 +859,9 @@ void matmul(int32_t nb, const int64_t* batch_shape, const void* a, int32_t a_dt,
   // way every element is computed the same way (see the file comment).
   if (count > 1 && threads > 1 && (count % threads == 0 || count >= 4 * threads || flops < SMALL_FLOPS)) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int64_t i = 0; i < count; ++i) gemm(problem(i), 1, allow_bf16_dot);
+    for (int64_t i = 0; i < count; ++i) gemm_any_tile(problem(i), 1, allow_bf16_dot);
   } else {
-    for (int64_t i = 0; i < count; ++i) gemm(problem(i), threads, allow_bf16_dot);
+    for (int64_t i = 0; i < count; ++i) gemm_any_tile(problem(i), threads, allow_bf16_dot);
   }
 }
 

@@ -172,9 +172,21 @@ class Recipe:
         return torch.autocast(self.device_type, dtype=self.autocast_dtype)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Cast a float32 model to the model dtype (keeping norms in float32 when the setting says so)."""
+        """Cast a float32 model to the model dtype (keeping norms in float32 when the setting says so).
+
+        float16 on a CPU without FP16 arithmetic goes through `pyquant.amp.half`: there torch's float16
+        convolutions and matmuls are 20-40x slower than float32, pyquant's Conv2d16 / Linear16 are not
+        (docs/low_precision.md, section 8). Elsewhere (bfloat16, CUDA) torch's own kernels are fast: a plain
+        cast, which also keeps the run's numerics independent of any speed measurement."""
         if self.model_dtype == torch.float32:
             return model
+        from pyquant.nn.half_precision import default_impl
+
+        device = next(iter(model.parameters()), torch.empty(0)).device
+        if default_impl(device, self.model_dtype) == "pyquant":
+            from pyquant.amp import half
+
+            return half(model, self.model_dtype, keep_norm_fp32=self.setting.norms_fp32)
         model.to(self.model_dtype)
         if self.setting.norms_fp32:
             norms = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm)
