@@ -11,6 +11,7 @@ step is the harness's own (``pyquant.experiment.runner.train_step``: forward, ba
     python -m pytest bench/test_half_step.py --benchmark-only
     python bench/test_half_step.py [rounds] [threads]   # interleaved best-of-N, with the ratios to float32
     python bench/test_half_step.py products             # the step's heaviest float16 products, 1 thread
+    python bench/test_half_step.py convs                # its 3x3 convolution products: implicit / explicit im2col
 
 The script form runs the three steps round-robin and keeps each one's best time, which is what docs/low_precision.md
 (section 8) quotes: on a machine shared with other jobs, medians of consecutive rounds measure the neighbours.
@@ -98,6 +99,52 @@ def products(rounds: int = 15) -> None:
               f"| {best['f32'] * 1e3:.2f} ms, {gflops['f32']:.0f} GF/s |")
 
 
+def convs(rounds: int = 15) -> None:
+    """The dense layers' 3x3 convolution (64 -> 16 channels, batch 32) as Conv2d16 runs it: forward, weight gradient
+    and input gradient on pyquant::im2col_matmul with the columns gathered while packing (implicit) against the
+    explicit copy of the columns + pyquant::matmul (the same bits), and torch's float32 forward; 1 thread,
+    interleaved best-of."""
+    import torch.nn.functional as F
+
+    from pyquant.ops import conv16
+    from pyquant.ops.gemm import matmul_cpu
+
+    def explicit(x, other, bias, bias_dim, geometry, columns_first, out_dtype):
+        return matmul_cpu(*conv16._operands(x, other, geometry, columns_first), bias, bias_dim, out_dtype)
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    geometry = (3, 3, 1, 1, 1, 1, 1, 1)
+    print("| product | implicit im2col | explicit im2col | torch float32 conv |\n|---|---:|---:|---:|")
+    for block, size in ((1, 16), (2, 8)):
+        x = torch.randn(32, size, size, 64, generator=g).half()
+        w, w_flip = torch.randn(16, 576, generator=g).half(), torch.randn(64, 144, generator=g).half()
+        grad = torch.randn(32 * size * size, 16, generator=g).half()
+        x32, w32 = x.float().permute(0, 3, 1, 2), torch.randn(16, 64, 3, 3, generator=g)
+        flops = 2 * 32 * size * size * 576 * 16
+        products = {
+            "fwd": (x, w.t(), True),
+            "grad_W": (x, grad.t(), False),
+            "grad_x": (grad.view(32, size, size, 16), w_flip.t(), True),
+        }
+        for name, (inp, other, first) in products.items():
+            runs = {
+                "implicit": lambda: conv16.im2col_matmul_cpu(inp, other, None, -1, geometry, first, torch.float16),
+                "explicit": lambda: explicit(inp, other, None, -1, geometry, first, torch.float16),
+            }
+            if name == "fwd":
+                runs["torch"] = lambda: F.conv2d(x32, w32, None, 1, 1)
+            best = dict.fromkeys(runs, float("inf"))
+            for _ in range(rounds):
+                for key, fn in runs.items():
+                    start = time.perf_counter()
+                    fn()
+                    best[key] = min(best[key], time.perf_counter() - start)
+            cells = [f"{best[k] * 1e3:.2f} ms, {flops / best[k] / 1e9:.0f} GF/s" if k in best else "" for k in
+                     ("implicit", "explicit", "torch")]
+            print(f"| 3x3 {name}, block {block} | " + " | ".join(cells) + " |")
+
+
 def main(rounds: int = 10, threads: int = 1) -> None:
     torch.set_num_threads(threads)
     steps = {case: make_step(case) for case in CASES}
@@ -118,5 +165,7 @@ def main(rounds: int = 10, threads: int = 1) -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["products"]:
         products()
+    elif sys.argv[1:2] == ["convs"]:
+        convs()
     else:
         main(*(int(a) for a in sys.argv[1:3]))

@@ -8,6 +8,9 @@
   void matmul(int32_t, const int64_t*, const void*, int32_t, const int64_t*, const void*, int32_t,             \
               const int64_t*, const void*, int32_t, int64_t, int32_t, void*, int32_t, const int64_t*, int64_t, \
               int64_t, int64_t, int32_t, int32_t);                                                             \
+  void matmul_im2col(const void*, int32_t, const int64_t*, const int64_t*, const int64_t*, int32_t, const void*,  \
+                     int32_t, const int64_t*, int64_t, const void*, int32_t, int64_t, int32_t, void*, int32_t,    \
+                     const int64_t*, int32_t, int32_t);                                                        \
   }
 PQ_FOR_EACH_ISA(PQ_DECLARE_GEMM)
 
@@ -28,6 +31,23 @@ void pq_matmul(int32_t nb, const int64_t* batch_shape, const void* a, int32_t a_
                int64_t m, int64_t n, int64_t k, int32_t threads, int32_t flags) {
   PQ_DISPATCH(matmul(nb, batch_shape, a, a_dtype, a_strides, b, b_dtype, b_strides, bias, bias_dtype, bias_stride,
                      bias_rows, c, c_dtype, c_strides, m, n, k, threads, flags))
+}
+
+// The same product with one operand the im2col matrix of a convolution input, gathered while packing instead of
+// copied (an implicit im2col): columns[(n, oy, ox), (ky, kx, c)] = x[n, oy*sh + ky*dh - ph, ox*sw + kx*dw - pw, c],
+// 0 outside x, for a channels-last x of shape x_shape = (N, H, W, C) with element strides x_strides = (n, y, x)
+// (channels contiguous) and geometry = (kh, kw, sh, sw, ph, pw, dh, dw). cols_side 0: C = columns @ other (+ bias),
+// other is K x N with K = kh*kw*C and N = other_dim; cols_side 1: C = other @ columns, other is M x K with
+// M = other_dim and K = N*Ho*Wo. other_strides and c_strides: row, column strides in elements; bias, threads
+// and flags as pq_matmul. The bits are pq_matmul's on the explicit columns.
+void pq_matmul_im2col(const void* x, int32_t x_dtype, const int64_t* x_shape, const int64_t* x_strides,
+                      const int64_t* geometry, int32_t cols_side, const void* other, int32_t other_dtype,
+                      const int64_t* other_strides, int64_t other_dim, const void* bias, int32_t bias_dtype,
+                      int64_t bias_stride, int32_t bias_rows, void* c, int32_t c_dtype, const int64_t* c_strides,
+                      int32_t threads, int32_t flags) {
+  PQ_DISPATCH(matmul_im2col(x, x_dtype, x_shape, x_strides, geometry, cols_side, other, other_dtype, other_strides,
+                            other_dim, bias, bias_dtype, bias_stride, bias_rows, c, c_dtype, c_strides, threads,
+                            flags))
 }
 
 }  // extern "C"

@@ -407,3 +407,115 @@ def test_special_values(backend):
     assert torch.isnan(c[2]).all()
     assert c[3, 0] == float("inf") and c[3, 1] == 60000.0  # 120000 overflows float16; the float32 sum does not
     assert matmul(a[3:], b, out_dtype=torch.float32)[0, 0] == 120000.0
+
+
+# ---- the implicit im2col (pyquant::im2col_matmul, pyquant/ops/conv16.py) ----
+# (N, H, W, C, kernel, stride, padding, dilation): padding, stride 2, a dilated asymmetric kernel, C = 1, runs of
+# C = 70 straddling the K blocks (K = 630) and the 28-row panels, and a 1 x 1 kernel with padding.
+IM2COL_CASES = [
+    (2, 11, 9, 5, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (3, 10, 9, 5, (3, 2), (2, 1), (2, 0), (2, 1)),
+    (2, 13, 12, 1, (7, 7), (2, 2), (3, 3), (1, 1)),
+    (2, 9, 8, 70, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (2, 5, 6, 3, (1, 1), (1, 1), (1, 1), (1, 1)),
+]
+
+
+def im2col_operands(case, dtype, channels_last=True):
+    from pyquant.ops.conv16 import columns
+
+    n, h, w, c, *geometry = case
+    x = operand((n, c, h, w), dtype, 11).permute(0, 2, 3, 1)  # NHWC view of an NCHW tensor
+    if channels_last:
+        x = x.contiguous()
+    return x, geometry, columns(x, *geometry)
+
+
+@pytest.mark.skipif(not HAVE_CPU, reason="the compiled CPU library is not built")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", IM2COL_CASES, ids=str)
+def test_im2col_matmul_bits_equal_the_explicit_columns(dtype, case, bf16_dot):
+    """columns(x) @ W (any number of outputs: narrow and wide tiles, a bias per column) and G^T @ columns(x) (the
+    transposed product, a bias per row) give the bits of the cpu matmul on the explicit copy of the columns, with
+    and without the bf16 dot product, for float32 and 16-bit outputs, and within the bound of float64."""
+    from pyquant.ops.conv16 import im2col_matmul
+
+    x, geometry, cols = im2col_operands(case, dtype, channels_last=case[3] != 5)
+    for dot in (True, False):
+        M.set_bf16_dot(dot)
+        for cout in (1, 7, 16, 40):
+            w = operand((cout, cols.shape[1]), dtype, 12).t()
+            g = operand((cols.shape[0], cout), dtype, 13)
+            for out_dtype in (torch.float32, dtype):
+                bias = operand((1, cout), dtype, 14)[0]
+                got = im2col_matmul(x, w, *geometry, bias=bias, out_dtype=out_dtype)
+                assert torch.equal(got, _matmul_op(cols, w, bias, -1, out_dtype)), (cout, out_dtype, dot)
+                got_t = im2col_matmul(x, g.t(), *geometry, columns_first=False, bias=bias, bias_dim=-2,
+                                      out_dtype=out_dtype)
+                assert torch.equal(got_t, _matmul_op(g.t(), cols, bias, -2, out_dtype)), (cout, out_dtype, dot)
+            assert_within_bound(got, cols, w, out_dtype, bias)
+            assert_within_bound(got_t, g.t(), cols, out_dtype, bias, bias_dim=-2)
+
+
+@pytest.mark.skipif(not HAVE_CPU, reason="the compiled CPU library is not built")
+def test_im2col_matmul_same_bits_on_every_instruction_set_and_thread_count(bf16_dot):
+    from pyquant.ops.conv16 import im2col_matmul
+
+    lib = _native.cpu_library()
+    M.set_bf16_dot(False)
+    cases = []
+    for dtype in DTYPES:
+        x, geometry, cols = im2col_operands(IM2COL_CASES[3], dtype)
+        cases.append((x, operand((cols.shape[1], 20), dtype, 15), geometry, True))
+        cases.append((x, operand((9, cols.shape[0]), dtype, 16), geometry, False))
+
+    def run_all():
+        return [im2col_matmul(x, o, *geo, columns_first=first, out_dtype=torch.float32) for x, o, geo, first in cases]
+
+    expected = run_all()
+    best, threads = lib.pq_isa(), torch.get_num_threads()
+    try:
+        for isa in range(best):
+            lib.pq_set_isa(isa)
+            assert all(map(torch.equal, run_all(), expected)), f"isa {isa}"
+        lib.pq_set_isa(best)
+        torch.set_num_threads(2)
+        assert all(map(torch.equal, run_all(), expected)), "2 threads"
+    finally:
+        lib.pq_set_isa(best)
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_im2col_matmul_reference_backend_and_opcheck(backend):
+    from pyquant.ops.conv16 import _im2col_matmul_op, im2col_matmul
+
+    x, geometry, cols = im2col_operands(IM2COL_CASES[1], torch.float16)
+    w = operand((cols.shape[1], 6), torch.float16, 17)
+    with backend_ctx(backend):
+        got = im2col_matmul(x, w, *geometry, out_dtype=torch.float32)
+        flat = [v for pair in geometry for v in pair]
+        torch.library.opcheck(_im2col_matmul_op, (x, w, None, -1, flat, True, torch.float16))
+        g = operand((6, cols.shape[0]), torch.float16, 18)
+        torch.library.opcheck(_im2col_matmul_op, (x, g, None, -1, flat, False, torch.float16))
+    assert_within_bound(got, cols, w, torch.float32)
+    meta = im2col_matmul(x.to("meta"), w.to("meta"), *geometry)
+    assert meta.device.type == "meta" and meta.shape == (cols.shape[0], 6) and meta.dtype == torch.float16
+
+
+def test_im2col_matmul_clear_errors():
+    from pyquant.ops.conv16 import im2col_matmul
+
+    x = torch.ones(1, 5, 5, 3, dtype=torch.float16)
+    w = torch.ones(27, 4, dtype=torch.float16)
+    geometry = ((3, 3), (1, 1), (1, 1), (1, 1))
+    with pytest.raises(ValueError, match="4-D"):
+        im2col_matmul(x[0], w, *geometry)
+    with pytest.raises(TypeError, match="float16"):
+        im2col_matmul(x, w.float(), *geometry)
+    with pytest.raises(ValueError, match="columns need 27"):
+        im2col_matmul(x, w[:20], *geometry)
+    with pytest.raises(ValueError, match="does not fit"):
+        im2col_matmul(x, w, (7, 7), (1, 1), (0, 0), (1, 1))
+    with pytest.raises(ValueError, match="padding >= 0"):
+        im2col_matmul(x, w, (3, 3), (0, 1), (1, 1), (1, 1))

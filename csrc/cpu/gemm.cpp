@@ -123,12 +123,65 @@ static thread_local Scratch tl_packed_b, tl_packed_a, tl_row, tl_partial, tl_row
 
 static inline int64_t elem_size(int32_t dt) { return dt == kFloat32 ? 4 : 2; }
 
-// An operand: element (i, j) at data + i*rs + j*cs elements.
+// The im2col matrix of a channels-last input x (N, H, W, C), never materialised (an implicit im2col):
+//   columns[(n, oy, ox), (ky, kx, c)] = x[n, oy*sh + ky*dh - ph, ox*sw + kx*dw - pw, c], 0 outside x,
+// rows P = N*Ho*Wo output positions, columns kh*kw*C. The packing routines gather it in runs of C contiguous
+// values, so a product on it computes exactly what it computes on the explicit copy (the same packed panels).
+struct Im2col {
+  const char* x;                      // element (n, y, x, c) at x + n*sn + y*sy + x*sx + c elements
+  int64_t H, W, C, Ho, Wo, kw;
+  int64_t sh, sw, ph, pw, dh, dw;
+  int64_t sn, sy, sx;
+};
+
+// An operand: element (i, j) at data + i*rs + j*cs elements; or, with `cols`, element (i, j) of the im2col
+// matrix (cols_t false) or of its transpose (cols_t true).
 struct Mat {
   const char* data;
   int32_t dt;
   int64_t rs, cs;
+  const Im2col* cols = nullptr;
+  bool cols_t = false;
 };
+
+// A pixel (output position) of an Im2col: its input origin, y0 = oy*sh - ph and x0 = ox*sw - pw, and the offset of
+// x[n, y0, x0, 0] (outside x when y0 or x0 is negative: only used for positions checked to be inside).
+struct Pixel {
+  int64_t y0, x0, off;
+};
+
+static inline Pixel pixel_of(const Im2col& g, int64_t i) {
+  const int64_t per_image = g.Ho * g.Wo;
+  const int64_t n = i / per_image, rest = i - n * per_image;
+  const int64_t oy = rest / g.Wo, ox = rest - oy * g.Wo;
+  const int64_t y0 = oy * g.sh - g.ph, x0 = ox * g.sw - g.pw;
+  return Pixel{y0, x0, n * g.sn + y0 * g.sy + x0 * g.sx};
+}
+
+// A run of im2col columns within one kernel position (ky, kx): `len` channels from c, at `dst` in the packed
+// range; dy = ky*dh, dx = kx*dw, and `off` the offset of (dy, dx, c) relative to a pixel's origin.
+struct Seg {
+  int64_t dst, len, dy, dx, off;
+};
+
+// The columns [j0, j0 + count) of an im2col matrix as runs (at most count / C + 2); returns their number.
+static int64_t im2col_segments(const Im2col& g, int64_t j0, int64_t count, Seg* out) {
+  int64_t n = 0;
+  for (int64_t j = j0; j < j0 + count;) {
+    const int64_t pos = j / g.C, c = j - pos * g.C;
+    const int64_t len = std::min(g.C - c, j0 + count - j);
+    const int64_t dy = (pos / g.kw) * g.dh, dx = (pos % g.kw) * g.dw;
+    out[n++] = Seg{j - j0, len, dy, dx, dy * g.sy + dx * g.sx + c};
+    j += len;
+  }
+  return n;
+}
+
+// Where run `s` of pixel `px` starts in x, or null where the kernel position falls in the zero padding.
+static inline const char* im2col_run(const Im2col& g, const Pixel& px, const Seg& s, int64_t es) {
+  const bool inside = (uint64_t)(px.y0 + s.dy) < (uint64_t)g.H && (uint64_t)(px.x0 + s.dx) < (uint64_t)g.W;
+  return inside ? g.x + (px.off + s.off) * es : nullptr;
+}
 
 // ---- conversion of a contiguous run to float32 ----
 template <int DT>
@@ -233,10 +286,81 @@ static inline void prefetch_rows(const char* p, int64_t rows, int64_t ld, int64_
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + r * ld + off, 0, 3);
 }
 
+// An im2col A block (see pack_a_t for the layouts): the same packed values as the explicit copy would give.
+// cols_t false: rows are pixels, k runs along the kernel positions: rows layout, each row a few runs of C.
+// cols_t true (the transposed product of a weight gradient): rows are kernel positions, k runs over pixels:
+// k-major, each k a few runs of the panel's rows. convert_run may write zeros up to 15 floats past a run;
+// the runs are written in increasing order within the panel's slack, so later runs overwrite them.
+template <int DT, int MR>
+static void pack_a_im2col(const Mat& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, float* out) {
+  const Im2col& g = *A.cols;
+  const int64_t es = elem_size(DT);
+  Seg segs[KC_MAX + 2];
+  if (!A.cols_t) {
+    const int64_t nseg = im2col_segments(g, k0, kc, segs);
+    for (int64_t p = 0; p * MR < mc; ++p) {
+      float* o = out + p * MR * LDA;
+      const int mr = (int)std::min<int64_t>(MR, mc - p * MR);
+      for (int r = 0; r < MR; ++r) {
+        float* row = o + r * LDA;
+        if (r >= mr) {
+          memset(row, 0, (size_t)kc * sizeof(float));
+          continue;
+        }
+        const Pixel px = pixel_of(g, i0 + p * MR + r);
+        for (int64_t q = 0; q < nseg; ++q) {
+          const char* src = im2col_run(g, px, segs[q], es);
+          if (src)
+            convert_run<DT>(src, 1, segs[q].len, row + segs[q].dst);
+          else
+            memset(row + segs[q].dst, 0, (size_t)segs[q].len * sizeof(float));
+        }
+      }
+    }
+    return;
+  }
+  Pixel pixels[KC_MAX];
+  for (int64_t k = 0; k < kc; ++k) pixels[k] = pixel_of(g, k0 + k);
+  for (int64_t p = 0; p * MR < mc; ++p) {
+    float* o = out + p * MR * LDA;
+    const int mr = (int)std::min<int64_t>(MR, mc - p * MR);
+    const int64_t nseg = im2col_segments(g, i0 + p * MR, mr, segs);
+#if defined(PQ_GEMM_AVX512)
+    // one run (at most MR <= 32 rows: two vectors) at a time over all k, with exact masks
+    static_assert(MR <= 32, "a run of the k-major im2col gather is at most two vectors");
+    for (int64_t q = 0; q < nseg; ++q) {
+      const Seg s = segs[q];
+      const __mmask16 m0 = mask16(s.len), m1 = mask16(s.len - 16);
+      for (int64_t k = 0; k < kc; ++k) {
+        const char* src = im2col_run(g, pixels[k], s, es);
+        float* dst = o + k * MR + s.dst;
+        _mm512_mask_storeu_ps(dst, m0, src ? load16<DT>(src, m0) : _mm512_setzero_ps());
+        if (m1) _mm512_mask_storeu_ps(dst + 16, m1, src ? load16<DT>(src + 16 * es, m1) : _mm512_setzero_ps());
+      }
+    }
+    if (mr < MR)
+      for (int64_t k = 0; k < kc; ++k) memset(o + k * MR + mr, 0, (size_t)(MR - mr) * sizeof(float));
+#else
+    for (int64_t k = 0; k < kc; ++k) {
+      float* col = o + k * MR;
+      for (int64_t q = 0; q < nseg; ++q) {
+        const char* src = im2col_run(g, pixels[k], segs[q], es);
+        if (src)
+          convert_run<DT>(src, 1, segs[q].len, col + segs[q].dst);
+        else
+          memset(col + segs[q].dst, 0, (size_t)segs[q].len * sizeof(float));
+      }
+      for (int r = mr; r < MR; ++r) col[r] = 0.0f;
+    }
+#endif
+  }
+}
+
 // A block: rows [i0, i0+mc), k in [k0, k0+kc) -> panels of MR rows, panel p at out + p*MR*kc, element
 // (r, k) at [k*MR + r]; rows past mc are 0.
 template <int DT, int MR>
 static void pack_a_t(const Mat& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, float* out, float* tmp) {
+  if (A.cols) return pack_a_im2col<DT, MR>(A, i0, mc, k0, kc, out);
   const int64_t es = elem_size(DT);
   for (int64_t p = 0; p * MR < mc; ++p) {
     float* o = out + p * MR * LDA;
@@ -330,10 +454,66 @@ static inline __m512i interleave16(__m256i lo, __m256i hi) {
   return _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
 }
 
+// pack_a_pairs for an im2col A (the layouts of pack_a_im2col): rows layout is a copy of the 16-bit values (a word
+// holds two consecutive k), k-major interleaves the runs of two pixels.
+template <int MR>
+static void pack_a_pairs_im2col(const Mat& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, uint32_t* out) {
+  const Im2col& g = *A.cols;
+  const int64_t units = cdiv(kc, 2);
+  Seg segs[2 * KC_MAX + 2];
+  if (!A.cols_t) {
+    const int64_t nseg = im2col_segments(g, k0, kc, segs);
+    for (int64_t p = 0; p * MR < mc; ++p) {
+      uint32_t* o = out + p * MR * LDA;
+      const int mr = (int)std::min<int64_t>(MR, mc - p * MR);
+      for (int r = 0; r < MR; ++r) {
+        uint16_t* row = (uint16_t*)(o + r * LDA);
+        if (r >= mr) {
+          memset(row, 0, (size_t)units * 4);
+          continue;
+        }
+        const Pixel px = pixel_of(g, i0 + p * MR + r);
+        for (int64_t q = 0; q < nseg; ++q) {
+          const char* src = im2col_run(g, px, segs[q], 2);
+          if (src)
+            memcpy(row + segs[q].dst, src, (size_t)segs[q].len * 2);
+          else
+            memset(row + segs[q].dst, 0, (size_t)segs[q].len * 2);
+        }
+        if (kc % 2) row[kc] = 0;
+      }
+    }
+    return;
+  }
+  Pixel pixels[2 * KC_MAX];
+  for (int64_t k = 0; k < kc; ++k) pixels[k] = pixel_of(g, k0 + k);
+  for (int64_t p = 0; p * MR < mc; ++p) {
+    uint32_t* o = out + p * MR * LDA;
+    const int mr = (int)std::min<int64_t>(MR, mc - p * MR);
+    const int64_t nseg = im2col_segments(g, i0 + p * MR, mr, segs);
+    for (int64_t u = 0; u < units; ++u) {
+      uint32_t* col = o + u * MR;
+      for (int64_t q = 0; q < nseg; ++q) {
+        const Seg& s = segs[q];
+        const char* lo = im2col_run(g, pixels[2 * u], s, 2);
+        const char* hi = 2 * u + 1 < kc ? im2col_run(g, pixels[2 * u + 1], s, 2) : nullptr;
+        for (int64_t r = 0; r < s.len; r += 16) {
+          const __mmask16 m = mask16(s.len - r);
+          const __m256i vlo = lo ? _mm256_maskz_loadu_epi16(m, lo + 2 * r) : _mm256_setzero_si256();
+          const __m256i vhi = hi ? _mm256_maskz_loadu_epi16(m, hi + 2 * r) : _mm256_setzero_si256();
+          _mm512_mask_storeu_epi32(col + s.dst + r, m, interleave16(vlo, vhi));
+        }
+      }
+      for (int r = mr; r < MR; ++r) col[r] = 0;
+    }
+  }
+}
+
 // bfloat16 pairs: A block rows [i0, i0+mc), k in [k0, k0+kc) -> panels of MR rows, unit u of row r at
 // word [u*MR + r] = a(r, k0+2u) | a(r, k0+2u+1) << 16 (0 past kc and past mc).
 template <int MR>
 static void pack_a_pairs(const Mat& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, uint32_t* out) {
+  if (A.cols) return pack_a_pairs_im2col<MR>(A, i0, mc, k0, kc, out);
   const int64_t units = cdiv(kc, 2);
   for (int64_t p = 0; p * MR < mc; ++p) {
     uint32_t* o = out + p * MR * LDA;
@@ -757,7 +937,7 @@ static void gemm(const Problem& p, int nthreads, bool allow_bf16_dot) {
           TileJob t;
           t.kc = kc;
           t.ldb = NR;
-          t.a_rows = p.A.cs == 1;  // the layout pack_a / pack_a_pairs chose
+          t.a_rows = p.A.cols ? !p.A.cols_t : p.A.cs == 1;  // the layout pack_a / pack_a_pairs chose
           t.from_buf = kb > 0;
           t.last = kb == nk - 1;
           t.c = &p.C;
@@ -798,13 +978,18 @@ static void gemm(const Problem& p, int nthreads, bool allow_bf16_dot) {
 // rows become the narrow tile's columns (a convolution's weight gradient: C_out x (kh*kw*C_in) over a long K).
 // Every element is still the same chain c = fma(a_ik, b_kj, c), k = 0..K-1 (fma(a, b, c) = fma(b, a, c)),
 // so the choice does not change the bits.
+// An im2col operand is only gathered as A (pack_a_im2col): a product with one as B is always transposed, one with
+// one as A never.
 static void gemm_any_tile(Problem p, int nthreads, bool allow_bf16_dot) {
   constexpr int64_t narrow = NV_NARROW * VW;
-  if (kNarrowTile && p.M <= narrow && p.N > narrow) {
+  const bool transpose = p.B.cols || (kNarrowTile && !p.A.cols && p.M <= narrow && p.N > narrow);
+  if (transpose) {
     std::swap(p.M, p.N);
     std::swap(p.A, p.B);
-    std::swap(p.A.rs, p.A.cs);
-    std::swap(p.B.rs, p.B.cs);
+    for (Mat* m : {&p.A, &p.B}) {
+      std::swap(m->rs, m->cs);
+      m->cols_t = !m->cols_t;
+    }
     std::swap(p.C.rs, p.C.cs);
     p.bias_rows = !p.bias_rows;
   }
@@ -863,6 +1048,47 @@ void matmul(int32_t nb, const int64_t* batch_shape, const void* a, int32_t a_dt,
   } else {
     for (int64_t i = 0; i < count; ++i) gemm_any_tile(problem(i), threads, allow_bf16_dot);
   }
+}
+
+// C = columns(x) @ B (+ bias) (cols_side 0: columns is A, M = N*Ho*Wo, K = kh*kw*C, N = other_dim) or
+// C = A @ columns(x) (cols_side 1: columns is B, K = N*Ho*Wo, N = kh*kw*C, M = other_dim), where columns is the
+// im2col matrix of the channels-last x (x_shape N, H, W, C; x_strides n, y, x in elements, channels contiguous;
+// geometry kh, kw, sh, sw, ph, pw, dh, dw) gathered while packing. Bits: those of matmul on the explicit copy.
+void matmul_im2col(const void* x, int32_t x_dt, const int64_t* x_shape, const int64_t* x_strides,
+                   const int64_t* geometry, int32_t cols_side, const void* other, int32_t other_dt,
+                   const int64_t* other_strides, int64_t other_dim, const void* bias, int32_t bias_dt,
+                   int64_t bias_stride, int32_t bias_rows, void* c, int32_t c_dt, const int64_t* c_strides,
+                   int32_t threads, int32_t flags) {
+  const int64_t kh = geometry[0], kw = geometry[1], sh = geometry[2], sw = geometry[3];
+  const int64_t ph = geometry[4], pw = geometry[5], dh = geometry[6], dw = geometry[7];
+  Im2col g;
+  g.x = (const char*)x;
+  g.H = x_shape[1];
+  g.W = x_shape[2];
+  g.C = x_shape[3];
+  g.Ho = (g.H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
+  g.Wo = (g.W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+  g.kw = kw;
+  g.sh = sh, g.sw = sw, g.ph = ph, g.pw = pw, g.dh = dh, g.dw = dw;
+  g.sn = x_strides[0], g.sy = x_strides[1], g.sx = x_strides[2];
+  const int64_t pixels = x_shape[0] * g.Ho * g.Wo, depth = kh * kw * g.C;
+  Problem p;
+  const Mat cols{g.x, x_dt, 0, 1, &g, false};
+  const Mat mat{(const char*)other, other_dt, other_strides[0], other_strides[1]};
+  if (cols_side == 0) {
+    p.M = pixels, p.K = depth, p.N = other_dim;
+    p.A = cols, p.B = mat;
+  } else {
+    p.M = other_dim, p.K = pixels, p.N = depth;
+    p.A = mat, p.B = cols;
+  }
+  p.C = Out{(char*)c, c_dt, c_strides[0], c_strides[1]};
+  p.bias = (const char*)bias;
+  p.bias_dt = bias_dt;
+  p.bias_stride = bias_stride;
+  p.bias_rows = bias_rows != 0;
+  if (p.M <= 0 || p.N <= 0) return;
+  gemm_any_tile(p, threads <= 0 ? omp_get_max_threads() : threads, (flags & 1) != 0);
 }
 
 }  // namespace PQ_NS

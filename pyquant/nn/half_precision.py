@@ -3,9 +3,9 @@
 - `Linear16`: a drop-in `nn.Linear` whose weight and bias are stored in float16 or bfloat16 and whose
   product runs on `pyquant.ops.matmul` (float32 accumulation, bias added to the accumulator, one rounding).
   `Linear16.from_linear(linear, dtype)` converts a trained layer.
-- `Conv2d16`: the same for `nn.Conv2d` (groups=1, zero padding): channels-last im2col (one strided copy;
-  a 1x1 stride-1 convolution needs none) then one product for the whole batch, columns (N*Ho*Wo x
-  kh*kw*C_in) @ W^T, the bias added to the accumulator. The output is NCHW-shaped in channels-last memory
+- `Conv2d16`: the same for `nn.Conv2d` (groups=1, zero padding): one product for the whole batch, columns
+  (N*Ho*Wo x kh*kw*C_in, the channels-last im2col) @ W^T, the bias added to the accumulator; the columns are
+  gathered from x while the kernel packs them (`pyquant::im2col_matmul`), never copied. The output is NCHW-shaped in channels-last memory
   order (as torch's own CPU convolutions prefer); a following Conv2d16 reads it without a copy.
 - `half(model, dtype)`: casts a model for half-precision inference or training (section C4 of the
   techniques notes): Linear and Conv2d layers become Linear16 / Conv2d16 where pyquant's kernels are the
@@ -37,6 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyquant.ops.conv16 import _im2col_matmul_op
+from pyquant.ops.conv16 import columns as _columns
+from pyquant.ops.conv16 import out_size as _out_size
 from pyquant.ops.gemm import INPUT_DTYPES, _matmul_op, linear
 
 __all__ = ["Linear16", "Conv2d16", "half", "decisions", "native_fp16_cpu", "default_impl", "im2col"]
@@ -133,27 +136,6 @@ def _pow2(n: int) -> int:
 
 
 # ---- im2col and the convolution ----
-def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
-
-
-def _columns(x: torch.Tensor, kernel_size, stride, padding, dilation) -> torch.Tensor:
-    """Channels-last im2col: x (N, H, W, C) -> (N*Ho*Wo, kh*kw*C) with
-    columns[(n, oy, ox), (ky, kx, c)] = x_padded[n, oy*s + ky*d, ox*s + kx*d, c]: one strided copy (runs of
-    C contiguous values; F.unfold is several times slower on a CPU). No autograd."""
-    n, h, w, c = x.shape
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
-    if ph or pw:
-        xp = x.new_zeros(n, h + 2 * ph, w + 2 * pw, c)  # (N, H, W, C) in memory, whatever x's strides
-        xp[:, ph : ph + h, pw : pw + w] = x
-    else:
-        xp = x.contiguous()
-    ho, wo = _out_size(h, kh, sh, ph, dh), _out_size(w, kw, sw, pw, dw)
-    sn, sy, sx, _ = xp.stride()
-    cols = xp.as_strided((n, ho, wo, kh, kw, c), (sn, sh * sy, sw * sx, dh * sy, dw * sx, 1))
-    return cols.reshape(n * ho * wo, kh * kw * c)
-
-
 def _col2im(cols: torch.Tensor, shape, kernel_size, stride, padding, dilation) -> torch.Tensor:
     """The adjoint of _columns: (N*Ho*Wo, kh*kw*C) summed back into (N, H, W, C), in cols' dtype (one
     strided add per kernel position)."""
@@ -189,6 +171,11 @@ def im2col(x: torch.Tensor, kernel_size, stride, padding, dilation) -> torch.Ten
     return _Im2col.apply(x, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation))
 
 
+def _flat(geometry) -> list[int]:
+    """(kernel, stride, padding, dilation) pairs as pyquant::im2col_matmul's geometry list."""
+    return [int(v) for pair in geometry for v in pair]
+
+
 class _Conv2d16Fn(torch.autograd.Function):
     """out = columns(x) @ W^T + bias over the whole batch (channels-last result), with a backward that is
     three products again:
@@ -205,12 +192,11 @@ class _Conv2d16Fn(torch.autograd.Function):
         cout = weight.shape[0]
         ho, wo = (_out_size(size, *g) for size, g in zip((h, w), zip(kernel, stride, padding, dilation)))
         x_nhwc = x.permute(0, 2, 3, 1)  # a view; contiguous when x is channels_last
-        if kernel == (1, 1) and stride == (1, 1) and padding == (0, 0):
-            cols = x_nhwc.reshape(n * h * w, c)
-        else:
-            cols = _columns(x_nhwc, kernel, stride, padding, dilation)
         w2 = weight.permute(0, 2, 3, 1).reshape(cout, -1)  # (C_out, (ky, kx, c))
-        out = _matmul_op(cols, w2.t(), bias, -1, out_dtype)
+        if kernel == (1, 1) and stride == (1, 1) and padding == (0, 0):
+            out = _matmul_op(x_nhwc.reshape(n * h * w, c), w2.t(), bias, -1, out_dtype)
+        else:  # the columns gathered while packing, not copied
+            out = _im2col_matmul_op(x_nhwc, w2.t(), bias, -1, _flat(geometry), True, out_dtype)
         ctx.save_for_backward(x, weight)
         ctx.geometry = geometry
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -230,17 +216,17 @@ class _Conv2d16Fn(torch.autograd.Function):
         grad_x = grad_w = grad_bias = None
         w2 = weight.permute(0, 2, 3, 1).reshape(cout, -1)
         if ctx.needs_input_grad[1]:
-            cols = _columns(x.permute(0, 2, 3, 1), kernel, stride, padding, dilation)
-            gw = _matmul_op(g.t(), cols, None, -1, weight.dtype)  # (C_out, (ky, kx, c))
+            gw = _im2col_matmul_op(x.permute(0, 2, 3, 1), g.t(), None, -1, _flat(ctx.geometry), False,
+                                   weight.dtype)  # G^T @ columns(x): (C_out, (ky, kx, c))
             grad_w = gw.view(cout, kernel[0], kernel[1], c).permute(0, 3, 1, 2)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = g.float().sum(0).to(ctx.bias_dtype)
         if ctx.needs_input_grad[0]:
             flip_pad = tuple(d * (k - 1) - p for k, p, d in zip(kernel, padding, dilation))
             if stride == (1, 1) and min(flip_pad) >= 0:
-                cols_g = _columns(g.view(n, ho, wo, cout), kernel, (1, 1), flip_pad, dilation)
                 w_flip = weight.flip(2, 3).permute(1, 2, 3, 0).reshape(c, -1)  # (C, (ky, kx, o))
-                gx = _matmul_op(cols_g, w_flip.t(), None, -1, x.dtype)
+                flip_geometry = _flat((kernel, (1, 1), flip_pad, dilation))
+                gx = _im2col_matmul_op(g.view(n, ho, wo, cout), w_flip.t(), None, -1, flip_geometry, True, x.dtype)
             else:
                 gx = _col2im(_matmul_op(g, w2, None, -1, torch.float32), (n, h, w, c), kernel, stride, padding,
                              dilation).to(x.dtype)

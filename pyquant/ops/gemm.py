@@ -50,6 +50,11 @@ def set_bf16_dot(enabled: bool) -> bool:
     return previous
 
 
+def _bf16_dot_flags() -> int:
+    """The flags argument of pq_matmul / pq_matmul_im2col for the current set_bf16_dot setting."""
+    return int(_bf16_dot)
+
+
 # ---- shapes ----
 def _broadcast(x: tuple, y: tuple) -> tuple:
     """torch.broadcast_shapes for two concrete shapes, without its overhead (ValueError if they do not)."""
@@ -147,7 +152,7 @@ def matmul_cpu(a, b, bias: Optional[torch.Tensor], bias_dim: int, out_dtype: tor
         None if bias is None else bias.data_ptr(), _DTYPE_CODES[bias.dtype] if bias is not None else 0,
         0 if bias is None else bias.stride(0), int(bias_dim == -2),
         out.data_ptr(), _DTYPE_CODES[out_dtype], _int64_array(sc + [crs, ccs]),
-        m, n, k, torch.get_num_threads(), int(_bf16_dot),
+        m, n, k, torch.get_num_threads(), _bf16_dot_flags(),
     )
     return out
 
