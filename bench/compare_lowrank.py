@@ -2,6 +2,7 @@
 other jobs, where separate pytest-benchmark sessions differ by more than the effects being measured.
 
     python bench/compare_lowrank.py [--rounds 200] [--dtypes float32 bfloat16] [shape names of test_lowrank.py]
+    python bench/compare_lowrank.py --backward [...]   # where the fused layer's forward+backward time goes
 
 Every round runs the three implementations back to back; the minimum over the rounds of each is reported (a
 burst of load from elsewhere slows the three alike, and the minimum keeps the rounds it spared), with the
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_lowrank import DTYPES, IMPLS, RANK_FRACTIONS, SHAPES, _flops, _modules, _rank
@@ -46,13 +48,82 @@ def compare(shape_name: str, dtype: str, fraction: str, rounds: int) -> dict:
             "fused vs dense": dense / fused, "eff.": dense / fused / reduction, "fused vs pair": pair / fused}
 
 
+def backward_split(shape_name: str, dtype: str, fraction: str, rounds: int) -> dict:
+    """The fused layer's forward+backward (parameters and input require grad) and, timed alone in the same
+    rounds, the pieces of its backward as pyquant.ops.lowrank_conv._backward_math runs them: the 1x1 factor's
+    backward (gradient of the intermediate and of W2, bias), the k x k factor's weight gradient (W1), its input
+    gradient. "wgrad share": (W1 gradient + W2 gradient) / forward+backward, the most a fused weight-gradient
+    kernel could remove; "W1 grad % peak": its FLOPs against 240 GFLOP/s per core (docs/compress.md)."""
+    from pyquant.ops import lowrank_conv as L
+
+    shape = SHAPES[shape_name]
+    n, cin, cout, size, k, _, _ = shape
+    rank = _rank(shape, fraction)
+    layer = _modules(shape, rank, DTYPES[dtype])[IMPLS[2]]
+    x = torch.randn(n, cin, size, size, generator=torch.Generator().manual_seed(1)).to(DTYPES[dtype])
+    w1, w2 = layer.weight_first.detach(), layer.weight_second.detach().reshape(cout, rank)
+    st, pd, dl = list(layer.stride), list(layer.padding), list(layer.dilation)
+    cd = L._backward_dtype(x.dtype)
+    t = F.conv2d(x.to(cd), w1.to(cd), None, st, pd, dl)
+    gy = torch.randn(n, cout, *t.shape[2:], generator=torch.Generator().manual_seed(2)).to(cd)
+    conv_bwd = torch.ops.aten.convolution_backward
+    gt = conv_bwd(gy, t, w2.reshape(cout, rank, 1, 1), [cout], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                  [True, False, False])[0]
+    xr = x.clone().requires_grad_()
+
+    def train():
+        layer.zero_grad(set_to_none=True)
+        xr.grad = None
+        layer(xr).sum().backward()
+
+    parts = {
+        "fwd+bwd": train,
+        "1x1 bwd (gt)": lambda: conv_bwd(gy, t, w2.reshape(cout, rank, 1, 1), None, [1, 1], [0, 0], [1, 1], False,
+                                         [0, 0], 1, [True, False, False]),
+        "1x1 bwd (gt, W2, bias)": lambda: conv_bwd(gy, t, w2.reshape(cout, rank, 1, 1), [cout], [1, 1], [0, 0],
+                                                   [1, 1], False, [0, 0], 1, [True, True, True]),
+        "W1 grad": lambda: conv_bwd(gt, x, w1, None, st, pd, dl, False, [0, 0], 1, [False, True, False]),
+        "x grad": lambda: L._input_grad_cpu(gt, x, w1, st, pd, dl)
+        if L._input_grad_cpu(gt, x, w1, st, pd, dl) is not None
+        else conv_bwd(gt, x, w1, None, st, pd, dl, False, [0, 0], 1, [True, False, False]),
+    }
+    best = dict.fromkeys(parts, float("inf"))
+    for fn in parts.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in parts.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    w2_grad = max(0.0, best["1x1 bwd (gt, W2, bias)"] - best["1x1 bwd (gt)"])
+    w1_flops = 2 * t.numel() * cin * k * k
+    return {"shape": shape_name, "dtype": dtype, "rank": f"{fraction}={rank}", "fwd+bwd ms": 1e3 * best["fwd+bwd"],
+            "W1 grad ms": 1e3 * best["W1 grad"], "W2 grad ms": 1e3 * w2_grad, "x grad ms": 1e3 * best["x grad"],
+            "wgrad share": (best["W1 grad"] + w2_grad) / best["fwd+bwd"],
+            "W1 grad % peak": 100 * w1_flops / best["W1 grad"] / (240e9 * torch.get_num_threads())}
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("shapes", nargs="*", default=list(SHAPES))
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES))
+    parser.add_argument("--backward", action="store_true", help="split the fused layer's forward+backward time")
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, min over {args.rounds} interleaved rounds\n")
+    if args.backward:
+        keys = None
+        for shape_name in args.shapes:
+            for dtype in args.dtypes:
+                for fraction in RANK_FRACTIONS:
+                    r = backward_split(shape_name, dtype, fraction, args.rounds)
+                    if keys is None:
+                        keys = list(r)
+                        print("| " + " | ".join(keys) + " |")
+                        print("|" + "---|" * 3 + "---:|" * (len(keys) - 3))
+                    print("| " + " | ".join(v if isinstance(v, str) else f"{v:.3f}" for v in r.values()) + " |",
+                          flush=True)
+        return 0
     print("| shape | dtype | rank | dense ms | pair ms | fused ms | FLOP red. | fused vs dense | eff. | fused vs pair |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for shape_name in args.shapes:

@@ -62,7 +62,9 @@ def _modules(shape, rank, dtype):
     torch.manual_seed(0)
     dense = nn.Conv2d(cin, cout, k, stride, pad).to(dtype)
     low = LowRankConv2d.from_conv(dense, rank)
-    return {IMPLS[0]: dense, IMPLS[1]: low.to_sequential(), IMPLS[2]: low}
+    pair = low.to_sequential()
+    low.cache_packed_weights = True  # inference with fixed weights: the opt-in cache (docs/compress.md)
+    return {IMPLS[0]: dense, IMPLS[1]: pair, IMPLS[2]: low}
 
 
 def _step(module, x, backward: bool):

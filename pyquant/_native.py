@@ -68,7 +68,7 @@ def _find(name: str) -> Path | None:
     return None
 
 
-ABI_VERSION = 2  # PQ_ABI_VERSION of csrc/include/pyquant/capi.h, which these ctypes descriptions mirror
+ABI_VERSION = 3  # PQ_ABI_VERSION of csrc/include/pyquant/capi.h, which these ctypes descriptions mirror
 
 
 def _checked(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL | None:

@@ -437,4 +437,98 @@ def test_cpu_kernel_rejects_bad_dims():
     if not HAVE_CPU:
         pytest.skip("the CPU library (with the low-rank kernel) is not built")
     dims = (ctypes.c_int64 * 16)(1, 1, 4, 4, 1, 1, 3, 3, 0, 1, 0, 0, 1, 1, 2, 2)  # stride 0
-    assert L._cpu_fn()(None, None, None, None, None, None, 0, dims, 1) == 2
+    assert L._cpu_fn()(None, None, None, None, None, None, 0, dims, 1, None, 0) == 2
+
+
+# ---- eager inference through the layer's plan (checked once, weights packed once per change) ----
+def _general(layer, x):
+    """The same call on the general path, which checks and packs on every call."""
+    w2 = layer.weight_second.detach().reshape(layer.out_channels, layer.rank)
+    return lowrank_conv2d(x, layer.weight_first.detach(), w2, None if layer.bias is None else layer.bias.detach(),
+                          layer.stride, layer.padding, layer.dilation)
+
+
+@pytest.mark.skipif(not HAVE_CPU, reason="the CPU library (with the low-rank kernel) is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_eager_plan_sees_every_change_of_weights_and_input(dtype):
+    torch.manual_seed(0)
+    layer = LowRankConv2d(12, 10, 3, rank=4, padding=1).to(dtype)
+    x = torch.randn(2, 12, 9, 9).to(dtype)
+    with torch.no_grad():
+        y_default = layer(x)
+        layer.weight_first.data.mul_(0.5)  # invisible to the version counter: by default the weights are repacked
+        assert torch.equal(layer(x), _general(layer, x)) and not torch.equal(layer(x), y_default)
+        layer.cache_packed_weights = True
+        y0 = layer(x)
+        plan = layer._eager_plan
+        assert plan is not None and torch.equal(y0, _general(layer, x))
+        assert torch.equal(layer(x), y0) and layer._eager_plan is plan  # reused, packed weights kept
+        layer.weight_first.mul_(0.5)  # in place: version counter
+        layer.bias.copy_(torch.randn(10).to(dtype))
+        y1 = layer(x)
+        assert not torch.equal(y1, y0) and torch.equal(y1, _general(layer, x)) and layer._eager_plan is plan
+        layer.load_state_dict({k: torch.randn_like(v) for k, v in layer.state_dict().items()})
+        assert torch.equal(layer(x), _general(layer, x))
+        layer.weight_second = nn.Parameter(torch.randn_like(layer.weight_second))  # a new tensor
+        assert torch.equal(layer(x), _general(layer, x)) and layer._eager_plan is not plan
+        x2 = torch.randn(3, 12, 5, 7).to(dtype)  # another shape: a new plan
+        assert torch.equal(layer(x2), _general(layer, x2))
+        layer.weight_first.data.add_(1.0)  # bypasses the version counter: documented, reset_eager_plan()
+        layer.reset_eager_plan()
+        assert torch.equal(layer(x2), _general(layer, x2))
+    # training step with an optimizer, then inference again
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(x2).float().square().sum().backward()
+    opt.step()
+    with torch.no_grad():
+        assert torch.equal(layer(x2), _general(layer, x2))
+    # dtype change through .to(): the plan is dropped with the old tensors
+    layer.float()
+    assert layer._eager_plan is None
+    with torch.no_grad():
+        assert torch.equal(layer(x2.float()), _general(layer, x2.float()))
+
+
+@pytest.mark.skipif(not HAVE_CPU, reason="the CPU library (with the low-rank kernel) is not built")
+def test_eager_plan_repacks_when_the_bfloat16_kernel_changes_layout():
+    torch.manual_seed(1)
+    layer = LowRankConv2d(9, 6, 3, rank=5, padding=1).to(torch.bfloat16)
+    x = torch.randn(2, 9, 8, 8).to(torch.bfloat16)
+    previous = L.cpu_bf16_dot(True)
+    try:
+        with torch.no_grad():
+            layer(x)
+            for on in (False, True):  # pair layout <-> float32 layout of the same weights
+                L.cpu_bf16_dot(on)
+                assert torch.equal(layer(x), _general(layer, x))
+    finally:
+        L.cpu_bf16_dot(previous)
+
+
+@pytest.mark.skipif(not HAVE_CPU, reason="the CPU library (with the low-rank kernel) is not built")
+def test_eager_plan_keeps_errors_modes_and_copies():
+    import copy
+    import io
+
+    layer = LowRankConv2d(6, 4, 3, rank=2)
+    x = torch.randn(1, 6, 7, 7)
+    with torch.no_grad():
+        y = layer(x)
+        with pytest.raises(ValueError, match="channels"):
+            layer(torch.randn(1, 5, 7, 7))
+        with pytest.raises(TypeError, match="same dtype"):
+            layer(x.double())
+        assert torch.equal(layer(x[0]), y[0])  # unbatched: the general path
+        assert torch.equal(layer(x.transpose(2, 3).contiguous().transpose(2, 3)), y)  # not contiguous
+        with pyquant.use_backend("reference"):
+            assert torch.allclose(layer(x), y, rtol=1e-5, atol=1e-6)
+    clone = copy.deepcopy(layer)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)  # the ctypes arguments are not pickled
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(clone(x), y) and torch.equal(loaded(x), y)
+    # with gradients wanted, the op (and its autograd) runs
+    out = layer(x.requires_grad_())
+    assert out.grad_fn is not None and torch.equal(out.detach(), y)

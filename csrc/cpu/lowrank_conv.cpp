@@ -682,9 +682,12 @@ static void tile(const Geometry& g, const void* x, int64_t n, int64_t t, const i
     nrows = std::min(g.rows, g.Ho - r0);
     in = (const float*)x + n * g.C * g.H * g.W + r0 * g.W;
     // Stage 1 walks the channels of x in turn, far more streams than the hardware prefetchers follow:
-    // ask for the tile's rows of every channel first, so that the misses overlap.
-    prefetch_rows(g, x, 4, n, std::max<int64_t>(0, r0 - g.ph),
-                  std::min<int64_t>(g.H, r0 + nrows + (g.kh - 1) * g.dh - g.ph));
+    // ask for the tile's rows of every channel first, so that the misses overlap. Not for images of at most
+    // 128 KiB, which are in L2 when the layer before has just written them (DenseNet 14x14, 100 KiB: 1-4%
+    // faster without the 1600 prefetches per image; 28x28: no difference).
+    if (g.C * g.H * g.W > (32 << 10))
+      prefetch_rows(g, x, 4, n, std::max<int64_t>(0, r0 - g.ph),
+                    std::min<int64_t>(g.H, r0 + nrows + (g.kh - 1) * g.dh - g.ph));
     ext = nrows * g.Wq;
     v0 = r0 * g.Wo;
     nv = nrows * g.Wo;
@@ -840,9 +843,63 @@ static void tile(const Geometry& g, const void* x, int64_t n, int64_t t, const i
   }
 }
 
+// Row blocks of the packed W1 (g.R set): nbig blocks of BIG_R rows, then one of SMALL_R (zero rows) when
+// Rpad > nbig * BIG_R; W2 and the bias in blocks of SMALL_R output channels.
+static void set_blocks(Geometry& g) {
+  g.nbig = g.R / BIG_R;
+  const int64_t rest = g.R - g.nbig * BIG_R;
+  g.Rpad = g.nbig * BIG_R + (rest > 0 ? SMALL_R : 0);
+  if (rest > SMALL_R) g.nbig += 1, g.Rpad = g.nbig * BIG_R;  // BIG_R <= 2 * SMALL_R: at most one SMALL block
+  g.Opad = (g.O + SMALL_R - 1) / SMALL_R * SMALL_R;
+}
+
+// Floats of the packed weights (g.K1 and the blocks set): W1, W2, bias, each rounded up to 16.
+struct PackedSizes {
+  int64_t n1, n2, nb;
+};
+static PackedSizes packed_sizes(const Geometry& g) {
+  return {(g.Rpad * g.K1 + 15) / 16 * 16, (g.Opad * g.R + 15) / 16 * 16, (g.Opad + 15) / 16 * 16};
+}
+constexpr int64_t kPackHeader = 16;  // a caller's packed buffer starts with what it was packed for (int32s)
+constexpr int64_t kSerialMacs = (int64_t)1 << 20;  // about 8 us of one core's multiply-adds
+
+// The weights as the micro-kernels read them (float32): stage-1 blocks w1p[block][k][rows in block] (dp: k
+// counts channel pairs, each a 32-bit pair of bfloat16), w2p[ob][r][SMALL_R], biasp[Opad]; zeros for padding.
+template <int DT>
+static void pack_weights(const Geometry& g, bool dp, const void* w1, const void* w2, const void* bias, float* w1p,
+                         float* w2p, float* biasp) {
+  const int64_t taps = g.kh * g.kw;
+  for (int64_t r = 0; r < g.Rpad; ++r) {
+    const int64_t b = r / BIG_R;
+    const int64_t r0 = b < g.nbig ? b * BIG_R : g.nbig * BIG_R;
+    const int64_t nrb = b < g.nbig ? BIG_R : SMALL_R;
+    float* dst = w1p + r0 * g.K1 + (r - r0);
+    if (dp) {  // 32-bit pairs of bfloat16 weights: channel 2 cp low, 2 cp + 1 high
+      const uint16_t* src = (const uint16_t*)w1 + r * g.C * taps;
+      for (int64_t cp = 0; cp < g.Cp; ++cp)
+        for (int64_t t = 0; t < taps; ++t) {
+          uint32_t pair = 0;
+          if (r < g.R) {
+            pair = src[2 * cp * taps + t];
+            if (2 * cp + 1 < g.C) pair |= (uint32_t)src[(2 * cp + 1) * taps + t] << 16;
+          }
+          memcpy(dst + (cp * taps + t) * nrb, &pair, 4);
+        }
+    } else {
+      for (int64_t k = 0; k < g.K1; ++k) dst[k * nrb] = r < g.R ? pq::load_as_float(w1, r * g.K1 + k, DT) : 0.0f;
+    }
+  }
+  for (int64_t o = 0; o < g.Opad; ++o) {
+    for (int64_t r = 0; r < g.R; ++r)
+      w2p[(o / SMALL_R) * g.R * SMALL_R + r * SMALL_R + o % SMALL_R] =
+          (o < g.O && !g.single) ? pq::load_as_float(w2, o * g.R + r, DT) : 0.0f;
+    biasp[o] = (o < g.O && bias) ? pq::load_as_float(bias, o, DT) : 0.0f;
+  }
+}
+
 template <int DT>
 static int32_t run(Geometry& g, const void* x, const void* w1, const void* w2, const void* bias, void* y,
-                   void* tout, int32_t threads) {
+                   void* tout, int32_t threads, float* packed, int32_t packed_valid) {
   const int64_t taps = g.kh * g.kw;
 #if PQ_LR_BF16DOT
   const bool dp = DT == kBFloat16 && pq_lowrank_bf16_dot != 0 && bf16_dot_supported();
@@ -851,11 +908,7 @@ static int32_t run(Geometry& g, const void* x, const void* w1, const void* w2, c
 #endif
   g.Cp = dp ? (g.C + 1) / 2 : g.C;  // packed channels: pairs for the bfloat16 pair kernel
   g.K1 = g.Cp * taps;
-  g.nbig = g.R / BIG_R;
-  const int64_t rest = g.R - g.nbig * BIG_R;
-  g.Rpad = g.nbig * BIG_R + (rest > 0 ? SMALL_R : 0);
-  if (rest > SMALL_R) g.nbig += 1, g.Rpad = g.nbig * BIG_R;  // BIG_R <= 2 * SMALL_R: at most one SMALL block
-  g.Opad = (g.O + SMALL_R - 1) / SMALL_R * SMALL_R;
+  set_blocks(g);
   // phase planes
   for (int64_t i = 0; i < 64; ++i) g.phase_of[i] = -1;
   g.nphase = 0;
@@ -871,7 +924,10 @@ static int32_t run(Geometry& g, const void* x, const void* w1, const void* w2, c
   // Tiles of whole output rows: about 768 extended pixels (8 chunks), fewer rows when the packed tile
   // would pass 512 KiB (it should stay in L2 between packing and use) or the intermediate 64 KiB; then
   // the rows are spread evenly over the tiles. Each tile packs amax halo rows more than it computes.
-  const int nthreads = threads > 0 ? threads : omp_get_max_threads();
+  // A call with little work runs on the calling thread alone: starting and joining another thread costs a few
+  // microseconds (a scheduler time slice when another process holds its core), the time of kSerialMacs.
+  const int64_t macs = g.N * g.Ho * g.Wo * (g.R * g.K1 + (g.single ? 0 : g.O * g.R));
+  const int nthreads = macs < kSerialMacs ? 1 : threads > 0 ? threads : omp_get_max_threads();
   // A 1x1 convolution of small images in tiles of one image each leaves lanes of the last vector of every
   // image idle (7x7: 15 of 64): take the batch's pixels as one sequence instead. That needs a packed copy of
   // x, which the float32 path otherwise reads in place: there, only when the idle lanes' share of the
@@ -931,58 +987,40 @@ static int32_t run(Geometry& g, const void* x, const void* w1, const void* w2, c
     g.tile_floats = g.Cp * g.cstride + g.Wq + g.TP + 2 * CH;  // stage 1 reads a chunk and a row past the end
   }
 
-  // packed weights (float32): stage-1 blocks [rows][k][rows in block], w2p[ob][r][SMALL_R], biasp[Opad]
-  const int64_t n1 = (g.Rpad * g.K1 + 15) / 16 * 16, n2 = (g.Opad * g.R + 15) / 16 * 16,
-                nb = (g.Opad + 15) / 16 * 16, nk1 = (2 * g.K1 + 15) / 16 * 16, nk2 = (2 * g.R + 15) / 16 * 16, nm = (g.Wq / 16 + 1 + 15) / 16 * 16, nkd = (2 * g.C + 15) / 16 * 16,
-                nq = g.masked ? (g.TP + CH + 15) / 16 * 16 : 0;
-  float* wbuf = t_weights.get(n1 + n2 + nb + nk1 + nk2 + nm + nkd + 2 * nq);
+  // Offsets and masks, then (unless the caller keeps them in `packed`) the packed weights.
+  const PackedSizes ps = packed_sizes(g);
+  const int64_t nk1 = (2 * g.K1 + 15) / 16 * 16, nk2 = (2 * g.R + 15) / 16 * 16, nm = (g.Wq / 16 + 1 + 15) / 16 * 16,
+                nkd = (2 * g.C + 15) / 16 * 16, nq = g.masked ? (g.TP + CH + 15) / 16 * 16 : 0;
+  float* wbuf = t_weights.get(nk1 + nk2 + nm + nkd + 2 * nq + (packed ? 0 : ps.n1 + ps.n2 + ps.nb));
   if (!wbuf) {
     t_weights.trim();
     return 1;
   }
-  float* w1p = wbuf;
-  float* w2p = w1p + n1;
-  float* biasp = w2p + n2;
-  int64_t* koff1 = (int64_t*)(biasp + nb);
-  int64_t* koff2 = (int64_t*)(biasp + nb + nk1);
-  uint16_t* masks = (uint16_t*)(biasp + nb + nk1 + nk2);
-  int64_t* koffd = (int64_t*)(biasp + nb + nk1 + nk2 + nm);
+  int64_t* koff1 = (int64_t*)wbuf;
+  int64_t* koff2 = (int64_t*)(wbuf + nk1);
+  uint16_t* masks = (uint16_t*)(wbuf + nk1 + nk2);
+  int64_t* koffd = (int64_t*)(wbuf + nk1 + nk2 + nm);
+  float* w1p = packed ? packed + kPackHeader : wbuf + nk1 + nk2 + nm + nkd + 2 * nq;
+  float* w2p = w1p + ps.n1;
+  float* biasp = w2p + ps.n2;
   for (int64_t c = 0; c < g.C; ++c) koffd[c] = c * g.H * g.W;
   g.koffd = koffd;
   if (g.masked) {
-    int32_t* qrow = (int32_t*)(biasp + nb + nk1 + nk2 + nm + nkd);
+    int32_t* qrow = (int32_t*)(wbuf + nk1 + nk2 + nm + nkd);
     int32_t* qcol = qrow + nq;
     for (int64_t q = 0; q < nq; ++q) qrow[q] = (int32_t)(q / g.W), qcol[q] = (int32_t)(q % g.W);
     g.qrow = qrow;
     g.qcol = qcol;
   }
   padded_row_masks(g.pw, g.W, g.Wq, masks);
-  for (int64_t r = 0; r < g.Rpad; ++r) {
-    const int64_t b = r / BIG_R;
-    const int64_t r0 = b < g.nbig ? b * BIG_R : g.nbig * BIG_R;
-    const int64_t nrb = b < g.nbig ? BIG_R : SMALL_R;
-    float* dst = w1p + r0 * g.K1 + (r - r0);
-    if (dp) {  // 32-bit pairs of bfloat16 weights: channel 2 cp low, 2 cp + 1 high
-      const uint16_t* src = (const uint16_t*)w1 + r * g.C * taps;
-      for (int64_t cp = 0; cp < g.Cp; ++cp)
-        for (int64_t t = 0; t < taps; ++t) {
-          uint32_t pair = 0;
-          if (r < g.R) {
-            pair = src[2 * cp * taps + t];
-            if (2 * cp + 1 < g.C) pair |= (uint32_t)src[(2 * cp + 1) * taps + t] << 16;
-          }
-          memcpy(dst + (cp * taps + t) * nrb, &pair, 4);
-        }
-    } else {
-      for (int64_t k = 0; k < g.K1; ++k) dst[k * nrb] = r < g.R ? pq::load_as_float(w1, r * g.K1 + k, DT) : 0.0f;
-    }
+  // What the packed weights were made for: a buffer whose header matches holds them already.
+  const int32_t header[kPackHeader] = {0x4c52, DT, dp, (int32_t)g.R, (int32_t)g.K1, (int32_t)g.O, (int32_t)g.C,
+                                       (int32_t)taps, g.single, bias != nullptr};
+  if (!(packed && packed_valid && memcmp(packed, header, sizeof header) == 0)) {
+    pack_weights<DT>(g, dp, w1, w2, bias, w1p, w2p, biasp);
+    if (packed) memcpy(packed, header, sizeof header);
   }
-  for (int64_t o = 0; o < g.Opad; ++o) {
-    for (int64_t r = 0; r < g.R; ++r)
-      w2p[(o / SMALL_R) * g.R * SMALL_R + r * SMALL_R + o % SMALL_R] =
-          (o < g.O && !g.single) ? pq::load_as_float(w2, o * g.R + r, DT) : 0.0f;
-    biasp[o] = (o < g.O && bias) ? pq::load_as_float(bias, o, DT) : 0.0f;
-  }
+
   for (int64_t i = 0; i < g.kh; ++i)
     for (int64_t j = 0; j < g.kw; ++j) {
       const int64_t p = g.phase_of[((i * g.dh) % g.sh) * g.sw + (j * g.dw) % g.sw];
@@ -1048,28 +1086,42 @@ static int32_t run(Geometry& g, const void* x, const void* w1, const void* w2, c
 
 // dims: N, C, H, W, R, O, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo. Returns 0, or 1 when memory ran out,
 // 2 for arguments this kernel does not take.
-int32_t lowrank_conv2d_forward(const void* x, const void* w1, const void* w2, const void* bias, void* y, void* t,
-                               int32_t dtype, const int64_t* dims, int32_t threads) {
-  lowrank::Geometry g;
+static bool read_dims(const int64_t* dims, lowrank::Geometry& g) {
   int64_t* fields[] = {&g.N, &g.C, &g.H, &g.W, &g.R, &g.O, &g.kh, &g.kw, &g.sh, &g.sw, &g.ph, &g.pw,
                        &g.dh, &g.dw, &g.Ho, &g.Wo};
   for (int i = 0; i < 16; ++i) *fields[i] = dims[i];
-  if (g.N < 0 || g.C < 1 || g.R < 1 || g.O < 1 || g.kh < 1 || g.kw < 1 || g.sh < 1 || g.sw < 1 || g.sh * g.sw > 64 ||
-      g.ph < 0 || g.pw < 0 || g.dh < 1 || g.dw < 1 || g.Ho < 0 || g.Wo < 0)
-    return 2;
+  return !(g.N < 0 || g.C < 1 || g.R < 1 || g.O < 1 || g.kh < 1 || g.kw < 1 || g.sh < 1 || g.sw < 1 ||
+           g.sh * g.sw > 64 || g.ph < 0 || g.pw < 0 || g.dh < 1 || g.dw < 1 || g.Ho < 0 || g.Wo < 0);
+}
+
+int32_t lowrank_conv2d_forward(const void* x, const void* w1, const void* w2, const void* bias, void* y, void* t,
+                               int32_t dtype, const int64_t* dims, int32_t threads, float* packed,
+                               int32_t packed_valid) {
+  lowrank::Geometry g;
+  if (!read_dims(dims, g)) return 2;
   // w2 NULL: one convolution, y = conv(x, W1) with R output channels (dims O must equal R, t NULL)
   g.single = w2 == nullptr;
   if (g.single) {
-    if (g.O != g.R || t != nullptr || bias != nullptr) return 2;
+    if (g.O != g.R || t != nullptr || bias != nullptr || packed != nullptr) return 2;
     t = y;
   }
   if (g.N == 0 || g.Ho == 0 || g.Wo == 0) return 0;
   switch (dtype) {
-    case pq::kFloat16: return lowrank::run<pq::kFloat16>(g, x, w1, w2, bias, y, t, threads);
-    case pq::kBFloat16: return lowrank::run<pq::kBFloat16>(g, x, w1, w2, bias, y, t, threads);
-    case pq::kFloat32: return lowrank::run<pq::kFloat32>(g, x, w1, w2, bias, y, t, threads);
+    case pq::kFloat16: return lowrank::run<pq::kFloat16>(g, x, w1, w2, bias, y, t, threads, packed, packed_valid);
+    case pq::kBFloat16: return lowrank::run<pq::kBFloat16>(g, x, w1, w2, bias, y, t, threads, packed, packed_valid);
+    case pq::kFloat32: return lowrank::run<pq::kFloat32>(g, x, w1, w2, bias, y, t, threads, packed, packed_valid);
     default: return 2;
   }
+}
+
+// The largest packing of these dims (K1 = C * kh * kw: the bfloat16 pair layout, C / 2 pairs, is smaller).
+int64_t lowrank_packed_floats(int32_t dtype, const int64_t* dims) {
+  lowrank::Geometry g;
+  if (!read_dims(dims, g) || dtype < 0 || dtype > 2) return -1;
+  g.K1 = g.C * g.kh * g.kw;
+  lowrank::set_blocks(g);
+  const lowrank::PackedSizes ps = lowrank::packed_sizes(g);
+  return lowrank::kPackHeader + ps.n1 + ps.n2 + ps.nb;
 }
 
 }  // namespace PQ_NS

@@ -21,7 +21,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pyquant.ops.lowrank_conv import _pair, lowrank_conv2d, resolve_padding
+from pyquant.ops.lowrank_conv import (
+    _pair,
+    eager_inference,
+    lowrank_conv2d,
+    resolve_padding,
+)
 
 __all__ = ["LowRankConv2d", "LowRankLinear", "svd_factors", "max_rank"]
 
@@ -83,6 +88,11 @@ class LowRankConv2d(nn.Module):
         self.weight_first = nn.Parameter(torch.empty((rank, in_channels, *self.kernel_size), **factory))
         self.weight_second = nn.Parameter(torch.empty((out_channels, rank, 1, 1), **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self._eager_plan = None  # pyquant.ops.lowrank_conv.EagerPlan of the last eager CPU inference call
+        # Opt-in for inference: keep the kernel's packed weights between calls until a weight's version counter
+        # moves (3-8% of a call). Off by default: writes through .data, numpy or DLPack views do not move it,
+        # and the layer would compute with stale weights until reset_eager_plan().
+        self.cache_packed_weights = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -95,9 +105,37 @@ class LowRankConv2d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Eager CPU inference calls the kernel through a plan checked once per input shape and weights, with
+        # the weights packed once per change (EagerPlan); everything else takes the general path. The
+        # parameters are read from _parameters and the plan stored in __dict__: nn.Module's attribute hooks
+        # cost 2 us a call, 5% of a small layer (pruned or parametrized weights are not there: general path).
+        params = self._parameters
+        w1, w2, bias = params.get("weight_first"), params.get("weight_second"), params.get("bias")
+        if w1 is not None and w2 is not None and (bias is not None or self.bias is None):
+            plan = self._eager_plan
+            y, new_plan = eager_inference(plan, x, w1, w2, bias, self.stride, self.padding, self.dilation,
+                                          self.cache_packed_weights)
+            if new_plan is not plan:
+                self.__dict__["_eager_plan"] = new_plan
+            if y is not None:
+                return y
         return lowrank_conv2d(
             x, self.weight_first, self.weight_second, self.bias, self.stride, self.padding, self.dilation
         )
+
+    def reset_eager_plan(self) -> None:
+        """Forget the packed weights of eager inference: with `cache_packed_weights`, needed after writing the
+        weights in a way that bypasses PyTorch's version counter (through `.data`, a numpy or DLPack view);
+        in-place torch operations on the parameters, optimizer steps, `load_state_dict` and `.to()` are seen."""
+        self._eager_plan = None
+
+    def _apply(self, fn, recurse=True):
+        self._eager_plan = None  # .to() / .half() / .cuda(): new tensors; drop the plan's hold on the old ones
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "_eager_plan": None}  # ctypes arguments do not pickle; the plan is rebuilt on use
 
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:

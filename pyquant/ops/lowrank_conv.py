@@ -42,6 +42,7 @@ import warnings
 from typing import Optional, Sequence
 
 import torch
+import torch.autograd.profiler as _torch_profiler
 import torch.nn.functional as F
 
 from pyquant import _native, backends
@@ -53,7 +54,7 @@ OP = "lowrank_conv2d"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _HALF = (torch.float16, torch.bfloat16)
-LOWRANK_ABI = 2  # csrc/capi_lowrank.cpp pq_lowrank_abi()
+LOWRANK_ABI = 3  # csrc/capi_lowrank.cpp pq_lowrank_abi()
 
 
 # ---- shapes ----
@@ -106,8 +107,10 @@ def _cpu_fn():
         )
         return None
     P = ctypes.c_void_p
-    fn.argtypes = [P, P, P, P, P, P, ctypes.c_int32, ctypes.POINTER(ctypes.c_int64), ctypes.c_int32]
+    fn.argtypes = [P, P, P, P, P, P, ctypes.c_int32, ctypes.POINTER(ctypes.c_int64), ctypes.c_int32, P, ctypes.c_int32]
     fn.restype = ctypes.c_int32
+    size = lib.pq_lowrank_packed_floats
+    size.argtypes, size.restype = [ctypes.c_int32, ctypes.POINTER(ctypes.c_int64)], ctypes.c_int64
     return fn
 
 
@@ -142,7 +145,7 @@ def lowrank_conv2d_cpu(x, w1, w2, bias, stride, padding, dilation, keep: bool):
     )
     rc = fn(
         x.data_ptr(), w1.data_ptr(), w2.data_ptr(), None if bias is None else bias.data_ptr(),
-        y.data_ptr(), t.data_ptr() if keep else None, _DTYPE_CODES[x.dtype], dims, torch.get_num_threads(),
+        y.data_ptr(), t.data_ptr() if keep else None, _DTYPE_CODES[x.dtype], dims, torch.get_num_threads(), None, 0,
     )
     if rc == 1:
         raise MemoryError("pyquant lowrank_conv2d: the CPU kernel could not allocate its buffers")
@@ -168,7 +171,7 @@ def conv2d_cpu(x, w, padding, dilation):
         return y
     dims = (ctypes.c_int64 * 16)(n, c, h, wd, r, r, kh, kw, 1, 1, *padding, *dilation, ho, wo)
     rc = fn(x.data_ptr(), w.data_ptr(), None, None, y.data_ptr(), None, _DTYPE_CODES[x.dtype], dims,
-            torch.get_num_threads())
+            torch.get_num_threads(), None, 0)
     if rc == 1:
         raise MemoryError("pyquant conv2d_cpu: the CPU kernel could not allocate its buffers")
     if rc != 0:
@@ -456,3 +459,97 @@ def lowrank_conv2d(
     else:
         y = torch.ops.pyquant.lowrank_conv2d(*args)
     return y.squeeze(0) if unbatched else y
+
+
+# ---- eager CPU inference of a layer, checked once ----
+class EagerPlan:
+    """One layer's eager CPU inference call of the kernel, checked once: `LowRankConv2d.forward` keeps one.
+
+    `lowrank_conv2d` checks every operand, resolves the arguments and picks the implementation on every call,
+    10-15 us of Python, as much as a small layer's whole kernel (a 14x14 DenseNet conv at rank 4 computes in
+    40 us with two threads). The plan records what those checks saw (the input's shape and dtype; the weights'
+    shapes, dtypes, contiguity and addresses) and the kernel's arguments; while they still hold, `eager_inference`
+    calls the kernel directly. It also owns the buffer of the weights in the kernel's packed float32 layout; with
+    the layer's opt-in `cache_packed_weights` they are repacked only when a weight's version counter has moved
+    (an in-place change: an optimizer step, `load_state_dict`, `copy_`), which misses writes that bypass the
+    counter (through `.data`, numpy or DLPack views): hence opt-in. It keeps the weights' storage alive
+    (detached views), so that their addresses cannot be reused by other tensors while it compares them.
+    """
+
+    __slots__ = ("code", "dims", "held", "key", "out_shape", "packed", "ptrs", "versions")
+
+    def __init__(self, key, x, w1, w2, bias, stride, padding, dilation):
+        self.key = key
+        self.out_shape = _out_shape(x, w1, w2, stride, padding, dilation)
+        r, c, kh, kw = w1.shape
+        self.dims = (ctypes.c_int64 * 16)(
+            x.shape[0], c, x.shape[2], x.shape[3], r, w2.shape[0], kh, kw, *stride, *padding, *dilation,
+            *self.out_shape[2:],
+        )
+        self.code = _DTYPE_CODES[x.dtype]
+        self.held = tuple(None if t is None else t.detach() for t in (w1, w2, bias))
+        self.ptrs = tuple(None if t is None else t.data_ptr() for t in self.held)
+        size = _native.cpu_library().pq_lowrank_packed_floats(self.code, self.dims)
+        if size < 0:
+            raise RuntimeError(f"pyquant lowrank_conv2d: the CPU kernel rejected the dims {tuple(self.dims)}")
+        self.packed = torch.empty(size, dtype=torch.float32)
+        self.versions = None  # nothing packed yet
+
+
+def _weight_key(t):
+    # what the kernel's arguments depend on; the address last (the checks before it make it meaningful)
+    return None if t is None else (type(t), t.shape, t.dtype, t.is_cpu, t.is_contiguous(), t.data_ptr())
+
+
+def eager_inference(plan, x, w1, w2, bias, stride, padding, dilation, reuse_packed: bool = False):
+    """`lowrank_conv2d(x, w1, w2, bias, stride, padding, dilation)` for eager CPU inference through `plan`
+    (an EagerPlan or None): returns (y, plan), the plan rebuilt when the input's shape or the weights' tensors
+    changed. The weights are packed on every call unless ``reuse_packed`` (the layer's opt-in
+    `cache_packed_weights`): then only when a weight's version counter moved; (None, plan) when the general path must run (gradients wanted, modes, the profiler,
+    torch.compile, another backend, a dtype, device or layout the kernel does not take)."""
+    if (
+        torch.compiler.is_compiling()
+        or type(x) is not torch.Tensor
+        or (
+            torch.is_grad_enabled()
+            and (x.requires_grad or w1.requires_grad or w2.requires_grad or (bias is not None and bias.requires_grad))
+        )
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._is_torch_function_mode_enabled()
+        or _torch_profiler._is_profiler_enabled
+    ):
+        return None, plan
+    key = (x.shape, x.dtype, x.is_cpu, x.is_contiguous(), _weight_key(w1), _weight_key(w2), _weight_key(bias))
+    if plan is None or plan.key != key:
+        plan = None
+        if (
+            x.dim() != 4
+            or not all(t is None or type(t) in _PLAIN_TYPES for t in (w1, w2, bias))
+            or not (key[2] and key[3] and key[4][4] and key[5][4] and (bias is None or key[6][4]))
+            or x.dtype not in _DTYPE_CODES
+            or backends.select("cpu") != "cpu"
+            or _cpu_fn() is None
+        ):
+            return None, None
+        w2_2d = _check(x, w1, w2, bias)  # a bad operand raises here, as on the general path
+        stride, dilation = _pair(stride, "stride", 1), _pair(dilation, "dilation", 1)
+        padding = resolve_padding(padding, (w1.shape[2], w1.shape[3]), stride, dilation)
+        _, _, ho, wo = _out_shape(x, w1, w2_2d, stride, padding, dilation)
+        if ho < 1 or wo < 1 or x.shape[0] == 0:
+            return None, None  # the general path raises (or returns the empty result)
+        plan = EagerPlan(key, x, w1, w2_2d, bias, stride, padding, dilation)
+    elif backends.forced_backend() not in (None, "cpu"):
+        return None, plan
+    versions = (w1._version, w2._version, None if bias is None else bias._version)
+    y = torch.empty(plan.out_shape, dtype=x.dtype)
+    with kernel_range(OP):
+        rc = _cpu_fn()(
+            x.data_ptr(), *plan.ptrs, y.data_ptr(), None, plan.code, plan.dims, torch.get_num_threads(),
+            plan.packed.data_ptr(), reuse_packed and versions == plan.versions,
+        )
+    if rc == 1:
+        raise MemoryError("pyquant lowrank_conv2d: the CPU kernel could not allocate its buffers")
+    if rc != 0:
+        raise RuntimeError(f"pyquant lowrank_conv2d: the CPU kernel rejected its arguments (code {rc})")
+    plan.versions = versions
+    return y, plan

@@ -6,7 +6,7 @@
 
 // Bumped whenever a struct or a signature below (or pq::AdamConstants) changes: Python refuses a library
 // built from other sources rather than passing it descriptors it would misread.
-#define PQ_ABI_VERSION 2
+#define PQ_ABI_VERSION 3
 
 extern "C" {
 
