@@ -23,13 +23,13 @@ docs/compress.md records a run.
 from __future__ import annotations
 
 import statistics
-import time
 
 import pytest
 import torch
 
 from pyquant import compress
 from pyquant.experiment.models import create_model
+from test_lowrank import _median_time  # bench/ is on sys.path under pytest
 
 pytest.importorskip("timm")
 
@@ -58,16 +58,6 @@ def _compressed(densenet, variant):
     return cache[variant]
 
 
-def _median_time(fn, rounds: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_densenet121_lowrank_inference(benchmark, densenet, variant):
     dense, x, _ = densenet
@@ -84,7 +74,7 @@ def test_densenet121_lowrank_inference(benchmark, densenet, variant):
     else:
         model, report = _compressed(densenet, variant)
     if variant != "dense" and not _dense_median:  # the dense reference, when its entry did not run first
-        _dense_median.append(_median_time(forward(dense)))
+        _dense_median.append(_median_time(forward(dense), 3))
     benchmark.group = f"DenseNet-121 float32 inference, batch {BATCH}, {SIZE}x{SIZE}"
     benchmark.pedantic(forward(model), rounds=5, warmup_rounds=1)
     median = benchmark.stats.stats.median
