@@ -10,9 +10,9 @@
 // float_to_half does).
 //
 // Work: every tensor is cut into chunks of kChunk elements; the chunks of all tensors, in order, are
-// split statically over the OpenMP threads (one contiguous run each). Each thread keeps its own
-// "non-finite seen" flag; the flags are OR-ed at the end, so the result and every written bit are the
-// same for any number of threads.
+// split statically over the OpenMP threads (one contiguous run each, of about the same number of
+// elements). Each thread keeps its own "non-finite seen" flag; the flags are OR-ed at the end, so the
+// result and every written bit are the same for any number of threads.
 //
 // Compiled once per instruction set (PQ_ISA, csrc/include/pyquant/dispatch.h); csrc/capi_amp.cpp picks one.
 #include <omp.h>
@@ -187,16 +187,21 @@ void unscale(int32_t count, void* const* grads, const int64_t* numels, const int
   if (count <= 0) return;
   const float inv = *inv_scale;
   const bool unit = inv == 1.0f;
-  // first_chunk[t]: index of tensor t's first chunk among all chunks
-  std::vector<int64_t> first_chunk((size_t)count + 1);
+  // The chunks of all tensors in order, as (tensor, first element), and each chunk's first element in the
+  // concatenation of all tensors: threads split the ELEMENTS evenly (a model's many small tensors would
+  // otherwise weigh as much as full chunks and leave one thread with most of the bytes).
+  std::vector<int32_t> chunk_tensor;
+  std::vector<int64_t> chunk_begin, chunk_offset;
   int64_t total = 0;
-  first_chunk[0] = 0;
   for (int32_t t = 0; t < count; ++t) {
-    const int64_t n = numels[t] > 0 ? numels[t] : 0;
-    total += n;
-    first_chunk[t + 1] = first_chunk[t] + (n + kChunk - 1) / kChunk;
+    for (int64_t begin = 0; begin < numels[t]; begin += kChunk) {
+      chunk_tensor.push_back(t);
+      chunk_begin.push_back(begin);
+      chunk_offset.push_back(total + begin);
+    }
+    total += numels[t] > 0 ? numels[t] : 0;
   }
-  const int64_t chunks = first_chunk[count];
+  const int64_t chunks = (int64_t)chunk_tensor.size();
   if (chunks == 0) return;
   int nt = threads > 0 ? threads : omp_get_max_threads();
   if (total < kSerialBelow) nt = 1;
@@ -206,17 +211,17 @@ void unscale(int32_t count, void* const* grads, const int64_t* numels, const int
   {
     const int tid = omp_get_thread_num();
     const int used = omp_get_num_threads();
-    const int64_t c0 = chunks * tid / used, c1 = chunks * (tid + 1) / used;
+    // this thread's chunks: those starting in its share [total*tid/used, total*(tid+1)/used) of the elements
+    const auto first = [&](int64_t element) {
+      return (int64_t)(std::lower_bound(chunk_offset.begin(), chunk_offset.end(), element) - chunk_offset.begin());
+    };
+    const int64_t c0 = first(total * tid / used), c1 = first(total * (tid + 1) / used);
     bool bad = false;
-    if (c0 < c1) {
-      // the tensor holding chunk c0: the last t with first_chunk[t] <= c0 (and chunks of its own)
-      int32_t t = (int32_t)(std::upper_bound(first_chunk.begin(), first_chunk.end(), c0) - first_chunk.begin()) - 1;
-      for (int64_t c = c0; c < c1; ++c) {
-        while (c >= first_chunk[t + 1]) ++t;
-        const int64_t begin = (c - first_chunk[t]) * kChunk;
-        const int64_t end = std::min(begin + kChunk, numels[t]);
-        bad |= unscale_piece(grads[t], dtypes[t], begin, end, inv, unit, vector != 0);
-      }
+    for (int64_t c = c0; c < c1; ++c) {
+      const int32_t t = chunk_tensor[(size_t)c];
+      const int64_t begin = chunk_begin[(size_t)c];
+      const int64_t end = std::min(begin + kChunk, numels[t]);
+      bad |= unscale_piece(grads[t], dtypes[t], begin, end, inv, unit, vector != 0);
     }
     flags[(size_t)tid] = bad ? 1 : 0;
   }
