@@ -137,6 +137,9 @@ def _run(rank, world_size, init_file, scenario, out_dir):
     try:
         record = scenario(rank, world_size, out_dir)
         torch.save(record, os.path.join(out_dir, f"{scenario.__name__}.rank{rank}.pt"))
+        # No rank tears its connections down while the other may still use them (a process once aborted
+        # with "terminate called without an active exception" in a loaded CI run).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
