@@ -122,10 +122,14 @@ def _worker(rank_: int, nproc: int, init_file: str, run: dict, run_dir: str, pro
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
     if device.type == "cuda":
         torch.cuda.set_device(rank_)
+    # The timeout also bounds the final barrier, where the other ranks wait for rank 0's test and inference.
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank_, world_size=nproc,
-                            timeout=datetime.timedelta(minutes=10))
+                            timeout=datetime.timedelta(minutes=30))
     try:
         run_one(run, Path(run_dir), get_task(run["task"], run["data"]), progress and rank_ == 0)
+        # Every rank tears the group down together: a rank that left early (the others only train) once made a
+        # rank abort ("terminate called without an active exception") in a loaded test run.
+        dist.barrier()
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     except (FileNotFoundError, KeyError, ValueError) as e:  # missing data, bad config: one line, not a traceback
