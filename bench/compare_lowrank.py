@@ -2,6 +2,7 @@
 other jobs, where separate pytest-benchmark sessions differ by more than the effects being measured.
 
     python bench/compare_lowrank.py [--rounds 200] [--dtypes float32 bfloat16] [shape names of test_lowrank.py]
+    python bench/compare_lowrank.py --train [...]      # the same for forward+backward (training step)
     python bench/compare_lowrank.py --backward [...]   # where the fused layer's forward+backward time goes
 
 Every round runs the three implementations back to back; the minimum over the rounds of each is reported (a
@@ -21,25 +22,27 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_lowrank import DTYPES, IMPLS, RANK_FRACTIONS, SHAPES, _flops, _modules, _rank
+from test_lowrank import DTYPES, IMPLS, RANK_FRACTIONS, SHAPES, _flops, _modules, _rank, _step
 
 
-def compare(shape_name: str, dtype: str, fraction: str, rounds: int) -> dict:
+def compare(shape_name: str, dtype: str, fraction: str, rounds: int, train: bool = False) -> dict:
     shape = SHAPES[shape_name]
     n, cin, _, size, *_ = shape
     rank = _rank(shape, fraction)
     mods = _modules(shape, rank, DTYPES[dtype])
     x = torch.randn(n, cin, size, size, generator=torch.Generator().manual_seed(1)).to(DTYPES[dtype])
+    if train:
+        x.requires_grad_()
+    steps = {name: _step(module, x, train) for name, module in mods.items()}
     best = dict.fromkeys(IMPLS, float("inf"))
-    with torch.no_grad():
-        for module in mods.values():  # warm-up: buffers, oneDNN primitives
-            module(x)
-            module(x)
-        for _ in range(rounds):
-            for name, module in mods.items():
-                start = time.perf_counter()
-                module(x)
-                best[name] = min(best[name], time.perf_counter() - start)
+    for step in steps.values():  # warm-up: buffers, oneDNN primitives
+        step()
+        step()
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            best[name] = min(best[name], time.perf_counter() - start)
     dense, pair, fused = (best[name] for name in IMPLS)
     dense_flops, low_flops = _flops(shape, rank)
     reduction = dense_flops / low_flops
@@ -48,12 +51,19 @@ def compare(shape_name: str, dtype: str, fraction: str, rounds: int) -> dict:
             "fused vs dense": dense / fused, "eff.": dense / fused / reduction, "fused vs pair": pair / fused}
 
 
+def _first(ours, torchs):
+    """What the backward runs: pyquant's kernel (`ours`, None where it does not apply), else torch's."""
+    out = ours()
+    return torchs() if out is None else out
+
+
 def backward_split(shape_name: str, dtype: str, fraction: str, rounds: int) -> dict:
     """The fused layer's forward+backward (parameters and input require grad) and, timed alone in the same
     rounds, the pieces of its backward as pyquant.ops.lowrank_conv._backward_math runs them: the 1x1 factor's
     backward (gradient of the intermediate and of W2, bias), the k x k factor's weight gradient (W1), its input
-    gradient. "wgrad share": (W1 gradient + W2 gradient) / forward+backward, the most a fused weight-gradient
-    kernel could remove; "W1 grad % peak": its FLOPs against 240 GFLOP/s per core (docs/compress.md)."""
+    gradient. "W1 grad": what the backward runs (pyquant's kernel where `_weight_grad_pays`, else oneDNN's);
+    "W1 grad oneDNN": oneDNN's alone; "wgrad share": (W1 gradient + W2 gradient) / forward+backward;
+    "W1 grad % peak": the W1 gradient's FLOPs against 240 GFLOP/s per core (docs/compress.md)."""
     from pyquant.ops import lowrank_conv as L
 
     shape = SHAPES[shape_name]
@@ -71,10 +81,7 @@ def backward_split(shape_name: str, dtype: str, fraction: str, rounds: int) -> d
                   [True, False, False])[0]
     xr = x.clone().requires_grad_()
 
-    def train():
-        layer.zero_grad(set_to_none=True)
-        xr.grad = None
-        layer(xr).sum().backward()
+    train = _step(layer, xr, True)
 
     parts = {
         "fwd+bwd": train,
@@ -82,10 +89,11 @@ def backward_split(shape_name: str, dtype: str, fraction: str, rounds: int) -> d
                                          [0, 0], 1, [True, False, False]),
         "1x1 bwd (gt, W2, bias)": lambda: conv_bwd(gy, t, w2.reshape(cout, rank, 1, 1), [cout], [1, 1], [0, 0],
                                                    [1, 1], False, [0, 0], 1, [True, True, True]),
-        "W1 grad": lambda: conv_bwd(gt, x, w1, None, st, pd, dl, False, [0, 0], 1, [False, True, False]),
-        "x grad": lambda: L._input_grad_cpu(gt, x, w1, st, pd, dl)
-        if L._input_grad_cpu(gt, x, w1, st, pd, dl) is not None
-        else conv_bwd(gt, x, w1, None, st, pd, dl, False, [0, 0], 1, [True, False, False]),
+        "W1 grad oneDNN": lambda: conv_bwd(gt, x, w1, None, st, pd, dl, False, [0, 0], 1, [False, True, False]),
+        "W1 grad": lambda: _first(lambda: L._weight_grad_cpu(x, gt, w1.shape, st, pd, dl),
+                                  lambda: conv_bwd(gt, x, w1, None, st, pd, dl, False, [0, 0], 1, [False, True, False])),
+        "x grad": lambda: _first(lambda: L._input_grad_cpu(gt, x, w1, st, pd, dl),
+                                 lambda: conv_bwd(gt, x, w1, None, st, pd, dl, False, [0, 0], 1, [True, False, False])),
     }
     best = dict.fromkeys(parts, float("inf"))
     for fn in parts.values():
@@ -98,7 +106,7 @@ def backward_split(shape_name: str, dtype: str, fraction: str, rounds: int) -> d
     w2_grad = max(0.0, best["1x1 bwd (gt, W2, bias)"] - best["1x1 bwd (gt)"])
     w1_flops = 2 * t.numel() * cin * k * k
     return {"shape": shape_name, "dtype": dtype, "rank": f"{fraction}={rank}", "fwd+bwd ms": 1e3 * best["fwd+bwd"],
-            "W1 grad ms": 1e3 * best["W1 grad"], "W2 grad ms": 1e3 * w2_grad, "x grad ms": 1e3 * best["x grad"],
+            "W1 grad oneDNN ms": 1e3 * best["W1 grad oneDNN"], "W1 grad ms": 1e3 * best["W1 grad"], "W2 grad ms": 1e3 * w2_grad, "x grad ms": 1e3 * best["x grad"],
             "wgrad share": (best["W1 grad"] + w2_grad) / best["fwd+bwd"],
             "W1 grad % peak": 100 * w1_flops / best["W1 grad"] / (240e9 * torch.get_num_threads())}
 
@@ -109,8 +117,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES))
     parser.add_argument("--backward", action="store_true", help="split the fused layer's forward+backward time")
+    parser.add_argument("--train", action="store_true", help="forward+backward instead of the forward")
     args = parser.parse_args(argv)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, min over {args.rounds} interleaved rounds\n")
+    what = "forward+backward" if args.train else "forward"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, min over {args.rounds} interleaved rounds, {what}\n")
     if args.backward:
         keys = None
         for shape_name in args.shapes:
@@ -129,7 +139,7 @@ def main(argv: list[str]) -> int:
     for shape_name in args.shapes:
         for dtype in args.dtypes:
             for fraction in RANK_FRACTIONS:
-                r = compare(shape_name, dtype, fraction, args.rounds)
+                r = compare(shape_name, dtype, fraction, args.rounds, args.train)
                 print(f"| {r['shape']} | {r['dtype']} | {r['rank']} | {r['dense ms']:.3f} | {r['pair ms']:.3f} | "
                       f"{r['fused ms']:.3f} | {r['FLOP red.']:.2f} | {r['fused vs dense']:.2f}x | {r['eff.']:.2f} | "
                       f"{r['fused vs pair']:.2f}x |", flush=True)

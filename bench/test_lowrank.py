@@ -73,10 +73,15 @@ def _step(module, x, backward: bool):
             with torch.no_grad():
                 module(x)
     else:
+        # A dense gradient of the output, as a loss gives: `.sum().backward()` would hand backward a
+        # stride-0 tensor of ones, which every implementation copies or handles slowly.
+        with torch.no_grad():
+            grad = torch.randn(module(x).shape, generator=torch.Generator().manual_seed(3)).to(x.dtype)
+
         def run():
             x.grad = None
             module.zero_grad(set_to_none=True)
-            module(x).sum().backward()
+            module(x).backward(grad)
     return run
 
 

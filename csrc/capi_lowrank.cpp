@@ -8,6 +8,7 @@
   int32_t lowrank_conv2d_forward(const void*, const void*, const void*, const void*, void*, void*, int32_t, \
                                  const int64_t*, int32_t, float*, int32_t);                                  \
   int64_t lowrank_packed_floats(int32_t, const int64_t*);                                                    \
+  int32_t lowrank_conv2d_wgrad(const void*, const void*, float*, int32_t, const int64_t*, int32_t);          \
   }
 PQ_FOR_EACH_ISA(PQ_DECLARE_LOWRANK)
 
@@ -15,7 +16,7 @@ extern "C" {
 
 // The version of this ABI: pyquant/ops/lowrank_conv.py refuses a library whose version differs (a stale
 // build), and runs the reference implementation instead. Bump on any change of the functions below.
-int32_t pq_lowrank_abi(void) { return 3; }
+int32_t pq_lowrank_abi(void) { return 4; }
 
 // 1: bfloat16 convolutions use the AVX512_BF16 pair kernel where the CPU has it; 0: the float32 path.
 int32_t pq_lowrank_bf16_dot = 1;
@@ -47,6 +48,14 @@ int32_t pq_lowrank_conv2d(const void* x, const void* w1, const void* w2, const v
 // The size of pq_lowrank_conv2d's `packed` buffer for these dims and dtype, in floats (-1: invalid dims).
 int64_t pq_lowrank_packed_floats(int32_t dtype, const int64_t* dims) {
   PQ_DISPATCH(lowrank_packed_floats(dtype, dims))
+}
+
+// The weight gradient of y = conv(x, W) (W [R, C, kh, kw], no bias) for y's gradient g [N, R, Ho, Wo]:
+// gw [R, C, kh, kw] in float32, whatever `dtype` (of x and g; accumulation float32, one fixed order of sums per
+// element whatever the thread count). dims as pq_lowrank_conv2d's, with O = R. Returns as pq_lowrank_conv2d.
+int32_t pq_lowrank_conv2d_wgrad(const void* x, const void* g, float* gw, int32_t dtype, const int64_t* dims,
+                                int32_t threads) {
+  PQ_DISPATCH(lowrank_conv2d_wgrad(x, g, gw, dtype, dims, threads))
 }
 
 }  // extern "C"

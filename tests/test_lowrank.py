@@ -208,6 +208,83 @@ def test_cpu_single_convolution_for_the_input_gradient(dtype):
     assert_within(ours, ref, bound, dtype, "input gradient")
 
 
+def _weight_grad64(x, g, k, stride, pad, dil, absolute=False):
+    """The float64 weight gradient of conv2d(x, W) (kernel k) for y's gradient g; `absolute`: on |x|, |g|."""
+    x, g = x.double(), g.double()
+    if absolute:
+        x, g = x.abs(), g.abs()
+    w = torch.zeros(g.shape[1], x.shape[1], *k, dtype=torch.float64)
+    return torch.ops.aten.convolution_backward(g, x, w, None, list(stride), list(pad), list(dil), False, [0, 0], 1,
+                                               [False, True, False])[1]
+
+
+# (N, C, H, W, R, kernel, stride, padding, dilation): odd sizes, strides 1-3, asymmetric padding and dilation,
+# 1 x 1, rank 1, ranks and channel counts that leave partial register blocks and channel groups
+WGRAD_SHAPES = (
+    (2, 3, 7, 9, 5, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (2, 5, 11, 10, 3, (3, 3), (2, 2), (1, 1), (1, 1)),
+    (3, 4, 12, 13, 6, (3, 2), (1, 2), (2, 0), (2, 1)),
+    (2, 7, 9, 8, 9, (1, 1), (1, 1), (0, 0), (1, 1)),
+    (1, 2, 5, 5, 1, (5, 5), (3, 3), (0, 0), (1, 1)),
+    (2, 13, 6, 6, 4, (3, 3), (1, 1), (2, 2), (1, 1)),  # padding past "same"
+    (1, 9, 40, 3, 7, (1, 3), (1, 1), (0, 1), (1, 1)),
+)
+
+
+@pytest.mark.skipif(not HAVE_CPU, reason="the CPU library (with the low-rank kernel) is not built")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_weight_gradient_against_float64(dtype):
+    """The kernel's weight gradient (float32 out, float32 accumulation) within 2^-16 of the float64 one on
+    absolute values, for every geometry."""
+    g = torch.Generator().manual_seed(11)
+    for n, c, h, w, r, k, st, pad, dil in WGRAD_SHAPES:
+        x = torch.randn(n, c, h, w, generator=g).to(dtype)
+        ho, wo = (L.conv_output_size((h, w)[i], k[i], st[i], pad[i], dil[i]) for i in range(2))
+        gy = torch.randn(n, r, ho, wo, generator=g).to(dtype)
+        gw = L.conv2d_weight_grad_cpu(x, gy, k, st, pad, dil)
+        what = f"weight gradient {(n, c, h, w, r, k, st, pad, dil)}"
+        assert_within(gw, _weight_grad64(x, gy, k, st, pad, dil), _weight_grad64(x, gy, k, st, pad, dil, True),
+                      torch.float32, what)
+
+
+@pytest.mark.skipif(not HAVE_CPU, reason="the CPU library (with the low-rank kernel) is not built")
+def test_cpu_weight_gradient_deterministic_and_bad_input():
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(4, 24, 15, 15, generator=g)
+    gy = torch.randn(4, 6, 15, 15, generator=g)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3, 5):
+            torch.set_num_threads(threads)
+            results.append(L.conv2d_weight_grad_cpu(x, gy, (3, 3), (1, 1), (1, 1), (1, 1)))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+    with pytest.raises(ValueError, match="grad has shape"):
+        L.conv2d_weight_grad_cpu(x, gy[:, :, :14], (3, 3), (1, 1), (1, 1), (1, 1))
+    with pytest.raises(ValueError, match="grad has shape"):
+        L.conv2d_weight_grad_cpu(x, gy, (3, 3), (2, 2), (1, 1), (1, 1))
+    assert L.conv2d_weight_grad_cpu(x, gy.double(), (3, 3), (1, 1), (1, 1), (1, 1)) is None  # dtypes differ
+
+
+@pytest.mark.skipif(not HAVE_CPU, reason="the CPU library (with the low-rank kernel) is not built")
+def test_cpu_weight_gradient_nonfinite_only_where_the_reference_has_them():
+    """The kernel reads input columns past the output's width on the extended grid and masks them off: an inf
+    there stays out of the taps that do not use it (0 * inf would be a NaN)."""
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 3, 8, 10, generator=g)
+    x[0, 1, 3, 9] = float("inf")  # the last column: only the right-hand taps read it
+    x[1, 2, 0, 0] = float("nan")
+    gy = torch.randn(2, 4, 8, 10, generator=g)
+    gw = L.conv2d_weight_grad_cpu(x, gy, (3, 3), (1, 1), (1, 1), (1, 1))
+    ref = _weight_grad64(x, gy, (3, 3), (1, 1), (1, 1), (1, 1))
+    assert torch.equal(gw.isnan(), ref.isnan()) and torch.equal(gw.isinf(), ref.isinf())
+    assert gw.isfinite().any() and not gw[:, 1, :, 0].isinf().any()  # the left taps never see column 9
+    ok = ref.isfinite()
+    assert torch.allclose(gw.double()[ok], ref[ok], rtol=1e-5, atol=1e-4)
+
+
 def test_nonfinite_inputs_propagate():
     x, w1, w2, b = make(SHAPES[1], torch.float32)
     x[0, 1, 4, 4] = float("nan")
@@ -388,16 +465,20 @@ def test_fake_tensors_and_compile():
         fx, f1, f2, fb = (mode.from_tensor(t) for t in (x, w1, w2, b))
         y, t = torch.ops.pyquant.lowrank_conv2d_train(fx, f1, f2, fb, [2, 2], [1, 1], [1, 1])
         assert y.shape == (2, 8, 5, 5) and t.shape == (2, 4, 5, 5) and y.dtype == torch.bfloat16
-    torch.manual_seed(0)
-    layer = LowRankConv2d(6, 8, 3, rank=4, stride=2, padding=1)
     xf = x.float()
-    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-    assert torch.equal(compiled(xf), layer(xf))
-    xg = xf.clone().requires_grad_()
-    compiled(xg).sum().backward()
-    xe = xf.clone().requires_grad_()
-    layer(xe).sum().backward()
-    assert torch.allclose(xg.grad, xe.grad)
+    for stride in (2, 1):  # stride 1: the backward's own kernels (input and weight gradients) as ops too
+        torch.manual_seed(0)
+        layer = LowRankConv2d(6, 8, 3, rank=4, stride=stride, padding=1)
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+        assert torch.equal(compiled(xf), layer(xf))
+        xg = xf.clone().requires_grad_()
+        compiled(xg).sum().backward()
+        grads = [p.grad.clone() for p in layer.parameters()]
+        layer.zero_grad()
+        xe = xf.clone().requires_grad_()
+        layer(xe).sum().backward()
+        assert torch.allclose(xg.grad, xe.grad)
+        assert all(torch.allclose(a, p.grad) for a, p in zip(grads, layer.parameters()))
 
 
 def test_opcheck():
@@ -405,6 +486,12 @@ def test_opcheck():
     args = (x, w1, w2, b, [1, 1], [1, 1], [1, 1])
     torch.library.opcheck(torch.ops.pyquant.lowrank_conv2d.default, args, test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.pyquant.lowrank_conv2d_train.default, args, test_utils=("test_schema", "test_faketensor"))
+    if HAVE_CPU:  # the backward's kernels
+        gy = torch.randn(2, 4, 7, 7)
+        torch.library.opcheck(torch.ops.pyquant.conv2d_weight_grad.default, (x[:, :, :7, :7], gy, [4, 5, 1, 1], [1, 1],
+                              [0, 0], [1, 1]), test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(torch.ops.pyquant.conv2d_stride1.default, (gy, torch.randn(3, 4, 3, 3), [1, 1], [1, 1]),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_eager_inference_shortcut_leaves_modes_and_the_profiler_the_op():

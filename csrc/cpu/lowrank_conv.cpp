@@ -853,11 +853,34 @@ static void set_blocks(Geometry& g) {
   g.Opad = (g.O + SMALL_R - 1) / SMALL_R * SMALL_R;
 }
 
+// The phase planes of the geometry (see the algorithm above): which (row, column) phases some tap reads, the
+// largest tap offsets in plane rows and columns, and the plane width of the extended grid, Wq = Wo + bmax.
+static void set_phases(Geometry& g) {
+  for (int64_t i = 0; i < 64; ++i) g.phase_of[i] = -1;
+  g.nphase = 0;
+  g.amax = g.bmax = 0;
+  for (int64_t i = 0; i < g.kh; ++i)
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const int64_t key = ((i * g.dh) % g.sh) * g.sw + (j * g.dw) % g.sw;
+      if (g.phase_of[key] < 0) g.phase_of[key] = g.nphase++;
+      g.amax = std::max(g.amax, i * g.dh / g.sh);
+      g.bmax = std::max(g.bmax, j * g.dw / g.sw);
+    }
+  g.Wq = g.Wo + g.bmax;
+}
+
+// Offset of tap (i, j) in the phase planes of one channel (pstride floats per plane, Wq per row).
+static inline int64_t tap_offset(const Geometry& g, int64_t i, int64_t j) {
+  const int64_t p = g.phase_of[((i * g.dh) % g.sh) * g.sw + (j * g.dw) % g.sw];
+  return p * g.pstride + (i * g.dh / g.sh) * g.Wq + (j * g.dw / g.sw);
+}
+
 // Floats of the packed weights (g.K1 and the blocks set): W1, W2, bias, each rounded up to 16.
 struct PackedSizes {
   int64_t n1, n2, nb;
 };
 static PackedSizes packed_sizes(const Geometry& g) {
+  if (g.single) return {(g.Rpad * g.K1 + 15) / 16 * 16, 0, 0};  // no second stage
   return {(g.Rpad * g.K1 + 15) / 16 * 16, (g.Opad * g.R + 15) / 16 * 16, (g.Opad + 15) / 16 * 16};
 }
 constexpr int64_t kPackHeader = 16;  // a caller's packed buffer starts with what it was packed for (int32s)
@@ -889,10 +912,11 @@ static void pack_weights(const Geometry& g, bool dp, const void* w1, const void*
       for (int64_t k = 0; k < g.K1; ++k) dst[k * nrb] = r < g.R ? pq::load_as_float(w1, r * g.K1 + k, DT) : 0.0f;
     }
   }
+  if (g.single) return;  // no second stage (and O = R: its R x R zeros would cost more than the first's)
   for (int64_t o = 0; o < g.Opad; ++o) {
     for (int64_t r = 0; r < g.R; ++r)
       w2p[(o / SMALL_R) * g.R * SMALL_R + r * SMALL_R + o % SMALL_R] =
-          (o < g.O && !g.single) ? pq::load_as_float(w2, o * g.R + r, DT) : 0.0f;
+          o < g.O ? pq::load_as_float(w2, o * g.R + r, DT) : 0.0f;
     biasp[o] = (o < g.O && bias) ? pq::load_as_float(bias, o, DT) : 0.0f;
   }
 }
@@ -909,18 +933,7 @@ static int32_t run(Geometry& g, const void* x, const void* w1, const void* w2, c
   g.Cp = dp ? (g.C + 1) / 2 : g.C;  // packed channels: pairs for the bfloat16 pair kernel
   g.K1 = g.Cp * taps;
   set_blocks(g);
-  // phase planes
-  for (int64_t i = 0; i < 64; ++i) g.phase_of[i] = -1;
-  g.nphase = 0;
-  g.amax = g.bmax = 0;
-  for (int64_t i = 0; i < g.kh; ++i)
-    for (int64_t j = 0; j < g.kw; ++j) {
-      const int64_t key = ((i * g.dh) % g.sh) * g.sw + (j * g.dw) % g.sw;
-      if (g.phase_of[key] < 0) g.phase_of[key] = g.nphase++;
-      g.amax = std::max(g.amax, i * g.dh / g.sh);
-      g.bmax = std::max(g.bmax, j * g.dw / g.sw);
-    }
-  g.Wq = g.Wo + g.bmax;
+  set_phases(g);
   // Tiles of whole output rows: about 768 extended pixels (8 chunks), fewer rows when the packed tile
   // would pass 512 KiB (it should stay in L2 between packing and use) or the intermediate 64 KiB; then
   // the rows are spread evenly over the tiles. Each tile packs amax halo rows more than it computes.
@@ -943,11 +956,16 @@ static int32_t run(Geometry& g, const void* x, const void* w1, const void* w2, c
   // 128 x 28 x 28 in place 10% faster, 128 x 56 x 56 packed 1.2-2x faster).
   g.masked = PQ_LR_ISA == 2 && DT == kFloat32 && taps > 1 && g.sh == 1 && g.sw == 1 && g.kh <= 16 && g.kw <= 16 &&
              2 * g.ph <= g.dh * (g.kh - 1) && 2 * g.pw <= g.dw * (g.kw - 1) && g.C * g.H * g.W <= (192 << 10);
+  // A tile's intermediate (Rpad x TP floats) stays within 64 KiB, in L1/L2 for stage 2. A single convolution
+  // has no stage 2 (the intermediate goes straight out) and, as the backward's input gradient, as many output
+  // channels as the layer has input channels: 512 KiB there, or its tiles would hold a vector or two of pixels,
+  // too few for the micro-kernel's blocks.
+  const int64_t text_floats = g.single ? (128 << 10) : (16 << 10);
   if (g.masked) {
     // The extended grid is x's own: width W (>= Wo), output pixel (oh, ow) at oh * W + ow.
     g.Wq = g.W;
     int64_t rows = std::max<int64_t>(1, (8 * CH) / g.Wq);
-    while (rows > 1 && g.Rpad * rows * g.Wq > (16 << 10)) --rows;
+    while (rows > 1 && g.Rpad * rows * g.Wq > text_floats) --rows;
     rows = std::min(rows, g.Ho);
     g.ntiles = (g.Ho + rows - 1) / rows;
     g.rows = (g.Ho + g.ntiles - 1) / g.ntiles;
@@ -958,7 +976,7 @@ static int32_t run(Geometry& g, const void* x, const void* w1, const void* w2, c
     // Up to 8 chunks per tile (the intermediate up to 64 KiB), and a whole number of tiles per thread: the
     // tiles are as even as whole vectors allow (the tiling changes no bit: every output is one chain of sums).
     g.batch_vecs = (g.N * g.H * g.W + VL - 1) / VL;
-    const int64_t most = std::max<int64_t>(1, std::min<int64_t>(kTileVecs, (16 << 10) / (g.Rpad * VL)));
+    const int64_t most = std::max<int64_t>(1, std::min<int64_t>(kTileVecs, text_floats / (g.Rpad * VL)));
     const int64_t tiles = (g.batch_vecs + most - 1) / most;
     g.ntiles = std::min(g.batch_vecs, (tiles + nthreads - 1) / nthreads * nthreads);
     g.TP = ((g.batch_vecs + g.ntiles - 1) / g.ntiles * VL + CH - 1) / CH * CH;
@@ -968,7 +986,7 @@ static int32_t run(Geometry& g, const void* x, const void* w1, const void* w2, c
   } else if (g.direct) {
     // Tiles of up to 8 chunks of pixels (the intermediate up to 64 KiB), the same number per image.
     const int64_t HW = g.H * g.W;
-    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(8, (16 << 10) / (g.Rpad * CH)));
+    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(8, text_floats / (g.Rpad * CH)));
     g.ntiles = (HW + chunks * CH - 1) / (chunks * CH);
     g.TP = ((HW + g.ntiles - 1) / g.ntiles + CH - 1) / CH * CH;
     g.rows = 0;
@@ -977,7 +995,7 @@ static int32_t run(Geometry& g, const void* x, const void* w1, const void* w2, c
   } else {
     const int64_t per_row = g.Cp * g.nphase * g.Wq;  // packed floats per plane row of all channels
     int64_t rows = std::max<int64_t>(1, (8 * CH) / g.Wq);
-    while (rows > 1 && ((rows + g.amax) * per_row > (128 << 10) || g.Rpad * rows * g.Wq > (16 << 10))) --rows;
+    while (rows > 1 && ((rows + g.amax) * per_row > (128 << 10) || g.Rpad * rows * g.Wq > text_floats)) --rows;
     rows = std::min(rows, g.Ho);
     g.ntiles = (g.Ho + rows - 1) / rows;
     g.rows = (g.Ho + g.ntiles - 1) / g.ntiles;
@@ -1022,10 +1040,7 @@ static int32_t run(Geometry& g, const void* x, const void* w1, const void* w2, c
   }
 
   for (int64_t i = 0; i < g.kh; ++i)
-    for (int64_t j = 0; j < g.kw; ++j) {
-      const int64_t p = g.phase_of[((i * g.dh) % g.sh) * g.sw + (j * g.dw) % g.sw];
-      koff1[i * g.kw + j] = p * g.pstride + (i * g.dh / g.sh) * g.Wq + (j * g.dw / g.sw);
-    }
+    for (int64_t j = 0; j < g.kw; ++j) koff1[i * g.kw + j] = tap_offset(g, i, j);
   if (g.masked) {  // offsets into x itself (negative ones only for masked-off lanes)
     for (int64_t i = 0; i < g.kh; ++i)
       for (int64_t j = 0; j < g.kw; ++j) koff1[i * g.kw + j] = (i * g.dh - g.ph) * g.W + (j * g.dw - g.pw);
@@ -1082,6 +1097,192 @@ static int32_t run(Geometry& g, const void* x, const void* w1, const void* w2, c
   return done == items ? 0 : 1;
 }
 
+// ---- weight gradient: gw[r][c][i][j] = sum over n, oh, ow of g[n][r][oh][ow] * xpad[n][c][oh sh + i dh][ow sw + j dw]
+// The weight gradient of a convolution into few channels (the k x k factor's W1, for the rank-channel gradient g
+// [N, R, Ho, Wo]; or the 1 x 1 factor's W2, with the intermediate as x and y's gradient as g), where oneDNN runs
+// at 15-30% of the FMA peak (docs/compress.md). Stage 1 with the roles swapped: the reduction runs over the
+// pixels of the extended grid (q = oh * Wq + ow) in vector lanes and over the images in turn; the outputs
+// (rank, channel, tap) are blocked WR x WT in registers. Each output is then summed across its lanes (a fixed
+// tree) and stored in float32: one fixed chain of sums per output, computed whole by one thread, so the bits do
+// not depend on the thread count.
+// Packing: g in float32 on the extended grid [N][R][GQ] (zeros in the columns ow >= Wo and past Ho * Wq), once;
+// per work item (a group of Cg channels and a range of ranks), the phase planes of those channels of every
+// image, [N][Cg][cstride], as the forward packs a tile. The columns ow >= Wo of the extended grid read input
+// that other taps use: the loads of x mask them off (an inf there must not turn 0 * inf into a NaN).
+#if PQ_LR_ISA == 2
+constexpr int WR = 4, WT = 6;  // 24 accumulators, 4 + 6 loads per 24 multiply-adds
+using lane_word = uint32_t;    // per vector: its valid lanes
+static inline int64_t lane_words(int64_t nvec) { return nvec; }
+static inline vec load_valid(const float* p, const lane_word* m, int64_t v) {
+  return _mm512_maskz_loadu_ps((__mmask16)m[v], p);  // masked-off lanes are not read
+}
+static inline float hsum(vec a) { return _mm512_reduce_add_ps(a); }
+#elif PQ_LR_ISA == 1
+constexpr int WR = 2, WT = 5;  // 10 accumulators of 16 registers
+using lane_word = uint32_t;    // per lane: all ones when valid
+static inline int64_t lane_words(int64_t nvec) { return nvec * VL; }
+static inline vec load_valid(const float* p, const lane_word* m, int64_t v) {
+  return _mm256_and_ps(_mm256_loadu_ps(p), _mm256_loadu_ps((const float*)(m + v * VL)));
+}
+static inline float hsum(vec a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#else
+constexpr int WR = 4, WT = 4;
+using lane_word = uint32_t;
+static inline int64_t lane_words(int64_t nvec) { return nvec; }
+static inline vec load_valid(const float* p, const lane_word* m, int64_t v) { return m[v] ? *p : 0.0f; }
+static inline float hsum(vec a) { return a; }
+#endif
+
+// out[r * ostride + t] = sum over n < N, v < nvec of g[n][r][v] * x[n][koff[t] + v] (vectors of VL pixels,
+// lanes summed last), r < NR, t < NT.
+template <int NR, int NT>
+static void wgrad_micro(const float* __restrict gq, int64_t GQ, int64_t gimg, const float* __restrict xp,
+                        int64_t ximg, const int64_t* __restrict koff, int64_t N, int64_t nvec,
+                        const lane_word* __restrict valid, float* __restrict out, int64_t ostride) {
+  vec acc[NR][NT];
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) acc[r][t] = vzero();
+  int64_t off[NT];
+#pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t) off[t] = koff[t];
+  for (int64_t n = 0; n < N; ++n, gq += gimg, xp += ximg)
+    for (int64_t v = 0; v < nvec; ++v) {
+      vec gv[NR];
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) gv[r] = vload(gq + r * GQ + v * VL);
+#pragma GCC unroll 8
+      for (int t = 0; t < NT; ++t) {
+        const vec xv = load_valid(xp + off[t] + v * VL, valid, v);
+#pragma GCC unroll 8
+        for (int r = 0; r < NR; ++r) acc[r][t] = vfma(gv[r], xv, acc[r][t]);
+      }
+    }
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) out[r * ostride + t] = hsum(acc[r][t]);
+}
+
+// wgrad_micro<nr, nt> for run-time nr <= NR, nt <= NT.
+template <int NR, int NT, class... Args>
+static inline void wgrad_micro_n(int64_t nr, int64_t nt, Args... args) {
+  if constexpr (NR > 1) {
+    if (nr < NR) return wgrad_micro_n<NR - 1, NT>(nr, nt, args...);
+  }
+  if constexpr (NT > 1) {
+    if (nt < NT) return wgrad_micro_n<NR, NT - 1>(nr, nt, args...);
+  }
+  wgrad_micro<NR, NT>(args...);
+}
+
+static thread_local Scratch t_wplanes;
+
+template <int DT>
+static int32_t wgrad(Geometry& g, const void* x, const void* gy, float* gw, int32_t threads) {
+  const int64_t taps = g.kh * g.kw;
+  set_phases(g);
+  g.rows = g.Ho;
+  g.pstride = (g.Ho + g.amax) * g.Wq + g.bmax + VL + 16;  // whole-vector stores and reads past the last row
+  g.cstride = g.nphase * g.pstride;
+  const int64_t ext = g.Ho * g.Wq, nvec = (ext + VL - 1) / VL, GQ = nvec * VL;
+  // Channels per work item: a whole number of WT-column blocks where the taps allow it (3 x 3: 2 channels,
+  // 18 columns), fewer when their planes would pass 1 MiB.
+  int64_t Cg = WT;
+  for (int64_t d = WT; d >= 1; --d)
+    if (WT % d == 0 && taps % d == 0) {
+      Cg = WT / d;
+      break;
+    }
+  Cg = std::max<int64_t>(1, std::min({Cg, g.C, ((int64_t)256 << 10) / std::max<int64_t>(1, g.N * g.cstride)}));
+  const int64_t ngroups = (g.C + Cg - 1) / Cg, K = g.C * taps;
+  const int64_t macs = g.N * ext * g.R * K;
+  const int nthreads = macs < kSerialMacs ? 1 : threads > 0 ? threads : omp_get_max_threads();
+  // Ranks per work item: all of them, or fewer when there are too few channel groups to keep the threads busy.
+  const int64_t rblocks = (g.R + WR - 1) / WR;
+  const int64_t nrc = std::max<int64_t>(1, std::min<int64_t>(rblocks, (2 * nthreads + ngroups - 1) / ngroups));
+  const int64_t rchunk = (rblocks + nrc - 1) / nrc * WR;
+  const int64_t items = ngroups * ((g.R + rchunk - 1) / rchunk);
+
+  float* gq = (float*)alloc_floats(g.N * g.R * GQ);
+  // one buffer (floats, each part rounded up to 16): lane masks, padded_row's masks, column offsets
+  const int64_t nl = (lane_words(nvec) + 15) / 16 * 16, nm = (g.Wq / 16 + 1 + 15) / 16 * 16;
+  lane_word* valid = (lane_word*)alloc_floats(nl + nm + Cg * taps * 2);
+  if (!gq || !valid) {
+    free(gq), free(valid);
+    return 1;
+  }
+  uint16_t* masks = (uint16_t*)(valid + nl);
+  int64_t* koff = (int64_t*)(valid + nl + nm);
+  padded_row_masks(g.pw, g.W, g.Wq, masks);
+  for (int64_t q = 0; q < nvec * VL; ++q) {
+    const bool ok = q < ext && q % g.Wq < g.Wo;
+#if PQ_LR_ISA == 2
+    if (q % VL == 0) valid[q / VL] = 0;
+    if (ok) valid[q / VL] |= 1u << (q % VL);
+#elif PQ_LR_ISA == 1
+    valid[q] = ok ? 0xFFFFFFFFu : 0u;
+#else
+    valid[q] = ok;
+#endif
+  }
+  for (int64_t c = 0; c < Cg; ++c)
+    for (int64_t i = 0; i < g.kh; ++i)
+      for (int64_t j = 0; j < g.kw; ++j) koff[(c * g.kh + i) * g.kw + j] = c * g.cstride + tap_offset(g, i, j);
+
+  int64_t next = 0, done = 0;
+#pragma omp parallel num_threads((int)std::min<int64_t>(nthreads, std::max(items, g.N * g.R)))
+  {
+    // g on the extended grid, float32
+#pragma omp for schedule(static)
+    for (int64_t nr = 0; nr < g.N * g.R; ++nr) {
+      float* dst = gq + nr * GQ;
+      for (int64_t oh = 0; oh < g.Ho; ++oh) {
+        load_row<DT>(gy, (nr * g.Ho + oh) * g.Wo, g.Wo, dst + oh * g.Wq);
+        zero_floats(dst + oh * g.Wq + g.Wo, g.Wq - g.Wo);
+      }
+      zero_floats(dst + ext, GQ - ext);
+    }
+    t_wplanes.huge = true;
+    float* planes = t_wplanes.get(g.N * Cg * g.cstride);
+    float* tmp = t_tmp.get(g.W);
+    int64_t mine = 0;
+    if (planes && tmp) {
+      int64_t packed_group = -1;
+      for (;;) {
+        int64_t item;
+#pragma omp atomic capture
+        item = next++;
+        if (item >= items) break;
+        const int64_t group = item % ngroups, r0 = item / ngroups * rchunk, r1 = std::min(g.R, r0 + rchunk);
+        const int64_t c0 = group * Cg, nc = std::min(Cg, g.C - c0);
+        if (group != packed_group) {
+          for (int64_t n = 0; n < g.N; ++n)
+            for (int64_t c = 0; c < nc; ++c)
+              pack_channel<DT>(g, x, n, c0 + c, 0, g.Ho + g.amax, planes + (n * Cg + c) * g.cstride, tmp, masks);
+          packed_group = group;
+        }
+        for (int64_t r = r0; r < r1; r += WR)
+          for (int64_t k = 0; k < nc * taps; k += WT)
+            wgrad_micro_n<WR, WT>(std::min<int64_t>(WR, r1 - r), std::min<int64_t>(WT, nc * taps - k),
+                                  gq + r * GQ, GQ, g.R * GQ, planes, Cg * g.cstride, koff + k, g.N, nvec, valid,
+                                  gw + r * K + c0 * taps + k, K);
+        ++mine;
+      }
+    }
+#pragma omp atomic
+    done += mine;
+    t_wplanes.trim(), t_tmp.trim();
+  }
+  free(gq), free(valid);
+  return done == items ? 0 : 1;
+}
+
 }  // namespace lowrank
 
 // dims: N, C, H, W, R, O, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo. Returns 0, or 1 when memory ran out,
@@ -1118,10 +1319,28 @@ int32_t lowrank_conv2d_forward(const void* x, const void* w1, const void* w2, co
 int64_t lowrank_packed_floats(int32_t dtype, const int64_t* dims) {
   lowrank::Geometry g;
   if (!read_dims(dims, g) || dtype < 0 || dtype > 2) return -1;
+  g.single = false;
   g.K1 = g.C * g.kh * g.kw;
   lowrank::set_blocks(g);
   const lowrank::PackedSizes ps = lowrank::packed_sizes(g);
   return lowrank::kPackHeader + ps.n1 + ps.n2 + ps.nb;
+}
+
+// dims as lowrank_conv2d_forward's, with O = R. gw: float32 [R, C, kh, kw].
+int32_t lowrank_conv2d_wgrad(const void* x, const void* g, float* gw, int32_t dtype, const int64_t* dims,
+                             int32_t threads) {
+  lowrank::Geometry geo;
+  if (!read_dims(dims, geo) || geo.O != geo.R) return 2;
+  if (geo.N == 0 || geo.Ho == 0 || geo.Wo == 0) {
+    memset(gw, 0, (size_t)(geo.R * geo.C * geo.kh * geo.kw) * sizeof(float));
+    return 0;
+  }
+  switch (dtype) {
+    case pq::kFloat16: return lowrank::wgrad<pq::kFloat16>(geo, x, g, gw, threads);
+    case pq::kBFloat16: return lowrank::wgrad<pq::kBFloat16>(geo, x, g, gw, threads);
+    case pq::kFloat32: return lowrank::wgrad<pq::kFloat32>(geo, x, g, gw, threads);
+    default: return 2;
+  }
 }
 
 }  // namespace PQ_NS
