@@ -1105,8 +1105,10 @@ static int32_t run(Geometry& g, const void* x, const void* w1, const void* w2, c
 // (rank, channel, tap) are blocked WR x WT in registers. Each output is then summed across its lanes (a fixed
 // tree) and stored in float32: one fixed chain of sums per output, computed whole by one thread, so the bits do
 // not depend on the thread count.
-// Packing: g in float32 on the extended grid [N][R][GQ] (zeros in the columns ow >= Wo and past Ho * Wq), once;
-// per work item (a group of Cg channels and a range of ranks), the phase planes of those channels of every
+// Packing: g in float32 on the extended grid [N][R][GQ] (zeros in the columns ow >= Wo and past Ho * Wq), once,
+// unless it is float32 without such columns (1 x 1 unpadded: Wq = Wo), where the AVX-512 build reads it in place
+// with the lanes past Ho * Wq masked off (the weight gradient of EfficientNet-B0's 40 -> 5 -> 240 expansion's
+// second factor, g with 240 channels, spent more time in the copy than in the multiply-adds); per work item (a group of Cg channels and a range of ranks), the phase planes of those channels of every
 // image, [N][Cg][cstride], as the forward packs a tile. The columns ow >= Wo of the extended grid read input
 // that other taps use: the loads of x mask them off (an inf there must not turn 0 * inf into a NaN).
 #if PQ_LR_ISA == 2
@@ -1137,8 +1139,8 @@ static inline vec load_valid(const float* p, const lane_word* m, int64_t v) { re
 static inline float hsum(vec a) { return a; }
 #endif
 
-// out[r * ostride + t] = sum over n < N, v < nvec of g[n][r][v] * x[n][koff[t] + v] (vectors of VL pixels,
-// lanes summed last), r < NR, t < NT.
+// out[r * ostride + t] = sum over n < N, v < nvec of g[n][r][v] * x[n][koff[t] + v] (vectors of VL pixels, the
+// lanes in `valid` only, summed last), r < NR, t < NT.
 template <int NR, int NT>
 static void wgrad_micro(const float* __restrict gq, int64_t GQ, int64_t gimg, const float* __restrict xp,
                         int64_t ximg, const int64_t* __restrict koff, int64_t N, int64_t nvec,
@@ -1155,7 +1157,7 @@ static void wgrad_micro(const float* __restrict gq, int64_t GQ, int64_t gimg, co
     for (int64_t v = 0; v < nvec; ++v) {
       vec gv[NR];
 #pragma GCC unroll 8
-      for (int r = 0; r < NR; ++r) gv[r] = vload(gq + r * GQ + v * VL);
+      for (int r = 0; r < NR; ++r) gv[r] = load_valid(gq + r * GQ + v * VL, valid, v);
 #pragma GCC unroll 8
       for (int t = 0; t < NT; ++t) {
         const vec xv = load_valid(xp + off[t] + v * VL, valid, v);
@@ -1181,7 +1183,7 @@ static inline void wgrad_micro_n(int64_t nr, int64_t nt, Args... args) {
   wgrad_micro<NR, NT>(args...);
 }
 
-static thread_local Scratch t_wplanes;
+static thread_local Scratch t_wplanes, t_wgrad;
 
 template <int DT>
 static int32_t wgrad(Geometry& g, const void* x, const void* gy, float* gw, int32_t threads) {
@@ -1209,16 +1211,19 @@ static int32_t wgrad(Geometry& g, const void* x, const void* gy, float* gw, int3
   const int64_t rchunk = (rblocks + nrc - 1) / nrc * WR;
   const int64_t items = ngroups * ((g.R + rchunk - 1) / rchunk);
 
-  float* gq = (float*)alloc_floats(g.N * g.R * GQ);
-  // one buffer (floats, each part rounded up to 16): lane masks, padded_row's masks, column offsets
-  const int64_t nl = (lane_words(nvec) + 15) / 16 * 16, nm = (g.Wq / 16 + 1 + 15) / 16 * 16;
-  lane_word* valid = (lane_word*)alloc_floats(nl + nm + Cg * taps * 2);
-  if (!gq || !valid) {
-    free(gq), free(valid);
+  const bool g_in_place = PQ_LR_ISA == 2 && DT == kFloat32 && g.Wq == g.Wo;
+  const int64_t gstride = g_in_place ? ext : GQ;  // floats from one channel of g to the next
+  // one buffer (floats, each part rounded up to 16): lane masks, padded_row's masks, column offsets, packed g
+  const int64_t nl = (lane_words(nvec) + 15) / 16 * 16, nm = (g.Wq / 16 + 1 + 15) / 16 * 16,
+                nk = (Cg * taps * 2 + 15) / 16 * 16;
+  lane_word* valid = (lane_word*)t_wgrad.get(nl + nm + nk + (g_in_place ? 0 : g.N * g.R * GQ));
+  if (!valid) {
+    t_wgrad.trim();
     return 1;
   }
   uint16_t* masks = (uint16_t*)(valid + nl);
   int64_t* koff = (int64_t*)(valid + nl + nm);
+  float* gq = g_in_place ? (float*)gy : (float*)valid + nl + nm + nk;
   padded_row_masks(g.pw, g.W, g.Wq, masks);
   for (int64_t q = 0; q < nvec * VL; ++q) {
     const bool ok = q < ext && q % g.Wq < g.Wo;
@@ -1240,7 +1245,7 @@ static int32_t wgrad(Geometry& g, const void* x, const void* gy, float* gw, int3
   {
     // g on the extended grid, float32
 #pragma omp for schedule(static)
-    for (int64_t nr = 0; nr < g.N * g.R; ++nr) {
+    for (int64_t nr = 0; nr < (g_in_place ? 0 : g.N * g.R); ++nr) {
       float* dst = gq + nr * GQ;
       for (int64_t oh = 0; oh < g.Ho; ++oh) {
         load_row<DT>(gy, (nr * g.Ho + oh) * g.Wo, g.Wo, dst + oh * g.Wq);
@@ -1270,7 +1275,7 @@ static int32_t wgrad(Geometry& g, const void* x, const void* gy, float* gw, int3
         for (int64_t r = r0; r < r1; r += WR)
           for (int64_t k = 0; k < nc * taps; k += WT)
             wgrad_micro_n<WR, WT>(std::min<int64_t>(WR, r1 - r), std::min<int64_t>(WT, nc * taps - k),
-                                  gq + r * GQ, GQ, g.R * GQ, planes, Cg * g.cstride, koff + k, g.N, nvec, valid,
+                                  gq + r * gstride, gstride, g.R * gstride, planes, Cg * g.cstride, koff + k, g.N, nvec, valid,
                                   gw + r * K + c0 * taps + k, K);
         ++mine;
       }
@@ -1279,7 +1284,7 @@ static int32_t wgrad(Geometry& g, const void* x, const void* gy, float* gw, int3
     done += mine;
     t_wplanes.trim(), t_tmp.trim();
   }
-  free(gq), free(valid);
+  t_wgrad.trim();
   return done == items ? 0 : 1;
 }
 

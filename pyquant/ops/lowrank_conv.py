@@ -216,20 +216,21 @@ def conv2d_weight_grad_cpu(x, grad, kernel_size, stride, padding, dilation):
 def _weight_grad_pays(out_channels: int, in_channels: int, taps: int) -> bool:
     """Whether the CPU kernel's weight gradient beats oneDNN's for a convolution with these channels and kernel
     taps. oneDNN vectorises over channels in blocks of 16 and wastes lanes at few channels; pyquant's kernel
-    vectorises over pixels. Measured (float32 and bfloat16, two threads, DenseNet-121 and EfficientNet-B0
-    shapes; docs/compress.md): 2.4-4x faster at 4 output channels, 1.5-1.9x at 8, 0.8-1.1x at 16 (3x3);
-    for 1 x 1, 1.3-5.5x when both channel counts are at most 320 and one at most 40, 0.5-0.9x beyond."""
+    vectorises over pixels. Measured (float32 and bfloat16, two threads, the weight gradients of both factors at
+    DenseNet-121 and EfficientNet-B0 shapes; docs/compress.md): 3x3, 2.4-4x faster at 4 output channels, 1.5-1.9x
+    at 8, 0.8-1.1x at 16; 1 x 1, 1.2-6.4x when one channel count is at most 16, or at most 40 with the other at
+    most 320, 0.5-1.0x beyond."""
     if out_channels <= 8:
         return True
-    return taps == 1 and min(out_channels, in_channels) <= 40 and max(out_channels, in_channels) <= 320
+    fewest, most = min(out_channels, in_channels), max(out_channels, in_channels)
+    return taps == 1 and (fewest <= 16 or (fewest <= 40 and most <= 320))
 
 
 def _kernel_runs(x) -> bool:
     """Whether the backward may use the CPU kernel for x (a CPU tensor, fake ones included, of a kernel dtype,
     the cpu backend selected, the library loaded)."""
-    return (
-        x.device.type == "cpu" and x.dtype in _DTYPE_CODES and backends.select("cpu") == "cpu" and _cpu_fn() is not None
-    )
+    forced = backends.forced_backend()  # backends.select("cpu") without its cost (6 us), which counts here
+    return x.device.type == "cpu" and x.dtype in _DTYPE_CODES and forced in (None, "cpu") and _cpu_fn() is not None
 
 
 # The backward's kernel calls are custom ops too: torch.compile traces the backward with fake tensors, which
@@ -272,27 +273,35 @@ def _(x, w, padding, dilation):
                         conv_output_size(wd, kw, 1, padding[1], dilation[1])))
 
 
-def _weight_grad_cpu(x, grad, weight_shape, stride, padding, dilation):
+def _weight_grad_cpu(x, grad, weight_shape, stride, padding, dilation, direct: bool = False):
     """The weight gradient (float32) of conv2d(x, W) on the CPU kernel, or None where oneDNN's is faster or
-    the kernel cannot run (other backends, devices, dtypes)."""
+    the kernel cannot run (other backends, devices, dtypes). `direct`: call the kernel, not its op (plain eager
+    tensors only)."""
     r, c, kh, kw = weight_shape
     if not (_kernel_runs(x) and grad.dtype == x.dtype and _weight_grad_pays(r, c, kh * kw)):
         return None
+    if direct:
+        return conv2d_weight_grad_cpu(x, grad, (kh, kw), stride, padding, dilation)
     return torch.ops.pyquant.conv2d_weight_grad(x, grad, list(weight_shape), list(stride), list(padding), list(dilation))
 
 
-def _input_grad_cpu(gt, x, w1, stride, padding, dilation):
+def _input_grad_cpu(gt, x, w1, stride, padding, dilation, direct: bool = False):
     """d(conv(x, w1))/dx for gradient gt with the CPU kernel (stride 1: a convolution of gt with the
-    flipped, transposed w1), or None when torch should do it."""
+    flipped, transposed w1), or None when torch should do it. `direct` as for _weight_grad_cpu."""
     if tuple(stride) != (1, 1) or not _kernel_runs(gt) or w1.dtype != gt.dtype:
         return None
     r, c, kh, kw = w1.shape
     pad = (dilation[0] * (kh - 1) - padding[0], dilation[1] * (kw - 1) - padding[1])
-    if min(pad) < 0 or r > 16:  # oneDNN pads fewer than 16 input channels to 16 and is slow there; fine above
+    # oneDNN pads fewer than 16 input channels to 16 and is slow there (2.8-6.7x slower than this kernel at ranks
+    # 4-8, DenseNet-121 3x3 shapes); from 16 on it is as fast, and it computes the input and weight gradients in
+    # one call (sharing the conversions of g_t and x to its blocked layout).
+    if min(pad) < 0 or r >= 16:
         return None
     h, w = (conv_output_size(gt.shape[2 + i], (kh, kw)[i], 1, pad[i], dilation[i]) for i in range(2))
     if (h, w) != tuple(x.shape[2:]):
         return None
+    if direct:
+        return conv2d_cpu(gt, w1.flip(2, 3).transpose(0, 1), pad, dilation)
     return torch.ops.pyquant.conv2d_stride1(gt, w1.flip(2, 3).transpose(0, 1), list(pad), list(dilation))
 
 
@@ -379,7 +388,7 @@ def _backward_math(ctx, x, w1, w2, t, grad_y, grad_t):
                          ctx.padding, ctx.dilation)
         o, r = w2.shape
         grad_y, t = grad_y.to(cd), t.to(cd)
-        gw2 = _weight_grad_cpu(t, grad_y, (o, r, 1, 1), [1, 1], [0, 0], [1, 1]) if need_w2 else None
+        gw2 = _weight_grad_cpu(t, grad_y, (o, r, 1, 1), [1, 1], [0, 0], [1, 1], ctx.direct) if need_w2 else None
         w2_torch = bool(need_w2) and gw2 is None
         gt, gw2_torch, gb = torch.ops.aten.convolution_backward(
             grad_y, t, w2.to(cd).reshape(o, r, 1, 1), [o] if need_b else None, [1, 1], [0, 0],
@@ -393,8 +402,8 @@ def _backward_math(ctx, x, w1, w2, t, grad_y, grad_t):
         if grad_t is not None:
             gt = gt + grad_t.to(cd)
         xc, w1c = x.to(cd), w1.to(cd)
-        gx = _input_grad_cpu(gt, xc, w1c, ctx.stride, ctx.padding, ctx.dilation) if need_x else None
-        gw1 = _weight_grad_cpu(xc, gt, w1.shape, ctx.stride, ctx.padding, ctx.dilation) if need_w1 else None
+        gx = _input_grad_cpu(gt, xc, w1c, ctx.stride, ctx.padding, ctx.dilation, ctx.direct) if need_x else None
+        gw1 = _weight_grad_cpu(xc, gt, w1.shape, ctx.stride, ctx.padding, ctx.dilation, ctx.direct) if need_w1 else None
         gx_torch, w1_torch = bool(need_x) and gx is None, bool(need_w1) and gw1 is None
         if gx_torch or w1_torch:
             gx2, gw1_torch, _ = torch.ops.aten.convolution_backward(
@@ -408,8 +417,9 @@ def _backward_math(ctx, x, w1, w2, t, grad_y, grad_t):
     return grad_x, grad_w1, grad_w2, grad_b
 
 
-def _setup(ctx, inputs, t):
+def _setup(ctx, inputs, t, direct: bool = False):
     x, w1, w2, bias, stride, padding, dilation = inputs
+    ctx.direct = direct  # the backward may call the kernels without their ops (the eager Function below)
     ctx.stride, ctx.padding, ctx.dilation = list(stride), list(padding), list(dilation)
     ctx.has_bias = bias is not None
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -436,6 +446,24 @@ def _backward_train(ctx, grad_y, grad_t):
 
 torch.library.register_autograd("pyquant::lowrank_conv2d", _backward, setup_context=_setup_context)
 torch.library.register_autograd("pyquant::lowrank_conv2d_train", _backward_train, setup_context=_setup_context_train)
+
+
+class _EagerTraining(torch.autograd.Function):
+    """`pyquant::lowrank_conv2d_train` for plain eager CPU tensors, without the custom ops' dispatch: the same
+    forward implementation and backward math, and the backward's kernels called directly. The ops' autograd
+    and dispatch layers cost about 150 us a training step (a 14x14 DenseNet-121 layer computes in 700 us);
+    torch.compile, modes, subclasses and the profiler still get the ops (`_plain_eager_cpu`)."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w2, bias, stride, padding, dilation):
+        y, t = _forward(x, w1, w2, bias, stride, padding, dilation, True)
+        _setup(ctx, (x, w1, w2, bias, stride, padding, dilation), t, direct=True)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, w1, w2, t = ctx.saved_tensors
+        return (*_backward_math(ctx, x, w1, w2, t, grad_y, None), None, None, None)
 
 
 # ---- public API ----
@@ -561,9 +589,12 @@ def lowrank_conv2d(
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight_first, w2, bias)
     )
-    if wants_grad:
+    plain = _plain_eager_cpu(x, weight_first, w2, bias)
+    if wants_grad and plain:
+        y = _EagerTraining.apply(*args)
+    elif wants_grad:
         y = torch.ops.pyquant.lowrank_conv2d_train(*args)[0]
-    elif _plain_eager_cpu(x, weight_first, w2, bias):
+    elif plain:
         y = _forward(*args, False)[0]
     else:
         y = torch.ops.pyquant.lowrank_conv2d(*args)
