@@ -953,9 +953,13 @@ static int32_t run(Geometry& g, const void* x, const void* w1, const void* w2, c
   g.direct = !g.batched && DT == kFloat32 && taps == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
   // Reading x in place pays while an image's channels span few pages: beyond that every channel step of
   // stage 1 is a first-level TLB miss (the packed tile sits in huge pages) and packing wins (measured:
-  // 128 x 28 x 28 in place 10% faster, 128 x 56 x 56 packed 1.2-2x faster).
+  // 128 x 28 x 28 in place 10% faster, 128 x 56 x 56 packed 1.2-2x faster), and while x is likely in the
+  // caches: reading it from memory stage 1's way, many channel streams at once, is slower than packing's
+  // row-by-row copy (one thread, 128 x 28 x 28 at rank 4: batch 8, 3 MiB, in place 15% faster; batch 32,
+  // 12 MiB, packed 1.5x faster).
   g.masked = PQ_LR_ISA == 2 && DT == kFloat32 && taps > 1 && g.sh == 1 && g.sw == 1 && g.kh <= 16 && g.kw <= 16 &&
-             2 * g.ph <= g.dh * (g.kh - 1) && 2 * g.pw <= g.dw * (g.kw - 1) && g.C * g.H * g.W <= (192 << 10);
+             2 * g.ph <= g.dh * (g.kh - 1) && 2 * g.pw <= g.dw * (g.kw - 1) && g.C * g.H * g.W <= (192 << 10) &&
+             g.N * g.C * g.H * g.W <= (1 << 20);
   // A tile's intermediate (Rpad x TP floats) stays within 64 KiB, in L1/L2 for stage 2. A single convolution
   // has no stage 2 (the intermediate goes straight out) and, as the backward's input gradient, as many output
   // channels as the layer has input channels: 512 KiB there, or its tiles would hold a vector or two of pixels,
