@@ -489,6 +489,27 @@ def test_fake_tensors_and_compile():
         assert all(torch.allclose(a, p.grad) for a, p in zip(grads, layer.parameters()))
 
 
+def test_torch_func_grad_matches_autograd():
+    """torch.func.grad (functorch) runs the eager autograd.Function with torch's convolutions in backward (its
+    wrapped tensors have no data for the kernels); the gradients equal autograd's."""
+    import torch.func as tf
+
+    torch.manual_seed(0)
+    layer = LowRankConv2d(4, 6, 3, rank=2, padding=1)
+    x = torch.randn(2, 4, 5, 5)
+    params = dict(layer.named_parameters())
+
+    def loss(p, x):
+        return tf.functional_call(layer, p, (x,)).square().sum()
+
+    grads, grad_x = tf.grad(loss, argnums=(0, 1))(params, x)
+    xr = x.clone().requires_grad_()
+    loss(params, xr).backward()
+    assert torch.allclose(grad_x, xr.grad, rtol=1e-5, atol=1e-6)
+    for name, p in layer.named_parameters():
+        assert torch.allclose(grads[name], p.grad, rtol=1e-5, atol=1e-6), name
+
+
 def test_opcheck():
     x, w1, w2, b = make(SHAPES[0], torch.float32)
     args = (x, w1, w2, b, [1, 1], [1, 1], [1, 1])

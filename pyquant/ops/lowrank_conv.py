@@ -230,7 +230,13 @@ def _kernel_runs(x) -> bool:
     """Whether the backward may use the CPU kernel for x (a CPU tensor, fake ones included, of a kernel dtype,
     the cpu backend selected, the library loaded)."""
     forced = backends.forced_backend()  # backends.select("cpu") without its cost (6 us), which counts here
-    return x.device.type == "cpu" and x.dtype in _DTYPE_CODES and forced in (None, "cpu") and _cpu_fn() is not None
+    return (
+        x.device.type == "cpu"
+        and x.dtype in _DTYPE_CODES
+        and forced in (None, "cpu")
+        and _cpu_fn() is not None
+        and not torch._C._are_functorch_transforms_active()  # torch.func.grad's wrapped tensors have no data
+    )
 
 
 # The backward's kernel calls are custom ops too: torch.compile traces the backward with fake tensors, which
@@ -451,17 +457,21 @@ torch.library.register_autograd("pyquant::lowrank_conv2d_train", _backward_train
 class _EagerTraining(torch.autograd.Function):
     """`pyquant::lowrank_conv2d_train` for plain eager CPU tensors, without the custom ops' dispatch: the same
     forward implementation and backward math, and the backward's kernels called directly. The ops' autograd
-    and dispatch layers cost about 150 us a training step (a 14x14 DenseNet-121 layer computes in 700 us);
-    torch.compile, modes, subclasses and the profiler still get the ops (`_plain_eager_cpu`)."""
+    and dispatch layers cost about 75 us a training step (a 14x14 DenseNet-121 layer computes in 500-700 us).
+    Also what `torch.func.grad` and the other functorch transforms get (the ops' autograd does not support
+    them; vmap raises). torch.compile, modes, subclasses and the profiler still get the ops."""
 
     @staticmethod
-    def forward(ctx, x, w1, w2, bias, stride, padding, dilation):
-        y, t = _forward(x, w1, w2, bias, stride, padding, dilation, True)
-        _setup(ctx, (x, w1, w2, bias, stride, padding, dilation), t, direct=True)
-        return y
+    def forward(x, w1, w2, bias, stride, padding, dilation):
+        return _forward(x, w1, w2, bias, stride, padding, dilation, True)
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+        _setup(ctx, inputs, output[1], direct=True)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_t):
         x, w1, w2, t = ctx.saved_tensors
         return (*_backward_math(ctx, x, w1, w2, t, grad_y, None), None, None, None)
 
@@ -547,6 +557,7 @@ def _plain_eager_cpu(*tensors) -> bool:
         and not torch.compiler.is_compiling()
         and torch._C._len_torch_dispatch_stack() == 0
         and not torch._C._is_torch_function_mode_enabled()
+        and not torch._C._are_functorch_transforms_active()  # torch.func.grad, vmap: the ops
         and not torch.autograd._profiler_enabled()
     )
 
@@ -590,8 +601,8 @@ def lowrank_conv2d(
         t is not None and t.requires_grad for t in (x, weight_first, w2, bias)
     )
     plain = _plain_eager_cpu(x, weight_first, w2, bias)
-    if wants_grad and plain:
-        y = _EagerTraining.apply(*args)
+    if wants_grad and (plain or (x.is_cpu and torch._C._are_functorch_transforms_active())):
+        y = _EagerTraining.apply(*args)[0]
     elif wants_grad:
         y = torch.ops.pyquant.lowrank_conv2d_train(*args)[0]
     elif plain:
