@@ -373,7 +373,8 @@ def _grads(fn, tensors):
 
 @pytest.mark.parametrize("backend", backends_to_test())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[4]], ids=["odd", "dilated", "stride3"])
+# 1x1: the input gradient and the rank channels' gradient from one call of the forward kernel (W2^T, W1^T)
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[4], SHAPES[3]], ids=["odd", "dilated", "stride3", "1x1"])
 def test_gradients_match_unfused_float64(backend, dtype, shape):
     x, w1, w2, b = make(shape, dtype, seed=7)
     stride, padding, dilation = shape[7:]

@@ -371,6 +371,26 @@ def _(x, w1, w2, bias, stride, padding, dilation):
     return x.new_empty((n, o, ho, wo)), x.new_empty((n, w1.shape[0], ho, wo))
 
 
+def _rank_grad_cpu(grad_y, w1, w2, stride, padding, want_x: bool, direct: bool = False):
+    """g_t = W2^T g_y, the gradient of the rank channels (a 1 x 1 convolution of g_y into them), on the CPU kernel
+    where oneDNN is slow: below 16 rank channels (it pads them to 16; EfficientNet-B0's 40 -> 5 -> 240 expansion:
+    most of the pair's backward). Returns (g_t, None); or, for want_x and a 1 x 1, stride-1, unpadded first
+    factor, (g_t, g_x) from one call of the forward kernel with the factors W2^T and W1^T: g_x = W1^T g_t, g_t its
+    intermediate. None where oneDNN should do it. `direct` as for _weight_grad_cpu."""
+    o, r = w2.shape
+    if r >= 16 or not _kernel_runs(grad_y) or w2.dtype != grad_y.dtype or w1.dtype != grad_y.dtype:
+        return None
+    w2t = w2.t().reshape(r, o, 1, 1)
+    c, kh, kw = w1.shape[1:]
+    if want_x and (kh, kw) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
+        args = (grad_y, w2t, w1.reshape(r, c).t(), None, [1, 1], [0, 0], [1, 1])
+        gx, gt = _forward(*args, True) if direct else torch.ops.pyquant.lowrank_conv2d_train(*args)
+        return gt, gx
+    if direct:
+        return conv2d_cpu(grad_y, w2t, [0, 0], [1, 1]), None
+    return torch.ops.pyquant.conv2d_stride1(grad_y, w2t, [0, 0], [1, 1]), None
+
+
 def _backward_dtype(dtype: torch.dtype) -> torch.dtype:
     # float16 convolutions and matrix products are 20-40x slower than float32 ones in torch on CPUs
     # without native float16 arithmetic: widen. bfloat16 ones run on oneDNN's bfloat16 kernels (float32
@@ -379,8 +399,9 @@ def _backward_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _backward_math(ctx, x, w1, w2, t, grad_y, grad_t):
-    """Gradients of y = w2 . t + bias, t = conv(x, w1): the unfused pair's backward, two
-    `aten.convolution_backward` calls (oneDNN on CPU), from the saved (or recomputed) intermediate."""
+    """Gradients of y = w2 . t + bias, t = conv(x, w1), from the saved (or recomputed) intermediate: the unfused
+    pair's math, each product on pyquant's CPU kernels where they beat oneDNN's (docs/compress.md, "Backward"),
+    else `aten.convolution_backward` (oneDNN on CPU)."""
     cd = _backward_dtype(x.dtype)
     need_x, need_w1, need_w2, need_b = ctx.needs_input_grad[:4]
     need_b = bool(need_b and ctx.has_bias)
@@ -396,10 +417,21 @@ def _backward_math(ctx, x, w1, w2, t, grad_y, grad_t):
         grad_y, t = grad_y.to(cd), t.to(cd)
         gw2 = _weight_grad_cpu(t, grad_y, (o, r, 1, 1), [1, 1], [0, 0], [1, 1], ctx.direct) if need_w2 else None
         w2_torch = bool(need_w2) and gw2 is None
-        gt, gw2_torch, gb = torch.ops.aten.convolution_backward(
-            grad_y, t, w2.to(cd).reshape(o, r, 1, 1), [o] if need_b else None, [1, 1], [0, 0],
-            [1, 1], False, [0, 0], 1, [need_gt, w2_torch, need_b],
-        ) if (need_gt or w2_torch or need_b) else (None, None, None)
+        ours = None
+        if need_gt:  # g_x comes along only when nothing is added to g_t
+            want_x = bool(need_x) and grad_t is None
+            ours = _rank_grad_cpu(grad_y, w1.to(cd), w2.to(cd), ctx.stride, ctx.padding, want_x, ctx.direct)
+        gt, gx_fused = (None, None) if ours is None else ours
+        gt_torch = need_gt and ours is None
+        gb = None
+        if gt_torch or w2_torch:
+            gt2, gw2_torch, gb = torch.ops.aten.convolution_backward(
+                grad_y, t, w2.to(cd).reshape(o, r, 1, 1), [o] if need_b else None, [1, 1], [0, 0],
+                [1, 1], False, [0, 0], 1, [gt_torch, w2_torch, need_b],
+            )
+            gt = gt2 if gt_torch else gt
+        elif need_b:
+            gb = grad_y.sum((0, 2, 3), dtype=torch.float32)
         if need_w2:
             grad_w2 = (gw2_torch if w2_torch else gw2).reshape(o, r).to(w2.dtype)
         if need_b:
@@ -408,7 +440,9 @@ def _backward_math(ctx, x, w1, w2, t, grad_y, grad_t):
         if grad_t is not None:
             gt = gt + grad_t.to(cd)
         xc, w1c = x.to(cd), w1.to(cd)
-        gx = _input_grad_cpu(gt, xc, w1c, ctx.stride, ctx.padding, ctx.dilation, ctx.direct) if need_x else None
+        gx = gx_fused
+        if need_x and gx is None:
+            gx = _input_grad_cpu(gt, xc, w1c, ctx.stride, ctx.padding, ctx.dilation, ctx.direct)
         gw1 = _weight_grad_cpu(xc, gt, w1.shape, ctx.stride, ctx.padding, ctx.dilation, ctx.direct) if need_w1 else None
         gx_torch, w1_torch = bool(need_x) and gx is None, bool(need_w1) and gw1 is None
         if gx_torch or w1_torch:
