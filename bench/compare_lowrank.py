@@ -59,11 +59,12 @@ def _first(ours, torchs):
 
 def backward_split(shape_name: str, dtype: str, fraction: str, rounds: int) -> dict:
     """The fused layer's forward+backward (parameters and input require grad) and, timed alone in the same
-    rounds, the pieces of its backward as pyquant.ops.lowrank_conv._backward_math runs them: the 1x1 factor's
-    backward (gradient of the intermediate and of W2, bias), the k x k factor's weight gradient (W1), its input
-    gradient. "W1 grad": what the backward runs (pyquant's kernel where `_weight_grad_pays`, else oneDNN's);
-    "W1 grad oneDNN": oneDNN's alone; "wgrad share": (W1 gradient + W2 gradient) / forward+backward;
-    "W1 grad % peak": the W1 gradient's FLOPs against 240 GFLOP/s per core (docs/compress.md)."""
+    rounds, each product of its backward twice: oneDNN's (`aten.convolution_backward`, what the unfused pair
+    runs) and what pyquant.ops.lowrank_conv._backward_math runs (pyquant's kernel where it pays, else
+    oneDNN's): the rank channels' gradient g_t = W2^T g_y (for a 1x1 first factor with the input gradient in the
+    same call), the weight gradients of W2 and W1, the input gradient. "W2 oneDNN" is the 1x1 backward with W2
+    and bias less the one without. "W1 % peak": the W1 gradient that runs, its FLOPs against 240 GFLOP/s per
+    core (docs/compress.md)."""
     from pyquant.ops import lowrank_conv as L
 
     shape = SHAPES[shape_name]
@@ -74,26 +75,37 @@ def backward_split(shape_name: str, dtype: str, fraction: str, rounds: int) -> d
     w1, w2 = layer.weight_first.detach(), layer.weight_second.detach().reshape(cout, rank)
     st, pd, dl = list(layer.stride), list(layer.padding), list(layer.dilation)
     cd = L._backward_dtype(x.dtype)
-    t = F.conv2d(x.to(cd), w1.to(cd), None, st, pd, dl)
+    x, w1, w2 = x.to(cd), w1.to(cd), w2.to(cd)
+    w2_4d = w2.reshape(cout, rank, 1, 1)
+    t = F.conv2d(x, w1, None, st, pd, dl)
     gy = torch.randn(n, cout, *t.shape[2:], generator=torch.Generator().manual_seed(2)).to(cd)
     conv_bwd = torch.ops.aten.convolution_backward
-    gt = conv_bwd(gy, t, w2.reshape(cout, rank, 1, 1), [cout], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-                  [True, False, False])[0]
+    gt = conv_bwd(gy, t, w2_4d, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, False, False])[0]
     xr = x.clone().requires_grad_()
+    fused_x = [False]
 
-    train = _step(layer, xr, True)
+    def rank_grad():  # what the backward runs for g_t (and, fused, g_x)
+        ours = L._rank_grad_cpu(gy, w1, w2, st, pd, True)
+        fused_x[0] = ours is not None and ours[1] is not None
+        return ours if ours is not None else conv_bwd(gy, t, w2_4d, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                                                      [True, False, False])
 
     parts = {
-        "fwd+bwd": train,
-        "1x1 bwd (gt)": lambda: conv_bwd(gy, t, w2.reshape(cout, rank, 1, 1), None, [1, 1], [0, 0], [1, 1], False,
-                                         [0, 0], 1, [True, False, False]),
-        "1x1 bwd (gt, W2, bias)": lambda: conv_bwd(gy, t, w2.reshape(cout, rank, 1, 1), [cout], [1, 1], [0, 0],
-                                                   [1, 1], False, [0, 0], 1, [True, True, True]),
-        "W1 grad oneDNN": lambda: conv_bwd(gt, x, w1, None, st, pd, dl, False, [0, 0], 1, [False, True, False]),
-        "W1 grad": lambda: _first(lambda: L._weight_grad_cpu(x, gt, w1.shape, st, pd, dl),
-                                  lambda: conv_bwd(gt, x, w1, None, st, pd, dl, False, [0, 0], 1, [False, True, False])),
-        "x grad": lambda: _first(lambda: L._input_grad_cpu(gt, x, w1, st, pd, dl),
-                                 lambda: conv_bwd(gt, x, w1, None, st, pd, dl, False, [0, 0], 1, [True, False, False])),
+        "fwd+bwd": _step(layer, xr, True),
+        "g_t oneDNN": lambda: conv_bwd(gy, t, w2_4d, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                                       [True, False, False]),
+        "g_t": rank_grad,
+        "1x1 oneDNN with W2, bias": lambda: conv_bwd(gy, t, w2_4d, [cout], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                                                     [True, True, True]),
+        "W2": lambda: _first(lambda: L._weight_grad_cpu(t, gy, (cout, rank, 1, 1), [1, 1], [0, 0], [1, 1]),
+                             lambda: conv_bwd(gy, t, w2_4d, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                                              [False, True, False])),
+        "W1 oneDNN": lambda: conv_bwd(gt, x, w1, None, st, pd, dl, False, [0, 0], 1, [False, True, False]),
+        "W1": lambda: _first(lambda: L._weight_grad_cpu(x, gt, w1.shape, st, pd, dl),
+                             lambda: conv_bwd(gt, x, w1, None, st, pd, dl, False, [0, 0], 1, [False, True, False])),
+        "x oneDNN": lambda: conv_bwd(gt, x, w1, None, st, pd, dl, False, [0, 0], 1, [True, False, False]),
+        "x": lambda: _first(lambda: L._input_grad_cpu(gt, x, w1, st, pd, dl),
+                            lambda: conv_bwd(gt, x, w1, None, st, pd, dl, False, [0, 0], 1, [True, False, False])),
     }
     best = dict.fromkeys(parts, float("inf"))
     for fn in parts.values():
@@ -103,12 +115,14 @@ def backward_split(shape_name: str, dtype: str, fraction: str, rounds: int) -> d
             start = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - start)
-    w2_grad = max(0.0, best["1x1 bwd (gt, W2, bias)"] - best["1x1 bwd (gt)"])
+    ms = {name: 1e3 * value for name, value in best.items()}
     w1_flops = 2 * t.numel() * cin * k * k
-    return {"shape": shape_name, "dtype": dtype, "rank": f"{fraction}={rank}", "fwd+bwd ms": 1e3 * best["fwd+bwd"],
-            "W1 grad oneDNN ms": 1e3 * best["W1 grad oneDNN"], "W1 grad ms": 1e3 * best["W1 grad"], "W2 grad ms": 1e3 * w2_grad, "x grad ms": 1e3 * best["x grad"],
-            "wgrad share": (best["W1 grad"] + w2_grad) / best["fwd+bwd"],
-            "W1 grad % peak": 100 * w1_flops / best["W1 grad"] / (240e9 * torch.get_num_threads())}
+    return {"shape": shape_name, "dtype": dtype, "rank": f"{fraction}={rank}", "fwd+bwd ms": ms["fwd+bwd"],
+            "g_t oneDNN": ms["g_t oneDNN"], "g_t": ms["g_t"],
+            "W2 oneDNN": max(0.0, ms["1x1 oneDNN with W2, bias"] - ms["g_t oneDNN"]), "W2": ms["W2"],
+            "W1 oneDNN": ms["W1 oneDNN"], "W1": ms["W1"], "x oneDNN": ms["x oneDNN"],
+            "x": 0.0 if fused_x[0] else ms["x"],  # fused: in g_t's time
+            "W1 % peak": 100 * w1_flops / best["W1"] / (240e9 * torch.get_num_threads())}
 
 
 def main(argv: list[str]) -> int:

@@ -298,10 +298,10 @@ def _input_grad_cpu(gt, x, w1, stride, padding, dilation, direct: bool = False):
         return None
     r, c, kh, kw = w1.shape
     pad = (dilation[0] * (kh - 1) - padding[0], dilation[1] * (kw - 1) - padding[1])
-    # oneDNN pads fewer than 16 input channels to 16 and is slow there (2.8-6.7x slower than this kernel at ranks
-    # 4-8, DenseNet-121 3x3 shapes); from 16 on it is as fast, and it computes the input and weight gradients in
-    # one call (sharing the conversions of g_t and x to its blocked layout).
-    if min(pad) < 0 or r >= 16:
+    # oneDNN pads fewer than 16 input channels to 16 and is slow there: 2.1-6.7x slower than this kernel at
+    # ranks 4-8 (DenseNet-121 3x3 shapes); at 16, as fast at 14x14 and 28x28 but 2.5-3x slower at 56x56 in
+    # float32. Above 16 its blocking fits.
+    if min(pad) < 0 or r > 16:
         return None
     h, w = (conv_output_size(gt.shape[2 + i], (kh, kw)[i], 1, pad[i], dilation[i]) for i in range(2))
     if (h, w) != tuple(x.shape[2:]):
@@ -373,12 +373,13 @@ def _(x, w1, w2, bias, stride, padding, dilation):
 
 def _rank_grad_cpu(grad_y, w1, w2, stride, padding, want_x: bool, direct: bool = False):
     """g_t = W2^T g_y, the gradient of the rank channels (a 1 x 1 convolution of g_y into them), on the CPU kernel
-    where oneDNN is slow: below 16 rank channels (it pads them to 16; EfficientNet-B0's 40 -> 5 -> 240 expansion:
-    most of the pair's backward). Returns (g_t, None); or, for want_x and a 1 x 1, stride-1, unpadded first
-    factor, (g_t, g_x) from one call of the forward kernel with the factors W2^T and W1^T: g_x = W1^T g_t, g_t its
-    intermediate. None where oneDNN should do it. `direct` as for _weight_grad_cpu."""
+    up to 64 rank channels: oneDNN's data gradient into few channels is slow (it pads them to multiples of 16),
+    2-4.4x slower at 16-56 channels of the benchmark shapes, 0.9-1.1x at 80 (float32, bfloat16, two threads).
+    Returns (g_t, None); or, for want_x and a 1 x 1, stride-1, unpadded first factor, (g_t, g_x) from one call
+    of the forward kernel with the factors W2^T and W1^T: g_x = W1^T g_t, g_t its intermediate. None where
+    oneDNN should do it. `direct` as for _weight_grad_cpu."""
     o, r = w2.shape
-    if r >= 16 or not _kernel_runs(grad_y) or w2.dtype != grad_y.dtype or w1.dtype != grad_y.dtype:
+    if r > 64 or not _kernel_runs(grad_y) or w2.dtype != grad_y.dtype or w1.dtype != grad_y.dtype:
         return None
     w2t = w2.t().reshape(r, o, 1, 1)
     c, kh, kw = w1.shape[1:]
