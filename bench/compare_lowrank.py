@@ -122,7 +122,7 @@ def backward_split(shape_name: str, dtype: str, fraction: str, rounds: int) -> d
             "W2 oneDNN": max(0.0, ms["1x1 oneDNN with W2, bias"] - ms["g_t oneDNN"]), "W2": ms["W2"],
             "W1 oneDNN": ms["W1 oneDNN"], "W1": ms["W1"], "x oneDNN": ms["x oneDNN"],
             "x": 0.0 if fused_x[0] else ms["x"],  # fused: in g_t's time
-            "W1 % peak": 100 * w1_flops / best["W1"] / (240e9 * torch.get_num_threads())}
+            "W1 % peak": 100.0 * w1_flops / best["W1"] / (240e9 * torch.get_num_threads())}
 
 
 def main(argv: list[str]) -> int:
@@ -133,7 +133,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--backward", action="store_true", help="split the fused layer's forward+backward time")
     parser.add_argument("--train", action="store_true", help="forward+backward instead of the forward")
     args = parser.parse_args(argv)
-    what = "forward+backward" if args.train else "forward"
+    what = "backward split" if args.backward else "forward+backward" if args.train else "forward"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, min over {args.rounds} interleaved rounds, {what}\n")
     if args.backward:
         keys = None

@@ -38,6 +38,8 @@
 // subnormals to zero inside VDPBF16PS).
 // Threads: OpenMP over (image, tile), handed out dynamically; an output element is always computed whole
 // by one thread.
+// The backward's weight gradient (lowrank_conv2d_wgrad, at the end of the file) reuses the phase planes and
+// the micro-kernel's blocking with pixels and channels swapped; its comment says how.
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>

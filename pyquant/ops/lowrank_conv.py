@@ -24,13 +24,16 @@ Implementations picked by `pyquant.backends`:
   bits for any thread count);
 - ``triton``: kernels/lowrank_conv.py (also what CUDA tensors use: the CUDA library has no such kernel).
 
-Backward (all backends): the unfused pair's backward, torch's convolution backward (oneDNN on CPU) for
-the 1 x 1 and then the k x k factor, from the intermediate the training op wrote (the inference op
-recomputes it), except the input gradient of a stride-1 factor of rank <= 16 on the cpu backend, which
-is the CPU kernel's first stage alone (a convolution of the rank-channel gradient with the flipped
-weight; oneDNN is slow with so few input channels). float16 is widened to float32 for backward (torch's
-float16 kernels are slow on CPUs); bfloat16 and float32 run as they are. docs/compress.md says why and
-gives the tolerances.
+Backward (all backends): the unfused pair's math from the intermediate the training op wrote (the inference op
+recomputes it). On the cpu backend each product runs on this module's CPU kernels where they beat oneDNN's
+(few channels on one side, where oneDNN's blocks of 16 channels idle): the rank channels' gradient W2^T g_y and,
+for 1 x 1 first factors, the input gradient in the same call (the forward kernel with the factors W2^T, W1^T);
+the input gradient of a stride-1 k x k factor at low rank (its first stage alone); the weight gradients
+(`conv2d_weight_grad_cpu`). The rest is torch's convolution backward (oneDNN on CPU; cuDNN for CUDA tensors).
+The kernels are custom ops too (`pyquant::conv2d_weight_grad`, `pyquant::conv2d_stride1`) for torch.compile;
+eager CPU training uses an autograd.Function that calls them directly. float16 is widened to float32 for
+backward (torch's float16 kernels are slow on CPUs); bfloat16 and float32 run as they are. docs/compress.md
+("Backward") has the rules, their measurements and the tolerances.
 """
 
 from __future__ import annotations
