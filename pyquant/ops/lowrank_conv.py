@@ -496,8 +496,25 @@ class _EagerTraining(torch.autograd.Function):
     """`pyquant::lowrank_conv2d_train` for plain eager CPU tensors, without the custom ops' dispatch: the same
     forward implementation and backward math, and the backward's kernels called directly. The ops' autograd
     and dispatch layers cost about 75 us a training step (a 14x14 DenseNet-121 layer computes in 500-700 us).
-    Also what `torch.func.grad` and the other functorch transforms get (the ops' autograd does not support
-    them; vmap raises). torch.compile, modes, subclasses and the profiler still get the ops."""
+    torch.compile, modes, subclasses and the profiler still get the ops. Old-style (ctx in forward): a Function
+    with setup_context has its arguments bound with inspect.signature on every call, 35 us."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w2, bias, stride, padding, dilation):
+        y, t = _forward(x, w1, w2, bias, stride, padding, dilation, True)
+        _setup(ctx, (x, w1, w2, bias, stride, padding, dilation), t, direct=True)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, w1, w2, t = ctx.saved_tensors
+        return (*_backward_math(ctx, x, w1, w2, t, grad_y, None), None, None, None)
+
+
+class _FunctorchTraining(torch.autograd.Function):
+    """_EagerTraining for torch.func transforms (grad, jacrev, ...), which need setup_context (the ops'
+    autograd does not support them; vmap raises). Its backward runs torch's convolutions: functorch's wrapped
+    tensors have no data for the kernels (`_kernel_runs`)."""
 
     @staticmethod
     def forward(x, w1, w2, bias, stride, padding, dilation):
@@ -639,8 +656,10 @@ def lowrank_conv2d(
         t is not None and t.requires_grad for t in (x, weight_first, w2, bias)
     )
     plain = _plain_eager_cpu(x, weight_first, w2, bias)
-    if wants_grad and (plain or (x.is_cpu and torch._C._are_functorch_transforms_active())):
-        y = _EagerTraining.apply(*args)[0]
+    if wants_grad and plain:
+        y = _EagerTraining.apply(*args)
+    elif wants_grad and x.is_cpu and torch._C._are_functorch_transforms_active():
+        y = _FunctorchTraining.apply(*args)[0]
     elif wants_grad:
         y = torch.ops.pyquant.lowrank_conv2d_train(*args)[0]
     elif plain:
