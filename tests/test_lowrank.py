@@ -231,18 +231,31 @@ WGRAD_SHAPES = (
 )
 
 
+@pytest.fixture(params=[0, 1, 2], ids=["scalar", "avx2", "avx512"])
+def isa(request):
+    """Each instruction-set build of the CPU library in turn (skipped where the CPU lacks it)."""
+    lib = _native.cpu_library()
+    previous = lib.pq_set_isa(request.param)
+    try:
+        if lib.pq_isa() != request.param:
+            pytest.skip("this CPU lacks the instruction set")
+        yield request.param
+    finally:
+        lib.pq_set_isa(previous)
+
+
 @pytest.mark.skipif(not HAVE_CPU, reason="the CPU library (with the low-rank kernel) is not built")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cpu_weight_gradient_against_float64(dtype):
+def test_cpu_weight_gradient_against_float64(dtype, isa):
     """The kernel's weight gradient (float32 out, float32 accumulation) within 2^-16 of the float64 one on
-    absolute values, for every geometry."""
+    absolute values, for every geometry and instruction set."""
     g = torch.Generator().manual_seed(11)
     for n, c, h, w, r, k, st, pad, dil in WGRAD_SHAPES:
         x = torch.randn(n, c, h, w, generator=g).to(dtype)
         ho, wo = (L.conv_output_size((h, w)[i], k[i], st[i], pad[i], dil[i]) for i in range(2))
         gy = torch.randn(n, r, ho, wo, generator=g).to(dtype)
         gw = L.conv2d_weight_grad_cpu(x, gy, k, st, pad, dil)
-        what = f"weight gradient {(n, c, h, w, r, k, st, pad, dil)}"
+        what = f"isa {isa} weight gradient {(n, c, h, w, r, k, st, pad, dil)}"
         assert_within(gw, _weight_grad64(x, gy, k, st, pad, dil), _weight_grad64(x, gy, k, st, pad, dil, True),
                       torch.float32, what)
 
@@ -269,7 +282,7 @@ def test_cpu_weight_gradient_deterministic_and_bad_input():
 
 
 @pytest.mark.skipif(not HAVE_CPU, reason="the CPU library (with the low-rank kernel) is not built")
-def test_cpu_weight_gradient_nonfinite_only_where_the_reference_has_them():
+def test_cpu_weight_gradient_nonfinite_only_where_the_reference_has_them(isa):
     """The kernel reads input columns past the output's width on the extended grid and masks them off: an inf
     there stays out of the taps that do not use it (0 * inf would be a NaN)."""
     g = torch.Generator().manual_seed(13)
