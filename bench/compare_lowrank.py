@@ -15,14 +15,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_lowrank import DTYPES, IMPLS, RANK_FRACTIONS, SHAPES, _flops, _modules, _rank, _step
+from test_lowrank import (
+    DTYPES,
+    IMPLS,
+    RANK_FRACTIONS,
+    SHAPES,
+    _flops,
+    _modules,
+    _rank,
+    _step,
+)
+from timing import interleaved_minimum
 
 
 def compare(shape_name: str, dtype: str, fraction: str, rounds: int, train: bool = False) -> dict:
@@ -33,16 +42,7 @@ def compare(shape_name: str, dtype: str, fraction: str, rounds: int, train: bool
     x = torch.randn(n, cin, size, size, generator=torch.Generator().manual_seed(1)).to(DTYPES[dtype])
     if train:
         x.requires_grad_()
-    steps = {name: _step(module, x, train) for name, module in mods.items()}
-    best = dict.fromkeys(IMPLS, float("inf"))
-    for step in steps.values():  # warm-up: buffers, oneDNN primitives
-        step()
-        step()
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            best[name] = min(best[name], time.perf_counter() - start)
+    best = interleaved_minimum({name: _step(module, x, train) for name, module in mods.items()}, rounds)
     dense, pair, fused = (best[name] for name in IMPLS)
     dense_flops, low_flops = _flops(shape, rank)
     reduction = dense_flops / low_flops
@@ -107,14 +107,7 @@ def backward_split(shape_name: str, dtype: str, fraction: str, rounds: int) -> d
         "x": lambda: _first(lambda: L._input_grad_cpu(gt, x, w1, st, pd, dl),
                             lambda: conv_bwd(gt, x, w1, None, st, pd, dl, False, [0, 0], 1, [True, False, False])),
     }
-    best = dict.fromkeys(parts, float("inf"))
-    for fn in parts.values():
-        fn()
-    for _ in range(rounds):
-        for name, fn in parts.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
+    best = interleaved_minimum(parts, rounds)
     ms = {name: 1e3 * value for name, value in best.items()}
     w1_flops = 2 * t.numel() * cin * k * k
     return {"shape": shape_name, "dtype": dtype, "rank": f"{fraction}={rank}", "fwd+bwd ms": ms["fwd+bwd"],

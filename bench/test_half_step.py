@@ -105,6 +105,7 @@ def convs(rounds: int = 15) -> None:
     explicit copy of the columns + pyquant::matmul (the same bits), and torch's float32 forward; 1 thread,
     interleaved best-of."""
     import torch.nn.functional as F
+    from timing import interleaved_minimum
 
     from pyquant.ops import conv16
     from pyquant.ops.gemm import matmul_cpu
@@ -134,12 +135,7 @@ def convs(rounds: int = 15) -> None:
             }
             if name == "fwd":
                 runs["torch"] = lambda: F.conv2d(x32, w32, None, 1, 1)
-            best = dict.fromkeys(runs, float("inf"))
-            for _ in range(rounds):
-                for key, fn in runs.items():
-                    start = time.perf_counter()
-                    fn()
-                    best[key] = min(best[key], time.perf_counter() - start)
+            best = interleaved_minimum(runs, rounds, warmup=0)
             cells = [f"{best[k] * 1e3:.2f} ms, {flops / best[k] / 1e9:.0f} GF/s" if k in best else "" for k in
                      ("implicit", "explicit", "torch")]
             print(f"| 3x3 {name}, block {block} | " + " | ".join(cells) + " |")
