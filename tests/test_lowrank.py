@@ -167,6 +167,19 @@ def test_cpu_every_instruction_set(isa, dtype):
 
 
 @pytest.mark.skipif(not HAVE_CPU, reason="the CPU library (with the low-rank kernel) is not built")
+def test_cpu_float32_same_bits_whatever_the_batch():
+    """float32 3x3: x read in place (a batch of at most 2^20 floats) or staged tile by tile (larger batches) sums
+    in the same order, so an image's output does not depend on the batch it came in."""
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(65, 64, 16, 16, generator=g)  # 65 x 16 Ki floats: staged; one image: in place
+    w1, w2, b = torch.randn(4, 64, 3, 3, generator=g) / 24, torch.randn(32, 4, generator=g), torch.randn(32, generator=g)
+    y_batch, _ = L.lowrank_conv2d_cpu(x, w1, w2, b, [1, 1], [1, 1], [1, 1], False)
+    for i in (0, 64):
+        y_one, _ = L.lowrank_conv2d_cpu(x[i : i + 1].contiguous(), w1, w2, b, [1, 1], [1, 1], [1, 1], False)
+        assert torch.equal(y_batch[i : i + 1], y_one)
+
+
+@pytest.mark.skipif(not HAVE_CPU, reason="the CPU library (with the low-rank kernel) is not built")
 def test_cpu_bfloat16_pair_kernel_and_float32_path_agree():
     x, w1, w2, b = make(SHAPES[6], torch.bfloat16, seed=5)
     y64, bound, *_ = exact(x, w1, w2, b, (1, 1), (1, 1), (1, 1))
