@@ -1114,9 +1114,10 @@ static int32_t run(Geometry& g, const void* x, const void* w1, const void* w2, c
 // Packing: g in float32 on the extended grid [N][R][GQ] (zeros in the columns ow >= Wo and past Ho * Wq), once,
 // unless it is float32 without such columns (1 x 1 unpadded: Wq = Wo), where the AVX-512 build reads it in place
 // with the lanes past Ho * Wq masked off (the weight gradient of EfficientNet-B0's 40 -> 5 -> 240 expansion's
-// second factor, g with 240 channels, spent more time in the copy than in the multiply-adds); per work item (a group of Cg channels and a range of ranks), the phase planes of those channels of every
-// image, [N][Cg][cstride], as the forward packs a tile. The columns ow >= Wo of the extended grid read input
-// that other taps use: the loads of x mask them off (an inf there must not turn 0 * inf into a NaN).
+// second factor, g with 240 channels, spent more time in the copy than in the multiply-adds). Per work item (a
+// group of Cg channels and a range of ranks): the phase planes of those channels of every image,
+// [N][Cg][cstride], as the forward packs a tile. The columns ow >= Wo of the extended grid read input that other
+// taps use: the loads of x mask them off (an inf there must not turn 0 * inf into a NaN).
 #if PQ_LR_ISA == 2
 constexpr int WR = 4, WT = 6;  // 24 accumulators, 4 + 6 loads per 24 multiply-adds
 using lane_word = uint32_t;    // per vector: its valid lanes
@@ -1281,8 +1282,8 @@ static int32_t wgrad(Geometry& g, const void* x, const void* gy, float* gw, int3
         for (int64_t r = r0; r < r1; r += WR)
           for (int64_t k = 0; k < nc * taps; k += WT)
             wgrad_micro_n<WR, WT>(std::min<int64_t>(WR, r1 - r), std::min<int64_t>(WT, nc * taps - k),
-                                  gq + r * gstride, gstride, g.R * gstride, planes, Cg * g.cstride, koff + k, g.N, nvec, valid,
-                                  gw + r * K + c0 * taps + k, K);
+                                  gq + r * gstride, gstride, g.R * gstride, planes, Cg * g.cstride, koff + k, g.N,
+                                  nvec, valid, gw + r * K + c0 * taps + k, K);
         ++mine;
       }
     }

@@ -254,7 +254,9 @@ def _weight_grad_op(
     dilation: Sequence[int],
 ) -> torch.Tensor:
     if len(weight_size) != 4 or tuple(weight_size[:2]) != (grad.shape[1], x.shape[1]):
-        raise ValueError(f"weight_size {tuple(weight_size)} does not match grad {tuple(grad.shape)} and x {tuple(x.shape)}")
+        raise ValueError(
+            f"weight_size {tuple(weight_size)} does not match grad {tuple(grad.shape)} and x {tuple(x.shape)}"
+        )
     gw = conv2d_weight_grad_cpu(x, grad, tuple(weight_size[2:]), list(stride), list(padding), list(dilation))
     if gw is None:
         raise RuntimeError("pyquant::conv2d_weight_grad: the CPU kernel cannot run here (no library, device, dtype)")
@@ -267,7 +269,9 @@ def _(x, grad, weight_size, stride, padding, dilation):
 
 
 @torch.library.custom_op("pyquant::conv2d_stride1", mutates_args=())
-def _conv2d_stride1_op(x: torch.Tensor, w: torch.Tensor, padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
+def _conv2d_stride1_op(
+    x: torch.Tensor, w: torch.Tensor, padding: Sequence[int], dilation: Sequence[int]
+) -> torch.Tensor:
     y = conv2d_cpu(x, w, list(padding), list(dilation))
     if y is None:
         raise RuntimeError("pyquant::conv2d_stride1: the CPU kernel cannot run here (no library, device, dtype)")
@@ -291,7 +295,9 @@ def _weight_grad_cpu(x, grad, weight_shape, stride, padding, dilation, direct: b
         return None
     if direct:
         return conv2d_weight_grad_cpu(x, grad, (kh, kw), stride, padding, dilation)
-    return torch.ops.pyquant.conv2d_weight_grad(x, grad, list(weight_shape), list(stride), list(padding), list(dilation))
+    return torch.ops.pyquant.conv2d_weight_grad(
+        x, grad, list(weight_shape), list(stride), list(padding), list(dilation)
+    )
 
 
 def _input_grad_cpu(gt, x, w1, stride, padding, dilation, direct: bool = False):
