@@ -10,11 +10,11 @@ conv, the speed-up against the dense conv measured in the same session, and that
 FLOP reduction ("efficiency": 1 means the whole FLOP saving became time). docs/compress.md records a run.
 
 Shapes:
-- DenseNet-121 dense-layer conv2, 3x3 128 -> 32, at 56x56 (block 1), 28x28 (block 2, also batch 32) and
-  14x14 (block 3);
+- DenseNet-121 dense-layer conv2, 3x3 128 -> 32, at 56x56 (block 1), 28x28 (block 2) and 14x14 (block 3);
 - EfficientNet-B0 1x1 convolutions (its 3x3/5x5 are depthwise, which SVD does not factorise): the
   stage-3 expansion 40 -> 240 at 28x28, the stage-5 projection 672 -> 112 at 14x14 and the head
-  320 -> 1280 at 7x7.
+  320 -> 1280 at 7x7;
+- batch 32 of every shape but the 56x56 one (batch 8 otherwise).
 """
 
 from __future__ import annotations
@@ -33,9 +33,13 @@ SHAPES = {
     "densenet121-b2-3x3-128to32-28": (8, 128, 32, 28, 3, 1, 1),
     "densenet121-b2-3x3-128to32-28-batch32": (32, 128, 32, 28, 3, 1, 1),
     "densenet121-b3-3x3-128to32-14": (8, 128, 32, 14, 3, 1, 1),
+    "densenet121-b3-3x3-128to32-14-batch32": (32, 128, 32, 14, 3, 1, 1),
     "efficientnet_b0-s3-expand-1x1-40to240-28": (8, 40, 240, 28, 1, 1, 0),
+    "efficientnet_b0-s3-expand-1x1-40to240-28-batch32": (32, 40, 240, 28, 1, 1, 0),
     "efficientnet_b0-s5-project-1x1-672to112-14": (8, 672, 112, 14, 1, 1, 0),
+    "efficientnet_b0-s5-project-1x1-672to112-14-batch32": (32, 672, 112, 14, 1, 1, 0),
     "efficientnet_b0-head-1x1-320to1280-7": (8, 320, 1280, 7, 1, 1, 0),
+    "efficientnet_b0-head-1x1-320to1280-7-batch32": (32, 320, 1280, 7, 1, 1, 0),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 RANK_FRACTIONS = {"C/8": 8, "C/4": 4, "C/2": 2}
