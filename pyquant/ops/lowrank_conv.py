@@ -308,8 +308,9 @@ def _input_grad_cpu(gt, x, w1, stride, padding, dilation, direct: bool = False):
     r, c, kh, kw = w1.shape
     pad = (dilation[0] * (kh - 1) - padding[0], dilation[1] * (kw - 1) - padding[1])
     # oneDNN pads fewer than 16 input channels to 16 and is slow there: 2.1-6.7x slower than this kernel at
-    # ranks 4-8 (DenseNet-121 3x3 shapes); at 16, as fast at 14x14 and 28x28 but 2.5-3x slower at 56x56 in
-    # float32. Above 16 its blocking fits.
+    # ranks 4-8 (DenseNet-121 3x3 shapes); at 16, as fast at 14x14 and 28x28 (bfloat16 too), and in float32 at
+    # 56x56 2.3-6.3 ms between runs against 2.3-2.6 ms. Above 16 its blocking fits. (Its combined input and
+    # weight gradient call costs the sum of the two: nothing is lost by splitting them.)
     if min(pad) < 0 or r > 16:
         return None
     h, w = (conv_output_size(gt.shape[2 + i], (kh, kw)[i], 1, pad[i], dilation[i]) for i in range(2))
