@@ -4,6 +4,7 @@ other jobs, where separate pytest-benchmark sessions differ by more than the eff
     python bench/compare_lowrank.py [--rounds 200] [--dtypes float32 bfloat16] [shape names of test_lowrank.py]
     python bench/compare_lowrank.py --train [...]      # the same for forward+backward (training step)
     python bench/compare_lowrank.py --backward [...]   # where the fused layer's forward+backward time goes
+    python bench/compare_lowrank.py --weight-grad      # the 1 x 1 weight-gradient kernel against oneDNN's
 
 Every round runs the three implementations back to back; the minimum over the rounds of each is reported (a
 burst of load from elsewhere slows the three alike, and the minimum keeps the rounds it spared), with the
@@ -118,6 +119,37 @@ def backward_split(shape_name: str, dtype: str, fraction: str, rounds: int) -> d
             "W1 % peak": 100.0 * w1_flops / best["W1"] / (240e9 * torch.get_num_threads())}
 
 
+# 1 x 1 weight gradients of the benchmark shapes' factors, (input channels, output channels, size): the second
+# factors (x = the intermediate, rank channels; g = the layer's output gradient) and the EfficientNet-B0 first ones
+WEIGHT_GRAD_1X1 = [(4, 32, 56), (8, 32, 56), (16, 32, 56), (4, 32, 28), (16, 32, 28), (4, 32, 14), (16, 32, 14),
+                   (5, 240, 28), (10, 240, 28), (20, 240, 28), (14, 112, 14), (28, 112, 14), (56, 112, 14),
+                   (40, 1280, 7), (40, 5, 28), (40, 20, 28), (672, 14, 14), (672, 28, 14), (320, 40, 7)]
+
+
+def weight_grad_grid(rounds: int) -> None:
+    """pyquant's weight-gradient kernel against oneDNN's for the 1 x 1 convolutions above, float32 and bfloat16,
+    batch 8 and 32 (the measurements behind pyquant.ops.lowrank_conv._weight_grad_pays)."""
+    from pyquant.ops import lowrank_conv as L
+
+    conv_bwd = torch.ops.aten.convolution_backward
+    print("| dtype | batch | in | out | size | pyquant ms | oneDNN ms | oneDNN / pyquant | kernel used |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for dtype in DTYPES.values():
+        for n in (8, 32):
+            for c, r, h in WEIGHT_GRAD_1X1:
+                gen = torch.Generator().manual_seed(0)
+                x, g = (torch.randn(n, ch, h, h, generator=gen).to(dtype) for ch in (c, r))
+                w = torch.empty(r, c, 1, 1, dtype=dtype)
+                best = interleaved_minimum({
+                    "pyquant": lambda: L.conv2d_weight_grad_cpu(x, g, (1, 1), (1, 1), (0, 0), (1, 1)),
+                    "oneDNN": lambda: conv_bwd(g, x, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                                               [False, True, False]),
+                }, rounds)
+                used = "pyquant" if L._weight_grad_pays(r, c, 1) else "oneDNN"
+                print(f"| {str(dtype)[6:]} | {n} | {c} | {r} | {h}x{h} | {1e3 * best['pyquant']:.3f} | "
+                      f"{1e3 * best['oneDNN']:.3f} | {best['oneDNN'] / best['pyquant']:.2f} | {used} |", flush=True)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("shapes", nargs="*", default=list(SHAPES))
@@ -125,9 +157,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES))
     parser.add_argument("--backward", action="store_true", help="split the fused layer's forward+backward time")
     parser.add_argument("--train", action="store_true", help="forward+backward instead of the forward")
+    parser.add_argument("--weight-grad", action="store_true", help="the 1 x 1 weight-gradient kernel against oneDNN's")
     args = parser.parse_args(argv)
-    what = "backward split" if args.backward else "forward+backward" if args.train else "forward"
+    what = ("1x1 weight gradients" if args.weight_grad else "backward split" if args.backward
+            else "forward+backward" if args.train else "forward")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, min over {args.rounds} interleaved rounds, {what}\n")
+    if args.weight_grad:
+        weight_grad_grid(args.rounds)
+        return 0
     if args.backward:
         keys = None
         for shape_name in args.shapes:

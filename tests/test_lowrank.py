@@ -309,14 +309,16 @@ def test_cpu_weight_gradient_nonfinite_only_where_the_reference_has_them(isa):
     assert gw.isfinite().any() and not gw[:, 1, :, 0].isinf().any()  # the left taps never see column 9
     ok = ref.isfinite()
     assert torch.allclose(gw.double()[ok], ref[ok], rtol=1e-5, atol=1e-4)
-    # 1 x 1 unpadded float32: g is read in place, its rows of 9 pixels in vectors that reach into the next channel
-    x = torch.randn(2, 3, 3, 3, generator=g)
-    gy = torch.randn(2, 2, 3, 3, generator=g)
-    gy[1, 1, 0, 0] = float("inf")  # read (masked off) by the last vector of channel 0
-    gw = L.conv2d_weight_grad_cpu(x, gy, (1, 1), (1, 1), (0, 0), (1, 1))
-    ref = _weight_grad64(x, gy, (1, 1), (1, 1), (0, 0), (1, 1))
-    assert torch.equal(gw.isinf(), ref.isinf()) and gw[0].isfinite().all() and not gw.isnan().any()
-    assert torch.allclose(gw.double()[0], ref[0], rtol=1e-5, atol=1e-5)
+    # 1 x 1 unpadded: g is read in place (AVX-512; bfloat16 and float16 widened in registers), its rows of 9 pixels
+    # in vectors that reach into the next channel
+    for dtype in DTYPES:
+        x = torch.randn(2, 3, 3, 3, generator=g).to(dtype)
+        gy = torch.randn(2, 2, 3, 3, generator=g).to(dtype)
+        gy[1, 1, 0, 0] = float("inf")  # read (masked off) by the last vector of channel 0
+        gw = L.conv2d_weight_grad_cpu(x, gy, (1, 1), (1, 1), (0, 0), (1, 1))
+        ref = _weight_grad64(x, gy, (1, 1), (1, 1), (0, 0), (1, 1))
+        assert torch.equal(gw.isinf(), ref.isinf()) and gw[0].isfinite().all() and not gw.isnan().any(), dtype
+        assert torch.allclose(gw.double()[0], ref[0], rtol=1e-5, atol=1e-5), dtype
 
 
 def test_nonfinite_inputs_propagate():

@@ -47,6 +47,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "pyquant/blockwise.h"
 #include "pyquant/dispatch.h"
@@ -1112,9 +1113,10 @@ static int32_t run(Geometry& g, const void* x, const void* w1, const void* w2, c
 // tree) and stored in float32: one fixed chain of sums per output, computed whole by one thread, so the bits do
 // not depend on the thread count.
 // Packing: g in float32 on the extended grid [N][R][GQ] (zeros in the columns ow >= Wo and past Ho * Wq), once,
-// unless it is float32 without such columns (1 x 1 unpadded: Wq = Wo), where the AVX-512 build reads it in place
-// with the lanes past Ho * Wq masked off (the weight gradient of EfficientNet-B0's 40 -> 5 -> 240 expansion's
-// second factor, g with 240 channels, spent more time in the copy than in the multiply-adds). Per work item (a
+// unless it has no such columns (1 x 1 unpadded: Wq = Wo), where the AVX-512 build reads it in place, widening
+// bfloat16 and float16 in registers, with the lanes past Ho * Wq masked off (the weight gradient of
+// EfficientNet-B0's 40 -> 5 -> 240 expansion's second factor, g with 240 channels, spent more time in the copy
+// than in the multiply-adds). Per work item (a
 // group of Cg channels and a range of ranks): the phase planes of those channels of every image,
 // [N][Cg][cstride], as the forward packs a tile. The columns ow >= Wo of the extended grid read input that other
 // taps use: the loads of x mask them off (an inf there must not turn 0 * inf into a NaN).
@@ -1146,10 +1148,31 @@ static inline vec load_valid(const float* p, const lane_word* m, int64_t v) { re
 static inline float hsum(vec a) { return a; }
 #endif
 
+// A vector of g (the lanes in `valid`) as float32: g packed in float32, or read in place in its own dtype GDT and
+// widened in registers (exact; AVX-512 only, which is where wgrad reads g in place).
+template <int GDT>
+using g_elem = typename std::conditional<GDT == kFloat32, float, uint16_t>::type;
+
+template <int GDT>
+static inline vec load_g(const g_elem<GDT>* p, const lane_word* m, int64_t v) {
+  if constexpr (GDT == kFloat32) {
+    return load_valid(p, m, v);
+  } else {
+#if PQ_LR_ISA == 2
+    const __m256i h = _mm256_maskz_loadu_epi16((__mmask16)m[v], p);
+    if constexpr (GDT == kFloat16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+#else
+    static_assert(GDT == kFloat32, "g is read in place only by the AVX-512 build");
+    return vzero();
+#endif
+  }
+}
+
 // out[r * ostride + t] = sum over n < N, v < nvec of g[n][r][v] * x[n][koff[t] + v] (vectors of VL pixels, the
 // lanes in `valid` only, summed last), r < NR, t < NT.
-template <int NR, int NT>
-static void wgrad_micro(const float* __restrict gq, int64_t GQ, int64_t gimg, const float* __restrict xp,
+template <int NR, int NT, int GDT>
+static void wgrad_micro(const g_elem<GDT>* __restrict gq, int64_t GQ, int64_t gimg, const float* __restrict xp,
                         int64_t ximg, const int64_t* __restrict koff, int64_t N, int64_t nvec,
                         const lane_word* __restrict valid, float* __restrict out, int64_t ostride) {
   vec acc[NR][NT];
@@ -1164,7 +1187,7 @@ static void wgrad_micro(const float* __restrict gq, int64_t GQ, int64_t gimg, co
     for (int64_t v = 0; v < nvec; ++v) {
       vec gv[NR];
 #pragma GCC unroll 8
-      for (int r = 0; r < NR; ++r) gv[r] = load_valid(gq + r * GQ + v * VL, valid, v);
+      for (int r = 0; r < NR; ++r) gv[r] = load_g<GDT>(gq + r * GQ + v * VL, valid, v);
 #pragma GCC unroll 8
       for (int t = 0; t < NT; ++t) {
         const vec xv = load_valid(xp + off[t] + v * VL, valid, v);
@@ -1178,16 +1201,16 @@ static void wgrad_micro(const float* __restrict gq, int64_t GQ, int64_t gimg, co
     for (int t = 0; t < NT; ++t) out[r * ostride + t] = hsum(acc[r][t]);
 }
 
-// wgrad_micro<nr, nt> for run-time nr <= NR, nt <= NT.
-template <int NR, int NT, class... Args>
+// wgrad_micro<nr, nt, GDT> for run-time nr <= NR, nt <= NT.
+template <int NR, int NT, int GDT, class... Args>
 static inline void wgrad_micro_n(int64_t nr, int64_t nt, Args... args) {
   if constexpr (NR > 1) {
-    if (nr < NR) return wgrad_micro_n<NR - 1, NT>(nr, nt, args...);
+    if (nr < NR) return wgrad_micro_n<NR - 1, NT, GDT>(nr, nt, args...);
   }
   if constexpr (NT > 1) {
-    if (nt < NT) return wgrad_micro_n<NR, NT - 1>(nr, nt, args...);
+    if (nt < NT) return wgrad_micro_n<NR, NT - 1, GDT>(nr, nt, args...);
   }
-  wgrad_micro<NR, NT>(args...);
+  wgrad_micro<NR, NT, GDT>(args...);
 }
 
 static thread_local Scratch t_wplanes, t_wgrad;
@@ -1218,8 +1241,8 @@ static int32_t wgrad(Geometry& g, const void* x, const void* gy, float* gw, int3
   const int64_t rchunk = (rblocks + nrc - 1) / nrc * WR;
   const int64_t items = ngroups * ((g.R + rchunk - 1) / rchunk);
 
-  const bool g_in_place = PQ_LR_ISA == 2 && DT == kFloat32 && g.Wq == g.Wo;
-  const int64_t gstride = g_in_place ? ext : GQ;  // floats from one channel of g to the next
+  const bool g_in_place = PQ_LR_ISA == 2 && g.Wq == g.Wo;
+  const int64_t gstride = g_in_place ? ext : GQ;  // elements from one channel of g to the next
   // one buffer (floats, each part rounded up to 16): lane masks, padded_row's masks, column offsets, packed g
   const int64_t nl = (lane_words(nvec) + 15) / 16 * 16, nm = (g.Wq / 16 + 1 + 15) / 16 * 16,
                 nk = (Cg * taps * 2 + 15) / 16 * 16;
@@ -1230,7 +1253,7 @@ static int32_t wgrad(Geometry& g, const void* x, const void* gy, float* gw, int3
   }
   uint16_t* masks = (uint16_t*)(valid + nl);
   int64_t* koff = (int64_t*)(valid + nl + nm);
-  float* gq = g_in_place ? (float*)gy : (float*)valid + nl + nm + nk;
+  float* gq = (float*)valid + nl + nm + nk;  // packed g (unless g_in_place)
   padded_row_masks(g.pw, g.W, g.Wq, masks);
   for (int64_t q = 0; q < nvec * VL; ++q) {
     const bool ok = q < ext && q % g.Wq < g.Wo;
@@ -1280,10 +1303,19 @@ static int32_t wgrad(Geometry& g, const void* x, const void* gy, float* gw, int3
           packed_group = group;
         }
         for (int64_t r = r0; r < r1; r += WR)
-          for (int64_t k = 0; k < nc * taps; k += WT)
-            wgrad_micro_n<WR, WT>(std::min<int64_t>(WR, r1 - r), std::min<int64_t>(WT, nc * taps - k),
-                                  gq + r * gstride, gstride, g.R * gstride, planes, Cg * g.cstride, koff + k, g.N,
-                                  nvec, valid, gw + r * K + c0 * taps + k, K);
+          for (int64_t k = 0; k < nc * taps; k += WT) {
+            const int64_t nr = std::min<int64_t>(WR, r1 - r), nt = std::min<int64_t>(WT, nc * taps - k);
+            float* out = gw + r * K + c0 * taps + k;
+            if (g_in_place && DT != kFloat32) {
+              if constexpr (DT != kFloat32 && PQ_LR_ISA == 2)
+                wgrad_micro_n<WR, WT, DT>(nr, nt, (const g_elem<DT>*)gy + r * gstride, gstride, g.R * gstride,
+                                          planes, Cg * g.cstride, koff + k, g.N, nvec, valid, out, K);
+            } else {
+              const float* g32 = g_in_place ? (const float*)gy : gq;
+              wgrad_micro_n<WR, WT, kFloat32>(nr, nt, g32 + r * gstride, gstride, g.R * gstride, planes,
+                                              Cg * g.cstride, koff + k, g.N, nvec, valid, out, K);
+            }
+          }
         ++mine;
       }
     }

@@ -221,12 +221,12 @@ def _weight_grad_pays(out_channels: int, in_channels: int, taps: int) -> bool:
     taps. oneDNN vectorises over channels in blocks of 16 and wastes lanes at few channels; pyquant's kernel
     vectorises over pixels. Measured (float32 and bfloat16, two threads, the weight gradients of both factors at
     DenseNet-121 and EfficientNet-B0 shapes; docs/compress.md): 3x3, 2.4-4x faster at 4 output channels, 1.5-1.9x
-    at 8, 0.8-1.1x at 16; 1 x 1, 1.2-6.4x when one channel count is at most 16, or at most 40 with the other at
-    most 320, 0.5-1.0x beyond."""
+    at 8, 0.8-1.1x at 16; 1 x 1 (batch 8 and 32), 0.88-5.7x (all but two above 1.1x) when one channel count is at
+    most 16, 0.74-3.8x when it is at most 56 and the other at most 672, 0.62-1.2x beyond (the 1280-channel head)."""
     if out_channels <= 8:
         return True
     fewest, most = min(out_channels, in_channels), max(out_channels, in_channels)
-    return taps == 1 and (fewest <= 16 or (fewest <= 40 and most <= 320))
+    return taps == 1 and (fewest <= 16 or (fewest <= 56 and most <= 672))
 
 
 def _kernel_runs(x) -> bool:
