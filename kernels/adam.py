@@ -87,15 +87,17 @@ def _adam_kernel(meta_ptr, const_ptr, prog_ptr, code1_ptr, code2_ptr, table1_ptr
         update = mask
     p = load_f32(p_ptr, offs, mask, P_DTYPE)
 
+    # `bits` is a run-time value: Triton compiles both branches and joins the names they share, so the 8-bit
+    # codes (q*_ptr, uint8) and the float32 moments (f*_ptr) need different names.
     if bits == 8:
-        s1_ptr = tl.load(row + 2).to(tl.pointer_type(tl.uint8))
-        s2_ptr = tl.load(row + 3).to(tl.pointer_type(tl.uint8))
+        q1_ptr = tl.load(row + 2).to(tl.pointer_type(tl.uint8))
+        q2_ptr = tl.load(row + 3).to(tl.pointer_type(tl.uint8))
         a1_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
         a2_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
         a1 = tl.load(a1_ptr + blocks, mask=block_ok, other=0.0)
         a2 = tl.load(a2_ptr + blocks, mask=block_ok, other=0.0)
-        m = tl.load(code1_ptr + tl.load(s1_ptr + offs, mask=mask, other=0)) * a1[:, None]
-        v = tl.load(code2_ptr + tl.load(s2_ptr + offs, mask=mask, other=0)) * a2[:, None]
+        m = tl.load(code1_ptr + tl.load(q1_ptr + offs, mask=mask, other=0)) * a1[:, None]
+        v = tl.load(code2_ptr + tl.load(q2_ptr + offs, mask=mask, other=0)) * a2[:, None]
         m_new = tl.fma(one_minus_beta1, g, m * beta1)
         v_new = tl.fma(one_minus_beta2 * g, g, v * beta2)
         denom = tl.div_rn(tl.sqrt_rn(v_new), c2) + eps
@@ -110,19 +112,19 @@ def _adam_kernel(meta_ptr, const_ptr, prog_ptr, code1_ptr, code2_ptr, table1_ptr
         amax2 = tl.max(masked_abs(v_new, mask), axis=1)
         tl.store(a1_ptr + blocks, amax1, mask=block_ok)
         tl.store(a2_ptr + blocks, amax2, mask=block_ok)
-        tl.store(s1_ptr + offs, quantize_values(m_new, amax1, table1_ptr, mask), mask=mask)
-        tl.store(s2_ptr + offs, quantize_values(v_new, amax2, table2_ptr, mask), mask=mask)
+        tl.store(q1_ptr + offs, quantize_values(m_new, amax1, table1_ptr, mask), mask=mask)
+        tl.store(q2_ptr + offs, quantize_values(v_new, amax2, table2_ptr, mask), mask=mask)
     else:
-        s1_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
-        s2_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
-        m = tl.load(s1_ptr + offs, mask=mask, other=0.0)
-        v = tl.load(s2_ptr + offs, mask=mask, other=0.0)
+        f1_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+        f2_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+        m = tl.load(f1_ptr + offs, mask=mask, other=0.0)
+        v = tl.load(f2_ptr + offs, mask=mask, other=0.0)
         m_new = tl.fma(one_minus_beta1, g, m * beta1)
         v_new = tl.fma(one_minus_beta2 * g, g, v * beta2)
         u = tl.div_rn(m_new, tl.sqrt_rn(v_new) + eps_c2)
         p_new = tl.fma(step_size, u, p * decay)
-        tl.store(s1_ptr + offs, m_new, mask=update)
-        tl.store(s2_ptr + offs, v_new, mask=update)
+        tl.store(f1_ptr + offs, m_new, mask=update)
+        tl.store(f2_ptr + offs, v_new, mask=update)
         store_f32(p_ptr, offs, p_new, update, P_DTYPE)
 
     if NONFINITE == 0:
