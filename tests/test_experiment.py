@@ -223,6 +223,42 @@ def test_finished_runs_are_skipped_and_interrupted_ones_rerun(tmp_path, monkeypa
     assert calls == ["baseline", "8bit"]
 
 
+def test_a_run_held_by_another_live_process_is_left_alone(tmp_path):
+    """Two processes on one --out: a run whose lock a live process holds is skipped (its folder kept, the
+    holder named); a lock left by a dead process is taken over."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from pyquant.experiment import lock
+
+    cfg = _tabular_cfg(tmp_path / "runs", settings=["baseline"])
+    (run,) = config.expand(cfg)
+    out = tmp_path / "runs"
+    run_dir, lock_path = out / config.run_name(run), out / f".{config.run_name(run)}.lock"
+    run_dir.mkdir(parents=True)
+    (run_dir / "best.pt").write_bytes(b"the other process is writing this")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock_path.write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(), "since": "earlier"}))
+        lines = []
+        assert runner.run_grid(cfg, progress=False, log=lines.append) == runner.HELD_ELSEWHERE
+        assert (run_dir / "best.pt").read_bytes() == b"the other process is writing this"
+        assert any(f"skipped, run by pid {other.pid} on {socket.gethostname()}" in line for line in lines), lines
+        assert lock.acquire(lock_path) == json.loads(lock_path.read_text())  # still held: not ours
+    finally:
+        other.kill()
+        other.wait()
+    # the holder is gone: its lock is stale, taken over, and the run is done from scratch
+    assert runner.run_grid(cfg, progress=False, log=lambda *a: None) == 0
+    assert runner.is_finished(run_dir, run["hash"]) and not lock_path.exists()
+    assert lock.acquire(lock_path) is None and json.loads(lock_path.read_text())["pid"] == __import__("os").getpid()
+    assert lock.acquire(lock_path)["pid"] == __import__("os").getpid()  # a second taker is refused
+    lock.release(lock_path)
+    assert not lock_path.exists()
+
+
 # ---- a tiny grid end to end, through the command line ----
 @pytest.fixture(scope="module")
 def tiny_grid(tmp_path_factory):

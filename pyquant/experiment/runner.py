@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from pyquant.experiment import config as config_mod
-from pyquant.experiment import parallel
+from pyquant.experiment import lock, parallel
 from pyquant.experiment.measure import (
     EnergyMeter,
     PeakMemory,
@@ -411,8 +411,12 @@ def check_names(runs: list[dict]) -> None:
             raise KeyError(f"setting {name!r} uses unknown optimizer {setting.optimizer!r}")
 
 
+HELD_ELSEWHERE = 3  # run_grid's code when runs were skipped because other processes hold them
+
+
 def run_grid(cfg: dict, progress: bool = True, log=print) -> int:
-    """Run every unfinished run of ``cfg``; 0 when all are done, 130 when interrupted (rerun to resume)."""
+    """Run every unfinished run of ``cfg``; 0 when all are done, 130 when interrupted (rerun to resume),
+    HELD_ELSEWHERE when some were left to the other processes running them (pyquant.experiment.lock)."""
     from tqdm.auto import tqdm
 
     runs = config_mod.expand(cfg)
@@ -423,26 +427,42 @@ def run_grid(cfg: dict, progress: bool = True, log=print) -> int:
     log(f"{len(runs)} runs in the grid, {len(runs) - len(todo)} already finished, {len(todo)} to run -> {out}/")
     (out / "config.toml").write_text(config_mod.to_toml(cfg))
     cached_key, cached = None, None
+    held = []
     bar = tqdm(todo, desc="runs", unit="run", disable=not progress)
+    say = tqdm.write if progress else log
     try:
         for run in bar:
             name = config_mod.run_name(run)
             bar.set_description(f"{run['model']} {run['setting']} S{run['scale']} seed{run['seed']}")
-            run_dir = out / name
-            if run_dir.exists():  # an interrupted earlier attempt: start it again from scratch
-                shutil.rmtree(run_dir)
-            if cfg["isolate"] or int(run.get("nproc", 1)) > 1:
-                record = run_isolated(run, run_dir, progress)
-            else:
-                key = json.dumps([run["task"], run["data"]], sort_keys=True)
-                if key != cached_key:
-                    cached_key, cached = key, None  # one task's data in memory at a time
-                    cached = get_task(run["task"], run["data"])
-                record = run_one(run, run_dir, cached, progress)
-            (tqdm.write if progress else log)(_summary_line(record))
+            run_dir, lock_path = out / name, out / f".{name}.lock"
+            holder = lock.acquire(lock_path)
+            if holder is not None:  # another live process runs it: leave its folder alone
+                held.append(name)
+                say(f"{name}: skipped, run by {lock.describe(holder, lock_path)}")
+                continue
+            try:
+                if is_finished(run_dir, run["hash"]):  # finished by another process since the list was made
+                    continue
+                if run_dir.exists():  # an interrupted earlier attempt: start it again from scratch
+                    shutil.rmtree(run_dir)
+                if cfg["isolate"] or int(run.get("nproc", 1)) > 1:
+                    record = run_isolated(run, run_dir, progress)
+                else:
+                    key = json.dumps([run["task"], run["data"]], sort_keys=True)
+                    if key != cached_key:
+                        cached_key, cached = key, None  # one task's data in memory at a time
+                        cached = get_task(run["task"], run["data"])
+                    record = run_one(run, run_dir, cached, progress)
+            finally:
+                lock.release(lock_path)
+            say(_summary_line(record))
     except KeyboardInterrupt:
         bar.close()
         log("\ninterrupted: finished runs are kept; run the same command again to resume")
         return 130
     bar.close()
+    if held:
+        log(f"{len(held)} run(s) left to the other process(es) running them; run the same command again once "
+            "they finish to check the grid is complete")
+        return HELD_ELSEWHERE
     return 0
