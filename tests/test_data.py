@@ -232,6 +232,30 @@ def test_corrupt_cache_is_rebuilt(tmp_path):
     assert not again.from_cache and torch.equal(first.tensors()[0], again.tensors()[0])
 
 
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), RuntimeError("unexpected pos 3520 vs 3414")],
+                         ids=["ENOSPC", "torch-RuntimeError"])
+def test_cache_write_failure_loads_uncached_and_leaves_no_partial_file(tmp_path, monkeypatch, error):
+    """A full disk while writing the cache: the images still load, a warning names the cache file, the
+    temporary file is removed, and a cache already there is kept."""
+    root = _make(tmp_path / "c", fmt="png", bit_depth=8)
+    old = RSNAMammography(root, size=LOAD_SIZE).cache_path
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        f.write(b"the first bytes") if hasattr(f, "write") else Path(f).write_bytes(b"the first bytes")  # partial, then the failure
+        raise error
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.warns(UserWarning, match="cannot write cache") as caught:
+        ds = RSNAMammography(root, size=LOAD_SIZE + 8)
+    if isinstance(error, OSError):
+        assert f"no space left on {ds.cache_path}" in str(caught[0].message)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert len(ds) > 0 and not ds.cache_path.exists()
+    assert sorted(p.name for p in old.parent.iterdir()) == [old.name]  # no .tmp left, the old cache kept
+    assert RSNAMammography(root, size=LOAD_SIZE).from_cache
+
+
 # -- splits ----------------------------------------------------------------------------------------------------
 def test_patient_split_properties():
     rng = np.random.default_rng(0)

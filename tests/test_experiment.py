@@ -259,6 +259,26 @@ def test_a_run_held_by_another_live_process_is_left_alone(tmp_path):
     assert not lock_path.exists()
 
 
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), RuntimeError("iostream error")],
+                         ids=["ENOSPC", "other"])
+def test_checkpoint_write_failure_keeps_the_previous_checkpoint(tmp_path, monkeypatch, error):
+    path = tmp_path / "best.pt"
+    runner.save_checkpoint(path, {"epoch": 1})
+
+    def failing(obj, f, *a, **k):
+        f.write(b"PK partial") if hasattr(f, "write") else Path(f).write_bytes(b"PK partial")  # partial, then the failure
+        raise error
+
+    monkeypatch.setattr(torch, "save", failing)
+    with pytest.raises(type(error)) as caught:
+        runner.save_checkpoint(path, {"epoch": 2})
+    if isinstance(error, OSError):
+        assert caught.value.errno == 28 and f"no space left on {path} (device full; the previous file is kept)" in str(caught.value)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # the temporary file is gone
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+
+
 # ---- a tiny grid end to end, through the command line ----
 @pytest.fixture(scope="module")
 def tiny_grid(tmp_path_factory):

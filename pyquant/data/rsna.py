@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from pyquant._files import write_atomic
 from pyquant.data.errors import DataError, MissingDataError
 from pyquant.data.images import Size, _size_hw, read_image, resize_image, to_uint16
 from pyquant.data.splits import resolve_split
@@ -271,13 +271,13 @@ class RSNAMammography(Dataset):
     def _write_cache(self, images: torch.Tensor, rel: list[str]) -> None:
         if self.cache_path is None:
             return
+        blob = {"key": self.cache_key, "version": CACHE_VERSION, "images": images, "files": rel}
         try:
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.cache_path.with_name(f".{self.cache_path.name}.{os.getpid()}.tmp")
-            torch.save({"key": self.cache_key, "version": CACHE_VERSION, "images": images, "files": rel}, tmp)
-            os.replace(tmp, self.cache_path)
-        except OSError as e:  # read-only data folders (e.g. Kaggle input) still load, just uncached
-            warnings.warn(f"{self.cache_path}: cannot write cache ({e}); pass cache=<writable folder>", stacklevel=3)
+            write_atomic(self.cache_path, lambda f: torch.save(blob, f))
+        except (OSError, RuntimeError) as e:  # read-only data folders (e.g. Kaggle input), a full disk: uncached
+            warnings.warn(f"{self.cache_path}: cannot write cache ({e}); the images load uncached; pass "
+                          "cache=<writable folder> or cache=False", stacklevel=3)
 
     # -- Dataset -----------------------------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import statistics
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from pyquant._files import write_atomic, write_text_atomic
 from pyquant.experiment import config as config_mod
 from pyquant.experiment import lock, parallel
 from pyquant.experiment.measure import (
@@ -58,10 +58,7 @@ def _finite_or_none(value):
 
 def write_record(path: Path, record: dict) -> None:
     """The one JSON writer: NaN/inf become null, written to a temporary file and moved into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(_finite_or_none(record), indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(_finite_or_none(record), indent=1, sort_keys=False) + "\n")
 
 
 def read_record(path: Path) -> dict | None:
@@ -77,10 +74,9 @@ def is_finished(run_dir: Path, run_hash: str) -> bool:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temporary file, then os.replace: an interrupted save never leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """torch.save to a temporary file, then os.replace: an interrupted or failed save (a full disk: "no space
+    left on <path>") never leaves a half-written file, and the previous checkpoint stays."""
+    write_atomic(path, lambda f: torch.save(state, f))
 
 
 def seed_everything(seed: int) -> None:
@@ -366,7 +362,7 @@ def _child(run: dict, run_dir: str, progress: bool) -> None:
         run_one(run, Path(run_dir), get_task(run["task"], run["data"]), progress)
     except KeyboardInterrupt:
         raise SystemExit(130) from None
-    except (FileNotFoundError, KeyError, ValueError) as e:  # missing data, bad config: one line, not a traceback
+    except (OSError, KeyError, ValueError) as e:  # missing data, bad config, full disk: one line, not a traceback
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
