@@ -107,6 +107,15 @@ def select_cohort(rows: list[dict[str, Any]], max_age: float, csv_path: Path) ->
             f"{csv_path}: empty cohort: the BI-RADS filter (BI-RADS 0, 1 or 2) removed all {len(aged)} rows with "
             f"age < {max_age:g} ({n_none} have no BI-RADS value, {len(aged) - n_none} another value)"
         )
+    labels: dict[str, set] = {}
+    for r in kept:
+        labels.setdefault(r["image_id"], set()).add((r["patient_id"], BIRADS_LABEL[int(r["birads"])]))
+    conflicts = sorted(i for i, seen in labels.items() if len(seen) > 1)
+    if conflicts:  # one image, two labels (or two patients): which row is right cannot be guessed
+        shown = "; ".join(f"image_id {i}: " + ", ".join(f"patient {p} label {lab}" for p, lab in sorted(labels[i]))
+                          for i in conflicts[:5])
+        raise DataError(f"{csv_path}: {len(conflicts)} image id(s) listed more than once with different labels or "
+                        f"patients ({shown}{'; ...' if len(conflicts) > 5 else ''}); fix the CSV")
     return kept, summary
 
 

@@ -198,6 +198,10 @@ def run_one(run: dict, run_dir: Path, data: TaskData, progress: bool = True) -> 
     if data.image_size is None and scale != 1:
         raise ValueError(f"task {run['task']!r} has no images: down-sampling scale must be 1, got {scale}")
     size = None if data.image_size is None else data.image_size // scale
+    empty = [part for part in ("train", "val", "test") if len(getattr(data, part)) == 0]
+    if empty:  # config.validate refuses zero fractions; too few patients for three splits ends here
+        raise ValueError(f"task {run['task']!r}: the {' and '.join(empty)} split(s) are empty; a run trains on train, "
+                         "early-stops on val and reports test: give each split a positive fraction and data for it")
     from pyquant.data import save_split
 
     if parallel.is_main():
@@ -418,10 +422,13 @@ def run_grid(cfg: dict, progress: bool = True, log=print) -> int:
     runs = config_mod.expand(cfg)
     check_names(runs)
     out = Path(cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
+    try:  # fail here, with the folder's name, rather than with a traceback after the first run
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.toml").write_text(config_mod.to_toml(cfg))
+    except OSError as e:
+        raise RuntimeError(f"cannot write the runs folder {out}: {e.strerror or e}") from None
     todo = [r for r in runs if not is_finished(out / config_mod.run_name(r), r["hash"])]
     log(f"{len(runs)} runs in the grid, {len(runs) - len(todo)} already finished, {len(todo)} to run -> {out}/")
-    (out / "config.toml").write_text(config_mod.to_toml(cfg))
     cached_key, cached = None, None
     held = []
     bar = tqdm(todo, desc="runs", unit="run", disable=not progress)
