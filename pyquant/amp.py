@@ -185,14 +185,14 @@ def _check_factor(name: str, value, ok, rule: str) -> float:
 def _check_scale(name: str, value) -> float:
     """A loss scale must be a finite positive float32: 0 (or one that rounds to 0 in float32) makes every
     gradient 0 and its unscaling 0 * inf = NaN, so every step is skipped; inf or NaN make the gradients NaN;
-    a negative scale reverses their sign. torch accepts all of these."""
+    a negative one flips the sign of the scaled loss and gradients (no loss scale). torch accepts all of these."""
     try:
         as_float32 = torch.tensor(float(value), dtype=torch.float32).item()
     except (TypeError, ValueError, OverflowError):
         as_float32 = math.nan
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < as_float32 < math.inf:
         raise ValueError(f"{name} must be a finite positive number (in float32), got {value!r}: a scale of 0 skips "
-                         "every step, inf or NaN make the gradients NaN, a negative one reverses them")
+                         "every step, inf or NaN make the gradients NaN, a negative one flips the scaled gradients")
     return value
 
 
