@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.util
+import math
 import warnings
 from collections import abc, defaultdict
 from typing import Any
@@ -181,6 +182,20 @@ def _check_factor(name: str, value, ok, rule: str) -> float:
     return value
 
 
+def _check_scale(name: str, value) -> float:
+    """A loss scale must be a finite positive float32: 0 (or one that rounds to 0 in float32) makes every
+    gradient 0 and its unscaling 0 * inf = NaN, so every step is skipped; inf or NaN make the gradients NaN;
+    a negative one flips the sign of the scaled loss and gradients (no loss scale). torch accepts all of these."""
+    try:
+        as_float32 = torch.tensor(float(value), dtype=torch.float32).item()
+    except (TypeError, ValueError, OverflowError):
+        as_float32 = math.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < as_float32 < math.inf:
+        raise ValueError(f"{name} must be a finite positive number (in float32), got {value!r}: a scale of 0 skips "
+                         "every step, inf or NaN make the gradients NaN, a negative one flips the scaled gradients")
+    return value
+
+
 def _check_interval(value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"growth_interval must be a positive int, got {value!r}")
@@ -226,7 +241,8 @@ class GradScaler:
             warnings.warn("GradScaler is enabled for cuda, but CUDA is not available.  Disabling.", stacklevel=2)
             self._enabled = False
         if self._enabled:
-            self._init_scale = init_scale
+            self._init_scale = _check_scale("init_scale", init_scale)
+            self._warned_scale = False  # warn once when the scale underflows to 0
             self._growth_factor = _check_factor("growth_factor", growth_factor, lambda f: f > 1.0, "> 1.0")
             self._backoff_factor = _check_factor("backoff_factor", backoff_factor, lambda f: 0.0 < f < 1.0, "in (0, 1)")
             self._growth_interval = _check_interval(growth_interval)
@@ -353,8 +369,10 @@ class GradScaler:
                 name = type(optimizer).__name__
                 raise RuntimeError(f"no gradients to check: none of the {name}'s parameters has a .grad")
             result = None
-            if not sum(f.item() for f in found.values()):  # the only host sync of an iteration
+            if not sum(f.item() for f in found.values()):  # the only host sync of a clean iteration
                 result = optimizer.step(*args, **kwargs)
+            else:  # skipped: a scale that underflowed to 0 would skip every step from now on
+                self._check_scale_alive(self._scale.item())
         state["stage"] = OptState.STEPPED
         return result
 
@@ -418,7 +436,17 @@ class GradScaler:
             for f in found[1:]:
                 total += f  # float32 sum, as torch
             self._update_scale_(scale, tracker, total)
+            if scale.device.type == "cpu":  # free to read here; elsewhere at the next skipped step or get_scale()
+                self._check_scale_alive(scale.item())
         self._per_optimizer_states = defaultdict(_fresh_optimizer_state)
+
+    def _check_scale_alive(self, value: float) -> None:
+        if value == 0.0 and not getattr(self, "_warned_scale", False):  # getattr: scalers pickled before it
+            self._warned_scale = True
+            warnings.warn(
+                "GradScaler: the loss scale has underflowed to 0 after inf/NaN gradients at every scale tried: "
+                "every later step will be skipped. The gradients are not finite even unscaled: check the model, "
+                "the data and the learning rate.", RuntimeWarning, stacklevel=3)
 
     def _update_scale_(self, scale: torch.Tensor, tracker: torch.Tensor, found_inf: torch.Tensor) -> None:
         """torch's `_amp_update_scale_` in tensor ops: the factors multiply in float64, rounded once to
@@ -440,7 +468,11 @@ class GradScaler:
         """The current scale as a Python float (init_scale before the first scale(); 1.0 when disabled)."""
         if not self._enabled:
             return 1.0
-        return self._init_scale if self._scale is None else self._scale.item()
+        if self._scale is None:
+            return self._init_scale
+        value = self._scale.item()
+        self._check_scale_alive(value)
+        return value
 
     def get_growth_factor(self) -> float:
         return self._growth_factor
@@ -489,11 +521,20 @@ class GradScaler:
             raise RuntimeError(
                 "The source state dict is empty, possibly because it was saved from a disabled instance of GradScaler."
             )
-        self._init_scale = state_dict["scale"]
-        self.set_growth_factor(state_dict["growth_factor"])
-        self.set_backoff_factor(state_dict["backoff_factor"])
-        self.set_growth_interval(state_dict["growth_interval"])
-        self._init_growth_tracker = state_dict["_growth_tracker"]
+        missing = [k for k in ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
+                   if k not in state_dict]
+        if missing:
+            raise KeyError(f"not a GradScaler state dict: it lacks {', '.join(missing)}")
+        # everything is checked before anything is set: a refused state dict leaves the scaler as it was
+        scale = _check_scale("the state dict's scale", state_dict["scale"])
+        tracker = state_dict["_growth_tracker"]
+        if isinstance(tracker, bool) or not isinstance(tracker, int) or tracker < 0:
+            raise ValueError(f"the state dict's _growth_tracker must be an int >= 0, got {tracker!r}")
+        factors = (_check_factor("growth_factor", state_dict["growth_factor"], lambda f: f > 1.0, "> 1.0"),
+                   _check_factor("backoff_factor", state_dict["backoff_factor"], lambda f: 0.0 < f < 1.0, "in (0, 1)"),
+                   _check_interval(state_dict["growth_interval"]))
+        self._init_scale, self._init_growth_tracker = scale, tracker
+        self._growth_factor, self._backoff_factor, self._growth_interval = factors
         if self._scale is not None:
             self._scale.fill_(state_dict["scale"])
             self._growth_tracker.fill_(state_dict["_growth_tracker"])

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "experiment":
         try:
             return _experiment(args)
-        except (KeyError, ValueError, FileNotFoundError, RuntimeError) as e:
+        except (KeyError, ValueError, OSError, RuntimeError) as e:
             print(f"pyquant experiment: error: {str(e).strip(chr(34) + chr(39))}", file=sys.stderr)
             return 2
     elif args.command == "profile":

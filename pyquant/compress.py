@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import heapq
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Optional, Union
 
@@ -166,10 +167,30 @@ def _layer_matrix(module: nn.Module) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
 
-def _conv_problem(module: nn.Module, mha_children: set[int]) -> Optional[str]:
-    """Why `module` cannot be factorised (None: it can)."""
-    if id(module) in mha_children:
-        return "used by nn.MultiheadAttention through its weight, not its forward"
+def _sharing(model: nn.Module) -> tuple[dict[int, list[str]], dict[int, str]]:
+    """How the modules of `model` share: (uses, tied). uses: id(module) -> all its names, in model order (a
+    module used at several places has several); tied: id(module) -> why it cannot be replaced, for a module
+    holding a parameter that another module also holds (tied weights: replacing one would untie them)."""
+    uses: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        uses.setdefault(id(m), []).append(name)
+    holders: dict[int, list[str]] = {}
+    for name, m in model.named_modules():
+        for p in m.parameters(recurse=False):
+            holders.setdefault(id(p), []).append(name)
+    tied = {}
+    for name, m in model.named_modules():
+        others = sorted({h for p in m.parameters(recurse=False) for h in holders[id(p)] if h != name})
+        if others:
+            tied[id(m)] = f"shares a parameter with {', '.join(map(repr, others))} (tied weights would be untied)"
+    return uses, tied
+
+
+def _conv_problem(module: nn.Module, known: dict[int, str]) -> Optional[str]:
+    """Why `module` cannot be factorised (None: it can); `known`: id(module) -> a problem found from the
+    rest of the model (tied weights, a weight used by nn.MultiheadAttention)."""
+    if id(module) in known:
+        return known[id(module)]
     if isinstance(module, nn.Linear):
         if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
             return "uninitialized lazy layer"
@@ -290,6 +311,9 @@ def lowrank(
     convolutions, e.g. grouped or transposed, are then listed as skipped). A layer whose factorisation has
     no fewer parameters than the dense layer is kept and listed as skipped.
     `example_input`: when given, FLOPs are counted for one forward of it (else per output position).
+    A layer used at several places in the model is one row, under its first name, and every use is replaced
+    by the same new module; a layer holding a parameter that another module also holds (tied weights) is
+    kept, with a warning and the reason in its row (naming it in `layers` raises).
     Returns (compressed copy, CompressionReport).
     """
     _check_model(model)
@@ -317,15 +341,22 @@ def lowrank(
                 raise ValueError(f"rank must be >= 1, got {v}")
 
     compressed = copy.deepcopy(model)
-    modules = dict(compressed.named_modules())
-    mha_children = {id(m.out_proj) for m in compressed.modules() if isinstance(m, nn.MultiheadAttention)}
+    modules = dict(compressed.named_modules())  # each module once, under its first name
+    uses, known = _sharing(compressed)
+    tied = set(known)
+    # every name of a module used at several places -> its first name (the one its report row has)
+    first = {name: names[0] for names in uses.values() for name in names}
+    for m in compressed.modules():
+        if isinstance(m, nn.MultiheadAttention):
+            known[id(m.out_proj)] = "used by nn.MultiheadAttention through its weight, not its forward"
     if layers is not None:
-        names = list(layers) if not isinstance(layers, str) else [layers]
-        missing = [n for n in names if n not in modules]
+        given = list(layers) if not isinstance(layers, str) else [layers]
+        missing = [n for n in given if n not in first]
         if missing:
             raise ValueError(f"the model has no layer named {', '.join(map(repr, missing))}")
+        names = list(dict.fromkeys(first[n] for n in given))
         for n in names:
-            problem = _conv_problem(modules[n], mha_children)
+            problem = _conv_problem(modules[n], known)
             if problem is not None:
                 raise ValueError(f"layer {n!r} cannot be factorised: {problem}")
     else:
@@ -334,22 +365,29 @@ def lowrank(
         if not names:
             raise ValueError("the model has no Conv2d or Linear layers to factorise")
     if isinstance(rank, dict):
-        unknown = [n for n in rank if n not in names]
+        unknown = [n for n in rank if first.get(n) not in names]
         if unknown:
             raise ValueError(f"rank names layers that are not factorised here: {', '.join(map(repr, unknown))}")
+        by_first: dict[str, int] = {}
+        for n, r in rank.items():
+            if by_first.setdefault(first[n], r) != r:
+                raise ValueError(f"rank gives two ranks to layer {first[n]!r} (under the names it has)")
+        rank = by_first
 
     report = CompressionReport("lowrank", flops_unit="per output position" if example_input is None
                                else "for one forward of example_input")
-    usable = [n for n in names if _conv_problem(modules[n], mha_children) is None]
+    usable = [n for n in names if _conv_problem(modules[n], known) is None]
     positions = _positions(compressed, usable, example_input)
 
     infos = []
     for name in names:
         module = modules[name]
         params = _count(module)
-        problem = _conv_problem(module, mha_children)
+        problem = _conv_problem(module, known)
         if problem is not None:
             report.rows.append(LayerReport(name, _kind(module), "skipped", params, params, reason=problem))
+            if id(module) in tied:
+                warnings.warn(f"lowrank: layer {name!r} kept dense: it {problem}", UserWarning, stacklevel=2)
             continue
         w = _layer_matrix(module)
         m, n = w.shape
@@ -407,7 +445,8 @@ def lowrank(
         new.train(module.training)
         for p_new, p_old in ((new.weight_first, module.weight), (new.weight_second, module.weight)):
             p_new.requires_grad_(p_old.requires_grad)
-        _set_module(compressed, name, new)
+        for use in uses[id(module)]:  # one new module wherever the old one was used
+            _set_module(compressed, use, new)
         row.action = "factorised"
         row.params_after = _count(new)
         row.flops_after = _flops(r * (m + n), positions, name)
@@ -449,9 +488,7 @@ def _chains(model: nn.Module):
     """(name_a, a, name_b, b, problem) for each nn.Linear a followed in an nn.Sequential by nn.Linear b."""
     seen_seq = set()
     pairs = []
-    counts: dict[int, int] = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        counts[id(m)] = counts.get(id(m), 0) + 1
+    uses, tied = _sharing(model)
     for name, module in model.named_modules():
         if type(module) is not nn.Sequential or id(module) in seen_seq:
             continue
@@ -471,8 +508,11 @@ def _chains(model: nn.Module):
                         problem = f"{', '.join(bad)} between {name_a} and {name_b} is not element-wise"
                     elif a.out_features != b.in_features:
                         problem = f"{name_a} has {a.out_features} outputs but {name_b} takes {b.in_features}"
-                    elif counts.get(id(a), 1) > 1 or counts.get(id(b), 1) > 1:
+                    elif len(uses[id(a)]) > 1 or len(uses[id(b)]) > 1:
                         problem = "the layer is shared (used at several places in the model)"
+                    elif id(a) in tied or id(b) in tied:
+                        name, tie = (name_a, tied[id(a)]) if id(a) in tied else (name_b, tied[id(b)])
+                        problem = f"{name} {tie}"
                     elif a.out_features < 2:
                         problem = "a single neuron: nothing to merge"
                     pairs.append((name_a, a, name_b, b, problem))

@@ -29,18 +29,14 @@ from pathlib import Path
 
 import torch
 
+from pyquant._files import write_text_atomic
+
 PROFILERS = ("auto", "torch", "nsys", "none")
 STEP_RANGE = "pyquant::train_step"
 
 
 class ProfileError(Exception):
     """Bad input for ``pyquant profile``: the message says what was wrong; nothing has been written."""
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _mib(n) -> str:
@@ -171,7 +167,7 @@ def _torch_profile(ctx: dict, steps: int, warmup: int, out: Path, top: int) -> l
     prof.export_chrome_trace(str(tmp))
     os.replace(tmp, trace)
     summary = out / "summary.txt"
-    _write_atomic(summary, "\n".join(lines) + "\n")
+    write_text_atomic(summary, "\n".join(lines) + "\n")
     return [trace, summary]
 
 
@@ -205,7 +201,7 @@ def _nsys_profile(nsys: str, args, out: Path) -> list[Path]:
         out.mkdir(parents=True, exist_ok=True)
         os.replace(report, out / "trace.nsys-rep")
     summary = out / "summary.txt"
-    _write_atomic(summary, "\n".join(lines) + "\n")
+    write_text_atomic(summary, "\n".join(lines) + "\n")
     return [out / "trace.nsys-rep", summary]
 
 

@@ -12,6 +12,7 @@ import copy
 import io
 import os
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -694,6 +695,45 @@ def test_clear_errors():
         s.step(torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1))
     with pytest.raises(RuntimeError, match="empty"):
         s.load_state_dict({})
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf"), 1e-50, 1e39, "1", True])
+def test_a_scale_that_would_skip_every_step_or_make_nan_is_refused(scale):
+    """torch accepts these (every later step is then skipped, or the weights go NaN); pyquant refuses them in
+    __init__ and load_state_dict, leaving a scaler that refuses a state dict as it was."""
+    with pytest.raises(ValueError, match="init_scale must be a finite positive number"):
+        GradScaler("cpu", init_scale=scale)
+    s = _drive(GradScaler("cpu", init_scale=64.0, growth_interval=2), 3)
+    before = s.state_dict()
+    with pytest.raises(ValueError, match="the state dict's scale must be a finite positive number"):
+        s.load_state_dict({**before, "scale": scale, "growth_factor": 4.0})
+    assert s.state_dict() == before and s.get_growth_factor() == 2.0
+    with pytest.raises(KeyError, match="lacks _growth_tracker"):
+        s.load_state_dict({k: v for k, v in before.items() if k != "_growth_tracker"})
+
+
+def test_warns_once_when_the_scale_underflows_to_zero():
+    """A run whose gradients are inf/NaN at every scale backs the scale off to 0 (as torch does); from then on
+    every step is skipped, which used to happen without a word."""
+    p = nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=0.1)
+    scaler = GradScaler("cpu", init_scale=2.0**-140, backoff_factor=0.5)
+
+    def iteration():
+        scaler.scale((p * float("inf")).sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(8):  # 2^-140 halves to 2^-148, still a float32 (subnormal): no warning yet
+            iteration()
+    assert scaler.get_scale() == 2.0**-148
+    with pytest.warns(RuntimeWarning, match="underflowed to 0") as caught:
+        for _ in range(4):
+            iteration()
+    assert scaler.get_scale() == 0.0 and len([w for w in caught if "underflowed" in str(w.message)]) == 1
 
 
 # ---- beyond torch: float16 gradients ----

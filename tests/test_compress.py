@@ -162,6 +162,40 @@ def test_lowrank_skips_and_errors():
     assert "not cheaper" in rep["0"].reason
 
 
+def test_lowrank_keeps_weight_sharing():
+    """A module used at two places becomes one LowRankConv2d / LowRankLinear at both; modules sharing a
+    weight (tied) are kept, with a warning naming the other, as prune_neurons keeps them."""
+    torch.manual_seed(5)
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    twice = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), conv, nn.ReLU(), nn.Conv2d(16, 8, 1), conv)
+    small, report = compress.lowrank(twice, rank=4)
+    assert type(small[1]) is LowRankConv2d and small[4] is small[1]
+    assert report["1"].action == "factorised" and "4" not in [r.name for r in report.rows]
+    assert report.model_params_after == sum(p.numel() for p in small.parameters())
+    by_alias, report = compress.lowrank(twice, rank=4, layers=["4"])  # named by its second name
+    assert [r.name for r in report.rows] == ["1"] and by_alias[4] is by_alias[1] and type(by_alias[0]) is nn.Conv2d
+    assert torch.equal(by_alias[1].weight_first, small[1].weight_first)
+    x = torch.randn(1, 3, 6, 6)
+    assert small(x).shape == twice(x).shape
+    with pytest.raises(ValueError, match="two ranks"):
+        compress.lowrank(twice, rank={"1": 2, "4": 3})
+
+    tied = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 32))
+    tied[2].weight = tied[0].weight
+    with pytest.warns(UserWarning) as caught:
+        small, report = compress.lowrank(tied, rank=2)
+    assert sorted(str(w.message).split(" (")[0] for w in caught) == [
+        "lowrank: layer '0' kept dense: it shares a parameter with '2'",
+        "lowrank: layer '2' kept dense: it shares a parameter with '0'"]
+    assert "'2'" in report["0"].reason and "'0'" in report["2"].reason and report["3"].action == "factorised"
+    assert small[0].weight is small[2].weight  # still tied
+    with pytest.raises(ValueError, match="'0' cannot be factorised: shares a parameter"):
+        compress.lowrank(tied, rank=2, layers=["0"])
+    # prune_neurons: tied layers are kept too
+    _, report = compress.prune_neurons(tied, amount=1)
+    assert report["0"].action == "skipped" and "shares a parameter" in report["0"].reason
+
+
 # ---- prune_neurons ----
 def brute_force_merges(w_in, a_out, steps):
     """The saliency procedure written plainly: all pairs every step."""

@@ -232,6 +232,30 @@ def test_corrupt_cache_is_rebuilt(tmp_path):
     assert not again.from_cache and torch.equal(first.tensors()[0], again.tensors()[0])
 
 
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), RuntimeError("unexpected pos 3520 vs 3414")],
+                         ids=["ENOSPC", "torch-RuntimeError"])
+def test_cache_write_failure_loads_uncached_and_leaves_no_partial_file(tmp_path, monkeypatch, error):
+    """A full disk while writing the cache: the images still load, a warning names the cache file, the
+    temporary file is removed, and a cache already there is kept."""
+    root = _make(tmp_path / "c", fmt="png", bit_depth=8)
+    old = RSNAMammography(root, size=LOAD_SIZE).cache_path
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        f.write(b"the first bytes") if hasattr(f, "write") else Path(f).write_bytes(b"the first bytes")  # partial, then the failure
+        raise error
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.warns(UserWarning, match="cannot write cache") as caught:
+        ds = RSNAMammography(root, size=LOAD_SIZE + 8)
+    if isinstance(error, OSError):
+        assert f"no space left on {ds.cache_path}" in str(caught[0].message)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert len(ds) > 0 and not ds.cache_path.exists()
+    assert sorted(p.name for p in old.parent.iterdir()) == [old.name]  # no .tmp left, the old cache kept
+    assert RSNAMammography(root, size=LOAD_SIZE).from_cache
+
+
 # -- splits ----------------------------------------------------------------------------------------------------
 def test_patient_split_properties():
     rng = np.random.default_rng(0)
@@ -533,3 +557,48 @@ def test_error_lidc_structure(tmp_path, lidc_file):
     (tmp_path / "emptydir").mkdir()
     with pytest.raises(MissingDataError, match=r"emptydir: no \.pickle files"):
         LIDCPatches(tmp_path / "emptydir")
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")  # pydicom's, on writing the bad value
+@pytest.mark.parametrize("name, value", [("WindowCenter", "nan"), ("WindowWidth", "inf"), ("RescaleSlope", "nan"),
+                                         ("RescaleIntercept", "-inf"), ("WindowCenter", [1900.5, float("nan")])])
+def test_error_dicom_non_finite_grey_level_attributes(tmp_path, name, value):
+    """A DICOM whose window or rescale is not a finite number is refused, naming the file and the attribute
+    (it used to load as an all-black image, with only numpy's cast warning)."""
+    root = _make(tmp_path / "d", n_patients=4, fmt="dcm", bit_depth=16)
+    bad = RSNAMammography(root, size=LOAD_SIZE, cache=False).paths[0]
+    ds = pydicom.dcmread(bad)
+    setattr(ds, name, value)
+    ds.save_as(bad)
+    with pytest.raises(DataError, match=rf"{bad.name}: {name} is .*not a finite number"):
+        RSNAMammography(root, size=LOAD_SIZE, cache=False)
+
+
+def test_error_duplicate_ids_with_conflicting_labels(small_png, tmp_path, lidc_file):
+    rows = _csv_rows(small_png)
+    ds = RSNAMammography(small_png, size=LOAD_SIZE, cache=False)
+    first = next(r for r in rows if r["image_id"] == ds.image_ids[0])
+    fields = list(rows[0])
+
+    def write(extra):
+        with open(small_png / "dup.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows + [extra])
+
+    write(dict(first))  # the same row twice: the same label, accepted
+    assert len(RSNAMammography(small_png, csv="dup.csv", size=LOAD_SIZE, cache=False)) == len(ds) + 1
+    write(dict(first, BIRADS="0" if int(float(first["BIRADS"])) else "1"))
+    with pytest.raises(DataError, match=rf"dup\.csv: 1 image id\(s\) listed more than once .*image_id {first['image_id']}: "
+                                        rf"patient {first['patient_id']} label 0, patient {first['patient_id']} label 1"):
+        RSNAMammography(small_png, csv="dup.csv", size=LOAD_SIZE, cache=False)
+    # LIDC: one patch name in two pickles of a folder, with other masks
+    with open(lidc_file, "rb") as f:
+        raw = pickle.load(f)
+    name, entry = next(iter(raw.items()))
+    (tmp_path / "a.pickle").write_bytes(pickle.dumps(raw))
+    (tmp_path / "b.pickle").write_bytes(pickle.dumps({name: dict(entry, masks=1 - np.asarray(entry["masks"]))}))
+    with pytest.raises(DataError, match=rf"b\.pickle: 1 patch name\(s\) also in an earlier file with other contents \({name}\)"):
+        LIDCPatches(tmp_path)
+    (tmp_path / "b.pickle").write_bytes(pickle.dumps({name: entry}))  # the same patch twice: fine
+    assert len(LIDCPatches(tmp_path)) == len(raw)

@@ -223,6 +223,81 @@ def test_finished_runs_are_skipped_and_interrupted_ones_rerun(tmp_path, monkeypa
     assert calls == ["baseline", "8bit"]
 
 
+def test_a_run_held_by_another_live_process_is_left_alone(tmp_path):
+    """Two processes on one --out: a run whose lock a live process holds is skipped (its folder kept, the
+    holder named); a lock left by a dead process is taken over."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from pyquant.experiment import lock
+
+    cfg = _tabular_cfg(tmp_path / "runs", settings=["baseline"])
+    (run,) = config.expand(cfg)
+    out = tmp_path / "runs"
+    run_dir, lock_path = out / config.run_name(run), out / f".{config.run_name(run)}.lock"
+    run_dir.mkdir(parents=True)
+    (run_dir / "best.pt").write_bytes(b"the other process is writing this")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock_path.write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(), "since": "earlier"}))
+        lines = []
+        assert runner.run_grid(cfg, progress=False, log=lines.append) == runner.HELD_ELSEWHERE
+        assert (run_dir / "best.pt").read_bytes() == b"the other process is writing this"
+        assert any(f"skipped, run by pid {other.pid} on {socket.gethostname()}" in line for line in lines), lines
+        assert lock.acquire(lock_path) == json.loads(lock_path.read_text())  # still held: not ours
+    finally:
+        other.kill()
+        other.wait()
+    # the holder is gone: its lock is stale, taken over, and the run is done from scratch
+    assert runner.run_grid(cfg, progress=False, log=lambda *a: None) == 0
+    assert runner.is_finished(run_dir, run["hash"]) and not lock_path.exists()
+    assert lock.acquire(lock_path) is None and json.loads(lock_path.read_text())["pid"] == __import__("os").getpid()
+    assert lock.acquire(lock_path)["pid"] == __import__("os").getpid()  # a second taker is refused
+    lock.release(lock_path)
+    assert not lock_path.exists()
+
+
+def test_runs_that_cannot_work_are_refused_up_front(tmp_path, capsys):
+    base = ["experiment", "--task", "tabular", "--models", "mlp", "--settings", "baseline", "--seeds", "1",
+            "--out", str(tmp_path / "runs"), "--quiet"]
+    for extra, message in ((["--epochs", "0"], "epochs must be a whole number >= 1, got 0"),
+                           (["--batch-size", "0"], "batch_size must be a whole number >= 1, got 0"),
+                           (["--set", "data.tabular.fractions=[1, 0, 0]"], "data.tabular.fractions must be three positive")):
+        assert cli.main(base + extra) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
+    (tmp_path / "file").write_text("")
+    assert cli.main(base[:-3] + ["--out", str(tmp_path / "file" / "runs"), "--quiet"]) == 2
+    assert f"cannot write the runs folder {tmp_path / 'file' / 'runs'}" in capsys.readouterr().err
+    # narrowing the grid narrows the preset's down-sampling grid too: no RSNA runs for --task tabular
+    for overrides in ({"tasks": ["tabular"]}, {"tasks": ["tabular"], "models": ["mlp"]}):
+        runs = config.expand(config.load("quick", overrides=overrides))
+        assert {r["task"] for r in runs} == {"tabular"} and {r["scale"] for r in runs} == {1}
+    assert {r["scale"] for r in config.expand(config.load("quick"))} == {1, 2, 4}
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), RuntimeError("iostream error")],
+                         ids=["ENOSPC", "other"])
+def test_checkpoint_write_failure_keeps_the_previous_checkpoint(tmp_path, monkeypatch, error):
+    path = tmp_path / "best.pt"
+    runner.save_checkpoint(path, {"epoch": 1})
+
+    def failing(obj, f, *a, **k):
+        f.write(b"PK partial") if hasattr(f, "write") else Path(f).write_bytes(b"PK partial")  # partial, then the failure
+        raise error
+
+    monkeypatch.setattr(torch, "save", failing)
+    with pytest.raises(type(error)) as caught:
+        runner.save_checkpoint(path, {"epoch": 2})
+    if isinstance(error, OSError):
+        assert caught.value.errno == 28 and f"no space left on {path} (device full; the previous file is kept)" in str(caught.value)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # the temporary file is gone
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+
+
 # ---- a tiny grid end to end, through the command line ----
 @pytest.fixture(scope="module")
 def tiny_grid(tmp_path_factory):
@@ -297,3 +372,23 @@ def test_report_command_and_mean_std(tiny_grid, tmp_path, capsys):
     rows = list(__import__("csv").DictReader(open(tmp_path / "table.csv")))
     assert len(rows) == 3 and {"auc", "auc_std", "train_peak_mib"} <= set(rows[0])
     assert "\\begin{tabular}" in (tmp_path / "table.tex").read_text()
+
+
+def test_report_warns_about_records_it_cannot_use(tiny_grid, tmp_path):
+    """An unreadable record and one without a field the report needs are skipped, each with a warning naming
+    its file; the others make the report."""
+    import json
+
+    out, _ = tiny_grid
+    good = report.load_records(out)[0]
+    runs = tmp_path / "runs"
+    for name, text in (("good", json.dumps(good)), ("torn", json.dumps(good)[:100]),
+                       ("old", json.dumps({k: v for k, v in good.items() if k != "metrics"}))):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "record.json").write_text(text)
+    with pytest.warns(RuntimeWarning) as caught:
+        assert cli.main(["report", str(runs), "--out", str(tmp_path / "report")]) == 0
+    messages = sorted(str(w.message) for w in caught if issubclass(w.category, RuntimeWarning))
+    assert messages[0] == f"{runs / 'old' / 'record.json'}: skipped, the record lacks the field 'metrics'"
+    assert messages[1].startswith(f"{runs / 'torn' / 'record.json'}: skipped, the record cannot be read")
+    assert len(list(__import__("csv").DictReader(open(tmp_path / "report" / "table.csv")))) == 1

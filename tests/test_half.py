@@ -267,3 +267,25 @@ def test_harness_float16_setting_runs_on_pyquant_layers():
     plain = resolve("half+8bit", "cpu", half_dtype="bfloat16").prepare_model(copy.deepcopy(reference))
     assert all(type(m) is nn.Conv2d and m.weight.dtype == torch.bfloat16 for m in plain.modules()
                if isinstance(m, nn.Conv2d))
+
+
+@pytest.mark.parametrize("impl", ["pyquant", "auto"])
+def test_conv2d16_honours_a_change_of_geometry(impl):
+    """stride, padding and dilation set after construction are used (as by nn.Conv2d), in any form nn.Conv2d
+    takes; what the kernel cannot do is refused, not computed as something else."""
+    torch.manual_seed(3)
+    layer = Conv2d16(4, 6, 3, dtype=torch.bfloat16, impl=impl)
+    x = torch.randn(2, 4, 9, 9).to(torch.bfloat16)
+    for stride, padding, dilation in ((2, 0, 1), ((1, 1), 1, 2), (1, "same", 1), (2, "valid", (2, 1))):
+        layer.stride, layer.padding, layer.dilation = stride, padding, dilation
+        with torch.no_grad():
+            y = layer(x).float()
+            ref = F.conv2d(x.float(), layer.weight.float(), layer.bias.float(), stride, padding, dilation)
+        assert y.shape == ref.shape and torch.allclose(y, ref, rtol=2e-2, atol=5e-2)
+    layer.stride = 2
+    layer.padding = "same"
+    with pytest.raises(ValueError, match="needs stride 1"):
+        layer(x)
+    layer.padding, layer.groups = 0, 2
+    with pytest.raises(ValueError, match="groups=1 only"):
+        layer(x)

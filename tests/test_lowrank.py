@@ -677,3 +677,19 @@ def test_eager_plan_keeps_errors_modes_and_copies():
     # with gradients wanted, the op (and its autograd) runs
     out = layer(x.requires_grad_())
     assert out.grad_fn is not None and torch.equal(out.detach(), y)
+
+
+@pytest.mark.skipif(not HAVE_CPU, reason="the CPU library (with the low-rank kernel) is not built")
+def test_eager_plan_sees_a_change_of_geometry():
+    """stride, padding and dilation are plain attributes: a change after the first call is honoured, as by
+    nn.Conv2d (the plan's key holds them)."""
+    torch.manual_seed(2)
+    layer = LowRankConv2d(5, 6, 3, rank=3).eval()
+    x = torch.randn(2, 5, 11, 11)
+    with torch.no_grad():
+        for stride, padding, dilation in (((1, 1), (0, 0), (1, 1)), ((2, 2), (0, 0), (1, 1)),
+                                          ((2, 2), (1, 1), (1, 1)), ((1, 1), (1, 1), (2, 2)), (1, "same", 2)):
+            layer.stride, layer.padding, layer.dilation = stride, padding, dilation
+            expected = layer.to_sequential()(x)  # nn.Conv2d with the same geometry
+            y = layer(x)
+            assert y.shape == expected.shape and torch.allclose(y, expected, rtol=1e-5, atol=1e-5)

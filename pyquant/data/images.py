@@ -12,6 +12,7 @@ e.g. ``pip install pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg`` or ``python-
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -95,6 +96,25 @@ def _window_range(ds) -> tuple[float, float]:
     return min(lo, hi), max(lo, hi)
 
 
+# the attributes that map stored values to grey levels: a non-finite one makes every pixel NaN or 0
+GREY_LEVEL_ATTRIBUTES = ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth")
+
+
+def _check_grey_level_attributes(ds, path: Path) -> None:
+    for name in GREY_LEVEL_ATTRIBUTES:
+        value = ds.get(name)
+        if value is None:
+            continue
+        for v in [value] if isinstance(value, (str, bytes, int, float)) else value:  # else multi-valued
+            try:
+                ok = math.isfinite(float(v))
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise DataError(f"{path}: {name} is {value!r}, not a finite number: the image cannot be mapped to "
+                                "grey levels (it would come out all black); fix or remove the file")
+
+
 def read_dicom(path: Union[str, Path]) -> np.ndarray:
     """A single-frame grey DICOM image as a 2-D float32 array in [0, 1] (VOI applied, MONOCHROME1 inverted)."""
     path = Path(path)
@@ -128,6 +148,7 @@ def read_dicom(path: Union[str, Path]) -> np.ndarray:
     if arr.ndim != 2 or arr.size == 0:
         raise DataError(f"{path}: expected a 2-D image, got pixel array of shape {arr.shape}")
 
+    _check_grey_level_attributes(ds, path)
     apply_modality_lut, apply_voi_lut = _voi_functions()
     try:
         x = apply_modality_lut(arr, ds)  # unchanged ints when there is no rescale (VOI LUTs index ints)
@@ -146,6 +167,8 @@ def read_dicom(path: Union[str, Path]) -> np.ndarray:
             lo, hi = float(x.min()), float(x.max())
     except (ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
         raise DataError(f"{path}: invalid VOI / modality LUT attributes ({type(e).__name__}: {e})") from e
+    if not (math.isfinite(lo) and math.isfinite(hi) and np.isfinite(x).all()):  # e.g. a LUT of odd values
+        raise DataError(f"{path}: the modality / VOI transforms give non-finite grey levels; fix or remove the file")
     x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
     x = np.clip(x, 0.0, 1.0)
     if photometric == "MONOCHROME1":

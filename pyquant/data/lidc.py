@@ -22,6 +22,13 @@ from pyquant.data.splits import resolve_split
 REQUIRED_KEYS = ("image", "masks", "series_uid")
 
 
+def _same_patch(a, b) -> bool:
+    try:
+        return a["series_uid"] == b["series_uid"] and all(np.array_equal(a[k], b[k]) for k in ("image", "masks"))
+    except (KeyError, TypeError):
+        return False  # a malformed entry: reported as a clash rather than silently replaced
+
+
 def _load_pickles(path: Path) -> tuple[dict, list[Path]]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix == ".pickle" or p.suffix == ".pkl")
@@ -43,6 +50,10 @@ def _load_pickles(path: Path) -> tuple[dict, list[Path]]:
                 f"{f}: wrong structure: expected a dict from patch name to {{'image', 'masks', 'series_uid'}}, "
                 f"got {type(part).__name__}"
             )
+        clash = [k for k in part if k in data and not _same_patch(data[k], part[k])]
+        if clash:  # two files disagree about one patch: which is right cannot be guessed
+            raise DataError(f"{f}: {len(clash)} patch name(s) also in an earlier file with other contents "
+                            f"({', '.join(map(str, clash[:5]))}{', ...' if len(clash) > 5 else ''})")
         data.update(part)
     if not data:
         raise DataError(f"{path}: the pickle holds no patches")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from pyquant._files import write_atomic
 from pyquant.data.errors import DataError, MissingDataError
 from pyquant.data.images import Size, _size_hw, read_image, resize_image, to_uint16
 from pyquant.data.splits import resolve_split
@@ -107,6 +107,15 @@ def select_cohort(rows: list[dict[str, Any]], max_age: float, csv_path: Path) ->
             f"{csv_path}: empty cohort: the BI-RADS filter (BI-RADS 0, 1 or 2) removed all {len(aged)} rows with "
             f"age < {max_age:g} ({n_none} have no BI-RADS value, {len(aged) - n_none} another value)"
         )
+    labels: dict[str, set] = {}
+    for r in kept:
+        labels.setdefault(r["image_id"], set()).add((r["patient_id"], BIRADS_LABEL[int(r["birads"])]))
+    conflicts = sorted(i for i, seen in labels.items() if len(seen) > 1)
+    if conflicts:  # one image, two labels (or two patients): which row is right cannot be guessed
+        shown = "; ".join(f"image_id {i}: " + ", ".join(f"patient {p} label {lab}" for p, lab in sorted(labels[i]))
+                          for i in conflicts[:5])
+        raise DataError(f"{csv_path}: {len(conflicts)} image id(s) listed more than once with different labels or "
+                        f"patients ({shown}{'; ...' if len(conflicts) > 5 else ''}); fix the CSV")
     return kept, summary
 
 
@@ -271,13 +280,13 @@ class RSNAMammography(Dataset):
     def _write_cache(self, images: torch.Tensor, rel: list[str]) -> None:
         if self.cache_path is None:
             return
+        blob = {"key": self.cache_key, "version": CACHE_VERSION, "images": images, "files": rel}
         try:
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.cache_path.with_name(f".{self.cache_path.name}.{os.getpid()}.tmp")
-            torch.save({"key": self.cache_key, "version": CACHE_VERSION, "images": images, "files": rel}, tmp)
-            os.replace(tmp, self.cache_path)
-        except OSError as e:  # read-only data folders (e.g. Kaggle input) still load, just uncached
-            warnings.warn(f"{self.cache_path}: cannot write cache ({e}); pass cache=<writable folder>", stacklevel=3)
+            write_atomic(self.cache_path, lambda f: torch.save(blob, f))
+        except (OSError, RuntimeError) as e:  # read-only data folders (e.g. Kaggle input), a full disk: uncached
+            warnings.warn(f"{self.cache_path}: cannot write cache ({e}); the images load uncached; pass "
+                          "cache=<writable folder> or cache=False", stacklevel=3)
 
     # -- Dataset -----------------------------------------------------------------------------------------------
     def __len__(self) -> int:

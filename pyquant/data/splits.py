@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from pyquant._files import write_text_atomic
 from pyquant.data.errors import DataError, MissingDataError
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -83,9 +83,7 @@ def save_split(
     if meta:
         doc["meta"] = dict(meta)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(doc, indent=1, sort_keys=True) + "\n")
     return path
 
 

@@ -236,14 +236,35 @@ RUN_KEYS = ("epochs", "min_epochs", "patience", "monitor", "batch_size", "lr", "
             "workers", "threshold_rule", "inference_repeats", "warmup_batches")
 
 
+# keys a run cannot do without, and their least value (0 epochs would leave no checkpoint to test)
+AT_LEAST = {"epochs": 1, "batch_size": 1, "inference_repeats": 1, "min_epochs": 0, "patience": 0, "threads": 0,
+            "workers": 0, "warmup_batches": 0}
+
+
+def validate(cfg: dict) -> None:
+    """A ValueError naming the first key of ``cfg`` a run cannot use: a count below its least value, or a task's
+    split fractions that leave validation (early stopping, threshold) or test empty."""
+    for key, least in AT_LEAST.items():
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{key} must be a whole number >= {least}, got {value!r}")
+    for task in cfg["tasks"]:
+        fractions = cfg["data"].get(task, {}).get("fractions")
+        if fractions is not None and (len(fractions) != 3 or not all(f > 0 for f in fractions)):
+            raise ValueError(f"data.{task}.fractions must be three positive fractions (train, val, test): a run "
+                             f"trains, early-stops on val and reports test, got {fractions!r}")
+
+
 def expand(cfg: dict) -> list[dict]:
     """The runs of a config: tasks x models x settings x seeds x scales, then the down-sampling grid (duplicates
     dropped). Each run is a self-contained dict; its hash names its folder and decides whether it is finished."""
+    validate(cfg)
     grids = [(cfg["tasks"], cfg["models"], cfg["settings"], cfg["scales"])]
     ds = cfg["downsample"]
     if ds.get("scales"):
-        grids.append((ds.get("tasks") or cfg["tasks"], ds.get("models") or cfg["models"],
-                      ds.get("settings") or cfg["settings"], ds["scales"]))
+        # a sub-grid of the main one: narrowing the tasks, models or settings (on the command line) narrows it too
+        grids.append((*([v for v in ds.get(key) or cfg[key] if v in cfg[key]] for key in ("tasks", "models", "settings")),
+                      ds["scales"]))
     device = resolve_device(cfg["device"])
     from pyquant.experiment.parallel import check
 

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import statistics
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -48,14 +49,24 @@ SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def load_records(runs_dir: str | Path) -> list[dict]:
+    """The finished run records under ``runs_dir``. A record that cannot be read, or lacks a field the report
+    needs, is skipped with a warning naming the file (unfinished runs, status other than "done", silently)."""
     records = []
     for path in sorted(Path(runs_dir).rglob("record.json")):
         try:
             record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            warnings.warn(f"{path}: skipped, the record cannot be read ({e})", RuntimeWarning, stacklevel=2)
             continue
-        if record.get("status") == "done":
-            records.append(record)
+        if not isinstance(record, dict) or record.get("status") != "done":
+            continue
+        try:
+            summarize([record])  # reads every field the report uses
+        except (KeyError, TypeError, IndexError, AttributeError) as e:
+            what = f"lacks the field {e.args[0]!r}" if isinstance(e, KeyError) else f"has a malformed field ({e})"
+            warnings.warn(f"{path}: skipped, the record {what}", RuntimeWarning, stacklevel=2)
+            continue
+        records.append(record)
     return records
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import statistics
@@ -23,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from pyquant._files import write_atomic, write_text_atomic
 from pyquant.experiment import config as config_mod
-from pyquant.experiment import parallel
+from pyquant.experiment import lock, parallel
 from pyquant.experiment.measure import (
     EnergyMeter,
     PeakMemory,
@@ -58,10 +58,7 @@ def _finite_or_none(value):
 
 def write_record(path: Path, record: dict) -> None:
     """The one JSON writer: NaN/inf become null, written to a temporary file and moved into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(_finite_or_none(record), indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(_finite_or_none(record), indent=1, sort_keys=False) + "\n")
 
 
 def read_record(path: Path) -> dict | None:
@@ -77,10 +74,9 @@ def is_finished(run_dir: Path, run_hash: str) -> bool:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temporary file, then os.replace: an interrupted save never leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """torch.save to a temporary file, then os.replace: an interrupted or failed save (a full disk: "no space
+    left on <path>") never leaves a half-written file, and the previous checkpoint stays."""
+    write_atomic(path, lambda f: torch.save(state, f))
 
 
 def seed_everything(seed: int) -> None:
@@ -202,6 +198,10 @@ def run_one(run: dict, run_dir: Path, data: TaskData, progress: bool = True) -> 
     if data.image_size is None and scale != 1:
         raise ValueError(f"task {run['task']!r} has no images: down-sampling scale must be 1, got {scale}")
     size = None if data.image_size is None else data.image_size // scale
+    empty = [part for part in ("train", "val", "test") if len(getattr(data, part)) == 0]
+    if empty:  # config.validate refuses zero fractions; too few patients for three splits ends here
+        raise ValueError(f"task {run['task']!r}: the {' and '.join(empty)} split(s) are empty; a run trains on train, "
+                         "early-stops on val and reports test: give each split a positive fraction and data for it")
     from pyquant.data import save_split
 
     if parallel.is_main():
@@ -366,7 +366,7 @@ def _child(run: dict, run_dir: str, progress: bool) -> None:
         run_one(run, Path(run_dir), get_task(run["task"], run["data"]), progress)
     except KeyboardInterrupt:
         raise SystemExit(130) from None
-    except (FileNotFoundError, KeyError, ValueError) as e:  # missing data, bad config: one line, not a traceback
+    except (OSError, KeyError, ValueError) as e:  # missing data, bad config, full disk: one line, not a traceback
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -411,38 +411,61 @@ def check_names(runs: list[dict]) -> None:
             raise KeyError(f"setting {name!r} uses unknown optimizer {setting.optimizer!r}")
 
 
+HELD_ELSEWHERE = 3  # run_grid's code when runs were skipped because other processes hold them
+
+
 def run_grid(cfg: dict, progress: bool = True, log=print) -> int:
-    """Run every unfinished run of ``cfg``; 0 when all are done, 130 when interrupted (rerun to resume)."""
+    """Run every unfinished run of ``cfg``; 0 when all are done, 130 when interrupted (rerun to resume),
+    HELD_ELSEWHERE when some were left to the other processes running them (pyquant.experiment.lock)."""
     from tqdm.auto import tqdm
 
     runs = config_mod.expand(cfg)
     check_names(runs)
     out = Path(cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
+    try:  # fail here, with the folder's name, rather than with a traceback after the first run
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.toml").write_text(config_mod.to_toml(cfg))
+    except OSError as e:
+        raise RuntimeError(f"cannot write the runs folder {out}: {e.strerror or e}") from None
     todo = [r for r in runs if not is_finished(out / config_mod.run_name(r), r["hash"])]
     log(f"{len(runs)} runs in the grid, {len(runs) - len(todo)} already finished, {len(todo)} to run -> {out}/")
-    (out / "config.toml").write_text(config_mod.to_toml(cfg))
     cached_key, cached = None, None
+    held = []
     bar = tqdm(todo, desc="runs", unit="run", disable=not progress)
+    say = tqdm.write if progress else log
     try:
         for run in bar:
             name = config_mod.run_name(run)
             bar.set_description(f"{run['model']} {run['setting']} S{run['scale']} seed{run['seed']}")
-            run_dir = out / name
-            if run_dir.exists():  # an interrupted earlier attempt: start it again from scratch
-                shutil.rmtree(run_dir)
-            if cfg["isolate"] or int(run.get("nproc", 1)) > 1:
-                record = run_isolated(run, run_dir, progress)
-            else:
-                key = json.dumps([run["task"], run["data"]], sort_keys=True)
-                if key != cached_key:
-                    cached_key, cached = key, None  # one task's data in memory at a time
-                    cached = get_task(run["task"], run["data"])
-                record = run_one(run, run_dir, cached, progress)
-            (tqdm.write if progress else log)(_summary_line(record))
+            run_dir, lock_path = out / name, out / f".{name}.lock"
+            holder = lock.acquire(lock_path)
+            if holder is not None:  # another live process runs it: leave its folder alone
+                held.append(name)
+                say(f"{name}: skipped, run by {lock.describe(holder, lock_path)}")
+                continue
+            try:
+                if is_finished(run_dir, run["hash"]):  # finished by another process since the list was made
+                    continue
+                if run_dir.exists():  # an interrupted earlier attempt: start it again from scratch
+                    shutil.rmtree(run_dir)
+                if cfg["isolate"] or int(run.get("nproc", 1)) > 1:
+                    record = run_isolated(run, run_dir, progress)
+                else:
+                    key = json.dumps([run["task"], run["data"]], sort_keys=True)
+                    if key != cached_key:
+                        cached_key, cached = key, None  # one task's data in memory at a time
+                        cached = get_task(run["task"], run["data"])
+                    record = run_one(run, run_dir, cached, progress)
+            finally:
+                lock.release(lock_path)
+            say(_summary_line(record))
     except KeyboardInterrupt:
         bar.close()
         log("\ninterrupted: finished runs are kept; run the same command again to resume")
         return 130
     bar.close()
+    if held:
+        log(f"{len(held)} run(s) left to the other process(es) running them; run the same command again once "
+            "they finish to check the grid is complete")
+        return HELD_ELSEWHERE
     return 0

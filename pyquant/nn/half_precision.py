@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 from pyquant.ops.conv16 import _im2col_matmul_op
 from pyquant.ops.conv16 import columns as _columns
@@ -281,11 +282,12 @@ class Linear16(nn.Linear):
         if self.impl != "auto":
             return self.impl == "torch"
         rows = _pow2(x.numel() // max(x.shape[-1], 1))
-        key = ("linear", rows, self.in_features, self.out_features, self.bias is not None, x.dtype,
-               x.device.type, torch.get_num_threads())
+        out_features, in_features = self.weight.shape  # what is measured: the weight, not the attributes
+        key = ("linear", rows, in_features, out_features, self.bias is not None, x.dtype, x.device.type,
+               torch.get_num_threads())
 
         def make_runs():
-            probe = torch.randn(rows, self.in_features, device=x.device).to(x.dtype)
+            probe = torch.randn(rows, in_features, device=x.device).to(x.dtype)
             w, b = self.weight.detach(), None if self.bias is None else self.bias.detach()
             return lambda: linear(probe, w, b), lambda: F.linear(probe, w, b)
 
@@ -320,18 +322,24 @@ class Conv2d16(nn.Conv2d):
         self.impl = _check_impl(impl)
 
     def _check_supported(self) -> None:
+        """Refuse what the kernel cannot do and bring the geometry to pairs of ints. Run on every forward too:
+        these are plain attributes that nn.Conv2d honours when changed after construction."""
         if self.groups != 1:
             raise ValueError(f"Conv2d16 supports groups=1 only, got groups={self.groups}")
         if self.padding_mode != "zeros":
             raise ValueError(f"Conv2d16 supports padding_mode='zeros' only, got {self.padding_mode!r}")
-        if isinstance(self.padding, str):
-            if self.padding == "valid":
-                self.padding = (0, 0)
-            else:  # "same": stride 1 (nn.Conv2d checks); symmetric padding needs an odd effective kernel
-                pads = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
-                if any(p % 2 for p in pads):
-                    raise ValueError("Conv2d16 supports padding='same' only with odd (dilated) kernel sizes")
-                self.padding = tuple(p // 2 for p in pads)
+        self.stride, self.dilation = tuple(_pair(self.stride)), tuple(_pair(self.dilation))
+        if not isinstance(self.padding, str):
+            self.padding = tuple(_pair(self.padding))
+        elif self.padding == "valid":
+            self.padding = (0, 0)
+        elif self.padding == "same" and self.stride == (1, 1):  # symmetric padding needs an odd effective kernel
+            pads = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+            if any(p % 2 for p in pads):
+                raise ValueError("Conv2d16 supports padding='same' only with odd (dilated) kernel sizes")
+            self.padding = tuple(p // 2 for p in pads)
+        else:
+            raise ValueError(f"padding={self.padding!r} needs stride 1 and is 'same' or 'valid', got stride {self.stride}")
 
     @classmethod
     def supports(cls, conv: nn.Conv2d) -> bool:
@@ -371,8 +379,9 @@ class Conv2d16(nn.Conv2d):
     def _use_torch(self, x: torch.Tensor) -> bool:
         if self.impl != "auto":
             return self.impl == "torch"
-        key = ("conv2d", tuple(x.shape), self.out_channels, self.kernel_size, self.stride, self.padding,
-               self.dilation, self.bias is not None, x.dtype, x.device.type, torch.get_num_threads())
+        # every input of the measured choice: the weight's shape rather than attributes that describe it
+        key = ("conv2d", tuple(x.shape), tuple(self.weight.shape), self.stride, self.padding, self.dilation,
+               self.bias is not None, x.dtype, x.device.type, torch.get_num_threads())
 
         def make_runs():
             probe = torch.randn(x.shape, device=x.device).to(x.dtype)
@@ -393,6 +402,7 @@ class Conv2d16(nn.Conv2d):
             x = x.unsqueeze(0)
         if x.dim() != 4:
             raise ValueError(f"Conv2d16 expects a 3-D or 4-D input, got shape {tuple(x.shape)}")
+        self._check_supported()
         if self._use_torch(x):
             out = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation).to(out_dtype)
         else:

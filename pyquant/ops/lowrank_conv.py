@@ -718,8 +718,8 @@ def _weight_key(t):
 
 def eager_inference(plan, x, w1, w2, bias, stride, padding, dilation, reuse_packed: bool = False):
     """`lowrank_conv2d(x, w1, w2, bias, stride, padding, dilation)` for eager CPU inference through `plan`
-    (an EagerPlan or None): returns (y, plan), the plan rebuilt when the input's shape or the weights' tensors
-    changed. The weights are packed on every call unless ``reuse_packed`` (the layer's opt-in
+    (an EagerPlan or None): returns (y, plan), the plan rebuilt when the input's shape, the weights' tensors or
+    the geometry changed. The weights are packed on every call unless ``reuse_packed`` (the layer's opt-in
     `cache_packed_weights`): then only when a weight's version counter moved; (None, plan) when the general path must run (gradients wanted, modes, the profiler,
     torch.compile, another backend, a dtype, device or layout the kernel does not take)."""
     if (
@@ -734,7 +734,10 @@ def eager_inference(plan, x, w1, w2, bias, stride, padding, dilation, reuse_pack
         or _torch_profiler._is_profiler_enabled
     ):
         return None, plan
-    key = (x.shape, x.dtype, x.is_cpu, x.is_contiguous(), _weight_key(w1), _weight_key(w2), _weight_key(bias))
+    # every input of the plan's checks and arguments, the geometry too: a layer's stride, padding and dilation
+    # are plain attributes that may change between calls (nn.Conv2d honours that)
+    key = (x.shape, x.dtype, x.is_cpu, x.is_contiguous(), _weight_key(w1), _weight_key(w2), _weight_key(bias),
+           stride, padding, dilation)
     if plan is None or plan.key != key:
         plan = None
         if (
