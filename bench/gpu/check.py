@@ -15,6 +15,7 @@ to every NaN (NaN payloads are not part of the contract: docs/numerics.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import importlib.util
 import json
@@ -56,8 +57,6 @@ def _load_file_module(name: str, path: Path):
 
 def interpreter_patches():
     """Under the Triton interpreter, its fma and sqrt made the device's (tests/triton_exact_fma.py says why)."""
-    import contextlib
-
     if os.environ.get("TRITON_INTERPRET") != "1":
         return contextlib.nullcontext()
     return _load_file_module("triton_exact_fma", ROOT / "tests" / "triton_exact_fma.py").interpreter_as_device()
@@ -271,24 +270,17 @@ def _grads(params, step: int, with_nan: bool) -> list[torch.Tensor]:
     return out
 
 
-def _run_optimizer(cls, params0, steps: int, backend: str | None, device=None, with_nan=False, **kwargs):
+def _run_optimizer(cls, params0, steps: int, backend: str, device=None, with_nan=False, **kwargs):
     device = device or DEVICE
     params = [torch.nn.Parameter(p.detach().clone().to(device)) for p in params0]
     opt = cls(params, lr=1e-3, weight_decay=0.01, **kwargs)
-    ctx = backends.use_backend(backend) if backend else _null()
-    with ctx, interpreter_patches():
+    with backends.use_backend(backend), interpreter_patches():
         for step in range(steps):
             for p, g in zip(params, _grads(params0, step, with_nan)):
                 p.grad = g.to(device)
             opt.step()
     states = [{k: v for k, v in opt.state[p].items() if torch.is_tensor(v) and v.dim() > 0} for p in params]
     return params, states
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def bits_optimizers(st: Stage) -> None:
