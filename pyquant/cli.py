@@ -35,6 +35,9 @@ def _experiment_parser(commands) -> None:
     p.add_argument("--out", help="runs folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key, dotted, value in TOML syntax (e.g. data.rsna.root='/data/rsna')")
+    p.add_argument("--generate-data", action="store_true", dest="generate_data",
+                   help="write generated data (in the real format) into the data roots when they hold none; without "
+                   "it, only the demo folders (data/rsna-demo) get generated data")
     p.add_argument("--report-dir", help="where to write the report (default: <out>/report)")
     p.add_argument("--no-report", action="store_true", help="do not build the report at the end")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
@@ -51,6 +54,11 @@ def _experiment(args) -> int:
                                                "monitor", "batch_size", "lr", "device", "amp_dtype", "half_dtype",
                                                "threads", "nproc", "out")}
     cfg = config.load(args.preset, overrides=overrides, sets=args.set)
+    if args.generate_data:
+        from pyquant.experiment.tasks import DEMO_DATA
+
+        for task in set(cfg["tasks"]) & set(DEMO_DATA):
+            cfg = config.set_key(cfg, f"data.{task}.write_generated", True)
     if args.print_config:
         print(config.to_toml(cfg), end="")
         return 0

@@ -307,7 +307,7 @@ def tiny_grid(tmp_path_factory):
         "experiment", "--preset", "quick", "--models", "densenet_small", "--settings", "baseline", "half+8bit",
         "--seeds", "1", "--epochs", "2", "--out", str(out), "--quiet",
         "--set", f"data.rsna.root='{root}'", "--set", "data.rsna.generate={n_patients=30, size=48, seed=0}",
-        "--set", "data.rsna.size=32", "--set", "downsample.scales=[2]",
+        "--generate-data", "--set", "data.rsna.size=32", "--set", "downsample.scales=[2]",
     ])
     assert code == 0
     return out, root
@@ -315,7 +315,7 @@ def tiny_grid(tmp_path_factory):
 
 def test_tiny_grid_writes_records_checkpoints_and_report(tiny_grid):
     out, root = tiny_grid
-    assert (root / "train.csv").is_file()  # the data set was generated on first use
+    assert (root / "train.csv").is_file()  # the data set was generated on first use, as --generate-data asked
     records = report.load_records(out)
     assert sorted((r["config"]["setting"], r["config"]["scale"]) for r in records) == [
         ("baseline", 1), ("baseline", 2), ("half+8bit", 1)]
