@@ -354,10 +354,13 @@ def run_one(run: dict, run_dir: Path, data: TaskData, progress: bool = True) -> 
 
 
 def _summary_line(record: dict) -> str:
+    from pyquant.experiment.report import train_memory_bytes
+
     t, r = record["metrics"]["test"], record["resources"]
+    memory = train_memory_bytes(record)
     return (f"{record['run_id']}: AUC {t['auc']:.3f}  bal.acc {t['balanced_accuracy']:.3f}  acc {t['accuracy_argmax']:.3f}  "
             f"best epoch {record['training']['best_epoch']}/{record['training']['epochs_run']}  "
-            f"train {r['time']['train_total_s']:.0f}s  peak {r['memory']['train_peak_bytes'] / 2**20:.0f} MiB  "
+            f"train {r['time']['train_total_s']:.0f}s  train mem. {'n/a' if memory is None else f'{memory / 2**20:.1f}'} MiB  "
             f"opt.state {r['memory']['optimizer_state_bytes'] / 2**20:.2f} MiB")
 
 
