@@ -497,3 +497,65 @@ def test_estimated_energy_is_marked_in_tables_and_plots(tiny_grid, tmp_path, mon
     assert " est. " in (tmp_path / "report" / "table.tex").read_text()
     assert {r["energy_estimated"] for r in __import__("csv").DictReader(open(tmp_path / "report" / "table.csv"))} == {"True"}
     assert any("Energy (Wh) (estimated)" in t for t in texts)  # the radar axis
+
+
+def test_downsampling_title_claims_no_spread_over_one_seed(tiny_grid, tmp_path, monkeypatch):
+    out, _ = tiny_grid
+    texts = _texts_of_saved_figures(monkeypatch)
+    report.build_report(out, tmp_path)
+    title = next(t for t in texts if t.startswith("rsna / densenet_small: down-sampling"))
+    assert "over seeds" not in title and "one seed" in title
+
+
+def test_dry_run_refuses_unknown_models_and_settings(tmp_path, capsys):
+    base = ["experiment", "--task", "tabular", "--seeds", "1", "--out", str(tmp_path / "runs"), "--dry-run"]
+    assert cli.main(base + ["--models", "nosuchnet", "--settings", "baseline"]) == 2
+    assert "unknown model(s) nosuchnet" in capsys.readouterr().err
+    assert cli.main(base + ["--models", "mlp", "--settings", "fp7"]) == 2
+    assert "unknown setting" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+def test_cli_messages(capsys):
+    assert cli.main(["experiment", "--preset", "nosuch", "--dry-run"]) == 2
+    assert "error: 'nosuch' is neither a preset (quick, " in capsys.readouterr().err
+    for argv, words in ((["experiment", "--help"], ["--set data.rsna.root=DIR", "--generate-data"]),
+                        (["report", "--help"], ["runs_dir", "the runs folder of `pyquant experiment`"])):
+        with pytest.raises(SystemExit) as done:
+            cli.main(argv)
+        assert done.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert all(w in text for w in words), text
+    assert cli.main(["experiment", "--models", "nosuchnet", "--dry-run"]) == 2
+    assert "error: unknown model(s) nosuchnet" in capsys.readouterr().err  # a KeyError's text, without its quotes
+
+
+def test_ctrl_c_while_a_run_process_imports_is_one_line(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while the spawned run process still
+    imports torch: the command says "interrupted" in one line and exits with 130, no traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-m", "pyquant.cli", "experiment", "--task", "tabular", "--models", "mlp",
+               "--settings", "baseline", "--seeds", "1", "--epochs", "1", "--quiet", "--out", str(tmp_path / "runs")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def run_process_started() -> bool:
+        for pid in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split():
+            try:
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return True
+            except OSError:  # a short-lived helper that is already gone
+                pass
+        return False
+
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline and not run_process_started():
+        time.sleep(0.01)
+    time.sleep(0.3)  # the run process is now starting Python and importing torch
+    os.killpg(process.pid, signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, (out, err)
+    assert "Traceback" not in err and "interrupted" in out + err and len(err.splitlines()) <= 2, err

@@ -343,7 +343,8 @@ def radar(rows: list[dict], title: str, path_stem: Path) -> list[Path]:
 
 
 def downsampling_curve(rows: list[dict], title: str, path_stem: Path) -> list[Path]:
-    """Test AUC and balanced accuracy against the down-sampling factor S, mean ± std over seeds, per setting."""
+    """Test AUC and balanced accuracy against the down-sampling factor S, per setting: the mean over seeds, with
+    ± one std shaded when there are several."""
     plt = _plt()
     by_setting = defaultdict(list)
     for r in rows:
@@ -367,7 +368,9 @@ def downsampling_curve(rows: list[dict], title: str, path_stem: Path) -> list[Pa
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(title + " (mean ± std over seeds)", fontsize=10)
+    seeds = max(r["n"] for rs in by_setting.values() for r in rs)
+    fig.suptitle(title + (f" (mean ± std over {seeds} seeds)" if seeds > 1 else " (one seed: no spread shown)"),
+                 fontsize=10)
     fig.tight_layout()
     out = []
     for ext in ("png", "pdf"):
