@@ -10,8 +10,13 @@ def _experiment_parser(commands) -> None:
     p = commands.add_parser(
         "experiment",
         help="run the resource-efficiency study (a grid of task x model x setting x seed x scale runs)",
+        usage="%(prog)s [--preset NAME|FILE] [--set data.rsna.root=DIR] [--set KEY=VALUE ...] [options]",
         description="Run the study; finished runs (same config hash) are skipped, so an interrupted grid resumes "
         "when the same command is run again. Writes one JSON record per run and, at the end, the report.",
+        epilog="Data: the quick preset generates demo data into data/rsna-demo. For the real RSNA data give "
+        "--set data.rsna.root=DIR (the folder holding train.csv and train_images/), for LIDC --set "
+        "data.lidc.path=FILE (the patch pickle). A root that lacks its data is an error; add --generate-data to "
+        "write generated data there instead.",
     )
     p.add_argument("--preset", default="quick", help="quick, paper, or a TOML/YAML config file (default: quick)")
     p.add_argument("--task", nargs="+", dest="tasks", help="rsna, lidc, tabular")
@@ -35,6 +40,9 @@ def _experiment_parser(commands) -> None:
     p.add_argument("--out", help="runs folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key, dotted, value in TOML syntax (e.g. data.rsna.root='/data/rsna')")
+    p.add_argument("--generate-data", action="store_true", dest="generate_data",
+                   help="write generated data (in the real format) into the data roots when they hold none; without "
+                   "it, only the demo folders (data/rsna-demo) get generated data")
     p.add_argument("--report-dir", help="where to write the report (default: <out>/report)")
     p.add_argument("--no-report", action="store_true", help="do not build the report at the end")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
@@ -51,11 +59,18 @@ def _experiment(args) -> int:
                                                "monitor", "batch_size", "lr", "device", "amp_dtype", "half_dtype",
                                                "threads", "nproc", "out")}
     cfg = config.load(args.preset, overrides=overrides, sets=args.set)
+    if args.generate_data:
+        from pyquant.experiment.tasks import DEMO_DATA
+
+        for task in set(cfg["tasks"]) & set(DEMO_DATA):
+            cfg = config.set_key(cfg, f"data.{task}.write_generated", True)
     if args.print_config:
         print(config.to_toml(cfg), end="")
         return 0
     if args.dry_run:
-        for run in config.expand(cfg):
+        runs = config.expand(cfg)
+        runner.check_names(runs)  # an unknown model or setting is an error here too, not a "todo" run
+        for run in runs:
             name = config.run_name(run)
             print(("done  " if runner.is_finished(Path(cfg["out"]) / name, run["hash"]) else "todo  ") + name)
         return 0
@@ -69,6 +84,11 @@ def _experiment(args) -> int:
     return code
 
 
+def _message(e: Exception) -> str:
+    """An exception's message: str() of a KeyError is its argument in quotes, so take the argument itself."""
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyquant", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -76,8 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--epochs", type=int, default=30)
     commands.add_parser("info", help="show the backends and the instruction set pyquant uses here")
     _experiment_parser(commands)
-    report = commands.add_parser("report", help="tables (markdown, CSV, LaTeX) and radar plots from a runs folder")
-    report.add_argument("runs_dir")
+    report = commands.add_parser("report", help="tables (markdown, CSV, LaTeX) and radar plots from a runs folder",
+                                 description="Tables (markdown, CSV, LaTeX), radar plots and down-sampling curves "
+                                 "from the run records of `pyquant experiment`. Runs with the same config but the "
+                                 "seed are summarised over seeds; different configs get separate rows.")
+    report.add_argument("runs_dir", help="the runs folder of `pyquant experiment` (its --out, e.g. runs/quick); "
+                        "every record.json under it is read")
     report.add_argument("--out", help="output folder (default: RUNS_DIR/report)")
     from pyquant import profiling
 
@@ -99,14 +123,17 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "experiment":
         try:
             return _experiment(args)
+        except KeyboardInterrupt:  # while torch was being imported, before a run started: no traceback either
+            print("pyquant experiment: interrupted", file=sys.stderr)
+            return 130
         except (KeyError, ValueError, OSError, RuntimeError) as e:
-            print(f"pyquant experiment: error: {str(e).strip(chr(34) + chr(39))}", file=sys.stderr)
+            print(f"pyquant experiment: error: {_message(e)}", file=sys.stderr)
             return 2
     elif args.command == "profile":
         try:
             return profiling.main(args)
         except (profiling.ProfileError, KeyError, ValueError, FileNotFoundError, RuntimeError) as e:
-            print(f"pyquant profile: error: {str(e).strip(chr(34) + chr(39))}", file=sys.stderr)
+            print(f"pyquant profile: error: {_message(e)}", file=sys.stderr)
             return 2
     elif args.command == "report":
         from pyquant.experiment.report import build_report

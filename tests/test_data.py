@@ -602,3 +602,76 @@ def test_error_duplicate_ids_with_conflicting_labels(small_png, tmp_path, lidc_f
         LIDCPatches(tmp_path)
     (tmp_path / "b.pickle").write_bytes(pickle.dumps({name: entry}))  # the same patch twice: fine
     assert len(LIDCPatches(tmp_path)) == len(raw)
+
+
+# ---- the harness's data paths: generated data only where asked for (issue 16 item 1) ----
+def _tree(path: Path) -> list:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else None
+
+
+def _refused(task: str, cfg: dict, *words: str) -> None:
+    from pyquant.experiment.tasks import get_task
+
+    with pytest.raises(MissingDataError) as caught:
+        get_task(task, cfg)
+    message = str(caught.value)
+    assert all(w in message for w in words), message
+    assert f"--set data.{task}." in message and "--generate-data" in message  # and how to fix it
+
+
+def test_a_given_data_root_without_its_data_is_an_error_and_nothing_is_written(tmp_path, small_png):
+    gen = {"generate": {"n_patients": 8, "size": 32, "seed": 0}}  # the quick preset's table: not a request to write
+    mistyped = tmp_path / "rnsa"
+    _refused("rsna", {"root": str(mistyped), **gen}, str(mistyped), "data root folder not found")
+    assert not mistyped.exists()
+
+    images_only = tmp_path / "images-only"  # real images, no train.csv: the CSV is named, not the images
+    (images_only / "train_images" / "1").mkdir(parents=True)
+    (images_only / "train_images" / "1" / "2.png").write_bytes(next((small_png / "train_images").rglob("*.png")).read_bytes())
+    before = _tree(images_only)
+    _refused("rsna", {"root": str(images_only), **gen}, str(images_only / "train.csv"), "CSV file not found")
+    assert _tree(images_only) == before
+
+    csv_only = tmp_path / "csv-only"
+    csv_only.mkdir()
+    (csv_only / "train.csv").write_bytes((small_png / "train.csv").read_bytes())
+    _refused("rsna", {"root": str(csv_only), **gen}, str(csv_only / "train_images"), "image folder not found")
+    assert _tree(csv_only) == ["train.csv"]
+
+    pickle_path = tmp_path / "lidc" / "data_lidc.pickle"
+    _refused("lidc", {"path": str(pickle_path), "generate": {"n": 20}}, str(pickle_path), "LIDC patch pickle not found")
+    assert not pickle_path.parent.exists()
+
+
+def test_generated_data_goes_to_the_demo_folder_or_where_asked(tmp_path, monkeypatch):
+    from pyquant.data.synthetic import MARKER
+    from pyquant.experiment.tasks import DEMO_DATA, get_task
+
+    gen = {"generate": {"n_patients": 20, "size": 32, "seed": 0}, "size": 32}
+    monkeypatch.chdir(tmp_path)
+    demo = get_task("rsna", {"root": DEMO_DATA["rsna"], **gen})  # the presets' folder: generated on first use
+    assert demo.summary["generated"] and (tmp_path / DEMO_DATA["rsna"] / MARKER).is_file()
+    asked = get_task("rsna", {"root": str(tmp_path / "mine"), "write_generated": True, **gen})
+    assert asked.summary["generated"] and (tmp_path / "mine" / "train.csv").is_file()
+    lidc = get_task("lidc", {"path": str(tmp_path / "l" / "p.pickle"), "write_generated": True, "generate": {"n": 40}})
+    assert lidc.summary["generated"]
+    from pyquant.experiment import config
+
+    assert config.load("quick")["data"]["rsna"]["root"] == DEMO_DATA["rsna"]
+    # the permission to write is not part of what a run is: it never makes a finished run rerun
+    run = config.expand(config.load("quick"))[0]
+    allowed = {**run, "data": {**run["data"], "write_generated": True}}
+    assert config.run_hash(allowed) == run["hash"]
+
+
+def test_experiment_with_a_mistyped_root_fails_before_training(tmp_path, capsys):
+    from pyquant import cli
+
+    mistyped = tmp_path / "data" / "rnsa"
+    code = cli.main(["experiment", "--models", "mlp", "--settings", "baseline", "--seeds", "1", "--epochs", "1",
+                     "--quiet", "--out", str(tmp_path / "runs"), "--set", "isolate=false", "--set", "downsample.scales=[]",
+                     "--set", f"data.rsna.root='{mistyped}'"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{mistyped}: data root folder not found" in err
+    assert not mistyped.parent.exists()

@@ -145,13 +145,36 @@ def test_peak_memory_sees_a_phase_allocation():
     assert mem.method
 
 
-def test_energy_meter_says_why_when_unavailable():
+def test_energy_meter_measures_or_estimates_on_cpu():
     meter = measure.EnergyMeter(torch.device("cpu"))
     info = meter.describe()
-    if meter.available:
-        assert meter.read() is not None and info["source"].startswith("rapl")
-    else:
-        assert meter.read() is None and info["reason"]
+    assert meter.available and meter.read() is not None
+    assert info["source"].startswith("rapl") and not info["estimated"] or info["estimated"] and info["model"]
+
+
+def test_energy_estimate_without_counters_is_cpu_time_times_power_per_cpu(monkeypatch):
+    """No RAPL counter: CodeCarbon's per-process model, CPU seconds x TDP / logical CPUs, marked estimated."""
+    import os
+    import time
+
+    monkeypatch.setattr(measure.glob, "glob", lambda pattern: [])
+    monkeypatch.delenv("PYQUANT_CPU_TDP_W", raising=False)
+    meter = measure.EnergyMeter(torch.device("cpu"))
+    info = meter.describe()
+    assert meter.available and info["estimated"] and info["source"] == "estimate: " + measure.ESTIMATE
+    assert info["model"]["tdp_w"] == measure.DEFAULT_CPU_TDP_W == 85 and info["model"]["logical_cpus"] == os.cpu_count()
+    assert "RAPL" in info["model"]["no_counter"]  # why there is no measurement
+    c0, e0 = time.process_time(), meter.read()
+    x = torch.randn(256, 256)
+    for _ in range(200):
+        x = torch.tanh(x @ x)
+    c1, e1 = time.process_time(), meter.read()
+    assert c1 > c0 and e1 - e0 == pytest.approx((c1 - c0) * 85 / os.cpu_count(), rel=0.05)
+    monkeypatch.setenv("PYQUANT_CPU_TDP_W", "170")
+    assert measure.EnergyMeter(torch.device("cpu")).describe()["model"]["watts_per_cpu"] == 170 / os.cpu_count()
+    monkeypatch.setenv("PYQUANT_CPU_TDP_W", "-3")
+    with pytest.raises(ValueError, match="PYQUANT_CPU_TDP_W must be a positive number of watts, got '-3'"):
+        measure.EnergyMeter(torch.device("cpu"))
 
 
 # ---- config ----
@@ -307,7 +330,7 @@ def tiny_grid(tmp_path_factory):
         "experiment", "--preset", "quick", "--models", "densenet_small", "--settings", "baseline", "half+8bit",
         "--seeds", "1", "--epochs", "2", "--out", str(out), "--quiet",
         "--set", f"data.rsna.root='{root}'", "--set", "data.rsna.generate={n_patients=30, size=48, seed=0}",
-        "--set", "data.rsna.size=32", "--set", "downsample.scales=[2]",
+        "--generate-data", "--set", "data.rsna.size=32", "--set", "downsample.scales=[2]",
     ])
     assert code == 0
     return out, root
@@ -315,7 +338,7 @@ def tiny_grid(tmp_path_factory):
 
 def test_tiny_grid_writes_records_checkpoints_and_report(tiny_grid):
     out, root = tiny_grid
-    assert (root / "train.csv").is_file()  # the data set was generated on first use
+    assert (root / "train.csv").is_file()  # the data set was generated on first use, as --generate-data asked
     records = report.load_records(out)
     assert sorted((r["config"]["setting"], r["config"]["scale"]) for r in records) == [
         ("baseline", 1), ("baseline", 2), ("half+8bit", 1)]
@@ -370,7 +393,7 @@ def test_report_command_and_mean_std(tiny_grid, tmp_path, capsys):
     assert report._mean_std([0.5]) == (0.5, 0.0)
     assert report._mean_std([None, float("nan")]) == (None, None)
     rows = list(__import__("csv").DictReader(open(tmp_path / "table.csv")))
-    assert len(rows) == 3 and {"auc", "auc_std", "train_peak_mib"} <= set(rows[0])
+    assert len(rows) == 3 and {"auc", "auc_std", "train_memory_mib", "rss_peak_mib", "energy_estimated"} <= set(rows[0])
     assert "\\begin{tabular}" in (tmp_path / "table.tex").read_text()
 
 
@@ -392,3 +415,147 @@ def test_report_warns_about_records_it_cannot_use(tiny_grid, tmp_path):
     assert messages[0] == f"{runs / 'old' / 'record.json'}: skipped, the record lacks the field 'metrics'"
     assert messages[1].startswith(f"{runs / 'torn' / 'record.json'}: skipped, the record cannot be read")
     assert len(list(__import__("csv").DictReader(open(tmp_path / "report" / "table.csv")))) == 1
+
+
+# ---- issue 16: the report never averages different configs; memory and energy headlines; CLI messages ----
+def _texts_of_saved_figures(monkeypatch) -> list:
+    """Every text drawn on the figures the report saves (titles, axis labels, notes)."""
+    import matplotlib.figure
+    import matplotlib.text
+
+    texts = []
+    real = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, *a, **k):
+        texts.extend(t.get_text() for t in fig.findobj(matplotlib.text.Text))
+        return real(fig, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    return texts
+
+
+def test_report_groups_by_the_full_config_without_the_seed(tiny_grid, tmp_path):
+    """Two seed-1 runs of 2 and 20 epochs are two rows naming epochs, never one row of "2 seeds"; two seeds of one
+    config are one row."""
+    import copy
+    import json
+
+    out, _ = tiny_grid
+    base = next(r for r in report.load_records(out) if r["config"]["setting"] == "baseline" and r["config"]["scale"] == 1)
+    variants = []
+    for epochs, seed, auc in ((2, 1, 0.6), (20, 1, 0.9), (20, 2, 0.8)):
+        r = copy.deepcopy(base)
+        r["config"].update(epochs=epochs, seed=seed)
+        r["metrics"]["test"]["auc"] = auc
+        variants.append(r)
+    rows = report.summarize(variants)
+    assert [(r["config_differs"], r["n"], r["auc"]) for r in rows] == [("epochs=2", 1, 0.6), ("epochs=20", 2, pytest.approx(0.85))]
+    assert report.summarize(variants[1:])[0]["config_differs"] == ""  # one config: nothing to name
+    runs = tmp_path / "runs"
+    for i, r in enumerate(variants):
+        (runs / str(i)).mkdir(parents=True)
+        (runs / str(i) / "record.json").write_text(json.dumps(r))
+    report.build_report(runs, tmp_path / "report")
+    table = (tmp_path / "report" / "table.md").read_text()
+    assert "| baseline (epochs=2) |" in table and "| baseline (epochs=20) |" in table and "never averaged" in table
+
+
+def test_memory_headline_is_the_training_step_breakdown_and_rss_is_secondary(tiny_grid):
+    out, _ = tiny_grid
+    records = {r["config"]["setting"]: r for r in report.load_records(out) if r["config"]["scale"] == 1}
+    rows = {r["setting"]: r for r in report.summarize(list(records.values()))}
+    for setting, r in records.items():
+        mem = r["resources"]["memory"]
+        assert rows[setting]["train_memory_mib"] == mem["breakdown"]["total_bytes"] / 2**20
+        assert rows[setting]["rss_peak_mib"] == mem["train_peak_bytes"] / 2**20  # CPU: the process's RSS
+        assert mem["breakdown"]["total_bytes"] == sum(mem["breakdown"][k] for k in (
+            "parameters_bytes", "buffers_bytes", "gradients_bytes", "optimizer_state_bytes", "activations_bytes"))
+    assert rows["half+8bit"]["train_memory_mib"] < rows["baseline"]["train_memory_mib"]  # what RSS hid
+    head = report.markdown_table(list(rows.values())).splitlines()[0]
+    assert head.index("Train mem. (MiB)") < head.index("RSS peak (MiB)") and "Train peak" not in head
+    assert "train mem. " in runner._summary_line(records["baseline"])
+
+
+def test_estimated_energy_is_marked_in_tables_and_plots(tiny_grid, tmp_path, monkeypatch):
+    import copy
+    import json
+
+    out, _ = tiny_grid
+    runs = tmp_path / "runs"
+    for i, r in enumerate(report.load_records(out)):
+        r = copy.deepcopy(r)
+        r["resources"]["energy"] = {"available": True, "estimated": True, "source": "estimate: " + measure.ESTIMATE,
+                                    "reason": None, "train_wh": 0.5 + i, "inference_wh": 0.01,
+                                    "model": {"tdp_w": 85.0, "tdp_source": "CodeCarbon's default", "logical_cpus": 2,
+                                              "watts_per_cpu": 42.5}}
+        (runs / str(i)).mkdir(parents=True)
+        (runs / str(i) / "record.json").write_text(json.dumps(r))
+    texts = _texts_of_saved_figures(monkeypatch)
+    report.build_report(runs, tmp_path / "report")
+    table = (tmp_path / "report" / "table.md").read_text()
+    assert " est. |" in table and "Energy est.: estimated, not measured" in table and "42.5 W per CPU-second" in table
+    assert " est. " in (tmp_path / "report" / "table.tex").read_text()
+    assert {r["energy_estimated"] for r in __import__("csv").DictReader(open(tmp_path / "report" / "table.csv"))} == {"True"}
+    assert any("Energy (Wh) (estimated)" in t for t in texts)  # the radar axis
+
+
+def test_downsampling_title_claims_no_spread_over_one_seed(tiny_grid, tmp_path, monkeypatch):
+    out, _ = tiny_grid
+    texts = _texts_of_saved_figures(monkeypatch)
+    report.build_report(out, tmp_path)
+    title = next(t for t in texts if t.startswith("rsna / densenet_small: down-sampling"))
+    assert "over seeds" not in title and "one seed" in title
+
+
+def test_dry_run_refuses_unknown_models_and_settings(tmp_path, capsys):
+    base = ["experiment", "--task", "tabular", "--seeds", "1", "--out", str(tmp_path / "runs"), "--dry-run"]
+    assert cli.main(base + ["--models", "nosuchnet", "--settings", "baseline"]) == 2
+    assert "unknown model(s) nosuchnet" in capsys.readouterr().err
+    assert cli.main(base + ["--models", "mlp", "--settings", "fp7"]) == 2
+    assert "unknown setting" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+def test_cli_messages(capsys):
+    assert cli.main(["experiment", "--preset", "nosuch", "--dry-run"]) == 2
+    assert "error: 'nosuch' is neither a preset (quick, " in capsys.readouterr().err
+    for argv, words in ((["experiment", "--help"], ["--set data.rsna.root=DIR", "--generate-data"]),
+                        (["report", "--help"], ["runs_dir", "the runs folder of `pyquant experiment`"])):
+        with pytest.raises(SystemExit) as done:
+            cli.main(argv)
+        assert done.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert all(w in text for w in words), text
+    assert cli.main(["experiment", "--models", "nosuchnet", "--dry-run"]) == 2
+    assert "error: unknown model(s) nosuchnet" in capsys.readouterr().err  # a KeyError's text, without its quotes
+
+
+def test_ctrl_c_while_a_run_process_imports_is_one_line(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while the spawned run process still
+    imports torch: the command says "interrupted" in one line and exits with 130, no traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-m", "pyquant.cli", "experiment", "--task", "tabular", "--models", "mlp",
+               "--settings", "baseline", "--seeds", "1", "--epochs", "1", "--quiet", "--out", str(tmp_path / "runs")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def run_process_started() -> bool:
+        for pid in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split():
+            try:
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return True
+            except OSError:  # a short-lived helper that is already gone
+                pass
+        return False
+
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline and not run_process_started():
+        time.sleep(0.01)
+    time.sleep(0.3)  # the run process is now starting Python and importing torch
+    os.killpg(process.pid, signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, (out, err)
+    assert "Traceback" not in err and "interrupted" in out + err and len(err.splitlines()) <= 2, err

@@ -610,7 +610,8 @@ def stage_study(st: Stage, args) -> None:
     runs = Path(args.work) / "study"
     data = Path(args.work) / "rsna-demo"
     command = [sys.executable, "-P", "-m", "pyquant.cli", "experiment", "--preset", "quick", "--out", str(runs),
-               "--quiet", "--no-report", "--set", f"data.rsna.root={data}", "--device", DEVICE.type]
+               "--quiet", "--no-report", "--set", f"data.rsna.root={data}", "--generate-data",
+               "--device", DEVICE.type]
     if SMOKE:
         command += ["--settings", "baseline", "8bit", "--epochs", "1", "--set", "downsample.scales=[]",
                     "--set", "data.rsna.generate.n_patients=40", "--set", "data.rsna.size=32"]

@@ -292,9 +292,17 @@ def expand(cfg: dict) -> list[dict]:
     return runs
 
 
-def run_hash(run: dict) -> str:
+def identity(run: dict) -> dict:
+    """What makes a run what it is: its dict without the hash and without ``data.write_generated``, which only says
+    whether generated data may be written, not which data is read (so the flag never makes a finished run rerun)."""
     body = {k: v for k, v in run.items() if k != "hash"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    if "write_generated" in body.get("data", {}):
+        body["data"] = {k: v for k, v in body["data"].items() if k != "write_generated"}
+    return body
+
+
+def run_hash(run: dict) -> str:
+    return hashlib.sha256(json.dumps(identity(run), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def run_name(run: dict) -> str:

@@ -9,12 +9,16 @@ counted exactly from the optimizer's state tensors.
 
 Energy. NVML's total-energy counter on GPU (pynvml), RAPL package counters on CPU
 (/sys/class/powercap/intel-rapl:N/energy_uj), read at phase boundaries. RAPL counts the whole CPU package, other
-processes included. Where no counter can be read the record says ``available: false`` and why.
+processes included. On a CPU without readable RAPL counters the energy is estimated, not measured, with the model
+CodeCarbon uses for a process when it has no counter: the process's CPU time x the power of one logical CPU, taken as
+the processor's TDP / the number of logical CPUs (ESTIMATE). The record then says ``estimated: true`` and the
+constants used. On CUDA without NVML the record says ``available: false`` and why (CPU time says nothing of a GPU).
 """
 
 from __future__ import annotations
 
 import glob
+import math
 import os
 import platform
 import subprocess
@@ -195,17 +199,50 @@ def memory_breakdown(model: torch.nn.Module, optimizer: torch.optim.Optimizer, a
     return breakdown
 
 
+# CodeCarbon's estimate for a process on a CPU without power counters (codecarbon.external.hardware.CPU, "cpu_load"
+# mode, tracking_mode="process"): power = TDP x (process CPU seconds per second) / logical CPUs, so over a phase
+# energy = CPU seconds x TDP / logical CPUs. TDP: PYQUANT_CPU_TDP_W when set (the processor's data sheet), else
+# CodeCarbon's value for a processor missing from its TDP table (POWER_CONSTANT = 85 W).
+DEFAULT_CPU_TDP_W = 85.0
+ESTIMATE = "CPU time x TDP / logical CPUs (CodeCarbon's per-process model)"
+
+
+def cpu_tdp_w() -> tuple[float, str]:
+    """The TDP the estimate uses, and where it came from."""
+    value = os.environ.get("PYQUANT_CPU_TDP_W")
+    if value is None:
+        return DEFAULT_CPU_TDP_W, "CodeCarbon's default for a processor not in its TDP table"
+    try:
+        watts = float(value)
+    except ValueError:
+        watts = math.nan
+    if not math.isfinite(watts) or watts <= 0:
+        raise ValueError(f"PYQUANT_CPU_TDP_W must be a positive number of watts, got {value!r}")
+    return watts, "PYQUANT_CPU_TDP_W"
+
+
 class EnergyMeter:
-    """Cumulative energy counter in joules: ``read()`` (None when unavailable), ``available``, ``source``,
-    ``reason``."""
+    """Cumulative energy in joules: ``read()`` (None when unavailable), ``available``, ``estimated``, ``source``,
+    ``reason``. A counter (NVML, RAPL) where there is one; on a CPU without one, the CPU-time estimate."""
 
     def __init__(self, device: torch.device):
-        self.source, self.reason, self._read = None, "", None
+        self.source, self.reason, self._read, self.estimated, self._model = None, "", None, False, None
         if device.type == "cuda":
             self._try_nvml(device)
         else:
             self._try_rapl()
+            if self._read is None:
+                self._estimate()
         self.available = self._read is not None
+
+    def _estimate(self) -> None:
+        tdp, tdp_source = cpu_tdp_w()
+        cpus = os.cpu_count() or 1
+        self.estimated, self.source = True, "estimate: " + ESTIMATE
+        self._model = {"tdp_w": tdp, "tdp_source": tdp_source, "logical_cpus": cpus, "watts_per_cpu": tdp / cpus,
+                       "no_counter": self.reason,
+                       "counts": "this process's CPU time (all its threads; not DataLoader workers or other DDP ranks)"}
+        self._read = lambda: time.process_time() * tdp / cpus
 
     def _try_nvml(self, device: torch.device) -> None:
         try:
@@ -252,7 +289,9 @@ class EnergyMeter:
         return None if self._read is None else self._read()
 
     def describe(self) -> dict:
-        return {"available": self.available, "source": self.source, "reason": self.reason or None}
+        if self.estimated:
+            return {"available": True, "estimated": True, "source": self.source, "reason": None, "model": self._model}
+        return {"available": self.available, "estimated": False, "source": self.source, "reason": self.reason or None}
 
 
 def count_flops(model: torch.nn.Module, example: torch.Tensor) -> int | None:

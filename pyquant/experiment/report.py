@@ -1,7 +1,8 @@
 """Tables and figures from run records: ``pyquant report RUNS_DIR``.
 
-Groups records by (task, model, setting, scale) and reports mean ± std over seeds (sample std, n-1) as markdown,
-CSV and LaTeX; draws one radar plot per (task, model) and a down-sampling curve per (task, model) that has several
+Groups records by their full config without the seed (runs that differ in anything else, epochs say, are never
+averaged) and reports mean ± std over seeds (sample std, n-1) as markdown, CSV and LaTeX; when one (task, model)
+has runs of several configs, each row names the config keys that differ. draws one radar plot per (task, model) and a down-sampling curve per (task, model) that has several
 scales. Radar axes all use one normalisation: the best value among the plotted settings divided by the value
 (lower is better) or the value divided by the best (higher is better), so every axis runs from 0 to 1, the outer
 ring is the best setting on that axis, and outward is better everywhere.
@@ -18,9 +19,28 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
+from pyquant.experiment.config import identity
+from pyquant.experiment.measure import ESTIMATE
 from pyquant.experiment.settings import SETTINGS
 
 MIB = 2**20
+
+
+def train_memory_bytes(record: dict) -> int | None:
+    """The headline training memory: the training step's parameters + buffers + gradients + optimizer states +
+    activations (resources.memory.breakdown; on CUDA its activations are the allocator peak minus the rest, so the
+    sum is the allocator's training peak). On CPU it is exact; the process's RSS, mostly Python and torch themselves,
+    would hide the differences between settings, so it is only the secondary column."""
+    return (record["resources"]["memory"].get("breakdown") or {}).get("total_bytes")
+
+
+def rss_peak_bytes(record: dict) -> int | None:
+    memory = record["resources"]["memory"]
+    return memory["train_peak_bytes"] if "RSS" in memory["method"] else None
+
+
+def _mib(value):
+    return None if value is None else value / MIB
 
 # (key, header, getter, digits, higher_is_better)
 COLUMNS = [
@@ -29,7 +49,8 @@ COLUMNS = [
     ("auc", "AUC", lambda r: r["metrics"]["test"]["auc"], 3, True),
     ("sensitivity", "Sens", lambda r: r["metrics"]["test"]["sensitivity"], 3, True),
     ("specificity", "Spec", lambda r: r["metrics"]["test"]["specificity"], 3, True),
-    ("train_peak_mib", "Train peak (MiB)", lambda r: r["resources"]["memory"]["train_peak_bytes"] / MIB, 0, False),
+    ("train_memory_mib", "Train mem. (MiB)", lambda r: _mib(train_memory_bytes(r)), 1, False),
+    ("rss_peak_mib", "RSS peak (MiB)", lambda r: _mib(rss_peak_bytes(r)), 0, False),
     ("train_growth_mib", "Train growth (MiB)", lambda r: r["resources"]["memory"]["train_growth_bytes"] / MIB, 0, False),
     ("eval_peak_mib", "Eval peak (MiB)", lambda r: r["resources"]["memory"]["eval_peak_bytes"] / MIB, 0, False),
     ("optimizer_state_mib", "Opt. state (MiB)", lambda r: r["resources"]["memory"]["optimizer_state_bytes"] / MIB, 2, False),
@@ -42,7 +63,7 @@ COLUMNS = [
 # The memory breakdown of a training step (record: resources.memory.breakdown): (key, header).
 BREAKDOWN = [("parameters_bytes", "Params"), ("buffers_bytes", "Buffers"), ("gradients_bytes", "Grads"),
              ("optimizer_state_bytes", "Opt. states"), ("activations_bytes", "Activations"), ("total_bytes", "Sum")]
-RADAR_AXES = ["auc", "balanced_accuracy", "train_peak_mib", "optimizer_state_mib", "time_to_best_s", "inference_s",
+RADAR_AXES = ["auc", "balanced_accuracy", "train_memory_mib", "optimizer_state_mib", "time_to_best_s", "inference_s",
               "energy_train_wh"]
 RULES = {"youden": "Youden's J", "fixed": "fixed 0.5"}
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -93,21 +114,60 @@ def _order(setting: str) -> tuple:
     return (names.index(setting) if setting in names else len(names), setting)
 
 
+def _flat(config: dict, prefix: str = "") -> dict:
+    """A run's config as dotted keys (data.root, ...), without the hash and the seed."""
+    out = {}
+    for key, value in (identity(config) if not prefix else config).items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        elif prefix or key != "seed":
+            out[prefix + key] = value
+    return out
+
+
+# Shown as columns of their own; the other config keys that differ between the groups of a (task, model) are named.
+SHOWN = ("task", "model", "setting", "scale")
+
+
+def _differences(configs: list[dict]) -> list[str]:
+    """Config keys (dotted) whose values differ between ``configs``, the columns excepted."""
+    flats = [_flat(c) for c in configs]
+    keys = sorted({k for f in flats for k in f} - set(SHOWN))
+    return [k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flats}) > 1]
+
+
+def row_label(row: dict) -> str:
+    """The setting, followed by the config keys that set this row apart from others of its (task, model)."""
+    return f"{row['setting']} ({row['config_differs']})" if row["config_differs"] else row["setting"]
+
+
 def summarize(records: list[dict]) -> list[dict]:
-    """One row per (task, model, setting, scale): means and stds of COLUMNS over seeds."""
+    """One row per config without the seed: means and stds of COLUMNS over the seeds. Rows of one (task, model)
+    whose configs differ in more than setting and scale say how (``config_differs``, e.g. "epochs=2")."""
     groups = defaultdict(list)
     for r in records:
-        c = r["config"]
-        groups[(c["task"], c["model"], c["setting"], c["scale"])].append(r)
+        groups[json.dumps(_flat(r["config"]), sort_keys=True, default=str)].append(r)
+    differing = defaultdict(set)
+    for task, model in {(rs[0]["config"]["task"], rs[0]["config"]["model"]) for rs in groups.values()}:
+        configs = [rs[0]["config"] for rs in groups.values()
+                   if (rs[0]["config"]["task"], rs[0]["config"]["model"]) == (task, model)]
+        differing[task, model] = _differences(configs)
     rows = []
-    for (task, model, setting, scale), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][3], _order(kv[0][2]))):
-        row = {"task": task, "model": model, "setting": setting, "scale": scale, "precision": precision(rs[0]),
+    for rs in groups.values():
+        c = rs[0]["config"]
+        flat = _flat(c)
+        task, model, setting, scale = (c[k] for k in SHOWN)
+        differs = ", ".join(f"{k}={json.dumps(flat.get(k), default=str)}" for k in differing[task, model])
+        row = {"task": task, "model": model, "setting": setting, "scale": scale, "config_differs": differs,
+               "precision": precision(rs[0]),
                "seeds": sorted(r["config"]["seed"] for r in rs), "n": len(rs),
                "params_m": rs[0]["model"]["params"] / 1e6,
                "gflops": (rs[0]["model"]["flops_forward_per_sample"] or 0) / 1e9,
                "threshold_rule": rs[0]["metrics"]["threshold_rule"],
                "diverged": sum(bool(r["training"]["diverged"]) for r in rs),
                "energy_reason": rs[0]["resources"]["energy"].get("reason"),
+               "energy_estimated": any(r["resources"]["energy"].get("estimated") for r in rs),
+               "energy_model": rs[0]["resources"]["energy"].get("model"),
                "memory_method": rs[0]["resources"]["memory"]["method"],
                "device": rs[0]["environment"]["device"]}
         for key, _, get, _, _ in COLUMNS:
@@ -117,7 +177,7 @@ def summarize(records: list[dict]) -> list[dict]:
             row["memory_" + key] = _mean_std([b.get(key) for b in breakdowns])[0]
         row["activations_method"] = breakdowns[0].get("activations_method")
         rows.append(row)
-    return rows
+    return sorted(rows, key=lambda r: (r["task"], r["model"], r["scale"], _order(r["setting"]), r["config_differs"]))
 
 
 def _fmt(mean, std, digits, n) -> str:
@@ -134,12 +194,14 @@ HEAD = ["Task", "Model", "Params (M)", "GFLOPs", "Setting", "Precision", "S", "S
 
 
 def _cells(row: dict) -> list[str]:
-    cells = [row["task"], row["model"], f"{row['params_m']:.2f}", f"{row['gflops']:.3g}", row["setting"],
+    cells = [row["task"], row["model"], f"{row['params_m']:.2f}", f"{row['gflops']:.3g}", row_label(row),
              row["precision"], str(row["scale"]), str(row["n"])]
     for key, _, _, digits, _ in COLUMNS:
         cell = _fmt(row[key], row[key + "_std"], digits, row["n"])
         if key == "accuracy" and row["diverged"]:
             cell += "*"
+        if key == "energy_train_wh" and row["energy_estimated"] and row[key] is not None:
+            cell += " est."
         cells.append(cell)
     return cells
 
@@ -154,9 +216,25 @@ def _notes(rows: list[dict]) -> list[str]:
         "of repeats after warm-up. Train growth: peak minus memory in use when the training phase began. "
         "* = at least one seed diverged.",
     ]
-    notes += sorted({f"Memory on {r['device']}: {r['memory_method']}." for r in rows})
+    notes.append("Train mem.: one training step's parameters + buffers + gradients + optimizer states + activations "
+                 "(the breakdown below); on CPU counted exactly from the tensors, on CUDA the allocator's training "
+                 "peak. RSS peak: the process's peak resident memory in training (Python, torch and the data "
+                 "included), shown second because it hides the differences between settings.")
+    notes += sorted({f"Measured peaks on {r['device']}: {r['memory_method']}." for r in rows})
+    if any(r["config_differs"] for r in rows):
+        notes.append("A setting followed by keys in parentheses: runs of a different config (never averaged together); "
+                     "the keys are those that differ between the configs of that task and model.")
+    notes += sorted({_estimate_note(r["energy_model"]) for r in rows if r["energy_estimated"]})
     notes += sorted({f"Energy: unavailable ({r['energy_reason']})." for r in rows if r["energy_train_wh"] is None and r["energy_reason"]})
     return notes
+
+
+def _estimate_note(model: dict | None) -> str:
+    note = f"Energy est.: estimated, not measured (no energy counter on this machine): {ESTIMATE}"
+    if model:
+        note += (f", with TDP {model['tdp_w']:g} W ({model['tdp_source']}) / {model['logical_cpus']} logical CPUs "
+                 f"= {model['watts_per_cpu']:.3g} W per CPU-second")
+    return note + "."
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -174,7 +252,7 @@ def breakdown_table(rows: list[dict]) -> str:
     head = ["Task", "Model", "Setting", "S"] + [f"{h} (MiB)" for _, h in BREAKDOWN]
     lines = ["### Memory of a training step", "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
-        cells = [r["task"], r["model"], r["setting"], str(r["scale"])]
+        cells = [r["task"], r["model"], row_label(r), str(r["scale"])]
         cells += ["n/a" if r["memory_" + k] is None else f"{r['memory_' + k] / MIB:.2f}" for k, _ in BREAKDOWN]
         lines.append("| " + " | ".join(cells) + " |")
     methods = sorted({r["activations_method"] for r in rows if r["activations_method"]})
@@ -184,9 +262,10 @@ def breakdown_table(rows: list[dict]) -> str:
 
 
 def csv_table(rows: list[dict]) -> str:
-    keys = ["task", "model", "params_m", "gflops", "setting", "precision", "scale", "n", "diverged"]
+    keys = ["task", "model", "params_m", "gflops", "setting", "config_differs", "precision", "scale", "n", "diverged"]
     for key, *_ in COLUMNS:
         keys += [key, key + "_std"]
+    keys.append("energy_estimated")
     keys += ["memory_" + key for key, _ in BREAKDOWN]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
@@ -226,14 +305,15 @@ def radar(rows: list[dict], title: str, path_stem: Path) -> list[Path]:
     axes = [k for k in RADAR_AXES if all(r[k] is not None and r[k] > 0 for r in rows)]
     if len(axes) < 3:
         return []
-    labels, scores = [], {r["setting"]: [] for r in rows}
+    labels, scores = [], {row_label(r): [] for r in rows}
     for key in axes:
         _, header, _, digits, higher = spec[key]
         values = [r[key] for r in rows]
         best = max(values) if higher else min(values)
-        labels.append(f"{header} {'↑' if higher else '↓'}\nbest {_fmt(best, 0.0, digits, 1)}")
+        estimated = " (estimated)" if key == "energy_train_wh" and any(r["energy_estimated"] for r in rows) else ""
+        labels.append(f"{header}{estimated} {'↑' if higher else '↓'}\nbest {_fmt(best, 0.0, digits, 1)}")
         for r in rows:
-            scores[r["setting"]].append(r[key] / best if higher else best / r[key])
+            scores[row_label(r)].append(r[key] / best if higher else best / r[key])
     angles = [2 * math.pi * i / len(axes) for i in range(len(axes))]
     fig, ax = plt.subplots(figsize=(8, 6.5), subplot_kw={"projection": "polar"})
     for setting, vals in scores.items():
@@ -250,6 +330,8 @@ def radar(rows: list[dict], title: str, path_stem: Path) -> list[Path]:
     note = "Each axis: value/best (↑) or best/value (↓) over the settings shown; outward is better."
     if missing:
         note += f"\nNot plotted (unavailable): {', '.join(missing)}."
+    if "energy_train_wh" in axes and any(r["energy_estimated"] for r in rows):
+        note += f"\nEnergy estimated, not measured: {ESTIMATE}."
     ax.text(0.5, -0.09, note, ha="center", va="top", fontsize=7.5, transform=ax.transAxes)
     out = []
     for ext in ("png", "pdf"):
@@ -261,11 +343,12 @@ def radar(rows: list[dict], title: str, path_stem: Path) -> list[Path]:
 
 
 def downsampling_curve(rows: list[dict], title: str, path_stem: Path) -> list[Path]:
-    """Test AUC and balanced accuracy against the down-sampling factor S, mean ± std over seeds, per setting."""
+    """Test AUC and balanced accuracy against the down-sampling factor S, per setting: the mean over seeds, with
+    ± one std shaded when there are several."""
     plt = _plt()
     by_setting = defaultdict(list)
     for r in rows:
-        by_setting[r["setting"]].append(r)
+        by_setting[row_label(r)].append(r)
     by_setting = {s: sorted(v, key=lambda r: r["scale"]) for s, v in by_setting.items() if len(v) > 1}
     if not by_setting:
         return []
@@ -285,7 +368,9 @@ def downsampling_curve(rows: list[dict], title: str, path_stem: Path) -> list[Pa
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(title + " (mean ± std over seeds)", fontsize=10)
+    seeds = max(r["n"] for rs in by_setting.values() for r in rs)
+    fig.suptitle(title + (f" (mean ± std over {seeds} seeds)" if seeds > 1 else " (one seed: no spread shown)"),
+                 fontsize=10)
     fig.tight_layout()
     out = []
     for ext in ("png", "pdf"):

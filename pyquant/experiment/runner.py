@@ -354,18 +354,19 @@ def run_one(run: dict, run_dir: Path, data: TaskData, progress: bool = True) -> 
 
 
 def _summary_line(record: dict) -> str:
+    from pyquant.experiment.report import train_memory_bytes
+
     t, r = record["metrics"]["test"], record["resources"]
+    memory = train_memory_bytes(record)
     return (f"{record['run_id']}: AUC {t['auc']:.3f}  bal.acc {t['balanced_accuracy']:.3f}  acc {t['accuracy_argmax']:.3f}  "
             f"best epoch {record['training']['best_epoch']}/{record['training']['epochs_run']}  "
-            f"train {r['time']['train_total_s']:.0f}s  peak {r['memory']['train_peak_bytes'] / 2**20:.0f} MiB  "
+            f"train {r['time']['train_total_s']:.0f}s  train mem. {'n/a' if memory is None else f'{memory / 2**20:.1f}'} MiB  "
             f"opt.state {r['memory']['optimizer_state_bytes'] / 2**20:.2f} MiB")
 
 
 def _child(run: dict, run_dir: str, progress: bool) -> None:
     try:
         run_one(run, Path(run_dir), get_task(run["task"], run["data"]), progress)
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
     except (OSError, KeyError, ValueError) as e:  # missing data, bad config, full disk: one line, not a traceback
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -374,17 +375,14 @@ def _child(run: dict, run_dir: str, progress: bool) -> None:
 def run_isolated(run: dict, run_dir: Path, progress: bool = True) -> dict:
     """``run_one`` in a fresh Python process (spawned), so that its process memory figures are its own; with
     ``nproc`` > 1, in that many data-parallel processes (pyquant.experiment.parallel)."""
-    import multiprocessing
-
     if int(run.get("nproc", 1)) > 1:
         exitcode = parallel.launch(run, run_dir, progress)
     else:
-        process = multiprocessing.get_context("spawn").Process(target=_child, args=(run, str(run_dir), progress))
-        process.start()
+        process = parallel.spawn(_child, (run, str(run_dir), progress))  # a Ctrl-C: exit code 130, one line
         try:
             process.join()
-        except KeyboardInterrupt:  # the child got the same Ctrl-C; let it finish unwinding
-            process.join()
+        except KeyboardInterrupt:
+            parallel.stop_after_interrupt([process])
             raise
         exitcode = process.exitcode
     if exitcode == 130:
