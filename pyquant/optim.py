@@ -166,25 +166,27 @@ class Adam8bit(torch.optim.Optimizer):
 
     def _check_state(self, p: torch.Tensor) -> dict:
         """p's states, after checking that they still fit p: the kernel writes as many elements as p has into
-        them (a parameter resized after its first step made it write outside them). torch's Adam raises too."""
+        them (a parameter resized after its first step made it write outside them). torch's Adam raises too.
+        state1 and master stand for the states made with them (the C binding checks every size again)."""
         state, shard = self.state[p], local_tensor(p)
+        shape, device = shard.shape, shard.device
+        master = state.get("master")
+        s1 = state["state1"]
+        if s1.shape == shape and s1.device == device and (master is None or master.shape == shape):
+            return state
         for key in ("state1", "state2", "master"):
             t = state.get(key)
-            if t is None:
-                continue
-            if t.shape != shard.shape:
+            if t is not None and t.shape != shape:
                 raise RuntimeError(
                     f"{type(self).__name__}: state {key!r} of parameter {self._index_of(p)} has {t.numel()} elements "
-                    f"(shape {tuple(t.shape)}) but the parameter has {shard.numel()} (shape {tuple(shard.shape)}); "
+                    f"(shape {tuple(t.shape)}) but the parameter has {shard.numel()} (shape {tuple(shape)}); "
                     "the parameter changed size after its first step"
                 )
-            if t.device != shard.device:
-                raise RuntimeError(
-                    f"{type(self).__name__}: state {key!r} of parameter {self._index_of(p)} is on {t.device} but the "
-                    f"parameter is on {shard.device}; the parameter moved after its first step (move the optimizer "
-                    "too: state_dict() then load_state_dict())"
-                )
-        return state
+        raise RuntimeError(
+            f"{type(self).__name__}: state 'state1' of parameter {self._index_of(p)} is on {s1.device} but the "
+            f"parameter is on {device}; the parameter moved after its first step (move the optimizer too: "
+            "state_dict() then load_state_dict())"
+        )
 
     def _index_of(self, p: torch.Tensor) -> int:
         """p's index in state_dict() (the groups' parameters in order)."""
