@@ -1,6 +1,8 @@
 // The C ABI that Python loads with ctypes. Picks the widest instruction set the CPU supports, once.
 #include "pyquant/capi.h"
 
+#include <stdint.h>
+
 #include <omp.h>
 
 #include "pyquant/blockwise.h"
@@ -56,18 +58,50 @@ void pq_build_code_table(const float* code, uint8_t* table) {
   for (uint32_t bin = 0; bin < (uint32_t)pq::kGridPoints; ++bin) table[bin] = (uint8_t)pq::code_index_of_bin(bin, mids);
 }
 
-void pq_quantize_blockwise(const void* x, int32_t dtype, int64_t n, int64_t blocksize, const uint8_t* table,
-                           uint8_t* q, float* absmax) {
-  PQ_DISPATCH(quantize_blockwise(x, dtype, n, blocksize, table, q, absmax))
+// The entry points below check the sizes, codes and pointers they are given and return
+// PQ_INVALID_ARGUMENT (doing nothing) when one is invalid, so that no call writes outside what it was told
+// exists; 0 on success.
+static bool valid_blocks(int64_t n, int64_t blocksize) { return n >= 0 && blocksize > 0; }
+
+int32_t pq_quantize_blockwise(const void* x, int32_t dtype, int64_t n, int64_t blocksize, const uint8_t* table,
+                              uint8_t* q, float* absmax) {
+  if (!valid_blocks(n, blocksize) || !pq::valid_dtype(dtype)) return PQ_INVALID_ARGUMENT;
+  if (n == 0) return 0;
+  if (!x || !table || !q || !absmax) return PQ_INVALID_ARGUMENT;
+  PQ_DISPATCH_VOID(quantize_blockwise(x, dtype, n, blocksize, table, q, absmax))
+  return 0;
 }
 
-void pq_dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n, int64_t blocksize,
-                             void* out, int32_t dtype) {
-  PQ_DISPATCH(dequantize_blockwise(q, absmax, code, n, blocksize, out, dtype))
+int32_t pq_dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n,
+                                int64_t blocksize, void* out, int32_t dtype) {
+  if (!valid_blocks(n, blocksize) || !pq::valid_dtype(dtype)) return PQ_INVALID_ARGUMENT;
+  if (n == 0) return 0;
+  if (!q || !absmax || !code || !out) return PQ_INVALID_ARGUMENT;
+  PQ_DISPATCH_VOID(dequantize_blockwise(q, absmax, code, n, blocksize, out, dtype))
+  return 0;
 }
 
+static bool valid_adam_tensor(const pq_adam_tensor& t) {
+  if (t.numel < 0 || !pq::valid_dtype(t.param_dtype) || !pq::valid_dtype(t.grad_dtype)) return false;
+  if (t.state_bits != 8 && t.state_bits != 32) return false;
+  if (t.numel == 0) return true;
+  return t.param && t.grad && t.state1 && t.state2 && (t.state_bits == 32 || (t.absmax1 && t.absmax2));
+}
+
+// Returns the number of non-finite gradient elements seen, or -PQ_INVALID_ARGUMENT.
 int64_t pq_adam_step(const pq_adam_tensor* tensors, int32_t count, const float* code1, const float* code2,
                      const uint8_t* table1, const uint8_t* table2, int32_t nonfinite) {
+  if (count < 0 || (count > 0 && !tensors) || (nonfinite != pq::kSkipElement && nonfinite != pq::kPropagate))
+    return -PQ_INVALID_ARGUMENT;
+  int64_t blocks = 0;  // the kernel indexes all tensors' blocks with one int64
+  for (int32_t i = 0; i < count; ++i) {
+    if (!valid_adam_tensor(tensors[i])) return -PQ_INVALID_ARGUMENT;
+    const int64_t b = pq::block_count(tensors[i].numel, pq::kOptimizerBlock);
+    if (b > INT64_MAX - blocks) return -PQ_INVALID_ARGUMENT;
+    blocks += b;
+  }
+  if (blocks == 0) return 0;
+  if (!code1 || !code2 || !table1 || !table2) return -PQ_INVALID_ARGUMENT;
   PQ_DISPATCH(adam_step(tensors, count, code1, code2, table1, table2, nonfinite))
 }
 

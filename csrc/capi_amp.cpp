@@ -1,6 +1,7 @@
 // C ABI of gradient unscaling (csrc/cpu/amp.cpp), loaded by pyquant/amp.py.
 #include <stdint.h>
 
+#include "pyquant/capi.h"
 #include "pyquant/dispatch.h"
 
 #define PQ_DECLARE_AMP(ns)                                                                                  \
@@ -17,9 +18,18 @@ extern "C" {
 // (nearest even, no flushing). *found_inf becomes 1.0 if any element was inf or NaN (never cleared).
 // threads <= 0: OpenMP's default; the bits do not depend on it. vector == 0 forces the element-by-element
 // code (same bits as the vector code).
-void pq_unscale_(int32_t count, void* const* grads, const int64_t* numels, const int32_t* dtypes, float* found_inf,
-                 const float* inv_scale, int32_t threads, int32_t vector) {
-  PQ_DISPATCH(unscale(count, grads, numels, dtypes, found_inf, inv_scale, threads, vector))
+// Returns 0, or PQ_INVALID_ARGUMENT (doing nothing) for an invalid argument: a negative count or size, an unknown dtype code, a
+// missing pointer. The element counts themselves cannot be checked here: Python passes each tensor's own.
+int32_t pq_unscale_(int32_t count, void* const* grads, const int64_t* numels, const int32_t* dtypes, float* found_inf,
+                    const float* inv_scale, int32_t threads, int32_t vector) {
+  if (count < 0) return PQ_INVALID_ARGUMENT;
+  if (count == 0) return 0;
+  if (!grads || !numels || !dtypes || !found_inf || !inv_scale) return PQ_INVALID_ARGUMENT;
+  for (int32_t t = 0; t < count; ++t)
+    if (numels[t] < 0 || dtypes[t] < 0 || dtypes[t] > 3 || (numels[t] > 0 && !grads[t]))
+      return PQ_INVALID_ARGUMENT;
+  PQ_DISPATCH_VOID(unscale(count, grads, numels, dtypes, found_inf, inv_scale, threads, vector))
+  return 0;
 }
 
 }  // extern "C"

@@ -14,9 +14,16 @@ import functools
 import torch
 
 from pyquant import _native
-from pyquant._native import DTYPE_CODES, AdamTensor
-
-OPTIMIZER_BLOCK = 256  # pq::kOptimizerBlock
+from pyquant._native import (
+    DTYPE_CODES,
+    FLOAT_DTYPES,
+    OPTIMIZER_BLOCK,
+    AdamTensor,
+    blocks_of,
+    check_blocksize,
+    check_code,
+    check_tensor,
+)
 
 
 @functools.cache
@@ -66,10 +73,13 @@ def code_table(code: torch.Tensor) -> torch.Tensor:
 def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int):
     from pyquant.functional import cached_code_table
 
+    check_tensor(x, "x", FLOAT_DTYPES, x.device)
+    check_code(code, "code", x.device)
+    blocksize = check_blocksize(blocksize)
     lib = _library()
     n = x.numel()
     q = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
-    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=x.device)
+    absmax = torch.empty(blocks_of(n, blocksize), dtype=torch.float32, device=x.device)
     table = cached_code_table(code)
     with torch.cuda.device(x.device):
         error = lib.pq_cuda_quantize_blockwise(
@@ -80,6 +90,12 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int):
 
 
 def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, dtype):
+    check_tensor(q, "q", (torch.uint8,), q.device)
+    blocksize = check_blocksize(blocksize)
+    check_tensor(absmax, "absmax", (torch.float32,), q.device, blocks_of(q.numel(), blocksize))
+    check_code(code, "code", q.device)
+    if dtype not in DTYPE_CODES:
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     lib = _library()
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     with torch.cuda.device(q.device):
@@ -95,6 +111,7 @@ def adam_step(params, grads, state1, state2, absmax1, absmax2, constants, code1,
     int64 tensor on the parameters' device (not synchronised: read it only when needed)."""
     from pyquant.functional import cached_code_table
 
+    _native.check_adam_operands(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite)
     lib = _library()
     count = len(params)
     if count == 0:
@@ -114,7 +131,7 @@ def adam_step(params, grads, state1, state2, absmax1, absmax2, constants, code1,
         d.state_bits = 8 if s1.dtype == torch.uint8 else 32
         d.k = _native.AdamConstants(*row)
         first_block[i] = total_blocks
-        total_blocks += -(-p.numel() // OPTIMIZER_BLOCK)
+        total_blocks += blocks_of(p.numel(), OPTIMIZER_BLOCK)
     bad = torch.zeros((), dtype=torch.int64, device=device)
     if total_blocks == 0:
         return bad
@@ -142,8 +159,9 @@ UNSCALE_DTYPE_CODES = {**DTYPE_CODES, torch.float64: 3}
 def unscale_(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor) -> None:
     """GradScaler's unscale_ in one launch over every gradient of the device (op `pyquant::unscale_`,
     registered by pyquant.amp); a non-contiguous gradient goes to the reference. Asynchronous."""
-    from pyquant.amp import unscale_reference
+    from pyquant.amp import check_unscale_operands, unscale_reference
 
+    check_unscale_operands(grads, found_inf, inv_scale)
     dense = [g for g in grads if g.numel() > 0 and g.is_contiguous()]
     others = [g for g in grads if g.numel() > 0 and not g.is_contiguous()]
     if dense:

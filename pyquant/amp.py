@@ -73,8 +73,22 @@ def _cpu_kernel():
     fn = lib.pq_unscale_
     P, I32 = ctypes.c_void_p, ctypes.c_int32
     fn.argtypes = [I32, P, P, P, P, P, I32, I32]
-    fn.restype = None
+    fn.restype = I32
     return fn
+
+
+def check_unscale_operands(grads, found_inf, inv_scale, *, inv_scale_on_device: bool = True) -> None:
+    """What unscale_ and every kernel of it need (the kernels read found_inf and inv_scale through pointers)."""
+    for name, t in (("found_inf", found_inf), ("inv_scale", inv_scale)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.numel() != 1:
+            raise TypeError(f"{name} must be a float32 tensor with one element")
+    if inv_scale_on_device and inv_scale.device != found_inf.device:
+        raise ValueError(f"inv_scale is on {inv_scale.device} but found_inf is on {found_inf.device}")
+    for i, g in enumerate(grads):
+        if not isinstance(g, torch.Tensor) or g.dtype not in GRAD_DTYPES:
+            raise TypeError(f"gradient {i} is {getattr(g, 'dtype', type(g).__name__)}: only floating-point gradients can be unscaled")
+        if g.device != found_inf.device:
+            raise ValueError(f"gradient {i} is on {g.device} but found_inf is on {found_inf.device}")
 
 
 def unscale_cpu(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor, *,
@@ -82,13 +96,16 @@ def unscale_cpu(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: t
     """The C++ kernel (csrc/cpu/amp.cpp): one call for all contiguous grads, OpenMP over chunks of all of
     them; a non-contiguous grad goes to the reference. Same bits as the reference for any thread count
     (`threads` <= 0: OpenMP's default); `vector=False` forces the element-by-element code (tests)."""
+    check_unscale_operands(grads, found_inf, inv_scale)
+    if found_inf.device.type != "cpu":
+        raise ValueError(f"unscale_cpu got tensors on {found_inf.device}")
     kernel = _cpu_kernel()
     if kernel is None:  # a library built before this kernel
         return unscale_reference(grads, found_inf, inv_scale)
     dense = [g for g in grads if g.numel() > 0 and g.is_contiguous()]
     if dense:
         n = len(dense)
-        kernel(
+        status = kernel(
             n,
             (ctypes.c_void_p * n)(*[g.data_ptr() for g in dense]),
             (ctypes.c_int64 * n)(*[g.numel() for g in dense]),
@@ -98,6 +115,8 @@ def unscale_cpu(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: t
             threads,
             int(vector),
         )
+        if status != 0:  # unreachable after the checks above, unless they and the C ones disagree
+            raise ValueError(f"pyquant: the CPU library refused unscale_: invalid arguments (status {status})")
     others = [g for g in grads if g.numel() > 0 and not g.is_contiguous()]
     if others:
         unscale_reference(others, found_inf, inv_scale)
@@ -144,15 +163,7 @@ def unscale_(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torc
     """In place over `grads` (dense, all on found_inf's device, any mix of float32/float16/bfloat16/float64):
     multiply by `inv_scale` (float32, one element) and set `found_inf` (float32, one element) to 1.0 if any
     element is inf or NaN. Every grad is processed even after a non-finite value is seen."""
-    for i, g in enumerate(grads):
-        if g.dtype not in GRAD_DTYPES:
-            raise TypeError(f"gradient {i} is {g.dtype}: only floating-point gradients can be unscaled")
-        if g.device != found_inf.device:
-            raise ValueError(f"gradient {i} is on {g.device} but found_inf is on {found_inf.device}")
-    if found_inf.dtype != torch.float32 or found_inf.numel() != 1:
-        raise TypeError("found_inf must be a float32 tensor with one element")
-    if inv_scale.dtype != torch.float32 or inv_scale.numel() != 1:
-        raise TypeError("inv_scale must be a float32 tensor with one element")
+    check_unscale_operands(grads, found_inf, inv_scale, inv_scale_on_device=False)
     if grads:
         _unscale_op(list(grads), found_inf, inv_scale.to(found_inf.device))
 

@@ -15,6 +15,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from pyquant import _maps, backends
+from pyquant._native import check_blocksize
 from pyquant._nvtx import kernel_range
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -43,13 +44,13 @@ def create_dynamic_map(signed: bool = True) -> torch.Tensor:
     return _dynamic_maps[signed].clone()
 
 
+# Built now, in eager mode: the first call reads numpy, which torch.compile cannot trace (it failed the first
+# optimizer step under torch.compile, which creates the optimizer's maps); later calls only clone the cache.
+for _signed in (True, False):
+    create_dynamic_map(_signed)
+
+
 # ---- input checks: every public entry point says exactly what is wrong ----
-def _check_blocksize(blocksize) -> int:
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
-        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
-    return blocksize
-
-
 def check_code(code: torch.Tensor, device: torch.device) -> torch.Tensor:
     if not isinstance(code, torch.Tensor):
         raise TypeError(f"code must be a torch.Tensor of 256 float32 values, got {type(code).__name__}")
@@ -59,9 +60,12 @@ def check_code(code: torch.Tensor, device: torch.device) -> torch.Tensor:
         )
     if code.device != device:
         raise ValueError(f"code is on {code.device} but the data is on {device}; move them to the same device")
-    host = code.detach().cpu()
-    if not torch.isfinite(host).all() or not (host[1:] >= host[:-1]).all():
-        raise ValueError("code must be 256 finite float32 values sorted in ascending order")
+    # The values can only be read from a real tensor, and reading them under torch.compile would be
+    # data-dependent control flow: meta and fake tensors (and traced code) skip this check of the contents.
+    if code.device.type != "meta" and not torch.compiler.is_compiling():
+        host = code.detach().cpu()
+        if not torch.isfinite(host).all() or not (host[1:] >= host[:-1]).all():
+            raise ValueError("code must be 256 finite float32 values sorted in ascending order")
     return code.contiguous()
 
 
@@ -146,6 +150,12 @@ def _(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, 
 
 
 # ---- public API ----
+def _one_block_at_most(blocksize: int, n: int) -> int:
+    """A blocksize above n is n: the same single block and the same bits, and no kernel walks a huge
+    block (a Triton loop over 2**62 masked columns, the reference's zero padding to the blocksize)."""
+    return blocksize if blocksize <= n else max(n, 1)
+
+
 def quantize_blockwise(
     x: torch.Tensor, code: torch.Tensor | None = None, blocksize: int = 256
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,7 +166,7 @@ def quantize_blockwise(
     `code` defaults to the signed dynamic map. The bits equal bitsandbytes' CPU `quantize_blockwise`.
     """
     _check_float(x, "x")
-    blocksize = _check_blocksize(blocksize)
+    blocksize = _one_block_at_most(check_blocksize(blocksize), x.numel())
     code = check_code(create_dynamic_map(True).to(x.device) if code is None else code, x.device)
     return _quantize_blockwise_op(x.contiguous(), code, blocksize)
 
@@ -175,7 +185,7 @@ def dequantize_blockwise(
         raise TypeError(f"absmax must be a float32 tensor, got {getattr(absmax, 'dtype', type(absmax).__name__)}")
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    blocksize = _check_blocksize(blocksize)
+    blocksize = check_blocksize(blocksize)
     blocks = -(-q.numel() // blocksize)
     if absmax.numel() != blocks:
         raise ValueError(
@@ -184,6 +194,7 @@ def dequantize_blockwise(
     if absmax.device != q.device:
         raise ValueError(f"absmax is on {absmax.device} but q is on {q.device}")
     code = check_code(create_dynamic_map(True).to(q.device) if code is None else code, q.device)
+    blocksize = _one_block_at_most(blocksize, q.numel())
     return _dequantize_blockwise_op(q.contiguous(), absmax.reshape(-1).contiguous(), code, blocksize, dtype)
 
 

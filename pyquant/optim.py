@@ -14,6 +14,7 @@ Differences from torch.optim.Adam, on purpose:
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import defaultdict
 from copy import deepcopy
@@ -85,26 +86,65 @@ class Adam8bit(torch.optim.Optimizer):
         nonfinite: str = "skip",
     ):
         weight_decay = self._default_weight_decay if weight_decay is None else weight_decay
-        if not 0.0 <= float(lr):
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"Invalid betas {betas}: need two values in [0, 1)")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if amsgrad:
-            raise ValueError(f"{type(self).__name__} does not support amsgrad=True; use torch.optim.Adam for AMSGrad")
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {sorted(NONFINITE_POLICIES)}, got {nonfinite!r}")
         # alpha, t_alpha and t_beta3 are bitsandbytes' AdEMAMix fields; kept so that param_groups match its layout.
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, alpha=0.0, t_alpha=None, t_beta3=None
         )
-        super().__init__(params, defaults)
+        self._check_options(dict(defaults, amsgrad=amsgrad))
+        # Set before the groups are added, and kept by pickling (__getstate__), as torch keeps `defaults`.
         self.min_8bit_size = int(min_8bit_size)
         self.master_weights = bool(master_weights)
         self.nonfinite = nonfinite
+        super().__init__(params, defaults)
+        self._reset_run_attributes()
+
+    # ---- options: checked for the constructor's defaults, every added group and every loaded group ----
+    def _check_options(self, group: dict) -> None:
+        name = type(self).__name__
+        lr, eps, betas, weight_decay = group["lr"], group["eps"], group["betas"], group["weight_decay"]
+        if not 0.0 <= float(lr) < math.inf:
+            raise ValueError(f"{name}: invalid learning rate {lr}: need a finite value >= 0")
+        if not 0.0 <= float(eps) < math.inf:
+            raise ValueError(f"{name}: invalid epsilon value {eps}: need a finite value >= 0")
+        if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
+            raise ValueError(f"{name}: invalid betas {betas}: need two values in [0, 1)")
+        if not 0.0 <= float(weight_decay) < math.inf:
+            raise ValueError(f"{name}: invalid weight_decay value {weight_decay}: need a finite value >= 0")
+        if group.get("amsgrad"):
+            raise ValueError(f"{name} does not support amsgrad=True; use torch.optim.Adam for AMSGrad")
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's add_param_group, with the constructor's checks of the options, and a parameter listed twice
+        in the group refused (torch only warns: the step would update it twice, from two threads at once)."""
+        if isinstance(param_group, dict) and "params" in param_group:
+            params = param_group["params"]
+            if isinstance(params, torch.Tensor):
+                params = [params]
+            elif not isinstance(params, set):  # torch refuses sets
+                param_group["params"] = params = list(params)  # as torch does: a generator can be read only once
+            self._check_options({**self.defaults, **param_group})
+            seen = set()
+            for i, p in enumerate(x[1] if isinstance(x, tuple) else x for x in params):  # (name, tensor) too
+                if id(p) in seen:
+                    raise ValueError(
+                        f"{type(self).__name__}: parameter {i} of the group is listed twice; list each parameter once"
+                    )
+                seen.add(id(p))
+        super().add_param_group(param_group)  # refuses a parameter in two groups, a set, a non-leaf tensor
+
+    # ---- pickling, copy.deepcopy, torch.save(optimizer) ----
+    def __getstate__(self) -> dict:
+        options = {k: getattr(self, k) for k in ("min_8bit_size", "master_weights", "nonfinite")}
+        return dict(super().__getstate__(), **options)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)  # also what load_state_dict calls, with the state and groups only
+        if "_codes" not in self.__dict__:  # unpickled or copied: the per-run attributes start afresh
+            self._reset_run_attributes()
+
+    def _reset_run_attributes(self) -> None:
         self.nonfinite_count: torch.Tensor | int = 0
         self._warned_nonfinite = False
         self._codes: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -123,6 +163,34 @@ class Adam8bit(torch.optim.Optimizer):
 
     def _keeps_master(self, p: torch.Tensor) -> bool:
         return self.master_weights and p.dtype != torch.float32
+
+    def _check_state(self, p: torch.Tensor) -> dict:
+        """p's states, after checking that they still fit p: the kernel writes as many elements as p has into
+        them (a parameter resized after its first step made it write outside them). torch's Adam raises too.
+        state1 and master stand for the states made with them (the C binding checks every size again)."""
+        state, shard = self.state[p], local_tensor(p)
+        shape, device = shard.shape, shard.device
+        master = state.get("master")
+        s1 = state["state1"]
+        if s1.shape == shape and s1.device == device and (master is None or master.shape == shape):
+            return state
+        for key in ("state1", "state2", "master"):
+            t = state.get(key)
+            if t is not None and t.shape != shape:
+                raise RuntimeError(
+                    f"{type(self).__name__}: state {key!r} of parameter {self._index_of(p)} has {t.numel()} elements "
+                    f"(shape {tuple(t.shape)}) but the parameter has {shard.numel()} (shape {tuple(shape)}); "
+                    "the parameter changed size after its first step"
+                )
+        raise RuntimeError(
+            f"{type(self).__name__}: state 'state1' of parameter {self._index_of(p)} is on {s1.device} but the "
+            f"parameter is on {device}; the parameter moved after its first step (move the optimizer too: "
+            "state_dict() then load_state_dict())"
+        )
+
+    def _index_of(self, p: torch.Tensor) -> int:
+        """p's index in state_dict() (the groups' parameters in order)."""
+        return next(i for i, q in enumerate(chain.from_iterable(g["params"] for g in self.param_groups)) if q is p)
 
     def _init_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -190,9 +258,7 @@ class Adam8bit(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 self._check_param(p)
-                if not p.is_contiguous():
-                    p.data = p.data.contiguous()  # the kernel walks memory linearly, as bitsandbytes does
-                state = self.state[p] if len(self.state[p]) else self._init_state(p)
+                state = self._check_state(p) if len(self.state[p]) else self._init_state(p)
                 if self._keeps_master(p) and "master" not in state:  # e.g. loaded from a checkpoint without one
                     state["master"] = local_tensor(p).detach().float().contiguous()
                 state["step"] += 1
@@ -205,9 +271,14 @@ class Adam8bit(torch.optim.Optimizer):
                      for _, s in items],
                     dtype=torch.float32,
                 )
+                # The kernel walks memory linearly: a parameter that is not contiguous (a view into a larger
+                # tensor, channels_last) is stepped in a contiguous copy, copied back below into its own
+                # storage and layout, as torch's Adam updates it in place. FSDP2: this rank's shards.
+                targets = [local_tensor(p) for p, _ in items]
+                stepped = [s["master"] if "master" in s else t.contiguous() for t, (_, s) in zip(targets, items)]
                 counts.append(
                     F.adam_step_multi_tensor(
-                        [s.get("master", local_tensor(p)) for p, s in items],  # FSDP2: this rank's shards
+                        stepped,
                         [local_tensor(p.grad).contiguous() for p, _ in items],
                         [s["state1"] for _, s in items],
                         [s["state2"] for _, s in items],
@@ -219,9 +290,10 @@ class Adam8bit(torch.optim.Optimizer):
                         policy,
                     )
                 )
-                masters = [(p, s["master"]) for p, s in items if "master" in s]
-                if masters:  # the parameters the model computes with: their master copies, rounded once
-                    torch._foreach_copy_([local_tensor(p) for p, _ in masters], [m for _, m in masters])
+                # The parameters the model computes with: master copies rounded once, and the copies above.
+                back = [(t, x) for t, x in zip(targets, stepped) if x is not t]
+                if back:
+                    torch._foreach_copy_([t for t, _ in back], [x for _, x in back])
         self.nonfinite_count = sum(int(c) if c.device.type == "cpu" else c for c in counts) if counts else 0
         if isinstance(self.nonfinite_count, int) and self.nonfinite_count and not self._warned_nonfinite:
             self._warned_nonfinite = True
@@ -292,6 +364,12 @@ class Adam8bit(torch.optim.Optimizer):
                 state["master"] = master.to(p.device).contiguous()
         if state["state1"].dtype != state["state2"].dtype:
             raise ValueError(f"{where}: state1 is {state['state1'].dtype} but state2 is {state['state2'].dtype}")
+        if state["state1"].dtype == torch.float32 and self.nonfinite == "skip":
+            # under "skip" no NaN enters a moment (under "propagate", bitsandbytes' states may hold NaN)
+            for key in ("state1", "state2"):
+                self._refuse_values(where, key, state[key], torch.isnan(state[key]), "NaN")
+        if state["state1"].dtype == torch.float32:
+            self._refuse_values(where, "state2", state["state2"], state["state2"] < 0, "negative")
         if state["state1"].dtype == torch.uint8:
             blocks = -(-p.numel() // OPTIMIZER_BLOCK)
             for key in ("absmax1", "absmax2"):
@@ -299,6 +377,9 @@ class Adam8bit(torch.optim.Optimizer):
                 if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.numel() != blocks:
                     raise ValueError(f"{where}: {key} must be float32 with {blocks} entries (blocks of {OPTIMIZER_BLOCK})")
                 state[key] = t.to(p.device).reshape(-1).contiguous()
+                # A block's absmax is a maximum of absolute values (inf allowed: v overflows): no step writes
+                # a NaN or a negative one, and one would turn the block's parameters to NaN unnoticed.
+                self._refuse_values(where, key, state[key], torch.isnan(state[key]) | (state[key] < 0), "NaN or negative")
             code1, code2 = self._codes_on(p.device)
             for key, expected in (("qmap1", code1), ("qmap2", code2)):
                 t = saved.get(key)
@@ -307,9 +388,9 @@ class Adam8bit(torch.optim.Optimizer):
             state["qmap1"], state["qmap2"] = code1, code2
         return state
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Load a pyquant or bitsandbytes state dict; every entry is checked before anything changes."""
-        groups, saved_groups = self.param_groups, state_dict["param_groups"]
+    def _check_saved_groups(self, saved_groups: list) -> None:
+        """The loaded groups list as many parameters as ours, and options the constructor would accept."""
+        groups = self.param_groups
         if len(groups) != len(saved_groups):
             raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer has {len(groups)}")
         for i, (g, sg) in enumerate(zip(groups, saved_groups)):
@@ -317,6 +398,25 @@ class Adam8bit(torch.optim.Optimizer):
                 raise ValueError(
                     f"parameter group {i} has {len(g['params'])} parameters but the loaded one has {len(sg['params'])}"
                 )
+            try:
+                self._check_options({**self.defaults, **sg})
+            except ValueError as e:
+                raise ValueError(f"loaded parameter group {i}: {e}") from None
+
+    @staticmethod
+    def _refuse_values(where: str, key: str, t: torch.Tensor, bad: torch.Tensor, what: str) -> None:
+        count = int(bad.sum())
+        if count:
+            first = int(bad.reshape(-1).nonzero()[0])
+            raise ValueError(
+                f"{where}: {key} has {count} {what} entries (the first at flat index {first}: "
+                f"{t.reshape(-1)[first].item()}); no step of this optimizer writes such a value"
+            )
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a pyquant or bitsandbytes state dict; every entry is checked before anything changes."""
+        groups, saved_groups = self.param_groups, state_dict["param_groups"]
+        self._check_saved_groups(saved_groups)
         id_map = dict(
             zip(chain.from_iterable(g["params"] for g in saved_groups), chain.from_iterable(g["params"] for g in groups))
         )
@@ -354,10 +454,20 @@ class Adam8bit(torch.optim.Optimizer):
                 )
             group.update({k: v for k, v in sg.items() if k not in group and k not in _TORCH_ONLY_KEYS})
             converted["param_groups"].append(group)
+        self._check_saved_groups(torch_state_dict["param_groups"])  # before indexing our parameters with its ids
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
         saved_ids = list(chain.from_iterable(g["params"] for g in torch_state_dict["param_groups"]))
         for key, s in torch_state_dict["state"].items():
+            if key not in saved_ids:
+                raise ValueError(f"loaded torch state dict has state for parameter index {key}, which no group lists")
             p = params[saved_ids.index(key)]
+            for name in ("exp_avg", "exp_avg_sq"):
+                t = s.get(name)
+                if not isinstance(t, torch.Tensor) or t.shape != p.shape:
+                    raise ValueError(
+                        f"torch state of parameter {key}: {name} has shape {tuple(getattr(t, 'shape', ()))} but the "
+                        f"parameter has shape {tuple(p.shape)}; was it saved for another model?"
+                    )
             state = {"step": int(float(s["step"]))}
             m, v = s["exp_avg"].float().to(p.device), s["exp_avg_sq"].float().to(p.device)
             if self._uses_8bit(p):

@@ -222,7 +222,7 @@ static int choose_sqrt_mode(pq_vsqrt_fn fn) {
 
 void quantize_blockwise(const void* x, int32_t dtype, int64_t n, int64_t blocksize, const uint8_t* table,
                         uint8_t* q, float* absmax) {
-  const int64_t blocks = (n + blocksize - 1) / blocksize;
+  const int64_t blocks = block_count(n, blocksize);
   if (blocks == 0) return;
 #if PQ_VECTOR
   vec::QuantTable quant;
@@ -240,7 +240,7 @@ void quantize_blockwise(const void* x, int32_t dtype, int64_t n, int64_t blocksi
 #endif
 #pragma omp parallel
   {
-    std::vector<float> buf(dtype == kFloat32 ? 0 : (size_t)blocksize);
+    std::vector<float> buf(dtype == kFloat32 ? 0 : (size_t)std::min(blocksize, n));  // no more than one block holds
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t start = b * blocksize;
@@ -255,7 +255,7 @@ constexpr int64_t kStreamingBytes = (int64_t)32 << 20;  // the last-level cache 
 
 void dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n,
                           int64_t blocksize, void* out, int32_t dtype) {
-  const int64_t blocks = (n + blocksize - 1) / blocksize;
+  const int64_t blocks = block_count(n, blocksize);
 #if PQ_VECTOR
   vec::DequantTable deq;
   vec::prepare_dequant(code, deq);
@@ -358,7 +358,7 @@ int64_t adam_step(const pq_adam_tensor* tensors, int32_t count, const float* cod
                   const uint8_t* table1, const uint8_t* table2, int32_t nonfinite) {
   std::vector<int64_t> first_block(count + 1, 0);
   for (int32_t i = 0; i < count; ++i)
-    first_block[i + 1] = first_block[i] + (tensors[i].numel + kOptimizerBlock - 1) / kOptimizerBlock;
+    first_block[i + 1] = first_block[i] + block_count(tensors[i].numel, kOptimizerBlock);
   const int64_t total = first_block[count];
   if (total == 0) return 0;
   AdamCall c;

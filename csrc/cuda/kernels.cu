@@ -205,6 +205,7 @@ inline unsigned grid_for(int64_t blocks) { return (unsigned)(blocks < kMaxGrid ?
 
 // Threads of a quantisation block: the block size rounded up to a warp, at most kMaxThreads.
 inline unsigned quantize_threads(int64_t blocksize) {
+  if (blocksize >= kMaxThreads) return (unsigned)kMaxThreads;  // before rounding up, which could overflow
   const int64_t rounded = (blocksize + kWarp - 1) / kWarp * kWarp;
   return (unsigned)(rounded < kMaxThreads ? rounded : kMaxThreads);
 }
@@ -221,9 +222,9 @@ int32_t pq_abi_version(void) { return PQ_ABI_VERSION; }
 
 int32_t pq_cuda_quantize_blockwise(const void* x, int32_t dtype, int64_t n, int64_t blocksize, const uint8_t* table,
                                    uint8_t* q, float* absmax, void* stream) {
-  if (n <= 0) return (int32_t)cudaSuccess;
-  if (blocksize <= 0) return (int32_t)cudaErrorInvalidValue;
-  const int64_t blocks = (n + blocksize - 1) / blocksize;
+  if (n < 0 || blocksize <= 0 || !pq::valid_dtype(dtype)) return (int32_t)cudaErrorInvalidValue;
+  if (n == 0) return (int32_t)cudaSuccess;
+  const int64_t blocks = pq::block_count(n, blocksize);
   quantize_kernel<<<grid_for(blocks), quantize_threads(blocksize), 0, (cudaStream_t)stream>>>(
       x, dtype, n, blocksize, blocks, table, q, absmax);
   return (int32_t)cudaGetLastError();
@@ -231,8 +232,8 @@ int32_t pq_cuda_quantize_blockwise(const void* x, int32_t dtype, int64_t n, int6
 
 int32_t pq_cuda_dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n,
                                      int64_t blocksize, void* out, int32_t dtype, void* stream) {
-  if (n <= 0) return (int32_t)cudaSuccess;
-  if (blocksize <= 0) return (int32_t)cudaErrorInvalidValue;
+  if (n < 0 || blocksize <= 0 || !pq::valid_dtype(dtype)) return (int32_t)cudaErrorInvalidValue;
+  if (n == 0) return (int32_t)cudaSuccess;
   const int64_t threads = kMaxThreads;
   const int64_t wanted = (n + threads - 1) / threads;
   const int64_t cap = (int64_t)1 << 20;  // enough blocks to fill any GPU; the kernel strides over the rest
@@ -248,7 +249,9 @@ int32_t pq_cuda_dequantize_blockwise(const uint8_t* q, const float* absmax, cons
 int32_t pq_cuda_adam_step(const pq_adam_tensor* device_descriptors, const int64_t* device_first_block, int32_t count,
                           int64_t total_blocks, const float* code1, const float* code2, const uint8_t* table1,
                           const uint8_t* table2, int32_t nonfinite, int64_t* device_bad_count, void* stream) {
-  if (count <= 0 || total_blocks <= 0) return (int32_t)cudaSuccess;
+  if (count < 0 || total_blocks < 0 || (nonfinite != pq::kSkipElement && nonfinite != pq::kPropagate))
+    return (int32_t)cudaErrorInvalidValue;
+  if (count == 0 || total_blocks == 0) return (int32_t)cudaSuccess;
   adam_kernel<<<grid_for(total_blocks), kAdamThreads, 0, (cudaStream_t)stream>>>(
       device_descriptors, device_first_block, count, total_blocks, code1, code2, table1, table2, nonfinite,
       device_bad_count);
@@ -259,7 +262,8 @@ int32_t pq_cuda_adam_step(const pq_adam_tensor* device_descriptors, const int64_
 // one-element float32 device tensors.
 int32_t pq_cuda_unscale_(const int64_t* device_meta, int32_t count, int64_t total_chunks, float* found_inf,
                          const float* inv_scale, void* stream) {
-  if (count <= 0 || total_chunks <= 0) return (int32_t)cudaSuccess;
+  if (count < 0 || total_chunks < 0) return (int32_t)cudaErrorInvalidValue;
+  if (count == 0 || total_chunks == 0) return (int32_t)cudaSuccess;
   unscale_kernel<<<grid_for(total_chunks), kUnscaleThreads, 0, (cudaStream_t)stream>>>(device_meta, count,
                                                                                       total_chunks, found_inf,
                                                                                       inv_scale);

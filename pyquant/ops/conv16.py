@@ -29,7 +29,15 @@ import torch
 
 from pyquant import _native, backends
 from pyquant._nvtx import kernel_range
-from pyquant.ops.gemm import _DTYPE_CODES, _bf16_dot_flags, _int64_array, matmul_cpu, matmul_reference, matmul_triton
+from pyquant.ops.gemm import (
+    _DTYPE_CODES,
+    _bf16_dot_flags,
+    _int64_array,
+    check_cpu_operands,
+    matmul_cpu,
+    matmul_reference,
+    matmul_triton,
+)
 
 __all__ = ["columns", "im2col_matmul", "out_size"]
 
@@ -98,9 +106,11 @@ def im2col_matmul_cpu(x, other, bias, bias_dim, geometry, columns_first, out_dty
     fn = _cpu_fn()
     if fn is None:
         return matmul_cpu(*_operands(x, other, geometry, columns_first), bias, bias_dim, out_dtype)
+    _check_other(x, other, geometry, columns_first)  # the kernel takes other's inner size from x and geometry
     if x.stride(-1) != 1:  # the kernel gathers runs of contiguous channels
         x = x.contiguous()
     out = torch.empty(_out_shape(x, other, geometry, columns_first), dtype=out_dtype)
+    check_cpu_operands(dict(x=x, other=other), bias, out.shape[0] if bias_dim == -2 else out.shape[1])
     if out.numel() == 0:
         return out
     other_dim = other.shape[1] if columns_first else other.shape[0]
@@ -142,6 +152,15 @@ def _(x, other, bias, bias_dim, geometry, columns_first, out_dtype):
     return x.new_empty(_out_shape(x, other, geometry, columns_first), dtype=out_dtype)
 
 
+def _check_other(x, other, geometry, columns_first: bool) -> None:
+    """other's inner size against the columns of a 4-D x (the C kernel derives it from x and the geometry)."""
+    rows, _ = _out_shape(x, other, geometry, True)
+    inner = other.shape[0] if columns_first else other.shape[1]
+    expected = geometry[0] * geometry[1] * x.shape[3] if columns_first else rows
+    if inner != expected:
+        raise ValueError(f"other has {inner} {'rows' if columns_first else 'columns'}, the columns need {expected}")
+
+
 def im2col_matmul(x: torch.Tensor, other: torch.Tensor, kernel_size, stride, padding, dilation,
                   columns_first: bool = True, bias: Optional[torch.Tensor] = None, bias_dim: int = -1,
                   out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -156,12 +175,8 @@ def im2col_matmul(x: torch.Tensor, other: torch.Tensor, kernel_size, stride, pad
     kh, kw, sh, sw, ph, pw, dh, dw = geometry
     if min(kh, kw, sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
         raise ValueError(f"kernel, stride, dilation must be >= 1 and padding >= 0, got {tuple(geometry)}")
-    _, h, w, c = x.shape
+    _, h, w, _ = x.shape
     if out_size(h, kh, sh, ph, dh) < 1 or out_size(w, kw, sw, pw, dw) < 1:
         raise ValueError(f"the kernel {kh}x{kw} (dilation {dh}x{dw}, padding {ph}x{pw}) does not fit x of {h}x{w}")
-    rows, _ = _out_shape(x, other, geometry, True)
-    inner = other.shape[0] if columns_first else other.shape[1]
-    expected = kh * kw * c if columns_first else rows
-    if inner != expected:
-        raise ValueError(f"other has {inner} {'rows' if columns_first else 'columns'}, the columns need {expected}")
+    _check_other(x, other, geometry, columns_first)
     return _im2col_matmul_op(x, other, bias, bias_dim, geometry, columns_first, out_dtype or x.dtype)

@@ -125,9 +125,24 @@ def _int64_array(values) -> ctypes.Array:
     return (ctypes.c_int64 * max(len(values), 1))(*values)
 
 
+def check_cpu_operands(tensors: dict, bias: Optional[torch.Tensor], bias_len: int) -> None:
+    """What the C kernels read through raw pointers and their own strides: CPU tensors of a dtype they know,
+    and a bias of the `bias_len` values the product adds (its length is not passed to them)."""
+    for name, t in {**tensors, "bias": bias}.items():
+        if t is None:
+            continue
+        if t.device.type != "cpu" or t.dtype not in _DTYPE_CODES:
+            raise ValueError(f"the cpu kernel needs float32/float16/bfloat16 CPU tensors; {name} is {t.dtype} on {t.device}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != bias_len):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, the product adds {bias_len} values")
+
+
 def matmul_cpu(a, b, bias: Optional[torch.Tensor], bias_dim: int, out_dtype: torch.dtype):
     """The C++ kernel (csrc/cpu/gemm.cpp): any strides, batch broadcasting by zero strides."""
     batch, m, n, k = _out_shape(a, b)
+    if b.shape[-2] != k:
+        raise ValueError(f"inner dimensions do not match: a is {tuple(a.shape)} and b is {tuple(b.shape)}")
+    check_cpu_operands(dict(a=a, b=b), bias, m if bias_dim == -2 else n)
     out = torch.empty(batch + (m, n), dtype=out_dtype)
     if out.numel() == 0:
         return out

@@ -24,6 +24,12 @@ enum NonFinite : int32_t { kSkipElement = 0, kPropagate = 1 };
 constexpr int kOptimizerBlock = 256;  // block size of the optimizer states (bitsandbytes' value)
 constexpr int kGridPoints = 65536;    // the quantiser snaps y in [-1, 1] to this grid first
 
+// ceil(n / blocksize) for n >= 0, blocksize > 0, without the overflow of (n + blocksize - 1) / blocksize
+// (a blocksize near 2**63 made that negative: no block was processed and the outputs stayed uninitialised).
+PQ_HD int64_t block_count(int64_t n, int64_t blocksize) { return n / blocksize + (n % blocksize != 0); }
+
+PQ_HD bool valid_dtype(int32_t dtype) { return dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16; }
+
 PQ_HD uint32_t float_bits(float f) {
   uint32_t u;
   memcpy(&u, &f, 4);

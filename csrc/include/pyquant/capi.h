@@ -6,13 +6,18 @@
 
 // Bumped whenever a struct or a signature below (or pq::AdamConstants) changes: Python refuses a library
 // built from other sources rather than passing it descriptors it would misread.
-#define PQ_ABI_VERSION 3
+#define PQ_ABI_VERSION 4
+
+// What the validating entry points return when an argument is invalid (a negative size, a block size <= 0,
+// an unknown dtype code, a missing pointer, a block count that does not fit in int64): they do nothing then.
+// They cannot see how large the caller's buffers are; Python checks the tensors against the sizes first.
+#define PQ_INVALID_ARGUMENT 2
 
 extern "C" {
 
 // One tensor of a multi-tensor Adam step. state_bits 8: state1/state2 are uint8 codes with float32
 // absmax per block of 256; state_bits 32: state1/state2 are float32 and absmax1/absmax2 are unused.
-struct pq_adam_tensor {
+struct pq_adam_tensor {  // every pointer covers `numel` elements (absmax: ceil(numel / 256))
   void* param;
   const void* grad;
   void* state1;

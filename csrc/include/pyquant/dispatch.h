@@ -23,3 +23,11 @@ extern "C" int32_t pq_isa(void);  // 0 scalar, 1 avx2, 2 avx512 (capi.cpp)
     case 1: return pq_avx2::call;         \
     default: return pq_scalar::call;      \
   }
+
+// PQ_DISPATCH for a call whose result is not returned (the entry point returns its own status).
+#define PQ_DISPATCH_VOID(call)            \
+  switch (pq_isa()) {                     \
+    case 2: pq_avx512::call; break;       \
+    case 1: pq_avx2::call; break;         \
+    default: pq_scalar::call; break;      \
+  }
