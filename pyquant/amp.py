@@ -189,13 +189,12 @@ def unscale_(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torc
         check_unscale_operands(grads, found_inf, inv_scale, inv_scale_on_device=False)
         return
     inv_scale = inv_scale.to(found_inf.device)
-    if torch.compiler.is_compiling() or found_inf.device.type == "meta":
+    if not backends.runs_eagerly(found_inf):
         check_unscale_operands(grads, found_inf, inv_scale)
         _unscale_op(list(grads), found_inf, inv_scale)
         return
-    # Eager: the kernel directly, without the custom op's dispatch (0.2 ms over DenseNet-121's 364 gradients,
-    # as long as the kernel itself on this CPU); each backend's binding checks the operands. The version bump
-    # is what the op's `mutates_args` gives: autograd then knows the gradients were written in place.
+    # The kernel directly (backends.runs_eagerly says why); each backend's binding checks the operands. The
+    # version bump is what the op's `mutates_args` gives: autograd then knows the gradients were written in place.
     with kernel_range("unscale_"):
         _implementation(found_inf.device.type)(grads, found_inf, inv_scale)
     torch.autograd.graph.increment_version(list(grads))
