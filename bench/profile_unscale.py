@@ -2,8 +2,9 @@
 
     python bench/profile_unscale.py
 
-the C++ kernel called directly, through the `pyquant::unscale_` custom op, torch's kernel, both on one
-concatenated tensor, and the Python work of collecting the C call's arrays alone.
+the C++ kernel called directly, through `pyquant.amp.unscale_` (eager: no custom-op dispatch), torch's kernel,
+both on one concatenated tensor, the Python work of collecting the C call's arrays alone, and the per-call cost of
+the two GradScalers' `unscale_` on 364 one-element gradients (their Python and dispatch, almost no arithmetic).
 """
 
 import ctypes
@@ -41,13 +42,30 @@ def collect_arrays():  # what unscale_cpu does in Python before the C call
     (ctypes.c_int32 * n)(*[amp._CPU_DTYPE_CODES[g.dtype] for g in dense])
 
 
+def scaler_unscale(cls, params):
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    scaler = cls("cpu", init_scale=1.0)
+    scaler.scale(torch.ones(()))
+
+    def call():
+        scaler._per_optimizer_states.clear()  # a fresh iteration: unscale_ may run once per update()
+        scaler.unscale_(optimizer)
+
+    return call
+
+
+tiny = [torch.nn.Parameter(torch.zeros(1)) for _ in grads]
+for p in tiny:
+    p.grad = torch.ones(1)
 torch_unscale = torch._amp_foreach_non_finite_check_and_unscale_
 for name, fn in [
     (f"pyquant C++ kernel, {len(grads)} tensors", lambda: amp.unscale_cpu(grads, found_inf, inv_scale)),
-    (f"pyquant custom op, {len(grads)} tensors", lambda: amp.unscale_(grads, found_inf, inv_scale)),
+    (f"pyquant amp.unscale_, {len(grads)} tensors", lambda: amp.unscale_(grads, found_inf, inv_scale)),
     (f"torch, {len(grads)} tensors", lambda: torch_unscale(grads, found_inf, inv_scale)),
     ("pyquant C++ kernel, one tensor", lambda: amp.unscale_cpu(one_tensor, found_inf, inv_scale)),
     ("torch, one tensor", lambda: torch_unscale(one_tensor, found_inf, inv_scale)),
     ("Python work before the C call", collect_arrays),
+    (f"pyquant GradScaler.unscale_, {len(tiny)} x 1", scaler_unscale(amp.GradScaler, tiny)),
+    (f"torch GradScaler.unscale_, {len(tiny)} x 1", scaler_unscale(torch.amp.GradScaler, tiny)),
 ]:
     print(f"{name:40s} {median_ms(fn):.3f} ms")

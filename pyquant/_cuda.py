@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 
 import torch
 
@@ -168,7 +169,7 @@ def unscale_(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torc
         lib = _library()
         device = found_inf.device
         chunks = [-(-g.numel() // UNSCALE_CHUNK) for g in dense]
-        first_chunk = [sum(chunks[:i]) for i in range(len(dense))]
+        first_chunk = [0, *itertools.accumulate(chunks[:-1])]  # a quadratic sum took 1.4 ms of the 2.1 ms (RESULTS)
         meta = torch.tensor(
             [[_ptr(g) for g in dense], [g.numel() for g in dense], [UNSCALE_DTYPE_CODES[g.dtype] for g in dense],
              first_chunk],

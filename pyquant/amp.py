@@ -47,6 +47,7 @@ def unscale_reference(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_sc
     v = grad widened to float32 (float64 stays float64); if v is inf or NaN, found_inf = 1.0;
     grad = (v if inv_scale == 1.0 else v * inv_scale) rounded back to grad's dtype.
     """
+    check_unscale_operands(grads, found_inf, inv_scale)
     unit = inv_scale == 1.0
     for g in grads:
         v = g.double() if g.dtype == torch.float64 else g.float()  # .float() of a float32 grad is the grad itself
@@ -85,10 +86,15 @@ def check_unscale_operands(grads, found_inf, inv_scale, *, inv_scale_on_device: 
     if inv_scale_on_device and inv_scale.device != found_inf.device:
         raise ValueError(f"inv_scale is on {inv_scale.device} but found_inf is on {found_inf.device}")
     for i, g in enumerate(grads):
-        if not isinstance(g, torch.Tensor) or g.dtype not in GRAD_DTYPES:
-            raise TypeError(f"gradient {i} is {getattr(g, 'dtype', type(g).__name__)}: only floating-point gradients can be unscaled")
-        if g.device != found_inf.device:
-            raise ValueError(f"gradient {i} is on {g.device} but found_inf is on {found_inf.device}")
+        _check_grad(i, g, found_inf.device)
+
+
+def _check_grad(i: int, g, device: torch.device) -> None:
+    if not isinstance(g, torch.Tensor) or g.dtype not in GRAD_DTYPES:
+        what = getattr(g, "dtype", type(g).__name__)
+        raise TypeError(f"gradient {i} is {what}: only floating-point gradients can be unscaled")
+    if g.device != device:
+        raise ValueError(f"gradient {i} is on {g.device} but found_inf is on {device}")
 
 
 def unscale_cpu(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor, *,
@@ -96,20 +102,37 @@ def unscale_cpu(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: t
     """The C++ kernel (csrc/cpu/amp.cpp): one call for all contiguous grads, OpenMP over chunks of all of
     them; a non-contiguous grad goes to the reference. Same bits as the reference for any thread count
     (`threads` <= 0: OpenMP's default); `vector=False` forces the element-by-element code (tests)."""
-    check_unscale_operands(grads, found_inf, inv_scale)
+    check_unscale_operands((), found_inf, inv_scale)
     if found_inf.device.type != "cpu":
         raise ValueError(f"unscale_cpu got tensors on {found_inf.device}")
     kernel = _cpu_kernel()
     if kernel is None:  # a library built before this kernel
+        check_unscale_operands(grads, found_inf, inv_scale)
         return unscale_reference(grads, found_inf, inv_scale)
-    dense = [g for g in grads if g.numel() > 0 and g.is_contiguous()]
-    if dense:
-        n = len(dense)
+    # One pass checks each gradient (what the C call trusts: dtype, device, layout) and collects the C call's
+    # arrays: per-gradient Python is most of this function's cost over a model's hundreds of gradients.
+    pointers, sizes, codes, others = [], [], [], []
+    codes_of = _CPU_DTYPE_CODES
+    for i, g in enumerate(grads):
+        code = codes_of.get(g.dtype) if isinstance(g, torch.Tensor) else None
+        if code is None or not g.is_cpu:
+            _check_grad(i, g, found_inf.device)  # raises, naming what is wrong with this gradient
+        n = g.numel()
+        if n == 0:
+            continue
+        if not g.is_contiguous():
+            others.append(g)
+            continue
+        pointers.append(g.data_ptr())
+        sizes.append(n)
+        codes.append(code)
+    if pointers:
+        count = len(pointers)
         status = kernel(
-            n,
-            (ctypes.c_void_p * n)(*[g.data_ptr() for g in dense]),
-            (ctypes.c_int64 * n)(*[g.numel() for g in dense]),
-            (ctypes.c_int32 * n)(*[_CPU_DTYPE_CODES[g.dtype] for g in dense]),
+            count,
+            (ctypes.c_void_p * count)(*pointers),
+            (ctypes.c_int64 * count)(*sizes),
+            (ctypes.c_int32 * count)(*codes),
             found_inf.data_ptr(),
             inv_scale.data_ptr(),
             threads,
@@ -117,7 +140,6 @@ def unscale_cpu(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: t
         )
         if status != 0:  # unreachable after the checks above, unless they and the C ones disagree
             raise ValueError(f"pyquant: the CPU library refused unscale_: invalid arguments (status {status})")
-    others = [g for g in grads if g.numel() > 0 and not g.is_contiguous()]
     if others:
         unscale_reference(others, found_inf, inv_scale)
 
@@ -163,9 +185,20 @@ def unscale_(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torc
     """In place over `grads` (dense, all on found_inf's device, any mix of float32/float16/bfloat16/float64):
     multiply by `inv_scale` (float32, one element) and set `found_inf` (float32, one element) to 1.0 if any
     element is inf or NaN. Every grad is processed even after a non-finite value is seen."""
-    check_unscale_operands(grads, found_inf, inv_scale, inv_scale_on_device=False)
-    if grads:
-        _unscale_op(list(grads), found_inf, inv_scale.to(found_inf.device))
+    if not grads:
+        check_unscale_operands(grads, found_inf, inv_scale, inv_scale_on_device=False)
+        return
+    inv_scale = inv_scale.to(found_inf.device)
+    if not backends.runs_eagerly(found_inf):
+        check_unscale_operands(grads, found_inf, inv_scale)
+        _unscale_op(list(grads), found_inf, inv_scale)
+        return
+    # The kernel directly (backends.runs_eagerly says why); each backend's binding checks the operands. The
+    # version bump is what the op's `mutates_args` gives: autograd then knows the gradients were written in place.
+    with kernel_range("unscale_"):
+        _implementation(found_inf.device.type)(grads, found_inf, inv_scale)
+    torch.autograd.graph.increment_version(list(grads))
+    torch.autograd.graph.increment_version(found_inf)
 
 
 # ---- the scaler ----

@@ -211,7 +211,12 @@ def adam_step_multi_tensor(
     nonfinite: int,
 ) -> torch.Tensor:
     """One fused Adam step over a list of tensors (the optimizers' kernel; inputs are checked by them)."""
-    return _adam_step_op(
-        list(params), list(grads), list(state1), list(state2), list(absmax1), list(absmax2),
-        constants, code1, code2, nonfinite,
-    )
+    args = (list(params), list(grads), list(state1), list(state2), list(absmax1), list(absmax2),
+            constants, code1, code2, nonfinite)
+    if not args[0] or not backends.runs_eagerly(args[0][0]):
+        return _adam_step_op(*args)
+    # The kernel directly (backends.runs_eagerly says why), then the version bumps of the op's `mutates_args`.
+    with kernel_range("adam_step"):
+        count = backends.implementation("adam_step", args[0][0].device.type)(*args)
+    torch.autograd.graph.increment_version([t for written in args[:1] + args[2:6] for t in written])
+    return count

@@ -266,10 +266,13 @@ class Adam8bit(torch.optim.Optimizer):
             for device, items in by_device.items():
                 code1, code2 = self._codes_on(device)
                 empty = torch.empty(0, dtype=torch.float32, device=device)
+                rows: dict[tuple[int, bool], list[float]] = {}  # a group's tensors mostly share their step
+                for _, s in items:
+                    key = (s["step"], s["state1"].dtype == torch.uint8)
+                    if key not in rows:
+                        rows[key] = adam_constants(group, *key, inv_grad_scale)
                 constants = torch.tensor(
-                    [adam_constants(group, s["step"], s["state1"].dtype == torch.uint8, inv_grad_scale)
-                     for _, s in items],
-                    dtype=torch.float32,
+                    [rows[(s["step"], s["state1"].dtype == torch.uint8)] for _, s in items], dtype=torch.float32
                 )
                 # The kernel walks memory linearly: a parameter that is not contiguous (a view into a larger
                 # tensor, channels_last) is stepped in a contiguous copy, copied back below into its own

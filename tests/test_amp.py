@@ -121,6 +121,24 @@ def test_op_errors_and_fake_kernel():
     )
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_eager_call_checks_each_gradient_and_marks_them_written(backend):
+    """Eager calls skip the custom op's dispatch: every backend still refuses a bad gradient by its index, and the
+    gradients' version counters move as the op's `mutates_args` makes them (autograd sees the in-place write)."""
+    with backends.use_backend(backend):
+        with pytest.raises(TypeError, match="gradient 2 is torch.int64"):
+            amp.unscale_([torch.ones(3), torch.ones(2), torch.ones(2, dtype=torch.int64)], torch.zeros(()),
+                         torch.tensor(0.5))
+        grads = [torch.ones(5), torch.ones(4, 2).t()]  # a contiguous gradient and a transposed one
+        found = torch.zeros(())
+        versions = [g._version for g in grads] + [found._version]
+        amp.unscale_(grads, found, torch.tensor(0.5))
+    assert all(torch.equal(g, torch.full_like(g, 0.5)) for g in grads)
+    assert all(after > before for after, before in zip([g._version for g in grads] + [found._version], versions))
+    # Meta tensors take the op (its fake kernel): shapes only, nothing is computed.
+    amp.unscale_([torch.empty(3, device="meta")], torch.empty((), device="meta"), torch.empty((), device="meta"))
+
+
 def test_op_runs_in_a_named_nvtx_range(nvtx_names):
     p = nn.Parameter(torch.randn(4))
     scaler = GradScaler("cpu")

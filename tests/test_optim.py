@@ -335,3 +335,25 @@ def test_sparse_complex_and_integer_parameters_are_refused():
     p.grad = torch.randn(5, dtype=torch.float64)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         pyquant.Adam8bit([p]).step()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_step_marks_parameters_and_states_written(backend):
+    """The step calls its kernel without the custom op's dispatch in eager mode (backends.runs_eagerly): the
+    version counters of what it writes must still move, as the op's `mutates_args` (and torch's Adam) make them,
+    so that autograd refuses a backward through a graph that saved the old parameter."""
+    big = torch.nn.Parameter(torch.randn(5000))  # 8-bit states
+    small = torch.nn.Parameter(torch.randn(10))  # float32 states
+    for p in (big, small):
+        p.grad = torch.randn_like(p)
+    opt = pyquant.Adam8bit([big, small])
+    with pyquant.use_backend(backend):
+        opt.step()
+        written = [big, small] + [opt.state[p][k] for p in (big, small) for k in ("state1", "state2")]
+        written += [opt.state[big][k] for k in ("absmax1", "absmax2")]
+        before = [t._version for t in written]
+        loss = (big * big).sum()  # saves `big` for backward
+        opt.step()
+    assert all(t._version > v for t, v in zip(written, before))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
