@@ -62,7 +62,7 @@ PRESETS: dict[str, str] = {
 # 1e-3 instead of the paper's 1e-5 fine-tuning rate; the DenseNet has two dense blocks (4, 8), so that it takes the
 # 8 px images of S = 4. Early stopping follows validation AUC, after at least 4 epochs: with the noisy labels the
 # validation loss of the first epochs is noisy and stopped some seeds before they had learnt. Two runs at a time, one torch thread each: on a 2-core machine faster than one run on two
-# threads (measured in docs/study.md); about 3 minutes there.
+# threads (measured in docs/study.md); 2.5-4 minutes there.
 tasks = ["rsna"]
 models = ["densenet_small"]
 settings = ["baseline", "amp", "8bit", "amp+8bit", "half+8bit"]
