@@ -386,7 +386,7 @@ def test_record_contents(tiny_grid):
         assert r["format"] == runner.RECORD_FORMAT and r["status"] == "done"
         assert r["config_hash"] == config.run_hash(r["config"])
         c = r["config"]
-        assert (c["task"], c["model"], c["seed"], c["batch_size"], c["epochs"]) == ("rsna", "densenet_small", 1, 32, 2)
+        assert (c["task"], c["model"], c["seed"], c["batch_size"], c["epochs"]) == ("rsna", "densenet_small", 1, 64, 2)
         test = r["metrics"]["test"]
         for key in ("accuracy", "accuracy_argmax", "balanced_accuracy", "auc", "sensitivity", "specificity", "threshold"):
             assert key in test
