@@ -35,6 +35,8 @@ def _experiment_parser(commands) -> None:
     p.add_argument("--amp-dtype", dest="amp_dtype", choices=["auto", "bfloat16", "float16"])
     p.add_argument("--half-dtype", dest="half_dtype", choices=["auto", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--jobs", type=int, help="runs at a time, each in its own process (the quick preset: 2, one per "
+                   "core of a 2-core machine)")
     p.add_argument("--nproc", type=int, help="data-parallel processes per run (DDP; gloo on CPU, nccl on CUDA); "
                    "--batch-size is the global batch, split evenly over them")
     p.add_argument("--out", help="runs folder")
@@ -57,7 +59,7 @@ def _experiment(args) -> int:
 
     overrides = {k: getattr(args, k) for k in ("tasks", "models", "settings", "seeds", "scales", "epochs", "patience",
                                                "monitor", "batch_size", "lr", "device", "amp_dtype", "half_dtype",
-                                               "threads", "nproc", "out")}
+                                               "threads", "jobs", "nproc", "out")}
     cfg = config.load(args.preset, overrides=overrides, sets=args.set)
     if args.generate_data:
         from pyquant.experiment.tasks import DEMO_DATA
@@ -78,9 +80,11 @@ def _experiment(args) -> int:
     if code == 0 and not args.no_report:
         from pyquant.experiment.report import build_report
 
+        from pyquant.experiment.report import load_records, summarize, terminal_table
+
         written = build_report(cfg["out"], args.report_dir)
-        print(next(p for p in written if p.name == "table.md").read_text())
-        print("report: " + ", ".join(str(p) for p in written))
+        print(terminal_table(summarize(load_records(cfg["out"]))), end="")
+        print(f"full table and plots: {next(p for p in written if p.name == 'table.md').parent}/")
     return code
 
 

@@ -416,6 +416,46 @@ def test_rsna_generator_deterministic(tmp_path, fmt, bits):
     assert a != c
 
 
+def _pixels(root: Path) -> dict[str, np.ndarray]:
+    from PIL import Image
+
+    return {p.stem: np.asarray(Image.open(p), dtype=np.float64) for p in sorted((root / "train_images").rglob("*.png"))}
+
+
+def test_rsna_difficulty_knobs(tmp_path):
+    """contrast and lesion_size act on the follow-up mass only, label_noise on the recorded labels only, prevalence
+    on the share of BI-RADS 0; the same knobs and seed give the same bytes."""
+    easy = dict(n_patients=12, size=32)
+    base = _make(tmp_path / "base", **easy)
+    noisy = dict(easy, contrast=0.5, lesion_size=0.7, label_noise=0.3)
+    assert _digest(_make(tmp_path / "n1", **noisy)) == _digest(_make(tmp_path / "n2", **noisy))
+    # contrast 0: the follow-up breasts' images lose their mass, every other image keeps its bytes
+    flat = _make(tmp_path / "flat", **easy, contrast=0.0)
+    rows, a, b = _csv_rows(base), _pixels(base), _pixels(flat)
+    follow_up = {r["image_id"] for r in rows if r["BIRADS"] == "0"}
+    assert follow_up and len(follow_up) < len(rows)
+    assert all((a[i] != b[i]).any() == (i in follow_up) for i in a)
+    # a larger lesion adds more brightness
+    big = _pixels(_make(tmp_path / "big", **easy, lesion_size=1.6))
+    assert sum(abs(big[i] - b[i]).sum() for i in follow_up) > 1.5 * sum(abs(a[i] - b[i]).sum() for i in follow_up)
+    # label noise 1: every labelled breast's recorded label contradicts its image; images and metadata unchanged
+    flipped = _make(tmp_path / "flip", **easy, label_noise=1.0)
+    assert all((pixels == a[i]).all() for i, pixels in _pixels(flipped).items())
+    for r, f in zip(rows, _csv_rows(flipped)):
+        assert (r["image_id"], r["age"]) == (f["image_id"], f["age"])
+        assert f["BIRADS"] == r["BIRADS"] == "" or (f["BIRADS"] == "0") != (r["BIRADS"] == "0")
+    # prevalence: the share of BI-RADS 0 among labelled breasts (1/3 by default, the paper's RSNA cohort)
+    def share(root):
+        labels = [r["BIRADS"] for r in _csv_rows(root)[::2] if r["BIRADS"]]  # one row per breast (CC view)
+        return labels.count("0") / len(labels)
+
+    many = dict(n_patients=150, size=8, images_per_patient=2)
+    assert 0.25 < share(_make(tmp_path / "p33", **many)) < 0.42
+    assert 0.1 < share(_make(tmp_path / "p15", **many, prevalence=0.15)) < 0.2
+    with pytest.raises(ValueError, match="prevalence"):
+        _make(tmp_path / "bad", prevalence=1.0)
+
+
 def test_lidc_generator_deterministic(tmp_path):
     a = make_lidc_like(tmp_path / "a.pickle", n=20, seed=1, size=32).read_bytes()
     b = make_lidc_like(tmp_path / "b.pickle", n=20, seed=1, size=32).read_bytes()

@@ -60,6 +60,36 @@ def test_metrics_one_class_is_nan_not_an_error():
     assert math.isnan(m["specificity"]) and m["sensitivity"] == 0.6
 
 
+def test_bootstrap_intervals_resample_patients():
+    rng = np.random.default_rng(0)
+    ids = np.repeat(np.arange(60), 2)  # two images per patient
+    y = np.repeat(rng.integers(0, 2, 60), 2)
+    s = y * 0.3 + rng.random(y.size)
+    one = metrics.bootstrap_intervals([(y, s, ids, 0.6)], replicates=300)
+    point = metrics.binary_metrics(y, s, 0.6)
+    for key in ("auc", "balanced_accuracy"):
+        low, high = one[key]
+        assert low < point[key] < high and high - low < 0.4
+    assert metrics.bootstrap_intervals([(y, s, ids, 0.6)], replicates=300) == one  # seeded
+    # a patient's images are drawn together: repeating every image within its patient changes nothing (resampling
+    # images would shrink the interval), nor does averaging a run with itself
+    for same in (metrics.bootstrap_intervals([(np.tile(y, 3), np.tile(s, 3), np.tile(ids, 3), 0.6)], replicates=300),
+                 metrics.bootstrap_intervals([(y, s, ids, 0.6)] * 2, replicates=300)):
+        for key in one:
+            assert same[key] == pytest.approx(one[key])
+    assert metrics.bootstrap_intervals([(y, y + 0.0, ids, 0.5)], replicates=50) == {"auc": [1.0, 1.0],
+                                                                                     "balanced_accuracy": [1.0, 1.0]}
+
+
+def test_paired_difference_over_seeds():
+    d = metrics.paired_difference([0.92, 0.93, 0.925], [0.90, 0.90, 0.90])  # +0.02..+0.03: consistent
+    assert d["mean"] == pytest.approx(0.025) and d["seeds"] == 3 and not d["within_noise"]
+    half = 4.302652729911275 * 0.005 / math.sqrt(3)  # t(0.975, 2) x sd / sqrt(n)
+    assert d["ci"] == pytest.approx([0.025 - half, 0.025 + half])
+    assert metrics.paired_difference([0.95, 0.88, 0.91], [0.90, 0.90, 0.90])["within_noise"]
+    assert metrics.paired_difference([0.9], [0.8]) is None  # one seed: no spread to compare with
+
+
 # ---- settings ----
 def test_settings_resolve_per_device():
     amp_cpu = settings.resolve("amp", "cpu")
@@ -328,7 +358,7 @@ def tiny_grid(tmp_path_factory):
     out, root = base / "runs", base / "rsna-tiny"
     code = cli.main([
         "experiment", "--preset", "quick", "--models", "densenet_small", "--settings", "baseline", "half+8bit",
-        "--seeds", "1", "--epochs", "2", "--out", str(out), "--quiet",
+        "--seeds", "1", "--epochs", "2", "--out", str(out), "--quiet", "--jobs", "2",
         "--set", f"data.rsna.root='{root}'", "--set", "data.rsna.generate={n_patients=30, size=48, seed=0}",
         "--generate-data", "--set", "data.rsna.size=32", "--set", "downsample.scales=[2]",
     ])
@@ -356,7 +386,7 @@ def test_record_contents(tiny_grid):
         assert r["format"] == runner.RECORD_FORMAT and r["status"] == "done"
         assert r["config_hash"] == config.run_hash(r["config"])
         c = r["config"]
-        assert (c["task"], c["model"], c["seed"], c["batch_size"], c["epochs"]) == ("rsna", "densenet_small", 1, 32, 2)
+        assert (c["task"], c["model"], c["seed"], c["batch_size"], c["epochs"]) == ("rsna", "densenet_small", 1, 64, 2)
         test = r["metrics"]["test"]
         for key in ("accuracy", "accuracy_argmax", "balanced_accuracy", "auc", "sensitivity", "specificity", "threshold"):
             assert key in test
@@ -497,6 +527,50 @@ def test_estimated_energy_is_marked_in_tables_and_plots(tiny_grid, tmp_path, mon
     assert " est. " in (tmp_path / "report" / "table.tex").read_text()
     assert {r["energy_estimated"] for r in __import__("csv").DictReader(open(tmp_path / "report" / "table.csv"))} == {"True"}
     assert any("Energy (Wh) (estimated)" in t for t in texts)  # the radar axis
+
+
+def test_report_intervals_comparison_with_baseline_and_terminal_summary(tiny_grid, tmp_path):
+    """Three seeds (copies of the tiny grid's records with other test scores): a setting 0.1 better on every
+    seed differs from baseline, one that varies around it is within noise; the terminal summary fits 100 columns."""
+    import copy
+    import json
+
+    out, _ = tiny_grid
+    runs = tmp_path / "runs"
+    records = [r for r in report.load_records(out) if r["config"]["scale"] == 1]
+    for setting, shifts in (("baseline", (0.0, 0.0, 0.0)), ("half+8bit", (0.1, 0.1, 0.1)), ("amp", (0.1, -0.1, 0.0))):
+        for seed, shift in zip((1, 2, 3), shifts):
+            r = copy.deepcopy(next(x for x in records if x["config"]["setting"] == setting.replace("amp", "baseline")))
+            r["config"].update(seed=seed, setting=setting)
+            p = r["metrics"]["test_predictions"]
+            y = np.asarray(p["label"])
+            p["score"] = list(0.3 * y + 0.7 * np.random.default_rng(seed).random(y.size))
+            for key in ("auc", "balanced_accuracy"):
+                r["metrics"]["test"][key] = 0.7 + 0.02 * seed + shift
+            (runs / f"{setting}{seed}").mkdir(parents=True)
+            (runs / f"{setting}{seed}" / "record.json").write_text(json.dumps(r))
+    rows = {r["setting"]: r for r in report.summarize(report.load_records(runs))}
+    base = rows["baseline"]
+    assert base["auc_vs_baseline"] is None and base["n"] == 3
+    assert 0 <= base["auc_ci_low"] < base["auc_ci_high"] <= 1
+    assert rows["half+8bit"]["auc_vs_baseline"] == pytest.approx(0.1) and rows["half+8bit"]["auc_within_noise"] is False
+    assert rows["amp"]["auc_vs_baseline"] == pytest.approx(0.0, abs=1e-12) and rows["amp"]["auc_within_noise"] is True
+    report.build_report(runs, tmp_path / "report")
+    table = (tmp_path / "report" / "table.md").read_text()
+    assert "| AUC 95% CI |" in table and "+0.100 [" in table and " differs |" in table and " noise |" in table
+    csv_rows = list(__import__("csv").DictReader(open(tmp_path / "report" / "table.csv")))
+    assert {"auc_ci_low", "auc_vs_baseline", "balanced_accuracy_within_noise"} <= set(csv_rows[0])
+    summary = report.terminal_table(list(rows.values()))
+    assert max(map(len, summary.splitlines())) <= 100
+    assert "AUC [95% CI]" in summary and "within seed noise: amp; differs: half+8bit" in summary
+
+
+def test_jobs_apply_to_runs_in_a_process_of_their_own():
+    assert config.concurrent_runs(config.load("quick")) == 2  # one per core of the project's 2-core machine
+    assert config.concurrent_runs(config.load("quick", overrides={"nproc": 2})) == 1  # a run uses both already
+    assert config.concurrent_runs(config.load("quick", sets=["isolate=false"])) == 1
+    with pytest.raises(ValueError, match="jobs must be a whole number >= 1"):
+        config.expand(config.load("quick", overrides={"jobs": 0}))
 
 
 def test_downsampling_title_claims_no_spread_over_one_seed(tiny_grid, tmp_path, monkeypatch):

@@ -611,7 +611,7 @@ def stage_study(st: Stage, args) -> None:
     data = Path(args.work) / "rsna-demo"
     command = [sys.executable, "-P", "-m", "pyquant.cli", "experiment", "--preset", "quick", "--out", str(runs),
                "--quiet", "--no-report", "--set", f"data.rsna.root={data}", "--generate-data",
-               "--device", DEVICE.type]
+               "--device", DEVICE.type, "--seeds", "1", "--jobs", "1"]  # one run at a time: the GPU's figures its own
     if SMOKE:
         command += ["--settings", "baseline", "8bit", "--epochs", "1", "--set", "downsample.scales=[]",
                     "--set", "data.rsna.generate.n_patients=40", "--set", "data.rsna.size=32"]

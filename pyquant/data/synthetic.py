@@ -61,8 +61,9 @@ def _blob(yy, xx, cy, cx, radius, edge, rng=None, lobes=0, irregularity=0.0) -> 
 
 
 def _mammogram(rng: np.random.Generator, h: int, w: int, laterality: str, view: str, density: int,
-               birads: Any, lesion: tuple[float, float] | None) -> np.ndarray:
-    """A [0, 1] mammogram-like image: breast against the chest wall (left edge for L, right for R)."""
+               birads: Any, lesion: tuple[float, float] | None, contrast: float = 1.0, lesion_size: float = 1.0) -> np.ndarray:
+    """A [0, 1] mammogram-like image: breast against the chest wall (left edge for L, right for R). ``contrast`` and
+    ``lesion_size`` scale the follow-up mass's brightness and radius (the random draws stay the same)."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     if laterality == "R":
         xx = (w - 1) - xx
@@ -91,12 +92,12 @@ def _mammogram(rng: np.random.Generator, h: int, w: int, laterality: str, view: 
         t, rr = lesion
         py = cy + rr * a * np.sin(t) + rng.uniform(-0.04, 0.04) * h  # the other view sees it slightly elsewhere
         px = rr * b * abs(np.cos(t)) + rng.uniform(-0.04, 0.04) * w
-        radius = s * rng.uniform(0.055, 0.085)
+        radius = s * rng.uniform(0.055, 0.085) * lesion_size
         mass = _blob(yy, xx, py, px, radius, max(0.8, s * 0.005), rng=rng, lobes=5, irregularity=0.3)
         halo = _blob(yy, xx, py, px, radius * 1.6, s * 0.02)  # spiculated surround: raised, streaky density
         texture = 1.0 + 0.2 * _smooth_noise(rng, (h, w), s / 80)
         streaks = np.clip(1 + _smooth_noise(rng, (h, w), 1.0), 0, None)
-        img += breast * (rng.uniform(0.18, 0.28) * mass * texture + 0.06 * halo * streaks)
+        img += breast * contrast * (rng.uniform(0.18, 0.28) * mass * texture + 0.06 * halo * streaks)
     img += 0.012 * rng.standard_normal((h, w))
     return np.clip(img, 0.0, 1.0)
 
@@ -215,6 +216,10 @@ def make_rsna_like(
     aspect: float = 0.8,
     csv: str = "train.csv",
     images: str = "train_images",
+    contrast: float = 1.0,
+    lesion_size: float = 1.0,
+    label_noise: float = 0.0,
+    prevalence: float = 1 / 3,
     exist_ok: bool = False,
     overwrite: bool = False,
 ) -> Path:
@@ -228,6 +233,12 @@ def make_rsna_like(
     Images are ``size`` high and ``round(size * aspect)`` wide. Patients: about 25 % aged 55 or over, 3 % without age;
     breasts (two views each): BI-RADS 0 / 1 / 2 / missing about 30 / 50 / 10 / 10 %, so the study's cohort is about
     2:1 negative:follow-up. ``exist_ok=True`` returns at once when ``root`` already holds this exact set.
+
+    Difficulty (the defaults are the easy set, which a small CNN separates almost perfectly): ``contrast`` and
+    ``lesion_size`` scale the follow-up mass's brightness and radius; ``label_noise`` is the fraction of labelled
+    breasts whose recorded BI-RADS contradicts the image (a follow-up mass recorded as 1, or no mass recorded as 0:
+    reader disagreement); ``prevalence`` is the fraction of labelled breasts that are BI-RADS 0 (the paper's RSNA
+    cohort: 1/3) before the noise, so the recorded fraction is prevalence x (1 - noise) + (1 - prevalence) x noise.
     """
     if fmt not in ("png", "png-flat", "dcm"):
         raise ValueError(f"fmt must be 'png', 'png-flat' or 'dcm', got {fmt!r}")
@@ -239,16 +250,19 @@ def make_rsna_like(
         raise ValueError(f"voi must be 'window', 'lut' or 'none', got {voi!r}")
     if n_patients < 1 or images_per_patient < 1 or size < 8:
         raise ValueError("need n_patients >= 1, images_per_patient >= 1 and size >= 8")
+    if not (0 <= label_noise <= 1 and 0 < prevalence < 1 and contrast >= 0 and lesion_size > 0):
+        raise ValueError("need 0 <= label_noise <= 1, 0 < prevalence < 1, contrast >= 0 and lesion_size > 0")
     root = Path(root)
     params = {"kind": "rsna-like", "version": 1, "n_patients": n_patients, "images_per_patient": images_per_patient,
               "size": size, "seed": seed, "fmt": fmt, "bit_depth": bit_depth, "photometric": photometric, "voi": voi,
-              "aspect": aspect, "csv": csv, "images": images}
+              "aspect": aspect, "csv": csv, "images": images, "contrast": contrast, "lesion_size": lesion_size,
+              "label_noise": label_noise, "prevalence": prevalence}
     if _prepare(root, params, exist_ok, overwrite, [root / csv, root / images]):
         return root
     h, w = int(size), max(8, int(round(size * aspect)))
 
     # Patient- and breast-level metadata first (one stream), then images (one stream per image).
-    meta = _rng(seed, 0)
+    meta, noise = _rng(seed, 0), _rng(seed, 4)
     if n_patients > 55535:
         raise ValueError("n_patients must be at most 55,535 (five-digit Kaggle-style patient ids)")
     pids = 10000 + meta.choice(55535, size=n_patients, replace=False)
@@ -259,27 +273,32 @@ def make_rsna_like(
         age = None if u < 0.03 else float(meta.integers(55, 81) if u < 0.28 else meta.integers(38, 55))
         breasts = {}
         for side in ("L", "R"):
-            b = meta.random()
-            birads = None if b < 0.10 else (0 if b < 0.40 else (2 if b < 0.50 else 1))
+            # 10 % unlabelled; the negatives are BI-RADS 2 and 1 at 1:5
+            b, zero = meta.random(), 0.10 + 0.90 * prevalence
+            birads = None if b < 0.10 else (0 if b < zero else (2 if b < zero + 0.90 * (1 - prevalence) / 6 else 1))
             lesion = (meta.uniform(0, 2 * np.pi), meta.uniform(0.15, 0.6)) if birads == 0 else None
             cancer = int(birads == 0 and meta.random() < 0.15)
-            breasts[side] = {"birads": birads, "lesion": lesion, "cancer": cancer}
+            shown = birads  # what the image shows; "birads" is what the CSV records
+            # its own stream: the noise changes the recorded labels only, never the images or the other metadata
+            if birads is not None and noise.random() < label_noise:
+                birads, cancer = (1 if birads == 0 else 0), 0
+            breasts[side] = {"birads": birads, "shown": shown, "lesion": lesion, "cancer": cancer}
         patients.append({"age": age, "breasts": breasts, "density": int(meta.integers(0, 4)), "site": int(meta.integers(1, 3))})
     # Make sure every filter and both classes are exercised in small sets.
     if n_patients >= 4:
         if not any(p["age"] is not None and p["age"] >= 55 for p in patients):
             patients[-1]["age"] = 61.0
         if not any(b["birads"] is None for p in patients for b in p["breasts"].values()):
-            patients[1]["breasts"]["R"].update(birads=None, lesion=None, cancer=0)
+            patients[1]["breasts"]["R"].update(birads=None, shown=None, lesion=None, cancer=0)
         in_cohort = [p for p in patients[:-1] if p["age"] is not None and p["age"] < 55]
         if not in_cohort:
             patients[0]["age"] = 45.0
             in_cohort = [patients[0]]
         labels = {b["birads"] for p in in_cohort for b in p["breasts"].values()}
         if 0 not in labels:
-            in_cohort[0]["breasts"]["L"].update(birads=0, lesion=(1.0, 0.4), cancer=0)
+            in_cohort[0]["breasts"]["L"].update(birads=0, shown=0, lesion=(1.0, 0.4), cancer=0)
         if not labels & {1, 2}:
-            in_cohort[-1]["breasts"]["R"].update(birads=1, lesion=None, cancer=0)
+            in_cohort[-1]["breasts"]["R"].update(birads=1, shown=1, lesion=None, cancer=0)
 
     img_dir = root / images
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -293,7 +312,8 @@ def make_rsna_like(
             iid = str(int(iids[k]))
             k += 1
             br = info["breasts"][side]
-            img = _mammogram(_rng(seed, 1, p, j), h, w, side, view, info["density"], br["birads"], br["lesion"])
+            img = _mammogram(_rng(seed, 1, p, j), h, w, side, view, info["density"], br["shown"], br["lesion"],
+                             contrast, lesion_size)
             if fmt == "dcm":
                 (img_dir / pid).mkdir(exist_ok=True)
                 _write_dicom(img_dir / pid / f"{iid}.dcm", img, bit_depth=bit_depth, photometric=mono, voi=voi,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pyquant.experiment.config import identity
 from pyquant.experiment.measure import ESTIMATE
+from pyquant.experiment.metrics import bootstrap_intervals, paired_difference
 from pyquant.experiment.settings import SETTINGS
 
 MIB = 2**20
@@ -172,12 +173,40 @@ def summarize(records: list[dict]) -> list[dict]:
                "device": rs[0]["environment"]["device"]}
         for key, _, get, _, _ in COLUMNS:
             row[key], row[key + "_std"] = _mean_std([get(r) for r in rs])
+        predictions = [r["metrics"].get("test_predictions") for r in rs]  # absent in older records
+        intervals = bootstrap_intervals([(p["label"], p["score"], p["patient_id"], r["metrics"]["threshold"])
+                                         for p, r in zip(predictions, rs)]) if all(predictions) else {}
+        for key in COMPARED:
+            low, high = intervals.get(key, (None, None))
+            row[key + "_ci_low"], row[key + "_ci_high"] = low, high
+        row["per_seed"] = {r["config"]["seed"]: {key: r["metrics"]["test"][key] for key in COMPARED} for r in rs}
+        row["peers"] = json.dumps({k: v for k, v in flat.items() if k != "setting"}, sort_keys=True, default=str)
         breakdowns = [r["resources"]["memory"].get("breakdown") or {} for r in rs]  # absent in older records
         for key, _ in BREAKDOWN:
             row["memory_" + key] = _mean_std([b.get(key) for b in breakdowns])[0]
         row["activations_method"] = breakdowns[0].get("activations_method")
         rows.append(row)
+    _compare_with_baseline(rows)
     return sorted(rows, key=lambda r: (r["task"], r["model"], r["scale"], _order(r["setting"]), r["config_differs"]))
+
+
+# Metrics with bootstrap intervals and a comparison with the baseline.
+COMPARED = ("auc", "balanced_accuracy")
+
+
+def _compare_with_baseline(rows: list[dict]) -> None:
+    """Each row's difference from the baseline row of the same config (setting aside), paired by seed, with its
+    t interval over seeds: ``<metric>_vs_baseline`` (mean), ``_low``, ``_high`` and ``<metric>_within_noise``."""
+    baselines = {r["peers"]: r for r in rows if r["setting"] == "baseline"}
+    for r in rows:
+        base = baselines.get(r["peers"]) if r["setting"] != "baseline" else None
+        seeds = sorted(set(r["per_seed"]) & set(base["per_seed"])) if base else []
+        for key in COMPARED:
+            d = paired_difference([r["per_seed"][s][key] for s in seeds], [base["per_seed"][s][key] for s in seeds]) \
+                if seeds else None
+            r[key + "_vs_baseline"], (r[key + "_vs_baseline_low"], r[key + "_vs_baseline_high"]) = \
+                (d["mean"], d["ci"]) if d else (None, (None, None))
+            r[key + "_within_noise"] = d["within_noise"] if d else None
 
 
 def _fmt(mean, std, digits, n) -> str:
@@ -203,7 +232,28 @@ def _cells(row: dict) -> list[str]:
         if key == "energy_train_wh" and row["energy_estimated"] and row[key] is not None:
             cell += " est."
         cells.append(cell)
+    for key in COMPARED:
+        cells.append(_interval(row[key + "_ci_low"], row[key + "_ci_high"]))
+    for key in COMPARED:
+        cells.append(_versus(row, key))
     return cells
+
+
+# headers of the cells _cells adds after COLUMNS
+EXTRA = ["AUC 95% CI", "Bal. acc 95% CI", "ΔAUC vs baseline", "ΔBal. acc vs baseline"]
+
+
+def _interval(low, high) -> str:
+    return "n/a" if low is None else f"[{low:.3f}, {high:.3f}]"
+
+
+def _versus(row: dict, key: str) -> str:
+    """"-0.004 [-0.020, 0.012] noise": the difference from baseline, its interval over seeds, and whether it is
+    within seed noise ("noise") or not ("differs")."""
+    if row[key + "_vs_baseline"] is None:
+        return "-" if row["setting"] == "baseline" else "n/a"
+    return (f"{row[key + '_vs_baseline']:+.3f} {_interval(row[key + '_vs_baseline_low'], row[key + '_vs_baseline_high'])} "
+            + ("noise" if row[key + "_within_noise"] else "differs"))
 
 
 def _notes(rows: list[dict]) -> list[str]:
@@ -215,6 +265,10 @@ def _notes(rows: list[dict]) -> list[str]:
         "(both include validation passes). Inference: one synchronised pass over the pre-loaded test set, median "
         "of repeats after warm-up. Train growth: peak minus memory in use when the training phase began. "
         "* = at least one seed diverged.",
+        "95% CI: percentile bootstrap of the mean over seeds, resampling test patients (all images of a drawn "
+        "patient; the same draw for every seed; 1,000 replicates). Δ vs baseline: mean over seeds of the per-seed "
+        "difference from baseline (same seeds), with a 95% t interval over seeds; \"noise\" when that interval "
+        "holds 0 (the difference is within what the seeds alone vary), \"differs\" otherwise; n/a with one seed.",
     ]
     notes.append("Train mem.: one training step's parameters + buffers + gradients + optimizer states + activations "
                  "(the breakdown below); on CPU counted exactly from the tensors, on CUDA the allocator's training "
@@ -238,10 +292,42 @@ def _estimate_note(model: dict | None) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = HEAD + [c[1] for c in COLUMNS]
+    head = HEAD + [c[1] for c in COLUMNS] + EXTRA
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in _notes(rows)) + "\n"
+
+
+def terminal_table(rows: list[dict], width: int = 100) -> str:
+    """The end-of-run summary for a terminal, lines of at most ``width`` columns: per row the setting, test AUC
+    [95% CI], balanced accuracy, training memory, training time and energy; which settings differ from baseline
+    beyond seed noise. The full table is table.md."""
+    import textwrap
+
+    def cell(row, key, digits, unit="", spread=False):  # the spread only where it matters: the metrics
+        return "n/a" if row[key] is None else _fmt(row[key], row[key + "_std"], digits, row["n"] if spread else 1) + unit
+
+    head = f"  {'Setting':<22} {'AUC [95% CI]':<20} {'Bal. acc':<13} {'Train mem.':>11} {'T total':>8} {'Energy':>13}"
+    lines = []
+    for task, model in sorted({(r["task"], r["model"]) for r in rows}):
+        mine = [r for r in rows if (r["task"], r["model"]) == (task, model)]
+        seeds = max(r["n"] for r in mine)
+        lines += [f"{task} / {model} ({seeds} seed{'s' if seeds > 1 else ''}: mean ± std over seeds)", head]
+        for r in mine:
+            label = row_label(r) + (f", S={r['scale']}" if r["scale"] != min(x["scale"] for x in mine) else "")
+            auc = "n/a" if r["auc"] is None else f"{r['auc']:.3f} {_interval(r['auc_ci_low'], r['auc_ci_high'])}"
+            seconds = "n/a" if r["train_time_s"] is None else f"{r['train_time_s']:.0f} s"
+            energy = cell(r, "energy_train_wh", 2, " Wh") + (" est." if r["energy_estimated"] and r["energy_train_wh"] else "")
+            lines.append(f"  {textwrap.shorten(label, 22, placeholder='…'):<22} {auc:<20} "
+                         f"{cell(r, 'balanced_accuracy', 3, spread=True):<13} {cell(r, 'train_memory_mib', 1, ' MiB'):>11} "
+                         f"{seconds:>8} {energy:>13}")
+        for key, name in (("auc", "AUC"), ("balanced_accuracy", "balanced accuracy")):
+            verdicts = {v: [row_label(r) for r in mine if r[key + "_within_noise"] is v] for v in (True, False)}
+            if verdicts[True] or verdicts[False]:
+                text = (f"{name} vs baseline (paired over seeds, 95%): within seed noise: "
+                        f"{', '.join(verdicts[True]) or 'none'}; differs: {', '.join(verdicts[False]) or 'none'}.")
+                lines += textwrap.wrap(text, width, initial_indent="  ", subsequent_indent="    ")
+    return "\n".join(lines) + "\n"
 
 
 def breakdown_table(rows: list[dict]) -> str:
@@ -266,6 +352,9 @@ def csv_table(rows: list[dict]) -> str:
     for key, *_ in COLUMNS:
         keys += [key, key + "_std"]
     keys.append("energy_estimated")
+    for key in COMPARED:
+        keys += [key + "_ci_low", key + "_ci_high", key + "_vs_baseline", key + "_vs_baseline_low",
+                 key + "_vs_baseline_high", key + "_within_noise"]
     keys += ["memory_" + key for key, _ in BREAKDOWN]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
@@ -275,14 +364,15 @@ def csv_table(rows: list[dict]) -> str:
 
 
 def _tex(text: str) -> str:
-    for a, b in [("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"), ("±", r"$\pm$")]:
+    for a, b in [("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"), ("±", r"$\pm$"),
+                 ("Δ", r"$\Delta$")]:
         text = text.replace(a, b)
     return text
 
 
 def latex_table(rows: list[dict]) -> str:
-    head = HEAD + [c[1] for c in COLUMNS]
-    lines = [r"\begin{tabular}{" + "l" * len(HEAD) + "r" * len(COLUMNS) + "}", r"\hline",
+    head = HEAD + [c[1] for c in COLUMNS] + EXTRA
+    lines = [r"\begin{tabular}{" + "l" * len(HEAD) + "r" * (len(COLUMNS) + len(EXTRA)) + "}", r"\hline",
              " & ".join(_tex(h) for h in head) + r" \\", r"\hline"]
     lines += [" & ".join(_tex(c) for c in _cells(r)) + r" \\" for r in rows]
     lines += [r"\hline", r"\end{tabular}"]

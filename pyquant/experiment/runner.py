@@ -35,7 +35,7 @@ from pyquant.experiment.measure import (
     saved_activation_bytes,
     synchronize,
 )
-from pyquant.experiment.metrics import THRESHOLD_RULES, binary_metrics, roc_auc
+from pyquant.experiment.metrics import THRESHOLD_RULES, binary_metrics, bootstrap_intervals, roc_auc
 from pyquant.experiment.models import create_model
 from pyquant.experiment.settings import resolve
 from pyquant.experiment.tasks import TaskData, get_task
@@ -305,6 +305,11 @@ def run_one(run: dict, run_dir: Path, data: TaskData, progress: bool = True) -> 
     val_metrics = {**binary_metrics(val_y, val_p, threshold), "loss": val_loss}
     test_metrics = {**binary_metrics(test_y, test_p, threshold), "loss": test_loss,
                     "accuracy_argmax": float(((test_p > 0.5) == test_y.astype(bool)).mean())}
+    # Kept per image so that the report can resample patients over the seeds of a setting (bootstrap intervals).
+    test_ids = [str(data.patient_ids[i]) for i in data.split["test"]]
+    intervals = bootstrap_intervals([(test_y, test_p, test_ids, threshold)])
+    test_metrics.update(auc_ci=intervals["auc"], balanced_accuracy_ci=intervals["balanced_accuracy"])
+    predictions = {"patient_id": test_ids, "label": test_y.astype(int).tolist(), "score": test_p.tolist()}
 
     preloaded = [batches(x) for x, _ in test_loader]
     synchronize(device)
@@ -332,7 +337,8 @@ def run_one(run: dict, run_dir: Path, data: TaskData, progress: bool = True) -> 
                      "best_value": None if best is None else (-best if maximise else best),
                      "stopped_early": len(history) < int(run["epochs"]) and not diverged, "diverged": diverged,
                      "nonfinite_steps": nonfinite_steps, "history": history, "checkpoint": CHECKPOINT_NAME},
-        "metrics": {"threshold_rule": run["threshold_rule"], "threshold": threshold, "val": val_metrics, "test": test_metrics},
+        "metrics": {"threshold_rule": run["threshold_rule"], "threshold": threshold, "val": val_metrics, "test": test_metrics,
+                    "test_predictions": predictions},
         "subsets": subsets_harness.record(selection, importance, recipe.setting, train_total),
         "resources": {
             "memory": {"method": memory_method, "train_peak_bytes": train_peak, "eval_peak_bytes": eval_peak,
@@ -354,14 +360,15 @@ def run_one(run: dict, run_dir: Path, data: TaskData, progress: bool = True) -> 
 
 
 def _summary_line(record: dict) -> str:
+    """One line per finished run, under 100 columns for the usual names (the run's folder has its full name)."""
     from pyquant.experiment.report import train_memory_bytes
 
-    t, r = record["metrics"]["test"], record["resources"]
+    c, t, r = record["config"], record["metrics"]["test"], record["resources"]
     memory = train_memory_bytes(record)
-    return (f"{record['run_id']}: AUC {t['auc']:.3f}  bal.acc {t['balanced_accuracy']:.3f}  acc {t['accuracy_argmax']:.3f}  "
-            f"best epoch {record['training']['best_epoch']}/{record['training']['epochs_run']}  "
-            f"train {r['time']['train_total_s']:.0f}s  train mem. {'n/a' if memory is None else f'{memory / 2**20:.1f}'} MiB  "
-            f"opt.state {r['memory']['optimizer_state_bytes'] / 2**20:.2f} MiB")
+    ci = t.get("auc_ci")
+    return (f"{c['model']} {c['setting']} S{c['scale']} seed{c['seed']}: AUC {t['auc']:.3f}"
+            + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "") + f" bal.acc {t['balanced_accuracy']:.3f} "
+            f"{r['time']['train_total_s']:.0f} s train mem. {'n/a' if memory is None else f'{memory / 2**20:.1f}'} MiB")
 
 
 def _child(run: dict, run_dir: str, progress: bool) -> None:
@@ -372,25 +379,33 @@ def _child(run: dict, run_dir: str, progress: bool) -> None:
         raise SystemExit(2) from None
 
 
-def run_isolated(run: dict, run_dir: Path, progress: bool = True) -> dict:
-    """``run_one`` in a fresh Python process (spawned), so that its process memory figures are its own; with
-    ``nproc`` > 1, in that many data-parallel processes (pyquant.experiment.parallel)."""
-    if int(run.get("nproc", 1)) > 1:
-        exitcode = parallel.launch(run, run_dir, progress)
-    else:
-        process = parallel.spawn(_child, (run, str(run_dir), progress))  # a Ctrl-C: exit code 130, one line
-        try:
-            process.join()
-        except KeyboardInterrupt:
-            parallel.stop_after_interrupt([process])
-            raise
-        exitcode = process.exitcode
+def _start(run: dict, run_dir: Path, progress: bool):
+    """``run_one`` started in a fresh (spawned) Python process, so that its process memory figures are its own."""
+    return parallel.spawn(_child, (run, str(run_dir), progress))  # a Ctrl-C: exit code 130, one line
+
+
+def _result(run: dict, run_dir: Path, exitcode: int) -> dict:
+    """The record of a run's finished process(es), or the error of its exit code."""
     if exitcode == 130:
         raise KeyboardInterrupt
     record = read_record(Path(run_dir) / RECORD_NAME)
     if exitcode != 0 or record is None:
         raise RuntimeError(f"run {config_mod.run_name(run)} failed (exit code {exitcode}); its error is above")
     return record
+
+
+def run_isolated(run: dict, run_dir: Path, progress: bool = True) -> dict:
+    """``run_one`` in a fresh Python process (spawned), so that its process memory figures are its own; with
+    ``nproc`` > 1, in that many data-parallel processes (pyquant.experiment.parallel)."""
+    if int(run.get("nproc", 1)) > 1:
+        return _result(run, run_dir, parallel.launch(run, run_dir, progress))
+    process = _start(run, run_dir, progress)
+    try:
+        process.join()
+    except KeyboardInterrupt:
+        parallel.stop_after_interrupt([process])
+        raise
+    return _result(run, run_dir, process.exitcode)
 
 
 def check_names(runs: list[dict]) -> None:
@@ -414,7 +429,11 @@ HELD_ELSEWHERE = 3  # run_grid's code when runs were skipped because other proce
 
 def run_grid(cfg: dict, progress: bool = True, log=print) -> int:
     """Run every unfinished run of ``cfg``; 0 when all are done, 130 when interrupted (rerun to resume),
-    HELD_ELSEWHERE when some were left to the other processes running them (pyquant.experiment.lock)."""
+    HELD_ELSEWHERE when some were left to the other processes running them (pyquant.experiment.lock).
+    ``jobs`` > 1: that many runs at a time, each in its own process (a 2-core machine trains two 1-thread runs
+    faster than one 2-thread run of these small models); their progress bars are then hidden."""
+    from multiprocessing.connection import wait
+
     from tqdm.auto import tqdm
 
     runs = config_mod.expand(cfg)
@@ -426,41 +445,86 @@ def run_grid(cfg: dict, progress: bool = True, log=print) -> int:
     except OSError as e:
         raise RuntimeError(f"cannot write the runs folder {out}: {e.strerror or e}") from None
     todo = [r for r in runs if not is_finished(out / config_mod.run_name(r), r["hash"])]
-    log(f"{len(runs)} runs in the grid, {len(runs) - len(todo)} already finished, {len(todo)} to run -> {out}/")
-    cached_key, cached = None, None
+    jobs = config_mod.concurrent_runs(cfg)
+    log(f"{len(runs)} runs in the grid, {len(runs) - len(todo)} already finished, {len(todo)} to run"
+        + (f", {jobs} at a time" if jobs > 1 else "") + f" -> {out}/")
+    cached: dict = {}  # one task's data in memory at a time, for runs in this process (isolate = false)
+
+    def task_data(run) -> TaskData:
+        key = json.dumps([run["task"], run["data"]], sort_keys=True)
+        if key not in cached:
+            cached.clear()
+            cached[key] = get_task(run["task"], run["data"])
+        return cached[key]
+
+    if jobs > 1:  # generate (and cache) each task's data here, once, not in several runs at the same time
+        for run in todo:
+            task_data(run)
+        cached.clear()
     held = []
-    bar = tqdm(todo, desc="runs", unit="run", disable=not progress)
+    active: dict = {}  # process sentinel -> (process, run, run_dir, lock_path), the runs started and not yet done
+    bar = tqdm(total=len(todo), desc="runs", unit="run", disable=not progress)
     say = tqdm.write if progress else log
+
+    def finish(run, run_dir, lock_path, produce) -> None:
+        try:
+            record = produce()
+        finally:
+            lock.release(lock_path)
+        bar.update()
+        say(_summary_line(record))
+
+    def settle(limit: int) -> None:
+        """Wait until fewer than ``limit`` runs are running, finishing those that ended."""
+        while len(active) >= limit:
+            for sentinel in wait(list(active)):
+                process, run, run_dir, lock_path = active.pop(sentinel)
+                process.join()
+                finish(run, run_dir, lock_path, lambda: _result(run, run_dir, process.exitcode))
+
     try:
-        for run in bar:
+        for run in todo:
             name = config_mod.run_name(run)
             bar.set_description(f"{run['model']} {run['setting']} S{run['scale']} seed{run['seed']}")
             run_dir, lock_path = out / name, out / f".{name}.lock"
+            settle(jobs)  # a free slot
             holder = lock.acquire(lock_path)
             if holder is not None:  # another live process runs it: leave its folder alone
                 held.append(name)
                 say(f"{name}: skipped, run by {lock.describe(holder, lock_path)}")
+                bar.update()
                 continue
             try:
-                if is_finished(run_dir, run["hash"]):  # finished by another process since the list was made
-                    continue
-                if run_dir.exists():  # an interrupted earlier attempt: start it again from scratch
+                finished = is_finished(run_dir, run["hash"])  # by another process since the list was made
+                if not finished and run_dir.exists():  # an interrupted earlier attempt: start it again from scratch
                     shutil.rmtree(run_dir)
-                if cfg["isolate"] or int(run.get("nproc", 1)) > 1:
-                    record = run_isolated(run, run_dir, progress)
-                else:
-                    key = json.dumps([run["task"], run["data"]], sort_keys=True)
-                    if key != cached_key:
-                        cached_key, cached = key, None  # one task's data in memory at a time
-                        cached = get_task(run["task"], run["data"])
-                    record = run_one(run, run_dir, cached, progress)
-            finally:
+                if not finished and jobs > 1:
+                    process = _start(run, run_dir, False)
+                    active[process.sentinel] = (process, run, run_dir, lock_path)
+                    continue
+            except BaseException:
                 lock.release(lock_path)
-            say(_summary_line(record))
+                raise
+            if finished:
+                lock.release(lock_path)
+                bar.update()
+            elif cfg["isolate"] or int(run.get("nproc", 1)) > 1:
+                finish(run, run_dir, lock_path, lambda: run_isolated(run, run_dir, progress))
+            else:
+                finish(run, run_dir, lock_path, lambda: run_one(run, run_dir, task_data(run), progress))
+        settle(1)  # all done
     except KeyboardInterrupt:
+        parallel.stop_after_interrupt([a[0] for a in active.values()])
+        for _, _, _, lock_path in active.values():
+            lock.release(lock_path)
         bar.close()
         log("\ninterrupted: finished runs are kept; run the same command again to resume")
         return 130
+    except Exception:  # a failed run: the others still running finish (their records are kept), then the error
+        for process, run, run_dir, lock_path in active.values():
+            process.join()
+            lock.release(lock_path)
+        raise
     bar.close()
     if held:
         log(f"{len(held)} run(s) left to the other process(es) running them; run the same command again once "
