@@ -15,6 +15,7 @@
 #   profile  a torch.profiler trace of one training step, Nsight Compute metrics of the Adam kernel
 #   study    the quick preset of the study on the GPU
 # Output, in $OUT (default ./gpu-out): gpu_report.md, results.json, trace.json.gz, pytest.log, setup.log, ncu.txt.
+# Exit status 0 when every stage passed, 1 otherwise.
 # Environment: PYTHON (default python3), OUT, PYQUANT_GPU_CHECK_WORK (scratch folder, default a new temp dir),
 # PYQUANT_GPU_CHECK_STAGES (the stages after setup to run, default all: "tests env bits bench profile study").
 set -uo pipefail
@@ -128,3 +129,5 @@ wanted profile && run_stage profile 100 check_py profile
 wanted study && run_stage study 110 check_py study --study-timeout 100
 echo "all stages: $(($(date +%s) - start_all)) s; report: $out/gpu_report.md"
 grep -E '^\| (setup|tests|env|bits|bench|profile|study) ' "$out/gpu_report.md"
+# The exit status says whether every stage that ran passed (the report says which did not).
+awk -F'\t' '$2 != 0 { failed = 1 } END { exit failed }' "$work/stages.tsv"
