@@ -15,6 +15,8 @@ import timm
 import torch
 
 import pyquant.amp as amp
+from pyquant._contract import DTYPE_CODES
+from pyquant.backends.cpu.amp import unscale_ as unscale_cpu
 
 torch.manual_seed(0)
 params = list(timm.create_model("densenet121", pretrained=False).parameters())
@@ -39,7 +41,7 @@ def collect_arrays():  # what unscale_cpu does in Python before the C call
     n = len(dense)
     (ctypes.c_void_p * n)(*[g.data_ptr() for g in dense])
     (ctypes.c_int64 * n)(*[g.numel() for g in dense])
-    (ctypes.c_int32 * n)(*[amp._CPU_DTYPE_CODES[g.dtype] for g in dense])
+    (ctypes.c_int32 * n)(*[DTYPE_CODES[g.dtype] for g in dense])
 
 
 def scaler_unscale(cls, params):
@@ -59,10 +61,10 @@ for p in tiny:
     p.grad = torch.ones(1)
 torch_unscale = torch._amp_foreach_non_finite_check_and_unscale_
 for name, fn in [
-    (f"pyquant C++ kernel, {len(grads)} tensors", lambda: amp.unscale_cpu(grads, found_inf, inv_scale)),
+    (f"pyquant C++ kernel, {len(grads)} tensors", lambda: unscale_cpu(grads, found_inf, inv_scale)),
     (f"pyquant amp.unscale_, {len(grads)} tensors", lambda: amp.unscale_(grads, found_inf, inv_scale)),
     (f"torch, {len(grads)} tensors", lambda: torch_unscale(grads, found_inf, inv_scale)),
-    ("pyquant C++ kernel, one tensor", lambda: amp.unscale_cpu(one_tensor, found_inf, inv_scale)),
+    ("pyquant C++ kernel, one tensor", lambda: unscale_cpu(one_tensor, found_inf, inv_scale)),
     ("torch, one tensor", lambda: torch_unscale(one_tensor, found_inf, inv_scale)),
     ("Python work before the C call", collect_arrays),
     (f"pyquant GradScaler.unscale_, {len(tiny)} x 1", scaler_unscale(amp.GradScaler, tiny)),

@@ -21,6 +21,8 @@ from torch import nn
 import pyquant.amp as amp
 from pyquant import backends
 from pyquant.amp import GradScaler
+from pyquant.backends.cpu.amp import unscale_ as unscale_cpu
+from pyquant.backends.reference.amp import unscale_ as unscale_reference
 
 INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16}
 
@@ -73,7 +75,7 @@ def test_reference_is_torchs_kernel_on_every_value(dtype):
         want, found_want = x.clone(), torch.zeros(())
         torch._amp_foreach_non_finite_check_and_unscale_([want], found_want, inv_t)
         got, found_got = x.clone(), torch.zeros(())
-        amp.unscale_reference([got], found_got, inv_t)
+        unscale_reference([got], found_got, inv_t)
         assert_same_bits(got, want, f"{dtype} inv={inv}")
         if dtype == torch.float32:  # even the NaN payloads
             assert torch.equal(got.view(torch.int32), want.view(torch.int32))
@@ -183,7 +185,7 @@ def test_triton_kernel_is_the_reference(inv):
     grads = _kernel_inputs()
     inv_t = torch.tensor(inv, dtype=torch.float32, device=TRITON_DEVICE)
     want, found_want = [t.clone() for t in grads], torch.zeros((), device=TRITON_DEVICE)
-    amp.unscale_reference(want, found_want, inv_t)
+    unscale_reference(want, found_want, inv_t)
     got, found_got = [t.clone() for t in grads], torch.zeros((), device=TRITON_DEVICE)
     K.unscale_(got, found_got, inv_t)
     for i, (a, b) in enumerate(zip(got, want)):
@@ -232,16 +234,16 @@ def test_scaler_uses_the_triton_kernel_in_one_launch_when_forced(monkeypatch):
 
 def test_backends_find_the_implementations():
     with backends.use_backend("reference"):
-        assert backends.implementation("unscale_", "cpu") is amp.unscale_reference
+        assert backends.implementation("unscale_", "cpu") is unscale_reference
     if os.environ.get("TRITON_INTERPRET") == "1":
         with backends.use_backend("triton"):
-            assert backends.implementation("unscale_", "cpu") is amp.unscale_triton
+            assert backends.implementation("unscale_", "cpu") is backends.kernels_of("triton")["unscale_"]
     # the default CPU backend: the C++ kernel, or the reference without the library
-    want = amp.unscale_cpu if backends.available("cpu", "cpu") else amp.unscale_reference
-    assert amp._implementation("cpu") is want
+    want = unscale_cpu if backends.available("cpu", "cpu") else unscale_reference
+    assert backends.implementation("unscale_", "cpu") is want
     if backends.available("cpu", "cpu"):
         with backends.use_backend("cpu"):
-            assert backends.implementation("unscale_", "cpu") is amp.unscale_cpu
+            assert backends.implementation("unscale_", "cpu") is unscale_cpu
 
 
 def test_forced_triton_without_interpreter_is_a_clear_error(monkeypatch):
@@ -254,8 +256,8 @@ def test_forced_triton_without_interpreter_is_a_clear_error(monkeypatch):
 
 # ---- the C++ CPU kernel (csrc/cpu/amp.cpp) against the reference and torch's kernel ----
 def _cpu_kernel_or_skip():
-    if amp._cpu_kernel() is None:
-        pytest.skip("the C++ CPU library (with pq_unscale_) is not built")
+    if not backends.available("cpu", "cpu"):
+        pytest.skip("the C++ CPU library is not built")
 
 
 def _exact(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -275,11 +277,11 @@ def test_cpu_kernel_is_the_reference_and_torchs_kernel_bit_for_bit(dtype):
     for inv in INV_SCALES:
         inv_t = torch.tensor(inv, dtype=torch.float32)
         ref, found_ref = x.clone(), torch.zeros(())
-        amp.unscale_reference([ref], found_ref, inv_t)
+        unscale_reference([ref], found_ref, inv_t)
         outs = {}
         for vector in (True, False):  # the AVX-512 code and the element-by-element rule: identical bits
             got, found = x.clone(), torch.zeros(())
-            amp.unscale_cpu([got], found, inv_t, vector=vector)
+            unscale_cpu([got], found, inv_t, vector=vector)
             assert found.item() == found_ref.item() == 1.0
             assert_same_bits(got, ref, f"{dtype} inv={inv} vector={vector}")
             outs[vector] = got
@@ -302,13 +304,13 @@ def test_cpu_kernel_tails_and_chunk_edges(n):
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         x = (torch.randn(n, generator=g) * 1e3).to(dtype)
         ref, got, f1, f2 = x.clone(), x.clone(), torch.zeros(()), torch.zeros(())
-        amp.unscale_reference([ref], f1, inv)
-        amp.unscale_cpu([got], f2, inv)
+        unscale_reference([ref], f1, inv)
+        unscale_cpu([got], f2, inv)
         assert _exact(got, ref) and f1.item() == f2.item() == 0.0, (dtype, n)
         if n:  # one inf, at the last element (a masked tail for most n)
             x[-1] = float("inf")
             f = torch.zeros(())
-            amp.unscale_cpu([x], f, inv)
+            unscale_cpu([x], f, inv)
             assert f.item() == 1.0, (dtype, n)
 
 
@@ -337,7 +339,7 @@ def test_cpu_kernel_mixed_list_one_call(inv):
     inv_t = torch.tensor(inv, dtype=torch.float32)
     ref = [t.clone() for t in grads]
     f_ref = torch.zeros(())
-    amp.unscale_reference(ref, f_ref, inv_t)
+    unscale_reference(ref, f_ref, inv_t)
     f = torch.zeros(())
     with backends.use_backend("cpu"):
         amp.unscale_(grads, f, inv_t)
@@ -346,18 +348,18 @@ def test_cpu_kernel_mixed_list_one_call(inv):
     clean = _mixed_grads()
     clean[1][2, 7] = 1.0
     f = torch.zeros(())
-    amp.unscale_cpu(clean, f, inv_t)
+    unscale_cpu(clean, f, inv_t)
     assert f.item() == 0.0
     clean[6][1, 1] = float("nan")  # in a non-contiguous grad: found by the reference fallback
-    amp.unscale_cpu(clean, f, inv_t)
+    unscale_cpu(clean, f, inv_t)
     assert f.item() == 1.0
 
 
 def test_cpu_kernel_isa_builds_agree():
     _cpu_kernel_or_skip()
-    from pyquant import _native
+    from pyquant.backends import capi
 
-    lib = _native.cpu_library()
+    lib = capi.cpu_library()
     inv = torch.tensor(1 / 3, dtype=torch.float32)
     outs = []
     best = lib.pq_isa()
@@ -365,7 +367,7 @@ def test_cpu_kernel_isa_builds_agree():
         for isa in (0, 1, 2):
             lib.pq_set_isa(isa)
             grads, f = _mixed_grads(), torch.zeros(())
-            amp.unscale_cpu(grads, f, inv)
+            unscale_cpu(grads, f, inv)
             outs.append((grads, f.item()))
     finally:
         lib.pq_set_isa(best)
@@ -378,13 +380,13 @@ def test_cpu_kernel_bits_do_not_depend_on_the_thread_count(outputs_by_thread_cou
     _cpu_kernel_or_skip()
     script = """
 import hashlib, torch
-import pyquant.amp as amp
+from pyquant.backends.cpu.amp import unscale_ as unscale_cpu
 g = torch.Generator().manual_seed(0)
 grads = [torch.randn(n, generator=g).to(dt) * 1e4 for n, dt in
          ((300_001, torch.float32), (200_003, torch.float16), (150_000, torch.bfloat16), (70_000, torch.float64))]
 grads[2][149_999] = float("nan")
 f = torch.zeros(())
-amp.unscale_cpu(grads, f, torch.tensor(1 / 3, dtype=torch.float32))
+unscale_cpu(grads, f, torch.tensor(1 / 3, dtype=torch.float32))
 h = hashlib.sha256()
 for t in grads:
     h.update(t.view(torch.uint8).numpy().tobytes())

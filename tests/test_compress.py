@@ -222,7 +222,9 @@ def test_saliency_sequence_matches_brute_force():
     g = torch.Generator().manual_seed(5)
     w_in = torch.randn(11, 6, generator=g, dtype=torch.float64)
     a_out = torch.randn(4, 11, generator=g, dtype=torch.float64)
-    merges, alive = compress._saliency_sequence(w_in, a_out.clone(), 8)
+    from pyquant.compress.prune import _saliency_sequence
+
+    merges, alive = _saliency_sequence(w_in, a_out.clone(), 8)
     assert [(j, i) for j, i, _ in merges] == brute_force_merges(w_in, a_out, 8)
     assert int(alive.sum()) == 3
 

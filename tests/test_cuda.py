@@ -1,4 +1,4 @@
-"""The cuda backend (csrc/cuda/kernels.cu, pyquant/_cuda.py) against the cpu backend, bit for bit.
+"""The cuda backend (csrc/cuda, pyquant/backends/cuda) against the cpu backend, bit for bit.
 
 The GPU tests skip with "needs a CUDA device" on machines without one. Where nvcc exists, the kernels are
 always compile-checked (.ci/compile_cuda.sh: warnings as errors, and no approximate, flush-to-zero or
@@ -22,7 +22,8 @@ import pytest
 import torch
 
 import pyquant
-from pyquant import _native, _reference, functional
+from pyquant import _contract, backends as registry, functional
+from pyquant.backends import capi
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPILE_SCRIPT = ROOT / ".ci" / "compile_cuda.sh"
@@ -32,11 +33,11 @@ BITS_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloa
 
 # ---- always run: the module imports without CUDA, and the CUDA source compiles ----
 def test_cuda_module_imports_without_cuda_work():
-    from pyquant import _cpu, _cuda
-
-    assert set(_cuda.OPS) == set(_cpu.OPS)
-    # The descriptors are copied as raw bytes followed by 8-byte aligned int64s (kernels.cu static_asserts this).
-    assert ctypes.alignment(_native.AdamTensor) == 8 and ctypes.sizeof(_native.AdamTensor) % 8 == 0
+    # Importing the backend registers its kernels (no CUDA call): the ops of the cpu library, all of them.
+    hand_written = {"code_table", "quantize_blockwise", "dequantize_blockwise", "adam_step", "unscale_"}
+    assert hand_written <= set(registry.kernels_of("cuda")) and hand_written <= set(registry.kernels_of("cpu"))
+    # The descriptors are copied as raw bytes followed by 8-byte aligned int64s (csrc/cuda/adam.cu static_asserts this).
+    assert ctypes.alignment(capi.AdamTensor) == 8 and ctypes.sizeof(capi.AdamTensor) % 8 == 0
 
 
 def _run_compile_script(**env) -> subprocess.CompletedProcess:
@@ -77,13 +78,11 @@ def backends():
     """(cpu ops, cuda ops); skips where they cannot both run."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    if _native.cpu_library() is None:
+    if capi.cpu_library() is None:
         pytest.skip("the C++ CPU library was not built (pip install -e .)")
-    if _native.cuda_library() is None:
+    if capi.cuda_library() is None:
         pytest.skip("the CUDA library was not built (PYQUANT_CUDA=ON pip install -e .)")
-    from pyquant import _cpu, _cuda
-
-    return _cpu.OPS, _cuda.OPS
+    return registry.kernels_of("cpu"), registry.kernels_of("cuda")
 
 
 def assert_same(cpu: torch.Tensor, gpu: torch.Tensor, what: str = "") -> None:
@@ -214,7 +213,7 @@ def test_kernels_run_on_the_current_stream(backends):
 
 # ---- Adam ----
 def constants_row(step: int, eight_bit: bool, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, wd=0.0) -> list[float]:
-    return _reference.adam_constants(dict(lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd), step, eight_bit)
+    return _contract.adam_constants(dict(lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd), step, eight_bit)
 
 
 # (numel, 8-bit states, param dtype, grad dtype, weight decay): 8-bit and float32 states, partial last
@@ -245,10 +244,9 @@ def make_group(seed: int):
                 tensors["absmax1"].append(torch.zeros(blocks))
                 tensors["absmax2"].append(torch.zeros(blocks))
             else:  # warm states
-                from pyquant import _cpu
-
-                q1, a1 = _cpu.quantize_blockwise(torch.randn(n, generator=g) * 1e-3, code1, 256)
-                q2, a2 = _cpu.quantize_blockwise(torch.rand(n, generator=g) * 1e-6, code2, 256)
+                quantize = registry.kernels_of("cpu")["quantize_blockwise"]
+                q1, a1 = quantize(torch.randn(n, generator=g) * 1e-3, code1, 256)
+                q2, a2 = quantize(torch.rand(n, generator=g) * 1e-6, code2, 256)
                 for key, val in (("state1", q1), ("absmax1", a1), ("state2", q2), ("absmax2", a2)):
                     tensors[key].append(val)
         else:
@@ -277,19 +275,15 @@ def ieee_cpu_sqrt(backends):
     """The CPU library with IEEE sqrtf in Adam's denominator, as the CUDA kernels (and torch on a GPU) use.
 
     The CPU library may take sqrt(v) from torch's CPU sqrt routine (MKL's vsSqrt, up to 1 ulp from IEEE,
-    see pyquant._native._torch_cpu_sqrt) to match torch and bitsandbytes on a CPU; the GPU has IEEE sqrt.
+    see pyquant.backends.capi._torch_cpu_sqrt) to match torch and bitsandbytes on a CPU; the GPU has IEEE sqrt.
     The kernels' own logic is compared with the CPU drivers under the same (IEEE) square root.
     """
-    lib = _native.cpu_library()
-    setter = getattr(lib, "pq_set_cpu_sqrt", None)
-    if setter is None:
-        yield backends
-        return
+    setter = capi.cpu_library().pq_set_cpu_sqrt
     setter(None)
     try:
         yield backends
     finally:
-        setter(_native._torch_cpu_sqrt())
+        setter(capi._torch_cpu_sqrt())
 
 
 def run_adam_steps(ops_a, device_a, ops_b, device_b, nonfinite, bad_fraction, steps=5):
@@ -330,10 +324,8 @@ def test_adam_step_matches_cpu(ieee_cpu_sqrt, nonfinite, bad_fraction):
 @pytest.mark.parametrize("nonfinite", [0, 1], ids=["skip", "propagate"])
 def test_adam_step_matches_reference_on_gpu(backends, nonfinite):
     """The torch specification on CUDA tensors (torch's GPU sqrt and division are IEEE) against the kernels."""
-    from pyquant import _reference
-
     _cpu_ops, cuda = backends
-    run_adam_steps(_reference.OPS, "cuda", cuda, "cuda", nonfinite, 0.01)
+    run_adam_steps(registry.kernels_of("reference"), "cuda", cuda, "cuda", nonfinite, 0.01)
 
 
 @pytest.mark.gpu
@@ -366,8 +358,7 @@ def test_adam_step_large_group_one_launch(ieee_cpu_sqrt):
 @pytest.mark.parametrize("inv", [1.0, 2.0**-16, 1 / 3])
 def test_unscale_kernel_is_the_cpu_rule_in_one_launch(backends, inv):
     """Mixed dtypes, chunk edges, specials: the CUDA kernel's gradients and flag equal the reference's."""
-    from pyquant.amp import unscale_cuda, unscale_reference
-
+    unscale_reference, unscale_cuda = registry.kernels_of("reference")["unscale_"], backends[1]["unscale_"]
     sizes = [1, 4095, 4096, 4097, 70_001]
     dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float32]
     grads = [special_values(n, torch.float32, seed=n).to(dt) for n, dt in zip(sizes, dtypes)]

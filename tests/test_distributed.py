@@ -17,7 +17,7 @@ from torch import nn
 
 import pyquant
 from pyquant import functional as F
-from pyquant._reference import OPTIMIZER_BLOCK
+from pyquant._contract import OPTIMIZER_BLOCK
 from pyquant.distributed import load_checkpoint, quantize_moment, save_checkpoint
 from pyquant.optim import to_torch
 

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 import pyquant
 import pyquant.functional as F
-from pyquant import _maps, _reference, backends
+from pyquant import _maps, backends
+from pyquant.backends.reference import blockwise as reference
 
 bnbF = pytest.importorskip("bitsandbytes.functional")
 
@@ -86,12 +87,12 @@ def test_quantize_and_dequantize_match_bitsandbytes(backend, dtype, blocksize):
 def test_code_tables_agree_between_reference_and_cpu(signed):
     if "cpu" not in CPU_BACKENDS:
         pytest.skip("the compiled CPU library is not built")
-    from pyquant import _cpu
+    from pyquant.backends.cpu import blockwise as cpu
 
     code = F.create_dynamic_map(signed)
-    assert torch.equal(_cpu.code_table(code), _reference.code_table(code))
+    assert torch.equal(cpu.code_table(code), reference.code_table(code))
     custom = torch.sort(torch.randn(256))[0]
-    assert torch.equal(_cpu.code_table(custom), _reference.code_table(custom))
+    assert torch.equal(cpu.code_table(custom), reference.code_table(custom))
 
 
 def test_contract_consequences():
@@ -130,7 +131,7 @@ def test_shapes_and_non_contiguous_inputs(backend):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_large_dequantize_takes_the_streaming_path_with_the_same_bits(dtype):
-    # Outputs of 32 MiB and more are written with non-temporal stores (csrc/cpu/kernels.cpp); the partial last
+    # Outputs of 32 MiB and more are written with non-temporal stores (csrc/cpu/blockwise.cpp); the partial last
     # block still takes the ordinary path.
     n = (32 << 20) // torch.tensor([], dtype=dtype).element_size() + 300
     x = torch.randn(n, generator=torch.Generator().manual_seed(1))

@@ -12,7 +12,6 @@ sign, GPUs produce a canonical NaN), so NaNs are compared by position only.
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import pytest
@@ -24,7 +23,9 @@ except Exception as exc:  # pragma: no cover - depends on the environment
     pytest.skip(f"triton cannot be imported: {exc}", allow_module_level=True)
 
 import pyquant
-from pyquant import _reference, backends
+from pyquant import _contract, backends
+from pyquant.backends.reference import blockwise as reference_blockwise
+from pyquant.backends.reference import optimizer as reference_optimizer
 from pyquant import functional as F
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -32,7 +33,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 if DEVICE == "cpu" and not INTERPRETED:  # pragma: no cover
     pytest.skip("no CUDA device and TRITON_INTERPRET is not 1: triton cannot run", allow_module_level=True)
 
-import pyquant.kernels as K  # noqa: E402  (after TRITON_INTERPRET is settled)
+import pyquant.kernels  # noqa: E402,F401  (after TRITON_INTERPRET is settled)
 from triton_exact_fma import interpreter_as_device, interpreter_fma_is_exact  # noqa: E402
 
 # numpy's warnings from inside the interpreter (inf * 0, overflow to inf on a float16 store) are expected.
@@ -131,22 +132,23 @@ def test_exact_fma_matches_reference_fma32():
     a, b, c = (t.to(DEVICE) for t in (a, b, c))
     out = torch.empty_like(a)
     fma_kernel[(triton.cdiv(n, 1024),)](a, b, c, out, n, BLOCK=1024, enable_fp_fusion=False)
-    assert_bits_equal(out, _reference.fma32(a, b, c), "tl.fma vs fma32")
+    assert_bits_equal(out, reference_optimizer.fma32(a, b, c), "tl.fma vs fma32")
     assert not torch.equal(bits(out), bits(a * b + c)), "the case should distinguish fma from a*b+c"
 
 
 @pytest.mark.parametrize("signed", (True, False), ids=("signed", "unsigned"))
 def test_code_table_bits(signed):
     code = F.create_dynamic_map(signed)
-    table = K.OPS["code_table"](code.to(DEVICE))
+    table = backends.lookup("code_table", "triton")(code.to(DEVICE))
     assert table.dtype == torch.uint8 and table.shape == (65536,)
-    assert_bits_equal(table, _reference.code_table(code), "code table vs reference")
+    assert_bits_equal(table, reference_blockwise.code_table(code), "code table vs reference")
     if HAVE_CPU_BACKEND:
-        assert_bits_equal(table, importlib.import_module("pyquant._cpu").code_table(code), "code table vs cpu")
+        assert_bits_equal(table, backends.lookup("code_table", "cpu")(code), "code table vs cpu")
     # a code with ties and equal neighbours: ties go to the lower index
     odd = torch.linspace(-1, 1, 256)
     odd[100:110] = odd[100]
-    assert_bits_equal(K.OPS["code_table"](odd.to(DEVICE)), _reference.code_table(odd), "tied code vs reference")
+    assert_bits_equal(backends.lookup("code_table", "triton")(odd.to(DEVICE)), reference_blockwise.code_table(odd),
+                      "tied code vs reference")
 
 
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
@@ -155,7 +157,7 @@ def test_quantize_blockwise_bits(dtype, blocksize):
     n = 4 * blocksize + 37 if blocksize < 4096 else blocksize + 123  # a partial last block
     x = special_input(n, blocksize, dtype, seed=blocksize)
     code = F.create_dynamic_map(True)
-    q, absmax = K.OPS["quantize_blockwise"](x.to(DEVICE), code.to(DEVICE), blocksize)
+    q, absmax = backends.lookup("quantize_blockwise", "triton")(x.to(DEVICE), code.to(DEVICE), blocksize)
     assert q.dtype == torch.uint8 and q.shape == x.shape and absmax.shape == (-(-n // blocksize),)
     for name, dev in others():
         with pyquant.use_backend(name):
@@ -184,7 +186,7 @@ def test_quantize_contract_consequences():
     """docs/numerics.md section 2: zero never gets the zero code, NaN -> 0, an all-zero block -> all 0."""
     code = F.create_dynamic_map(True).to(DEVICE)
     x = torch.tensor([0.0, 1e-30, -1e-30, float("nan"), 1.0] + [0.0] * 59 + [0.0] * 64, device=DEVICE)
-    q, absmax = K.OPS["quantize_blockwise"](x, code, 64)
+    q, absmax = backends.lookup("quantize_blockwise", "triton")(x, code, 64)
     assert q[:5].tolist() == [131, 131, 131, 0, 255]
     assert absmax.tolist() == [1.0, 0.0] and q[64:].eq(0).all()
 
@@ -202,7 +204,8 @@ def test_dequantize_blockwise_bits(dtype, blocksize):
     absmax[2] = float("inf")  # code 0 * inf = NaN for the signed map's zero
     absmax[3] = 1e-40  # subnormal scale
     code = F.create_dynamic_map(True)
-    out = K.OPS["dequantize_blockwise"](q.to(DEVICE), absmax.to(DEVICE), code.to(DEVICE), blocksize, dtype)
+    out = backends.lookup("dequantize_blockwise", "triton")(q.to(DEVICE), absmax.to(DEVICE), code.to(DEVICE), blocksize,
+                                                           dtype)
     assert out.dtype == dtype and out.shape == q.shape
     for name, dev in others():
         with pyquant.use_backend(name):
@@ -239,7 +242,7 @@ ADAM_TENSORS = (
 
 def constants_row(step: int, wd: float, eight_bit: bool, inv_grad_scale: float = 1.0) -> list[float]:
     group = dict(lr=LR, betas=BETAS, eps=EPS, weight_decay=wd)
-    return _reference.adam_constants(group, step, eight_bit, inv_grad_scale)
+    return _contract.adam_constants(group, step, eight_bit, inv_grad_scale)
 
 
 def make_adam_problem(seed: int):
@@ -252,8 +255,8 @@ def make_adam_problem(seed: int):
         m = torch.randn(numel, generator=gen) * 1e-2
         v = torch.rand(numel, generator=gen) * 1e-4
         if eight_bit:
-            s1, a1 = _reference.quantize_blockwise(m, code1, 256)
-            s2, a2 = _reference.quantize_blockwise(v, code2, 256)
+            s1, a1 = reference_blockwise.quantize_blockwise(m, code1, 256)
+            s2, a2 = reference_blockwise.quantize_blockwise(v, code2, 256)
         else:
             s1, s2, a1, a2 = m, v, torch.empty(0), torch.empty(0)
         tensors.append([p, s1, s2, a1, a2])
@@ -284,7 +287,7 @@ def run_adam(name: str, device: str, tensors, grads, step: int, code1, code2, no
     constants = torch.tensor(
         [constants_row(step, wd, eight_bit) for _, _, _, eight_bit, wd in ADAM_TENSORS], dtype=torch.float32
     )
-    fn = K.OPS["adam_step"] if name == "triton" else importlib.import_module(backends._MODULES[name]).OPS["adam_step"]
+    fn = backends.lookup("adam_step", name)
     cols = list(zip(*tensors))
     return fn(
         list(cols[0]), [g.to(device) for g in grads], list(cols[1]), list(cols[2]), list(cols[3]), list(cols[4]),
@@ -292,7 +295,7 @@ def run_adam(name: str, device: str, tensors, grads, step: int, code1, code2, no
     )
 
 
-@pytest.mark.parametrize("nonfinite", (_reference.SKIP_ELEMENT, _reference.PROPAGATE), ids=("skip", "propagate"))
+@pytest.mark.parametrize("nonfinite", (_contract.SKIP_ELEMENT, _contract.PROPAGATE), ids=("skip", "propagate"))
 def test_adam_step_bits(nonfinite):
     tensors, code1, code2 = make_adam_problem(seed=5)
     runs = {"triton": (DEVICE, clone_to(tensors, DEVICE))}
@@ -305,7 +308,7 @@ def test_adam_step_bits(nonfinite):
         grads = make_grads(step, seed=5)
         counts = {name: run_adam(name, dev, ts, grads, step, code1, code2, nonfinite) for name, (dev, ts) in runs.items()}
         expected_bad = sum(int((~torch.isfinite(g.float())).sum()) for g in grads)
-        assert int(counts["triton"]) == (expected_bad if nonfinite == _reference.SKIP_ELEMENT else 0)
+        assert int(counts["triton"]) == (expected_bad if nonfinite == _contract.SKIP_ELEMENT else 0)
         assert counts["triton"].dtype == torch.int64 and counts["triton"].dim() == 0
         for name, (_, ts) in runs.items():
             if name == "triton":
@@ -314,7 +317,7 @@ def test_adam_step_bits(nonfinite):
             for i, (actual, expected) in enumerate(zip(runs["triton"][1], ts)):
                 for field, a, e in zip(("param", "state1", "state2", "absmax1", "absmax2"), actual, expected):
                     assert_bits_equal(a, e, f"step {step}, tensor {i} {field} vs {name}")
-    if nonfinite == _reference.PROPAGATE:
+    if nonfinite == _contract.PROPAGATE:
         assert torch.isnan(runs["triton"][1][0][0].float()).any(), "a NaN gradient should reach the parameter"
     else:
         for p, *_ in runs["triton"][1]:
@@ -340,7 +343,7 @@ def test_adam_step_ieee_sqrt(monkeypatch):
     for step in (1, 2):
         grads = make_grads(step, seed=11)
         for name, ts in runs.items():
-            run_adam(name, DEVICE, ts, grads, step, code1, code2, _reference.SKIP_ELEMENT)
+            run_adam(name, DEVICE, ts, grads, step, code1, code2, _contract.SKIP_ELEMENT)
     for i, (actual, expected) in enumerate(zip(runs["triton"], runs["reference"])):
         for a, e in zip(actual, expected):
             assert_bits_equal(a, e, f"tensor {i}, IEEE sqrt")
@@ -363,7 +366,7 @@ def test_adam_step_through_custom_op(inv_grad_scale):
         with pyquant.use_backend(name):
             count = F.adam_step_multi_tensor(
                 cols[0], grads, cols[1], cols[2], cols[3], cols[4], constants,
-                code1.to(DEVICE), code2.to(DEVICE), _reference.SKIP_ELEMENT,
+                code1.to(DEVICE), code2.to(DEVICE), _contract.SKIP_ELEMENT,
             )
         results[name] = (int(count), ts)
     assert results["triton"][0] == results["reference"][0] > 0
@@ -379,4 +382,4 @@ def test_adam_step_rejects_non_contiguous():
     constants = torch.tensor([constants_row(1, 0.0, False)], dtype=torch.float32)
     code = F.create_dynamic_map(True).to(DEVICE)
     with pytest.raises(ValueError, match="contiguous"):
-        K.OPS["adam_step"]([p], [g], [s], [s.clone()], [torch.empty(0, device=DEVICE)], [torch.empty(0, device=DEVICE)], constants, code, code, 0)
+        backends.lookup("adam_step", "triton")([p], [g], [s], [s.clone()], [torch.empty(0, device=DEVICE)], [torch.empty(0, device=DEVICE)], constants, code, code, 0)

@@ -3,8 +3,9 @@
 Triton's interpreter (triton 3.8) evaluates `tl.fma(x, y, z)` as `x * y + z` in numpy: two float32
 roundings where a GPU does one. pyquant's kernels use `tl.fma` exactly where docs/numerics.md asks for a
 fused multiply-add, so under the interpreter the Adam moments would differ from the contract on a few
-percent of elements. `exact_fma()` replaces the interpreter's fma with `pyquant._reference.fma32` (exact
-product in float64, sum rounded to odd, one rounding to float32) for float32 operands; other dtypes keep
+percent of elements. `exact_fma()` replaces the interpreter's fma with
+`pyquant.backends.reference.optimizer.fma32` (exact product in float64, sum rounded to odd, one rounding to
+float32) for float32 operands; other dtypes keep
 the interpreter's own evaluation. It changes nothing when triton is compiled for a GPU.
 
 `torch_cpu_sqrt()` makes the interpreter's `tl.sqrt_rn` compute `torch.sqrt` on the CPU. The square root
@@ -23,7 +24,7 @@ import contextlib
 import numpy as np
 import torch
 
-from pyquant._reference import fma32
+from pyquant.backends.reference.optimizer import fma32
 
 
 def _interpreter_builder_class():

@@ -1,4 +1,5 @@
-// AVX-512 (F, BW, VL, DQ) block kernels, included by kernels.cpp in its avx512 build only.
+// AVX-512 (F, BW, VL, DQ) block kernels of block-wise quantisation and the 8-bit Adam step, included by
+// blockwise.cpp in its avx512 build only (the loads, stores and conversions they use are isa.h's).
 //
 // Same bits as the scalar rules of pyquant/blockwise.h, with the expensive steps replaced by exact SIMD
 // equivalents:
@@ -13,24 +14,12 @@
 // Only IEEE-exact operations are used (mul/add/div/sqrt/min/max/compare/convert, integer ops), each in
 // the order the contract writes it; fused multiply-adds only where the contract has fmaf.
 #pragma once
-// GCC before 13 reports the deliberately undefined pass-through operand (_mm512_undefined_ps and kin)
-// of its own unmasked intrinsics as uninitialized wherever they are inlined, i.e. in every function of
-// this translation unit that uses them, so the warning stays off for the rest of it.
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#include <immintrin.h>
-#include <string.h>
+#include "isa.h"
 
 #include <type_traits>
 
-#include "pyquant/blockwise.h"
+#include "cpu_sqrt.h"
 #include "pyquant/capi.h"
-
-// Everything a block kernel uses is forced inline: GCC otherwise outlined pieces (e.g. quantize_values) and
-// kept masked loads and stores that a full block does not need, and the step ran at half the speed.
-#define PQ_INLINE __attribute__((always_inline)) static inline
 
 namespace PQ_NS {
 namespace vec {
@@ -40,62 +29,6 @@ using namespace pq;
 using FullBlock = std::integral_constant<int64_t, kOptimizerBlock>;
 
 constexpr bool kEmulatesCpuSqrt = true;
-
-PQ_INLINE __mmask16 mask16(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
-PQ_INLINE __mmask32 mask32(int64_t n) { return n >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << n) - 1u); }
-
-// ---- storage conversions ----
-
-// 16 float16 or bfloat16 values (exactly) as float32.
-template <int DT>
-PQ_INLINE __m512 widen16(__m256i h) {
-  if constexpr (DT == kFloat16) return _mm512_cvtph_ps(h);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-template <int DT>
-PQ_INLINE __m512 load16(const void* base, int64_t i, __mmask16 k) {
-  if constexpr (DT == kFloat32) {
-    return _mm512_maskz_loadu_ps(k, (const float*)base + i);
-  } else {
-    const __m256i h = _mm256_maskz_loadu_epi16(k, (const uint16_t*)base + i);
-    // vcvtph2ps quiets a signalling NaN where half_to_float keeps it; every loaded value goes through
-    // arithmetic (which quiets it the same way) or a comparison before it can reach an output, so the
-    // outputs agree.
-    return widen16<DT>(h);
-  }
-}
-
-// float_to_half: the hardware conversion rounds to nearest even like the scalar rule, but keeps NaN payloads
-// where the rule writes the canonical quiet NaN with the input's sign.
-PQ_INLINE __m256i to_half16(__m512 v) {
-  const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  const __m512i sign = _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(v), 16), _mm512_set1_epi32(0x8000));
-  const __m256i quiet = _mm512_cvtepi32_epi16(_mm512_or_si512(sign, _mm512_set1_epi32(0x7E00)));
-  return _mm256_mask_blend_epi16(nan, h, quiet);
-}
-
-// float_to_bf16, the integer rounding of blockwise.h lane by lane.
-PQ_INLINE __m256i to_bf16_16(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i hi = _mm512_srli_epi32(u, 16);
-  const __m512i odd = _mm512_and_si512(hi, _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
-  return _mm512_cvtepi32_epi16(r);
-}
-
-template <int DT>
-PQ_INLINE void store16(void* base, int64_t i, __m512 v, __mmask16 k) {
-  if constexpr (DT == kFloat32)
-    _mm512_mask_storeu_ps((float*)base + i, k, v);
-  else if constexpr (DT == kFloat16)
-    _mm256_mask_storeu_epi16((uint16_t*)base + i, k, to_half16(v));
-  else
-    _mm256_mask_storeu_epi16((uint16_t*)base + i, k, to_bf16_16(v));
-}
 
 // ---- dequantisation: code[q] for 32 indices ----
 
@@ -339,13 +272,13 @@ static inline void dequantize_block_streaming(const uint8_t* q, float absmax, in
     lookup32(t, _mm256_loadu_si256((const __m256i*)(q + start + i)), c0, c1);
     c0 = _mm512_mul_ps(c0, a);
     c1 = _mm512_mul_ps(c1, a);
-    if constexpr (DT == kFloat32) {
+    if constexpr (DT == PQ_DTYPE_FLOAT32) {
       _mm512_stream_ps((float*)out + start + i, c0);
       _mm512_stream_ps((float*)out + start + i + 16, c1);
     } else {
       uint16_t* o = (uint16_t*)out + start + i;
-      _mm256_stream_si256((__m256i*)o, DT == kFloat16 ? to_half16(c0) : to_bf16_16(c0));
-      _mm256_stream_si256((__m256i*)(o + 16), DT == kFloat16 ? to_half16(c1) : to_bf16_16(c1));
+      _mm256_stream_si256((__m256i*)o, DT == PQ_DTYPE_FLOAT16 ? to_half16(c0) : to_bf16_16(c0));
+      _mm256_stream_si256((__m256i*)(o + 16), DT == PQ_DTYPE_FLOAT16 ? to_half16(c1) : to_bf16_16(c1));
     }
   }
 }
@@ -419,8 +352,8 @@ PQ_INLINE void prefetch_block(const pq_adam_tensor& t, int64_t start, int64_t st
   const int64_t ahead = start + kPrefetchBlocks * kOptimizerBlock;
   if (ahead >= t.numel) return;
   const int64_t n = t.numel - ahead < kOptimizerBlock ? t.numel - ahead : kOptimizerBlock;
-  prefetch_bytes((const char*)t.param + ahead * (PDT == kFloat32 ? 4 : 2), n * (PDT == kFloat32 ? 4 : 2));
-  prefetch_bytes((const char*)t.grad + ahead * (GDT == kFloat32 ? 4 : 2), n * (GDT == kFloat32 ? 4 : 2));
+  prefetch_bytes((const char*)t.param + ahead * elem_size(PDT), n * elem_size(PDT));
+  prefetch_bytes((const char*)t.grad + ahead * elem_size(GDT), n * elem_size(GDT));
   prefetch_bytes((const char*)t.state1 + ahead * state_bytes, n * state_bytes);
   prefetch_bytes((const char*)t.state2 + ahead * state_bytes, n * state_bytes);
 }
@@ -432,7 +365,7 @@ struct AdamTables {
 
 struct AdamVectors {
   __m512 beta1, one_minus_beta1, beta2, one_minus_beta2, eps, eps_c2, c2, step_size, decay, inv_grad_scale;
-  explicit AdamVectors(const AdamConstants& k)
+  explicit AdamVectors(const pq_adam_constants& k)
       : beta1(_mm512_set1_ps(k.beta1)), one_minus_beta1(_mm512_set1_ps(k.one_minus_beta1)),
         beta2(_mm512_set1_ps(k.beta2)), one_minus_beta2(_mm512_set1_ps(k.one_minus_beta2)),
         eps(_mm512_set1_ps(k.eps)), eps_c2(_mm512_set1_ps(k.eps_c2)), c2(_mm512_set1_ps(k.c2)),
@@ -445,8 +378,8 @@ struct AdamVectors {
 template <int GDT>
 PQ_INLINE __m512 unscaled16(const AdamVectors& k, __m512 g) {
   const __m512 x = _mm512_mul_ps(g, k.inv_grad_scale);
-  if constexpr (GDT == kFloat16) return widen16<GDT>(to_half16(x));
-  if constexpr (GDT == kBFloat16) return widen16<GDT>(to_bf16_16(x));
+  if constexpr (GDT == PQ_DTYPE_FLOAT16) return widen16<GDT>(to_half16(x));
+  if constexpr (GDT == PQ_DTYPE_BFLOAT16) return widen16<GDT>(to_bf16_16(x));
   return x;
 }
 
@@ -546,8 +479,8 @@ PQ_INLINE int64_t adam_block_8bit_impl(const pq_adam_tensor& t, int64_t start, L
   const float new_a1 = _mm512_reduce_max_ps(amax1), new_a2 = _mm512_reduce_max_ps(amax2);
   t.absmax1[b] = new_a1;
   t.absmax2[b] = new_a2;
-  quantize_values<kFloat32>(m, 0, len, new_a1, tab.quant1, q1);
-  quantize_values<kFloat32>(v, 0, len, new_a2, tab.quant2, q2);
+  quantize_values<PQ_DTYPE_FLOAT32>(m, 0, len, new_a1, tab.quant1, q1);
+  quantize_values<PQ_DTYPE_FLOAT32>(v, 0, len, new_a2, tab.quant2, q2);
   return bad;
 }
 

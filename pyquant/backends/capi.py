@@ -1,21 +1,33 @@
-"""Loads pyquant's compiled libraries with ctypes and describes their C ABI (csrc/include/pyquant/capi.h)."""
+"""The one binding of pyquant's compiled libraries (csrc/include/pyquant/capi.h): loading, the ABI version,
+every function's ctypes signature, the structures, and the checks every call makes first.
+
+Both libraries (the C++ CPU library and the CUDA library) are loaded here and nowhere else. A library that is
+missing makes pyquant fall back to the reference backend (with one warning); a library built from other
+sources (another ABI version) is refused with a message that names the rebuild command, since passing it
+descriptors it would misread could corrupt memory.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import functools
 import os
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}
+from pyquant._contract import DTYPE_CODES, FLOAT_DTYPES, ISA_NAMES, OPTIMIZER_BLOCK, blocks_of
+
+ABI_VERSION = 5  # PQ_ABI_VERSION of capi.h, which everything below mirrors
+INVALID_ARGUMENT = 2  # PQ_INVALID_ARGUMENT of capi.h
+OUT_OF_MEMORY = 1  # what the low-rank convolution entry points return when a buffer cannot be allocated
+REBUILD = "pip install -e ."  # what rebuilds the libraries of a checkout (README)
 
 
 class AdamConstants(ctypes.Structure):
-    """Mirror of pq::AdamConstants (csrc/include/pyquant/blockwise.h)."""
+    """Mirror of pq_adam_constants (capi.h); field order: _contract.CONSTANT_FIELDS."""
 
     _fields_ = [
         ("beta1", ctypes.c_float),
@@ -32,7 +44,7 @@ class AdamConstants(ctypes.Structure):
 
 
 class AdamTensor(ctypes.Structure):
-    """Mirror of pq_adam_tensor (csrc/include/pyquant/capi.h)."""
+    """Mirror of pq_adam_tensor (capi.h)."""
 
     _fields_ = [
         ("param", ctypes.c_void_p),
@@ -50,12 +62,55 @@ class AdamTensor(ctypes.Structure):
     ]
 
 
+# ---- every exported function: name -> (argtypes, restype), as declared in capi.h ----
+P, I32, I64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
+DIMS = ctypes.POINTER(I64)
+CPU_FUNCTIONS = {
+    "pq_abi_version": ([], I32),
+    "pq_isa": ([], I32),
+    "pq_set_isa": ([I32], I32),
+    "pq_set_cpu_sqrt": ([P], None),
+    "pq_build_code_table": ([P, P], None),
+    "pq_quantize_blockwise": ([P, I32, I64, I64, P, P, P], I32),
+    "pq_dequantize_blockwise": ([P, P, P, I64, I64, P, I32], I32),
+    "pq_adam_step": ([ctypes.POINTER(AdamTensor), I32, P, P, P, P, I32], I64),
+    "pq_unscale_": ([I32, P, P, P, P, P, I32, I32], I32),
+    "pq_matmul": ([I32, P, P, I32, P, P, I32, P, P, I32, I64, I32, P, I32, P, I64, I64, I64, I32, I32], None),
+    "pq_matmul_im2col": ([P, I32, P, P, P, I32, P, I32, P, I64, P, I32, I64, I32, P, I32, P, I32, I32], None),
+    "pq_lowrank_conv2d": ([P, P, P, P, P, P, I32, DIMS, I32, P, I32], I32),
+    "pq_lowrank_packed_floats": ([I32, DIMS], I64),
+    "pq_lowrank_conv2d_wgrad": ([P, P, P, I32, DIMS, I32], I32),
+    "pq_lowrank_set_bf16_dot": ([I32], I32),
+}
+CUDA_FUNCTIONS = {
+    "pq_abi_version": ([], I32),
+    "pq_cuda_quantize_blockwise": ([P, I32, I64, I64, P, P, P, P], I32),
+    "pq_cuda_dequantize_blockwise": ([P, P, P, I64, I64, P, I32, P], I32),
+    "pq_cuda_adam_step": ([P, P, I32, I64, P, P, P, P, I32, P, P], I32),
+    "pq_cuda_unscale_": ([P, I32, I64, P, P, P], I32),
+    "pq_cuda_error_string": ([I32], ctypes.c_char_p),
+}
+
+
+def int64_array(values) -> ctypes.Array:
+    """A C int64 array of `values` (at least one element, so that the pointer is never NULL)."""
+    return (ctypes.c_int64 * max(len(values), 1))(*values)
+
+
+def check_status(status: int, op: str) -> None:
+    """Turn a CPU entry point's return code into the exception it means (0: success)."""
+    if status == 0:
+        return
+    if status == OUT_OF_MEMORY:
+        raise MemoryError(f"pyquant {op}: the CPU kernel could not allocate its buffers")
+    # Unreachable after the Python checks, unless they and the C ones disagree.
+    raise ValueError(f"pyquant: the CPU library refused {op}: invalid arguments (status {status})")
+
+
 # ---- what every call into a compiled library checks first ----
 # The C entry points can check sizes, dtype codes and pointers (they return PQ_INVALID_ARGUMENT), but not how
 # large a buffer behind a pointer is: these checks compare every tensor with the sizes the call will use, so
 # that no kernel reads or writes outside a tensor. They are a few attribute reads per tensor.
-FLOAT_DTYPES = tuple(DTYPE_CODES)
-INVALID_ARGUMENT = 2  # PQ_INVALID_ARGUMENT of csrc/include/pyquant/capi.h
 
 
 def check_tensor(t, name: str, dtypes: tuple, device: torch.device, numel: int | None = None) -> None:
@@ -76,20 +131,6 @@ def check_code(code, name: str, device: torch.device) -> None:
     check_tensor(code, name, (torch.float32,), device, 256)
 
 
-MAX_BLOCKSIZE = 2**63 - 1  # the C ABI's int64
-
-
-def check_blocksize(blocksize) -> int:
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or not 0 < blocksize <= MAX_BLOCKSIZE:
-        raise ValueError(f"blocksize must be a positive int below 2**63 (an int64), got {blocksize!r}")
-    return blocksize
-
-
-def blocks_of(n: int, blocksize: int) -> int:
-    return -(-n // blocksize)
-
-
-OPTIMIZER_BLOCK = 256  # pq::kOptimizerBlock: elements per absmax entry of 8-bit states
 STATE_DTYPES = (torch.uint8, torch.float32)  # 8-bit codes, or float32 moments
 ABSMAX = (torch.float32,)
 
@@ -142,14 +183,49 @@ def check_adam_operands(params, grads, state1, state2, absmax1, absmax2, constan
         raise AssertionError("unreachable: check_tensor raises for what fits() refuses")
 
 
-def _candidate_dirs() -> list[Path]:
-    import pyquant
+GRAD_DTYPES = tuple(DTYPE_CODES)  # what GradScaler unscales: float32, float16, bfloat16, float64
 
+
+def check_unscale_operands(grads, found_inf, inv_scale, *, inv_scale_on_device: bool = True) -> None:
+    """What unscale_ and every kernel of it need (the kernels read found_inf and inv_scale through pointers)."""
+    for name, t in (("found_inf", found_inf), ("inv_scale", inv_scale)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.numel() != 1:
+            raise TypeError(f"{name} must be a float32 tensor with one element")
+    if inv_scale_on_device and inv_scale.device != found_inf.device:
+        raise ValueError(f"inv_scale is on {inv_scale.device} but found_inf is on {found_inf.device}")
+    for i, g in enumerate(grads):
+        check_grad(i, g, found_inf.device)
+
+
+def check_grad(i: int, g, device: torch.device) -> None:
+    if not isinstance(g, torch.Tensor) or g.dtype not in GRAD_DTYPES:
+        what = getattr(g, "dtype", type(g).__name__)
+        raise TypeError(f"gradient {i} is {what}: only floating-point gradients can be unscaled")
+    if g.device != device:
+        raise ValueError(f"gradient {i} is on {g.device} but found_inf is on {device}")
+
+
+def check_product_operands(tensors: dict, bias, bias_len: int) -> None:
+    """What the C matmul kernels read through raw pointers and their own strides: CPU tensors of a dtype they
+    know, and a bias of the `bias_len` values the product adds (its length is not passed to them)."""
+    for name, t in {**tensors, "bias": bias}.items():
+        if t is None:
+            continue
+        if t.device.type != "cpu" or t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"the cpu kernel needs float32/float16/bfloat16 CPU tensors; {name} is {t.dtype} on {t.device}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != bias_len):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, the product adds {bias_len} values")
+
+
+def _candidate_dirs() -> list[Path]:
     dirs = []
     if os.environ.get("PYQUANT_LIB_DIR"):
         dirs.append(Path(os.environ["PYQUANT_LIB_DIR"]))
-    # An editable install puts the compiled files in site-packages/pyquant/_lib, which is on pyquant.__path__.
-    dirs += [Path(p) / "_lib" for p in pyquant.__path__]
+    # A wheel has the compiled files in site-packages/pyquant/_lib; an editable install too, and its
+    # pyquant.__path__ is [site-packages/pyquant, <checkout>/pyquant] (pyproject.toml). The package is read from
+    # sys.modules (always there once a submodule imports): `import pyquant` would make this module depend on the
+    # package root, which imports everything.
+    dirs += [Path(p) / "_lib" for p in sys.modules["pyquant"].__path__]
     return dirs
 
 
@@ -160,21 +236,21 @@ def _find(name: str) -> Path | None:
     return None
 
 
-ABI_VERSION = 4  # PQ_ABI_VERSION of csrc/include/pyquant/capi.h, which these ctypes descriptions mirror
-
-
-def _checked(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL | None:
-    """`lib`, or None (with a warning) when it was built from sources with another C ABI."""
-    version = lib.pq_abi_version() if hasattr(lib, "pq_abi_version") else 1
-    if version == ABI_VERSION:
-        return lib
-    warnings.warn(
-        f"pyquant: {path} was built from other sources (C ABI {version}, this pyquant needs {ABI_VERSION}); "
-        "rebuild it with `pip install -e .`; until then the reference implementation runs",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-    return None
+def _load(path: Path, functions: dict) -> ctypes.CDLL:
+    """The library at `path` with every function's signature set; refused when built from other sources."""
+    lib = ctypes.CDLL(str(path))
+    version = lib.pq_abi_version() if hasattr(lib, "pq_abi_version") else None
+    missing = [name for name in functions if not hasattr(lib, name)]
+    if version != ABI_VERSION or missing:
+        raise RuntimeError(
+            f"pyquant: {path} was built from other sources (C ABI {version}, this pyquant needs {ABI_VERSION}"
+            + (f"; it lacks {', '.join(missing)}" if missing else "")
+            + f"); rebuild it with `{REBUILD}` in the checkout, or set PYQUANT_BACKEND=reference"
+        )
+    for name, (argtypes, restype) in functions.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, restype
+    return lib
 
 
 @functools.cache
@@ -184,29 +260,13 @@ def cpu_library() -> ctypes.CDLL | None:
     path = None if os.environ.get("PYQUANT_NO_LIB") == "1" else _find("libpyquant_cpu.so")
     if path is None:
         warnings.warn(
-            "pyquant: the compiled CPU library was not found (build it with `pip install -e .`); "
+            f"pyquant: the compiled CPU library was not found (build it with `{REBUILD}`); "
             "falling back to the reference implementation in torch, which is much slower",
             RuntimeWarning,
             stacklevel=3,
         )
         return None
-    lib = _checked(ctypes.CDLL(str(path)), path)
-    if lib is None:
-        return None
-    P, I32, I64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
-    lib.pq_isa.restype = I32
-    lib.pq_set_isa.argtypes = [I32]
-    lib.pq_set_isa.restype = I32
-    lib.pq_build_code_table.argtypes = [P, P]
-    lib.pq_build_code_table.restype = None
-    lib.pq_quantize_blockwise.argtypes = [P, I32, I64, I64, P, P, P]
-    lib.pq_quantize_blockwise.restype = I32
-    lib.pq_dequantize_blockwise.argtypes = [P, P, P, I64, I64, P, I32]
-    lib.pq_dequantize_blockwise.restype = I32
-    lib.pq_adam_step.argtypes = [ctypes.POINTER(AdamTensor), I32, P, P, P, P, I32]
-    lib.pq_adam_step.restype = I64
-    lib.pq_set_cpu_sqrt.argtypes = [P]
-    lib.pq_set_cpu_sqrt.restype = None
+    lib = _load(path, CPU_FUNCTIONS)
     lib.pq_set_cpu_sqrt(_torch_cpu_sqrt())
     # PYQUANT_CPU_ISA=scalar|avx2 caps the instruction set (.ci/asan.sh: AddressSanitizer does not see every
     # access of the AVX-512 kernels' masked loads and stores).
@@ -255,9 +315,7 @@ def cuda_library() -> ctypes.CDLL | None:
     if not torch.cuda.is_available():
         return None
     path = _find("libpyquant_cuda.so")
-    if path is None:
-        return None
-    return _checked(ctypes.CDLL(str(path)), path)
+    return None if path is None else _load(path, CUDA_FUNCTIONS)
 
 
 def cpu_isa() -> str:

@@ -1,4 +1,4 @@
-"""pyquant.subsets inside the study harness: what the runner calls for settings with ``subset:<method>@<fraction>``,
+"""pyquant.subsets inside the study harness: what a run calls for settings with ``subset:<method>@<fraction>``,
 ``importance-sampling`` and ``budget:<seconds>s`` modifiers (parsed by pyquant.experiment.settings.get_setting).
 
 Embeddings come from a proxy: no pretrained weights exist offline, so every method but ``random`` first trains the

@@ -1,27 +1,17 @@
-// AVX2 (+FMA, F16C) block kernels, included by kernels.cpp in its avx2 build only.
+// AVX2 (+FMA, F16C) block kernels of block-wise quantisation and the 8-bit Adam step, included by
+// blockwise.cpp in its avx2 build only (the loads, stores and conversions they use are isa.h's).
 //
 // Same bits as the scalar rules of pyquant/blockwise.h. AVX2 has no two-table permutes and no mask
 // registers, so lookups use gathers (the 1 KiB code for dequantisation; 32-bit words at byte offsets of
 // the 65536-entry table for quantisation), and a partial vector at the end of a block goes through a
 // zero-padded copy. Only IEEE-exact operations, in the contract's order; fma only where it has fmaf.
 #pragma once
-// GCC before 13 reports the deliberately undefined pass-through operand (_mm512_undefined_ps and kin)
-// of its own unmasked intrinsics as uninitialized wherever they are inlined, i.e. in every function of
-// this translation unit that uses them, so the warning stays off for the rest of it.
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#include <immintrin.h>
-#include <string.h>
+#include "isa.h"
 
 #include <type_traits>
 
-#include "pyquant/blockwise.h"
+#include "cpu_sqrt.h"
 #include "pyquant/capi.h"
-
-// Everything a block kernel uses is forced inline (see simd_avx512.h).
-#define PQ_INLINE __attribute__((always_inline)) static inline
 
 namespace PQ_NS {
 namespace vec {
@@ -31,108 +21,6 @@ using namespace pq;
 using FullBlock = std::integral_constant<int64_t, kOptimizerBlock>;
 
 constexpr bool kEmulatesCpuSqrt = true;
-
-template <int DT>
-constexpr int64_t elem_size() {
-  return DT == kFloat32 ? 4 : 2;
-}
-
-// 8 float16 or bfloat16 values (exactly) as float32.
-template <int DT>
-PQ_INLINE __m256 widen8(__m128i h) {
-  if constexpr (DT == kFloat16) return _mm256_cvtph_ps(h);
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-// Loads elements i .. i+n-1 (n <= 8), zero beyond n.
-template <int DT>
-PQ_INLINE __m256 load8(const void* base, int64_t i, int64_t n) {
-  const char* src = (const char*)base + i * elem_size<DT>();
-  alignas(32) char pad[32];
-  if (n < 8) {
-    memset(pad, 0, sizeof pad);
-    memcpy(pad, src, (size_t)(n * elem_size<DT>()));
-    src = pad;
-  }
-  if constexpr (DT == kFloat32) {
-    return _mm256_loadu_ps((const float*)src);
-  } else {
-    const __m128i h = _mm_loadu_si128((const __m128i*)src);
-    // vcvtph2ps quiets a signalling NaN; every loaded value reaches an output only through arithmetic
-    // (which quiets it the same way) or comparisons, so the outputs agree with half_to_float's.
-    return widen8<DT>(h);
-  }
-}
-
-PQ_INLINE __m128i pack_u32_to_u16(__m256i w) {  // every lane must be in [0, 65535]
-  return _mm_packus_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
-}
-
-// float_to_half: hardware rounding to nearest even, then the scalar rule's canonical NaN.
-PQ_INLINE __m128i to_half8(__m256 v) {
-  const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(v), 16), _mm256_set1_epi32(0x8000));
-  const __m128i quiet = pack_u32_to_u16(_mm256_or_si256(sign, _mm256_set1_epi32(0x7E00)));
-  return _mm_blendv_epi8(h, quiet, _mm_packs_epi32(_mm256_castsi256_si128(nan), _mm256_extracti128_si256(nan, 1)));
-}
-
-// float_to_bf16, the integer rounding of blockwise.h lane by lane.
-PQ_INLINE __m128i to_bf16_8(__m256 v) {
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i hi = _mm256_srli_epi32(u, 16);
-  const __m256i odd = _mm256_and_si256(hi, _mm256_set1_epi32(1));
-  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd), 16);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  return pack_u32_to_u16(_mm256_blendv_epi8(r, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan));
-}
-
-// Stores the lanes of `v` selected by `keep` (all-ones lanes) among the first n; other lanes keep their bits.
-template <int DT>
-PQ_INLINE void store8(void* base, int64_t i, int64_t n, __m256 v, __m256 keep) {
-  char* dst = (char*)base + i * elem_size<DT>();
-  alignas(32) char buf[32];
-  char* out = n < 8 ? buf : dst;
-  if (n < 8) memcpy(buf, dst, (size_t)(n * elem_size<DT>()));
-  if constexpr (DT == kFloat32) {
-    _mm256_storeu_ps((float*)out, _mm256_blendv_ps(_mm256_loadu_ps((const float*)out), v, keep));
-  } else {
-    const __m128i bits = DT == kFloat16 ? to_half8(v) : to_bf16_8(v);
-    const __m256i k = _mm256_castps_si256(keep);
-    const __m128i k16 = _mm_packs_epi32(_mm256_castsi256_si128(k), _mm256_extracti128_si256(k, 1));
-    _mm_storeu_si128((__m128i*)out, _mm_blendv_epi8(_mm_loadu_si128((const __m128i*)out), bits, k16));
-  }
-  if (n < 8) memcpy(dst, buf, (size_t)(n * elem_size<DT>()));
-}
-
-PQ_INLINE __m256 first_lanes(int64_t n) {  // all-ones in lanes 0 .. n-1
-  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-}
-
-PQ_INLINE __m128i load_bytes8(const uint8_t* q, int64_t n) {
-  if (n >= 8) return _mm_loadl_epi64((const __m128i*)q);
-  uint64_t w = 0;
-  memcpy(&w, q, (size_t)n);
-  return _mm_cvtsi64_si128((long long)w);
-}
-
-PQ_INLINE void store_bytes8(uint8_t* q, int64_t n, __m128i b) {
-  if (n >= 8) {
-    _mm_storel_epi64((__m128i*)q, b);
-  } else {
-    const uint64_t w = (uint64_t)_mm_cvtsi128_si64(b);
-    memcpy(q, &w, (size_t)n);
-  }
-}
-
-PQ_INLINE __m256 abs8(__m256 x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x); }
-
-PQ_INLINE float hmax8(__m256 v) {  // exact: max of non-NaN values in any order
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
-}
 
 // ---- dequantisation ----
 
@@ -234,7 +122,7 @@ static inline void dequantize_block(const uint8_t* q, float absmax, int64_t star
     dequantize_block_impl<DT>(q, absmax, start, len, t, out);
 }
 
-// No streaming variant here (see simd_avx512.h): the AVX2 path is a fallback.
+// No streaming variant here (see blockwise_avx512.h): the AVX2 path is a fallback.
 template <int DT>
 static inline void dequantize_block_streaming(const uint8_t* q, float absmax, int64_t start, const DequantTable& t,
                                               void* out) {
@@ -243,7 +131,7 @@ static inline void dequantize_block_streaming(const uint8_t* q, float absmax, in
 constexpr bool kStreamingDequant = false;
 static inline void stream_fence() {}
 
-// ---- sqrt(v) of Adam's denominator: IEEE, or torch's CPU sqrt emulated (see simd_avx512.h, cpu_sqrt.h) ----
+// ---- sqrt(v) of Adam's denominator: IEEE, or torch's CPU sqrt emulated (see blockwise_avx512.h, cpu_sqrt.h) ----
 
 // Lanes whose inputs need the routine itself come back in `needs_routine` (all-ones lanes), for the caller
 // to handle outside its loop.
@@ -253,7 +141,7 @@ PQ_INLINE __m256 sqrt8(__m256 x, int mode, __m256& needs_routine) {
   const __m256 r = _mm256_rsqrt_ps(x);
   const __m256 half = _mm256_set1_ps(0.5f);
   const __m256 s0 = _mm256_mul_ps(x, r);
-  // h0 = r * 0.5 exactly, as an exponent decrement (see simd_avx512.h).
+  // h0 = r * 0.5 exactly, as an exponent decrement (see blockwise_avx512.h).
   const __m256 h0 = _mm256_castsi256_ps(_mm256_sub_epi32(_mm256_castps_si256(r), _mm256_set1_epi32(0x00800000)));
   const __m256 e = _mm256_sub_ps(half, _mm256_mul_ps(s0, h0));
   const __m256 s1 = _mm256_add_ps(_mm256_mul_ps(s0, e), s0);
@@ -272,7 +160,7 @@ static inline void sqrt_block(const float* x, float* out, int64_t n, int mode, p
   for (int64_t i = 0; i < n; i += 8) {
     const int64_t c = n - i < 8 ? n - i : 8;
     alignas(32) float in[8], r[8], routine[8];
-    const __m256 xv = load8<kFloat32>(x, i, c);
+    const __m256 xv = load8<PQ_DTYPE_FLOAT32>(x, i, c);
     __m256 rest;
     __m256 res = sqrt8(xv, mode, rest);
     if (_mm256_movemask_ps(rest)) {
@@ -288,7 +176,7 @@ static inline void sqrt_block(const float* x, float* out, int64_t n, int mode, p
 
 // ---- Adam ----
 
-// Touching the data a few blocks ahead hides memory latency (see simd_avx512.h).
+// Touching the data a few blocks ahead hides memory latency (see blockwise_avx512.h).
 constexpr int64_t kPrefetchBlocks = 2;
 
 PQ_INLINE void prefetch_block(const pq_adam_tensor& t, int64_t start, int64_t param_bytes, int64_t grad_bytes,
@@ -310,7 +198,7 @@ struct AdamTables {
 
 struct AdamVectors {
   __m256 beta1, one_minus_beta1, beta2, one_minus_beta2, eps, eps_c2, c2, step_size, decay, inv_grad_scale;
-  explicit AdamVectors(const AdamConstants& k)
+  explicit AdamVectors(const pq_adam_constants& k)
       : beta1(_mm256_set1_ps(k.beta1)), one_minus_beta1(_mm256_set1_ps(k.one_minus_beta1)),
         beta2(_mm256_set1_ps(k.beta2)), one_minus_beta2(_mm256_set1_ps(k.one_minus_beta2)),
         eps(_mm256_set1_ps(k.eps)), eps_c2(_mm256_set1_ps(k.eps_c2)), c2(_mm256_set1_ps(k.c2)),
@@ -318,12 +206,12 @@ struct AdamVectors {
         inv_grad_scale(_mm256_set1_ps(k.inv_grad_scale)) {}
 };
 
-// unscaled_grad, lane by lane (always applied, see simd_avx512.h).
+// unscaled_grad, lane by lane (always applied, see blockwise_avx512.h).
 template <int GDT>
 PQ_INLINE __m256 unscaled8(const AdamVectors& k, __m256 g) {
   const __m256 x = _mm256_mul_ps(g, k.inv_grad_scale);
-  if constexpr (GDT == kFloat16) return widen8<GDT>(to_half8(x));
-  if constexpr (GDT == kBFloat16) return widen8<GDT>(to_bf16_8(x));
+  if constexpr (GDT == PQ_DTYPE_FLOAT16) return widen8<GDT>(to_half8(x));
+  if constexpr (GDT == PQ_DTYPE_BFLOAT16) return widen8<GDT>(to_bf16_8(x));
   return x;
 }
 
@@ -347,7 +235,7 @@ PQ_INLINE __m256 nonfinite8(__m256 g) {  // all-ones where the exponent is all o
   return _mm256_castsi256_ps(_mm256_cmpeq_epi32(e, _mm256_set1_epi32(0x7F800000)));
 }
 
-// Parameter updates left for after a block's main loop (see simd_avx512.h).
+// Parameter updates left for after a block's main loop (see blockwise_avx512.h).
 template <int PDT, bool EightBit>
 static inline void finish_deferred(const pq_adam_tensor& t, int64_t start, int64_t len, const AdamVectors& k,
                                    const float* m, const float* v, const __m256* later, pq_vsqrt_fn fn) {
@@ -358,12 +246,12 @@ static inline void finish_deferred(const pq_adam_tensor& t, int64_t start, int64
     if (!_mm256_movemask_ps(later[j / 8])) continue;
     const int64_t n = len - j < 8 ? len - j : 8;
     const __m256 p = load8<PDT>(t.param, start + j, n);
-    const __m256 mj = load8<kFloat32>(m, j, n), rj = load8<kFloat32>(root, j, n);
+    const __m256 mj = load8<PQ_DTYPE_FLOAT32>(m, j, n), rj = load8<PQ_DTYPE_FLOAT32>(root, j, n);
     store8<PDT>(t.param, start + j, n, EightBit ? param8(k, p, mj, rj) : param32(k, p, mj, rj), later[j / 8]);
   }
 }
 
-// NONFINITE and SQRT_MODE are template parameters for the reason given in simd_avx512.h.
+// NONFINITE and SQRT_MODE are template parameters for the reason given in blockwise_avx512.h.
 template <int PDT, int GDT, int NONFINITE, int SQRT_MODE, class Len>
 PQ_INLINE int64_t adam_block_8bit_impl(const pq_adam_tensor& t, int64_t start, Len len, const AdamTables& tab,
                                            pq_vsqrt_fn fn) {
@@ -375,7 +263,7 @@ PQ_INLINE int64_t adam_block_8bit_impl(const pq_adam_tensor& t, int64_t start, L
   uint8_t* q2 = (uint8_t*)t.state2 + start;
   const int64_t b = start / kOptimizerBlock;
   const __m256 a1 = _mm256_set1_ps(t.absmax1[b]), a2 = _mm256_set1_ps(t.absmax2[b]);
-  prefetch_block(t, start, elem_size<PDT>(), elem_size<GDT>(), 1);
+  prefetch_block(t, start, elem_size(PDT), elem_size(GDT), 1);
   __m256 amax1 = _mm256_setzero_ps(), amax2 = _mm256_setzero_ps();
   int64_t bad = 0;
   for (int64_t j = 0; j < len; j += 8) {
@@ -412,8 +300,8 @@ PQ_INLINE int64_t adam_block_8bit_impl(const pq_adam_tensor& t, int64_t start, L
   const float new_a1 = hmax8(amax1), new_a2 = hmax8(amax2);
   t.absmax1[b] = new_a1;
   t.absmax2[b] = new_a2;
-  quantize_values<kFloat32>(m, 0, len, new_a1, tab.quant1, q1);
-  quantize_values<kFloat32>(v, 0, len, new_a2, tab.quant2, q2);
+  quantize_values<PQ_DTYPE_FLOAT32>(m, 0, len, new_a1, tab.quant1, q1);
+  quantize_values<PQ_DTYPE_FLOAT32>(v, 0, len, new_a2, tab.quant2, q2);
   return bad;
 }
 
@@ -434,7 +322,7 @@ PQ_INLINE int64_t adam_block_32bit_impl(const pq_adam_tensor& t, int64_t start, 
   const AdamVectors k(t.k);
   float* m = (float*)t.state1 + start;
   float* v = (float*)t.state2 + start;
-  prefetch_block(t, start, elem_size<PDT>(), elem_size<GDT>(), 4);
+  prefetch_block(t, start, elem_size(PDT), elem_size(GDT), 4);
   int64_t bad = 0;
   for (int64_t j = 0; j < len; j += 8) {
     const int64_t n = len - j < 8 ? len - j : 8;
@@ -445,10 +333,10 @@ PQ_INLINE int64_t adam_block_32bit_impl(const pq_adam_tensor& t, int64_t start, 
       bad += __builtin_popcount((unsigned)_mm256_movemask_ps(skip));
       upd = _mm256_andnot_ps(skip, upd);
     }
-    __m256 mi = load8<kFloat32>(m, j, n), vi = load8<kFloat32>(v, j, n);
+    __m256 mi = load8<PQ_DTYPE_FLOAT32>(m, j, n), vi = load8<PQ_DTYPE_FLOAT32>(v, j, n);
     moments8(k, g, mi, vi);
-    store8<kFloat32>(m, j, n, mi, upd);
-    store8<kFloat32>(v, j, n, vi, upd);
+    store8<PQ_DTYPE_FLOAT32>(m, j, n, mi, upd);
+    store8<PQ_DTYPE_FLOAT32>(v, j, n, vi, upd);
     __m256 rest = upd;
     if constexpr (SQRT_MODE != kSqrtCall) {
       const __m256 root = sqrt8(vi, SQRT_MODE, rest);

@@ -1,10 +1,13 @@
-// CPU kernels: OpenMP drivers over blocks around the per-element math of pyquant/blockwise.h.
-// This file is compiled once per instruction set (PQ_ISA = scalar, avx2, avx512, see CMakeLists.txt)
-// into its own namespace; capi.cpp picks one at run time. The avx2 and avx512 builds run the block
-// kernels of simd_avx2.h / simd_avx512.h, which give the same bits as the scalar rules here; the scalar
-// build, and any case those kernels do not cover, runs the rules element by element.
+// CPU kernels of block-wise 8-bit quantisation and of the Adam step (8-bit and float32 states): OpenMP drivers
+// over blocks around the per-element math of pyquant/blockwise.h.
+// This file is compiled once per instruction set (isa.h) into its own namespace; capi.cpp picks one at run
+// time. The avx2 and avx512 builds run the block kernels of blockwise_avx2.h / blockwise_avx512.h, which give
+// the same bits as the scalar rules here; the scalar build, and any case those kernels do not cover, runs the
+// rules element by element.
 // Work is split statically over blocks and no floating-point reduction crosses a block, so results are
 // the same for any number of threads.
+#include "isa.h"
+
 #include <omp.h>
 #include <string.h>
 
@@ -13,23 +16,14 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_sqrt.h"
 #include "pyquant/blockwise.h"
 #include "pyquant/capi.h"
 
-#define PQ_CAT2(a, b) a##b
-#define PQ_CAT(a, b) PQ_CAT2(a, b)
-#define PQ_NS PQ_CAT(pq_, PQ_ISA)
-
-#include "cpu_sqrt.h"
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
-#define PQ_VECTOR 1
-#include "simd_avx512.h"
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define PQ_VECTOR 1
-#include "simd_avx2.h"
-#else
-#define PQ_VECTOR 0
+#if PQ_AVX512
+#include "blockwise_avx512.h"
+#elif PQ_AVX2
+#include "blockwise_avx2.h"
 #endif
 
 namespace PQ_NS {
@@ -57,7 +51,7 @@ static inline float block_absmax(const float* x, int64_t len) {
 static inline void quantize_block(const void* x, int32_t dtype, int64_t start, int64_t len, const uint8_t* table,
                                   uint8_t* q, float* absmax, float* buf) {
   const float* xb;
-  if (dtype == kFloat32) {
+  if (dtype == PQ_DTYPE_FLOAT32) {
     xb = (const float*)x + start;
   } else {
     for (int64_t i = 0; i < len; ++i) buf[i] = load_as_float(x, start + i, dtype);
@@ -70,7 +64,7 @@ static inline void quantize_block(const void* x, int32_t dtype, int64_t start, i
 
 static inline void dequantize_block(const uint8_t* q, float a, int64_t start, int64_t len, const float* code,
                                     void* out, int32_t dtype) {
-  if (dtype == kFloat32) {
+  if (dtype == PQ_DTYPE_FLOAT32) {
     float* o = (float*)out + start;
     for (int64_t i = 0; i < len; ++i) o[i] = code[q[start + i]] * a;
   } else {
@@ -154,12 +148,12 @@ static inline int64_t adam_block_32bit(const pq_adam_tensor& t, int64_t start, i
 template <class F>
 static inline auto with_dtype(int32_t dtype, F&& f) {
   switch (dtype) {
-    case kFloat16:
-      return f(std::integral_constant<int, kFloat16>());
-    case kBFloat16:
-      return f(std::integral_constant<int, kBFloat16>());
+    case PQ_DTYPE_FLOAT16:
+      return f(std::integral_constant<int, PQ_DTYPE_FLOAT16>());
+    case PQ_DTYPE_BFLOAT16:
+      return f(std::integral_constant<int, PQ_DTYPE_BFLOAT16>());
     default:
-      return f(std::integral_constant<int, kFloat32>());
+      return f(std::integral_constant<int, PQ_DTYPE_FLOAT32>());
   }
 }
 
@@ -170,7 +164,7 @@ static inline void thread_range(int64_t total, int64_t& lo, int64_t& hi) {
   hi = total * (id + 1) / threads;
 }
 
-#if PQ_VECTOR
+#if PQ_SIMD
 // Is the SIMD emulation of torch's CPU sqrt (cpu_sqrt.h) bit-identical to `fn`? Probes every rsqrtps table
 // entry (its approximation depends on the exponent's parity and the top 12 mantissa bits), random values
 // over the whole range, and the special values.
@@ -203,7 +197,7 @@ static bool sqrt_emulation_matches(pq_vsqrt_fn fn) {
 // checked against the installed routine, else the routine itself, once per block.
 static int choose_sqrt_mode(pq_vsqrt_fn fn) {
   if (fn == nullptr) return kSqrtIeee;
-#if PQ_VECTOR
+#if PQ_SIMD
   static std::mutex lock;
   static pq_vsqrt_fn checked = nullptr;
   static bool emulation_matches = false;
@@ -224,7 +218,7 @@ void quantize_blockwise(const void* x, int32_t dtype, int64_t n, int64_t blocksi
                         uint8_t* q, float* absmax) {
   const int64_t blocks = block_count(n, blocksize);
   if (blocks == 0) return;
-#if PQ_VECTOR
+#if PQ_SIMD
   vec::QuantTable quant;
   if (vec::prepare_quant(table, quant)) {
     with_dtype(dtype, [&](auto d) {
@@ -240,7 +234,8 @@ void quantize_blockwise(const void* x, int32_t dtype, int64_t n, int64_t blocksi
 #endif
 #pragma omp parallel
   {
-    std::vector<float> buf(dtype == kFloat32 ? 0 : (size_t)std::min(blocksize, n));  // no more than one block holds
+    // no more than one block holds
+    std::vector<float> buf(dtype == PQ_DTYPE_FLOAT32 ? 0 : (size_t)std::min(blocksize, n));
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t start = b * blocksize;
@@ -249,18 +244,18 @@ void quantize_blockwise(const void* x, int32_t dtype, int64_t n, int64_t blocksi
   }
 }
 
-#if PQ_VECTOR
+#if PQ_SIMD
 constexpr int64_t kStreamingBytes = (int64_t)32 << 20;  // the last-level cache of this class of CPU
 #endif
 
 void dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n,
                           int64_t blocksize, void* out, int32_t dtype) {
   const int64_t blocks = block_count(n, blocksize);
-#if PQ_VECTOR
+#if PQ_SIMD
   vec::DequantTable deq;
   vec::prepare_dequant(code, deq);
-  // An output much larger than the last-level cache goes out with non-temporal stores (simd_avx512.h).
-  const int64_t out_bytes = n * (dtype == kFloat32 ? 4 : 2);
+  // An output much larger than the last-level cache goes out with non-temporal stores (blockwise_avx512.h).
+  const int64_t out_bytes = n * elem_size(dtype);
   const bool streaming = vec::kStreamingDequant && blocksize == kOptimizerBlock && out_bytes >= kStreamingBytes &&
                          ((uintptr_t)out & 63) == 0;
   with_dtype(dtype, [&](auto d) {
@@ -295,7 +290,7 @@ struct AdamCall {
   int32_t nonfinite;
   int sqrt_mode;
   pq_vsqrt_fn fn;
-#if PQ_VECTOR
+#if PQ_SIMD
   bool vector;  // the tables suit the SIMD kernels
   vec::AdamTables tables;
 #endif
@@ -315,10 +310,10 @@ static inline auto with_value(int value, F&& f) {
 
 // Blocks [b0, b1) of one tensor.
 static int64_t adam_blocks(const pq_adam_tensor& t, int64_t b0, int64_t b1, const AdamCall& c) {
-#if PQ_VECTOR
+#if PQ_SIMD
   if (c.vector) {
-    return with_value<kFloat32, kFloat16, kBFloat16>(t.param_dtype, [&](auto p) {
-      return with_value<kFloat32, kFloat16, kBFloat16>(t.grad_dtype, [&](auto g) {
+    return with_value<PQ_DTYPE_FLOAT32, PQ_DTYPE_FLOAT16, PQ_DTYPE_BFLOAT16>(t.param_dtype, [&](auto p) {
+      return with_value<PQ_DTYPE_FLOAT32, PQ_DTYPE_FLOAT16, PQ_DTYPE_BFLOAT16>(t.grad_dtype, [&](auto g) {
         return with_value<kSkipElement, kPropagate>(c.nonfinite, [&](auto nf) {
           return with_value<kSqrtEmulated, kSqrtIeee, kSqrtCall>(c.sqrt_mode, [&](auto sm) {
             constexpr int PDT = decltype(p)::value, GDT = decltype(g)::value;
@@ -369,7 +364,7 @@ int64_t adam_step(const pq_adam_tensor* tensors, int32_t count, const float* cod
   c.nonfinite = nonfinite;
   c.fn = pq_cpu_sqrt;
   c.sqrt_mode = choose_sqrt_mode(c.fn);
-#if PQ_VECTOR
+#if PQ_SIMD
   c.vector = vec::prepare_quant(table1, c.tables.quant1) && vec::prepare_quant(table2, c.tables.quant2);
   vec::prepare_dequant(code1, c.tables.deq1);
   vec::prepare_dequant(code2, c.tables.deq2);

@@ -1,7 +1,7 @@
 """The data-selection study in one command: run the ``subsets`` preset, then write the harness's report and this
 study's table and plots.
 
-    python -m pyquant.subsets.study --report-dir docs/results/subsets
+    python -m pyquant.experiment.subset_study --report-dir docs/results/subsets
 
 Finished runs are skipped (the harness resumes), so a second call only redraws. Writes, next to the harness's
 table.md / radar plots: ``subsets.md`` and ``subsets.csv`` (one row per setting: mean ± std over seeds),
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     from pyquant.experiment import config, runner
     from pyquant.experiment.report import build_report
 
-    parser = argparse.ArgumentParser(prog="python -m pyquant.subsets.study", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pyquant.experiment.subset_study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="subsets", help="preset or config file (default: subsets)")
     parser.add_argument("--out", help="runs folder (default: the preset's, runs/subsets)")
     parser.add_argument("--report-dir", help="where the tables and plots go (default: <out>/report)")
