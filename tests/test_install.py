@@ -64,12 +64,12 @@ CHECK = textwrap.dedent(
             with contextlib.redirect_stderr(io.StringIO()) as said:
                 import bitsandbytes
             out["bitsandbytes"] = said.getvalue()
-    import pyquant, pyquant.kernels, pyquant._native
+    import pyquant, pyquant.kernels, pyquant.backends.capi
     out["pyquant"] = pyquant.__file__
     out["pyquant_path"] = list(pyquant.__path__)
     out["kernels_file"] = pyquant.kernels.__file__
     out["nested"] = {n: importlib.util.find_spec("pyquant." + n) is not None for n in ("pyquant",) + %r[1:]}
-    out["lib"] = [str(d) for d in pyquant._native._candidate_dirs() if (d / %r).is_file()]
+    out["lib"] = [str(d) for d in pyquant.backends.capi._candidate_dirs() if (d / %r).is_file()]
     out["probes"] = {}
     for name in ("pyquant", "pyquant.kernels", "pyquant._install_probe", "pyquant.kernels._install_probe"):
         try:
