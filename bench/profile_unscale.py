@@ -8,8 +8,6 @@ the two GradScalers' `unscale_` on 364 one-element gradients (their Python and d
 """
 
 import ctypes
-import statistics
-import time
 
 import timm
 import torch
@@ -17,6 +15,7 @@ import torch
 import pyquant.amp as amp
 from pyquant._contract import DTYPE_CODES
 from pyquant.backends.cpu.amp import unscale_ as unscale_cpu
+from timing import median_time  # bench/ is the script's folder, so on sys.path
 
 torch.manual_seed(0)
 params = list(timm.create_model("densenet121", pretrained=False).parameters())
@@ -24,16 +23,6 @@ grads = [torch.randn(p.shape) for p in params]
 # Not a power of two, and close to 1: every element is rewritten, and repeated calls never reach subnormals.
 inv_scale, found_inf = torch.tensor(1.0 + 2.0**-23), torch.zeros(())
 one_tensor = [torch.cat([g.flatten() for g in grads])]
-
-
-def median_ms(fn, calls: int = 200) -> float:
-    fn()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def collect_arrays():  # what unscale_cpu does in Python before the C call
@@ -70,4 +59,4 @@ for name, fn in [
     (f"pyquant GradScaler.unscale_, {len(tiny)} x 1", scaler_unscale(amp.GradScaler, tiny)),
     (f"torch GradScaler.unscale_, {len(tiny)} x 1", scaler_unscale(torch.amp.GradScaler, tiny)),
 ]:
-    print(f"{name:40s} {median_ms(fn):.3f} ms")
+    print(f"{name:40s} {1e3 * median_time(fn, 200):.3f} ms")

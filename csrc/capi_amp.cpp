@@ -1,4 +1,4 @@
-// C ABI of gradient unscaling (csrc/cpu/amp.cpp), loaded by pyquant/amp.py.
+// C ABI of gradient unscaling (csrc/cpu/amp.cpp), bound in pyquant/backends/capi.py.
 #include "pyquant/capi.h"
 
 #include <stdint.h>

@@ -1,4 +1,4 @@
-// C ABI of the half-precision matrix multiply (csrc/cpu/gemm.cpp), loaded by pyquant/ops/matmul.py.
+// C ABI of the half-precision matrix multiply (csrc/cpu/gemm.cpp), bound in pyquant/backends/capi.py.
 #include "pyquant/capi.h"
 
 #include <stdint.h>

@@ -1,5 +1,5 @@
 // C ABI of the fused low-rank convolution (csrc/cpu/lowrank_conv_forward.cpp, csrc/cpu/lowrank_conv_weight_grad.cpp);
-// pyquant/ops/lowrank_conv.py loads it.
+// bound in pyquant/backends/capi.py.
 #include "pyquant/capi.h"
 
 #include <stdint.h>

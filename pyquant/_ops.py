@@ -18,6 +18,8 @@ from pyquant import _autograd, backends
 from pyquant._nvtx import kernel_range
 from pyquant._shapes import conv_output_size, im2col_shape, lowrank_shape, matmul_shape
 
+Tensor, Ints = torch.Tensor, Sequence[int]  # short names for the signatures below (torch.library reads them)
+
 
 def run_kernel(name: str, device_type: str, *args):
     """The selected backend's kernel for op `name`, inside the op's NVTX range."""
@@ -141,14 +143,8 @@ def _(x, other, bias, bias_dim, geometry, columns_first, out_dtype):
 # ---- the fused low-rank convolution (docs/compress.md) ----
 @torch.library.custom_op("pyquant::lowrank_conv2d", mutates_args=())
 def lowrank_conv2d(
-    x: torch.Tensor,
-    w1: torch.Tensor,
-    w2: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-) -> torch.Tensor:
+    x: Tensor, w1: Tensor, w2: Tensor, bias: Optional[Tensor], stride: Ints, padding: Ints, dilation: Ints
+) -> Tensor:
     """conv2d(conv2d(x, w1, None, stride, padding, dilation), w2 [O, R] as 1 x 1, bias), float32 accumulation,
     one rounding. Inference: its backward recomputes the intermediate."""
     return _autograd.lowrank_forward(x, w1, w2, bias, stride, padding, dilation, False)[0]
@@ -161,14 +157,8 @@ def _(x, w1, w2, bias, stride, padding, dilation):
 
 @torch.library.custom_op("pyquant::lowrank_conv2d_train", mutates_args=())
 def lowrank_conv2d_train(
-    x: torch.Tensor,
-    w1: torch.Tensor,
-    w2: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: Tensor, w1: Tensor, w2: Tensor, bias: Optional[Tensor], stride: Ints, padding: Ints, dilation: Ints
+) -> tuple[Tensor, Tensor]:
     """(y, t): lowrank_conv2d that also writes the intermediate t [N, R, Ho, Wo] for the backward."""
     return _autograd.lowrank_forward(x, w1, w2, bias, stride, padding, dilation, True)
 

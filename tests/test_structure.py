@@ -13,7 +13,7 @@ inside functions alike (a function-level import is a cycle that has only been po
 The rules:
 (a) no import cycle among pyquant's modules;
 (b) no cycle among pyquant's units: a unit is a subpackage (pyquant.experiment, pyquant.data, ...) or a top-level
-    module (pyquant.amp, pyquant._native, ...); two units that import each other are the shortest such cycle;
+    module (pyquant.amp, pyquant.backends.capi, ...); two units that import each other are the shortest such cycle;
 (c) pyquant.data and pyquant.subsets never import pyquant.experiment, directly or through other modules.
 A failure names each cycle (or path) with the file and line of every import in it.
 """

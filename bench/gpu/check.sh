@@ -80,7 +80,7 @@ setup_gpu() {
   PYQUANT_CUDA=ON CMAKE_ARGS="-DPYQUANT_CUDA_ARCHS=$arch" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
     "$python" -m pip wheel -q --no-deps --no-build-isolation --no-index -w "$work/wheel" . || return 1
   "$python" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" "$work"/wheel/pyquant-*.whl || return 1
-  PYTHONPATH="$site" "$python" -P -c 'import pyquant, pyquant._native as n; print("pyquant from", pyquant.__file__); assert n.cuda_library() is not None, "no CUDA library"'
+  PYTHONPATH="$site" "$python" -P -c 'import pyquant, pyquant.backends.capi as n; print("pyquant from", pyquant.__file__); assert n.cuda_library() is not None, "no CUDA library"'
 }
 
 setup_smoke() {

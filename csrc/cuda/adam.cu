@@ -6,7 +6,7 @@ using namespace pq_cuda;
 
 constexpr int kAdamThreads = kOptimizerBlock;   // one thread per element of a 256-element state block
 static_assert(kAdamThreads % kWarp == 0 && kAdamThreads <= 1024, "bad Adam block shape");
-// pyquant/_cuda.py packs ctypes mirrors of pq_adam_tensor (pyquant._native.AdamTensor) back to back, then the
+// pyquant/backends/cuda/optimizer.py packs ctypes mirrors of pq_adam_tensor (backends/capi.py AdamTensor) back to back, then the
 // int64 first-block array at the next multiple of 8 bytes.
 static_assert(alignof(pq_adam_tensor) == 8 && sizeof(pq_adam_tensor) % 8 == 0, "pq_adam_tensor layout changed");
 

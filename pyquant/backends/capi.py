@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from pyquant._contract import DTYPE_CODES, FLOAT_DTYPES, ISA_NAMES, OPTIMIZER_BLOCK, blocks_of
+from pyquant._contract import CONSTANT_FIELDS, DTYPE_CODES, FLOAT_DTYPES, ISA_NAMES, OPTIMIZER_BLOCK, blocks_of
 
 ABI_VERSION = 5  # PQ_ABI_VERSION of capi.h, which everything below mirrors
 INVALID_ARGUMENT = 2  # PQ_INVALID_ARGUMENT of capi.h
@@ -27,20 +27,9 @@ REBUILD = "pip install -e ."  # what rebuilds the libraries of a checkout (READM
 
 
 class AdamConstants(ctypes.Structure):
-    """Mirror of pq_adam_constants (capi.h); field order: _contract.CONSTANT_FIELDS."""
+    """Mirror of pq_adam_constants (capi.h): one float per name of _contract.CONSTANT_FIELDS, in that order."""
 
-    _fields_ = [
-        ("beta1", ctypes.c_float),
-        ("one_minus_beta1", ctypes.c_float),
-        ("beta2", ctypes.c_float),
-        ("one_minus_beta2", ctypes.c_float),
-        ("eps", ctypes.c_float),
-        ("eps_c2", ctypes.c_float),
-        ("c2", ctypes.c_float),
-        ("step_size", ctypes.c_float),
-        ("decay", ctypes.c_float),
-        ("inv_grad_scale", ctypes.c_float),
-    ]
+    _fields_ = [(name, ctypes.c_float) for name in CONSTANT_FIELDS]
 
 
 class AdamTensor(ctypes.Structure):

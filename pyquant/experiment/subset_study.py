@@ -90,6 +90,21 @@ def _plt():
     return plt
 
 
+def _label(ax, xlabel: str, ylabel: str, title: str, title_size: int) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=title_size)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    _plt().close(fig)
+    return path
+
+
 def _by_method(rows: list[dict]) -> dict:
     """Per selection method, its rows plus the all-data row (the 100 % point every curve shares)."""
     plain = [r for r in rows if not r["importance_sampling"] and r["budget_s"] is None]
@@ -111,10 +126,7 @@ def plot_fraction(rows: list[dict], path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("Accuracy against data fraction (mean ± std over seeds)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_time(rows: list[dict], path: Path) -> Path:
@@ -126,15 +138,8 @@ def plot_time(rows: list[dict], path: Path) -> Path:
         for r in rs:
             ax.annotate(f"{r['fraction']:.0%}", (r["total_s"], r["auc"]), fontsize=7, textcoords="offset points",
                         xytext=(4, 4))
-    ax.set_xlabel("selection + training wall-clock (s)")
-    ax.set_ylabel("test AUC")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("Accuracy against time (mean ± std over seeds)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    _label(ax, "selection + training wall-clock (s)", "test AUC", "Accuracy against time (mean ± std over seeds)", 10)
+    return _save(fig, path)
 
 
 def plot_importance(records: list[dict], path: Path) -> Path | None:
@@ -157,15 +162,9 @@ def plot_importance(records: list[dict], path: Path) -> Path | None:
                 label=name if first else None)
     for budget in sorted({get_setting(r["config"]["setting"]).time_budget_s for r in budgeted}):
         ax.axvline(budget, color="grey", linestyle=":")
-    ax.set_xlabel("wall-clock since the start of training (s)")
-    ax.set_ylabel("validation AUC")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("Importance sampling against uniform batches at equal budgets (dotted; one line per seed)", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    _label(ax, "wall-clock since the start of training (s)", "validation AUC",
+           "Importance sampling against uniform batches at equal budgets (dotted; one line per seed)", 8)
+    return _save(fig, path)
 
 
 def write_report(runs_dir: str | Path, out_dir: str | Path) -> list[Path]:

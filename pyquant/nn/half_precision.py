@@ -66,6 +66,19 @@ def _check_impl(impl: str) -> str:
     return impl
 
 
+def _take_parameters(layer: nn.Module, source: nn.Module, dtype: torch.dtype, impl: str) -> nn.Module:
+    """`layer` with copies of `source`'s weight and bias rounded to `dtype` (requires_grad and train mode kept)."""
+    _check_dtype(dtype)
+    layer.weight = nn.Parameter(source.weight.detach().to(dtype).clone(), requires_grad=source.weight.requires_grad)
+    if source.bias is not None:
+        layer.bias = nn.Parameter(source.bias.detach().to(dtype).clone(), requires_grad=source.bias.requires_grad)
+    else:
+        layer.register_parameter("bias", None)
+    layer.impl = _check_impl(impl)
+    layer.train(source.training)
+    return layer
+
+
 def _pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
@@ -201,16 +214,7 @@ class Linear16(nn.Linear):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
-        layer.weight = nn.Parameter(
-            linear.weight.detach().to(_check_dtype(dtype)).clone(), requires_grad=linear.weight.requires_grad
-        )
-        if linear.bias is not None:
-            layer.bias = nn.Parameter(linear.bias.detach().to(dtype).clone(), requires_grad=linear.bias.requires_grad)
-        else:
-            layer.register_parameter("bias", None)
-        layer.impl = _check_impl(impl)
-        layer.train(linear.training)
-        return layer
+        return _take_parameters(layer, linear, dtype, impl)
 
     def _use_torch(self, x: torch.Tensor) -> bool:
         if self.impl != "auto":
@@ -295,16 +299,7 @@ class Conv2d16(nn.Conv2d):
                      "output_padding", "groups", "padding_mode", "_reversed_padding_repeated_twice"):
             setattr(layer, name, getattr(conv, name))
         layer._check_supported()
-        layer.weight = nn.Parameter(
-            conv.weight.detach().to(_check_dtype(dtype)).clone(), requires_grad=conv.weight.requires_grad
-        )
-        if conv.bias is not None:
-            layer.bias = nn.Parameter(conv.bias.detach().to(dtype).clone(), requires_grad=conv.bias.requires_grad)
-        else:
-            layer.register_parameter("bias", None)
-        layer.impl = _check_impl(impl)
-        layer.train(conv.training)
-        return layer
+        return _take_parameters(layer, conv, dtype, impl)
 
     def _pyquant(self, x: torch.Tensor, weight, bias, out_dtype) -> torch.Tensor:
         geometry = (self.kernel_size, self.stride, tuple(self.padding), self.dilation)

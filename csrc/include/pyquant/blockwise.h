@@ -1,7 +1,7 @@
 // Per-element math of block-wise 8-bit quantisation and of the Adam step with 8-bit states.
 //
 // Written once, compiled for the host (the C++ CPU library) and, under nvcc, for the device (the CUDA
-// library). The Python reference (pyquant/_reference.py) and the Triton kernels follow the same rules;
+// library). The Python reference (pyquant/backends/reference/) and the Triton kernels follow the same rules;
 // docs/numerics.md states them. Every operation below is one IEEE float32 operation, in the order
 // written: the build forbids fp contraction (-ffp-contract=off, nvcc --fmad=false) and fast math,
 // and fmaf() appears exactly where the contract asks for a fused multiply-add.
