@@ -66,6 +66,15 @@ def _check_impl(impl: str) -> str:
     return impl
 
 
+def _unfilled(cls: type, source: nn.Module, expected: type, method: str) -> nn.Module:
+    """A `cls` layer with nn.Module's state and nothing else, for `method` to fill from `source`."""
+    if not isinstance(source, expected):
+        raise TypeError(f"{method} expects an nn.{expected.__name__}, got {type(source).__name__}")
+    layer = cls.__new__(cls)
+    nn.Module.__init__(layer)
+    return layer
+
+
 def _take_parameters(layer: nn.Module, source: nn.Module, dtype: torch.dtype, impl: str) -> nn.Module:
     """`layer` with copies of `source`'s weight and bias rounded to `dtype` (requires_grad and train mode kept)."""
     _check_dtype(dtype)
@@ -209,10 +218,7 @@ class Linear16(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, dtype: torch.dtype = torch.float16, impl: str = "pyquant") -> "Linear16":
         """A Linear16 holding `linear`'s weight and bias rounded to `dtype` (requires_grad kept)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
+        layer = _unfilled(cls, linear, nn.Linear, "from_linear")
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
         return _take_parameters(layer, linear, dtype, impl)
 
@@ -291,10 +297,7 @@ class Conv2d16(nn.Conv2d):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, dtype: torch.dtype = torch.float16, impl: str = "pyquant") -> "Conv2d16":
         """A Conv2d16 holding `conv`'s weight and bias rounded to `dtype`."""
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"from_conv expects an nn.Conv2d, got {type(conv).__name__}")
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
+        layer = _unfilled(cls, conv, nn.Conv2d, "from_conv")
         for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",
                      "output_padding", "groups", "padding_mode", "_reversed_padding_repeated_twice"):
             setattr(layer, name, getattr(conv, name))
