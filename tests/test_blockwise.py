@@ -1,6 +1,18 @@
-"""Block-wise quantisation: bits against bitsandbytes and across pyquant's CPU backends; errors."""
+"""Block-wise quantisation (quantize / dequantize, code tables, dynamic maps) on every backend.
+
+- the public API and the CPU backends (reference, cpu): bits against bitsandbytes and against each other; errors;
+- the triton backend (pyquant.kernels) against the reference and cpu backends, bit for bit: without a GPU the
+  kernels run on CPU tensors through Triton's interpreter (the `triton` mark, tests/conftest.py); sizes are small
+  there, the interpreter is slow;
+- the cuda backend (csrc/cuda) against the cpu backend, bit for bit (skipped with "needs a CUDA device" without one).
+
+"Bit equality" is exact, except between backends (triton, cuda): NaN payloads and signs are not part of the
+contract (torch's own float32 -> bfloat16 rounding turns every NaN into 0xFFFF, blockwise.h keeps the sign, x86
+propagates an input NaN's payload, GPUs produce a canonical NaN), so there NaNs are compared by position only.
+"""
 
 import hashlib
+import math
 import os
 import subprocess
 import sys
@@ -15,22 +27,20 @@ import pyquant.functional as F
 from pyquant import _maps, backends
 from pyquant.backends.reference import blockwise as reference
 
-bnbF = pytest.importorskip("bitsandbytes.functional")
+from conftest import (
+    CPU_BACKENDS, HAVE_CPU_LIBRARY, TRITON_DEVICE, TRITON_PEERS, assert_same_bits, special_values,
+)
 
-CPU_BACKENDS = ["reference"] + (["cpu"] if backends.available("cpu", "cpu") else [])
+try:
+    import bitsandbytes.functional as bnbF
+except ImportError:  # pragma: no cover - depends on the environment
+    bnbF = None
+needs_bitsandbytes = pytest.mark.skipif(bnbF is None, reason="bitsandbytes is not installed")
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({4: torch.int32, 2: torch.int16, 1: torch.uint8}[t.element_size()])
-
-
-def assert_same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
-    assert a.dtype == b.dtype and a.shape == b.shape
-    assert torch.equal(bits(a), bits(b)), f"{int((bits(a) != bits(b)).sum())} elements differ"
-
-
-def special_values(n: int, seed: int = 0) -> torch.Tensor:
+def special_float32(n: int, seed: int = 0) -> torch.Tensor:
     """Normal, tiny, huge and subnormal values, zeros, an all-zero block, NaN and +-inf."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=g)
@@ -43,6 +53,8 @@ def special_values(n: int, seed: int = 0) -> torch.Tensor:
     return x
 
 
+# ---- the public API and the CPU backends ----
+@needs_bitsandbytes
 def test_dynamic_maps_match_bitsandbytes_and_stored_hashes():
     for signed, digest in ((True, _maps.SIGNED_SHA256), (False, _maps.UNSIGNED_SHA256)):
         code = F.create_dynamic_map(signed)
@@ -69,11 +81,12 @@ def test_dynamic_map_construction_rule_reproduces_the_stored_bits():
         assert_same_bits(built, F.create_dynamic_map(signed))
 
 
+@needs_bitsandbytes
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("blocksize", [64, 128, 256, 512, 1024, 2048, 4096])
 def test_quantize_and_dequantize_match_bitsandbytes(backend, dtype, blocksize):
-    x = special_values(20_011).to(dtype)  # not a multiple of any block size: partial last block
+    x = special_float32(20_011).to(dtype)  # not a multiple of any block size: partial last block
     qb, state = bnbF.quantize_blockwise(x, blocksize=blocksize)
     with pyquant.use_backend(backend):
         q, absmax = F.quantize_blockwise(x, blocksize=blocksize)
@@ -144,6 +157,7 @@ def test_large_dequantize_takes_the_streaming_path_with_the_same_bits(dtype):
 
 
 
+@needs_bitsandbytes
 @settings(max_examples=60, deadline=None)
 @given(
     values=st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True), min_size=1, max_size=700),
@@ -248,3 +262,224 @@ def test_every_kernel_launch_sits_in_a_named_nvtx_range(nvtx_names):
         ("pyquant::dequantize_blockwise", "pyquant"),
         ("pyquant::adam_step", "pyquant"),
     ]
+
+
+# ---- the triton backend against the reference and cpu backends ----
+TRITON_BLOCKSIZES = (64, 256, 100, 4096, 5000)  # 5000 > the kernel's 4096-column tile: the chunked path
+
+
+def special_input(n: int, blocksize: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Random values with NaN, +-inf, subnormals, zeros, an all-zero block, huge values and tiny blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=gen) * torch.exp(torch.randn(n, generator=gen) * 3)
+    finfo = torch.finfo(dtype)
+    nb = -(-n // blocksize)
+    x[3] = float("nan")
+    x[blocksize + 1] = float("inf")  # block 1 has absmax inf
+    x[blocksize + 2] = -float("inf")
+    x[blocksize + 5] = float("nan")
+    x[7] = finfo.tiny / 4  # subnormal
+    x[8] = -finfo.tiny / 8
+    x[9] = 0.0
+    x[10] = -0.0
+    x[11] = finfo.max  # huge
+    if nb >= 3:
+        x[2 * blocksize : 3 * blocksize] = 0.0  # an all-zero block
+        x[2 * blocksize + 1] = -0.0
+    if nb >= 4:
+        size = min(n, 4 * blocksize) - 3 * blocksize
+        x[3 * blocksize : 3 * blocksize + size] = torch.randn(size, generator=gen) * finfo.tiny / 16  # subnormal absmax
+        x[3 * blocksize + 2] = float("nan")
+    x[-1] = -finfo.max
+    return x.to(dtype)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("signed", (True, False), ids=("signed", "unsigned"))
+def test_code_table_bits(signed):
+    code = F.create_dynamic_map(signed)
+    table = backends.lookup("code_table", "triton")(code.to(TRITON_DEVICE))
+    assert table.dtype == torch.uint8 and table.shape == (65536,)
+    assert_same_bits(table, reference.code_table(code), "code table vs reference", nan_blind=True)
+    if HAVE_CPU_LIBRARY:
+        assert_same_bits(table, backends.lookup("code_table", "cpu")(code), "code table vs cpu", nan_blind=True)
+    # a code with ties and equal neighbours: ties go to the lower index
+    odd = torch.linspace(-1, 1, 256)
+    odd[100:110] = odd[100]
+    assert_same_bits(backends.lookup("code_table", "triton")(odd.to(TRITON_DEVICE)), reference.code_table(odd),
+                     "tied code vs reference", nan_blind=True)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("blocksize", TRITON_BLOCKSIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_quantize_blockwise_bits(dtype, blocksize):
+    n = 4 * blocksize + 37 if blocksize < 4096 else blocksize + 123  # a partial last block
+    x = special_input(n, blocksize, dtype, seed=blocksize)
+    code = F.create_dynamic_map(True)
+    q, absmax = backends.lookup("quantize_blockwise", "triton")(x.to(TRITON_DEVICE), code.to(TRITON_DEVICE), blocksize)
+    assert q.dtype == torch.uint8 and q.shape == x.shape and absmax.shape == (-(-n // blocksize),)
+    for name, dev in TRITON_PEERS:
+        with pyquant.use_backend(name):
+            q_e, absmax_e = F.quantize_blockwise(x.to(dev), code.to(dev), blocksize)
+        assert_same_bits(absmax, absmax_e, f"absmax vs {name}", nan_blind=True)
+        assert_same_bits(q, q_e, f"codes vs {name}", nan_blind=True)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_quantize_unsigned_map_and_2d_shape(dtype):
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.rand(37, 29, generator=gen) * 1e-3).to(dtype)
+    x[0, :5] = 0.0
+    code = F.create_dynamic_map(False)
+    with pyquant.use_backend("triton"):
+        q, absmax = F.quantize_blockwise(x.to(TRITON_DEVICE), code.to(TRITON_DEVICE), 128)
+    assert q.shape == x.shape
+    for name, dev in TRITON_PEERS:
+        with pyquant.use_backend(name):
+            q_e, absmax_e = F.quantize_blockwise(x.to(dev), code.to(dev), 128)
+        assert_same_bits(absmax, absmax_e, f"absmax vs {name}", nan_blind=True)
+        assert_same_bits(q, q_e, f"codes vs {name}", nan_blind=True)
+
+
+@pytest.mark.triton
+def test_quantize_contract_consequences():
+    """docs/numerics.md section 2: zero never gets the zero code, NaN -> 0, an all-zero block -> all 0."""
+    code = F.create_dynamic_map(True).to(TRITON_DEVICE)
+    x = torch.tensor([0.0, 1e-30, -1e-30, float("nan"), 1.0] + [0.0] * 59 + [0.0] * 64, device=TRITON_DEVICE)
+    q, absmax = backends.lookup("quantize_blockwise", "triton")(x, code, 64)
+    assert q[:5].tolist() == [131, 131, 131, 0, 255]
+    assert absmax.tolist() == [1.0, 0.0] and q[64:].eq(0).all()
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("blocksize", TRITON_BLOCKSIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dequantize_blockwise_bits(dtype, blocksize):
+    gen = torch.Generator().manual_seed(100 + blocksize)
+    n = 3 * blocksize + 11
+    nb = -(-n // blocksize)
+    q = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen)
+    absmax = torch.rand(nb, generator=gen) * 10
+    absmax[0] = 1e30  # overflows float16 / rounds in bfloat16
+    absmax[1] = 0.0
+    absmax[2] = float("inf")  # code 0 * inf = NaN for the signed map's zero
+    absmax[3] = 1e-40  # subnormal scale
+    code = F.create_dynamic_map(True)
+    out = backends.lookup("dequantize_blockwise", "triton")(q.to(TRITON_DEVICE), absmax.to(TRITON_DEVICE),
+                                                           code.to(TRITON_DEVICE), blocksize, dtype)
+    assert out.dtype == dtype and out.shape == q.shape
+    for name, dev in TRITON_PEERS:
+        with pyquant.use_backend(name):
+            expected = F.dequantize_blockwise(q.to(dev), absmax.to(dev), code.to(dev), blocksize, dtype)
+        assert_same_bits(out, expected, f"dequantize vs {name}", nan_blind=True)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_round_trip_through_public_api(dtype):
+    x = special_input(1000, 256, dtype, seed=3)
+    with pyquant.use_backend("triton"):
+        q, absmax = F.quantize_blockwise(x.to(TRITON_DEVICE))
+        out = F.dequantize_blockwise(q, absmax, dtype=dtype)
+    with pyquant.use_backend("reference"):
+        q_e, absmax_e = F.quantize_blockwise(x.to(TRITON_DEVICE))
+        out_e = F.dequantize_blockwise(q_e, absmax_e, dtype=dtype)
+    assert_same_bits(out, out_e, "round trip", nan_blind=True)
+
+
+# ---- the cuda backend against the cpu backend ----
+def block_patterns(blocksize: int, dtype: torch.dtype) -> torch.Tensor:
+    """Whole blocks that are special as a block: all zero, all NaN, subnormal absmax, inf absmax, constant."""
+    tiny = torch.finfo(dtype).tiny
+    rows = [
+        torch.zeros(blocksize),
+        torch.full((blocksize,), -0.0),
+        torch.full((blocksize,), float("nan")),
+        torch.linspace(-tiny / 2, tiny / 4, blocksize),  # subnormal absmax (in dtype): inv = inf for float32
+        torch.linspace(-3.0, 3.0, blocksize).index_fill_(0, torch.tensor([blocksize // 2]), float("inf")),
+        torch.full((blocksize,), 0.3),
+        torch.full((blocksize,), -1e-38),
+    ]
+    return torch.cat(rows).to(dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("blocksize", [1, 7, 32, 64, 255, 256, 257, 1000, 4096, 70000])
+def test_quantize_matches_cpu(cuda_backends, dtype, blocksize):
+    cpu, cuda = cuda_backends
+    n = 3 * blocksize + blocksize // 3 + 5 if blocksize < 4096 else 200_003
+    x = torch.cat([special_values(n, dtype, seed=blocksize), block_patterns(blocksize, dtype)])
+    for signed in (True, False):
+        code = F.create_dynamic_map(signed)
+        q_c, a_c = cpu["quantize_blockwise"](x, code, blocksize)
+        q_g, a_g = cuda["quantize_blockwise"](x.cuda(), code.cuda(), blocksize)
+        assert_same_bits(a_g, a_c, f"absmax signed={signed}", nan_blind=True)
+        assert_same_bits(q_g, q_c, f"codes signed={signed}", nan_blind=True)
+
+
+@pytest.mark.gpu
+def test_quantize_custom_code_and_shapes(cuda_backends):
+    cpu, cuda = cuda_backends
+    code = torch.sort(torch.randn(256, generator=torch.Generator().manual_seed(0))).values
+    code = code / code.abs().max()
+    for shape in [(0,), (1,), (3, 5), (17, 33, 9)]:
+        x = special_values(math.prod(shape), torch.float32, seed=len(shape)).reshape(shape)
+        q_c, a_c = cpu["quantize_blockwise"](x, code, 64)
+        q_g, a_g = cuda["quantize_blockwise"](x.cuda(), code.cuda(), 64)
+        assert q_g.shape == shape and q_g.device.type == "cuda"
+        assert_same_bits(a_g, a_c, f"absmax {shape}", nan_blind=True)
+        assert_same_bits(q_g, q_c, f"codes {shape}", nan_blind=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("blocksize", [1, 64, 256, 333, 4096])
+def test_dequantize_matches_cpu(cuda_backends, dtype, blocksize):
+    cpu, cuda = cuda_backends
+    g = torch.Generator().manual_seed(blocksize)
+    n = 5 * blocksize + 17
+    q = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
+    blocks = -(-n // blocksize)
+    absmax = torch.rand(blocks, generator=g) * torch.exp2(torch.randint(-140, 100, (blocks,), generator=g).float())
+    absmax[: min(blocks, 4)] = torch.tensor([0.0, float("inf"), float("nan"), 1e-45])[: min(blocks, 4)]
+    for signed in (True, False):
+        code = F.create_dynamic_map(signed)
+        out_c = cpu["dequantize_blockwise"](q, absmax, code, blocksize, dtype)
+        out_g = cuda["dequantize_blockwise"](q.cuda(), absmax.cuda(), code.cuda(), blocksize, dtype)
+        assert out_g.dtype == dtype
+        assert_same_bits(out_g, out_c, f"dequantize signed={signed}", nan_blind=True)
+
+
+@pytest.mark.gpu
+def test_public_api_uses_cuda_backend(cuda_backends):
+    x = special_values(10_000, torch.float32, seed=7)
+    with pyquant.use_backend("cpu"):
+        q_c, a_c = F.quantize_blockwise(x)
+        out_c = F.dequantize_blockwise(q_c, a_c, dtype=torch.bfloat16)
+    with pyquant.use_backend("cuda"):
+        q_g, a_g = F.quantize_blockwise(x.cuda())
+        out_g = F.dequantize_blockwise(q_g, a_g, dtype=torch.bfloat16)
+    assert_same_bits(q_g, q_c, "codes", nan_blind=True)
+    assert_same_bits(a_g, a_c, "absmax", nan_blind=True)
+    assert_same_bits(out_g, out_c, "dequantized", nan_blind=True)
+
+
+@pytest.mark.gpu
+def test_kernels_run_on_the_current_stream(cuda_backends):
+    cpu, cuda = cuda_backends
+    x = special_values(1 << 20, torch.float16, seed=3)
+    code = F.create_dynamic_map(True)
+    q_c, a_c = cpu["quantize_blockwise"](x, code, 256)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        xg, codeg = x.cuda(non_blocking=True), code.cuda(non_blocking=True)
+        q_g, a_g = cuda["quantize_blockwise"](xg, codeg, 256)
+        out_g = cuda["dequantize_blockwise"](q_g, a_g, codeg, 256, torch.float32)
+    stream.synchronize()
+    assert_same_bits(q_g, q_c, "codes", nan_blind=True)
+    assert_same_bits(a_g, a_c, "absmax", nan_blind=True)
+    assert_same_bits(out_g, cpu["dequantize_blockwise"](q_c, a_c, code, 256, torch.float32), "dequantized",
+                     nan_blind=True)

@@ -1,9 +1,13 @@
-"""The one C-ABI binding (pyquant/backends/capi.py) against the C header it mirrors, and its stale-library policy."""
+"""The build and the C ABI: the one C-ABI binding (pyquant/backends/capi.py) against the C header it mirrors, its
+stale-library policy, and the CUDA sources' compile check (.ci/compile_cuda.sh: warnings as errors, and no
+approximate, flush-to-zero or contracted float32 instruction in the PTX), which runs wherever nvcc exists."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +18,11 @@ import torch
 from pyquant import _contract, backends
 from pyquant.backends import capi
 
-HEADER = (Path(__file__).resolve().parents[1] / "csrc" / "include" / "pyquant" / "capi.h").read_text()
+from conftest import needs_cpu_library
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADER = (ROOT / "csrc" / "include" / "pyquant" / "capi.h").read_text()
+COMPILE_SCRIPT = ROOT / ".ci" / "compile_cuda.sh"
 
 
 def _enum(prefix: str) -> dict[str, int]:
@@ -52,7 +60,7 @@ def test_every_bound_function_is_declared_with_its_arity():
     assert not wrong, f"argtypes vs parameters in capi.h: {wrong}"
 
 
-@pytest.mark.skipif(not backends.available("cpu", "cpu"), reason="the CPU library is not built")
+@needs_cpu_library
 def test_a_library_from_other_sources_is_refused_with_the_rebuild_command():
     script = (
         "import torch, pyquant.functional as F\n"
@@ -66,3 +74,44 @@ def test_a_library_from_other_sources_is_refused_with_the_rebuild_command():
     env = {k: v for k, v in os.environ.items() if k != "PYQUANT_BACKEND"}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True).stdout
     assert "built from other sources" in out and f"`{capi.REBUILD}`" in out, out
+
+
+# ---- the CUDA backend: it imports without CUDA, and its sources compile ----
+def test_cuda_module_imports_without_cuda_work():
+    # Importing the backend registers its kernels (no CUDA call): the ops of the cpu library, all of them.
+    hand_written = {"code_table", "quantize_blockwise", "dequantize_blockwise", "adam_step", "unscale_"}
+    assert hand_written <= set(backends.kernels_of("cuda")) and hand_written <= set(backends.kernels_of("cpu"))
+    # The descriptors are copied as raw bytes followed by 8-byte aligned int64s (csrc/cuda/adam.cu static_asserts this).
+    assert ctypes.alignment(capi.AdamTensor) == 8 and ctypes.sizeof(capi.AdamTensor) % 8 == 0
+
+
+def _run_compile_script(**env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(COMPILE_SCRIPT)], capture_output=True, text=True, timeout=120, env={**os.environ, **env}
+    )
+
+
+def test_cuda_kernels_compile_with_exact_ieee_ptx():
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not found")
+    result = _run_compile_script()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "CUDA compile check passed" in result.stdout
+
+
+def test_compile_check_catches_fast_math():
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not found")
+    result = _run_compile_script(PYQUANT_CUDA_ARCHS="80", PYQUANT_NVCC_EXTRA_FLAGS="--use_fast_math")
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "FAILED" in result.stderr
+
+
+def test_compile_script_skips_without_nvcc(tmp_path):
+    # An empty PATH: the script decides with bash's builtin `command -v` before it needs any other tool.
+    result = subprocess.run(
+        [shutil.which("bash") or "/bin/bash", str(COMPILE_SCRIPT)], capture_output=True, text=True, timeout=60,
+        env={"PATH": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "nvcc not found: skipping the CUDA compile check" in result.stdout
