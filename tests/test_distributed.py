@@ -21,6 +21,8 @@ from pyquant._contract import OPTIMIZER_BLOCK
 from pyquant.distributed import load_checkpoint, quantize_moment, save_checkpoint
 from pyquant.optim import to_torch
 
+from conftest import bits, same_bits
+
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with the gloo backend"
 )
@@ -28,14 +30,6 @@ pytestmark = pytest.mark.skipif(
 LR = 1e-3
 STEPS = 4  # before the checkpoint, and again after it
 BATCH = 8  # per rank
-
-
-def bits(t):
-    return t.detach().view({4: torch.int32, 2: torch.int16, 1: torch.uint8}[t.element_size()])
-
-
-def same_bits(a, b):
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
 
 
 # ---- models and data, identical in every process ----

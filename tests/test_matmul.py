@@ -19,14 +19,13 @@ import pytest
 import torch
 
 import pyquant
-from pyquant import backends
 from pyquant._ops import matmul as matmul_op
 from pyquant.backends import capi
 from pyquant.backends.cpu import set_bf16_dot
 from pyquant.ops.gemm import linear, matmul
 
-HAVE_CPU = backends.available("cpu", "cpu")
-CPU_BACKENDS = ["reference"] + (["cpu"] if HAVE_CPU else [])
+from conftest import CPU_BACKENDS, HAVE_CPU_LIBRARY, TRITON_DEVICE, cpu_isa, needs_cpu_library
+
 DTYPES = (torch.float16, torch.bfloat16)
 U_OUT = {torch.float32: 0.0, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 TINY_OUT = {torch.float32: 2.0**-150, torch.float16: 2.0**-25, torch.bfloat16: 2.0**-134}  # half the smallest spacing
@@ -40,7 +39,7 @@ def has_cpu_flag(flag: str) -> bool:
         return False
 
 
-BF16_DOT = HAVE_CPU and capi.cpu_isa() == "avx512" and has_cpu_flag("avx512_bf16")
+BF16_DOT = HAVE_CPU_LIBRARY and capi.cpu_isa() == "avx512" and has_cpu_flag("avx512_bf16")
 
 
 # ---- the bound ----
@@ -163,7 +162,7 @@ def pair_order(k: int) -> list[int]:
     return [j for p in range(0, k, 2) for j in ((p + 1, p) if p + 1 < k else (p,))]
 
 
-@pytest.mark.skipif(not HAVE_CPU, reason="the compiled CPU library is not built")
+@needs_cpu_library
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_bits_are_the_sequential_fma_chain(dtype, bf16_dot):
     for m, n, k in ((5, 7, 3), (15, 33, 17), (20, 40, 300)):
@@ -177,7 +176,7 @@ def test_cpu_bits_are_the_sequential_fma_chain(dtype, bf16_dot):
         assert torch.equal(matmul(a, b, out_dtype=torch.float32), expected)
 
 
-@pytest.mark.skipif(not HAVE_CPU, reason="the compiled CPU library is not built")
+@needs_cpu_library
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_narrow_tile_and_transposed_products_keep_the_chain(dtype, bf16_dot):
     """At most 16 columns: the 28 x 16 tile (here over several row panels and two K blocks); at most 16 rows
@@ -199,21 +198,16 @@ def test_cpu_narrow_tile_and_transposed_products_keep_the_chain(dtype, bf16_dot)
             assert torch.equal(matmul_op(a, b, bias, bias_dim, torch.float32), expected), (m, n, k, bias_dim)
 
 
-@pytest.mark.skipif(not HAVE_CPU, reason="the compiled CPU library is not built")
+@needs_cpu_library
 def test_cpu_bits_same_on_every_instruction_set(bf16_dot):
-    lib = capi.cpu_library()
     set_bf16_dot(False)
     cases = [(operand((29, 45), dt, 5, la), operand((45, 70), dt, 6, "transposed")) for dt in DTYPES for la in LAYOUTS]
     cases.append((operand((9, 300), torch.float16, 7), operand((300, 33), torch.float16, 8)))  # 2 K blocks
     expected = [matmul(a, b, out_dtype=torch.float32) for a, b in cases]
-    best = lib.pq_isa()
-    try:
-        for isa in range(best):
-            lib.pq_set_isa(isa)
+    for isa in range(capi.cpu_library().pq_isa()):
+        with cpu_isa(isa):
             for (a, b), e in zip(cases, expected):
                 assert torch.equal(matmul(a, b, out_dtype=torch.float32), e), f"isa {isa}"
-    finally:
-        lib.pq_set_isa(best)
 
 
 # ---- batching and 1-D operands ----
@@ -316,11 +310,9 @@ def test_opcheck_and_meta():
 
 
 # ---- the Triton kernel under the interpreter (or on the GPU) ----
+@pytest.mark.triton
 def test_triton_within_bound():
-    pytest.importorskip("triton")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not backends.triton_interpreted():
-        pytest.skip("no CUDA device and TRITON_INTERPRET is not 1")
+    device = TRITON_DEVICE
     with pyquant.use_backend("triton"):
         for dtype in DTYPES:
             for (m, n, k), (la, lb) in (((1, 1, 1), ("contiguous", "contiguous")),
@@ -361,7 +353,7 @@ DETERMINISM_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not HAVE_CPU, reason="the compiled CPU library is not built")
+@needs_cpu_library
 def test_bits_independent_of_thread_count():
     digests = set()
     for threads in (1, 2, 3):
@@ -433,7 +425,7 @@ def im2col_operands(case, dtype, channels_last=True):
     return x, geometry, columns(x, *geometry)
 
 
-@pytest.mark.skipif(not HAVE_CPU, reason="the compiled CPU library is not built")
+@needs_cpu_library
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", IM2COL_CASES, ids=str)
 def test_im2col_matmul_bits_equal_the_explicit_columns(dtype, case, bf16_dot):
@@ -459,11 +451,10 @@ def test_im2col_matmul_bits_equal_the_explicit_columns(dtype, case, bf16_dot):
             assert_within_bound(got_t, g.t(), cols, out_dtype, bias, bias_dim=-2)
 
 
-@pytest.mark.skipif(not HAVE_CPU, reason="the compiled CPU library is not built")
+@needs_cpu_library
 def test_im2col_matmul_same_bits_on_every_instruction_set_and_thread_count(bf16_dot):
     from pyquant.ops.conv16 import im2col_matmul
 
-    lib = capi.cpu_library()
     set_bf16_dot(False)
     cases = []
     for dtype in DTYPES:
@@ -475,16 +466,14 @@ def test_im2col_matmul_same_bits_on_every_instruction_set_and_thread_count(bf16_
         return [im2col_matmul(x, o, *geo, columns_first=first, out_dtype=torch.float32) for x, o, geo, first in cases]
 
     expected = run_all()
-    best, threads = lib.pq_isa(), torch.get_num_threads()
-    try:
-        for isa in range(best):
-            lib.pq_set_isa(isa)
+    for isa in range(capi.cpu_library().pq_isa()):
+        with cpu_isa(isa):
             assert all(map(torch.equal, run_all(), expected)), f"isa {isa}"
-        lib.pq_set_isa(best)
+    threads = torch.get_num_threads()
+    try:
         torch.set_num_threads(2)
         assert all(map(torch.equal, run_all(), expected)), "2 threads"
     finally:
-        lib.pq_set_isa(best)
         torch.set_num_threads(threads)
 
 

@@ -18,16 +18,9 @@ import pyquant
 from pyquant import backends
 from pyquant import functional as F
 
-CPU_BACKENDS = ["reference"] + (["cpu"] if backends.available("cpu", "cpu") else [])
+from conftest import CPU_BACKENDS, same_bits
+
 HERE = Path(__file__).parent
-
-
-def bits(t):
-    return t.detach().view({4: torch.int32, 2: torch.int16, 1: torch.uint8}[t.element_size()])
-
-
-def same_bits(a, b):
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(bits(a), bits(b))
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
