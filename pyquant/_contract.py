@@ -1,7 +1,7 @@
 """The numbers every layer of pyquant agrees on: dtype codes, the optimizers' block size, the Adam constants.
 
 A low module: it imports only torch, so front-ends, backends and the Triton kernels may all import it.
-The C side has the same values in csrc/include/pyquant/capi.h (tests/test_capi.py compares them).
+The C side has the same values in csrc/include/pyquant/capi.h (tests/test_build.py compares them).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The quantisers' 65536-entry bin -> code index tables (docs/numerics.md section 2, step 5), built once per code.
 
 Every backend's quantiser looks its table up here; the table is built by the "code_table" kernel of the backend
-selected for the code's device (all builders give the same bits; tests/test_functional.py checks it)."""
+selected for the code's device (all builders give the same bits; tests/test_blockwise.py checks it)."""
 
 from __future__ import annotations
 
