@@ -264,3 +264,12 @@ def test_the_graph_sees_the_imports():
     assert "pyquant.kernels" in files and "pyquant.amp" in files
     assert graph["pyquant"], "pyquant/__init__.py imports nothing?"
     assert any(t.startswith("pyquant.kernels") for deps in graph.values() for t in deps)
+
+
+def test_pyquant_kernels_is_a_link_to_the_triton_folder():
+    # The install serves pyquant/ alone (pyproject.toml), and kernels/ reaches it as pyquant.kernels through this
+    # link, which git stores as a link. A copy that turns links into files breaks `import pyquant.kernels`.
+    link = ROOT / "pyquant" / "kernels"
+    assert link.is_symlink() and link.resolve() == (ROOT / "kernels").resolve(), (
+        f"{link} must be a symbolic link to ../kernels (git checkout restores it: git checkout -- pyquant/kernels)"
+    )
