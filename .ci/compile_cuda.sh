@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Compile-only check of the CUDA kernels (csrc/cuda/kernels.cu), for machines without a GPU.
+# Compile-only check of the CUDA library's sources (csrc/cuda/*.cu), for machines without a GPU.
 #
-# Builds an object for each architecture in PYQUANT_CUDA_ARCHS (default "80 90", the archs of
+# Builds an object of each source for each architecture in PYQUANT_CUDA_ARCHS (default "80 90", the archs of
 # CMakeLists.txt) with the numerics flags of the real build (-O3 --fmad=false and nvcc's IEEE defaults
 # -prec-div=true -prec-sqrt=true -ftz=false, which are deliberately not repeated here so that the check sees
 # what CMake's flags give), with warnings as errors, and then checks the generated PTX for the numerics
@@ -24,7 +24,7 @@ if ! command -v nvcc >/dev/null 2>&1; then
 fi
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-src="$root/csrc/cuda/kernels.cu"
+sources=("$root"/csrc/cuda/*.cu)
 archs="${PYQUANT_CUDA_ARCHS:-80 90}"
 # Extra nvcc flags, appended last (tests use this to prove that the PTX checks catch e.g. --use_fast_math).
 read -r -a extra_flags <<<"${PYQUANT_NVCC_EXTRA_FLAGS:-}"
@@ -37,17 +37,28 @@ for arch in $archs; do
 done
 
 echo "nvcc: $(nvcc --version | tail -n 1)"
-echo "compiling $src for sm_${archs// /, sm_}"
+echo "compiling ${sources[*]#"$root/"} for sm_${archs// /, sm_}"
 start_ns=$(date +%s%N)
-nvcc -c "$src" -o "$tmp/kernels.o" \
-  -I "$root/csrc/include" \
-  -std=c++17 -O3 --fmad=false \
-  "${gencode[@]}" \
-  -Werror all-warnings \
-  -Xcompiler -Wall,-Wextra,-Werror \
-  -Xptxas -warn-spills,-warn-lmem-usage \
-  --keep --keep-dir "$tmp" \
-  ${extra_flags[@]+"${extra_flags[@]}"}
+# One nvcc per source, all at once (the check's time is the slowest file's, not the sum).
+pids=()
+for src in "${sources[@]}"; do
+  nvcc -c "$src" -o "$tmp/$(basename "$src" .cu).o" \
+    -I "$root/csrc/include" \
+    -std=c++17 -O3 --fmad=false \
+    "${gencode[@]}" \
+    -Werror all-warnings \
+    -Xcompiler -Wall,-Wextra,-Werror \
+    -Xptxas -warn-spills,-warn-lmem-usage \
+    --keep --keep-dir "$tmp" \
+    ${extra_flags[@]+"${extra_flags[@]}"} &
+  pids+=("$!")
+done
+compiled=0
+for pid in "${pids[@]}"; do wait "$pid" || compiled=1; done
+if [ "$compiled" -ne 0 ]; then
+  echo "error: nvcc failed" >&2
+  exit 1
+fi
 elapsed_ms=$((($(date +%s%N) - start_ns) / 1000000))
 printf 'compiled in %d.%03d s\n' $((elapsed_ms / 1000)) $((elapsed_ms % 1000))
 

@@ -1,7 +1,7 @@
 """Dense conv, unfused pair and fused LowRankConv2d forward, interleaved in one loop: for a machine shared with
 other jobs, where separate pytest-benchmark sessions differ by more than the effects being measured.
 
-    python bench/compare_lowrank.py [--rounds 200] [--dtypes float32 bfloat16] [shape names of test_lowrank.py]
+    python bench/compare_lowrank.py [--rounds 200] [--dtypes float32 bfloat16] [shape names of lowrank_cases.py]
     python bench/compare_lowrank.py --train [...]      # the same for forward+backward (training step)
     python bench/compare_lowrank.py --backward [...]   # where the fused layer's forward+backward time goes
     python bench/compare_lowrank.py --weight-grad      # the 1 x 1 weight-gradient kernel against oneDNN's
@@ -9,43 +9,33 @@ other jobs, where separate pytest-benchmark sessions differ by more than the eff
 Every round runs the three implementations back to back; the minimum over the rounds of each is reported (a
 burst of load from elsewhere slows the three alike, and the minimum keeps the rounds it spared), with the
 FLOP reduction, the speed-ups and the efficiency (speed-up against dense / FLOP reduction) as in
-bench/test_lowrank.py, whose shapes, ranks and modules this uses.
+bench/test_lowrank.py; the shapes, ranks and modules are bench/lowrank_cases.py's.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_lowrank import (
-    DTYPES,
-    IMPLS,
-    RANK_FRACTIONS,
-    SHAPES,
-    _flops,
-    _modules,
-    _rank,
-    _step,
-)
+import lowrank_cases as cases  # bench/ is the script's folder, so on sys.path
+from lowrank_cases import DTYPES, IMPLS, RANK_FRACTIONS, SHAPES
 from timing import interleaved_minimum
 
 
 def compare(shape_name: str, dtype: str, fraction: str, rounds: int, train: bool = False) -> dict:
     shape = SHAPES[shape_name]
     n, cin, _, size, *_ = shape
-    rank = _rank(shape, fraction)
-    mods = _modules(shape, rank, DTYPES[dtype])
+    rank = cases.rank(shape, fraction)
+    mods = cases.modules(shape, rank, DTYPES[dtype])
     x = torch.randn(n, cin, size, size, generator=torch.Generator().manual_seed(1)).to(DTYPES[dtype])
     if train:
         x.requires_grad_()
-    best = interleaved_minimum({name: _step(module, x, train) for name, module in mods.items()}, rounds)
+    best = interleaved_minimum({name: cases.step(module, x, train) for name, module in mods.items()}, rounds)
     dense, pair, fused = (best[name] for name in IMPLS)
-    dense_flops, low_flops = _flops(shape, rank)
+    dense_flops, low_flops = cases.flops(shape, rank)
     reduction = dense_flops / low_flops
     return {"shape": shape_name, "dtype": dtype, "rank": f"{fraction}={rank}", "dense ms": 1e3 * dense,
             "pair ms": 1e3 * pair, "fused ms": 1e3 * fused, "FLOP red.": reduction,
@@ -61,21 +51,21 @@ def _first(ours, torchs):
 def backward_split(shape_name: str, dtype: str, fraction: str, rounds: int) -> dict:
     """The fused layer's forward+backward (parameters and input require grad) and, timed alone in the same
     rounds, each product of its backward twice: oneDNN's (`aten.convolution_backward`, what the unfused pair
-    runs) and what pyquant.ops.lowrank_conv._backward_math runs (pyquant's kernel where it pays, else
+    runs) and what pyquant._autograd.lowrank_backward_math runs (pyquant's kernel where it pays, else
     oneDNN's): the rank channels' gradient g_t = W2^T g_y (for a 1x1 first factor with the input gradient in the
     same call), the weight gradients of W2 and W1, the input gradient. "W2 oneDNN" is the 1x1 backward with W2
     and bias less the one without. "W1 % peak": the W1 gradient that runs, its FLOPs against 240 GFLOP/s per
     core (docs/compress.md)."""
-    from pyquant.ops import lowrank_conv as L
+    from pyquant import _autograd as A
 
     shape = SHAPES[shape_name]
     n, cin, cout, size, k, _, _ = shape
-    rank = _rank(shape, fraction)
-    layer = _modules(shape, rank, DTYPES[dtype])[IMPLS[2]]
+    rank = cases.rank(shape, fraction)
+    layer = cases.modules(shape, rank, DTYPES[dtype])[IMPLS[2]]
     x = torch.randn(n, cin, size, size, generator=torch.Generator().manual_seed(1)).to(DTYPES[dtype])
     w1, w2 = layer.weight_first.detach(), layer.weight_second.detach().reshape(cout, rank)
     st, pd, dl = list(layer.stride), list(layer.padding), list(layer.dilation)
-    cd = L._backward_dtype(x.dtype)
+    cd = A.backward_dtype(x.dtype)
     x, w1, w2 = x.to(cd), w1.to(cd), w2.to(cd)
     w2_4d = w2.reshape(cout, rank, 1, 1)
     t = F.conv2d(x, w1, None, st, pd, dl)
@@ -86,26 +76,26 @@ def backward_split(shape_name: str, dtype: str, fraction: str, rounds: int) -> d
     fused_x = [False]
 
     def rank_grad():  # what the backward runs for g_t (and, fused, g_x)
-        ours = L._rank_grad_cpu(gy, w1, w2, st, pd, True)
+        ours = A.rank_grad(gy, w1, w2, st, pd, True)
         fused_x[0] = ours is not None and ours[1] is not None
         return ours if ours is not None else conv_bwd(gy, t, w2_4d, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
                                                       [True, False, False])
 
     parts = {
-        "fwd+bwd": _step(layer, xr, True),
+        "fwd+bwd": cases.step(layer, xr, True),
         "g_t oneDNN": lambda: conv_bwd(gy, t, w2_4d, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
                                        [True, False, False]),
         "g_t": rank_grad,
         "1x1 oneDNN with W2, bias": lambda: conv_bwd(gy, t, w2_4d, [cout], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
                                                      [True, True, True]),
-        "W2": lambda: _first(lambda: L._weight_grad_cpu(t, gy, (cout, rank, 1, 1), [1, 1], [0, 0], [1, 1]),
+        "W2": lambda: _first(lambda: A.weight_grad(t, gy, (cout, rank, 1, 1), [1, 1], [0, 0], [1, 1]),
                              lambda: conv_bwd(gy, t, w2_4d, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
                                               [False, True, False])),
         "W1 oneDNN": lambda: conv_bwd(gt, x, w1, None, st, pd, dl, False, [0, 0], 1, [False, True, False]),
-        "W1": lambda: _first(lambda: L._weight_grad_cpu(x, gt, w1.shape, st, pd, dl),
+        "W1": lambda: _first(lambda: A.weight_grad(x, gt, w1.shape, st, pd, dl),
                              lambda: conv_bwd(gt, x, w1, None, st, pd, dl, False, [0, 0], 1, [False, True, False])),
         "x oneDNN": lambda: conv_bwd(gt, x, w1, None, st, pd, dl, False, [0, 0], 1, [True, False, False]),
-        "x": lambda: _first(lambda: L._input_grad_cpu(gt, x, w1, st, pd, dl),
+        "x": lambda: _first(lambda: A.input_grad(gt, x, w1, st, pd, dl),
                             lambda: conv_bwd(gt, x, w1, None, st, pd, dl, False, [0, 0], 1, [True, False, False])),
     }
     best = interleaved_minimum(parts, rounds)
@@ -128,8 +118,8 @@ WEIGHT_GRAD_1X1 = [(4, 32, 56), (8, 32, 56), (16, 32, 56), (4, 32, 28), (16, 32,
 
 def weight_grad_grid(rounds: int) -> None:
     """pyquant's weight-gradient kernel against oneDNN's for the 1 x 1 convolutions above, float32 and bfloat16,
-    batch 8 and 32 (the measurements behind pyquant.ops.lowrank_conv._weight_grad_pays)."""
-    from pyquant.ops import lowrank_conv as L
+    batch 8 and 32 (the measurements behind pyquant.backends.cpu.conv.weight_grad_pays)."""
+    from pyquant.backends.cpu import conv as L
 
     conv_bwd = torch.ops.aten.convolution_backward
     print("| dtype | batch | in | out | size | pyquant ms | oneDNN ms | oneDNN / pyquant | kernel used |")
@@ -141,11 +131,11 @@ def weight_grad_grid(rounds: int) -> None:
                 x, g = (torch.randn(n, ch, h, h, generator=gen).to(dtype) for ch in (c, r))
                 w = torch.empty(r, c, 1, 1, dtype=dtype)
                 best = interleaved_minimum({
-                    "pyquant": lambda: L.conv2d_weight_grad_cpu(x, g, (1, 1), (1, 1), (0, 0), (1, 1)),
+                    "pyquant": lambda: L.weight_grad(x, g, (1, 1), (1, 1), (0, 0), (1, 1)),
                     "oneDNN": lambda: conv_bwd(g, x, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
                                                [False, True, False]),
                 }, rounds)
-                used = "pyquant" if L._weight_grad_pays(r, c, 1) else "oneDNN"
+                used = "pyquant" if L.weight_grad_pays(r, c, 1) else "oneDNN"
                 print(f"| {str(dtype)[6:]} | {n} | {c} | {r} | {h}x{h} | {1e3 * best['pyquant']:.3f} | "
                       f"{1e3 * best['oneDNN']:.3f} | {best['oneDNN'] / best['pyquant']:.2f} | {used} |", flush=True)
 

@@ -8,13 +8,14 @@ the two GradScalers' `unscale_` on 364 one-element gradients (their Python and d
 """
 
 import ctypes
-import statistics
-import time
 
 import timm
 import torch
 
 import pyquant.amp as amp
+from pyquant._contract import DTYPE_CODES
+from pyquant.backends.cpu.amp import unscale_ as unscale_cpu
+from timing import median_time  # bench/ is the script's folder, so on sys.path
 
 torch.manual_seed(0)
 params = list(timm.create_model("densenet121", pretrained=False).parameters())
@@ -24,22 +25,12 @@ inv_scale, found_inf = torch.tensor(1.0 + 2.0**-23), torch.zeros(())
 one_tensor = [torch.cat([g.flatten() for g in grads])]
 
 
-def median_ms(fn, calls: int = 200) -> float:
-    fn()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
 def collect_arrays():  # what unscale_cpu does in Python before the C call
     dense = [g for g in grads if g.numel() > 0 and g.is_contiguous()]
     n = len(dense)
     (ctypes.c_void_p * n)(*[g.data_ptr() for g in dense])
     (ctypes.c_int64 * n)(*[g.numel() for g in dense])
-    (ctypes.c_int32 * n)(*[amp._CPU_DTYPE_CODES[g.dtype] for g in dense])
+    (ctypes.c_int32 * n)(*[DTYPE_CODES[g.dtype] for g in dense])
 
 
 def scaler_unscale(cls, params):
@@ -59,13 +50,13 @@ for p in tiny:
     p.grad = torch.ones(1)
 torch_unscale = torch._amp_foreach_non_finite_check_and_unscale_
 for name, fn in [
-    (f"pyquant C++ kernel, {len(grads)} tensors", lambda: amp.unscale_cpu(grads, found_inf, inv_scale)),
+    (f"pyquant C++ kernel, {len(grads)} tensors", lambda: unscale_cpu(grads, found_inf, inv_scale)),
     (f"pyquant amp.unscale_, {len(grads)} tensors", lambda: amp.unscale_(grads, found_inf, inv_scale)),
     (f"torch, {len(grads)} tensors", lambda: torch_unscale(grads, found_inf, inv_scale)),
-    ("pyquant C++ kernel, one tensor", lambda: amp.unscale_cpu(one_tensor, found_inf, inv_scale)),
+    ("pyquant C++ kernel, one tensor", lambda: unscale_cpu(one_tensor, found_inf, inv_scale)),
     ("torch, one tensor", lambda: torch_unscale(one_tensor, found_inf, inv_scale)),
     ("Python work before the C call", collect_arrays),
     (f"pyquant GradScaler.unscale_, {len(tiny)} x 1", scaler_unscale(amp.GradScaler, tiny)),
     (f"torch GradScaler.unscale_, {len(tiny)} x 1", scaler_unscale(torch.amp.GradScaler, tiny)),
 ]:
-    print(f"{name:40s} {median_ms(fn):.3f} ms")
+    print(f"{name:40s} {1e3 * median_time(fn, 200):.3f} ms")

@@ -21,7 +21,7 @@ BASELINES = ("pyquant", "bitsandbytes", "torch")  # ratios are taken against the
 def machine() -> str:
     import torch
 
-    from pyquant import _native
+    from pyquant.backends import capi
 
     cpu = platform.processor() or "unknown CPU"
     try:
@@ -34,7 +34,7 @@ def machine() -> str:
     threads = os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))
     return (
         f"{cpu}, {os.cpu_count()} logical cores, OMP_NUM_THREADS={threads}; Python {platform.python_version()}, "
-        f"torch {torch.__version__}, pyquant CPU library: {_native.cpu_isa()}"
+        f"torch {torch.__version__}, pyquant CPU library: {capi.cpu_isa()}"
     )
 
 

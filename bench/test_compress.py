@@ -29,7 +29,7 @@ import torch
 
 from pyquant import compress
 from pyquant.experiment.models import create_model
-from test_lowrank import _median_time  # bench/ is on sys.path under pytest
+from timing import median_time
 
 pytest.importorskip("timm")
 
@@ -74,7 +74,7 @@ def test_densenet121_lowrank_inference(benchmark, densenet, variant):
     else:
         model, report = _compressed(densenet, variant)
     if variant != "dense" and not _dense_median:  # the dense reference, when its entry did not run first
-        _dense_median.append(_median_time(forward(dense), 3))
+        _dense_median.append(median_time(forward(dense), 3))
     benchmark.group = f"DenseNet-121 float32 inference, batch {BATCH}, {SIZE}x{SIZE}"
     benchmark.pedantic(forward(model), rounds=5, warmup_rounds=1)
     median = benchmark.stats.stats.median

@@ -1,7 +1,7 @@
 """The quick preset's training step in float32, float16 and bfloat16: what the study's "half+8bit" setting costs on a
 CPU. The model, batch and image size are those of the quick preset until 2026-12-04 (densenet_small, batch 32, 64 px,
 one torch thread; it now trains at 32 px, batch 64, two runs at a time), kept so the figures stay comparable; the
-step is the harness's own (``pyquant.experiment.runner.train_step``: forward, backward, loss scaling where float16,
+step is the harness's own (``pyquant.experiment.loop.train_step``: forward, backward, loss scaling where float16,
 ``pyquant.Adam8bit``) on one fixed batch in memory, with the model prepared by the harness (``Recipe.prepare_model``):
 
 - ``float32``: the "8bit" setting, torch's float32 layers;
@@ -28,7 +28,7 @@ pytest.importorskip("timm")
 
 from pyquant.amp import GradScaler
 from pyquant.experiment.models import create_model
-from pyquant.experiment.runner import train_step
+from pyquant.experiment.loop import train_step
 from pyquant.experiment.settings import resolve
 
 MODEL, BATCH, IMAGE, LR = "densenet_small", 32, 64, 3e-4  # the quick preset until 2026-12-04
@@ -108,11 +108,11 @@ def convs(rounds: int = 15) -> None:
     import torch.nn.functional as F
     from timing import interleaved_minimum
 
-    from pyquant.ops import conv16
-    from pyquant.ops.gemm import matmul_cpu
+    from pyquant.backends.cpu import gemm as cpu_gemm
+    from pyquant.backends.reference.gemm import im2col_operands
 
     def explicit(x, other, bias, bias_dim, geometry, columns_first, out_dtype):
-        return matmul_cpu(*conv16._operands(x, other, geometry, columns_first), bias, bias_dim, out_dtype)
+        return cpu_gemm.matmul(*im2col_operands(x, other, geometry, columns_first), bias, bias_dim, out_dtype)
 
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
@@ -131,7 +131,7 @@ def convs(rounds: int = 15) -> None:
         }
         for name, (inp, other, first) in products.items():
             runs = {
-                "implicit": lambda: conv16.im2col_matmul_cpu(inp, other, None, -1, geometry, first, torch.float16),
+                "implicit": lambda: cpu_gemm.im2col_matmul(inp, other, None, -1, geometry, first, torch.float16),
                 "explicit": lambda: explicit(inp, other, None, -1, geometry, first, torch.float16),
             }
             if name == "fwd":

@@ -19,90 +19,14 @@ Shapes:
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
-import torch.nn as nn
 
-from pyquant.nn import LowRankConv2d
+import lowrank_cases as cases
+from lowrank_cases import DTYPES, IMPLS, RANK_FRACTIONS, SHAPES
+from timing import median_time
 
-# name: (batch, in, out, size, kernel, stride, padding)
-SHAPES = {
-    "densenet121-b1-3x3-128to32-56": (8, 128, 32, 56, 3, 1, 1),
-    "densenet121-b2-3x3-128to32-28": (8, 128, 32, 28, 3, 1, 1),
-    "densenet121-b2-3x3-128to32-28-batch32": (32, 128, 32, 28, 3, 1, 1),
-    "densenet121-b3-3x3-128to32-14": (8, 128, 32, 14, 3, 1, 1),
-    "densenet121-b3-3x3-128to32-14-batch32": (32, 128, 32, 14, 3, 1, 1),
-    "efficientnet_b0-s3-expand-1x1-40to240-28": (8, 40, 240, 28, 1, 1, 0),
-    "efficientnet_b0-s3-expand-1x1-40to240-28-batch32": (32, 40, 240, 28, 1, 1, 0),
-    "efficientnet_b0-s5-project-1x1-672to112-14": (8, 672, 112, 14, 1, 1, 0),
-    "efficientnet_b0-s5-project-1x1-672to112-14-batch32": (32, 672, 112, 14, 1, 1, 0),
-    "efficientnet_b0-head-1x1-320to1280-7": (8, 320, 1280, 7, 1, 1, 0),
-    "efficientnet_b0-head-1x1-320to1280-7-batch32": (32, 320, 1280, 7, 1, 1, 0),
-}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-RANK_FRACTIONS = {"C/8": 8, "C/4": 4, "C/2": 2}
-IMPLS = ("torch.nn.Conv2d(dense)", "torch.nn.Conv2d-pair(unfused)", "pyquant.LowRankConv2d(fused)")
 _dense_median: dict[tuple, float] = {}
-
-
-def _rank(shape, fraction: str) -> int:
-    _, cin, cout, *_ = shape
-    return max(1, min(cin, cout) // RANK_FRACTIONS[fraction])
-
-
-def _flops(shape, rank: int | None) -> tuple[int, int]:
-    n, cin, cout, size, k, stride, pad = shape
-    out = (size + 2 * pad - k) // stride + 1
-    positions = n * out * out
-    dense = 2 * positions * cout * cin * k * k
-    low = 2 * positions * (rank * cin * k * k + cout * rank) if rank else dense
-    return dense, low
-
-
-def _modules(shape, rank, dtype):
-    n, cin, cout, size, k, stride, pad = shape
-    torch.manual_seed(0)
-    dense = nn.Conv2d(cin, cout, k, stride, pad).to(dtype)
-    low = LowRankConv2d.from_conv(dense, rank)
-    pair = low.to_sequential()
-    low.cache_packed_weights = True  # inference with fixed weights: the opt-in cache (docs/compress.md)
-    return {IMPLS[0]: dense, IMPLS[1]: pair, IMPLS[2]: low}
-
-
-def _step(module, x, backward: bool):
-    if not backward:
-        def run():
-            with torch.no_grad():
-                module(x)
-    else:
-        # A dense gradient of the output, as a loss gives: `.sum().backward()` would hand backward a
-        # stride-0 tensor of ones, which every implementation copies or handles slowly.
-        with torch.no_grad():
-            grad = torch.randn(module(x).shape, generator=torch.Generator().manual_seed(3)).to(x.dtype)
-
-        def run():
-            x.grad = None
-            module.zero_grad(set_to_none=True)
-            module(x).backward(grad)
-    return run
-
-
-def _rounds(shape, backward: bool) -> int:
-    n, cin, cout, size, k, *_ = shape
-    work = n * cin * cout * size * size * k * k
-    return 5 if (backward or work > 2e9) else 10
-
-
-def _median_time(fn, rounds: int) -> float:
-    fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -115,22 +39,22 @@ def test_lowrank_conv(benchmark, shape_name, passes, dtype, fraction, impl):
         pytest.skip("batch 32 is measured in float32 only")
     shape = SHAPES[shape_name]
     backward = passes == "forward+backward"
-    rank = _rank(shape, fraction)
+    rank = cases.rank(shape, fraction)
     n, cin, cout, size, *_ = shape
-    mods = _modules(shape, rank, DTYPES[dtype])
+    mods = cases.modules(shape, rank, DTYPES[dtype])
     x = torch.randn(n, cin, size, size, generator=torch.Generator().manual_seed(1)).to(DTYPES[dtype])
     if backward:
         x.requires_grad_()
-    rounds = _rounds(shape, backward)
+    rounds = cases.rounds(shape, backward)
     key = (shape_name, passes, dtype)
     if impl != IMPLS[0] and key not in _dense_median:  # the dense reference, when its test did not run first
-        _dense_median[key] = _median_time(_step(mods[IMPLS[0]], x, backward), rounds)
+        _dense_median[key] = median_time(cases.step(mods[IMPLS[0]], x, backward), rounds)
     benchmark.group = f"{shape_name} {dtype} {passes} rank {fraction}={rank}"
-    benchmark.pedantic(_step(mods[impl], x, backward), rounds=rounds, warmup_rounds=2)
+    benchmark.pedantic(cases.step(mods[impl], x, backward), rounds=rounds, warmup_rounds=2)
     median = benchmark.stats.stats.median
     if impl == IMPLS[0]:
         _dense_median[key] = median
-    dense_flops, low_flops = _flops(shape, rank)
+    dense_flops, low_flops = cases.flops(shape, rank)
     flops = dense_flops if impl == IMPLS[0] else low_flops
     reduction = dense_flops / low_flops
     speedup = _dense_median[key] / median

@@ -5,7 +5,7 @@ so that kernel-level wins can be seen, or not, at model level:
 
 DenseNet-121 and ViT-Tiny (timm, random weights, one input channel, two classes) at batch 8, each in the five paper
 settings (baseline, amp, 8bit, amp+8bit, half+8bit), resolved for the CPU ("auto" = bfloat16). The step is the
-harness's own (``pyquant.experiment.runner.train_step``) on one fixed batch already in memory. Images are 128 px
+harness's own (``pyquant.experiment.loop.train_step``) on one fixed batch already in memory. Images are 128 px
 by default rather than 224 px, to keep the suite to a few minutes on 2 cores; set ``PYQUANT_BENCH_IMAGE=224`` for the
 models' native size. ``extra_info`` has samples/s and the step's memory breakdown (exact bytes; activations = the
 tensors saved for backward).
@@ -19,7 +19,7 @@ import torch
 from pyquant.amp import GradScaler
 from pyquant.experiment.measure import memory_breakdown, saved_activation_bytes
 from pyquant.experiment.models import create_model
-from pyquant.experiment.runner import train_step
+from pyquant.experiment.loop import train_step
 from pyquant.experiment.settings import PAPER_SETTINGS, resolve
 
 pytest.importorskip("timm")

@@ -1,5 +1,9 @@
-"""Interleaved best-of timing for the comparison scripts: on a machine shared with other jobs a burst of load slows
-every function of a round alike, and the minimum over the rounds keeps the rounds it spared."""
+"""Timers shared by the benchmarks and comparison scripts.
+
+Interleaved best-of timing for the comparison scripts: on a machine shared with other jobs a burst of load slows
+every function of a round alike, and the minimum over the rounds keeps the rounds it spared. The median of a few
+runs for the reference figures a benchmark compares its entry against (the dense model when its entry did not run
+first)."""
 
 from __future__ import annotations
 
@@ -19,3 +23,14 @@ def interleaved_minimum(fns: dict, rounds: int, warmup: int = 2) -> dict:
             fn()
             best[name] = min(best[name], time.perf_counter() - start)
     return best
+
+
+def median_time(fn, rounds: int) -> float:
+    """Seconds: the median of `rounds` calls of `fn`, after one call (warm-up)."""
+    fn()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]

@@ -18,16 +18,14 @@
 PQ_FOR_EACH_ISA(PQ_DECLARE_ISA)
 
 namespace {
-enum Isa : int32_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
-
 int32_t detect_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return kAvx512;
+    return PQ_ISA_AVX512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-    return kAvx2;
-  return kScalar;
+    return PQ_ISA_AVX2;
+  return PQ_ISA_SCALAR;
 }
 
 int32_t g_isa = detect_isa();
@@ -43,7 +41,7 @@ int32_t pq_isa(void) { return g_isa; }
 
 int32_t pq_abi_version(void) { return PQ_ABI_VERSION; }
 
-// Lets tests and benchmarks force a narrower path; returns the previous choice.
+// Lets tests and benchmarks force a narrower path.
 int32_t pq_set_isa(int32_t isa) {
   const int32_t previous = g_isa;
   const int32_t best = detect_isa();

@@ -1,7 +1,8 @@
-// C ABI of gradient unscaling (csrc/cpu/amp.cpp), loaded by pyquant/amp.py.
+// C ABI of gradient unscaling (csrc/cpu/amp.cpp), bound in pyquant/backends/capi.py.
+#include "pyquant/capi.h"
+
 #include <stdint.h>
 
-#include "pyquant/capi.h"
 #include "pyquant/dispatch.h"
 
 #define PQ_DECLARE_AMP(ns)                                                                                  \
@@ -13,8 +14,8 @@ PQ_FOR_EACH_ISA(PQ_DECLARE_AMP)
 extern "C" {
 
 // torch's _amp_foreach_non_finite_check_and_unscale_ over `count` contiguous tensors: grads[t] holds
-// numels[t] elements of dtype dtypes[t] (0 float32, 1 float16, 2 bfloat16, 3 float64). Each element is
-// widened to float32 (float64 stays), checked, multiplied by *inv_scale unless it is 1, rounded back
+// numels[t] elements of dtype dtypes[t] (enum pq_dtype: float32, float16, bfloat16 or float64). Each element
+// is widened to float32 (float64 stays), checked, multiplied by *inv_scale unless it is 1, rounded back
 // (nearest even, no flushing). *found_inf becomes 1.0 if any element was inf or NaN (never cleared).
 // threads <= 0: OpenMP's default; the bits do not depend on it. vector == 0 forces the element-by-element
 // code (same bits as the vector code).
@@ -26,7 +27,8 @@ int32_t pq_unscale_(int32_t count, void* const* grads, const int64_t* numels, co
   if (count == 0) return 0;
   if (!grads || !numels || !dtypes || !found_inf || !inv_scale) return PQ_INVALID_ARGUMENT;
   for (int32_t t = 0; t < count; ++t)
-    if (numels[t] < 0 || dtypes[t] < 0 || dtypes[t] > 3 || (numels[t] > 0 && !grads[t]))
+    if (numels[t] < 0 || dtypes[t] < PQ_DTYPE_FLOAT32 || dtypes[t] > PQ_DTYPE_FLOAT64 ||
+        (numels[t] > 0 && !grads[t]))
       return PQ_INVALID_ARGUMENT;
   PQ_DISPATCH_VOID(unscale(count, grads, numels, dtypes, found_inf, inv_scale, threads, vector))
   return 0;

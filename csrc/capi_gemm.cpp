@@ -1,4 +1,6 @@
-// C ABI of the half-precision matrix multiply (csrc/cpu/gemm.cpp), loaded by pyquant/ops/matmul.py.
+// C ABI of the half-precision matrix multiply (csrc/cpu/gemm.cpp), bound in pyquant/backends/capi.py.
+#include "pyquant/capi.h"
+
 #include <stdint.h>
 
 #include "pyquant/dispatch.h"
@@ -17,12 +19,12 @@ PQ_FOR_EACH_ISA(PQ_DECLARE_GEMM)
 extern "C" {
 
 // C[batch] = A[batch] @ B[batch] (+ bias): float32 accumulation, one rounding to C's dtype.
-// Dtypes are pq::DType codes (0 float32, 1 float16, 2 bfloat16) for every operand. `nb` batch dimensions
+// Dtypes are enum pq_dtype codes (float32, float16, bfloat16) for every operand. `nb` batch dimensions
 // of sizes batch_shape; a_strides, b_strides, c_strides hold nb batch strides then the row and column
 // strides, in elements (0 broadcasts). A is M x K, B is K x N, C is M x N. bias (nullable) is added to
 // the accumulators before the products: N values (bias_rows 0, one per column) or M values (bias_rows 1,
 // one per row) at stride bias_stride. C must not overlap A, B or bias. threads <= 0: OpenMP's default (the bits do
-// not depend on it). flags bit 0 (PQ_MATMUL_BF16_DOT): bfloat16 x bfloat16 products may use the AVX512-BF16
+// not depend on it). flags PQ_MATMUL_BF16_DOT: bfloat16 x bfloat16 products may use the AVX512-BF16
 // dot product on CPUs that have it (pairs of k per instruction, subnormals flushed; docs/low_precision.md);
 // without it every product is the sequential float32 fma chain.
 void pq_matmul(int32_t nb, const int64_t* batch_shape, const void* a, int32_t a_dtype, const int64_t* a_strides,

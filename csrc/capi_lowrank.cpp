@@ -1,4 +1,7 @@
-// C ABI of the fused low-rank convolution (csrc/cpu/lowrank_conv.cpp); pyquant/ops/lowrank_conv.py loads it.
+// C ABI of the fused low-rank convolution (csrc/cpu/lowrank_conv_forward.cpp, csrc/cpu/lowrank_conv_weight_grad.cpp);
+// bound in pyquant/backends/capi.py.
+#include "pyquant/capi.h"
+
 #include <stdint.h>
 
 #include "pyquant/dispatch.h"
@@ -14,10 +17,6 @@ PQ_FOR_EACH_ISA(PQ_DECLARE_LOWRANK)
 
 extern "C" {
 
-// The version of this ABI: pyquant/ops/lowrank_conv.py refuses a library whose version differs (a stale
-// build), and runs the reference implementation instead. Bump on any change of the functions below.
-int32_t pq_lowrank_abi(void) { return 4; }
-
 // 1: bfloat16 convolutions use the AVX512_BF16 pair kernel where the CPU has it; 0: the float32 path.
 int32_t pq_lowrank_bf16_dot = 1;
 
@@ -30,7 +29,7 @@ int32_t pq_lowrank_set_bf16_dot(int32_t on) {
 
 // y = W2 . conv(x, W1) + bias for contiguous NCHW x [N, C, H, W], W1 [R, C, kh, kw], W2 [O, R], bias [O]
 // (NULL: none), y [N, O, Ho, Wo]; t (NULL: not wanted) receives the intermediate [N, R, Ho, Wo].
-// Every tensor has the dtype `dtype` (0 float32, 1 float16, 2 bfloat16); accumulation is float32.
+// Every tensor has the dtype `dtype` (PQ_DTYPE_FLOAT32, _FLOAT16 or _BFLOAT16); accumulation is float32.
 // dims: N, C, H, W, R, O, kh, kw, stride h, w, padding h, w, dilation h, w, Ho, Wo.
 // w2 NULL: a single convolution y = conv(x, W1) into R channels (dims O = R, bias and t NULL): the input
 // gradient of the backward pass, a stride-1 convolution with the flipped, transposed W1.

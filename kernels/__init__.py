@@ -1,20 +1,8 @@
-"""The triton backend: Triton kernels for block-wise quantisation and the fused Adam step.
+"""pyquant's Triton kernels, importable as `pyquant.kernels` (and only so).
 
-Installed as `pyquant.kernels` (import it by that name). `OPS` has the keys and signatures of pyquant._cpu.OPS.
-The kernels take their code tables from `pyquant.functional.cached_code_table`, which builds them with
-this backend's "code_table" (a Triton binary search per bin) when it is the selected one.
-Kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set
-before triton is imported). Numerics: docs/numerics.md, per element as csrc/include/pyquant/blockwise.h.
-Multi-tensor Adam: one launch per (param dtype, grad dtype) of a call, normally one per parameter group
-(see pyquant.kernels.adam).
+One module per op family: blockwise (quantise, dequantise, code tables), adam (the fused multi-tensor step),
+amp (unscale-and-check), matmul, lowrank_conv. Each holds the `@triton.jit` kernels and the host function
+that launches them; pyquant.backends.triton registers those host functions as the "triton" backend.
+Kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set before
+triton is imported). Numerics: docs/numerics.md, per element as csrc/include/pyquant/blockwise.h.
 """
-
-from pyquant.kernels.adam import adam_step
-from pyquant.kernels.blockwise import code_table, dequantize_blockwise, quantize_blockwise
-
-OPS = {
-    "code_table": code_table,
-    "quantize_blockwise": quantize_blockwise,
-    "dequantize_blockwise": dequantize_blockwise,
-    "adam_step": adam_step,
-}

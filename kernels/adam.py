@@ -22,7 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
+from pyquant._contract import CONSTANT_FIELDS, OPTIMIZER_BLOCK
 from pyquant.kernels.blockwise import (
+    LaunchTables,
     DTYPE_CODES,
     LAUNCH,
     load_f32,
@@ -32,12 +34,11 @@ from pyquant.kernels.blockwise import (
     store_f32,
 )
 
-STATE_BLOCK = 256  # block size of the 8-bit states (pyquant._reference.OPTIMIZER_BLOCK)
+STATE_BLOCK = OPTIMIZER_BLOCK  # block size of the 8-bit states
 ADAM_ROWS = 4  # state blocks per program
-N_CONSTANTS = 10  # columns of `constants`: pyquant._reference.CONSTANT_FIELDS
+N_CONSTANTS = len(CONSTANT_FIELDS)  # columns of `constants`
 META_FIELDS = 8  # param, grad, state1, state2, absmax1, absmax2 addresses; numel; state bits
-_TABLE_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-_TABLE_CACHE_SIZE = 32
+_LAUNCH_TABLES = LaunchTables(limit=32)
 
 
 @triton.jit
@@ -153,34 +154,20 @@ def _check(i, device, p, g, s1, s2, a1, a2):
             raise ValueError(f"adam_step: absmax of tensor {i} must be {blocks} float32 values")
 
 
+def _programs(rows) -> list[tuple[int, int]]:
+    """program -> (tensor, first block): ADAM_ROWS blocks of one tensor per program."""
+    return [(t, b) for t, row in enumerate(rows) for b in range(0, -(-row[6] // STATE_BLOCK), ADAM_ROWS)]
+
+
 def _tables(tensors) -> tuple[torch.Tensor, torch.Tensor]:
     """`meta` and `progs` (see the module docstring) for `tensors`: (p, g, s1, s2, a1, a2) tuples."""
-    rows, key = [], []
-    for p, g, s1, s2, a1, a2 in tensors:
-        bits = 8 if s1.dtype == torch.uint8 else 32
-        row = [p.data_ptr(), g.data_ptr(), s1.data_ptr(), s2.data_ptr(), a1.data_ptr(), a2.data_ptr(), p.numel(), bits]
-        rows.append(row)
-        key.extend(row)
-    device = tensors[0][0].device
-    key = (str(device), *key)
-    cached = _TABLE_CACHE.get(key)
-    if cached is not None:
-        return cached
-    progs = []
-    for t, row in enumerate(rows):
-        blocks = -(-row[6] // STATE_BLOCK)
-        progs.extend((t, b) for b in range(0, blocks, ADAM_ROWS))  # program -> (tensor, first block)
-    meta = torch.tensor(rows, dtype=torch.int64).to(device)
-    prog = torch.tensor(progs, dtype=torch.int32).reshape(-1, 2).to(device)
-    if len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE:
-        _TABLE_CACHE.pop(next(iter(_TABLE_CACHE)))
-    _TABLE_CACHE[key] = (meta, prog)
-    return meta, prog
+    rows = [[p.data_ptr(), g.data_ptr(), s1.data_ptr(), s2.data_ptr(), a1.data_ptr(), a2.data_ptr(), p.numel(),
+             8 if s1.dtype == torch.uint8 else 32] for p, g, s1, s2, a1, a2 in tensors]
+    return _LAUNCH_TABLES.get(tensors[0][0].device, rows, _programs)
 
 
-def adam_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite):
-    from pyquant.functional import cached_code_table
-
+def adam_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, table1, table2, nonfinite):
+    """`table1`, `table2`: the bin -> index tables of code1 and code2 (pyquant.backends.code_tables)."""
     if len(params) == 0:
         return torch.zeros((), dtype=torch.int64)
     device = params[0].device
@@ -194,7 +181,6 @@ def adam_step(params, grads, state1, state2, absmax1, absmax2, constants, code1,
             buckets.setdefault((tensors[0].dtype, tensors[1].dtype), []).append(i)
     if not buckets:
         return total
-    table1, table2 = cached_code_table(code1), cached_code_table(code2)
     code1, code2 = code1.contiguous(), code2.contiguous()
     consts = constants.to(device=device, dtype=torch.float32).contiguous()
     for (p_dtype, g_dtype), idx in buckets.items():

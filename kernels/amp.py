@@ -1,4 +1,4 @@
-"""Triton kernel for GradScaler's unscale-and-check (`pyquant::unscale_`, see pyquant.amp).
+"""Triton kernel for GradScaler's unscale-and-check (`pyquant::unscale_`, launched by pyquant.backends.triton.amp).
 
 Per element it is torch's `_amp_foreach_non_finite_check_and_unscale_`: widen the gradient to float32
 (float64 stays float64), a non-finite value (inf or NaN) sets found_inf to 1.0, the result is
@@ -21,13 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
-from pyquant.kernels.blockwise import LAUNCH, load_f32, store_f32
+from pyquant._contract import DTYPE_CODES
+from pyquant.kernels.blockwise import LAUNCH, LaunchTables, load_f32, store_f32
 
-F32, F16, BF16, F64 = 0, 1, 2, 3  # dtype codes (F32/F16/BF16 as pyquant.kernels.blockwise)
-DTYPE_CODES = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16, torch.float64: F64}
 BLOCK = 1024  # elements per program
-_TABLE_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-_TABLE_CACHE_SIZE = 16
+_LAUNCH_TABLES = LaunchTables(limit=16)
 
 
 @triton.jit
@@ -75,18 +73,8 @@ def _unscale_kernel(meta_ptr, prog_ptr, found_ptr, inv_ptr, BLOCK: tl.constexpr)
 
 def _tables(grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     rows = [(g.data_ptr(), g.numel(), DTYPE_CODES[g.dtype]) for g in grads]
-    device = grads[0].device
-    key = (str(device), *rows)
-    cached = _TABLE_CACHE.get(key)
-    if cached is not None:
-        return cached
-    progs = [(t, b) for t, (_, numel, _) in enumerate(rows) for b in range(triton.cdiv(numel, BLOCK))]
-    meta = torch.tensor(rows, dtype=torch.int64).to(device)
-    prog = torch.tensor(progs, dtype=torch.int32).reshape(-1, 2).to(device)
-    if len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE:
-        _TABLE_CACHE.pop(next(iter(_TABLE_CACHE)))
-    _TABLE_CACHE[key] = (meta, prog)
-    return meta, prog
+    return _LAUNCH_TABLES.get(grads[0].device, rows, lambda rows: [
+        (t, b) for t, (_, numel, _) in enumerate(rows) for b in range(triton.cdiv(numel, BLOCK))])
 
 
 def unscale_(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor) -> None:

@@ -18,10 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-F32, F16, BF16 = 0, 1, 2  # storage dtype codes (constexpr): pq::DType
-DTYPE_CODES = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16}
+from pyquant._contract import DTYPE_CODES, GRID_POINTS
 
-GRID_POINTS = 65536  # bins of the quantisation grid (entries of a code table)
+# The storage dtype codes as the kernels' constexpr arguments (enum pq_dtype of capi.h).
+F32, F16, BF16 = DTYPE_CODES[torch.float32], DTYPE_CODES[torch.float16], DTYPE_CODES[torch.bfloat16]
 TABLE_BLOCK = 4096  # bins per code-table program
 QUANT_TILE = 4096  # elements per quantize program: ROWS blocks x COLS columns
 DEQUANT_BLOCK = 1024  # elements per dequantize program
@@ -35,6 +35,29 @@ def storage_view(t: torch.Tensor) -> torch.Tensor:
 
 
 # ---- storage conversions ----
+class LaunchTables:
+    """The host tables of a multi-tensor launch (Triton cannot take a list of tensors): `meta`, one int64 row per
+    tensor (addresses, sizes, kinds), and `progs`, one int32 (tensor, block) pair per program. They depend only
+    on the rows, so the last `limit` pairs are kept: a training loop steps the same tensors every time."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, device: torch.device, rows: list, programs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(meta, progs) on `device` for `rows`; `programs(rows)` lists the (tensor, block) pairs on a miss."""
+        key = (str(device), *(value for row in rows for value in row))
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        meta = torch.tensor(rows, dtype=torch.int64).to(device)
+        progs = torch.tensor(programs(rows), dtype=torch.int32).reshape(-1, 2).to(device)
+        if len(self.cache) >= self.limit:
+            self.cache.pop(next(iter(self.cache)))  # the oldest
+        self.cache[key] = (meta, progs)
+        return meta, progs
+
+
 @triton.jit
 def load_f32(ptr, offs, mask, DTYPE: tl.constexpr):
     """Load storage of DTYPE (F32: float32 pointer; F16/BF16: int16 pointer) as float32, exactly."""
@@ -176,9 +199,8 @@ def code_table(code: torch.Tensor) -> torch.Tensor:
     return table
 
 
-def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int):
-    from pyquant.functional import cached_code_table
-
+def quantize_blockwise(x: torch.Tensor, table: torch.Tensor, blocksize: int):
+    """`table`: the code's bin -> index table (pyquant.backends.code_tables)."""
     n = x.numel()
     nblocks = -(-n // blocksize)
     q = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
@@ -189,7 +211,7 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int):
     rows = QUANT_TILE // cols
     grid = (triton.cdiv(nblocks, rows),)
     _quantize_kernel[grid](
-        storage_view(x.contiguous()), cached_code_table(code), q, absmax, n, blocksize, nblocks,
+        storage_view(x.contiguous()), table, q, absmax, n, blocksize, nblocks,
         DTYPE=DTYPE_CODES[x.dtype], ROWS=rows, COLS=cols, **LAUNCH,
     )
     return q, absmax

@@ -21,9 +21,6 @@ The unscale-and-check of all gradients of one device is one custom op, `pyquant:
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import importlib.util
 import math
 import warnings
 from collections import abc, defaultdict
@@ -32,153 +29,10 @@ from typing import Any
 import torch
 from torch.amp.grad_scaler import OptState  # the stage values, shared with torch for code that reads them
 
-from pyquant import _native, backends
-from pyquant._nvtx import kernel_range
+from pyquant import _ops, backends
+from pyquant.backends.capi import GRAD_DTYPES, check_unscale_operands
 
-__all__ = ["GradScaler", "OptState", "half", "unscale_", "unscale_cpu", "unscale_reference", "unscale_triton"]
-
-GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-# ---- the op: unscale all grads of one device and record whether any was inf/NaN ----
-def unscale_reference(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor) -> None:
-    """Plain torch, any device, no host sync. Per element torch's `_amp_foreach_non_finite_check_and_unscale_`:
-
-    v = grad widened to float32 (float64 stays float64); if v is inf or NaN, found_inf = 1.0;
-    grad = (v if inv_scale == 1.0 else v * inv_scale) rounded back to grad's dtype.
-    """
-    check_unscale_operands(grads, found_inf, inv_scale)
-    unit = inv_scale == 1.0
-    for g in grads:
-        v = g.double() if g.dtype == torch.float64 else g.float()  # .float() of a float32 grad is the grad itself
-        found_inf.masked_fill_(~torch.isfinite(v).all(), 1.0)
-        g.copy_(torch.where(unit, v, v * inv_scale))
-
-
-def unscale_triton(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor) -> None:
-    """The Triton kernel (pyquant.kernels.amp, imported on first use): one launch for all grads."""
-    from pyquant.kernels.amp import unscale_ as kernel
-
-    kernel(grads, found_inf, inv_scale)
-
-
-_CPU_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
-
-
-@functools.cache
-def _cpu_kernel():
-    """`pq_unscale_` of the C++ CPU library with its argtypes set, or None when the library lacks it."""
-    lib = _native.cpu_library()
-    if lib is None or not hasattr(lib, "pq_unscale_"):
-        return None
-    fn = lib.pq_unscale_
-    P, I32 = ctypes.c_void_p, ctypes.c_int32
-    fn.argtypes = [I32, P, P, P, P, P, I32, I32]
-    fn.restype = I32
-    return fn
-
-
-def check_unscale_operands(grads, found_inf, inv_scale, *, inv_scale_on_device: bool = True) -> None:
-    """What unscale_ and every kernel of it need (the kernels read found_inf and inv_scale through pointers)."""
-    for name, t in (("found_inf", found_inf), ("inv_scale", inv_scale)):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.numel() != 1:
-            raise TypeError(f"{name} must be a float32 tensor with one element")
-    if inv_scale_on_device and inv_scale.device != found_inf.device:
-        raise ValueError(f"inv_scale is on {inv_scale.device} but found_inf is on {found_inf.device}")
-    for i, g in enumerate(grads):
-        _check_grad(i, g, found_inf.device)
-
-
-def _check_grad(i: int, g, device: torch.device) -> None:
-    if not isinstance(g, torch.Tensor) or g.dtype not in GRAD_DTYPES:
-        what = getattr(g, "dtype", type(g).__name__)
-        raise TypeError(f"gradient {i} is {what}: only floating-point gradients can be unscaled")
-    if g.device != device:
-        raise ValueError(f"gradient {i} is on {g.device} but found_inf is on {device}")
-
-
-def unscale_cpu(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor, *,
-                threads: int = 0, vector: bool = True) -> None:
-    """The C++ kernel (csrc/cpu/amp.cpp): one call for all contiguous grads, OpenMP over chunks of all of
-    them; a non-contiguous grad goes to the reference. Same bits as the reference for any thread count
-    (`threads` <= 0: OpenMP's default); `vector=False` forces the element-by-element code (tests)."""
-    check_unscale_operands((), found_inf, inv_scale)
-    if found_inf.device.type != "cpu":
-        raise ValueError(f"unscale_cpu got tensors on {found_inf.device}")
-    kernel = _cpu_kernel()
-    if kernel is None:  # a library built before this kernel
-        check_unscale_operands(grads, found_inf, inv_scale)
-        return unscale_reference(grads, found_inf, inv_scale)
-    # One pass checks each gradient (what the C call trusts: dtype, device, layout) and collects the C call's
-    # arrays: per-gradient Python is most of this function's cost over a model's hundreds of gradients.
-    pointers, sizes, codes, others = [], [], [], []
-    codes_of = _CPU_DTYPE_CODES
-    for i, g in enumerate(grads):
-        code = codes_of.get(g.dtype) if isinstance(g, torch.Tensor) else None
-        if code is None or not g.is_cpu:
-            _check_grad(i, g, found_inf.device)  # raises, naming what is wrong with this gradient
-        n = g.numel()
-        if n == 0:
-            continue
-        if not g.is_contiguous():
-            others.append(g)
-            continue
-        pointers.append(g.data_ptr())
-        sizes.append(n)
-        codes.append(code)
-    if pointers:
-        count = len(pointers)
-        status = kernel(
-            count,
-            (ctypes.c_void_p * count)(*pointers),
-            (ctypes.c_int64 * count)(*sizes),
-            (ctypes.c_int32 * count)(*codes),
-            found_inf.data_ptr(),
-            inv_scale.data_ptr(),
-            threads,
-            int(vector),
-        )
-        if status != 0:  # unreachable after the checks above, unless they and the C ones disagree
-            raise ValueError(f"pyquant: the CPU library refused unscale_: invalid arguments (status {status})")
-    if others:
-        unscale_reference(others, found_inf, inv_scale)
-
-
-backends.register("unscale_", "reference", unscale_reference)
-backends.register("unscale_", "triton", unscale_triton)
-backends.register("unscale_", "cpu", unscale_cpu)
-
-
-def unscale_cuda(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor) -> None:
-    """The CUDA kernel (csrc/cuda/kernels.cu, unscale_kernel): one launch for all grads of the device."""
-    from pyquant import _cuda
-
-    _cuda.unscale_(grads, found_inf, inv_scale)
-
-
-backends.register("unscale_", "cuda", unscale_cuda)
-
-
-def _implementation(device_type: str):
-    """The selected backend's "unscale_" (pyquant.backends): the CUDA kernel when the CUDA library is built,
-    else the Triton kernel (when triton imports); without the C++ CPU library, CPU tensors go to the reference."""
-    try:
-        return backends.implementation("unscale_", device_type)  # raises if a forced backend cannot run here
-    except NotImplementedError:
-        if device_type == "cuda" and importlib.util.find_spec("triton") is not None:
-            return unscale_triton
-        return unscale_reference
-
-
-@torch.library.custom_op("pyquant::unscale_", mutates_args=("grads", "found_inf"))
-def _unscale_op(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor) -> None:
-    with kernel_range("unscale_"):
-        _implementation(found_inf.device.type)(grads, found_inf, inv_scale)
-
-
-@_unscale_op.register_fake
-def _(grads, found_inf, inv_scale):
-    return None
+__all__ = ["GradScaler", "OptState", "half", "unscale_"]
 
 
 def unscale_(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor) -> None:
@@ -189,16 +43,12 @@ def unscale_(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torc
         check_unscale_operands(grads, found_inf, inv_scale, inv_scale_on_device=False)
         return
     inv_scale = inv_scale.to(found_inf.device)
+    grads = list(grads)
+    # Each backend's kernel checks the operands; the op path checks them here first, so that the error is the
+    # same under torch.compile and fake tensors.
     if not backends.runs_eagerly(found_inf):
         check_unscale_operands(grads, found_inf, inv_scale)
-        _unscale_op(list(grads), found_inf, inv_scale)
-        return
-    # The kernel directly (backends.runs_eagerly says why); each backend's binding checks the operands. The
-    # version bump is what the op's `mutates_args` gives: autograd then knows the gradients were written in place.
-    with kernel_range("unscale_"):
-        _implementation(found_inf.device.type)(grads, found_inf, inv_scale)
-    torch.autograd.graph.increment_version(list(grads))
-    torch.autograd.graph.increment_version(found_inf)
+    _ops.call_eagerly(_ops.unscale_, "unscale_", found_inf, (grads, found_inf, inv_scale), [*grads, found_inf])
 
 
 # ---- the scaler ----

@@ -55,7 +55,7 @@ def _experiment_parser(commands) -> None:
 def _experiment(args) -> int:
     from pathlib import Path
 
-    from pyquant.experiment import config, runner
+    from pyquant.experiment import config, records, runner
 
     overrides = {k: getattr(args, k) for k in ("tasks", "models", "settings", "seeds", "scales", "epochs", "patience",
                                                "monitor", "batch_size", "lr", "device", "amp_dtype", "half_dtype",
@@ -74,7 +74,7 @@ def _experiment(args) -> int:
         runner.check_names(runs)  # an unknown model or setting is an error here too, not a "todo" run
         for run in runs:
             name = config.run_name(run)
-            print(("done  " if runner.is_finished(Path(cfg["out"]) / name, run["hash"]) else "todo  ") + name)
+            print(("done  " if records.is_finished(Path(cfg["out"]) / name, run["hash"]) else "todo  ") + name)
         return 0
     code = runner.run_grid(cfg, progress=not args.quiet)
     if code == 0 and not args.no_report:
@@ -91,6 +91,16 @@ def _experiment(args) -> int:
 def _message(e: Exception) -> str:
     """An exception's message: str() of a KeyError is its argument in quotes, so take the argument itself."""
     return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+
+
+def _kernel_matrix(matrix: dict[str, dict[str, bool]]) -> str:
+    """The op x backend table of `pyquant info`: which backend has a kernel for which op."""
+    names = list(next(iter(matrix.values())))
+    width = max(len(op) for op in matrix)
+    lines = [f"{'op':<{width}}  " + "  ".join(f"{n:<9}" for n in names)]
+    for op, has in matrix.items():
+        lines.append(f"{op:<{width}}  " + "  ".join(f"{'yes' if has[n] else '-':<9}" for n in names))
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,12 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "info":
         import torch
 
-        from pyquant import _native, backends
+        from pyquant import backends
+        from pyquant.backends import capi
 
-        print(f"torch {torch.__version__}; CPU library: {_native.cpu_isa()}")
+        print(f"torch {torch.__version__}; CPU library: {capi.cpu_isa()}")
         for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
             usable = [name for name in backends.BACKENDS if backends.available(name, device)]
             print(f"{device}: default backend {backends.select(device)}; available: {', '.join(usable)}")
+        print(_kernel_matrix(backends.matrix()))
     elif args.command == "experiment":
         try:
             return _experiment(args)

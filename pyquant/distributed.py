@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from pyquant import functional as F
-from pyquant._reference import OPTIMIZER_BLOCK
+from pyquant._contract import OPTIMIZER_BLOCK
 
 __all__ = ["load_checkpoint", "save_checkpoint"]
 

@@ -1,29 +1,20 @@
 """Block-wise 8-bit quantisation, API-compatible with bitsandbytes.functional.
 
-Each op is a `torch.library` custom op in the `pyquant` namespace with a fake kernel (so `torch.compile`
-and meta tensors work); its device kernels run on the backend that `pyquant.backends` selects.
+The front-end: it checks the user's arguments and calls the ops of pyquant._ops (`torch.library` custom ops
+with fake kernels, so `torch.compile` and meta tensors work), whose kernels run on the backend that
+`pyquant.backends` selects.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import re
-from typing import Sequence
-
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
-from pyquant import _maps, backends
-from pyquant._native import check_blocksize
-from pyquant._nvtx import kernel_range
+from pyquant import _maps, _ops
+from pyquant._contract import FLOAT_DTYPES, check_blocksize
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _dynamic_maps: dict[bool, torch.Tensor] = {}
-_code_tables: dict[tuple, torch.Tensor] = {}
-# The same code tensor (the optimizers' maps) is looked up every step: find it by identity and version
-# first, so that a GPU step does not copy the code to the host to build the content key.
-_tables_by_tensor = WeakIdKeyDictionary()
 
 
 def create_dynamic_map(signed: bool = True) -> torch.Tensor:
@@ -76,79 +67,6 @@ def _check_float(x: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
 
 
-def cached_code_table(code: torch.Tensor) -> torch.Tensor:
-    """The 65536-entry bin -> code index table of `code` (docs/numerics.md section 2, step 5), cached."""
-    hit = _tables_by_tensor.get(code)
-    if hit is not None and hit[0] == code._version:
-        return hit[1]
-    key = (code.device, code.detach().cpu().numpy().tobytes())
-    table = _code_tables.get(key)
-    if table is None:
-        # Built by the selected backend where it has a table builder (all builders give the same bits,
-        # tests check it); the cuda backend has none and takes the CPU's table.
-        build = backends.ops(code.device.type).get("code_table")
-        if build is not None:
-            table = build(code.detach())
-        else:
-            host = "cpu" if backends.available("cpu", "cpu") else "reference"
-            table = importlib.import_module(f"pyquant._{host}").code_table(code.detach().cpu()).to(code.device)
-        _code_tables[key] = table
-    _tables_by_tensor[code] = (code._version, table)
-    return table
-
-
-# ---- custom ops ----
-@torch.library.custom_op("pyquant::quantize_blockwise", mutates_args=())
-def _quantize_blockwise_op(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    with kernel_range("quantize_blockwise"):
-        return backends.implementation("quantize_blockwise", x.device.type)(x, code, blocksize)
-
-
-@_quantize_blockwise_op.register_fake
-def _(x, code, blocksize):
-    blocks = -(-x.numel() // blocksize)
-    return torch.empty_like(x, dtype=torch.uint8), x.new_empty((blocks,), dtype=torch.float32)
-
-
-@torch.library.custom_op("pyquant::dequantize_blockwise", mutates_args=())
-def _dequantize_blockwise_op(
-    q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, dtype: torch.dtype
-) -> torch.Tensor:
-    with kernel_range("dequantize_blockwise"):
-        return backends.implementation("dequantize_blockwise", q.device.type)(q, absmax, code, blocksize, dtype)
-
-
-@_dequantize_blockwise_op.register_fake
-def _(q, absmax, code, blocksize, dtype):
-    return torch.empty_like(q, dtype=dtype)
-
-
-@torch.library.custom_op(
-    "pyquant::adam_step_", mutates_args=("params", "state1", "state2", "absmax1", "absmax2")
-)
-def _adam_step_op(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    state1: list[torch.Tensor],
-    state2: list[torch.Tensor],
-    absmax1: list[torch.Tensor],
-    absmax2: list[torch.Tensor],
-    constants: torch.Tensor,
-    code1: torch.Tensor,
-    code2: torch.Tensor,
-    nonfinite: int,
-) -> torch.Tensor:
-    with kernel_range("adam_step"):
-        return backends.implementation("adam_step", params[0].device.type)(
-            params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite
-        )
-
-
-@_adam_step_op.register_fake
-def _(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite):
-    return params[0].new_empty((), dtype=torch.int64)
-
-
 # ---- public API ----
 def _one_block_at_most(blocksize: int, n: int) -> int:
     """A blocksize above n is n: the same single block and the same bits, and no kernel walks a huge
@@ -168,7 +86,7 @@ def quantize_blockwise(
     _check_float(x, "x")
     blocksize = _one_block_at_most(check_blocksize(blocksize), x.numel())
     code = check_code(create_dynamic_map(True).to(x.device) if code is None else code, x.device)
-    return _quantize_blockwise_op(x.contiguous(), code, blocksize)
+    return _ops.quantize_blockwise(x.contiguous(), code, blocksize)
 
 
 def dequantize_blockwise(
@@ -195,28 +113,15 @@ def dequantize_blockwise(
         raise ValueError(f"absmax is on {absmax.device} but q is on {q.device}")
     code = check_code(create_dynamic_map(True).to(q.device) if code is None else code, q.device)
     blocksize = _one_block_at_most(blocksize, q.numel())
-    return _dequantize_blockwise_op(q.contiguous(), absmax.reshape(-1).contiguous(), code, blocksize, dtype)
+    return _ops.dequantize_blockwise(q.contiguous(), absmax.reshape(-1).contiguous(), code, blocksize, dtype)
 
 
-def adam_step_multi_tensor(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    state1: Sequence[torch.Tensor],
-    state2: Sequence[torch.Tensor],
-    absmax1: Sequence[torch.Tensor],
-    absmax2: Sequence[torch.Tensor],
-    constants: torch.Tensor,
-    code1: torch.Tensor,
-    code2: torch.Tensor,
-    nonfinite: int,
-) -> torch.Tensor:
-    """One fused Adam step over a list of tensors (the optimizers' kernel; inputs are checked by them)."""
+def adam_step_multi_tensor(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite):
+    """One fused Adam step over lists of tensors (op `pyquant::adam_step_`; the optimizers check the inputs).
+    Returns the number of non-finite gradient elements skipped, a 0-dim int64 tensor."""
     args = (list(params), list(grads), list(state1), list(state2), list(absmax1), list(absmax2),
             constants, code1, code2, nonfinite)
-    if not args[0] or not backends.runs_eagerly(args[0][0]):
-        return _adam_step_op(*args)
-    # The kernel directly (backends.runs_eagerly says why), then the version bumps of the op's `mutates_args`.
-    with kernel_range("adam_step"):
-        count = backends.implementation("adam_step", args[0][0].device.type)(*args)
-    torch.autograd.graph.increment_version([t for written in args[:1] + args[2:6] for t in written])
-    return count
+    if not args[0]:
+        return torch.zeros((), dtype=torch.int64)
+    written = [t for tensors in args[:1] + args[2:6] for t in tensors]
+    return _ops.call_eagerly(_ops.adam_step_, "adam_step", args[0][0], args, written)

@@ -23,7 +23,7 @@ from itertools import chain
 import torch
 
 from pyquant import functional as F
-from pyquant._reference import OPTIMIZER_BLOCK, adam_constants
+from pyquant._contract import OPTIMIZER_BLOCK, adam_constants
 from pyquant.distributed import (
     checked_sharded_state,
     is_sharded,

@@ -1,7 +1,7 @@
 """``pyquant profile``: a few training steps of one harness setting under a profiler, and where memory goes.
 
 The model, data, recipe, optimizer and training step are the harness's own (pyquant.experiment: the config
-layers, ``create_model``, the setting's recipe, ``runner.train_step``), so the profile shows exactly what a
+layers, ``create_model``, the setting's recipe, ``loop.train_step``), so the profile shows exactly what a
 ``pyquant experiment`` run does. Batches are loaded onto the device before profiling starts, so the trace shows the
 step (forward, backward, optimizer), not the data loader.
 
@@ -63,7 +63,7 @@ def build(task: str, model: str, setting: str, preset: str = "quick", batch_size
     """The harness's run for (task, model, setting), and its model, data, recipe, optimizer and loader."""
     from pyquant.amp import GradScaler
     from pyquant.experiment.models import create_model
-    from pyquant.experiment.runner import _Batches, _loader, seed_everything
+    from pyquant.experiment.loop import Batches, data_loader, seed_everything
     from pyquant.experiment.settings import resolve
     from pyquant.experiment.tasks import get_task
 
@@ -80,8 +80,8 @@ def build(task: str, model: str, setting: str, preset: str = "quick", batch_size
     net = recipe.prepare_model(net.to(dev))
     optimizer = recipe.make_optimizer(net.parameters(), float(run["lr"]))
     scaler = GradScaler(dev.type, enabled=recipe.loss_scaling)
-    batches = _Batches(dev, size, recipe.model_dtype)
-    loader = _loader(data.train, int(run["batch_size"]), 0, True, run["seed"])
+    batches = Batches(dev, size, recipe.model_dtype)
+    loader = data_loader(data.train, int(run["batch_size"]), 0, True, run["seed"])
     return {"run": run, "device": dev, "recipe": recipe, "model": net, "optimizer": optimizer, "scaler": scaler,
             "batches": batches, "loader": loader, "image_size": size}
 
@@ -101,7 +101,7 @@ def _preload(ctx: dict, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def _steps(ctx: dict, batches: list) -> list[float]:
     """Run one training step per batch; the wall time of each (synchronised)."""
     from pyquant.experiment.measure import synchronize
-    from pyquant.experiment.runner import train_step
+    from pyquant.experiment.loop import train_step
 
     times = []
     for x, y in batches:

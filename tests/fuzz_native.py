@@ -15,10 +15,12 @@ import sys
 
 import torch
 
-from pyquant import _cpu, _native, amp
+from pyquant import backends
 from pyquant import functional as F
-from pyquant._reference import CONSTANT_FIELDS, adam_constants
-from pyquant.ops import conv16, gemm
+from pyquant._contract import CONSTANT_FIELDS, DTYPE_CODES, adam_constants
+from pyquant.backends import capi
+from pyquant.backends.code_tables import cached_code_table
+from pyquant.backends.cpu import gemm as cpu_gemm
 
 RNG = random.Random(0)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -104,12 +106,13 @@ def expect_refusal(call, what: str) -> None:
 
 
 def fuzz_bindings(cases: int) -> int:
+    cpu = backends.kernels_of("cpu")
     done = 0
     for _ in range(cases):
         ops = broken_adam_call()
         shapes = {k: [(tuple(t.shape), t.dtype, t.is_contiguous()) for t in v] if isinstance(v, list) else None
                   for k, v in ops.items()}
-        expect_refusal(lambda: _cpu.adam_step(**ops), f"adam_step {shapes}")
+        expect_refusal(lambda: cpu["adam_step"](**ops), f"adam_step {shapes}")
         done += 1
 
         n = RNG.choice([1, 100, 256, 1000, 5000])
@@ -119,20 +122,20 @@ def fuzz_bindings(cases: int) -> int:
         absmax = torch.ones(-(-n // bs))
         which = RNG.randrange(8)
         if which == 0:
-            expect_refusal(lambda: _cpu.quantize_blockwise(bad_tensor(x, DTYPES, ('dtype', 'strided', 'meta')), CODE1, bs), "quantize x")
+            expect_refusal(lambda: cpu["quantize_blockwise"](bad_tensor(x, DTYPES, ('dtype', 'strided', 'meta')), CODE1, bs), "quantize x")
         elif which == 1:
-            expect_refusal(lambda: _cpu.quantize_blockwise(x, bad_tensor(CODE1), bs), "quantize code")
+            expect_refusal(lambda: cpu["quantize_blockwise"](x, bad_tensor(CODE1), bs), "quantize code")
         elif which == 2:
             bad_bs = RNG.choice([0, -1, -(2**63), 2**63, 2**64, 1.5, True, None])
-            expect_refusal(lambda: _cpu.quantize_blockwise(x, CODE1, bad_bs), f"quantize blocksize {bad_bs!r}")
+            expect_refusal(lambda: cpu["quantize_blockwise"](x, CODE1, bad_bs), f"quantize blocksize {bad_bs!r}")
         elif which == 3:
             bad_q = bad_tensor(q)
             if bad_q.device.type == "cpu" and bad_q.is_contiguous() and bad_q.dtype == torch.uint8 \
                     and -(-bad_q.numel() // bs) == absmax.numel():
                 continue  # a count that still makes as many blocks is a valid q
-            expect_refusal(lambda: _cpu.dequantize_blockwise(bad_q, absmax, CODE1, bs, torch.float32), "dequantize q")
+            expect_refusal(lambda: cpu["dequantize_blockwise"](bad_q, absmax, CODE1, bs, torch.float32), "dequantize q")
         elif which == 4:
-            expect_refusal(lambda: _cpu.dequantize_blockwise(q, bad_tensor(absmax), CODE1, bs, torch.float32),
+            expect_refusal(lambda: cpu["dequantize_blockwise"](q, bad_tensor(absmax), CODE1, bs, torch.float32),
                            "dequantize absmax")
         elif which == 6:  # a bias or an inner size the C matmul would read past
             m, k, cols = RNG.randint(1, 9), RNG.randint(1, 9), RNG.randint(1, 9)
@@ -140,12 +143,12 @@ def fuzz_bindings(cases: int) -> int:
             dim = RNG.choice([-1, -2])
             length = (m if dim == -2 else cols) + (RNG.choice([-1, 1, 7]) if b.shape[0] == k else 0)
             bias = torch.randn(max(length, 0)).bfloat16()
-            expect_refusal(lambda: gemm.matmul_cpu(a, b, bias, dim, torch.float32), f"matmul {a.shape} {b.shape}")
+            expect_refusal(lambda: cpu_gemm.matmul(a, b, bias, dim, torch.float32), f"matmul {a.shape} {b.shape}")
         elif which == 7:
             x4 = torch.randn(2, 5, 5, 3).bfloat16()
             geometry = (3, 3, 1, 1, 1, 1, 1, 1)
             other = torch.randn(27 + RNG.choice([-1, 1, 27]), 4).bfloat16()
-            expect_refusal(lambda: conv16.im2col_matmul_cpu(x4, other, None, -1, geometry, True, torch.float32),
+            expect_refusal(lambda: cpu_gemm.im2col_matmul(x4, other, None, -1, geometry, True, torch.float32),
                            f"im2col other {tuple(other.shape)}")
         else:
             g = torch.randn(n).to(RNG.choice(DTYPES))
@@ -157,24 +160,24 @@ def fuzz_bindings(cases: int) -> int:
             else:
                 args[slot] = RNG.choice([torch.zeros(2), torch.zeros(1, dtype=torch.float64),
                                          torch.zeros(1, device="meta")])
-            expect_refusal(lambda: amp.unscale_cpu(*args), f"unscale_ slot {slot}")
+            expect_refusal(lambda: cpu["unscale_"](*args), f"unscale_ slot {slot}")
         done += 1
     return done
 
 
 def fuzz_c_arguments() -> int:
     """Raw C calls with invalid scalars: PQ_INVALID_ARGUMENT, and nothing written."""
-    lib = _native.cpu_library()
+    lib = capi.cpu_library()
     x, q, absmax = torch.randn(1000), torch.full((1000,), 7, dtype=torch.uint8), torch.full((4,), -1.0)
-    table = F.cached_code_table(CODE1)
+    table = cached_code_table(CODE1)
     ptr = lambda t: t.data_ptr()  # noqa: E731
     cases = 0
     for n, bs, dtype in [(-1, 256, 0), (1000, 0, 0), (1000, -256, 0), (1000, 256, 3), (1000, 256, -1),
                          (-(2**63), 1, 0), (1000, -(2**63), 0)]:
         status = lib.pq_quantize_blockwise(ptr(x), dtype, n, bs, ptr(table), ptr(q), ptr(absmax))
-        assert status == _native.INVALID_ARGUMENT, (n, bs, dtype, status)
+        assert status == capi.INVALID_ARGUMENT, (n, bs, dtype, status)
         status = lib.pq_dequantize_blockwise(ptr(q), ptr(absmax), ptr(CODE1), n, bs, ptr(x), dtype)
-        assert status == _native.INVALID_ARGUMENT, (n, bs, dtype, status)
+        assert status == capi.INVALID_ARGUMENT, (n, bs, dtype, status)
         cases += 2
     assert torch.all(q == 7) and torch.all(absmax == -1.0), "an invalid call wrote"
     # a huge blocksize: one block of n elements, as blocksize = n (the old (n + bs - 1) / bs overflowed)
@@ -186,12 +189,12 @@ def fuzz_c_arguments() -> int:
     ops = adam_operands(2)
     before = [t.clone() for t in ops["params"]]
     for field, value in [("numel", -1), ("param_dtype", 5), ("grad_dtype", -2), ("state_bits", 16), ("param", None)]:
-        descriptors = (_native.AdamTensor * 2)()
+        descriptors = (capi.AdamTensor * 2)()
         for d, p, g, s1, s2, a1, a2 in zip(descriptors, ops["params"], ops["grads"], ops["state1"], ops["state2"],
                                             ops["absmax1"], ops["absmax2"]):
             d.param, d.grad, d.state1, d.state2 = ptr(p), ptr(g), ptr(s1), ptr(s2)
             d.absmax1, d.absmax2 = ptr(a1), ptr(a2)
-            d.numel, d.param_dtype, d.grad_dtype = p.numel(), _native.DTYPE_CODES[p.dtype], _native.DTYPE_CODES[g.dtype]
+            d.numel, d.param_dtype, d.grad_dtype = p.numel(), DTYPE_CODES[p.dtype], DTYPE_CODES[g.dtype]
             d.state_bits = 8 if s1.dtype == torch.uint8 else 32
         if field == "param":
             descriptors[1].numel = max(descriptors[1].numel, 1)
@@ -199,31 +202,31 @@ def fuzz_c_arguments() -> int:
         else:
             setattr(descriptors[1], field, value)
         bad = lib.pq_adam_step(descriptors, 2, ptr(CODE1), ptr(CODE2), ptr(table), ptr(table), 0)
-        assert bad == -_native.INVALID_ARGUMENT, (field, value, bad)
+        assert bad == -capi.INVALID_ARGUMENT, (field, value, bad)
         cases += 1
-    huge = (_native.AdamTensor * 257)()  # 257 * ceil((2**63 - 1) / 256) blocks do not fit one int64 index
+    huge = (capi.AdamTensor * 257)()  # 257 * ceil((2**63 - 1) / 256) blocks do not fit one int64 index
     for d in huge:
         d.param = d.grad = d.state1 = d.state2 = d.absmax1 = d.absmax2 = x.data_ptr()
         d.numel, d.state_bits = 2**63 - 1, 8
-    assert lib.pq_adam_step(huge, 257, ptr(CODE1), ptr(CODE2), ptr(table), ptr(table), 0) == -_native.INVALID_ARGUMENT
+    assert lib.pq_adam_step(huge, 257, ptr(CODE1), ptr(CODE2), ptr(table), ptr(table), 0) == -capi.INVALID_ARGUMENT
     for count, nonfinite in [(-1, 0), (2, 2)]:
-        assert lib.pq_adam_step(None, count, None, None, None, None, nonfinite) == -_native.INVALID_ARGUMENT
+        assert lib.pq_adam_step(None, count, None, None, None, None, nonfinite) == -capi.INVALID_ARGUMENT
         cases += 1
     assert all(torch.equal(a, b) for a, b in zip(before, ops["params"])), "an invalid adam call wrote"
 
-    fn = amp._cpu_kernel()
+    fn = lib.pq_unscale_
     numels, dtypes = (ctypes.c_int64 * 1)(-5), (ctypes.c_int32 * 1)(0)
     found, inv = torch.zeros(1), torch.ones(1)
     grads = (ctypes.c_void_p * 1)(x.data_ptr())
-    assert fn(1, grads, numels, dtypes, ptr(found), ptr(inv), 0, 1) == _native.INVALID_ARGUMENT
+    assert fn(1, grads, numels, dtypes, ptr(found), ptr(inv), 0, 1) == capi.INVALID_ARGUMENT
     numels[0], dtypes[0] = 1000, 9
-    assert fn(1, grads, numels, dtypes, ptr(found), ptr(inv), 0, 1) == _native.INVALID_ARGUMENT
-    assert fn(-3, None, None, None, None, None, 0, 1) == _native.INVALID_ARGUMENT
+    assert fn(1, grads, numels, dtypes, ptr(found), ptr(inv), 0, 1) == capi.INVALID_ARGUMENT
+    assert fn(-3, None, None, None, None, None, 0, 1) == capi.INVALID_ARGUMENT
     return cases + 3
 
 
 if __name__ == "__main__":
-    if _native.cpu_library() is None:
+    if capi.cpu_library() is None:
         print("skip: the CPU library is not built")
         sys.exit(0)
     total = fuzz_bindings(int(sys.argv[1]) if len(sys.argv) > 1 else 300) + fuzz_c_arguments()

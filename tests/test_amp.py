@@ -1,5 +1,5 @@
 """pyquant.amp.GradScaler side by side with torch.amp.GradScaler("cpu"), the `pyquant::unscale_` op against
-torch's `_amp_foreach_non_finite_check_and_unscale_`, and the Triton kernel against the reference.
+torch's `_amp_foreach_non_finite_check_and_unscale_`, and its Triton, C++ and CUDA kernels against the reference.
 
 "Bit equality" is torch.equal on integer views. The one relaxation: the NaN bits of float16/bfloat16
 gradients are compared by position only (torch's own CPU kernel writes a bfloat16 NaN as 0xFFFF or 0x7FC0
@@ -9,6 +9,7 @@ depending on whether the element falls in its vectorised body or its scalar tail
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import os
 import pickle
@@ -21,34 +22,14 @@ from torch import nn
 import pyquant.amp as amp
 from pyquant import backends
 from pyquant.amp import GradScaler
+from pyquant.backends.cpu.amp import unscale_ as unscale_cpu
+from pyquant.backends.reference.amp import unscale_ as unscale_reference
 
-INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16}
+import conftest
+from conftest import TRITON_DEVICE, bits, cpu_isa, needs_cpu_library, special_values
 
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().cpu()
-    if not t.is_floating_point():
-        return t
-    view = t.contiguous().view(INT_VIEW[t.element_size()])
-    if t.element_size() == 2:  # see the module docstring
-        view = torch.where(torch.isnan(t), torch.full_like(view, -1), view)
-    return view
-
-
-def assert_same_bits(a, b, what=""):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, what
-        assert torch.equal(bits(a), bits(b)), what
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), what
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_bits(x, y, f"{what}[{i}]")
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), what
-        for k in a:
-            assert_same_bits(a[k], b[k], f"{what}[{k!r}]")
-    else:
-        assert type(a) is type(b) and a == b, f"{what}: {a!r} != {b!r}"
+# The NaNs of 16-bit gradients compare by position only (see the module docstring).
+assert_same_bits = functools.partial(conftest.assert_same_bits, nan_blind=(torch.float16, torch.bfloat16))
 
 
 # ---- the op: reference against torch's kernel ----
@@ -73,7 +54,7 @@ def test_reference_is_torchs_kernel_on_every_value(dtype):
         want, found_want = x.clone(), torch.zeros(())
         torch._amp_foreach_non_finite_check_and_unscale_([want], found_want, inv_t)
         got, found_got = x.clone(), torch.zeros(())
-        amp.unscale_reference([got], found_got, inv_t)
+        unscale_reference([got], found_got, inv_t)
         assert_same_bits(got, want, f"{dtype} inv={inv}")
         if dtype == torch.float32:  # even the NaN payloads
             assert torch.equal(got.view(torch.int32), want.view(torch.int32))
@@ -148,19 +129,6 @@ def test_op_runs_in_a_named_nvtx_range(nvtx_names):
 
 
 # ---- the Triton kernel against the reference ----
-def _triton_or_skip():
-    try:
-        import pyquant.kernels.amp as K
-    except Exception as exc:  # pragma: no cover - depends on the environment
-        pytest.skip(f"triton cannot be imported: {exc}")
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover
-        pytest.skip("no CUDA device and TRITON_INTERPRET is not 1")
-    return K
-
-
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _kernel_inputs():
     g = torch.Generator().manual_seed(3)
     out = []
@@ -176,14 +144,15 @@ def _kernel_inputs():
     return out
 
 
-@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+@pytest.mark.triton
 @pytest.mark.parametrize("inv", [1.0, 2.0**-16, 1e30])
 def test_triton_kernel_is_the_reference(inv):
-    K = _triton_or_skip()
+    import pyquant.kernels.amp as K
+
     grads = _kernel_inputs()
     inv_t = torch.tensor(inv, dtype=torch.float32, device=TRITON_DEVICE)
     want, found_want = [t.clone() for t in grads], torch.zeros((), device=TRITON_DEVICE)
-    amp.unscale_reference(want, found_want, inv_t)
+    unscale_reference(want, found_want, inv_t)
     got, found_got = [t.clone() for t in grads], torch.zeros((), device=TRITON_DEVICE)
     K.unscale_(got, found_got, inv_t)
     for i, (a, b) in enumerate(zip(got, want)):
@@ -198,9 +167,10 @@ def test_triton_kernel_is_the_reference(inv):
     assert found.item() == 0.0
 
 
-@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+@pytest.mark.triton
 def test_scaler_uses_the_triton_kernel_in_one_launch_when_forced(monkeypatch):
-    K = _triton_or_skip()
+    import pyquant.kernels.amp as K
+
     launches = []
     kernel = K._unscale_kernel
 
@@ -232,16 +202,16 @@ def test_scaler_uses_the_triton_kernel_in_one_launch_when_forced(monkeypatch):
 
 def test_backends_find_the_implementations():
     with backends.use_backend("reference"):
-        assert backends.implementation("unscale_", "cpu") is amp.unscale_reference
+        assert backends.implementation("unscale_", "cpu") is unscale_reference
     if os.environ.get("TRITON_INTERPRET") == "1":
         with backends.use_backend("triton"):
-            assert backends.implementation("unscale_", "cpu") is amp.unscale_triton
+            assert backends.implementation("unscale_", "cpu") is backends.kernels_of("triton")["unscale_"]
     # the default CPU backend: the C++ kernel, or the reference without the library
-    want = amp.unscale_cpu if backends.available("cpu", "cpu") else amp.unscale_reference
-    assert amp._implementation("cpu") is want
+    want = unscale_cpu if backends.available("cpu", "cpu") else unscale_reference
+    assert backends.implementation("unscale_", "cpu") is want
     if backends.available("cpu", "cpu"):
         with backends.use_backend("cpu"):
-            assert backends.implementation("unscale_", "cpu") is amp.unscale_cpu
+            assert backends.implementation("unscale_", "cpu") is unscale_cpu
 
 
 def test_forced_triton_without_interpreter_is_a_clear_error(monkeypatch):
@@ -253,13 +223,8 @@ def test_forced_triton_without_interpreter_is_a_clear_error(monkeypatch):
 
 
 # ---- the C++ CPU kernel (csrc/cpu/amp.cpp) against the reference and torch's kernel ----
-def _cpu_kernel_or_skip():
-    if amp._cpu_kernel() is None:
-        pytest.skip("the C++ CPU library (with pq_unscale_) is not built")
-
-
 def _exact(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return torch.equal(a.view(INT_VIEW[a.element_size()]), b.view(INT_VIEW[b.element_size()]))
+    return torch.equal(bits(a), bits(b))
 
 
 def _float64_values() -> torch.Tensor:
@@ -268,18 +233,18 @@ def _float64_values() -> torch.Tensor:
     return torch.cat([x, torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 5e-324, 1e300])])
 
 
+@needs_cpu_library
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_cpu_kernel_is_the_reference_and_torchs_kernel_bit_for_bit(dtype):
-    _cpu_kernel_or_skip()
     x = _float64_values() if dtype == torch.float64 else every_value(dtype)
     for inv in INV_SCALES:
         inv_t = torch.tensor(inv, dtype=torch.float32)
         ref, found_ref = x.clone(), torch.zeros(())
-        amp.unscale_reference([ref], found_ref, inv_t)
+        unscale_reference([ref], found_ref, inv_t)
         outs = {}
         for vector in (True, False):  # the AVX-512 code and the element-by-element rule: identical bits
             got, found = x.clone(), torch.zeros(())
-            amp.unscale_cpu([got], found, inv_t, vector=vector)
+            unscale_cpu([got], found, inv_t, vector=vector)
             assert found.item() == found_ref.item() == 1.0
             assert_same_bits(got, ref, f"{dtype} inv={inv} vector={vector}")
             outs[vector] = got
@@ -294,21 +259,21 @@ def test_cpu_kernel_is_the_reference_and_torchs_kernel_bit_for_bit(dtype):
                 assert _exact(outs[True], want)
 
 
+@needs_cpu_library
 @pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 31, 33, (1 << 15) - 1, (1 << 15) + 5, 100_003])
 def test_cpu_kernel_tails_and_chunk_edges(n):
-    _cpu_kernel_or_skip()
     g = torch.Generator().manual_seed(n)
     inv = torch.tensor(2.0**-10, dtype=torch.float32)
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         x = (torch.randn(n, generator=g) * 1e3).to(dtype)
         ref, got, f1, f2 = x.clone(), x.clone(), torch.zeros(()), torch.zeros(())
-        amp.unscale_reference([ref], f1, inv)
-        amp.unscale_cpu([got], f2, inv)
+        unscale_reference([ref], f1, inv)
+        unscale_cpu([got], f2, inv)
         assert _exact(got, ref) and f1.item() == f2.item() == 0.0, (dtype, n)
         if n:  # one inf, at the last element (a masked tail for most n)
             x[-1] = float("inf")
             f = torch.zeros(())
-            amp.unscale_cpu([x], f, inv)
+            unscale_cpu([x], f, inv)
             assert f.item() == 1.0, (dtype, n)
 
 
@@ -330,14 +295,14 @@ def _mixed_grads(seed=5):
     return grads
 
 
+@needs_cpu_library
 @pytest.mark.parametrize("inv", [1.0, 2.0**-7, 1 / 3])
 def test_cpu_kernel_mixed_list_one_call(inv):
-    _cpu_kernel_or_skip()
     grads = _mixed_grads()
     inv_t = torch.tensor(inv, dtype=torch.float32)
     ref = [t.clone() for t in grads]
     f_ref = torch.zeros(())
-    amp.unscale_reference(ref, f_ref, inv_t)
+    unscale_reference(ref, f_ref, inv_t)
     f = torch.zeros(())
     with backends.use_backend("cpu"):
         amp.unscale_(grads, f, inv_t)
@@ -346,45 +311,38 @@ def test_cpu_kernel_mixed_list_one_call(inv):
     clean = _mixed_grads()
     clean[1][2, 7] = 1.0
     f = torch.zeros(())
-    amp.unscale_cpu(clean, f, inv_t)
+    unscale_cpu(clean, f, inv_t)
     assert f.item() == 0.0
     clean[6][1, 1] = float("nan")  # in a non-contiguous grad: found by the reference fallback
-    amp.unscale_cpu(clean, f, inv_t)
+    unscale_cpu(clean, f, inv_t)
     assert f.item() == 1.0
 
 
+@needs_cpu_library
 def test_cpu_kernel_isa_builds_agree():
-    _cpu_kernel_or_skip()
-    from pyquant import _native
-
-    lib = _native.cpu_library()
     inv = torch.tensor(1 / 3, dtype=torch.float32)
     outs = []
-    best = lib.pq_isa()
-    try:
-        for isa in (0, 1, 2):
-            lib.pq_set_isa(isa)
+    for isa in (0, 1, 2):
+        with cpu_isa(isa):
             grads, f = _mixed_grads(), torch.zeros(())
-            amp.unscale_cpu(grads, f, inv)
+            unscale_cpu(grads, f, inv)
             outs.append((grads, f.item()))
-    finally:
-        lib.pq_set_isa(best)
     for grads, f in outs[1:]:
         assert f == outs[0][1]
         assert all(_exact(a.contiguous(), b.contiguous()) for a, b in zip(grads, outs[0][0]))
 
 
+@needs_cpu_library
 def test_cpu_kernel_bits_do_not_depend_on_the_thread_count(outputs_by_thread_count):
-    _cpu_kernel_or_skip()
     script = """
 import hashlib, torch
-import pyquant.amp as amp
+from pyquant.backends.cpu.amp import unscale_ as unscale_cpu
 g = torch.Generator().manual_seed(0)
 grads = [torch.randn(n, generator=g).to(dt) * 1e4 for n, dt in
          ((300_001, torch.float32), (200_003, torch.float16), (150_000, torch.bfloat16), (70_000, torch.float64))]
 grads[2][149_999] = float("nan")
 f = torch.zeros(())
-amp.unscale_cpu(grads, f, torch.tensor(1 / 3, dtype=torch.float32))
+unscale_cpu(grads, f, torch.tensor(1 / 3, dtype=torch.float32))
 h = hashlib.sha256()
 for t in grads:
     h.update(t.view(torch.uint8).numpy().tobytes())
@@ -394,6 +352,30 @@ print(h.hexdigest(), f.item(), torch.get_num_threads())
     assert len({line.rsplit(" ", 1)[0] for line in lines}) == 1, lines
     assert len(lines) >= 2  # really ran under different thread counts (torch caps them at the cores)
     assert all(" 1.0 " in line for line in lines)
+
+
+# ---- the CUDA kernel (csrc/cuda) against the reference ----
+@pytest.mark.gpu
+@pytest.mark.parametrize("inv", [1.0, 2.0**-16, 1 / 3])
+def test_unscale_kernel_is_the_cpu_rule_in_one_launch(cuda_backends, inv):
+    """Mixed dtypes, chunk edges, specials: the CUDA kernel's gradients and flag equal the reference's."""
+    unscale_reference, unscale_cuda = backends.kernels_of("reference")["unscale_"], cuda_backends[1]["unscale_"]
+    sizes = [1, 4095, 4096, 4097, 70_001]
+    dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float32]
+    grads = [special_values(n, torch.float32, seed=n).to(dt) for n, dt in zip(sizes, dtypes)]
+    finite = [torch.nan_to_num(g, nan=0.0, posinf=1.0, neginf=-1.0) for g in grads]
+    inv_scale = torch.tensor(inv)
+    for case in (grads, finite):
+        expected = [g.clone() for g in case]
+        flag = torch.zeros(())
+        unscale_reference(expected, flag, inv_scale)
+        on_gpu = [g.cuda() for g in case]
+        flag_gpu = torch.zeros((), device="cuda")
+        unscale_cuda(on_gpu, flag_gpu, inv_scale.cuda())
+        assert flag_gpu.item() == flag.item() == (1.0 if case is grads else 0.0)
+        for i, (e, d) in enumerate(zip(expected, on_gpu)):
+            same = (e.cpu() == d.cpu()) | (torch.isnan(e.cpu()) & torch.isnan(d.cpu()))
+            assert bool(same.all()), f"grad {i} ({dtypes[i]})"
 
 
 # ---- GradScaler against torch.amp.GradScaler, side by side ----

@@ -222,7 +222,9 @@ def test_saliency_sequence_matches_brute_force():
     g = torch.Generator().manual_seed(5)
     w_in = torch.randn(11, 6, generator=g, dtype=torch.float64)
     a_out = torch.randn(4, 11, generator=g, dtype=torch.float64)
-    merges, alive = compress._saliency_sequence(w_in, a_out.clone(), 8)
+    from pyquant.compress.prune import _saliency_sequence
+
+    merges, alive = _saliency_sequence(w_in, a_out.clone(), 8)
     assert [(j, i) for j, i, _ in merges] == brute_force_merges(w_in, a_out, 8)
     assert int(alive.sum()) == 3
 
@@ -309,6 +311,22 @@ def accuracy(model, x, y):
         return (model(x).argmax(1) == y).float().mean().item()
 
 
+def compress_and_fine_tune(model, epochs, name, how, compress_fn):
+    """Train `model` on digits for `epochs`, compress it, fine-tune 3 epochs; print the accuracies and the report;
+    return (accuracy before, the report, accuracy after fine-tuning)."""
+    xtr, ytr, xte, yte = digits()
+    train(model, xtr, ytr, epochs=epochs)
+    base = accuracy(model, xte, yte)
+    small, report = compress_fn(model)
+    right_after = accuracy(small, xte, yte)
+    train(small, xtr, ytr, epochs=3, lr=1e-3, seed=1)
+    tuned = accuracy(small, xte, yte)
+    print(f"\n{name}: accuracy {base:.3f}, after {how} {right_after:.3f}, after 3 epochs {tuned:.3f}; "
+          f"parameters {report.model_params_before:,} -> {report.model_params_after:,}")
+    print(report)
+    return base, report, tuned
+
+
 def test_digits_compress_then_fine_tune():
     xtr, ytr, xte, yte = digits()
     torch.manual_seed(0)
@@ -317,30 +335,18 @@ def test_digits_compress_then_fine_tune():
         nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Flatten(),
         nn.Linear(32 * 16, 96), nn.ReLU(), nn.Linear(96, 10),
     )
-    train(cnn, xtr, ytr, epochs=6)
-    base = accuracy(cnn, xte, yte)
-    small, report = compress.lowrank(cnn, energy=0.85, example_input=xte[:1])
-    right_after = accuracy(small, xte, yte)
-    train(small, xtr, ytr, epochs=3, lr=1e-3, seed=1)
-    tuned = accuracy(small, xte, yte)
-    print(f"\ndigits CNN: accuracy {base:.3f}, after lowrank(energy=0.85) {right_after:.3f}, after 3 epochs {tuned:.3f}; "
-          f"parameters {report.model_params_before:,} -> {report.model_params_after:,}")
-    print(report)
+    base, report, tuned = compress_and_fine_tune(
+        cnn, 6, "digits CNN", "lowrank(energy=0.85)", lambda m: compress.lowrank(m, energy=0.85, example_input=xte[:1])
+    )
     assert base > 0.9
     assert report.model_params_after < 0.75 * report.model_params_before
     assert tuned >= base - 0.03
 
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
-    train(mlp, xtr, ytr, epochs=15)
-    base = accuracy(mlp, xte, yte)
-    pruned, report = compress.prune_neurons(mlp, amount="knee")
-    right_after = accuracy(pruned, xte, yte)
-    train(pruned, xtr, ytr, epochs=3, lr=1e-3, seed=1)
-    tuned = accuracy(pruned, xte, yte)
-    print(f"digits MLP: accuracy {base:.3f}, after prune_neurons(knee) {right_after:.3f}, after 3 epochs {tuned:.3f}; "
-          f"parameters {report.model_params_before:,} -> {report.model_params_after:,}")
-    print(report)
+    base, report, tuned = compress_and_fine_tune(
+        mlp, 15, "digits MLP", "prune_neurons(knee)", lambda m: compress.prune_neurons(m, amount="knee")
+    )
     assert base > 0.9
     assert report.model_params_after < 0.6 * report.model_params_before
     assert tuned >= base - 0.04

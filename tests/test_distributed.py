@@ -17,9 +17,11 @@ from torch import nn
 
 import pyquant
 from pyquant import functional as F
-from pyquant._reference import OPTIMIZER_BLOCK
+from pyquant._contract import OPTIMIZER_BLOCK
 from pyquant.distributed import load_checkpoint, quantize_moment, save_checkpoint
 from pyquant.optim import to_torch
+
+from conftest import bits, same_bits
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with the gloo backend"
@@ -30,18 +32,23 @@ STEPS = 4  # before the checkpoint, and again after it
 BATCH = 8  # per rank
 
 
-def bits(t):
-    return t.detach().view({4: torch.int32, 2: torch.int16, 1: torch.uint8}[t.element_size()])
-
-
-def same_bits(a, b):
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
-
-
 # ---- models and data, identical in every process ----
 def ddp_model():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(32, 160), nn.Tanh(), nn.Linear(160, 1))  # 5120 weights: 8-bit states
+
+
+def one_process_ddp_run(backward):
+    """ddp_model after STEPS AdamW8bit steps in one process on the global batches, `backward(model, x, y)`
+    giving each step's gradients."""
+    model = ddp_model()
+    optimizer = pyquant.AdamW8bit(model.parameters(), lr=LR)
+    for step in range(STEPS):
+        x, y = ddp_batch(step)
+        optimizer.zero_grad()
+        backward(model, x, y)
+        optimizer.step()
+    return model
 
 
 def ddp_batch(step):
@@ -277,14 +284,12 @@ def test_ddp_gives_every_rank_the_bits_of_one_process_on_the_global_batch(runs):
     two, _ = runs
     # One process, same global batch and same gradient arithmetic: each half's mean-loss gradient, halved
     # (exact), summed. gloo's sum of two values is the same on both ranks and in any order.
-    model = ddp_model()
-    optimizer = pyquant.AdamW8bit(model.parameters(), lr=LR)
-    for step in range(STEPS):
-        x, y = ddp_batch(step)
-        optimizer.zero_grad()
+
+    def halves(model, x, y):
         for xs, ys in zip(x.chunk(2), y.chunk(2)):
             (nn.functional.mse_loss(model(xs), ys) * 0.5).backward()
-        optimizer.step()
+
+    model = one_process_ddp_run(halves)
     for rank in (0, 1):
         for ours, theirs in zip(model.parameters(), two[rank]["ddp"]):
             assert same_bits(ours.detach(), theirs), f"rank {rank}: {int((bits(ours) != bits(theirs)).sum())} differ"
@@ -294,13 +299,7 @@ def test_ddp_against_one_forward_over_the_global_batch_stays_within_the_stated_b
     two, _ = runs
     # One forward over all 16 samples sums the gradient in another order: a few ulp apart, and Adam's
     # normalised update turns that into parameter differences far below one step (lr) per element.
-    model = ddp_model()
-    optimizer = pyquant.AdamW8bit(model.parameters(), lr=LR)
-    for step in range(STEPS):
-        x, y = ddp_batch(step)
-        optimizer.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
-        optimizer.step()
+    model = one_process_ddp_run(lambda model, x, y: nn.functional.mse_loss(model(x), y).backward())
     worst = max((p.detach() - q).abs().max().item() for p, q in zip(model.parameters(), two[0]["ddp"]))
     assert worst <= 0.05 * LR * STEPS
 

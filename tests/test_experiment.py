@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pyquant import cli
-from pyquant.experiment import config, measure, metrics, models, report, runner, settings
+from pyquant.experiment import config, measure, metrics, models, records, report, runner, settings
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 
@@ -305,7 +305,7 @@ def test_a_run_held_by_another_live_process_is_left_alone(tmp_path):
         other.wait()
     # the holder is gone: its lock is stale, taken over, and the run is done from scratch
     assert runner.run_grid(cfg, progress=False, log=lambda *a: None) == 0
-    assert runner.is_finished(run_dir, run["hash"]) and not lock_path.exists()
+    assert records.is_finished(run_dir, run["hash"]) and not lock_path.exists()
     assert lock.acquire(lock_path) is None and json.loads(lock_path.read_text())["pid"] == __import__("os").getpid()
     assert lock.acquire(lock_path)["pid"] == __import__("os").getpid()  # a second taker is refused
     lock.release(lock_path)
@@ -335,7 +335,7 @@ def test_runs_that_cannot_work_are_refused_up_front(tmp_path, capsys):
                          ids=["ENOSPC", "other"])
 def test_checkpoint_write_failure_keeps_the_previous_checkpoint(tmp_path, monkeypatch, error):
     path = tmp_path / "best.pt"
-    runner.save_checkpoint(path, {"epoch": 1})
+    records.save_checkpoint(path, {"epoch": 1})
 
     def failing(obj, f, *a, **k):
         f.write(b"PK partial") if hasattr(f, "write") else Path(f).write_bytes(b"PK partial")  # partial, then the failure
@@ -343,7 +343,7 @@ def test_checkpoint_write_failure_keeps_the_previous_checkpoint(tmp_path, monkey
 
     monkeypatch.setattr(torch, "save", failing)
     with pytest.raises(type(error)) as caught:
-        runner.save_checkpoint(path, {"epoch": 2})
+        records.save_checkpoint(path, {"epoch": 2})
     if isinstance(error, OSError):
         assert caught.value.errno == 28 and f"no space left on {path} (device full; the previous file is kept)" in str(caught.value)
     monkeypatch.undo()
@@ -383,7 +383,7 @@ def test_record_contents(tiny_grid):
     out, _ = tiny_grid
     by_setting = {(r["config"]["setting"], r["config"]["scale"]): r for r in report.load_records(out)}
     for (setting, scale), r in by_setting.items():
-        assert r["format"] == runner.RECORD_FORMAT and r["status"] == "done"
+        assert r["format"] == records.RECORD_FORMAT and r["status"] == "done"
         assert r["config_hash"] == config.run_hash(r["config"])
         c = r["config"]
         assert (c["task"], c["model"], c["seed"], c["batch_size"], c["epochs"]) == ("rsna", "densenet_small", 1, 64, 2)

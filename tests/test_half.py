@@ -234,7 +234,7 @@ def test_harness_float16_setting_runs_on_pyquant_layers():
     import pyquant
     from pyquant.amp import GradScaler
     from pyquant.experiment.models import create_model
-    from pyquant.experiment.runner import train_step
+    from pyquant.experiment.loop import train_step
     from pyquant.experiment.settings import resolve
 
     torch.manual_seed(0)

@@ -10,7 +10,6 @@ float32 accumulation in another order, then one rounding. Triton runs under its 
 from __future__ import annotations
 
 import ctypes
-import os
 
 import pytest
 import torch
@@ -18,21 +17,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pyquant
-from pyquant import _native, backends
+from pyquant import _autograd
+from pyquant._contract import ISA_NAMES
+from pyquant.backends import capi
+from pyquant.backends.cpu import conv as cpu_conv
+from pyquant.backends.cpu import set_bf16_dot
+from pyquant.backends.reference import conv as reference_conv
 from pyquant.nn import LowRankConv2d
 from pyquant.nn.lowrank import LowRankLinear
 from pyquant.ops import lowrank_conv2d
 from pyquant.ops import lowrank_conv as L
 
+from conftest import CPU_BACKENDS, HAVE_CPU_LIBRARY, needs_cpu_library
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 UNIT = {torch.float32: 0.0, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-HAVE_CPU = L._cpu_fn() is not None
-try:
-    import triton  # noqa: F401
-
-    HAVE_TRITON = backends.available("triton", "cpu")
-except Exception:  # pragma: no cover - depends on the environment
-    HAVE_TRITON = False
 
 # (N, C, H, W, R, O, kernel, stride, padding, dilation)
 SHAPES = [
@@ -82,26 +81,8 @@ def assert_within(actual, y64, bound, dtype, what):
     assert not bad.any(), f"{what}: {int(bad.sum())} of {err.numel()} outside the tolerance, worst {float((err - allowed).max()):.3g}"
 
 
-def backends_to_test():
-    out = ["reference"]
-    if HAVE_CPU:
-        out.append("cpu")
-    return out
-
-
-@pytest.fixture(autouse=True)
-def _interpreter():
-    if HAVE_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
-        from triton_exact_fma import interpreter_as_device
-
-        with interpreter_as_device():
-            yield
-    else:
-        yield
-
-
 # ---- forward ----
-@pytest.mark.parametrize("backend", backends_to_test())
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:6])) + f"_k{s[6]}_s{s[7]}_p{s[8]}_d{s[9]}")
 def test_forward_matches_float64(backend, dtype, shape):
@@ -116,7 +97,7 @@ def test_forward_matches_float64(backend, dtype, shape):
     assert_within(t, t64, tbound, dtype, f"{backend} t")
 
 
-@pytest.mark.skipif(not HAVE_TRITON, reason="triton cannot run here")
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SMALL, ids=lambda s: "x".join(map(str, s[:6])))
 def test_triton_matches_float64(dtype, shape):
@@ -131,7 +112,7 @@ def test_triton_matches_float64(dtype, shape):
     assert torch.equal(y, y_inf)
 
 
-@pytest.mark.skipif(not HAVE_CPU, reason="the CPU library (with the low-rank kernel) is not built")
+@needs_cpu_library
 @pytest.mark.parametrize("shape", [SHAPES[7], SHAPES[12]], ids=["3x3", "1x1-batched"])  # 1x1: tiles per thread
 def test_cpu_deterministic_for_any_thread_count(shape):
     x, w1, w2, b = make(shape, torch.float32, seed=3)
@@ -140,56 +121,49 @@ def test_cpu_deterministic_for_any_thread_count(shape):
     try:
         for threads in (1, 2, 3, 5):
             torch.set_num_threads(threads)
-            outs.append(L.lowrank_conv2d_cpu(x, w1, w2, b, *[list(v) for v in shape[7:]], True))
+            outs.append(cpu_conv.lowrank_conv2d(x, w1, w2, b, *[list(v) for v in shape[7:]], True))
     finally:
         torch.set_num_threads(before)
     for y, t in outs[1:]:
         assert torch.equal(y, outs[0][0]) and torch.equal(t, outs[0][1])
 
 
-@pytest.mark.skipif(not HAVE_CPU, reason="the CPU library (with the low-rank kernel) is not built")
-@pytest.mark.parametrize("isa", [0, 1, 2], ids=["scalar", "avx2", "avx512"])
+@needs_cpu_library
+@pytest.mark.parametrize("isa", list(ISA_NAMES), ids=list(ISA_NAMES.values()), indirect=True)  # the isa fixture
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_every_instruction_set(isa, dtype):
-    lib = _native.cpu_library()
-    previous = lib.pq_set_isa(isa)
-    try:
-        if lib.pq_isa() != isa:
-            pytest.skip("this CPU lacks the instruction set")
-        for shape in (SHAPES[2], SHAPES[4], SHAPES[6], SHAPES[12], SHAPES[13]):
-            x, w1, w2, b = make(shape, dtype, seed=isa)
-            y64, bound, t64, tbound = exact(x, w1, w2, b, *shape[7:])
-            y, t = L.lowrank_conv2d_cpu(x, w1, w2, b, *[list(v) for v in shape[7:]], True)
-            assert_within(y, y64, bound, dtype, f"isa {isa} y")
-            assert_within(t, t64, tbound, dtype, f"isa {isa} t")
-    finally:
-        lib.pq_set_isa(previous)
+    for shape in (SHAPES[2], SHAPES[4], SHAPES[6], SHAPES[12], SHAPES[13]):
+        x, w1, w2, b = make(shape, dtype, seed=isa)
+        y64, bound, t64, tbound = exact(x, w1, w2, b, *shape[7:])
+        y, t = cpu_conv.lowrank_conv2d(x, w1, w2, b, *[list(v) for v in shape[7:]], True)
+        assert_within(y, y64, bound, dtype, f"isa {isa} y")
+        assert_within(t, t64, tbound, dtype, f"isa {isa} t")
 
 
-@pytest.mark.skipif(not HAVE_CPU, reason="the CPU library (with the low-rank kernel) is not built")
+@needs_cpu_library
 def test_cpu_float32_same_bits_whatever_the_batch():
     """float32 3x3: x read in place (a batch of at most 2^20 floats) or staged tile by tile (larger batches) sums
     in the same order, so an image's output does not depend on the batch it came in."""
     g = torch.Generator().manual_seed(21)
     x = torch.randn(65, 64, 16, 16, generator=g)  # 65 x 16 Ki floats: staged; one image: in place
     w1, w2, b = torch.randn(4, 64, 3, 3, generator=g) / 24, torch.randn(32, 4, generator=g), torch.randn(32, generator=g)
-    y_batch, _ = L.lowrank_conv2d_cpu(x, w1, w2, b, [1, 1], [1, 1], [1, 1], False)
+    y_batch, _ = cpu_conv.lowrank_conv2d(x, w1, w2, b, [1, 1], [1, 1], [1, 1], False)
     for i in (0, 64):
-        y_one, _ = L.lowrank_conv2d_cpu(x[i : i + 1].contiguous(), w1, w2, b, [1, 1], [1, 1], [1, 1], False)
+        y_one, _ = cpu_conv.lowrank_conv2d(x[i : i + 1].contiguous(), w1, w2, b, [1, 1], [1, 1], [1, 1], False)
         assert torch.equal(y_batch[i : i + 1], y_one)
 
 
-@pytest.mark.skipif(not HAVE_CPU, reason="the CPU library (with the low-rank kernel) is not built")
+@needs_cpu_library
 def test_cpu_bfloat16_pair_kernel_and_float32_path_agree():
     x, w1, w2, b = make(SHAPES[6], torch.bfloat16, seed=5)
     y64, bound, *_ = exact(x, w1, w2, b, (1, 1), (1, 1), (1, 1))
-    previous = L.cpu_bf16_dot(False)
+    previous = set_bf16_dot(False)
     try:
-        y_f32path, _ = L.lowrank_conv2d_cpu(x, w1, w2, b, [1, 1], [1, 1], [1, 1], False)
-        L.cpu_bf16_dot(True)
-        y_pairs, _ = L.lowrank_conv2d_cpu(x, w1, w2, b, [1, 1], [1, 1], [1, 1], False)
+        y_f32path, _ = cpu_conv.lowrank_conv2d(x, w1, w2, b, [1, 1], [1, 1], [1, 1], False)
+        set_bf16_dot(True)
+        y_pairs, _ = cpu_conv.lowrank_conv2d(x, w1, w2, b, [1, 1], [1, 1], [1, 1], False)
     finally:
-        L.cpu_bf16_dot(previous)
+        set_bf16_dot(previous)
     assert_within(y_f32path, y64, bound, torch.bfloat16, "float32 path")
     assert_within(y_pairs, y64, bound, torch.bfloat16, "pair kernel")
     # both round the same float32 value up to reordering: at most one bfloat16 ulp apart
@@ -197,7 +171,7 @@ def test_cpu_bfloat16_pair_kernel_and_float32_path_agree():
     assert ((y_f32path.double() - y_pairs.double()).abs() <= ulp * 1.01 + 2.0**-16 * bound).all()
 
 
-@pytest.mark.skipif(not HAVE_CPU, reason="the CPU library (with the low-rank kernel) is not built")
+@needs_cpu_library
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_single_convolution_for_the_input_gradient(dtype):
     """The kernel's first stage alone (w2 NULL): backward's input gradient at low rank."""
@@ -206,14 +180,14 @@ def test_cpu_single_convolution_for_the_input_gradient(dtype):
                                        (2, 4, 6, 6, 9, (1, 1), (0, 0), (1, 1))):
         x = torch.randn(n, c, h, w, generator=g).to(dtype)
         wt = (torch.randn(r, c, *k, generator=g) / 3).to(dtype)
-        y = L.conv2d_cpu(x, wt, pad, dil)
+        y = cpu_conv.stride1_conv(x, wt, pad, dil)
         y64 = F.conv2d(x.double(), wt.double(), None, 1, pad, dil)
         bound = F.conv2d(x.double().abs(), wt.double().abs(), None, 1, pad, dil)
         assert_within(y, y64, bound, dtype, "single convolution")
     # the input gradient through it equals torch's
     x, w1, w2, b = make((2, 6, 10, 9, 5, 4, (3, 3), None, None, None), dtype)
     gt = torch.randn(2, 5, 10, 5, generator=g).to(dtype)
-    ours = L._input_grad_cpu(gt, x, w1, (1, 1), (1, 0), (1, 2))
+    ours = _autograd.input_grad(gt, x, w1, (1, 1), (1, 0), (1, 2))
     ref = torch.ops.aten.convolution_backward(gt.double(), x.double(), w1.double(), None, [1, 1], [1, 0], [1, 2], False,
                                               [0, 0], 1, [True, False, False])[0]
     bound = torch.ops.aten.convolution_backward(gt.double().abs(), x.double(), w1.double().abs(), None, [1, 1], [1, 0],
@@ -244,20 +218,7 @@ WGRAD_SHAPES = (
 )
 
 
-@pytest.fixture(params=[0, 1, 2], ids=["scalar", "avx2", "avx512"])
-def isa(request):
-    """Each instruction-set build of the CPU library in turn (skipped where the CPU lacks it)."""
-    lib = _native.cpu_library()
-    previous = lib.pq_set_isa(request.param)
-    try:
-        if lib.pq_isa() != request.param:
-            pytest.skip("this CPU lacks the instruction set")
-        yield request.param
-    finally:
-        lib.pq_set_isa(previous)
-
-
-@pytest.mark.skipif(not HAVE_CPU, reason="the CPU library (with the low-rank kernel) is not built")
+@needs_cpu_library
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_weight_gradient_against_float64(dtype, isa):
     """The kernel's weight gradient (float32 out, float32 accumulation) within 2^-16 of the float64 one on
@@ -267,13 +228,13 @@ def test_cpu_weight_gradient_against_float64(dtype, isa):
         x = torch.randn(n, c, h, w, generator=g).to(dtype)
         ho, wo = (L.conv_output_size((h, w)[i], k[i], st[i], pad[i], dil[i]) for i in range(2))
         gy = torch.randn(n, r, ho, wo, generator=g).to(dtype)
-        gw = L.conv2d_weight_grad_cpu(x, gy, k, st, pad, dil)
+        gw = cpu_conv.weight_grad(x, gy, k, st, pad, dil)
         what = f"isa {isa} weight gradient {(n, c, h, w, r, k, st, pad, dil)}"
         assert_within(gw, _weight_grad64(x, gy, k, st, pad, dil), _weight_grad64(x, gy, k, st, pad, dil, True),
                       torch.float32, what)
 
 
-@pytest.mark.skipif(not HAVE_CPU, reason="the CPU library (with the low-rank kernel) is not built")
+@needs_cpu_library
 def test_cpu_weight_gradient_deterministic_and_bad_input():
     g = torch.Generator().manual_seed(12)
     x = torch.randn(4, 24, 15, 15, generator=g)
@@ -283,18 +244,18 @@ def test_cpu_weight_gradient_deterministic_and_bad_input():
         results = []
         for threads in (1, 2, 3, 5):
             torch.set_num_threads(threads)
-            results.append(L.conv2d_weight_grad_cpu(x, gy, (3, 3), (1, 1), (1, 1), (1, 1)))
+            results.append(cpu_conv.weight_grad(x, gy, (3, 3), (1, 1), (1, 1), (1, 1)))
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(results[0], r) for r in results[1:])
     with pytest.raises(ValueError, match="grad has shape"):
-        L.conv2d_weight_grad_cpu(x, gy[:, :, :14], (3, 3), (1, 1), (1, 1), (1, 1))
+        cpu_conv.weight_grad(x, gy[:, :, :14], (3, 3), (1, 1), (1, 1), (1, 1))
     with pytest.raises(ValueError, match="grad has shape"):
-        L.conv2d_weight_grad_cpu(x, gy, (3, 3), (2, 2), (1, 1), (1, 1))
-    assert L.conv2d_weight_grad_cpu(x, gy.double(), (3, 3), (1, 1), (1, 1), (1, 1)) is None  # dtypes differ
+        cpu_conv.weight_grad(x, gy, (3, 3), (2, 2), (1, 1), (1, 1))
+    assert cpu_conv.weight_grad(x, gy.double(), (3, 3), (1, 1), (1, 1), (1, 1)) is None  # dtypes differ
 
 
-@pytest.mark.skipif(not HAVE_CPU, reason="the CPU library (with the low-rank kernel) is not built")
+@needs_cpu_library
 def test_cpu_weight_gradient_nonfinite_only_where_the_reference_has_them(isa):
     """The kernel reads input columns past the output's width on the extended grid and masks them off: an inf
     there stays out of the taps that do not use it (0 * inf would be a NaN)."""
@@ -303,7 +264,7 @@ def test_cpu_weight_gradient_nonfinite_only_where_the_reference_has_them(isa):
     x[0, 1, 3, 9] = float("inf")  # the last column: only the right-hand taps read it
     x[1, 2, 0, 0] = float("nan")
     gy = torch.randn(2, 4, 8, 10, generator=g)
-    gw = L.conv2d_weight_grad_cpu(x, gy, (3, 3), (1, 1), (1, 1), (1, 1))
+    gw = cpu_conv.weight_grad(x, gy, (3, 3), (1, 1), (1, 1), (1, 1))
     ref = _weight_grad64(x, gy, (3, 3), (1, 1), (1, 1), (1, 1))
     assert torch.equal(gw.isnan(), ref.isnan()) and torch.equal(gw.isinf(), ref.isinf())
     assert gw.isfinite().any() and not gw[:, 1, :, 0].isinf().any()  # the left taps never see column 9
@@ -315,7 +276,7 @@ def test_cpu_weight_gradient_nonfinite_only_where_the_reference_has_them(isa):
         x = torch.randn(2, 3, 3, 3, generator=g).to(dtype)
         gy = torch.randn(2, 2, 3, 3, generator=g).to(dtype)
         gy[1, 1, 0, 0] = float("inf")  # read (masked off) by the last vector of channel 0
-        gw = L.conv2d_weight_grad_cpu(x, gy, (1, 1), (1, 1), (0, 0), (1, 1))
+        gw = cpu_conv.weight_grad(x, gy, (1, 1), (1, 1), (0, 0), (1, 1))
         ref = _weight_grad64(x, gy, (1, 1), (1, 1), (0, 0), (1, 1))
         assert torch.equal(gw.isinf(), ref.isinf()) and gw[0].isfinite().all() and not gw.isnan().any(), dtype
         assert torch.allclose(gw.double()[0], ref[0], rtol=1e-5, atol=1e-5), dtype
@@ -325,8 +286,8 @@ def test_nonfinite_inputs_propagate():
     x, w1, w2, b = make(SHAPES[1], torch.float32)
     x[0, 1, 4, 4] = float("nan")
     x[1, 2, 0, 0] = float("inf")
-    ref = L.lowrank_conv2d_reference(x, w1, w2, b, [2, 2], [1, 1], [1, 1], False)[0]
-    for backend in backends_to_test():
+    ref = reference_conv.lowrank_conv2d(x, w1, w2, b, [2, 2], [1, 1], [1, 1], False)[0]
+    for backend in CPU_BACKENDS:
         with pyquant.use_backend(backend):
             y = lowrank_conv2d(x, w1, w2, b, 2, 1)
         assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(torch.isinf(y), torch.isinf(ref)), backend
@@ -399,7 +360,7 @@ def _grads(fn, tensors):
     return [t.grad.clone() for t in tensors]
 
 
-@pytest.mark.parametrize("backend", backends_to_test())
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 # 1x1: the input gradient and the rank channels' gradient from one call of the forward kernel (W2^T, W1^T)
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[4], SHAPES[3]], ids=["odd", "dilated", "stride3", "1x1"])
@@ -544,7 +505,7 @@ def test_opcheck():
     args = (x, w1, w2, b, [1, 1], [1, 1], [1, 1])
     torch.library.opcheck(torch.ops.pyquant.lowrank_conv2d.default, args, test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.pyquant.lowrank_conv2d_train.default, args, test_utils=("test_schema", "test_faketensor"))
-    if HAVE_CPU:  # the backward's kernels
+    if HAVE_CPU_LIBRARY:  # the backward's kernels
         gy = torch.randn(2, 4, 7, 7)
         torch.library.opcheck(torch.ops.pyquant.conv2d_weight_grad.default, (x[:, :, :7, :7], gy, [4, 5, 1, 1], [1, 1],
                               [0, 0], [1, 1]), test_utils=("test_schema", "test_faketensor"))
@@ -578,11 +539,10 @@ def test_eager_inference_shortcut_leaves_modes_and_the_profiler_the_op():
     assert torch.equal(direct, seen) and torch.equal(direct, profiled)
 
 
+@needs_cpu_library
 def test_cpu_kernel_rejects_bad_dims():
-    if not HAVE_CPU:
-        pytest.skip("the CPU library (with the low-rank kernel) is not built")
     dims = (ctypes.c_int64 * 16)(1, 1, 4, 4, 1, 1, 3, 3, 0, 1, 0, 0, 1, 1, 2, 2)  # stride 0
-    assert L._cpu_fn()(None, None, None, None, None, None, 0, dims, 1, None, 0) == 2
+    assert capi.cpu_library().pq_lowrank_conv2d(None, None, None, None, None, None, 0, dims, 1, None, 0) == 2
 
 
 # ---- eager inference through the layer's plan (checked once, weights packed once per change) ----
@@ -593,7 +553,7 @@ def _general(layer, x):
                           layer.stride, layer.padding, layer.dilation)
 
 
-@pytest.mark.skipif(not HAVE_CPU, reason="the CPU library (with the low-rank kernel) is not built")
+@needs_cpu_library
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_eager_plan_sees_every_change_of_weights_and_input(dtype):
     torch.manual_seed(0)
@@ -634,23 +594,23 @@ def test_eager_plan_sees_every_change_of_weights_and_input(dtype):
         assert torch.equal(layer(x2.float()), _general(layer, x2.float()))
 
 
-@pytest.mark.skipif(not HAVE_CPU, reason="the CPU library (with the low-rank kernel) is not built")
+@needs_cpu_library
 def test_eager_plan_repacks_when_the_bfloat16_kernel_changes_layout():
     torch.manual_seed(1)
     layer = LowRankConv2d(9, 6, 3, rank=5, padding=1).to(torch.bfloat16)
     x = torch.randn(2, 9, 8, 8).to(torch.bfloat16)
-    previous = L.cpu_bf16_dot(True)
+    previous = set_bf16_dot(True)
     try:
         with torch.no_grad():
             layer(x)
             for on in (False, True):  # pair layout <-> float32 layout of the same weights
-                L.cpu_bf16_dot(on)
+                set_bf16_dot(on)
                 assert torch.equal(layer(x), _general(layer, x))
     finally:
-        L.cpu_bf16_dot(previous)
+        set_bf16_dot(previous)
 
 
-@pytest.mark.skipif(not HAVE_CPU, reason="the CPU library (with the low-rank kernel) is not built")
+@needs_cpu_library
 def test_eager_plan_keeps_errors_modes_and_copies():
     import copy
     import io
@@ -679,7 +639,7 @@ def test_eager_plan_keeps_errors_modes_and_copies():
     assert out.grad_fn is not None and torch.equal(out.detach(), y)
 
 
-@pytest.mark.skipif(not HAVE_CPU, reason="the CPU library (with the low-rank kernel) is not built")
+@needs_cpu_library
 def test_eager_plan_sees_a_change_of_geometry():
     """stride, padding and dilation are plain attributes: a change after the first call is honoured, as by
     nn.Conv2d (the plan's key holds them)."""

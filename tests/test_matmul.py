@@ -19,12 +19,13 @@ import pytest
 import torch
 
 import pyquant
-from pyquant import _native, backends
-from pyquant.ops import gemm as M
-from pyquant.ops.gemm import _matmul_op, linear, matmul
+from pyquant._ops import matmul as matmul_op
+from pyquant.backends import capi
+from pyquant.backends.cpu import set_bf16_dot
+from pyquant.ops.gemm import linear, matmul
 
-HAVE_CPU = backends.available("cpu", "cpu")
-CPU_BACKENDS = ["reference"] + (["cpu"] if HAVE_CPU else [])
+from conftest import CPU_BACKENDS, HAVE_CPU_LIBRARY, TRITON_DEVICE, cpu_isa, needs_cpu_library
+
 DTYPES = (torch.float16, torch.bfloat16)
 U_OUT = {torch.float32: 0.0, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 TINY_OUT = {torch.float32: 2.0**-150, torch.float16: 2.0**-25, torch.bfloat16: 2.0**-134}  # half the smallest spacing
@@ -38,7 +39,7 @@ def has_cpu_flag(flag: str) -> bool:
         return False
 
 
-BF16_DOT = HAVE_CPU and _native.cpu_isa() == "avx512" and has_cpu_flag("avx512_bf16")
+BF16_DOT = HAVE_CPU_LIBRARY and capi.cpu_isa() == "avx512" and has_cpu_flag("avx512_bf16")
 
 
 # ---- the bound ----
@@ -98,9 +99,9 @@ def backend_ctx(name):
 @pytest.fixture
 def bf16_dot():
     """Restores the bf16 dot-product setting after a test that changes it."""
-    previous = M.set_bf16_dot(True)
+    previous = set_bf16_dot(True)
     yield
-    M.set_bf16_dot(previous)
+    set_bf16_dot(previous)
 
 
 # ---- the bound over awkward shapes and layouts ----
@@ -140,16 +141,16 @@ def test_bias_rows_and_columns_and_cross_dtypes(backend):
             for bias_dtype in (torch.float32, torch.float16, torch.bfloat16):
                 bias = operand((1, size), bias_dtype, 3)[0]
                 for out_dtype in (torch.float32, torch.float16, torch.bfloat16):
-                    c = _matmul_op(a, b, bias, bias_dim, out_dtype)
+                    c = matmul_op(a, b, bias, bias_dim, out_dtype)
                     assert_within_bound(c, a, b, out_dtype, bias, bias_dim, what=f"bias {bias_dim} {bias_dtype}")
         # mixed operand dtypes (as in backward with float32 gradients): float32 x float16
         g = operand((37, 45), torch.float32, 4)
-        assert_within_bound(_matmul_op(g, b, None, -1, torch.float32), g, b, torch.float32, what="f32 x f16")
+        assert_within_bound(matmul_op(g, b, None, -1, torch.float32), g, b, torch.float32, what="f32 x f16")
 
 
 # ---- the cpu kernel: exactly the sequential float32 fma chain ----
 def fma_chain(a: torch.Tensor, b: torch.Tensor, order, start=None) -> torch.Tensor:
-    from pyquant._reference import fma32
+    from pyquant.backends.reference.optimizer import fma32
 
     c = torch.zeros(a.shape[0], b.shape[1]) if start is None else start.float().clone()
     for k in order:
@@ -161,21 +162,21 @@ def pair_order(k: int) -> list[int]:
     return [j for p in range(0, k, 2) for j in ((p + 1, p) if p + 1 < k else (p,))]
 
 
-@pytest.mark.skipif(not HAVE_CPU, reason="the compiled CPU library is not built")
+@needs_cpu_library
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_bits_are_the_sequential_fma_chain(dtype, bf16_dot):
     for m, n, k in ((5, 7, 3), (15, 33, 17), (20, 40, 300)):
         a, b = operand((m, k), dtype, k), operand((k, n), dtype, k + 1, "transposed")
         seq = fma_chain(a, b, range(k))
-        M.set_bf16_dot(False)
+        set_bf16_dot(False)
         assert torch.equal(matmul(a, b, out_dtype=torch.float32), seq)
         assert torch.equal(matmul(a, b).view(torch.int16), seq.to(dtype).view(torch.int16))  # one rounding
-        M.set_bf16_dot(True)
+        set_bf16_dot(True)
         expected = fma_chain(a, b, pair_order(k)) if (BF16_DOT and dtype == torch.bfloat16) else seq
         assert torch.equal(matmul(a, b, out_dtype=torch.float32), expected)
 
 
-@pytest.mark.skipif(not HAVE_CPU, reason="the compiled CPU library is not built")
+@needs_cpu_library
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_narrow_tile_and_transposed_products_keep_the_chain(dtype, bf16_dot):
     """At most 16 columns: the 28 x 16 tile (here over several row panels and two K blocks); at most 16 rows
@@ -188,30 +189,25 @@ def test_cpu_narrow_tile_and_transposed_products_keep_the_chain(dtype, bf16_dot)
         for bias_dim, size in ((-1, n), (-2, m)):
             bias = operand((1, size), torch.float32, 3)[0]
             start = bias.expand(m, n) if bias_dim == -1 else bias[:, None].expand(m, n)
-            M.set_bf16_dot(False)
+            set_bf16_dot(False)
             seq = fma_chain(a, b, range(k), start)
-            assert torch.equal(_matmul_op(a, b, bias, bias_dim, torch.float32), seq), (m, n, k, bias_dim)
-            M.set_bf16_dot(True)
+            assert torch.equal(matmul_op(a, b, bias, bias_dim, torch.float32), seq), (m, n, k, bias_dim)
+            set_bf16_dot(True)
             paired = BF16_DOT and dtype == torch.bfloat16
             expected = fma_chain(a, b, pair_order(k), start) if paired else seq
-            assert torch.equal(_matmul_op(a, b, bias, bias_dim, torch.float32), expected), (m, n, k, bias_dim)
+            assert torch.equal(matmul_op(a, b, bias, bias_dim, torch.float32), expected), (m, n, k, bias_dim)
 
 
-@pytest.mark.skipif(not HAVE_CPU, reason="the compiled CPU library is not built")
+@needs_cpu_library
 def test_cpu_bits_same_on_every_instruction_set(bf16_dot):
-    lib = _native.cpu_library()
-    M.set_bf16_dot(False)
+    set_bf16_dot(False)
     cases = [(operand((29, 45), dt, 5, la), operand((45, 70), dt, 6, "transposed")) for dt in DTYPES for la in LAYOUTS]
     cases.append((operand((9, 300), torch.float16, 7), operand((300, 33), torch.float16, 8)))  # 2 K blocks
     expected = [matmul(a, b, out_dtype=torch.float32) for a, b in cases]
-    best = lib.pq_isa()
-    try:
-        for isa in range(best):
-            lib.pq_set_isa(isa)
+    for isa in range(capi.cpu_library().pq_isa()):
+        with cpu_isa(isa):
             for (a, b), e in zip(cases, expected):
                 assert torch.equal(matmul(a, b, out_dtype=torch.float32), e), f"isa {isa}"
-    finally:
-        lib.pq_set_isa(best)
 
 
 # ---- batching and 1-D operands ----
@@ -306,19 +302,17 @@ def test_opcheck_and_meta():
         (a.bfloat16().mT.contiguous().mT, b.bfloat16().t().contiguous().t(), None, -1, torch.bfloat16),
     ]
     for args in cases:
-        torch.library.opcheck(_matmul_op, args)
+        torch.library.opcheck(matmul_op, args)
         grad_args = tuple(t.clone().requires_grad_() if isinstance(t, torch.Tensor) else t for t in args)
-        torch.library.opcheck(_matmul_op, grad_args)
+        torch.library.opcheck(matmul_op, grad_args)
     out = matmul(a.to("meta"), b.to("meta"), out_dtype=torch.float32)
     assert out.device.type == "meta" and out.shape == (2, 5, 4) and out.dtype == torch.float32
 
 
 # ---- the Triton kernel under the interpreter (or on the GPU) ----
+@pytest.mark.triton
 def test_triton_within_bound():
-    pytest.importorskip("triton")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not backends.triton_interpreted():
-        pytest.skip("no CUDA device and TRITON_INTERPRET is not 1")
+    device = TRITON_DEVICE
     with pyquant.use_backend("triton"):
         for dtype in DTYPES:
             for (m, n, k), (la, lb) in (((1, 1, 1), ("contiguous", "contiguous")),
@@ -330,10 +324,10 @@ def test_triton_within_bound():
                     assert_within_bound(c, a.cpu(), b.cpu(), out_dtype or dtype, what=f"triton {m}x{n}x{k}")
         a, b = operand((2, 1, 9, 20), torch.float16, 1).to(device), operand((3, 20, 18), torch.float16, 2).to(device)
         bias = operand((1, 18), torch.bfloat16, 3)[0].to(device)
-        c = _matmul_op(a, b, bias, -1, torch.float16).cpu()
+        c = matmul_op(a, b, bias, -1, torch.float16).cpu()
         assert_within_bound(c, a.cpu(), b.cpu(), torch.float16, bias.cpu(), -1, what="triton batched + bias")
         row_bias = operand((1, 9), torch.float32, 4)[0].to(device)
-        c = _matmul_op(a, b, row_bias, -2, torch.float32).cpu()
+        c = matmul_op(a, b, row_bias, -2, torch.float32).cpu()
         assert_within_bound(c, a.cpu(), b.cpu(), torch.float32, row_bias.cpu(), -2, what="triton row bias")
 
 
@@ -359,7 +353,7 @@ DETERMINISM_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not HAVE_CPU, reason="the compiled CPU library is not built")
+@needs_cpu_library
 def test_bits_independent_of_thread_count():
     digests = set()
     for threads in (1, 2, 3):
@@ -431,7 +425,7 @@ def im2col_operands(case, dtype, channels_last=True):
     return x, geometry, columns(x, *geometry)
 
 
-@pytest.mark.skipif(not HAVE_CPU, reason="the compiled CPU library is not built")
+@needs_cpu_library
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", IM2COL_CASES, ids=str)
 def test_im2col_matmul_bits_equal_the_explicit_columns(dtype, case, bf16_dot):
@@ -442,27 +436,26 @@ def test_im2col_matmul_bits_equal_the_explicit_columns(dtype, case, bf16_dot):
 
     x, geometry, cols = im2col_operands(case, dtype, channels_last=case[3] != 5)
     for dot in (True, False):
-        M.set_bf16_dot(dot)
+        set_bf16_dot(dot)
         for cout in (1, 7, 16, 40):
             w = operand((cout, cols.shape[1]), dtype, 12).t()
             g = operand((cols.shape[0], cout), dtype, 13)
             for out_dtype in (torch.float32, dtype):
                 bias = operand((1, cout), dtype, 14)[0]
                 got = im2col_matmul(x, w, *geometry, bias=bias, out_dtype=out_dtype)
-                assert torch.equal(got, _matmul_op(cols, w, bias, -1, out_dtype)), (cout, out_dtype, dot)
+                assert torch.equal(got, matmul_op(cols, w, bias, -1, out_dtype)), (cout, out_dtype, dot)
                 got_t = im2col_matmul(x, g.t(), *geometry, columns_first=False, bias=bias, bias_dim=-2,
                                       out_dtype=out_dtype)
-                assert torch.equal(got_t, _matmul_op(g.t(), cols, bias, -2, out_dtype)), (cout, out_dtype, dot)
+                assert torch.equal(got_t, matmul_op(g.t(), cols, bias, -2, out_dtype)), (cout, out_dtype, dot)
             assert_within_bound(got, cols, w, out_dtype, bias)
             assert_within_bound(got_t, g.t(), cols, out_dtype, bias, bias_dim=-2)
 
 
-@pytest.mark.skipif(not HAVE_CPU, reason="the compiled CPU library is not built")
+@needs_cpu_library
 def test_im2col_matmul_same_bits_on_every_instruction_set_and_thread_count(bf16_dot):
     from pyquant.ops.conv16 import im2col_matmul
 
-    lib = _native.cpu_library()
-    M.set_bf16_dot(False)
+    set_bf16_dot(False)
     cases = []
     for dtype in DTYPES:
         x, geometry, cols = im2col_operands(IM2COL_CASES[3], dtype)
@@ -473,31 +466,30 @@ def test_im2col_matmul_same_bits_on_every_instruction_set_and_thread_count(bf16_
         return [im2col_matmul(x, o, *geo, columns_first=first, out_dtype=torch.float32) for x, o, geo, first in cases]
 
     expected = run_all()
-    best, threads = lib.pq_isa(), torch.get_num_threads()
-    try:
-        for isa in range(best):
-            lib.pq_set_isa(isa)
+    for isa in range(capi.cpu_library().pq_isa()):
+        with cpu_isa(isa):
             assert all(map(torch.equal, run_all(), expected)), f"isa {isa}"
-        lib.pq_set_isa(best)
+    threads = torch.get_num_threads()
+    try:
         torch.set_num_threads(2)
         assert all(map(torch.equal, run_all(), expected)), "2 threads"
     finally:
-        lib.pq_set_isa(best)
         torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_im2col_matmul_reference_backend_and_opcheck(backend):
-    from pyquant.ops.conv16 import _im2col_matmul_op, im2col_matmul
+    from pyquant._ops import im2col_matmul as im2col_matmul_op
+    from pyquant.ops.conv16 import im2col_matmul
 
     x, geometry, cols = im2col_operands(IM2COL_CASES[1], torch.float16)
     w = operand((cols.shape[1], 6), torch.float16, 17)
     with backend_ctx(backend):
         got = im2col_matmul(x, w, *geometry, out_dtype=torch.float32)
         flat = [v for pair in geometry for v in pair]
-        torch.library.opcheck(_im2col_matmul_op, (x, w, None, -1, flat, True, torch.float16))
+        torch.library.opcheck(im2col_matmul_op, (x, w, None, -1, flat, True, torch.float16))
         g = operand((6, cols.shape[0]), torch.float16, 18)
-        torch.library.opcheck(_im2col_matmul_op, (x, g, None, -1, flat, False, torch.float16))
+        torch.library.opcheck(im2col_matmul_op, (x, g, None, -1, flat, False, torch.float16))
     assert_within_bound(got, cols, w, torch.float32)
     meta = im2col_matmul(x.to("meta"), w.to("meta"), *geometry)
     assert meta.device.type == "meta" and meta.shape == (cols.shape[0], 6) and meta.dtype == torch.float16

@@ -5,22 +5,14 @@ import pytest
 import torch
 
 import pyquant
-from pyquant import backends
 from pyquant.optim import from_torch, to_torch
+
+from conftest import CPU_BACKENDS, bits, same_bits
 
 bnb = pytest.importorskip("bitsandbytes")
 
 # Awkward sizes: float32 states below 4096 elements, 8-bit ones not a multiple of 256, and several million.
 SIZES = [(100,), (63, 65), (64, 70), (5000,), (33, 257), (3_000_001,)]
-CPU_BACKENDS = ["reference"] + (["cpu"] if backends.available("cpu", "cpu") else [])
-
-
-def bits(t):
-    return t.detach().view({4: torch.int32, 2: torch.int16, 1: torch.uint8}[t.element_size()])
-
-
-def same_bits(a, b):
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
 
 
 def make_params(sizes, seed=0, dtype=torch.float32):

@@ -9,16 +9,12 @@ import pytest
 import torch
 
 import pyquant
-from pyquant import backends
 from pyquant.amp import GradScaler
 
-CPU_BACKENDS = ["reference"] + (["cpu"] if backends.available("cpu", "cpu") else [])
+from conftest import CPU_BACKENDS, bits
+
 # (numel, dtype): 8-bit states with a partial last block, and a tensor small enough for float32 states.
 SHAPES = [(5000, torch.float32), (300, torch.float32)]
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
 def make_params(dtype: torch.dtype, seed: int = 0) -> list[torch.nn.Parameter]:

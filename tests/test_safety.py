@@ -18,16 +18,9 @@ import pyquant
 from pyquant import backends
 from pyquant import functional as F
 
-CPU_BACKENDS = ["reference"] + (["cpu"] if backends.available("cpu", "cpu") else [])
+from conftest import CPU_BACKENDS, same_bits
+
 HERE = Path(__file__).parent
-
-
-def bits(t):
-    return t.detach().view({4: torch.int32, 2: torch.int16, 1: torch.uint8}[t.element_size()])
-
-
-def same_bits(a, b):
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(bits(a), bits(b))
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
@@ -100,7 +93,7 @@ def test_a_huge_blocksize_is_one_block(backend, blocksize):
 
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="the CPU library is not built")
 def test_the_cpu_binding_computes_huge_blocksizes_without_overflow():
-    from pyquant import _cpu
+    from pyquant.backends.cpu import blockwise as _cpu
 
     x, code = torch.randn(300), F.create_dynamic_map(True)
     q, absmax = _cpu.quantize_blockwise(x, code, 2**63 - 1)  # not clamped: the C arithmetic itself
@@ -334,7 +327,8 @@ needs_cuda = pytest.mark.skipif(
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_bindings_refuse_mismatched_operands_and_huge_blocksizes():
-    from pyquant import _cuda
+    from pyquant.backends.cuda import blockwise as _cuda
+    from pyquant.backends.cuda.optimizer import adam_step
 
     x, code = torch.randn(1000, device="cuda"), F.create_dynamic_map(True).cuda()
     q, absmax = _cuda.quantize_blockwise(x, code, 2**63 - 1)  # one block: no overflow of the block count
@@ -355,7 +349,7 @@ def test_cuda_bindings_refuse_mismatched_operands_and_huge_blocksizes():
     args = ([p], [torch.zeros_like(p)], [s["state1"]], [s["state2"]], [s["absmax1"]], [s["absmax2"]],
             torch.zeros(1, 10), *opt._codes_on(p.device), 0)
     with pytest.raises(ValueError, match="state1 0 has 5000 elements, expected 1048576"):
-        _cuda.adam_step(*args)
+        adam_step(*args)
 
 
 @pytest.mark.gpu

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pyquant.experiment import config, report, runner, settings
-from pyquant.subsets import harness, moderate_coreset
+from pyquant.experiment import config, report, runner, settings, subset_settings
+from pyquant.subsets import moderate_coreset
 
 
 def test_composite_setting_names():
@@ -67,7 +67,7 @@ def test_runs_train_on_the_selected_subset(tabular_runs):
     assert rand["train_before"] == n and rand["train_after"] == round(n * 0.25) and rand["proxy"] is None
     moderate = records["subset:moderate@0.5"]["subsets"]["selection"]
     assert moderate["train_after"] == round(n * 0.75) - round(n * 0.25)
-    assert moderate["proxy"]["epochs"] == harness.PROXY_EPOCHS and moderate["proxy"]["features"] == 128
+    assert moderate["proxy"]["epochs"] == subset_settings.PROXY_EPOCHS and moderate["proxy"]["features"] == 128
     assert moderate["selection_s"] > 0 and sum(moderate["class_counts_after"]) == moderate["train_after"]
     proxy = records["8bit+subset:proxy-forgetting@0.5"]
     assert proxy["subsets"]["selection"]["train_after"] == round(n * 0.5) and proxy["setting"]["optimizer"] == "8bit"
@@ -85,7 +85,7 @@ def test_selection_leaves_the_global_rng_alone(tabular_runs):
     data = get_task("tabular", run["data"])
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    harness.training_subset(run, settings.get_setting(run["setting"]), data, lambda x: x.float(), torch.device("cpu"))
+    subset_settings.training_subset(run, settings.get_setting(run["setting"]), data, lambda x: x.float(), torch.device("cpu"))
     assert torch.equal(torch.get_rng_state(), state)
 
 
@@ -97,7 +97,7 @@ def test_moderate_run_selects_what_the_api_selects(tabular_runs):
     run = record["config"]
     data = get_task("tabular", run["data"])
     setting = settings.get_setting(run["setting"])
-    subset, selection = harness.training_subset(run, setting, data, lambda x: x.float(), torch.device("cpu"))
+    subset, selection = subset_settings.training_subset(run, setting, data, lambda x: x.float(), torch.device("cpu"))
     assert selection["train_after"] == record["subsets"]["selection"]["train_after"]
     assert selection["class_counts_after"] == record["subsets"]["selection"]["class_counts_after"]  # deterministic
     # Same proxy again, and the kept indices are the moderate band of its features.
@@ -106,7 +106,7 @@ def test_moderate_run_selects_what_the_api_selects(tabular_runs):
     from pyquant.subsets import penultimate_features, train_proxy
 
     proxy = create_model("mlp", in_chans=data.in_chans, num_classes=2)
-    train_proxy(proxy, data.train, harness.PROXY_EPOCHS, run["lr"], run["batch_size"], run["seed"], lambda x: x.float())
+    train_proxy(proxy, data.train, subset_settings.PROXY_EPOCHS, run["lr"], run["batch_size"], run["seed"], lambda x: x.float())
     features, _, labels = penultimate_features(proxy, torch.utils.data.DataLoader(data.train, batch_size=2 * run["batch_size"]))
     assert subset.indices == moderate_coreset(features, labels, 0.5).tolist()
 

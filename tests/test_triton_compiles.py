@@ -24,9 +24,10 @@ import pyquant  # noqa: E402
 from pyquant import backends  # noqa: E402
 from pyquant import functional as F  # noqa: E402
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-if not INTERPRETED:  # pragma: no cover - on a GPU machine the launches compile for real in test_triton.py
+if not backends.triton_interpreted():  # pragma: no cover - on a GPU machine the launches compile for real in the
+    # tests marked `triton`
     pytest.skip("needs the Triton interpreter (no GPU): with a GPU the kernels are compiled by their tests", allow_module_level=True)
+pytestmark = pytest.mark.triton
 
 TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
                    torch.uint8: "u8", torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64",

@@ -3,8 +3,9 @@
 Triton's interpreter (triton 3.8) evaluates `tl.fma(x, y, z)` as `x * y + z` in numpy: two float32
 roundings where a GPU does one. pyquant's kernels use `tl.fma` exactly where docs/numerics.md asks for a
 fused multiply-add, so under the interpreter the Adam moments would differ from the contract on a few
-percent of elements. `exact_fma()` replaces the interpreter's fma with `pyquant._reference.fma32` (exact
-product in float64, sum rounded to odd, one rounding to float32) for float32 operands; other dtypes keep
+percent of elements. `exact_fma()` replaces the interpreter's fma with
+`pyquant.backends.reference.optimizer.fma32` (exact product in float64, sum rounded to odd, one rounding to
+float32) for float32 operands; other dtypes keep
 the interpreter's own evaluation. It changes nothing when triton is compiled for a GPU.
 
 `torch_cpu_sqrt()` makes the interpreter's `tl.sqrt_rn` compute `torch.sqrt` on the CPU. The square root
@@ -23,7 +24,7 @@ import contextlib
 import numpy as np
 import torch
 
-from pyquant._reference import fma32
+from pyquant.backends.reference.optimizer import fma32
 
 
 def _interpreter_builder_class():
@@ -32,31 +33,36 @@ def _interpreter_builder_class():
     return interpreter.InterpreterBuilder, interpreter.TensorHandle
 
 
-def _exact_create_fma(original):
+def _on_float32(original, torch_fn):
+    """An interpreter builder method that computes `torch_fn` when every operand is float32 and calls `original`
+    otherwise. Operands may be scalars or broadcastable blocks; torch_fn broadcasts, but from_numpy wants owned,
+    writable, contiguous arrays."""
     _, TensorHandle = _interpreter_builder_class()
 
-    def create_fma(self, x, y, z):
-        if not (x.data.dtype == y.data.dtype == z.data.dtype == np.float32):
-            return original(self, x, y, z)
-        # Operands may be scalars or broadcastable blocks; fma32 broadcasts, but from_numpy wants owned,
-        # writable, contiguous arrays.
-        a, b, c = (torch.from_numpy(np.array(h.data, dtype=np.float32, copy=True)) for h in (x, y, z))
-        out = fma32(a, b, c).numpy()
-        return TensorHandle(np.ascontiguousarray(out, dtype=np.float32), z.dtype.scalar)
+    def method(self, *handles):
+        if any(h.data.dtype != np.float32 for h in handles):
+            return original(self, *handles)
+        out = torch_fn(*(torch.from_numpy(np.array(h.data, dtype=np.float32, copy=True)) for h in handles)).numpy()
+        return TensorHandle(np.ascontiguousarray(out, dtype=np.float32), handles[-1].dtype.scalar)
 
-    return create_fma
+    return method
 
 
 @contextlib.contextmanager
-def exact_fma():
-    """Within the block, the interpreter's `tl.fma` on float32 rounds once, as on a GPU."""
+def _builder_method(name: str, torch_fn):
+    """Within the block, the interpreter builder's method `name` computes `torch_fn` on float32 operands."""
     builder, _ = _interpreter_builder_class()
-    original = builder.create_fma
-    builder.create_fma = _exact_create_fma(original)
+    original = getattr(builder, name)
+    setattr(builder, name, _on_float32(original, torch_fn))
     try:
         yield
     finally:
-        builder.create_fma = original
+        setattr(builder, name, original)
+
+
+def exact_fma():
+    """Within the block, the interpreter's `tl.fma` on float32 rounds once, as on a GPU."""
+    return _builder_method("create_fma", fma32)
 
 
 def interpreter_fma_is_exact() -> bool:
@@ -76,28 +82,9 @@ def interpreter_fma_is_exact() -> bool:
     return bool(out.view(torch.int32)[0] == exact.view(torch.int32))
 
 
-def _torch_sqrt_create_precise_sqrt(original):
-    _, TensorHandle = _interpreter_builder_class()
-
-    def create_precise_sqrt(self, arg):
-        if arg.data.dtype != np.float32:
-            return original(self, arg)
-        out = torch.sqrt(torch.from_numpy(np.array(arg.data, dtype=np.float32, copy=True))).numpy()
-        return TensorHandle(np.ascontiguousarray(out, dtype=np.float32), arg.dtype.scalar)
-
-    return create_precise_sqrt
-
-
-@contextlib.contextmanager
 def torch_cpu_sqrt():
     """Within the block, the interpreter's `tl.sqrt_rn` on float32 is torch.sqrt on the CPU."""
-    builder, _ = _interpreter_builder_class()
-    original = builder.create_precise_sqrt
-    builder.create_precise_sqrt = _torch_sqrt_create_precise_sqrt(original)
-    try:
-        yield
-    finally:
-        builder.create_precise_sqrt = original
+    return _builder_method("create_precise_sqrt", torch.sqrt)
 
 
 def torch_cpu_sqrt_is_ieee() -> bool:

@@ -191,10 +191,10 @@ def stage_env(st: Stage, args) -> None:
         info["triton"] = f"unavailable: {exc}"
     bnb = bnb_module()
     info["bitsandbytes"] = getattr(bnb, "__version__", f"unavailable: {bnb}")
-    from pyquant import _native
+    from pyquant.backends import capi
 
-    info["cpu_library"] = str(_native.cpu_library() is not None)
-    info["cuda_library"] = str(_native.cuda_library() is not None) if ON_GPU else "not loaded (no GPU)"
+    info["cpu_library"] = str(capi.cpu_library() is not None)
+    info["cuda_library"] = str(capi.cuda_library() is not None) if ON_GPU else "not loaded (no GPU)"
     info["backends_on_device"] = device_backends()
     if ON_GPU:
         props = torch.cuda.get_device_properties(0)
@@ -204,7 +204,7 @@ def stage_env(st: Stage, args) -> None:
     st.data["figures"].update(info)
     st.check("pyquant imports on this torch", True, torch=torch.__version__)
     if ON_GPU:
-        st.check("the CUDA library loads", _native.cuda_library() is not None)
+        st.check("the CUDA library loads", capi.cuda_library() is not None)
         st.check("Triton runs on the GPU", "triton" in info["backends_on_device"])
 
 
@@ -505,16 +505,16 @@ def bench_matmul(st: Stage) -> None:
 
 
 def bench_lowrank(st: Stage) -> None:
-    cases = _load_file_module("bench_test_lowrank", ROOT / "bench" / "test_lowrank.py")
+    cases = _load_file_module("bench_lowrank_cases", ROOT / "bench" / "lowrank_cases.py")
     names = list(cases.SHAPES)[:1] if SMOKE else list(cases.SHAPES)
     dtype = torch.float32 if SMOKE else torch.float16
     reps = 3 if SMOKE else 30
     rows = {}
     for name in names:
         shape = cases.SHAPES[name]
-        rank = cases._rank(shape, "C/8")
+        rank = cases.rank(shape, "C/8")
         n, cin, _, size, *_ = shape
-        mods = {k: m.to(DEVICE).to(dtype) for k, m in cases._modules(shape, rank, torch.float32).items()}
+        mods = {k: m.to(DEVICE).to(dtype) for k, m in cases.modules(shape, rank, torch.float32).items()}
         x = torch.randn(n, cin, size, size, generator=generator(1)).to(dtype).to(DEVICE)
         row = {}
         for label, module in mods.items():

@@ -14,7 +14,9 @@
 // elements). Each thread keeps its own "non-finite seen" flag; the flags are OR-ed at the end, so the
 // result and every written bit are the same for any number of threads.
 //
-// Compiled once per instruction set (PQ_ISA, csrc/include/pyquant/dispatch.h); csrc/capi_amp.cpp picks one.
+// Compiled once per instruction set (isa.h); csrc/capi_amp.cpp picks one.
+#include "isa.h"
+
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
@@ -23,21 +25,6 @@
 #include <vector>
 
 #include "pyquant/blockwise.h"
-
-#define PQ_CAT2(a, b) a##b
-#define PQ_CAT(a, b) PQ_CAT2(a, b)
-#define PQ_NS PQ_CAT(pq_, PQ_ISA)
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
-    defined(__F16C__)
-#define PQ_AMP_AVX512 1
-#include <immintrin.h>
-#endif
-
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13  // false positives on the _mm512_undefined_* inside intrinsics
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
 
 namespace PQ_NS {
 namespace {
@@ -54,13 +41,10 @@ bool scalar_piece(void* base, int32_t dtype, int64_t begin, int64_t end, float i
   return bad;
 }
 
-#if defined(PQ_AMP_AVX512)
+#if PQ_AVX512
 // fpclass categories: QNaN (0x01), +inf (0x08), -inf (0x10), SNaN (0x80)
 constexpr int kNonFinite = 0x01 | 0x08 | 0x10 | 0x80;
 constexpr int kNaN = 0x01 | 0x80;
-
-inline __mmask16 tail16(int64_t r) { return r >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << r) - 1u); }
-inline __mmask8 tail8(int64_t r) { return r >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << r) - 1u); }
 
 bool vec_f32(float* p, int64_t n, float inv, bool unit) {
   const __m512 vinv = _mm512_set1_ps(inv);
@@ -69,7 +53,7 @@ bool vec_f32(float* p, int64_t n, float inv, bool unit) {
   if (unit) {
     for (; i + 16 <= n; i += 16) bad |= _mm512_fpclass_ps_mask(_mm512_loadu_ps(p + i), kNonFinite);
     if (i < n) {
-      const __mmask16 m = tail16(n - i);
+      const __mmask16 m = mask16(n - i);
       bad |= _mm512_mask_fpclass_ps_mask(m, _mm512_maskz_loadu_ps(m, p + i), kNonFinite);
     }
     return bad != 0;
@@ -80,7 +64,7 @@ bool vec_f32(float* p, int64_t n, float inv, bool unit) {
     _mm512_storeu_ps(p + i, _mm512_mul_ps(v, vinv));
   }
   if (i < n) {
-    const __mmask16 m = tail16(n - i);
+    const __mmask16 m = mask16(n - i);
     const __m512 v = _mm512_maskz_loadu_ps(m, p + i);
     bad |= _mm512_mask_fpclass_ps_mask(m, v, kNonFinite);
     _mm512_mask_storeu_ps(p + i, m, _mm512_mul_ps(v, vinv));
@@ -92,7 +76,7 @@ bool vec_f64(double* p, int64_t n, double inv, bool unit) {
   const __m512d vinv = _mm512_set1_pd(inv);
   __mmask8 bad = 0;
   for (int64_t i = 0; i < n; i += 8) {
-    const __mmask8 m = tail8(n - i);
+    const __mmask8 m = mask8(n - i);
     const __m512d v = _mm512_maskz_loadu_pd(m, p + i);
     bad |= _mm512_mask_fpclass_pd_mask(m, v, kNonFinite);
     if (!unit) _mm512_mask_storeu_pd(p + i, m, _mm512_mul_pd(v, vinv));
@@ -121,7 +105,7 @@ bool vec_f16(uint16_t* p, int64_t n, float inv, bool unit) {
     _mm256_storeu_si256((__m256i*)(p + i), f16_step(h, vinv, unit, (__mmask16)0xFFFF, bad));
   }
   if (i < n) {
-    const __mmask16 m = tail16(n - i);
+    const __mmask16 m = mask16(n - i);
     const __m256i h = _mm256_maskz_loadu_epi16(m, p + i);
     _mm256_mask_storeu_epi16(p + i, m, f16_step(h, vinv, unit, m, bad));
   }
@@ -150,7 +134,7 @@ bool vec_bf16(uint16_t* p, int64_t n, float inv, bool unit) {
     _mm256_storeu_si256((__m256i*)(p + i), bf16_step(b, vinv, unit, (__mmask16)0xFFFF, bad));
   }
   if (i < n) {
-    const __mmask16 m = tail16(n - i);
+    const __mmask16 m = mask16(n - i);
     const __m256i b = _mm256_maskz_loadu_epi16(m, p + i);
     _mm256_mask_storeu_epi16(p + i, m, bf16_step(b, vinv, unit, m, bad));
   }
@@ -160,14 +144,14 @@ bool vec_bf16(uint16_t* p, int64_t n, float inv, bool unit) {
 
 // One piece [begin, end) of one tensor; true if it holds a non-finite value.
 bool unscale_piece(void* base, int32_t dtype, int64_t begin, int64_t end, float inv, bool unit, bool vector) {
-#if defined(PQ_AMP_AVX512)
+#if PQ_AVX512
   if (vector) {
     const int64_t n = end - begin;
     switch (dtype) {
-      case kFloat32: return vec_f32((float*)base + begin, n, inv, unit);
-      case kFloat16: return vec_f16((uint16_t*)base + begin, n, inv, unit);
-      case kBFloat16: return vec_bf16((uint16_t*)base + begin, n, inv, unit);
-      case kFloat64: return vec_f64((double*)base + begin, n, (double)inv, unit);
+      case PQ_DTYPE_FLOAT32: return vec_f32((float*)base + begin, n, inv, unit);
+      case PQ_DTYPE_FLOAT16: return vec_f16((uint16_t*)base + begin, n, inv, unit);
+      case PQ_DTYPE_BFLOAT16: return vec_bf16((uint16_t*)base + begin, n, inv, unit);
+      case PQ_DTYPE_FLOAT64: return vec_f64((double*)base + begin, n, (double)inv, unit);
       default: return false;
     }
   }

@@ -14,12 +14,14 @@
 // other than +-0 to vsSqrt itself, which works element by element.
 //
 // That is only valid while pq_cpu_sqrt really is this kernel: MKL picks kernels by CPU (an Intel CPU gets
-// another one) and by VML mode. So kernels.cpp checks the emulation against pq_cpu_sqrt, bit for bit, on a
+// another one) and by VML mode. So blockwise.cpp checks the emulation against pq_cpu_sqrt, bit for bit, on a
 // probe before first use with each routine (every rsqrtps table entry at two exponents of each parity,
 // random values over the whole range and the special values), and otherwise calls the routine once per
 // block. On the development machine the emulation was also checked against vsSqrt on all 2^32 inputs.
 #pragma once
 #include <stdint.h>
+
+#include "isa.h"
 
 namespace PQ_NS {
 

@@ -1,7 +1,7 @@
 // Half-precision matrix multiply on the CPU: C = A @ B (+ bias), float16 / bfloat16 / float32 operands,
 // float32 accumulation, one rounding to C's dtype (docs/low_precision.md).
 //
-// Compiled once per instruction set (PQ_ISA = scalar, avx2, avx512; csrc/include/pyquant/dispatch.h);
+// Compiled once per instruction set (PQ_ISA = scalar, avx2, avx512; isa.h);
 // csrc/capi_gemm.cpp picks one at run time.
 //
 // Structure (the BLIS / GotoBLAS scheme):
@@ -25,10 +25,12 @@
 // number of threads and the instruction set do not change that sequence, so the bits are the same for any
 // thread count and on every build (the scalar build, which has no fma instruction, computes a*b + c with
 // two roundings; for float16 / bfloat16 operands the product is exact, so that is the same number).
-// One exception, bfloat16 x bfloat16 on a CPU with AVX512-BF16 (unless the caller clears flags bit 0):
+// One exception, bfloat16 x bfloat16 on a CPU with AVX512-BF16 (unless the caller clears PQ_MATMUL_BF16_DOT):
 // vdpbf16ps takes k in pairs, c = fma(a_2u, b_2u, fma(a_2u+1, b_2u+1, c)), with inputs and results below
 // 2^-126 flushed to zero: a fixed order too, so still independent of the thread count.
 // The build forbids contraction (-ffp-contract=off): the fmas are written explicitly.
+#include "isa.h"
+
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -38,36 +40,19 @@
 #include <utility>
 
 #include "pyquant/blockwise.h"
-
-#define PQ_CAT2(a, b) a##b
-#define PQ_CAT(a, b) PQ_CAT2(a, b)
-#define PQ_NS PQ_CAT(pq_, PQ_ISA)
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
-    defined(__FMA__) && defined(__F16C__)
-#define PQ_GEMM_AVX512 1
-#include <immintrin.h>
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define PQ_GEMM_AVX2 1
-#include <immintrin.h>
-#endif
-
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+#include "pyquant/capi.h"
 
 namespace PQ_NS {
 namespace {
 using namespace pq;
 
 // ---- register tile and cache blocking ----
-#if defined(PQ_GEMM_AVX512)
+#if PQ_AVX512
 #ifndef PQ_GEMM_MR  // tile shape, overridable for tuning (-DPQ_GEMM_MR=8 -DPQ_GEMM_NV=3: 8 x 48)
 #define PQ_GEMM_MR 14
 #define PQ_GEMM_NV 2
 #endif
-constexpr int VW = 16;               // floats per vector
+constexpr int VW = kLanes;           // floats per vector
 constexpr int MR_WIDE = PQ_GEMM_MR;  // 14 x 32 tile: 28 zmm accumulators + 2 for B + 1 broadcast
 constexpr int NV_WIDE = PQ_GEMM_NV;
 // Products with at most 16 columns (a 16-channel convolution; the transpose of a product with at most 16
@@ -75,8 +60,8 @@ constexpr int NV_WIDE = PQ_GEMM_NV;
 // its lanes idle (measured 1.5x faster on such shapes, docs/low_precision.md section 8).
 constexpr int MR_NARROW = 28;
 constexpr int NV_NARROW = 1;
-#elif defined(PQ_GEMM_AVX2)
-constexpr int VW = 8;
+#elif PQ_AVX2
+constexpr int VW = kLanes;
 constexpr int MR_WIDE = 6;  // 6 x 16 tile: 12 ymm accumulators + 2 for B + 1 broadcast
 constexpr int NV_WIDE = 2;
 constexpr int MR_NARROW = MR_WIDE;  // one tile only
@@ -120,8 +105,6 @@ struct Scratch {
   }
 };
 static thread_local Scratch tl_packed_b, tl_packed_a, tl_row, tl_partial, tl_row_bias;
-
-static inline int64_t elem_size(int32_t dt) { return dt == kFloat32 ? 4 : 2; }
 
 // The im2col matrix of a channels-last input x (N, H, W, C), never materialised (an implicit im2col):
 //   columns[(n, oy, ox), (ky, kx, c)] = x[n, oy*sh + ky*dh - ph, ox*sw + kx*dw - pw, c], 0 outside x,
@@ -186,28 +169,12 @@ static inline const char* im2col_run(const Im2col& g, const Pixel& px, const Seg
 // ---- conversion of a contiguous run to float32 ----
 template <int DT>
 static inline float cvt_one(const void* p, int64_t i) {
-  if constexpr (DT == kFloat32) return ((const float*)p)[i];
-  if constexpr (DT == kFloat16) return half_to_float(((const uint16_t*)p)[i]);
+  if constexpr (DT == PQ_DTYPE_FLOAT32) return ((const float*)p)[i];
+  if constexpr (DT == PQ_DTYPE_FLOAT16) return half_to_float(((const uint16_t*)p)[i]);
   return bf16_to_float(((const uint16_t*)p)[i]);
 }
 
-#if defined(PQ_GEMM_AVX512)
-static inline __mmask16 mask16(int64_t n) {
-  return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
-}
-
-// 16 contiguous elements (the first `m` lanes; the rest 0) as float32: F16C for float16, a shift for bfloat16.
-template <int DT>
-static inline __m512 load16(const void* p, __mmask16 m) {
-  if constexpr (DT == kFloat32) {
-    return _mm512_maskz_loadu_ps(m, p);
-  } else {
-    const __m256i h = _mm256_maskz_loadu_epi16(m, p);
-    if constexpr (DT == kFloat16) return _mm512_cvtph_ps(h);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
-}
-
+#if PQ_AVX512
 static inline void transpose16(__m512 r[16]) {
   __m512 t[16];
   for (int i = 0; i < 16; i += 2) {
@@ -236,9 +203,9 @@ static inline void transpose16(__m512 r[16]) {
 // elsewhere), so that afterwards r[kk] holds position k+kk of lines 0..15.
 template <int DT>
 static inline void load_transposed(const char* base, int64_t ld, int nl, int64_t k, int64_t cnt, __m512 r[16]) {
-  const __mmask16 m = mask16(cnt);
-  const int64_t es = DT == kFloat32 ? 4 : 2;
-  for (int l = 0; l < 16; ++l) r[l] = l < nl ? load16<DT>(base + (l * ld + k) * es, m) : _mm512_setzero_ps();
+  const __mmask16 m = mask16_any(cnt);
+  const int64_t es = elem_size(DT);
+  for (int l = 0; l < 16; ++l) r[l] = l < nl ? load16<DT>(base + (l * ld + k) * es, 0, m) : _mm512_setzero_ps();
   transpose16(r);
 }
 #endif
@@ -248,19 +215,16 @@ template <int DT>
 static inline void convert_run(const char* p, int64_t stride, int64_t n, float* out) {
   int64_t i = 0;
   if (stride == 1) {
-#if defined(PQ_GEMM_AVX512)
-    const int64_t es = DT == kFloat32 ? 4 : 2;
-    for (; i < n; i += 16) _mm512_storeu_ps(out + i, load16<DT>(p + i * es, mask16(n - i)));
+#if PQ_AVX512
+    const int64_t es = elem_size(DT);
+    for (; i < n; i += 16) _mm512_storeu_ps(out + i, load16<DT>(p + i * es, 0, mask16_any(n - i)));
     return;
-#elif defined(PQ_GEMM_AVX2)
-    if constexpr (DT == kFloat16) {
+#elif PQ_AVX2
+    if constexpr (DT == PQ_DTYPE_FLOAT16) {
       for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 2 * i))));
-    } else if constexpr (DT == kBFloat16) {
-      for (; i + 8 <= n; i += 8) {
-        const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(p + 2 * i)));
-        _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
-      }
+        _mm256_storeu_ps(out + i, widen8<DT>(_mm_loadu_si128((const __m128i*)(p + 2 * i))));
+    } else if constexpr (DT == PQ_DTYPE_BFLOAT16) {
+      for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, widen8<DT>(_mm_loadu_si128((const __m128i*)(p + 2 * i))));
     }
 #endif
     for (; i < n; ++i) out[i] = cvt_one<DT>(p, i);
@@ -270,12 +234,12 @@ static inline void convert_run(const char* p, int64_t stride, int64_t n, float* 
 }
 
 static inline void convert_run(const char* p, int32_t dt, int64_t stride, int64_t n, float* out) {
-  if (dt == kFloat16)
-    convert_run<kFloat16>(p, stride, n, out);
-  else if (dt == kBFloat16)
-    convert_run<kBFloat16>(p, stride, n, out);
+  if (dt == PQ_DTYPE_FLOAT16)
+    convert_run<PQ_DTYPE_FLOAT16>(p, stride, n, out);
+  else if (dt == PQ_DTYPE_BFLOAT16)
+    convert_run<PQ_DTYPE_BFLOAT16>(p, stride, n, out);
   else
-    convert_run<kFloat32>(p, stride, n, out);
+    convert_run<PQ_DTYPE_FLOAT32>(p, stride, n, out);
 }
 
 // ---- packing ----
@@ -325,17 +289,17 @@ static void pack_a_im2col(const Mat& A, int64_t i0, int64_t mc, int64_t k0, int6
     float* o = out + p * MR * LDA;
     const int mr = (int)std::min<int64_t>(MR, mc - p * MR);
     const int64_t nseg = im2col_segments(g, i0 + p * MR, mr, segs);
-#if defined(PQ_GEMM_AVX512)
+#if PQ_AVX512
     // one run (at most MR <= 32 rows: two vectors) at a time over all k, with exact masks
     static_assert(MR <= 32, "a run of the k-major im2col gather is at most two vectors");
     for (int64_t q = 0; q < nseg; ++q) {
       const Seg s = segs[q];
-      const __mmask16 m0 = mask16(s.len), m1 = mask16(s.len - 16);
+      const __mmask16 m0 = mask16_any(s.len), m1 = mask16_any(s.len - 16);
       for (int64_t k = 0; k < kc; ++k) {
         const char* src = im2col_run(g, pixels[k], s, es);
         float* dst = o + k * MR + s.dst;
-        _mm512_mask_storeu_ps(dst, m0, src ? load16<DT>(src, m0) : _mm512_setzero_ps());
-        if (m1) _mm512_mask_storeu_ps(dst + 16, m1, src ? load16<DT>(src + 16 * es, m1) : _mm512_setzero_ps());
+        _mm512_mask_storeu_ps(dst, m0, src ? load16<DT>(src, 0, m0) : _mm512_setzero_ps());
+        if (m1) _mm512_mask_storeu_ps(dst + 16, m1, src ? load16<DT>(src + 16 * es, 0, m1) : _mm512_setzero_ps());
       }
     }
     if (mr < MR)
@@ -378,9 +342,10 @@ static void pack_a_t(const Mat& A, int64_t i0, int64_t mc, int64_t k0, int64_t k
     } else if (A.rs == 1) {
       // columns of the panel are contiguous: one short run per k
       for (int64_t k = 0; k < kc; ++k) {
-#if defined(PQ_GEMM_AVX512)
+#if PQ_AVX512
         for (int r = 0; r < MR; r += 16)  // MR may exceed one vector (the narrow tile)
-          _mm512_mask_storeu_ps(o + k * MR + r, mask16(MR - r), load16<DT>(base + (k * A.cs + r) * es, mask16(mr - r)));
+          _mm512_mask_storeu_ps(o + k * MR + r, mask16_any(MR - r),
+                                load16<DT>(base + (k * A.cs + r) * es, 0, mask16_any(mr - r)));
 #else
         convert_run<DT>(base + k * A.cs * es, 1, mr, o + k * MR);
         for (int r = mr; r < MR; ++r) o[k * MR + r] = 0.0f;
@@ -404,9 +369,9 @@ static void pack_b_panel(const Mat& B, int64_t K, int64_t j0, int64_t nr, float*
   if (B.cs == 1) {
     for (int64_t k = 0; k < K; ++k) {
       const char* row = base + k * B.rs * es;
-#if defined(PQ_GEMM_AVX512)
+#if PQ_AVX512
       for (int h = 0; h < NV; ++h)
-        _mm512_storeu_ps(o + k * NR + 16 * h, load16<DT>(row + 16 * h * es, mask16(nr - 16 * h)));
+        _mm512_storeu_ps(o + k * NR + 16 * h, load16<DT>(row + 16 * h * es, 0, mask16_any(nr - 16 * h)));
 #else
       convert_run<DT>(row, 1, nr, o + k * NR);
       for (int64_t j = nr; j < NR; ++j) o[k * NR + j] = 0.0f;
@@ -414,7 +379,7 @@ static void pack_b_panel(const Mat& B, int64_t K, int64_t j0, int64_t nr, float*
     }
   } else if (B.rs == 1) {
     // columns contiguous along k (B is the transpose of a row-major matrix, as in x @ W.T): transpose
-#if defined(PQ_GEMM_AVX512)
+#if PQ_AVX512
     __m512 v[16];
     for (int h = 0; h < NR / 16; ++h) {
       const int nl = (int)std::max<int64_t>(0, std::min<int64_t>(16, nr - 16 * h));
@@ -442,11 +407,7 @@ static void pack_b_panel(const Mat& B, int64_t K, int64_t j0, int64_t nr, float*
   (void)tmp;
 }
 
-#if defined(PQ_GEMM_AVX512)
-static inline __mmask32 mask32(int64_t n) {
-  return n >= 32 ? (__mmask32)0xFFFFFFFFu : n <= 0 ? (__mmask32)0 : (__mmask32)((1u << n) - 1u);
-}
-
+#if PQ_AVX512
 static inline uint32_t bits16(const char* p, int64_t i) { return ((const uint16_t*)p)[i]; }
 
 // 16 words (lo[j] | hi[j] << 16) from two runs of 16 bfloat16 values
@@ -498,7 +459,7 @@ static void pack_a_pairs_im2col(const Mat& A, int64_t i0, int64_t mc, int64_t k0
         const char* lo = im2col_run(g, pixels[2 * u], s, 2);
         const char* hi = 2 * u + 1 < kc ? im2col_run(g, pixels[2 * u + 1], s, 2) : nullptr;
         for (int64_t r = 0; r < s.len; r += 16) {
-          const __mmask16 m = mask16(s.len - r);
+          const __mmask16 m = mask16_any(s.len - r);
           const __m256i vlo = lo ? _mm256_maskz_loadu_epi16(m, lo + 2 * r) : _mm256_setzero_si256();
           const __m256i vhi = hi ? _mm256_maskz_loadu_epi16(m, hi + 2 * r) : _mm256_setzero_si256();
           _mm512_mask_storeu_epi32(col + s.dst + r, m, interleave16(vlo, vhi));
@@ -525,17 +486,17 @@ static void pack_a_pairs(const Mat& A, int64_t i0, int64_t mc, int64_t k0, int64
       for (int r = 0; r < MR; ++r) {
         const char* row = base + r * A.rs * 2;
         for (int64_t u = 0; u < units; u += 16)
-          _mm512_storeu_si512(o + r * LDA + u, r < mr ? _mm512_maskz_loadu_epi16(mask32(kc - 2 * u), row + 4 * u)
+          _mm512_storeu_si512(o + r * LDA + u, r < mr ? _mm512_maskz_loadu_epi16(mask32_any(kc - 2 * u), row + 4 * u)
                                                       : _mm512_setzero_si512());
       }
     } else if (A.rs == 1) {
       for (int64_t u = 0; u < units; ++u)
         for (int r = 0; r < MR; r += 16) {  // MR may exceed one vector (the narrow tile)
           const char* lo_p = base + (2 * u * A.cs + r) * 2;
-          const __m256i lo = _mm256_maskz_loadu_epi16(mask16(mr - r), lo_p);
-          const __m256i hi = 2 * u + 1 < kc ? _mm256_maskz_loadu_epi16(mask16(mr - r), lo_p + A.cs * 2)
+          const __m256i lo = _mm256_maskz_loadu_epi16(mask16_any(mr - r), lo_p);
+          const __m256i hi = 2 * u + 1 < kc ? _mm256_maskz_loadu_epi16(mask16_any(mr - r), lo_p + A.cs * 2)
                                             : _mm256_setzero_si256();
-          _mm512_mask_storeu_epi32(o + u * MR + r, mask16(MR - r), interleave16(lo, hi));
+          _mm512_mask_storeu_epi32(o + u * MR + r, mask16_any(MR - r), interleave16(lo, hi));
         }
     } else {
       for (int64_t u = 0; u < units; ++u)
@@ -560,7 +521,7 @@ static void pack_b_pairs(const Mat& B, int64_t K, int64_t j0, int64_t nr, uint32
       const char* row0 = base + 2 * u * B.rs * 2;
       const char* row1 = base + (2 * u + 1) * B.rs * 2;
       for (int h = 0; h < NR / 16; ++h) {
-        const __mmask16 m = mask16(nr - 16 * h);
+        const __mmask16 m = mask16_any(nr - 16 * h);
         const __m256i lo = _mm256_maskz_loadu_epi16(m, row0 + 32 * h);
         const __m256i hi = 2 * u + 1 < K ? _mm256_maskz_loadu_epi16(m, row1 + 32 * h) : _mm256_setzero_si256();
         _mm512_storeu_si512(o + u * NR + 16 * h, interleave16(lo, hi));
@@ -573,7 +534,7 @@ static void pack_b_pairs(const Mat& B, int64_t K, int64_t j0, int64_t nr, uint32
       const int nl = (int)std::max<int64_t>(0, std::min<int64_t>(16, nr - 16 * h));
       const char* hb = base + 16 * h * B.cs * 2;
       for (int64_t u = 0; u < units; u += 16) {
-        const __mmask32 m = mask32(K - 2 * u);
+        const __mmask32 m = mask32_any(K - 2 * u);
         for (int l = 0; l < 16; ++l)
           v[l] = l < nl ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(m, hb + (l * B.cs + 2 * u) * 2))
                         : _mm512_setzero_ps();
@@ -595,22 +556,22 @@ static void pack_b_pairs(const Mat& B, int64_t K, int64_t j0, int64_t nr, uint32
 
 template <int MR>
 static void pack_a(const Mat& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, float* out, float* tmp) {
-  if (A.dt == kFloat16)
-    pack_a_t<kFloat16, MR>(A, i0, mc, k0, kc, out, tmp);
-  else if (A.dt == kBFloat16)
-    pack_a_t<kBFloat16, MR>(A, i0, mc, k0, kc, out, tmp);
+  if (A.dt == PQ_DTYPE_FLOAT16)
+    pack_a_t<PQ_DTYPE_FLOAT16, MR>(A, i0, mc, k0, kc, out, tmp);
+  else if (A.dt == PQ_DTYPE_BFLOAT16)
+    pack_a_t<PQ_DTYPE_BFLOAT16, MR>(A, i0, mc, k0, kc, out, tmp);
   else
-    pack_a_t<kFloat32, MR>(A, i0, mc, k0, kc, out, tmp);
+    pack_a_t<PQ_DTYPE_FLOAT32, MR>(A, i0, mc, k0, kc, out, tmp);
 }
 
 template <int NV>
 static void pack_b(const Mat& B, int64_t K, int64_t j0, int64_t nr, float* out, float* tmp) {
-  if (B.dt == kFloat16)
-    pack_b_panel<kFloat16, NV>(B, K, j0, nr, out, tmp);
-  else if (B.dt == kBFloat16)
-    pack_b_panel<kBFloat16, NV>(B, K, j0, nr, out, tmp);
+  if (B.dt == PQ_DTYPE_FLOAT16)
+    pack_b_panel<PQ_DTYPE_FLOAT16, NV>(B, K, j0, nr, out, tmp);
+  else if (B.dt == PQ_DTYPE_BFLOAT16)
+    pack_b_panel<PQ_DTYPE_BFLOAT16, NV>(B, K, j0, nr, out, tmp);
   else
-    pack_b_panel<kFloat32, NV>(B, K, j0, nr, out, tmp);
+    pack_b_panel<PQ_DTYPE_FLOAT32, NV>(B, K, j0, nr, out, tmp);
 }
 
 // ---- output: round float32 rows to C's dtype once ----
@@ -629,32 +590,24 @@ static inline void store_tile(const float* tile, const Out& c, int64_t i0, int64
     char* row = c.data + ((i0 + r) * c.rs + j0 * c.cs) * es;
     const float* t = tile + r * NR;
     if (c.cs == 1) {
-#if defined(PQ_GEMM_AVX512)
+#if PQ_AVX512
       for (int h = 0; h < NR / 16; ++h) {
-        const __mmask16 m = mask16(nr - 16 * h);
+        const __mmask16 m = mask16_any(nr - 16 * h);
         if (!m) break;
         const __m512 v = _mm512_loadu_ps(t + 16 * h);
-        if (c.dt == kFloat32) {
+        if (c.dt == PQ_DTYPE_FLOAT32) {
           _mm512_mask_storeu_ps(row + 64 * h, m, v);
-        } else if (c.dt == kFloat16) {
-          _mm256_mask_storeu_epi16(row + 32 * h, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        } else if (c.dt == PQ_DTYPE_FLOAT16) {
+          _mm256_mask_storeu_epi16(row + 32 * h, m, to_half16_keep_nan(v));
         } else {
-          // float_to_bf16 lane by lane: round to nearest even on the 16 dropped bits, NaN stays quiet NaN
-          const __m512i u = _mm512_castps_si512(v);
-          const __m512i hi = _mm512_srli_epi32(u, 16);
-          const __m512i odd = _mm512_and_si512(hi, _mm512_set1_epi32(1));
-          __m512i rb = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
-          const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-          rb = _mm512_mask_mov_epi32(rb, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
-          _mm256_mask_storeu_epi16(row + 32 * h, m, _mm512_cvtepi32_epi16(rb));
+          _mm256_mask_storeu_epi16(row + 32 * h, m, to_bf16_16(v));
         }
       }
       continue;
-#elif defined(PQ_GEMM_AVX2)
-      if (c.dt == kFloat16 && nr == NR) {
+#elif PQ_AVX2
+      if (c.dt == PQ_DTYPE_FLOAT16 && nr == NR) {
         for (int h = 0; h < NR / 8; ++h)
-          _mm_storeu_si128((__m128i*)(row + 16 * h),
-                           _mm256_cvtps_ph(_mm256_loadu_ps(t + 8 * h), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+          _mm_storeu_si128((__m128i*)(row + 16 * h), to_half8_keep_nan(_mm256_loadu_ps(t + 8 * h)));
         continue;
       }
 #endif
@@ -684,27 +637,9 @@ struct TileJob {
   int mr, nr;
 };
 
-#if defined(PQ_GEMM_AVX512) || defined(PQ_GEMM_AVX2)
-#if defined(PQ_GEMM_AVX512)
-using V = __m512;
-static inline V vzero() { return _mm512_setzero_ps(); }
-static inline V vload(const float* p) { return _mm512_loadu_ps(p); }
-static inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
-static inline V vbcast(const float* p) { return _mm512_set1_ps(*p); }
-static inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-#else
-using V = __m256;
-static inline V vzero() { return _mm256_setzero_ps(); }
-static inline V vload(const float* p) { return _mm256_loadu_ps(p); }
-static inline void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
-static inline V vbcast(const float* p) { return _mm256_broadcast_ss(p); }
-static inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-#endif
-
-#define PQ_ALWAYS_INLINE __attribute__((always_inline)) static inline
-
+#if PQ_SIMD
 template <int MR, int NV>
-PQ_ALWAYS_INLINE void init_acc(const TileJob& t, V (*c)[NV]) {
+PQ_INLINE void init_acc(const TileJob& t, fvec (*c)[NV]) {
   if (t.from_buf) {
 #pragma GCC unroll 32
     for (int r = 0; r < MR; ++r)
@@ -729,7 +664,7 @@ PQ_ALWAYS_INLINE void init_acc(const TileJob& t, V (*c)[NV]) {
 }
 
 template <int MR, int NV>
-PQ_ALWAYS_INLINE void finish_acc(const TileJob& t, V (*c)[NV]) {
+PQ_INLINE void finish_acc(const TileJob& t, fvec (*c)[NV]) {
   constexpr int NR = NV * VW;
   float* dst = t.last ? nullptr : t.buf;
   alignas(64) float tile[MR * NR];
@@ -746,17 +681,17 @@ PQ_ALWAYS_INLINE void finish_acc(const TileJob& t, V (*c)[NV]) {
 template <bool AROWS, int MR, int NV>
 static void micro_kernel(const TileJob& t) {
   constexpr int NR = NV * VW;
-  V c[MR][NV];
+  fvec c[MR][NV];
   init_acc<MR, NV>(t, c);
   const float* a = t.a;
   const float* b = t.b;
   for (int64_t k = 0; k < t.kc; ++k) {
-    V bv[NV];
+    fvec bv[NV];
 #pragma GCC unroll 4
     for (int h = 0; h < NV; ++h) bv[h] = vload(b + h * VW);
 #pragma GCC unroll 32
     for (int r = 0; r < MR; ++r) {
-      const V ar = vbcast(a + (AROWS ? r * LDA : r));
+      const fvec ar = vbcast(a + (AROWS ? r * LDA : r));
 #pragma GCC unroll 4
       for (int h = 0; h < NV; ++h) c[r][h] = vfma(ar, bv[h], c[r][h]);
     }
@@ -766,15 +701,15 @@ static void micro_kernel(const TileJob& t) {
   finish_acc<MR, NV>(t, c);
 }
 
-#if defined(PQ_GEMM_AVX512)
+#if PQ_BF16_DOT
 // bfloat16 x bfloat16 with the AVX512-BF16 dot product: a packed unit is a 32-bit word holding the pair
 // (k = 2u, 2u + 1). vdpbf16ps computes, per lane, c = fma(a_2u, b_2u, fma(a_2u+1, b_2u+1, c)) (checked
 // bit for bit on this CPU class; Intel documents the same order) with inputs and results below 2^-126
 // flushed to zero. Compiled for avx512bf16 only here; used after a run-time check.
 template <bool AROWS, int MR, int NV>
-__attribute__((target("avx512bf16"))) static void micro_kernel_bf16(const TileJob& t) {
+PQ_TARGET_AVX512BF16 static void micro_kernel_bf16(const TileJob& t) {
   constexpr int NR = NV * VW;
-  V c[MR][NV];
+  fvec c[MR][NV];
   init_acc<MR, NV>(t, c);
   const uint32_t* a = (const uint32_t*)t.a;
   const float* b = t.b;
@@ -794,10 +729,7 @@ __attribute__((target("avx512bf16"))) static void micro_kernel_bf16(const TileJo
   finish_acc<MR, NV>(t, c);
 }
 
-static const bool kHaveBf16Dot = [] {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512bf16");
-}();
+static const bool kHaveBf16Dot = cpu_has_avx512bf16();
 #endif
 #else
 // Portable build: plain loops (no fma instruction; a*b + c, see the file comment).
@@ -861,8 +793,8 @@ static void gemm(const Problem& p, int nthreads, bool allow_bf16_dot) {
     return;
   }
   // bfloat16 x bfloat16 on a CPU with AVX512-BF16: pairs of k per packed unit, vdpbf16ps
-#if defined(PQ_GEMM_AVX512)
-  const bool pairs = allow_bf16_dot && kHaveBf16Dot && p.A.dt == kBFloat16 && p.B.dt == kBFloat16;
+#if PQ_BF16_DOT
+  const bool pairs = allow_bf16_dot && kHaveBf16Dot && p.A.dt == PQ_DTYPE_BFLOAT16 && p.B.dt == PQ_DTYPE_BFLOAT16;
 #else
   const bool pairs = false;
   (void)allow_bf16_dot;
@@ -905,7 +837,7 @@ static void gemm(const Problem& p, int nthreads, bool allow_bf16_dot) {
 #pragma omp for schedule(dynamic)
       for (int64_t q = 0; q < npan; ++q) {
         const int64_t nr = std::min<int64_t>(NR, nc - q * NR);
-#if defined(PQ_GEMM_AVX512)
+#if PQ_AVX512
         if (pairs)
           pack_b_pairs<NV>(p.B, K, j0 + q * NR, nr, (uint32_t*)(bp + q * NR * KU));
         else
@@ -928,7 +860,7 @@ static void gemm(const Problem& p, int nthreads, bool allow_bf16_dot) {
         for (int64_t kb = 0; kb < nk; ++kb) {
           const int64_t u0 = kb * KC, kc = std::min(KC, KU - u0);  // in packed units
           const int64_t k0 = u0 * step, kc_elems = std::min(kc * step, K - k0);
-#if defined(PQ_GEMM_AVX512)
+#if PQ_AVX512
           if (pairs)
             pack_a_pairs<MR>(p.A, i0, mc, k0, kc_elems, (uint32_t*)ap);
           else
@@ -952,7 +884,7 @@ static void gemm(const Problem& p, int nthreads, bool allow_bf16_dot) {
               t.i0 = i0 + s * MR;
               t.mr = (int)std::min<int64_t>(MR, mc - s * MR);
               t.bias_row = (p.bias && p.bias_rows && kb == 0) ? row_bias + s * MR : nullptr;
-#if defined(PQ_GEMM_AVX512)
+#if PQ_BF16_DOT
               if (pairs) {
                 if (t.a_rows)
                   micro_kernel_bf16<true, MR, NV>(t);
@@ -1004,14 +936,14 @@ static void gemm_any_tile(Problem p, int nthreads, bool allow_bf16_dot) {
 // C[batch] = A[batch] @ B[batch] (+ bias), batch over `nb` broadcast dimensions of sizes batch_shape.
 // Each *_strides array holds nb batch strides then the row and column strides, in elements (0 for a
 // broadcast dimension). bias: null, or one value per column (bias_rows 0: N values) or per row
-// (bias_rows 1: M values) at stride bias_stride. threads <= 0: OpenMP's default. flags bit 0: bfloat16 x
-// bfloat16 may use the AVX512-BF16 dot product (where the CPU has it).
+// (bias_rows 1: M values) at stride bias_stride. threads <= 0: OpenMP's default. flags PQ_MATMUL_BF16_DOT:
+// bfloat16 x bfloat16 may use the AVX512-BF16 dot product (where the CPU has it).
 void matmul(int32_t nb, const int64_t* batch_shape, const void* a, int32_t a_dt, const int64_t* a_strides,
             const void* b, int32_t b_dt, const int64_t* b_strides, const void* bias, int32_t bias_dt,
             int64_t bias_stride, int32_t bias_rows, void* c, int32_t c_dt, const int64_t* c_strides, int64_t M,
             int64_t N, int64_t K,
             int32_t threads, int32_t flags) {
-  const bool allow_bf16_dot = (flags & 1) != 0;
+  const bool allow_bf16_dot = (flags & PQ_MATMUL_BF16_DOT) != 0;
   int64_t count = 1;
   for (int i = 0; i < nb; ++i) count *= batch_shape[i];
   if (count <= 0) return;
@@ -1088,7 +1020,7 @@ void matmul_im2col(const void* x, int32_t x_dt, const int64_t* x_shape, const in
   p.bias_stride = bias_stride;
   p.bias_rows = bias_rows != 0;
   if (p.M <= 0 || p.N <= 0) return;
-  gemm_any_tile(p, threads <= 0 ? omp_get_max_threads() : threads, (flags & 1) != 0);
+  gemm_any_tile(p, threads <= 0 ? omp_get_max_threads() : threads, (flags & PQ_MATMUL_BF16_DOT) != 0);
 }
 
 }  // namespace PQ_NS

@@ -177,15 +177,19 @@ def _write_dicom(path: Path, img: np.ndarray, *, bit_depth: int, photometric: st
     path.write_bytes(buf.getvalue())
 
 
+def _written_with(marker: Path, params: dict) -> bool:
+    """Whether the marker file of an earlier synthetic set records exactly `params` (False if unreadable)."""
+    try:
+        return json.loads(marker.read_text()) == params
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 def _prepare(root: Path, params: dict, exist_ok: bool, overwrite: bool, outputs: list[Path]) -> bool:
     """True when the set already exists with these parameters; clears an earlier synthetic set if overwrite."""
     marker = root / MARKER
     if marker.is_file():
-        try:
-            same = json.loads(marker.read_text()) == params
-        except (OSError, json.JSONDecodeError):
-            same = False
-        if same and exist_ok:
+        if exist_ok and _written_with(marker, params):
             return True
         if not overwrite:
             raise DataError(f"{root}: already holds a synthetic data set (see {MARKER}); pass overwrite=True to replace it")
@@ -389,11 +393,7 @@ def make_lidc_like(
               "patches_per_series": patches_per_series, "file": path.name}
     marker = path.with_name(path.name + ".json")
     if path.exists():
-        try:
-            same = json.loads(marker.read_text()) == params
-        except (OSError, json.JSONDecodeError):
-            same = False
-        if same and exist_ok:
+        if exist_ok and _written_with(marker, params):
             return path
         if not overwrite:
             raise DataError(f"{path}: already exists; pass overwrite=True to replace it")

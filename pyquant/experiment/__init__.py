@@ -9,8 +9,10 @@ Registries, each extended by name: models (:func:`register_model`, :func:`create
 from pyquant.experiment.config import DEFAULTS, PRESETS, expand, load
 from pyquant.experiment.metrics import binary_metrics, roc_auc, youden_threshold
 from pyquant.experiment.models import MODELS, create_model, list_models, register_model
-from pyquant.experiment.runner import run_grid, run_one, write_record
+from pyquant.experiment.records import write_record
+from pyquant.experiment.runner import run_grid
 from pyquant.experiment.settings import OPTIMIZERS, SETTINGS, Setting, register_optimizer, register_setting, resolve
+from pyquant.experiment.single_run import run_one
 from pyquant.experiment.tasks import TASKS, TaskData, register_task
 
 __all__ = [

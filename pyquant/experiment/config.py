@@ -96,7 +96,7 @@ generate = { n_patients = 500, size = 64, seed = 0, label_noise = 0.05 }
 # Less data, same accuracy (docs/subsets.md): the quick preset's data and small DenseNet at 32 px (S = 2, where the
 # task is not yet saturated), trained on 25 %, 50 % and 100 % of the training split chosen at random, by Moderate
 # Coreset and via a proxy (least confidence), and importance sampling against uniform batches with the same
-# wall-clock budget. Two seeds. Run it with `python -m pyquant.subsets.study`, which also draws the plots.
+# wall-clock budget. Two seeds. Run it with `python -m pyquant.experiment.subset_study`, which also draws the plots.
 tasks = ["rsna"]
 models = ["densenet_small"]
 settings = ["baseline", "subset:random@0.25", "subset:random@0.5", "subset:moderate@0.25", "subset:moderate@0.5",

@@ -1,5 +1,5 @@
 """Settings: named training recipes. A setting is data, not code: which optimizer, which autocast dtype, which
-model dtype, whether to scale the loss. One training loop (pyquant.experiment.runner) runs them all.
+model dtype, whether to scale the loss. One training loop (pyquant.experiment.loop) runs them all.
 
     register_setting(Setting("amp+8bit", optimizer="8bit", autocast="auto"))
     register_optimizer("sgd")(lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9))
@@ -60,9 +60,9 @@ class Setting:
     ``loss_scaling``: "auto" (when anything runs in float16), "always" or "never".
     ``norms_fp32``: in a half-precision model, keep normalisation layers (and their statistics) in float32.
     Data selection (pyquant.subsets; set through name modifiers, see :func:`get_setting`): ``subset`` is a method
-    of ``pyquant.subsets.harness.SUBSET_METHODS`` keeping ``subset_fraction`` of the training data before training,
-    ``importance_sampling`` turns on Katharopoulos & Fleuret's sampler, ``time_budget_s`` stops training after the
-    first epoch that ends past that many seconds (for comparisons at equal wall-clock)."""
+    of ``pyquant.experiment.subset_settings.SUBSET_METHODS`` keeping ``subset_fraction`` of the training data
+    before training, ``importance_sampling`` turns on Katharopoulos & Fleuret's sampler, ``time_budget_s`` stops
+    training after the first epoch that ends past that many seconds (for comparisons at equal wall-clock)."""
 
     name: str
     optimizer: str = "adam"
@@ -118,7 +118,7 @@ def _modifier(part: str, name: str) -> dict | None:
             raise ValueError(f"setting {name!r}: budget {text!r} must be a positive number of seconds, e.g. budget:60s")
         return {"time_budget_s": seconds}
     if part.startswith("subset:"):
-        from pyquant.subsets.harness import SUBSET_METHODS
+        from pyquant.experiment.subset_settings import SUBSET_METHODS
 
         method, at, fraction_text = part.removeprefix("subset:").partition("@")
         if method not in SUBSET_METHODS:

@@ -5,32 +5,22 @@
   `Linear16.from_linear(linear, dtype)` converts a trained layer.
 - `Conv2d16`: the same for `nn.Conv2d` (groups=1, zero padding): one product for the whole batch, columns
   (N*Ho*Wo x kh*kw*C_in, the channels-last im2col) @ W^T, the bias added to the accumulator; the columns are
-  gathered from x while the kernel packs them (`pyquant::im2col_matmul`), never copied. The output is NCHW-shaped in channels-last memory
-  order (as torch's own CPU convolutions prefer); a following Conv2d16 reads it without a copy.
-- `half(model, dtype)`: casts a model for half-precision inference or training (section C4 of the
-  techniques notes): Linear and Conv2d layers become Linear16 / Conv2d16 where pyquant's kernels are the
+  gathered from x while the kernel packs them (`pyquant::im2col_matmul`), never copied. The output is NCHW-shaped
+  in channels-last memory order (as torch's own CPU convolutions prefer); a following Conv2d16 reads it without a
+  copy.
+- `half(model, dtype)`: casts a model for half-precision inference or training (the "half+8bit" setting of
+  docs/study.md: the whole model in 16-bit, not autocast's mixed precision): Linear and Conv2d layers become Linear16 / Conv2d16 where pyquant's kernels are the
   faster ones on the model's device, everything else is cast to `dtype`, normalisation layers keep float32
-  parameters and statistics and compute in float32, and floating-point model inputs are cast to `dtype`.
+  parameters and statistics and compute in float32 (running means and variances accumulate over many
+  steps and lose too much in 16-bit), and floating-point model inputs are cast to `dtype`.
 
-Which implementation runs a layer (the rule, docs/low_precision.md):
-
-1. float16 on a CPU without native FP16 arithmetic (no AVX512-FP16 / AMX-FP16): pyquant's. torch computes
-   such products element by element through float32 conversions (measured on 2 cores: 512^3 takes
-   ~100 ms in torch float16 against ~1.3 ms in torch float32 and ~0.7 ms in pyquant float16).
-2. Otherwise (bfloat16, where torch uses the CPU's bf16 dot-product instructions through oneDNN; a CPU
-   with native FP16; CUDA): measured. The first forward of a layer for a given input shape (rows rounded up
-   to a power of two for Linear16) times both implementations on a random input of that shape (best of 3
-   after a warm-up, no autograd) and keeps pyquant's only if it is at least 10% faster; the choice is cached per (layer kind, shapes,
-   dtype, device, threads) for the whole process. `pyquant.nn.half_precision.decisions()` lists them.
-
-`impl="pyquant"` / `"torch"` forces a layer's choice; `"auto"` applies the rule.
+Which implementation runs a layer is pyquant.nn.autotune's rule (float16 on a CPU without native FP16
+arithmetic: pyquant's; otherwise measured once per layer kind and shape). `impl="pyquant"` / `"torch"` forces a
+layer's choice; `"auto"` applies the rule.
 """
 
 from __future__ import annotations
 
-import functools
-import math
-import time
 from typing import Optional
 
 import torch
@@ -38,10 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from pyquant.ops.conv16 import _im2col_matmul_op
+from pyquant import _ops
+from pyquant.nn.autotune import choose, decisions, default_impl, native_fp16_cpu
 from pyquant.ops.conv16 import columns as _columns
 from pyquant.ops.conv16 import out_size as _out_size
-from pyquant.ops.gemm import INPUT_DTYPES, _matmul_op, linear
+from pyquant.ops.gemm import INPUT_DTYPES, linear
 
 __all__ = ["Linear16", "Conv2d16", "half", "decisions", "native_fp16_cpu", "default_impl", "im2col"]
 
@@ -63,63 +54,6 @@ def _mixed_dtype_norms(device_type: str) -> tuple[type, ...]:
     return common + (nn.GroupNorm,) + _RMS if device_type == "cpu" else common
 
 
-SPEEDUP_TO_SWITCH = 1.10  # pyquant must be this much faster to replace torch's bfloat16 / native kernels
-_decisions: dict[tuple, str] = {}
-
-
-# ---- the rule ----
-@functools.cache
-def native_fp16_cpu() -> bool:
-    """Whether this CPU has native FP16 arithmetic (AVX512-FP16 or AMX-FP16), read from /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_fp16", "amx_fp16"})
-    except OSError:
-        pass
-    return False
-
-
-def default_impl(device: torch.device | str, dtype: torch.dtype) -> str:
-    """Rule 1 of the module docstring ("pyquant"), else "auto" (measure per shape)."""
-    if torch.device(device).type == "cpu" and dtype == torch.float16 and not native_fp16_cpu():
-        return "pyquant"
-    return "auto"
-
-
-def decisions() -> dict[tuple, str]:
-    """The measured choices so far: key (layer kind, shapes, dtype, device, threads) -> "pyquant" | "torch"."""
-    return dict(_decisions)
-
-
-def _best_time(fn, reps: int = 3, budget: float | None = None) -> float:
-    fn()  # warm-up
-    best = math.inf
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-        if budget is not None and best > budget:
-            break
-    return best
-
-
-def _choose(key: tuple, make_runs) -> str:
-    """The cached choice for `key`, measured first if needed: make_runs() -> (run_pyquant, run_torch)."""
-    hit = _decisions.get(key)
-    if hit is None:
-        with torch.no_grad():
-            run_pyquant, run_torch = make_runs()
-            t_pq = _best_time(run_pyquant)
-            # torch's side stops early once it is clearly slower
-            t_torch = _best_time(run_torch, budget=SPEEDUP_TO_SWITCH * t_pq)
-        hit = "pyquant" if t_pq * SPEEDUP_TO_SWITCH <= t_torch else "torch"
-        _decisions[key] = hit
-    return hit
-
-
 def _check_dtype(dtype: torch.dtype) -> torch.dtype:
     if dtype not in INPUT_DTYPES:
         raise TypeError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype!r}")
@@ -130,6 +64,28 @@ def _check_impl(impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     return impl
+
+
+def _unfilled(cls: type, source: nn.Module, expected: type, method: str) -> nn.Module:
+    """A `cls` layer with nn.Module's state and nothing else, for `method` to fill from `source`."""
+    if not isinstance(source, expected):
+        raise TypeError(f"{method} expects an nn.{expected.__name__}, got {type(source).__name__}")
+    layer = cls.__new__(cls)
+    nn.Module.__init__(layer)
+    return layer
+
+
+def _take_parameters(layer: nn.Module, source: nn.Module, dtype: torch.dtype, impl: str) -> nn.Module:
+    """`layer` with copies of `source`'s weight and bias rounded to `dtype` (requires_grad and train mode kept)."""
+    _check_dtype(dtype)
+    layer.weight = nn.Parameter(source.weight.detach().to(dtype).clone(), requires_grad=source.weight.requires_grad)
+    if source.bias is not None:
+        layer.bias = nn.Parameter(source.bias.detach().to(dtype).clone(), requires_grad=source.bias.requires_grad)
+    else:
+        layer.register_parameter("bias", None)
+    layer.impl = _check_impl(impl)
+    layer.train(source.training)
+    return layer
 
 
 def _pow2(n: int) -> int:
@@ -195,9 +151,9 @@ class _Conv2d16Fn(torch.autograd.Function):
         x_nhwc = x.permute(0, 2, 3, 1)  # a view; contiguous when x is channels_last
         w2 = weight.permute(0, 2, 3, 1).reshape(cout, -1)  # (C_out, (ky, kx, c))
         if kernel == (1, 1) and stride == (1, 1) and padding == (0, 0):
-            out = _matmul_op(x_nhwc.reshape(n * h * w, c), w2.t(), bias, -1, out_dtype)
+            out = _ops.matmul(x_nhwc.reshape(n * h * w, c), w2.t(), bias, -1, out_dtype)
         else:  # the columns gathered while packing, not copied
-            out = _im2col_matmul_op(x_nhwc, w2.t(), bias, -1, _flat(geometry), True, out_dtype)
+            out = _ops.im2col_matmul(x_nhwc, w2.t(), bias, -1, _flat(geometry), True, out_dtype)
         ctx.save_for_backward(x, weight)
         ctx.geometry = geometry
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -217,7 +173,7 @@ class _Conv2d16Fn(torch.autograd.Function):
         grad_x = grad_w = grad_bias = None
         w2 = weight.permute(0, 2, 3, 1).reshape(cout, -1)
         if ctx.needs_input_grad[1]:
-            gw = _im2col_matmul_op(x.permute(0, 2, 3, 1), g.t(), None, -1, _flat(ctx.geometry), False,
+            gw = _ops.im2col_matmul(x.permute(0, 2, 3, 1), g.t(), None, -1, _flat(ctx.geometry), False,
                                    weight.dtype)  # G^T @ columns(x): (C_out, (ky, kx, c))
             grad_w = gw.view(cout, kernel[0], kernel[1], c).permute(0, 3, 1, 2)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
@@ -227,9 +183,9 @@ class _Conv2d16Fn(torch.autograd.Function):
             if stride == (1, 1) and min(flip_pad) >= 0:
                 w_flip = weight.flip(2, 3).permute(1, 2, 3, 0).reshape(c, -1)  # (C, (ky, kx, o))
                 flip_geometry = _flat((kernel, (1, 1), flip_pad, dilation))
-                gx = _im2col_matmul_op(g.view(n, ho, wo, cout), w_flip.t(), None, -1, flip_geometry, True, x.dtype)
+                gx = _ops.im2col_matmul(g.view(n, ho, wo, cout), w_flip.t(), None, -1, flip_geometry, True, x.dtype)
             else:
-                gx = _col2im(_matmul_op(g, w2, None, -1, torch.float32), (n, h, w, c), kernel, stride, padding,
+                gx = _col2im(_ops.matmul(g, w2, None, -1, torch.float32), (n, h, w, c), kernel, stride, padding,
                              dilation).to(x.dtype)
             grad_x = gx.view(n, h, w, c).permute(0, 3, 1, 2)
         return grad_x, grad_w, grad_bias, None, None
@@ -262,21 +218,9 @@ class Linear16(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, dtype: torch.dtype = torch.float16, impl: str = "pyquant") -> "Linear16":
         """A Linear16 holding `linear`'s weight and bias rounded to `dtype` (requires_grad kept)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
+        layer = _unfilled(cls, linear, nn.Linear, "from_linear")
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
-        layer.weight = nn.Parameter(
-            linear.weight.detach().to(_check_dtype(dtype)).clone(), requires_grad=linear.weight.requires_grad
-        )
-        if linear.bias is not None:
-            layer.bias = nn.Parameter(linear.bias.detach().to(dtype).clone(), requires_grad=linear.bias.requires_grad)
-        else:
-            layer.register_parameter("bias", None)
-        layer.impl = _check_impl(impl)
-        layer.train(linear.training)
-        return layer
+        return _take_parameters(layer, linear, dtype, impl)
 
     def _use_torch(self, x: torch.Tensor) -> bool:
         if self.impl != "auto":
@@ -291,7 +235,7 @@ class Linear16(nn.Linear):
             w, b = self.weight.detach(), None if self.bias is None else self.bias.detach()
             return lambda: linear(probe, w, b), lambda: F.linear(probe, w, b)
 
-        return _choose(key, make_runs) == "torch"
+        return choose(key, make_runs) == "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.weight.dtype
@@ -353,24 +297,12 @@ class Conv2d16(nn.Conv2d):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, dtype: torch.dtype = torch.float16, impl: str = "pyquant") -> "Conv2d16":
         """A Conv2d16 holding `conv`'s weight and bias rounded to `dtype`."""
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"from_conv expects an nn.Conv2d, got {type(conv).__name__}")
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
+        layer = _unfilled(cls, conv, nn.Conv2d, "from_conv")
         for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",
                      "output_padding", "groups", "padding_mode", "_reversed_padding_repeated_twice"):
             setattr(layer, name, getattr(conv, name))
         layer._check_supported()
-        layer.weight = nn.Parameter(
-            conv.weight.detach().to(_check_dtype(dtype)).clone(), requires_grad=conv.weight.requires_grad
-        )
-        if conv.bias is not None:
-            layer.bias = nn.Parameter(conv.bias.detach().to(dtype).clone(), requires_grad=conv.bias.requires_grad)
-        else:
-            layer.register_parameter("bias", None)
-        layer.impl = _check_impl(impl)
-        layer.train(conv.training)
-        return layer
+        return _take_parameters(layer, conv, dtype, impl)
 
     def _pyquant(self, x: torch.Tensor, weight, bias, out_dtype) -> torch.Tensor:
         geometry = (self.kernel_size, self.stride, tuple(self.padding), self.dilation)
@@ -391,7 +323,7 @@ class Conv2d16(nn.Conv2d):
                 lambda: F.conv2d(probe, w, b, self.stride, self.padding, self.dilation),
             )
 
-        return _choose(key, make_runs) == "torch"
+        return choose(key, make_runs) == "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.weight.dtype
@@ -444,7 +376,7 @@ def half(
       pyquant's for float16 on a CPU without native FP16, otherwise measured per layer and input shape);
     - every other parameter and floating-point buffer is cast to `dtype`, except those of normalisation
       layers when `keep_norm_fp32` (BatchNorm, LayerNorm, GroupNorm, RMSNorm, ...): their parameters and
-      running statistics stay float32 and they compute in float32 (techniques C1 / C4), returning `dtype`:
+      running statistics stay float32 and they compute in float32, returning `dtype`:
       torch's own mixed-dtype kernels where it has them (16-bit input, float32 parameters: BatchNorm,
       InstanceNorm, LayerNorm, and on CPU GroupNorm and RMSNorm), else the input is widened to float32
       and the output rounded back;

@@ -21,12 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pyquant.ops.lowrank_conv import (
-    _pair,
-    eager_inference,
-    lowrank_conv2d,
-    resolve_padding,
-)
+from pyquant.ops.lowrank_conv import int_pair, lowrank_conv2d, resolve_padding
+from pyquant.ops.lowrank_eager import eager_inference
 
 __all__ = ["LowRankConv2d", "LowRankLinear", "svd_factors", "max_rank"]
 
@@ -79,16 +75,16 @@ class LowRankConv2d(nn.Module):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = _pair(kernel_size, "kernel_size", 1)
-        self.stride = _pair(stride, "stride", 1)
-        self.dilation = _pair(dilation, "dilation", 1)
+        self.kernel_size = int_pair(kernel_size, "kernel_size", 1)
+        self.stride = int_pair(stride, "stride", 1)
+        self.dilation = int_pair(dilation, "dilation", 1)
         self.padding = resolve_padding(padding, self.kernel_size, self.stride, self.dilation)
         self.rank = _check_rank(rank, in_channels * self.kernel_size[0] * self.kernel_size[1], "this convolution")
         factory = {"device": device, "dtype": dtype}
         self.weight_first = nn.Parameter(torch.empty((rank, in_channels, *self.kernel_size), **factory))
         self.weight_second = nn.Parameter(torch.empty((out_channels, rank, 1, 1), **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
-        self._eager_plan = None  # pyquant.ops.lowrank_conv.EagerPlan of the last eager CPU inference call
+        self._eager_plan = None  # pyquant.ops.lowrank_eager.EagerPlan of the last eager CPU inference call
         # Opt-in for inference: keep the kernel's packed weights between calls until a weight's version counter
         # moves (3-8% of a call). Off by default: writes through .data, numpy or DLPack views do not move it,
         # and the layer would compute with stale weights until reset_eager_plan().

@@ -6,7 +6,8 @@ During training: :class:`ImportanceSampler` (Katharopoulos & Fleuret 2018), a ``
 batches plus the per-sample loss weights. Via a proxy (Coleman et al. 2020): :func:`train_proxy`,
 :func:`penultimate_features`, :func:`select_via_proxy`. All return index tensors, usable with
 ``torch.utils.data.Subset``; in the study harness the same methods are settings (``subset:moderate@0.5``,
-``amp+8bit+subset:proxy@0.25``, ``importance-sampling``; see :mod:`pyquant.subsets.harness`). Docs: docs/subsets.md.
+``amp+8bit+subset:proxy@0.25``, ``importance-sampling``; see :mod:`pyquant.experiment.subset_settings`). Docs: docs/subsets.md.
+The package is a plain library: it never imports the harness (pyquant.experiment).
 """
 
 from pyquant.subsets.importance import ImportanceSampler, gradient_norm_bound, importance_weights, variance_reduction

@@ -1,7 +1,7 @@
 // Per-element math of block-wise 8-bit quantisation and of the Adam step with 8-bit states.
 //
 // Written once, compiled for the host (the C++ CPU library) and, under nvcc, for the device (the CUDA
-// library). The Python reference (pyquant/_reference.py) and the Triton kernels follow the same rules;
+// library). The Python reference (pyquant/backends/reference/) and the Triton kernels follow the same rules;
 // docs/numerics.md states them. Every operation below is one IEEE float32 operation, in the order
 // written: the build forbids fp contraction (-ffp-contract=off, nvcc --fmad=false) and fast math,
 // and fmaf() appears exactly where the contract asks for a fused multiply-add.
@@ -9,6 +9,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "pyquant/capi.h"
 
 #if defined(__CUDACC__)
 #define PQ_HD __host__ __device__ __forceinline__
@@ -18,7 +20,6 @@
 
 namespace pq {
 
-enum DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 enum NonFinite : int32_t { kSkipElement = 0, kPropagate = 1 };
 
 constexpr int kOptimizerBlock = 256;  // block size of the optimizer states (bitsandbytes' value)
@@ -28,7 +29,10 @@ constexpr int kGridPoints = 65536;    // the quantiser snaps y in [-1, 1] to thi
 // (a blocksize near 2**63 made that negative: no block was processed and the outputs stayed uninitialised).
 PQ_HD int64_t block_count(int64_t n, int64_t blocksize) { return n / blocksize + (n % blocksize != 0); }
 
-PQ_HD bool valid_dtype(int32_t dtype) { return dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16; }
+// The dtypes the quantisation and Adam kernels store (enum pq_dtype of capi.h, float64 excepted).
+PQ_HD bool valid_dtype(int32_t dtype) {
+  return dtype == PQ_DTYPE_FLOAT32 || dtype == PQ_DTYPE_FLOAT16 || dtype == PQ_DTYPE_BFLOAT16;
+}
 
 PQ_HD uint32_t float_bits(float f) {
   uint32_t u;
@@ -86,15 +90,15 @@ PQ_HD uint16_t float_to_bf16(float f) {
 }
 
 PQ_HD float load_as_float(const void* base, int64_t i, int32_t dtype) {
-  if (dtype == kFloat32) return ((const float*)base)[i];
-  if (dtype == kFloat16) return half_to_float(((const uint16_t*)base)[i]);
+  if (dtype == PQ_DTYPE_FLOAT32) return ((const float*)base)[i];
+  if (dtype == PQ_DTYPE_FLOAT16) return half_to_float(((const uint16_t*)base)[i]);
   return bf16_to_float(((const uint16_t*)base)[i]);
 }
 
 PQ_HD void store_from_float(void* base, int64_t i, int32_t dtype, float v) {
-  if (dtype == kFloat32)
+  if (dtype == PQ_DTYPE_FLOAT32)
     ((float*)base)[i] = v;
-  else if (dtype == kFloat16)
+  else if (dtype == PQ_DTYPE_FLOAT16)
     ((uint16_t*)base)[i] = float_to_half(v);
   else
     ((uint16_t*)base)[i] = float_to_bf16(v);
@@ -142,18 +146,7 @@ PQ_HD float code_midpoint(const float* code, int j) { return (code[j] + code[j +
 // The reciprocal used for one block; an all-zero block is special-cased by the caller (every code 0).
 PQ_HD float block_inverse(float absmax) { return 1.0f / absmax; }
 
-// ---- Adam with 8-bit states (docs/numerics.md, section 4) ----
-struct AdamConstants {
-  float beta1, one_minus_beta1;  // f32(b1), f32(1 - b1)
-  float beta2, one_minus_beta2;  // f32(b2), f32(1 - b2)
-  float eps;                     // f32(eps)           (8-bit states)
-  float eps_c2;                  // f32(eps * c2)      (float32 states)
-  float c2;                      // f32(sqrt(1 - b2^t))
-  float step_size;               // f32(-lr / c1) for 8-bit states, f32(-lr * c2 / c1) for float32 states
-  float decay;                   // f32(1 - lr * wd); exactly 1 when wd == 0
-  float inv_grad_scale;          // f32(1 / loss scale) when GradScaler's unscale is fused into the step, else 1
-};
-
+// ---- Adam with 8-bit states (docs/numerics.md, section 4; the constants: pq_adam_constants in capi.h) ----
 PQ_HD bool is_finite(float x) { return (float_bits(x) & 0x7F800000u) != 0x7F800000u; }
 
 // The gradient as a separate unscale pass (GradScaler.unscale_) would have left it: g * inv_scale rounded to
@@ -161,11 +154,11 @@ PQ_HD bool is_finite(float x) { return (float_bits(x) & 0x7F800000u) != 0x7F8000
 // arithmetic that follows does anyway).
 PQ_HD float unscaled_grad(float g, float inv_scale, int32_t dtype) {
   const float x = g * inv_scale;
-  if (dtype == kFloat32) return x;
-  return dtype == kFloat16 ? half_to_float(float_to_half(x)) : bf16_to_float(float_to_bf16(x));
+  if (dtype == PQ_DTYPE_FLOAT32) return x;
+  return dtype == PQ_DTYPE_FLOAT16 ? half_to_float(float_to_half(x)) : bf16_to_float(float_to_bf16(x));
 }
 
-PQ_HD void adam_moments(float g, float& m, float& v, const AdamConstants& k) {
+PQ_HD void adam_moments(float g, float& m, float& v, const pq_adam_constants& k) {
   m = fmaf(k.one_minus_beta1, g, m * k.beta1);
   v = fmaf(k.one_minus_beta2 * g, g, v * k.beta2);
 }
@@ -176,30 +169,28 @@ PQ_HD void adam_moments(float g, float& m, float& v, const AdamConstants& k) {
 // functions come in two forms: one taking sqrt(v), one computing it with IEEE sqrtf.
 
 // Parameter update with the moments of 8-bit states: denom = sqrt(v)/c2 + eps, p += (step*m)/denom.
-PQ_HD float adam_param_8bit_given_sqrt(float p, float m, float sqrt_v, const AdamConstants& k) {
+PQ_HD float adam_param_8bit_given_sqrt(float p, float m, float sqrt_v, const pq_adam_constants& k) {
   float denom = sqrt_v / k.c2 + k.eps;
   p = p * k.decay;
   return p + (k.step_size * m) / denom;
 }
 
 // Parameter update with float32 states (tensors below min_8bit_size): u = m/(sqrt(v)+eps*c2), p += step*u.
-PQ_HD float adam_param_32bit_given_sqrt(float p, float m, float sqrt_v, const AdamConstants& k) {
+PQ_HD float adam_param_32bit_given_sqrt(float p, float m, float sqrt_v, const pq_adam_constants& k) {
   float u = m / (sqrt_v + k.eps_c2);
   p = p * k.decay;
   return fmaf(k.step_size, u, p);
 }
 
-PQ_HD float adam_param_8bit(float p, float m, float v, const AdamConstants& k) {
+PQ_HD float adam_param_8bit(float p, float m, float v, const pq_adam_constants& k) {
   return adam_param_8bit_given_sqrt(p, m, sqrtf(v), k);
 }
 
-PQ_HD float adam_param_32bit(float p, float m, float v, const AdamConstants& k) {
+PQ_HD float adam_param_32bit(float p, float m, float v, const pq_adam_constants& k) {
   return adam_param_32bit_given_sqrt(p, m, sqrtf(v), k);
 }
 
 // ---- GradScaler's unscale_ (pyquant/amp.py; torch's _amp_foreach_non_finite_check_and_unscale_) ----
-constexpr int32_t kFloat64 = 3;  // gradients may be float64 too; the dtype code used by the unscale kernels
-
 PQ_HD bool is_finite64(double x) {
   uint64_t u;
   memcpy(&u, &x, 8);
@@ -211,7 +202,7 @@ PQ_HD bool is_finite64(double x) {
 // is always rewritten, which only canonicalises a NaN). Returns whether the element was inf or NaN.
 PQ_HD bool unscale_element(void* base, int64_t i, int32_t dtype, float inv_scale) {
   const bool unit = inv_scale == 1.0f;
-  if (dtype == kFloat64) {
+  if (dtype == PQ_DTYPE_FLOAT64) {
     double* p = (double*)base;
     const double v = p[i];
     if (!unit) p[i] = v * (double)inv_scale;
@@ -220,7 +211,7 @@ PQ_HD bool unscale_element(void* base, int64_t i, int32_t dtype, float inv_scale
   const float v = load_as_float(base, i, dtype);
   if (!unit)
     store_from_float(base, i, dtype, v * inv_scale);
-  else if (dtype != kFloat32)
+  else if (dtype != PQ_DTYPE_FLOAT32)
     store_from_float(base, i, dtype, v);
   return !is_finite(v);
 }

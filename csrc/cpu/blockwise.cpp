@@ -1,0 +1,390 @@
+// CPU kernels of block-wise 8-bit quantisation and of the Adam step (8-bit and float32 states): OpenMP drivers
+// over blocks around the per-element math of pyquant/blockwise.h.
+// This file is compiled once per instruction set (isa.h) into its own namespace; capi.cpp picks one at run
+// time. The avx2 and avx512 builds run the block kernels of blockwise_avx2.h / blockwise_avx512.h, which give
+// the same bits as the scalar rules here; the scalar build, and any case those kernels do not cover, runs the
+// rules element by element.
+// Work is split statically over blocks and no floating-point reduction crosses a block, so results are
+// the same for any number of threads.
+#include "isa.h"
+
+#include <omp.h>
+#include <string.h>
+
+#include <algorithm>
+#include <mutex>
+#include <type_traits>
+#include <vector>
+
+#include "cpu_sqrt.h"
+#include "pyquant/blockwise.h"
+#include "pyquant/capi.h"
+
+#if PQ_AVX512
+#include "blockwise_avx512.h"
+#elif PQ_AVX2
+#include "blockwise_avx2.h"
+#endif
+
+namespace PQ_NS {
+using namespace pq;
+
+// ---- the per-element rules ----
+namespace scalar {
+
+static inline void quantize_values(const float* x, int64_t len, float absmax, const uint8_t* table, uint8_t* q) {
+  if (absmax == 0.0f) {
+    memset(q, 0, (size_t)len);
+    return;
+  }
+  const float inv = block_inverse(absmax);
+  for (int64_t i = 0; i < len; ++i) q[i] = table[grid_bin(x[i], inv)];
+}
+
+static inline float block_absmax(const float* x, int64_t len) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < len; ++i) amax = absmax_update(amax, x[i]);
+  return amax;
+}
+
+// `buf` holds blocksize floats for float16 / bfloat16 input.
+static inline void quantize_block(const void* x, int32_t dtype, int64_t start, int64_t len, const uint8_t* table,
+                                  uint8_t* q, float* absmax, float* buf) {
+  const float* xb;
+  if (dtype == PQ_DTYPE_FLOAT32) {
+    xb = (const float*)x + start;
+  } else {
+    for (int64_t i = 0; i < len; ++i) buf[i] = load_as_float(x, start + i, dtype);
+    xb = buf;
+  }
+  const float amax = block_absmax(xb, len);
+  *absmax = amax;
+  quantize_values(xb, len, amax, table, q + start);
+}
+
+static inline void dequantize_block(const uint8_t* q, float a, int64_t start, int64_t len, const float* code,
+                                    void* out, int32_t dtype) {
+  if (dtype == PQ_DTYPE_FLOAT32) {
+    float* o = (float*)out + start;
+    for (int64_t i = 0; i < len; ++i) o[i] = code[q[start + i]] * a;
+  } else {
+    for (int64_t i = 0; i < len; ++i) store_from_float(out, start + i, dtype, code[q[start + i]] * a);
+  }
+}
+
+// sqrt(v) for a block, as torch computes it on this CPU (see pq_cpu_sqrt in capi.h).
+static inline void block_sqrt(const float* v, float* out, int64_t len, pq_vsqrt_fn fn) {
+  if (fn != nullptr) {
+    const int32_t n = (int32_t)len;
+    fn(&n, v, out);
+  } else {
+    for (int64_t i = 0; i < len; ++i) out[i] = sqrtf(v[i]);
+  }
+}
+
+// One block of a tensor with 8-bit states: dequantise and update the moments, update the parameters,
+// find the new absmax, requantise. Everything stays in these stack arrays: no full-size temporaries.
+static inline int64_t adam_block_8bit(const pq_adam_tensor& t, int64_t start, int64_t len, const float* code1,
+                                      const float* code2, const uint8_t* table1, const uint8_t* table2,
+                                      int32_t nonfinite, pq_vsqrt_fn fn) {
+  float m[kOptimizerBlock], v[kOptimizerBlock], root[kOptimizerBlock];
+  bool skip[kOptimizerBlock];
+  uint8_t* q1 = (uint8_t*)t.state1 + start;
+  uint8_t* q2 = (uint8_t*)t.state2 + start;
+  const int64_t b = start / kOptimizerBlock;
+  const float a1 = t.absmax1[b], a2 = t.absmax2[b];
+  int64_t bad = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    const float g = unscaled_grad(load_as_float(t.grad, start + i, t.grad_dtype), t.k.inv_grad_scale, t.grad_dtype);
+    float mi = code1[q1[i]] * a1;
+    float vi = code2[q2[i]] * a2;
+    skip[i] = nonfinite == kSkipElement && !is_finite(g);  // such an element keeps its parameter and moments
+    bad += skip[i];
+    if (!skip[i]) adam_moments(g, mi, vi, t.k);
+    m[i] = mi;
+    v[i] = vi;
+  }
+  block_sqrt(v, root, len, fn);
+  for (int64_t i = 0; i < len; ++i) {
+    if (skip[i]) continue;
+    const float p = load_as_float(t.param, start + i, t.param_dtype);
+    store_from_float(t.param, start + i, t.param_dtype, adam_param_8bit_given_sqrt(p, m[i], root[i], t.k));
+  }
+  const float new_a1 = block_absmax(m, len), new_a2 = block_absmax(v, len);
+  t.absmax1[b] = new_a1;
+  t.absmax2[b] = new_a2;
+  quantize_values(m, len, new_a1, table1, q1);
+  quantize_values(v, len, new_a2, table2, q2);
+  return bad;
+}
+
+static inline int64_t adam_block_32bit(const pq_adam_tensor& t, int64_t start, int64_t len, int32_t nonfinite,
+                                       pq_vsqrt_fn fn) {
+  float* m = (float*)t.state1 + start;
+  float* v = (float*)t.state2 + start;
+  float root[kOptimizerBlock];
+  bool skip[kOptimizerBlock];
+  int64_t bad = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    const float g = unscaled_grad(load_as_float(t.grad, start + i, t.grad_dtype), t.k.inv_grad_scale, t.grad_dtype);
+    skip[i] = nonfinite == kSkipElement && !is_finite(g);
+    bad += skip[i];
+    if (!skip[i]) adam_moments(g, m[i], v[i], t.k);
+  }
+  block_sqrt(v, root, len, fn);
+  for (int64_t i = 0; i < len; ++i) {
+    if (skip[i]) continue;
+    const float p = load_as_float(t.param, start + i, t.param_dtype);
+    store_from_float(t.param, start + i, t.param_dtype, adam_param_32bit_given_sqrt(p, m[i], root[i], t.k));
+  }
+  return bad;
+}
+
+}  // namespace scalar
+
+// ---- helpers of the drivers ----
+
+// Calls f(std::integral_constant<int, dtype>) so that the block kernels are instantiated per storage type.
+template <class F>
+static inline auto with_dtype(int32_t dtype, F&& f) {
+  switch (dtype) {
+    case PQ_DTYPE_FLOAT16:
+      return f(std::integral_constant<int, PQ_DTYPE_FLOAT16>());
+    case PQ_DTYPE_BFLOAT16:
+      return f(std::integral_constant<int, PQ_DTYPE_BFLOAT16>());
+    default:
+      return f(std::integral_constant<int, PQ_DTYPE_FLOAT32>());
+  }
+}
+
+// This thread's contiguous share of [0, total), as a static OpenMP schedule would give it.
+static inline void thread_range(int64_t total, int64_t& lo, int64_t& hi) {
+  const int64_t threads = omp_get_num_threads(), id = omp_get_thread_num();
+  lo = total * id / threads;
+  hi = total * (id + 1) / threads;
+}
+
+#if PQ_SIMD
+// Is the SIMD emulation of torch's CPU sqrt (cpu_sqrt.h) bit-identical to `fn`? Probes every rsqrtps table
+// entry (its approximation depends on the exponent's parity and the top 12 mantissa bits), random values
+// over the whole range, and the special values.
+static bool sqrt_emulation_matches(pq_vsqrt_fn fn) {
+  std::vector<uint32_t> probe;
+  uint32_t state = 0x9E3779B9u;
+  auto next = [&]() {  // xorshift32: any fixed spread of low bits will do
+    state ^= state << 13;
+    state ^= state >> 17;
+    state ^= state << 5;
+    return state;
+  };
+  for (uint32_t exponent : {1u, 2u, 126u, 127u, 253u, 254u})
+    for (uint32_t top = 0; top < 4096; ++top) probe.push_back(exponent << 23 | top << 11 | (next() & 0x7FFu));
+  for (int i = 0; i < 32768; ++i) probe.push_back(next() & 0x7FFFFFFFu);
+  for (uint32_t special : {0x00000000u, 0x80000000u, 0x00000001u, 0x007FFFFFu, 0x00800000u, 0x7F7FF000u, 0x7F7FF001u,
+                           0x7F7FFFFFu, 0x7F800000u, 0xFF800000u, 0x7FC00000u, 0x7FA00000u, 0xFFC00001u, 0xBF800000u,
+                           0x80800000u, 0x80000001u, 0x3F800000u})
+    probe.push_back(special);
+  const int64_t n = (int64_t)probe.size();
+  std::vector<float> expected(n), got(n);
+  const int32_t n32 = (int32_t)n;
+  fn(&n32, (const float*)probe.data(), expected.data());
+  vec::sqrt_block((const float*)probe.data(), got.data(), n, kSqrtEmulated, fn);
+  return memcmp(expected.data(), got.data(), (size_t)n * sizeof(float)) == 0;
+}
+#endif
+
+// How this call computes Adam's sqrt(v): IEEE when torch's is IEEE, else the emulation once it has been
+// checked against the installed routine, else the routine itself, once per block.
+static int choose_sqrt_mode(pq_vsqrt_fn fn) {
+  if (fn == nullptr) return kSqrtIeee;
+#if PQ_SIMD
+  static std::mutex lock;
+  static pq_vsqrt_fn checked = nullptr;
+  static bool emulation_matches = false;
+  std::lock_guard<std::mutex> guard(lock);
+  if (checked != fn) {
+    emulation_matches = vec::kEmulatesCpuSqrt && sqrt_emulation_matches(fn);
+    checked = fn;
+  }
+  return emulation_matches ? kSqrtEmulated : kSqrtCall;
+#else
+  return kSqrtCall;
+#endif
+}
+
+// ---- entry points ----
+
+void quantize_blockwise(const void* x, int32_t dtype, int64_t n, int64_t blocksize, const uint8_t* table,
+                        uint8_t* q, float* absmax) {
+  const int64_t blocks = block_count(n, blocksize);
+  if (blocks == 0) return;
+#if PQ_SIMD
+  vec::QuantTable quant;
+  if (vec::prepare_quant(table, quant)) {
+    with_dtype(dtype, [&](auto d) {
+      constexpr int DT = decltype(d)::value;
+#pragma omp parallel for schedule(static)
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t start = b * blocksize;
+        vec::quantize_block<DT>(x, start, std::min(blocksize, n - start), quant, q, absmax + b);
+      }
+    });
+    return;
+  }
+#endif
+#pragma omp parallel
+  {
+    // no more than one block holds
+    std::vector<float> buf(dtype == PQ_DTYPE_FLOAT32 ? 0 : (size_t)std::min(blocksize, n));
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t start = b * blocksize;
+      scalar::quantize_block(x, dtype, start, std::min(blocksize, n - start), table, q, absmax + b, buf.data());
+    }
+  }
+}
+
+#if PQ_SIMD
+constexpr int64_t kStreamingBytes = (int64_t)32 << 20;  // the last-level cache of this class of CPU
+#endif
+
+void dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n,
+                          int64_t blocksize, void* out, int32_t dtype) {
+  const int64_t blocks = block_count(n, blocksize);
+#if PQ_SIMD
+  vec::DequantTable deq;
+  vec::prepare_dequant(code, deq);
+  // An output much larger than the last-level cache goes out with non-temporal stores (blockwise_avx512.h).
+  const int64_t out_bytes = n * elem_size(dtype);
+  const bool streaming = vec::kStreamingDequant && blocksize == kOptimizerBlock && out_bytes >= kStreamingBytes &&
+                         ((uintptr_t)out & 63) == 0;
+  with_dtype(dtype, [&](auto d) {
+    constexpr int DT = decltype(d)::value;
+#pragma omp parallel
+    {
+#pragma omp for schedule(static) nowait
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t start = b * blocksize;
+        const int64_t len = std::min(blocksize, n - start);
+        if (streaming && len == kOptimizerBlock)
+          vec::dequantize_block_streaming<DT>(q, absmax[b], start, deq, out);
+        else
+          vec::dequantize_block<DT>(q, absmax[b], start, len, deq, out);
+      }
+      if (streaming) vec::stream_fence();  // before the region's closing barrier
+    }
+  });
+#else
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t start = b * blocksize;
+    scalar::dequantize_block(q, absmax[b], start, std::min(blocksize, n - start), code, out, dtype);
+  }
+#endif
+}
+
+namespace {
+struct AdamCall {
+  const float *code1, *code2;
+  const uint8_t *table1, *table2;
+  int32_t nonfinite;
+  int sqrt_mode;
+  pq_vsqrt_fn fn;
+#if PQ_SIMD
+  bool vector;  // the tables suit the SIMD kernels
+  vec::AdamTables tables;
+#endif
+};
+}  // namespace
+
+// Calls f(std::integral_constant<int, value>) for a value among the listed ones (the first if none match).
+template <int First, int... Rest, class F>
+static inline auto with_value(int value, F&& f) {
+  if constexpr (sizeof...(Rest) == 0) {
+    return f(std::integral_constant<int, First>());
+  } else {
+    if (value == First) return f(std::integral_constant<int, First>());
+    return with_value<Rest...>(value, f);
+  }
+}
+
+// Blocks [b0, b1) of one tensor.
+static int64_t adam_blocks(const pq_adam_tensor& t, int64_t b0, int64_t b1, const AdamCall& c) {
+#if PQ_SIMD
+  if (c.vector) {
+    return with_value<PQ_DTYPE_FLOAT32, PQ_DTYPE_FLOAT16, PQ_DTYPE_BFLOAT16>(t.param_dtype, [&](auto p) {
+      return with_value<PQ_DTYPE_FLOAT32, PQ_DTYPE_FLOAT16, PQ_DTYPE_BFLOAT16>(t.grad_dtype, [&](auto g) {
+        return with_value<kSkipElement, kPropagate>(c.nonfinite, [&](auto nf) {
+          return with_value<kSqrtEmulated, kSqrtIeee, kSqrtCall>(c.sqrt_mode, [&](auto sm) {
+            constexpr int PDT = decltype(p)::value, GDT = decltype(g)::value;
+            constexpr int NF = decltype(nf)::value, SM = decltype(sm)::value;
+            int64_t bad = 0;
+            for (int64_t b = b0; b < b1; ++b) {
+              const int64_t start = b * kOptimizerBlock;
+              const int64_t len = std::min<int64_t>(kOptimizerBlock, t.numel - start);
+              if (t.state_bits == 8)
+                bad += vec::adam_block_8bit<PDT, GDT, NF, SM>(t, start, len, c.tables, c.fn);
+              else
+                bad += vec::adam_block_32bit<PDT, GDT, NF, SM>(t, start, len, c.fn);
+            }
+            return bad;
+          });
+        });
+      });
+    });
+  }
+#endif
+  int64_t bad = 0;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t start = b * kOptimizerBlock;
+    const int64_t len = std::min<int64_t>(kOptimizerBlock, t.numel - start);
+    if (t.state_bits == 8)
+      bad += scalar::adam_block_8bit(t, start, len, c.code1, c.code2, c.table1, c.table2, c.nonfinite, c.fn);
+    else
+      bad += scalar::adam_block_32bit(t, start, len, c.nonfinite, c.fn);
+  }
+  return bad;
+}
+
+// One call for a whole parameter group: the blocks of all tensors form one index space split
+// statically over the threads; each thread walks the tensors of its share in order.
+// Returns the number of non-finite gradient elements seen.
+int64_t adam_step(const pq_adam_tensor* tensors, int32_t count, const float* code1, const float* code2,
+                  const uint8_t* table1, const uint8_t* table2, int32_t nonfinite) {
+  std::vector<int64_t> first_block(count + 1, 0);
+  for (int32_t i = 0; i < count; ++i)
+    first_block[i + 1] = first_block[i] + block_count(tensors[i].numel, kOptimizerBlock);
+  const int64_t total = first_block[count];
+  if (total == 0) return 0;
+  AdamCall c;
+  c.code1 = code1;
+  c.code2 = code2;
+  c.table1 = table1;
+  c.table2 = table2;
+  c.nonfinite = nonfinite;
+  c.fn = pq_cpu_sqrt;
+  c.sqrt_mode = choose_sqrt_mode(c.fn);
+#if PQ_SIMD
+  c.vector = vec::prepare_quant(table1, c.tables.quant1) && vec::prepare_quant(table2, c.tables.quant2);
+  vec::prepare_dequant(code1, c.tables.deq1);
+  vec::prepare_dequant(code2, c.tables.deq2);
+#endif
+  int64_t bad = 0;
+#pragma omp parallel reduction(+ : bad)
+  {
+    int64_t lo, hi;
+    thread_range(total, lo, hi);
+    if (lo < hi) {
+      int32_t ti = (int32_t)(std::upper_bound(first_block.begin(), first_block.end(), lo) - first_block.begin()) - 1;
+      for (int64_t gb = lo; gb < hi;) {
+        while (first_block[ti + 1] <= gb) ++ti;  // steps over empty tensors
+        const int64_t end = std::min(hi, first_block[ti + 1]);
+        bad += adam_blocks(tensors[ti], gb - first_block[ti], end - first_block[ti], c);
+        gb = end;
+      }
+    }
+  }
+  return bad;
+}
+
+}  // namespace PQ_NS

@@ -1,0 +1,362 @@
+// AVX2 (+FMA, F16C) block kernels of block-wise quantisation and the 8-bit Adam step, included by
+// blockwise.cpp in its avx2 build only (the loads, stores and conversions they use are isa.h's).
+//
+// Same bits as the scalar rules of pyquant/blockwise.h. AVX2 has no two-table permutes and no mask
+// registers, so lookups use gathers (the 1 KiB code for dequantisation; 32-bit words at byte offsets of
+// the 65536-entry table for quantisation), and a partial vector at the end of a block goes through a
+// zero-padded copy. Only IEEE-exact operations, in the contract's order; fma only where it has fmaf.
+#pragma once
+#include "isa.h"
+
+#include <type_traits>
+
+#include "cpu_sqrt.h"
+#include "pyquant/capi.h"
+
+namespace PQ_NS {
+namespace vec {
+using namespace pq;
+
+// The length of a full optimizer block, as a type: converts to int64_t and is known at compile time.
+using FullBlock = std::integral_constant<int64_t, kOptimizerBlock>;
+
+constexpr bool kEmulatesCpuSqrt = true;
+
+// ---- dequantisation ----
+
+struct DequantTable {
+  const float* code;
+};
+static inline void prepare_dequant(const float* code, DequantTable& t) { t.code = code; }
+
+PQ_INLINE __m256 lookup8(const DequantTable& t, __m128i q) {
+  return _mm256_i32gather_ps(t.code, _mm256_cvtepu8_epi32(q), 4);
+}
+
+// ---- quantisation ----
+
+struct QuantTable {
+  const uint8_t* table;
+};
+static inline bool prepare_quant(const uint8_t* table, QuantTable& t) {
+  t.table = table;
+  return true;
+}
+
+// grid_bin, lane by lane.
+PQ_INLINE __m256i grid_bins(__m256 x, __m256 inv) {
+  const __m256 one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f);
+  __m256 y = _mm256_mul_ps(x, inv);
+  // vminps/vmaxps return the second operand when either is NaN: with y second, NaN passes like in grid_bin.
+  y = _mm256_min_ps(one, y);
+  y = _mm256_max_ps(_mm256_set1_ps(-1.0f), y);
+  // t = (y + 1) * 0.5 is exact (y + 1 is 0 or at least 2^-24), so t * 65535 rounds exactly like
+  // (y + 1) * 32767.5: one multiply fewer, same bits.
+  const __m256 s = _mm256_add_ps(_mm256_mul_ps(_mm256_add_ps(y, one), _mm256_set1_ps(32767.5f)), half);
+  // NaN converts to 0x80000000, whose low 16 bits are bin 0.
+  return _mm256_and_si256(_mm256_cvttps_epi32(s), _mm256_set1_epi32(0xFFFF));
+}
+
+// table[bin] for 8 bins: gather the 32-bit word at byte offset bin, or at 65532 for the last three bins
+// (so nothing past the table is read) and shift the wanted byte down.
+PQ_INLINE __m128i table_lookup8(const uint8_t* table, __m256i bins) {
+  const __m256i at = _mm256_min_epu32(bins, _mm256_set1_epi32(65532));
+  __m256i w = _mm256_i32gather_epi32((const int*)table, at, 1);
+  w = _mm256_srlv_epi32(w, _mm256_slli_epi32(_mm256_sub_epi32(bins, at), 3));
+  w = _mm256_and_si256(w, _mm256_set1_epi32(0xFF));
+  const __m128i w16 = pack_u32_to_u16(w);
+  return _mm_packus_epi16(w16, w16);
+}
+
+template <int DT, class Len>
+PQ_INLINE void quantize_values(const void* x, int64_t start, Len len, float absmax, const QuantTable& t,
+                                   uint8_t* q) {
+  if (absmax == 0.0f) {
+    memset(q, 0, (size_t)len);
+    return;
+  }
+  const __m256 inv = _mm256_set1_ps(block_inverse(absmax));
+  for (int64_t i = 0; i < len; i += 8) {
+    const int64_t n = len - i < 8 ? len - i : 8;
+    store_bytes8(q + i, n, table_lookup8(t.table, grid_bins(load8<DT>(x, start + i, n), inv)));
+  }
+}
+
+template <int DT, class Len>
+PQ_INLINE void quantize_block_impl(const void* x, int64_t start, Len len, const QuantTable& t, uint8_t* q,
+                                       float* absmax) {
+  __m256 amax = _mm256_setzero_ps();  // vmaxps keeps the running value when |x| is NaN
+  for (int64_t i = 0; i < len; i += 8) amax = _mm256_max_ps(abs8(load8<DT>(x, start + i, len - i < 8 ? len - i : 8)), amax);
+  const float a = hmax8(amax);
+  *absmax = a;
+  quantize_values<DT>(x, start, len, a, t, q + start);
+}
+
+template <int DT, class Len>
+PQ_INLINE void dequantize_block_impl(const uint8_t* q, float absmax, int64_t start, Len len, const DequantTable& t,
+                                         void* out) {
+  const __m256 a = _mm256_set1_ps(absmax);
+  const __m256 all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  for (int64_t i = 0; i < len; i += 8) {
+    const int64_t n = len - i < 8 ? len - i : 8;
+    store8<DT>(out, start + i, n, _mm256_mul_ps(lookup8(t, load_bytes8(q + start + i, n)), a), all);
+  }
+}
+
+// Blocks of the optimizers' size take instantiations with a compile-time length (see adam_block_8bit).
+template <int DT>
+static inline void quantize_block(const void* x, int64_t start, int64_t len, const QuantTable& t, uint8_t* q,
+                                  float* absmax) {
+  if (len == kOptimizerBlock)
+    quantize_block_impl<DT>(x, start, FullBlock(), t, q, absmax);
+  else
+    quantize_block_impl<DT>(x, start, len, t, q, absmax);
+}
+
+template <int DT>
+static inline void dequantize_block(const uint8_t* q, float absmax, int64_t start, int64_t len, const DequantTable& t,
+                                    void* out) {
+  if (len == kOptimizerBlock)
+    dequantize_block_impl<DT>(q, absmax, start, FullBlock(), t, out);
+  else
+    dequantize_block_impl<DT>(q, absmax, start, len, t, out);
+}
+
+// No streaming variant here (see blockwise_avx512.h): the AVX2 path is a fallback.
+template <int DT>
+static inline void dequantize_block_streaming(const uint8_t* q, float absmax, int64_t start, const DequantTable& t,
+                                              void* out) {
+  dequantize_block<DT>(q, absmax, start, kOptimizerBlock, t, out);
+}
+constexpr bool kStreamingDequant = false;
+static inline void stream_fence() {}
+
+// ---- sqrt(v) of Adam's denominator: IEEE, or torch's CPU sqrt emulated (see blockwise_avx512.h, cpu_sqrt.h) ----
+
+// Lanes whose inputs need the routine itself come back in `needs_routine` (all-ones lanes), for the caller
+// to handle outside its loop.
+PQ_INLINE __m256 sqrt8(__m256 x, int mode, __m256& needs_routine) {
+  needs_routine = _mm256_setzero_ps();
+  if (mode == kSqrtIeee) return _mm256_sqrt_ps(x);
+  const __m256 r = _mm256_rsqrt_ps(x);
+  const __m256 half = _mm256_set1_ps(0.5f);
+  const __m256 s0 = _mm256_mul_ps(x, r);
+  // h0 = r * 0.5 exactly, as an exponent decrement (see blockwise_avx512.h).
+  const __m256 h0 = _mm256_castsi256_ps(_mm256_sub_epi32(_mm256_castps_si256(r), _mm256_set1_epi32(0x00800000)));
+  const __m256 e = _mm256_sub_ps(half, _mm256_mul_ps(s0, h0));
+  const __m256 s1 = _mm256_add_ps(_mm256_mul_ps(s0, e), s0);
+  const __m256 h1 = _mm256_add_ps(_mm256_mul_ps(h0, e), h0);
+  const __m256 d = _mm256_sub_ps(x, _mm256_mul_ps(s1, s1));
+  const __m256 res = _mm256_add_ps(_mm256_mul_ps(d, h1), s1);
+  const __m256i bits = _mm256_castps_si256(x);
+  const __m256i special =
+      _mm256_cmpgt_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(kCpuSqrtBias)), _mm256_set1_epi32(kCpuSqrtLimit));
+  const __m256i zero = _mm256_cmpeq_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x7FFFFFFF)), _mm256_setzero_si256());
+  needs_routine = _mm256_castsi256_ps(_mm256_andnot_si256(zero, special));
+  return _mm256_blendv_ps(res, x, _mm256_castsi256_ps(zero));  // the routine returns +-0 unchanged
+}
+
+static inline void sqrt_block(const float* x, float* out, int64_t n, int mode, pq_vsqrt_fn fn) {
+  for (int64_t i = 0; i < n; i += 8) {
+    const int64_t c = n - i < 8 ? n - i : 8;
+    alignas(32) float in[8], r[8], routine[8];
+    const __m256 xv = load8<PQ_DTYPE_FLOAT32>(x, i, c);
+    __m256 rest;
+    __m256 res = sqrt8(xv, mode, rest);
+    if (_mm256_movemask_ps(rest)) {
+      _mm256_store_ps(in, xv);
+      const int32_t n8 = 8;
+      fn(&n8, in, routine);  // element-wise: each lane's result depends on that lane only
+      res = _mm256_blendv_ps(res, _mm256_load_ps(routine), rest);
+    }
+    _mm256_store_ps(r, res);
+    memcpy(out + i, r, (size_t)c * 4);
+  }
+}
+
+// ---- Adam ----
+
+// Touching the data a few blocks ahead hides memory latency (see blockwise_avx512.h).
+constexpr int64_t kPrefetchBlocks = 2;
+
+PQ_INLINE void prefetch_block(const pq_adam_tensor& t, int64_t start, int64_t param_bytes, int64_t grad_bytes,
+                              int64_t state_bytes) {
+  const int64_t ahead = start + kPrefetchBlocks * kOptimizerBlock;
+  if (ahead >= t.numel) return;
+  const int64_t n = t.numel - ahead < kOptimizerBlock ? t.numel - ahead : kOptimizerBlock;
+  const void* streams[4] = {(const char*)t.param + ahead * param_bytes, (const char*)t.grad + ahead * grad_bytes,
+                            (const char*)t.state1 + ahead * state_bytes, (const char*)t.state2 + ahead * state_bytes};
+  const int64_t bytes[4] = {n * param_bytes, n * grad_bytes, n * state_bytes, n * state_bytes};
+  for (int s = 0; s < 4; ++s)
+    for (int64_t o = 0; o < bytes[s]; o += 64) _mm_prefetch((const char*)streams[s] + o, _MM_HINT_T0);
+}
+
+struct AdamTables {
+  DequantTable deq1, deq2;
+  QuantTable quant1, quant2;
+};
+
+struct AdamVectors {
+  __m256 beta1, one_minus_beta1, beta2, one_minus_beta2, eps, eps_c2, c2, step_size, decay, inv_grad_scale;
+  explicit AdamVectors(const pq_adam_constants& k)
+      : beta1(_mm256_set1_ps(k.beta1)), one_minus_beta1(_mm256_set1_ps(k.one_minus_beta1)),
+        beta2(_mm256_set1_ps(k.beta2)), one_minus_beta2(_mm256_set1_ps(k.one_minus_beta2)),
+        eps(_mm256_set1_ps(k.eps)), eps_c2(_mm256_set1_ps(k.eps_c2)), c2(_mm256_set1_ps(k.c2)),
+        step_size(_mm256_set1_ps(k.step_size)), decay(_mm256_set1_ps(k.decay)),
+        inv_grad_scale(_mm256_set1_ps(k.inv_grad_scale)) {}
+};
+
+// unscaled_grad, lane by lane (always applied, see blockwise_avx512.h).
+template <int GDT>
+PQ_INLINE __m256 unscaled8(const AdamVectors& k, __m256 g) {
+  const __m256 x = _mm256_mul_ps(g, k.inv_grad_scale);
+  if constexpr (GDT == PQ_DTYPE_FLOAT16) return widen8<GDT>(to_half8(x));
+  if constexpr (GDT == PQ_DTYPE_BFLOAT16) return widen8<GDT>(to_bf16_8(x));
+  return x;
+}
+
+PQ_INLINE void moments8(const AdamVectors& k, __m256 g, __m256& m, __m256& v) {
+  m = _mm256_fmadd_ps(k.one_minus_beta1, g, _mm256_mul_ps(m, k.beta1));
+  v = _mm256_fmadd_ps(_mm256_mul_ps(k.one_minus_beta2, g), g, _mm256_mul_ps(v, k.beta2));
+}
+
+PQ_INLINE __m256 param8(const AdamVectors& k, __m256 p, __m256 m, __m256 root) {
+  const __m256 denom = _mm256_add_ps(_mm256_div_ps(root, k.c2), k.eps);
+  return _mm256_add_ps(_mm256_mul_ps(p, k.decay), _mm256_div_ps(_mm256_mul_ps(k.step_size, m), denom));
+}
+
+PQ_INLINE __m256 param32(const AdamVectors& k, __m256 p, __m256 m, __m256 root) {
+  const __m256 u = _mm256_div_ps(m, _mm256_add_ps(root, k.eps_c2));
+  return _mm256_fmadd_ps(k.step_size, u, _mm256_mul_ps(p, k.decay));
+}
+
+PQ_INLINE __m256 nonfinite8(__m256 g) {  // all-ones where the exponent is all ones (NaN, ±inf)
+  const __m256i e = _mm256_and_si256(_mm256_castps_si256(g), _mm256_set1_epi32(0x7F800000));
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(e, _mm256_set1_epi32(0x7F800000)));
+}
+
+// Parameter updates left for after a block's main loop (see blockwise_avx512.h).
+template <int PDT, bool EightBit>
+static inline void finish_deferred(const pq_adam_tensor& t, int64_t start, int64_t len, const AdamVectors& k,
+                                   const float* m, const float* v, const __m256* later, pq_vsqrt_fn fn) {
+  alignas(32) float root[kOptimizerBlock];
+  const int32_t n32 = (int32_t)len;
+  fn(&n32, v, root);
+  for (int64_t j = 0; j < len; j += 8) {
+    if (!_mm256_movemask_ps(later[j / 8])) continue;
+    const int64_t n = len - j < 8 ? len - j : 8;
+    const __m256 p = load8<PDT>(t.param, start + j, n);
+    const __m256 mj = load8<PQ_DTYPE_FLOAT32>(m, j, n), rj = load8<PQ_DTYPE_FLOAT32>(root, j, n);
+    store8<PDT>(t.param, start + j, n, EightBit ? param8(k, p, mj, rj) : param32(k, p, mj, rj), later[j / 8]);
+  }
+}
+
+// NONFINITE and SQRT_MODE are template parameters for the reason given in blockwise_avx512.h.
+template <int PDT, int GDT, int NONFINITE, int SQRT_MODE, class Len>
+PQ_INLINE int64_t adam_block_8bit_impl(const pq_adam_tensor& t, int64_t start, Len len, const AdamTables& tab,
+                                           pq_vsqrt_fn fn) {
+  alignas(32) float m[kOptimizerBlock], v[kOptimizerBlock];
+  __m256 later[kOptimizerBlock / 8];
+  int any_later = 0;
+  const AdamVectors k(t.k);
+  uint8_t* q1 = (uint8_t*)t.state1 + start;
+  uint8_t* q2 = (uint8_t*)t.state2 + start;
+  const int64_t b = start / kOptimizerBlock;
+  const __m256 a1 = _mm256_set1_ps(t.absmax1[b]), a2 = _mm256_set1_ps(t.absmax2[b]);
+  prefetch_block(t, start, elem_size(PDT), elem_size(GDT), 1);
+  __m256 amax1 = _mm256_setzero_ps(), amax2 = _mm256_setzero_ps();
+  int64_t bad = 0;
+  for (int64_t j = 0; j < len; j += 8) {
+    const int64_t n = len - j < 8 ? len - j : 8;
+    const __m256 valid = first_lanes(n);
+    const __m256 m_old = _mm256_mul_ps(lookup8(tab.deq1, load_bytes8(q1 + j, n)), a1);
+    const __m256 v_old = _mm256_mul_ps(lookup8(tab.deq2, load_bytes8(q2 + j, n)), a2);
+    const __m256 g = unscaled8<GDT>(k, load8<GDT>(t.grad, start + j, n));
+    __m256 mi = m_old, vi = v_old;
+    moments8(k, g, mi, vi);
+    __m256 upd = valid;
+    if constexpr (NONFINITE == kSkipElement) {
+      const __m256 skip = _mm256_and_ps(nonfinite8(g), valid);  // keeps its parameter and moments
+      bad += __builtin_popcount((unsigned)_mm256_movemask_ps(skip));
+      upd = _mm256_andnot_ps(skip, valid);
+      mi = _mm256_blendv_ps(mi, m_old, skip);
+      vi = _mm256_blendv_ps(vi, v_old, skip);
+    }
+    _mm256_store_ps(m + j, mi);
+    _mm256_store_ps(v + j, vi);
+    amax1 = _mm256_max_ps(_mm256_and_ps(abs8(mi), valid), amax1);
+    amax2 = _mm256_max_ps(_mm256_and_ps(abs8(vi), valid), amax2);
+    __m256 rest = upd;
+    if constexpr (SQRT_MODE != kSqrtCall) {
+      const __m256 root = sqrt8(vi, SQRT_MODE, rest);
+      rest = _mm256_and_ps(rest, upd);
+      const __m256 p = load8<PDT>(t.param, start + j, n);
+      store8<PDT>(t.param, start + j, n, param8(k, p, mi, root), _mm256_andnot_ps(rest, upd));
+    }
+    later[j / 8] = rest;
+    any_later |= _mm256_movemask_ps(rest);
+  }
+  if (any_later) finish_deferred<PDT, true>(t, start, len, k, m, v, later, fn);
+  const float new_a1 = hmax8(amax1), new_a2 = hmax8(amax2);
+  t.absmax1[b] = new_a1;
+  t.absmax2[b] = new_a2;
+  quantize_values<PQ_DTYPE_FLOAT32>(m, 0, len, new_a1, tab.quant1, q1);
+  quantize_values<PQ_DTYPE_FLOAT32>(v, 0, len, new_a2, tab.quant2, q2);
+  return bad;
+}
+
+// A full block takes an instantiation where the length is a compile-time constant: with a run-time length
+// GCC neither unrolled nor inlined the block's loops, and the step ran at half the speed.
+template <int PDT, int GDT, int NONFINITE, int SQRT_MODE>
+static inline int64_t adam_block_8bit(const pq_adam_tensor& t, int64_t start, int64_t len, const AdamTables& tab,
+                                      pq_vsqrt_fn fn) {
+  if (len == kOptimizerBlock)
+    return adam_block_8bit_impl<PDT, GDT, NONFINITE, SQRT_MODE>(t, start, FullBlock(), tab, fn);
+  return adam_block_8bit_impl<PDT, GDT, NONFINITE, SQRT_MODE>(t, start, len, tab, fn);
+}
+
+template <int PDT, int GDT, int NONFINITE, int SQRT_MODE, class Len>
+PQ_INLINE int64_t adam_block_32bit_impl(const pq_adam_tensor& t, int64_t start, Len len, pq_vsqrt_fn fn) {
+  __m256 later[kOptimizerBlock / 8];
+  int any_later = 0;
+  const AdamVectors k(t.k);
+  float* m = (float*)t.state1 + start;
+  float* v = (float*)t.state2 + start;
+  prefetch_block(t, start, elem_size(PDT), elem_size(GDT), 4);
+  int64_t bad = 0;
+  for (int64_t j = 0; j < len; j += 8) {
+    const int64_t n = len - j < 8 ? len - j : 8;
+    const __m256 g = unscaled8<GDT>(k, load8<GDT>(t.grad, start + j, n));
+    __m256 upd = first_lanes(n);
+    if constexpr (NONFINITE == kSkipElement) {
+      const __m256 skip = _mm256_and_ps(nonfinite8(g), upd);
+      bad += __builtin_popcount((unsigned)_mm256_movemask_ps(skip));
+      upd = _mm256_andnot_ps(skip, upd);
+    }
+    __m256 mi = load8<PQ_DTYPE_FLOAT32>(m, j, n), vi = load8<PQ_DTYPE_FLOAT32>(v, j, n);
+    moments8(k, g, mi, vi);
+    store8<PQ_DTYPE_FLOAT32>(m, j, n, mi, upd);
+    store8<PQ_DTYPE_FLOAT32>(v, j, n, vi, upd);
+    __m256 rest = upd;
+    if constexpr (SQRT_MODE != kSqrtCall) {
+      const __m256 root = sqrt8(vi, SQRT_MODE, rest);
+      rest = _mm256_and_ps(rest, upd);
+      const __m256 p = load8<PDT>(t.param, start + j, n);
+      store8<PDT>(t.param, start + j, n, param32(k, p, mi, root), _mm256_andnot_ps(rest, upd));
+    }
+    later[j / 8] = rest;
+    any_later |= _mm256_movemask_ps(rest);
+  }
+  // The routine reads v for the whole block; skipped lanes kept their old v, and their results are unused.
+  if (any_later) finish_deferred<PDT, false>(t, start, len, k, m, v, later, fn);
+  return bad;
+}
+
+template <int PDT, int GDT, int NONFINITE, int SQRT_MODE>
+static inline int64_t adam_block_32bit(const pq_adam_tensor& t, int64_t start, int64_t len, pq_vsqrt_fn fn) {
+  if (len == kOptimizerBlock) return adam_block_32bit_impl<PDT, GDT, NONFINITE, SQRT_MODE>(t, start, FullBlock(), fn);
+  return adam_block_32bit_impl<PDT, GDT, NONFINITE, SQRT_MODE>(t, start, len, fn);
+}
+
+}  // namespace vec
+}  // namespace PQ_NS

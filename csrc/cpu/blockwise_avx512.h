@@ -1,0 +1,541 @@
+// AVX-512 (F, BW, VL, DQ) block kernels of block-wise quantisation and the 8-bit Adam step, included by
+// blockwise.cpp in its avx512 build only (the loads, stores and conversions they use are isa.h's).
+//
+// Same bits as the scalar rules of pyquant/blockwise.h, with the expensive steps replaced by exact SIMD
+// equivalents:
+// - dequantise: the 256 float32 codes are held as two 16-bit planes (high and low halves of each code)
+//   and looked up with two-table word permutes, 32 elements at a time; a gather from the 1 KiB code costs
+//   about 20 cycles per 16 lanes on this class of CPU, the permutes about 4;
+// - quantise: the 65536-entry bin -> index table is monotone, so it is fully described by its 255 step
+//   positions; the index of a bin is found by an 8-level branchless binary search over those positions
+//   (Eytzinger order, 16-bit lanes, one permute per level) instead of one scalar or gathered byte load
+//   per element;
+// - sqrt for Adam: IEEE vsqrtps, or an exact emulation of the non-IEEE routine torch uses (cpu_sqrt.h).
+// Only IEEE-exact operations are used (mul/add/div/sqrt/min/max/compare/convert, integer ops), each in
+// the order the contract writes it; fused multiply-adds only where the contract has fmaf.
+#pragma once
+#include "isa.h"
+
+#include <type_traits>
+
+#include "cpu_sqrt.h"
+#include "pyquant/capi.h"
+
+namespace PQ_NS {
+namespace vec {
+using namespace pq;
+
+// The length of a full optimizer block, as a type: converts to int64_t and is known at compile time.
+using FullBlock = std::integral_constant<int64_t, kOptimizerBlock>;
+
+constexpr bool kEmulatesCpuSqrt = true;
+
+// ---- dequantisation: code[q] for 32 indices ----
+
+struct DequantTable {
+  alignas(64) uint16_t hi[256];  // high 16 bits of each code's float32 pattern
+  alignas(64) uint16_t lo[256];  // low 16 bits
+};
+
+static inline void prepare_dequant(const float* code, DequantTable& t) {
+  for (int i = 0; i < 256; ++i) {
+    const uint32_t u = float_bits(code[i]);
+    t.hi[i] = (uint16_t)(u >> 16);
+    t.lo[i] = (uint16_t)(u & 0xFFFFu);
+  }
+}
+
+// One 16-bit plane: vpermt2w covers 64 entries, bits 6 and 7 of the index pick among four of them.
+PQ_INLINE __m512i plane_lookup(const uint16_t* p, __m512i idx, __mmask32 bit6, __mmask32 bit7) {
+  const __m512i r0 = _mm512_permutex2var_epi16(_mm512_load_si512(p), idx, _mm512_load_si512(p + 32));
+  const __m512i r1 = _mm512_permutex2var_epi16(_mm512_load_si512(p + 64), idx, _mm512_load_si512(p + 96));
+  const __m512i r2 = _mm512_permutex2var_epi16(_mm512_load_si512(p + 128), idx, _mm512_load_si512(p + 160));
+  const __m512i r3 = _mm512_permutex2var_epi16(_mm512_load_si512(p + 192), idx, _mm512_load_si512(p + 224));
+  return _mm512_mask_blend_epi16(bit7, _mm512_mask_blend_epi16(bit6, r0, r1), _mm512_mask_blend_epi16(bit6, r2, r3));
+}
+
+// The codes of 32 byte indices: elements 0-15 in `a`, 16-31 in `b`.
+PQ_INLINE void lookup32(const DequantTable& t, __m256i q, __m512& a, __m512& b) {
+  // The final 16-bit unpacks pair words inside 128-bit lanes; interleaving the indices' dwords first makes
+  // their output come out in element order (word 8L+i holds q[4L+i], word 8L+4+i holds q[16+4L+i]).
+  const __m128i q0 = _mm256_castsi256_si128(q), q1 = _mm256_extracti128_si256(q, 1);
+  const __m256i mixed = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi32(q0, q1)),
+                                                _mm_unpackhi_epi32(q0, q1), 1);
+  const __m512i idx = _mm512_cvtepu8_epi16(mixed);
+  const __mmask32 bit6 = _mm512_test_epi16_mask(idx, _mm512_set1_epi16(64));
+  const __mmask32 bit7 = _mm512_test_epi16_mask(idx, _mm512_set1_epi16(128));
+  const __m512i hi = plane_lookup(t.hi, idx, bit6, bit7);
+  const __m512i lo = plane_lookup(t.lo, idx, bit6, bit7);
+  a = _mm512_castsi512_ps(_mm512_unpacklo_epi16(lo, hi));
+  b = _mm512_castsi512_ps(_mm512_unpackhi_epi16(lo, hi));
+}
+
+// ---- quantisation: grid bin, then code index ----
+
+struct QuantTable {
+  // An 8-level branchless binary search over the table's 255 step positions (the first bin whose index
+  // exceeds j, clamped to 65535): node h (Eytzinger order, level k holds nodes 2^(k-1) .. 2^k - 1) tests
+  // step position j(h). The search carries H = h + 1, so each level's table is stored rotated by one:
+  // entry (h + 1) mod size holds node h's position.
+  alignas(64) uint16_t upper[32];   // levels 2-5, nodes 2..31 (vpermw reads 5 index bits)
+  alignas(64) uint16_t level6[32];  // nodes 32..63
+  alignas(64) uint16_t level7[64];  // nodes 64..127 (vpermt2w reads 6 index bits)
+  alignas(64) uint16_t level8[128]; // nodes 128..255, two vpermt2w halves picked by bit 6
+  uint16_t root;                    // node 1
+  uint8_t top;  // table[65535]: no bin has a larger index, which repairs the clamp at 65536
+};
+
+// Reads the table's 255 step positions. Returns false if the table is not monotone (it always is when
+// built from a sorted code; the caller then falls back to plain table lookups).
+static inline bool prepare_quant(const uint8_t* table, QuantTable& t) {
+  uint32_t first_above[255];  // first_above[j] = first bin with table[bin] > j, 65536 when none
+  for (uint32_t j = 0; j < table[0]; ++j) first_above[j] = 0;
+  uint32_t bin = 1;
+  for (; bin + 64 <= 65536; bin += 64) {
+    const __m512i cur = _mm512_loadu_si512(table + bin), prev = _mm512_loadu_si512(table + bin - 1);
+    if (_mm512_cmplt_epu8_mask(cur, prev)) return false;
+    for (uint64_t steps = _mm512_cmpneq_epu8_mask(cur, prev); steps; steps &= steps - 1) {
+      const uint32_t b = bin + (uint32_t)__builtin_ctzll(steps);
+      for (uint32_t j = table[b - 1]; j < table[b]; ++j) first_above[j] = b;
+    }
+  }
+  for (; bin < 65536; ++bin) {
+    if (table[bin] < table[bin - 1]) return false;
+    for (uint32_t j = table[bin - 1]; j < table[bin]; ++j) first_above[j] = bin;
+  }
+  for (uint32_t j = table[65535]; j < 255; ++j) first_above[j] = 65536;
+  memset(t.upper, 0, sizeof t.upper);
+  for (uint32_t h = 1; h < 256; ++h) {
+    const uint32_t level = 32 - (uint32_t)__builtin_clz(h);  // node h sits on this level (1..8)
+    const uint32_t r = h - (1u << (level - 1));
+    const uint32_t j = ((2 * r + 1) << (8 - level)) - 1;  // the step position node h tests
+    const uint16_t position = (uint16_t)(first_above[j] < 65535u ? first_above[j] : 65535u);
+    if (h == 1)
+      t.root = position;
+    else if (h < 32)
+      t.upper[(h + 1) & 31] = position;
+    else if (h < 64)
+      t.level6[(h + 1) & 31] = position;
+    else if (h < 128)
+      t.level7[(h + 1) & 63] = position;
+    else
+      t.level8[(h + 1) & 127] = position;
+  }
+  t.top = table[65535];
+  return true;
+}
+
+// grid_bin without the final truncation to 16 bits: NaN gives 0x80000000, which the signed-to-unsigned
+// saturating pack below turns into bin 0, as the contract wants.
+PQ_INLINE __m512i grid_bins(__m512 x, __m512 inv) {
+  const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
+  __m512 y = _mm512_mul_ps(x, inv);
+  // vminps/vmaxps return the second operand when either is NaN: with y second, NaN passes like in grid_bin.
+  y = _mm512_min_ps(one, y);
+  y = _mm512_max_ps(_mm512_set1_ps(-1.0f), y);
+  // t = (y + 1) * 0.5 is exact (y + 1 is 0 or at least 2^-24), so t * 65535 rounds exactly like
+  // (y + 1) * 32767.5: one multiply fewer, same bits.
+  const __m512 s = _mm512_add_ps(_mm512_mul_ps(_mm512_add_ps(y, one), _mm512_set1_ps(32767.5f)), half);
+  return _mm512_cvttps_epi32(s);
+}
+
+// Code indices of NC x 32 unsigned 16-bit bins: the count of step positions <= bin, found one tree level at
+// a time. Each level is h = 2h + (bin >= position(h)); with H = h + 1 that is H = 2H - (bin < position), and
+// bin < position is min(position -sat bin, 1): plain vector ops, no mask registers. The levels form a long
+// dependent chain (permute, subtract, min, subtract), so NC independent chunks go through each level
+// together: one chunk at a time ran at under half the throughput of eight on this CPU.
+template <int NC>
+PQ_INLINE void code_index(const QuantTable& t, const __m512i (&bins)[NC], __m256i (&out)[NC]) {
+  const __m512i one = _mm512_set1_epi16(1);
+  __m512i H[NC];
+  for (int c = 0; c < NC; ++c) H[c] = _mm512_set1_epi16(2);
+  auto level = [&](int c, __m512i position) {
+    const __m512i below = _mm512_min_epu16(_mm512_subs_epu16(position, bins[c]), one);
+    H[c] = _mm512_sub_epi16(_mm512_add_epi16(H[c], H[c]), below);
+  };
+  const __m512i root = _mm512_set1_epi16((short)t.root);
+  for (int c = 0; c < NC; ++c) level(c, root);
+  const __m512i upper = _mm512_load_si512(t.upper);
+  for (int l = 2; l <= 5; ++l)
+    for (int c = 0; c < NC; ++c) level(c, _mm512_permutexvar_epi16(H[c], upper));
+  const __m512i l6 = _mm512_load_si512(t.level6);
+  for (int c = 0; c < NC; ++c) level(c, _mm512_permutexvar_epi16(H[c], l6));
+  const __m512i l7a = _mm512_load_si512(t.level7), l7b = _mm512_load_si512(t.level7 + 32);
+  for (int c = 0; c < NC; ++c) level(c, _mm512_permutex2var_epi16(l7a, H[c], l7b));
+  const __m512i l8a = _mm512_load_si512(t.level8), l8b = _mm512_load_si512(t.level8 + 32);
+  const __m512i l8c = _mm512_load_si512(t.level8 + 64), l8d = _mm512_load_si512(t.level8 + 96);
+  const __m512i bit6 = _mm512_set1_epi16(64);
+  for (int c = 0; c < NC; ++c) {
+    const __m512i lo = _mm512_permutex2var_epi16(l8a, H[c], l8b);
+    const __m512i hi = _mm512_permutex2var_epi16(l8c, H[c], l8d);
+    level(c, _mm512_mask_blend_epi16(_mm512_test_epi16_mask(H[c], bit6), lo, hi));
+  }
+  // H = 257 + index: its low byte is index + 1. packus (see quantize_chunks) interleaved 4-element groups of
+  // the two input vectors within 128-bit lanes: the dword permute restores element order.
+  const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  const __m256i top = _mm256_set1_epi8((char)t.top);
+  for (int c = 0; c < NC; ++c) {
+    const __m256i idx = _mm256_permutevar8x32_epi32(_mm512_cvtepi16_epi8(H[c]), order);
+    out[c] = _mm256_min_epu8(_mm256_sub_epi8(idx, _mm256_set1_epi8(1)), top);
+  }
+}
+
+// Quantises NC chunks of 32 values starting at x + start + i (elements beyond len read as 0, not stored).
+template <int DT, int NC>
+PQ_INLINE void quantize_chunks(const void* x, int64_t start, int64_t i, int64_t len, __m512 inv,
+                                   const QuantTable& t, uint8_t* q) {
+  __m512i bins[NC];
+  __m256i idx[NC];
+  for (int c = 0; c < NC; ++c) {
+    const int64_t j = i + 32 * c;
+    const __mmask32 k = mask32(len - j);
+    const __m512 x0 = load16<DT>(x, start + j, (__mmask16)k);
+    const __m512 x1 = load16<DT>(x, start + j + 16, (__mmask16)(k >> 16));
+    bins[c] = _mm512_packus_epi32(grid_bins(x0, inv), grid_bins(x1, inv));
+  }
+  code_index<NC>(t, bins, idx);
+  for (int c = 0; c < NC; ++c) {
+    const int64_t j = i + 32 * c;
+    _mm256_mask_storeu_epi8(q + j, mask32(len - j), idx[c]);
+  }
+}
+
+// Quantise `len` values of one block whose absmax is known.
+template <int DT, class Len>
+PQ_INLINE void quantize_values(const void* x, int64_t start, Len len, float absmax, const QuantTable& t,
+                                   uint8_t* q) {
+  if (absmax == 0.0f) {
+    memset(q, 0, (size_t)len);
+    return;
+  }
+  const __m512 inv = _mm512_set1_ps(block_inverse(absmax));
+  int64_t i = 0;
+  for (; i + 224 < len; i += 256) quantize_chunks<DT, 8>(x, start, i, len, inv, t, q);
+  for (; i + 96 < len; i += 128) quantize_chunks<DT, 4>(x, start, i, len, inv, t, q);
+  for (; i < len; i += 32) quantize_chunks<DT, 1>(x, start, i, len, inv, t, q);
+}
+
+template <int DT, class Len>
+PQ_INLINE void quantize_block_impl(const void* x, int64_t start, Len len, const QuantTable& t, uint8_t* q,
+                                       float* absmax) {
+  // max is exact and NaN-free here (vmaxps keeps the running value when |x| is NaN), so lane order is free.
+  __m512 amax = _mm512_setzero_ps();
+  for (int64_t i = 0; i < len; i += 16)
+    amax = _mm512_max_ps(_mm512_abs_ps(load16<DT>(x, start + i, mask16(len - i))), amax);
+  const float a = _mm512_reduce_max_ps(amax);
+  *absmax = a;
+  quantize_values<DT>(x, start, len, a, t, q + start);
+}
+
+template <int DT, class Len>
+PQ_INLINE void dequantize_block_impl(const uint8_t* q, float absmax, int64_t start, Len len, const DequantTable& t,
+                                         void* out) {
+  const __m512 a = _mm512_set1_ps(absmax);
+  for (int64_t i = 0; i < len; i += 32) {
+    const __mmask32 k = mask32(len - i);
+    __m512 c0, c1;
+    lookup32(t, _mm256_maskz_loadu_epi8(k, q + start + i), c0, c1);
+    store16<DT>(out, start + i, _mm512_mul_ps(c0, a), (__mmask16)k);
+    store16<DT>(out, start + i + 16, _mm512_mul_ps(c1, a), (__mmask16)(k >> 16));
+  }
+}
+
+// Blocks of the optimizers' size take instantiations with a compile-time length (see adam_block_8bit).
+template <int DT>
+static inline void quantize_block(const void* x, int64_t start, int64_t len, const QuantTable& t, uint8_t* q,
+                                  float* absmax) {
+  if (len == kOptimizerBlock)
+    quantize_block_impl<DT>(x, start, FullBlock(), t, q, absmax);
+  else
+    quantize_block_impl<DT>(x, start, len, t, q, absmax);
+}
+
+template <int DT>
+static inline void dequantize_block(const uint8_t* q, float absmax, int64_t start, int64_t len, const DequantTable& t,
+                                    void* out) {
+  if (len == kOptimizerBlock)
+    dequantize_block_impl<DT>(q, absmax, start, FullBlock(), t, out);
+  else
+    dequantize_block_impl<DT>(q, absmax, start, len, t, out);
+}
+
+// Full blocks of a dequantised output far larger than the caches, written with non-temporal stores: the
+// output is not read back soon, and plain stores first read every line (a 64 MiB float32 output ran at
+// three quarters of the speed). `out` must be 64-byte aligned; call stream_fence() before other threads
+// may read the output.
+template <int DT>
+static inline void dequantize_block_streaming(const uint8_t* q, float absmax, int64_t start, const DequantTable& t,
+                                              void* out) {
+  const __m512 a = _mm512_set1_ps(absmax);
+  for (int64_t i = 0; i < kOptimizerBlock; i += 32) {
+    __m512 c0, c1;
+    lookup32(t, _mm256_loadu_si256((const __m256i*)(q + start + i)), c0, c1);
+    c0 = _mm512_mul_ps(c0, a);
+    c1 = _mm512_mul_ps(c1, a);
+    if constexpr (DT == PQ_DTYPE_FLOAT32) {
+      _mm512_stream_ps((float*)out + start + i, c0);
+      _mm512_stream_ps((float*)out + start + i + 16, c1);
+    } else {
+      uint16_t* o = (uint16_t*)out + start + i;
+      _mm256_stream_si256((__m256i*)o, DT == PQ_DTYPE_FLOAT16 ? to_half16(c0) : to_bf16_16(c0));
+      _mm256_stream_si256((__m256i*)(o + 16), DT == PQ_DTYPE_FLOAT16 ? to_half16(c1) : to_bf16_16(c1));
+    }
+  }
+}
+constexpr bool kStreamingDequant = true;
+static inline void stream_fence() { _mm_sfence(); }
+
+// ---- sqrt(v) of Adam's denominator ----
+
+// IEEE, or torch's CPU sqrt emulated (cpu_sqrt.h): MKL's vsSqrt on this CPU computes, for positive normal
+// x up to 0x7F7FF000, r = rsqrtps(x) (the CPU's approximation), then two Newton steps in float32 with
+// separate multiplies and adds. Its other inputs go through a scalar routine: ±0 return themselves; the
+// rest (subnormal, near FLT_MAX, negative, inf, NaN) are rare, and come back in `needs_routine` for the
+// caller to pass to the routine itself, outside its loop: a call inside the loop would make the compiler
+// keep every vector in memory across it (all zmm registers are caller-saved), which halved the speed.
+PQ_INLINE __m512 sqrt16(__m512 x, int mode, __mmask16& needs_routine) {
+  needs_routine = 0;
+  if (mode == kSqrtIeee) return _mm512_sqrt_ps(x);
+  const __m256 r_lo = _mm256_rsqrt_ps(_mm512_castps512_ps256(x));  // no 512-bit rsqrtps: the AVX-512
+  const __m256 r_hi = _mm256_rsqrt_ps(_mm512_extractf32x8_ps(x, 1));  // rsqrt14 is a different approximation
+  const __m512 r = _mm512_insertf32x8(_mm512_castps256_ps512(r_lo), r_hi, 1);
+  const __m512 half = _mm512_set1_ps(0.5f);
+  const __m512 s0 = _mm512_mul_ps(x, r);
+  // h0 = r * 0.5, exactly: r is a normal number near 1/sqrt(x), between about 2^-64 and 2^63 for every
+  // main-path x, so halving it is an exponent decrement (an integer op, off the busy multiply pipes).
+  const __m512 h0 = _mm512_castsi512_ps(_mm512_sub_epi32(_mm512_castps_si512(r), _mm512_set1_epi32(0x00800000)));
+  const __m512 e = _mm512_sub_ps(half, _mm512_mul_ps(s0, h0));
+  const __m512 s1 = _mm512_add_ps(_mm512_mul_ps(s0, e), s0);
+  const __m512 h1 = _mm512_add_ps(_mm512_mul_ps(h0, e), h0);
+  const __m512 d = _mm512_sub_ps(x, _mm512_mul_ps(s1, s1));
+  const __m512 res = _mm512_add_ps(_mm512_mul_ps(d, h1), s1);
+  const __m512i bits = _mm512_castps_si512(x);
+  const __mmask16 special =
+      _mm512_cmpgt_epi32_mask(_mm512_add_epi32(bits, _mm512_set1_epi32(kCpuSqrtBias)), _mm512_set1_epi32(kCpuSqrtLimit));
+  const __mmask16 zero = _mm512_testn_epi32_mask(bits, _mm512_set1_epi32(0x7FFFFFFF));
+  needs_routine = special & (__mmask16)~zero;
+  return _mm512_mask_mov_ps(res, zero, x);
+}
+
+static inline void sqrt_block(const float* x, float* out, int64_t n, int mode, pq_vsqrt_fn fn) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = mask16(n - i);
+    __mmask16 rest;
+    _mm512_mask_storeu_ps(out + i, k, sqrt16(_mm512_maskz_loadu_ps(k, x + i), mode, rest));
+    rest &= k;
+    if (rest) {
+      alignas(64) float in[16], res[16];
+      _mm512_store_ps(in, _mm512_maskz_loadu_ps(k, x + i));
+      const int32_t n16 = 16;
+      fn(&n16, in, res);  // element-wise: each lane's result depends on that lane only
+      _mm512_mask_storeu_ps(out + i, rest, _mm512_load_ps(res));
+    }
+  }
+}
+
+// ---- Adam ----
+
+// A block does a lot of arithmetic per byte: the out-of-order window fills long before the next block's
+// loads issue, and the hardware prefetchers alone left a step over DRAM-resident tensors at half the speed
+// of the same step on cache-resident ones. Touching the data kPrefetchBlocks blocks ahead hides the latency.
+#ifndef PQ_PREFETCH_BLOCKS
+#define PQ_PREFETCH_BLOCKS 2
+#endif
+constexpr int64_t kPrefetchBlocks = PQ_PREFETCH_BLOCKS;
+
+PQ_INLINE void prefetch_bytes(const void* p, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char*)p + o, _MM_HINT_T0);
+}
+
+template <int PDT, int GDT>
+PQ_INLINE void prefetch_block(const pq_adam_tensor& t, int64_t start, int64_t state_bytes) {
+  const int64_t ahead = start + kPrefetchBlocks * kOptimizerBlock;
+  if (ahead >= t.numel) return;
+  const int64_t n = t.numel - ahead < kOptimizerBlock ? t.numel - ahead : kOptimizerBlock;
+  prefetch_bytes((const char*)t.param + ahead * elem_size(PDT), n * elem_size(PDT));
+  prefetch_bytes((const char*)t.grad + ahead * elem_size(GDT), n * elem_size(GDT));
+  prefetch_bytes((const char*)t.state1 + ahead * state_bytes, n * state_bytes);
+  prefetch_bytes((const char*)t.state2 + ahead * state_bytes, n * state_bytes);
+}
+
+struct AdamTables {
+  DequantTable deq1, deq2;
+  QuantTable quant1, quant2;
+};
+
+struct AdamVectors {
+  __m512 beta1, one_minus_beta1, beta2, one_minus_beta2, eps, eps_c2, c2, step_size, decay, inv_grad_scale;
+  explicit AdamVectors(const pq_adam_constants& k)
+      : beta1(_mm512_set1_ps(k.beta1)), one_minus_beta1(_mm512_set1_ps(k.one_minus_beta1)),
+        beta2(_mm512_set1_ps(k.beta2)), one_minus_beta2(_mm512_set1_ps(k.one_minus_beta2)),
+        eps(_mm512_set1_ps(k.eps)), eps_c2(_mm512_set1_ps(k.eps_c2)), c2(_mm512_set1_ps(k.c2)),
+        step_size(_mm512_set1_ps(k.step_size)), decay(_mm512_set1_ps(k.decay)),
+        inv_grad_scale(_mm512_set1_ps(k.inv_grad_scale)) {}
+};
+
+// unscaled_grad, lane by lane: always applied (a multiply by 1 and an exact round trip when no scale is fused),
+// because a run-time branch here cost more than the arithmetic.
+template <int GDT>
+PQ_INLINE __m512 unscaled16(const AdamVectors& k, __m512 g) {
+  const __m512 x = _mm512_mul_ps(g, k.inv_grad_scale);
+  if constexpr (GDT == PQ_DTYPE_FLOAT16) return widen16<GDT>(to_half16(x));
+  if constexpr (GDT == PQ_DTYPE_BFLOAT16) return widen16<GDT>(to_bf16_16(x));
+  return x;
+}
+
+// adam_moments, lane by lane.
+PQ_INLINE void moments16(const AdamVectors& k, __m512 g, __m512& m, __m512& v) {
+  m = _mm512_fmadd_ps(k.one_minus_beta1, g, _mm512_mul_ps(m, k.beta1));
+  v = _mm512_fmadd_ps(_mm512_mul_ps(k.one_minus_beta2, g), g, _mm512_mul_ps(v, k.beta2));
+}
+
+// adam_param_8bit_given_sqrt.
+PQ_INLINE __m512 param8(const AdamVectors& k, __m512 p, __m512 m, __m512 root) {
+  const __m512 denom = _mm512_add_ps(_mm512_div_ps(root, k.c2), k.eps);
+  return _mm512_add_ps(_mm512_mul_ps(p, k.decay), _mm512_div_ps(_mm512_mul_ps(k.step_size, m), denom));
+}
+
+// adam_param_32bit_given_sqrt.
+PQ_INLINE __m512 param32(const AdamVectors& k, __m512 p, __m512 m, __m512 root) {
+  const __m512 u = _mm512_div_ps(m, _mm512_add_ps(root, k.eps_c2));
+  return _mm512_fmadd_ps(k.step_size, u, _mm512_mul_ps(p, k.decay));
+}
+
+// Lanes whose gradient is NaN or ±inf (QNaN | +inf | -inf | SNaN).
+PQ_INLINE __mmask16 nonfinite16(__mmask16 k, __m512 g) { return _mm512_mask_fpclass_ps_mask(k, g, 0x99); }
+
+// Parameter updates left for after a block's main loop: the lanes whose sqrt needs the routine (all of them
+// in kSqrtCall mode), with the new moments in m and v. `m` and `v` hold the block's values at offset 0.
+template <int PDT, bool EightBit>
+static inline void finish_deferred(const pq_adam_tensor& t, int64_t start, int64_t len, const AdamVectors& k,
+                                   const float* m, const float* v, const __mmask16* later, pq_vsqrt_fn fn) {
+  alignas(64) float root[kOptimizerBlock];
+  const int32_t n = (int32_t)len;
+  fn(&n, v, root);
+  for (int64_t j = 0; j < len; j += 16) {
+    const __mmask16 lanes = later[j / 16];
+    if (!lanes) continue;
+    const __m512 p = load16<PDT>(t.param, start + j, lanes);
+    const __m512 mj = _mm512_maskz_loadu_ps(lanes, m + j), rj = _mm512_maskz_loadu_ps(lanes, root + j);
+    store16<PDT>(t.param, start + j, EightBit ? param8(k, p, mj, rj) : param32(k, p, mj, rj), lanes);
+  }
+}
+
+// NONFINITE and SQRT_MODE are template parameters: with them as run-time values (even perfectly predicted
+// branches) GCC generated code that ran at half the speed.
+template <int PDT, int GDT, int NONFINITE, int SQRT_MODE, class Len>
+PQ_INLINE int64_t adam_block_8bit_impl(const pq_adam_tensor& t, int64_t start, Len len, const AdamTables& tab,
+                                           pq_vsqrt_fn fn) {
+  alignas(64) float m[kOptimizerBlock], v[kOptimizerBlock];
+  __mmask16 later[kOptimizerBlock / 16];
+  __mmask16 any_later = 0;
+  const AdamVectors k(t.k);
+  uint8_t* q1 = (uint8_t*)t.state1 + start;
+  uint8_t* q2 = (uint8_t*)t.state2 + start;
+  const int64_t b = start / kOptimizerBlock;
+  const __m512 a1 = _mm512_set1_ps(t.absmax1[b]), a2 = _mm512_set1_ps(t.absmax2[b]);
+  prefetch_block<PDT, GDT>(t, start, 1);
+  __m512 amax1 = _mm512_setzero_ps(), amax2 = _mm512_setzero_ps();
+  int64_t bad = 0;
+  for (int64_t i = 0; i < len; i += 32) {
+    const __mmask32 k32 = mask32(len - i);
+    __m512 mq[2], vq[2];
+    lookup32(tab.deq1, _mm256_maskz_loadu_epi8(k32, q1 + i), mq[0], mq[1]);
+    lookup32(tab.deq2, _mm256_maskz_loadu_epi8(k32, q2 + i), vq[0], vq[1]);
+    for (int half = 0; half < 2; ++half) {
+      const int64_t j = i + 16 * half;
+      const __mmask16 valid = (__mmask16)(k32 >> (16 * half));
+      const __m512 m_old = _mm512_mul_ps(mq[half], a1), v_old = _mm512_mul_ps(vq[half], a2);
+      const __m512 g = unscaled16<GDT>(k, load16<GDT>(t.grad, start + j, valid));
+      __m512 mi = m_old, vi = v_old;
+      moments16(k, g, mi, vi);
+      __mmask16 upd = valid;
+      if constexpr (NONFINITE == kSkipElement) {
+        const __mmask16 skip = nonfinite16(valid, g);  // such an element keeps its parameter and moments
+        bad += __builtin_popcount((unsigned)skip);
+        upd = valid & (__mmask16)~skip;
+        mi = _mm512_mask_mov_ps(mi, skip, m_old);
+        vi = _mm512_mask_mov_ps(vi, skip, v_old);
+      }
+      _mm512_store_ps(m + j, mi);
+      _mm512_store_ps(v + j, vi);
+      amax1 = _mm512_mask_max_ps(amax1, valid, _mm512_abs_ps(mi), amax1);
+      amax2 = _mm512_mask_max_ps(amax2, valid, _mm512_abs_ps(vi), amax2);
+      __mmask16 rest = upd;
+      if constexpr (SQRT_MODE != kSqrtCall) {
+        // Load and store masks must not depend on the arithmetic: with a late mask the core holds younger
+        // loads behind the store and memory latency is no longer hidden (the step ran at half speed). The
+        // lanes left for the routine get a placeholder here and their final value in finish_deferred.
+        const __m512 p = load16<PDT>(t.param, start + j, upd);
+        const __m512 root = sqrt16(vi, SQRT_MODE, rest);
+        rest &= upd;
+        store16<PDT>(t.param, start + j, _mm512_mask_mov_ps(param8(k, p, mi, root), rest, p), upd);
+      }
+      later[j / 16] = rest;
+      any_later |= rest;
+    }
+  }
+  if (any_later) finish_deferred<PDT, true>(t, start, len, k, m, v, later, fn);
+  const float new_a1 = _mm512_reduce_max_ps(amax1), new_a2 = _mm512_reduce_max_ps(amax2);
+  t.absmax1[b] = new_a1;
+  t.absmax2[b] = new_a2;
+  quantize_values<PQ_DTYPE_FLOAT32>(m, 0, len, new_a1, tab.quant1, q1);
+  quantize_values<PQ_DTYPE_FLOAT32>(v, 0, len, new_a2, tab.quant2, q2);
+  return bad;
+}
+
+// A full block takes an instantiation where the length is a compile-time constant: with a run-time length
+// GCC neither unrolled nor inlined the block's loops, and the step ran at half the speed.
+template <int PDT, int GDT, int NONFINITE, int SQRT_MODE>
+static inline int64_t adam_block_8bit(const pq_adam_tensor& t, int64_t start, int64_t len, const AdamTables& tab,
+                                      pq_vsqrt_fn fn) {
+  if (len == kOptimizerBlock)
+    return adam_block_8bit_impl<PDT, GDT, NONFINITE, SQRT_MODE>(t, start, FullBlock(), tab, fn);
+  return adam_block_8bit_impl<PDT, GDT, NONFINITE, SQRT_MODE>(t, start, len, tab, fn);
+}
+
+template <int PDT, int GDT, int NONFINITE, int SQRT_MODE, class Len>
+PQ_INLINE int64_t adam_block_32bit_impl(const pq_adam_tensor& t, int64_t start, Len len, pq_vsqrt_fn fn) {
+  __mmask16 later[kOptimizerBlock / 16];
+  __mmask16 any_later = 0;
+  const AdamVectors k(t.k);
+  float* m = (float*)t.state1 + start;
+  float* v = (float*)t.state2 + start;
+  prefetch_block<PDT, GDT>(t, start, 4);
+  int64_t bad = 0;
+  for (int64_t j = 0; j < len; j += 16) {
+    const __mmask16 valid = mask16(len - j);
+    const __m512 g = unscaled16<GDT>(k, load16<GDT>(t.grad, start + j, valid));
+    __mmask16 upd = valid;
+    if constexpr (NONFINITE == kSkipElement) {
+      const __mmask16 skip = nonfinite16(valid, g);
+      bad += __builtin_popcount((unsigned)skip);
+      upd = valid & (__mmask16)~skip;
+    }
+    __m512 mi = _mm512_maskz_loadu_ps(valid, m + j), vi = _mm512_maskz_loadu_ps(valid, v + j);
+    moments16(k, g, mi, vi);
+    _mm512_mask_storeu_ps(m + j, upd, mi);
+    _mm512_mask_storeu_ps(v + j, upd, vi);
+    __mmask16 rest = upd;
+    if constexpr (SQRT_MODE != kSqrtCall) {
+      const __m512 p = load16<PDT>(t.param, start + j, upd);  // masks independent of the arithmetic
+      const __m512 root = sqrt16(vi, SQRT_MODE, rest);
+      rest &= upd;
+      store16<PDT>(t.param, start + j, _mm512_mask_mov_ps(param32(k, p, mi, root), rest, p), upd);
+    }
+    later[j / 16] = rest;
+    any_later |= rest;
+  }
+  // The routine reads v for the whole block; skipped lanes kept their old v, and their results are unused.
+  if (any_later) finish_deferred<PDT, false>(t, start, len, k, m, v, later, fn);
+  return bad;
+}
+
+template <int PDT, int GDT, int NONFINITE, int SQRT_MODE>
+static inline int64_t adam_block_32bit(const pq_adam_tensor& t, int64_t start, int64_t len, pq_vsqrt_fn fn) {
+  if (len == kOptimizerBlock) return adam_block_32bit_impl<PDT, GDT, NONFINITE, SQRT_MODE>(t, start, FullBlock(), fn);
+  return adam_block_32bit_impl<PDT, GDT, NONFINITE, SQRT_MODE>(t, start, len, fn);
+}
+
+}  // namespace vec
+}  // namespace PQ_NS

@@ -1,0 +1,60 @@
+"""The numbers every layer of pyquant agrees on: dtype codes, the optimizers' block size, the Adam constants.
+
+A low module: it imports only torch, so front-ends, backends and the Triton kernels may all import it.
+The C side has the same values in csrc/include/pyquant/capi.h (tests/test_build.py compares them).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Storage dtype codes of the C ABI and of the Triton kernels' constexpr arguments (enum pq_dtype in capi.h).
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the quantisers and the optimizers take
+ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}  # enum pq_isa in capi.h
+
+GRID_POINTS = 65536  # bins of the quantisers' [-1, 1] grid (docs/numerics.md section 2)
+OPTIMIZER_BLOCK = 256  # elements per absmax entry of 8-bit optimizer states (pq::kOptimizerBlock)
+MAX_BLOCKSIZE = 2**63 - 1  # the C ABI's int64
+
+# What an optimizer step does with a non-finite gradient element (the kernels' `nonfinite` argument).
+SKIP_ELEMENT, PROPAGATE = 0, 1
+
+# Field order of pq::AdamConstants: the optimizers build one row per tensor.
+CONSTANT_FIELDS = (
+    "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "eps_c2", "c2", "step_size", "decay", "inv_grad_scale"
+)
+
+
+def adam_constants(group: dict, step: int, eight_bit: bool, inv_grad_scale: float = 1.0) -> list[float]:
+    """One row of pq::AdamConstants for a parameter group (lr, betas, eps, weight_decay) at `step`, in
+    double precision (docs/numerics.md section 4); a float32 tensor of rows rounds each entry once."""
+    beta1, beta2 = (float(b) for b in group["betas"])
+    lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
+    c1 = 1.0 - beta1**step
+    c2 = math.sqrt(1.0 - beta2**step)
+    values = dict(
+        beta1=beta1,
+        one_minus_beta1=1.0 - beta1,
+        beta2=beta2,
+        one_minus_beta2=1.0 - beta2,
+        eps=eps,
+        eps_c2=eps * c2,
+        c2=c2,
+        step_size=-lr / c1 if eight_bit else -lr * c2 / c1,
+        decay=1.0 - lr * wd if wd > 0.0 else 1.0,
+        inv_grad_scale=inv_grad_scale,
+    )
+    return [values[name] for name in CONSTANT_FIELDS]
+
+
+def check_blocksize(blocksize) -> int:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or not 0 < blocksize <= MAX_BLOCKSIZE:
+        raise ValueError(f"blocksize must be a positive int below 2**63 (an int64), got {blocksize!r}")
+    return blocksize
+
+
+def blocks_of(n: int, blocksize: int) -> int:
+    return -(-n // blocksize)
