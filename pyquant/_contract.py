@@ -28,6 +28,11 @@ CONSTANT_FIELDS = (
 )
 
 
+def betas_and_eps(beta1: float, beta2: float, eps: float) -> dict:
+    """The fields every constants row starts with."""
+    return dict(beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2, eps=eps)
+
+
 def adam_constants(group: dict, step: int, eight_bit: bool, inv_grad_scale: float = 1.0) -> list[float]:
     """One row of pq::AdamConstants for a parameter group (lr, betas, eps, weight_decay) at `step`, in
     double precision (docs/numerics.md section 4); a float32 tensor of rows rounds each entry once."""
@@ -36,11 +41,7 @@ def adam_constants(group: dict, step: int, eight_bit: bool, inv_grad_scale: floa
     c1 = 1.0 - beta1**step
     c2 = math.sqrt(1.0 - beta2**step)
     values = dict(
-        beta1=beta1,
-        one_minus_beta1=1.0 - beta1,
-        beta2=beta2,
-        one_minus_beta2=1.0 - beta2,
-        eps=eps,
+        betas_and_eps(beta1, beta2, eps),
         eps_c2=eps * c2,
         c2=c2,
         step_size=-lr / c1 if eight_bit else -lr * c2 / c1,
@@ -81,11 +82,7 @@ def one_state_constants(group: dict, step: int, eight_bit: bool, inv_grad_scale:
     beta1, beta2 = (float(b) for b in group["betas"])
     lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
     values = dict(
-        beta1=beta1,
-        one_minus_beta1=1.0 - beta1,
-        beta2=beta2,
-        one_minus_beta2=1.0 - beta2,
-        eps=eps,
+        betas_and_eps(beta1, beta2, eps),
         neg_lr=-lr,
         decay=1.0 - lr * wd if wd > 0.0 else 1.0,
         weight_decay=wd,
