@@ -1,5 +1,6 @@
 """One optimizer step at 1M, 4M and 16M float32 parameters: pyquant.Adam8bit against bitsandbytes' Adam8bit
-and torch's fused and foreach Adam, in the same process. `extra_info` has the bytes each step must move
+and torch's fused and foreach Adam, in the same process; Lion8bit, SGD8bit, RMSprop8bit and Adagrad8bit at 1M and
+16M against bitsandbytes' and torch's float32 SGD/RMSprop/Adagrad (fused where torch has it, and foreach). `extra_info` has the bytes each step must move
 (8-bit Adam: 16 B/param; float32 Adam: 28 B/param), the achieved GB/s and the state bytes per parameter.
 """
 
@@ -57,3 +58,36 @@ def test_adam_step(benchmark, size, name, request):
         bytes=moved,
         **{"GB/s": moved / benchmark.stats.stats.median / 1e9, "state bytes/param": _state_bytes(opt) / n},
     )
+
+
+# ---- the one-state 8-bit optimizers against bitsandbytes' and torch's float32 step of the same algorithm ----
+FAMILY_SIZES = {"1M": 1 << 20, "16M": 16 << 20}
+FAMILY = {  # name -> (pyquant/bitsandbytes class name, kwargs, torch factory or None)
+    "Lion": ("Lion8bit", dict(lr=1e-4), None),
+    "SGD": ("SGD8bit", dict(lr=1e-2, momentum=0.9), lambda ps, **kw: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, **kw)),
+    "RMSprop": ("RMSprop8bit", dict(lr=1e-2), lambda ps, **kw: torch.optim.RMSprop(ps, lr=1e-2, **kw)),
+    "Adagrad": ("Adagrad8bit", dict(lr=1e-2), lambda ps, **kw: torch.optim.Adagrad(ps, lr=1e-2, **kw)),
+}
+FAMILY_RUNS = [(algo, impl) for algo in FAMILY for impl in ("pyquant", "bitsandbytes", "torch(fused)", "torch(foreach)")
+               if not (impl.startswith("torch") and FAMILY[algo][2] is None)
+               and (algo, impl) != ("RMSprop", "torch(fused)")]  # torch 2.14's RMSprop has no fused step
+
+
+@pytest.mark.parametrize("size", list(FAMILY_SIZES))
+@pytest.mark.parametrize("algo,impl", FAMILY_RUNS)
+def test_one_state_step(benchmark, size, algo, impl, request):
+    cls_name, kwargs, torch_make = FAMILY[algo]
+    n = FAMILY_SIZES[size]
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n, generator=g))]
+    params[0].grad = torch.randn(n, generator=g) * 1e-2
+    if impl == "pyquant":
+        opt = getattr(pyquant, cls_name)(params, **kwargs)
+    elif impl == "bitsandbytes":
+        opt = getattr(request.getfixturevalue("bnb").optim, cls_name)(params, **kwargs)
+    else:
+        opt = torch_make(params, **({"fused": True} if impl == "torch(fused)" else {"foreach": True}))
+    opt.step()
+    benchmark.group = f"{algo} step {size} float32 params"
+    benchmark.pedantic(opt.step, rounds=5 if n > FAMILY_SIZES["1M"] else 10, warmup_rounds=1)
+    benchmark.extra_info.update(params=n, **{"state bytes/param": _state_bytes(opt) / n})

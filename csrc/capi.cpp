@@ -14,6 +14,7 @@
   void dequantize_blockwise(const uint8_t*, const float*, const float*, int64_t, int64_t, void*, int32_t);   \
   int64_t adam_step(const pq_adam_tensor*, int32_t, const float*, const float*, const uint8_t*,             \
                     const uint8_t*, int32_t);                                                               \
+  int64_t one_state_step(const pq_one_state_tensor*, int32_t, const float*, const uint8_t*, int32_t, int32_t); \
   }
 PQ_FOR_EACH_ISA(PQ_DECLARE_ISA)
 
@@ -101,6 +102,31 @@ int64_t pq_adam_step(const pq_adam_tensor* tensors, int32_t count, const float* 
   if (blocks == 0) return 0;
   if (!code1 || !code2 || !table1 || !table2) return -PQ_INVALID_ARGUMENT;
   PQ_DISPATCH(adam_step(tensors, count, code1, code2, table1, table2, nonfinite))
+}
+
+static bool valid_one_state_tensor(const pq_one_state_tensor& t) {
+  if (t.numel < 0 || !pq::valid_dtype(t.param_dtype) || !pq::valid_dtype(t.grad_dtype)) return false;
+  if (t.state_bits != 8 && t.state_bits != 32) return false;
+  if (t.numel == 0) return true;
+  return t.param && t.grad && t.state1 && (t.state_bits == 32 || t.absmax1);
+}
+
+// Returns the number of non-finite gradient elements seen, or -PQ_INVALID_ARGUMENT.
+int64_t pq_one_state_step(const pq_one_state_tensor* tensors, int32_t count, const float* code1,
+                          const uint8_t* table1, int32_t rule, int32_t nonfinite) {
+  if (count < 0 || (count > 0 && !tensors) || (nonfinite != pq::kSkipElement && nonfinite != pq::kPropagate) ||
+      rule < PQ_RULE_MOMENTUM || rule > PQ_RULE_ADAGRAD)
+    return -PQ_INVALID_ARGUMENT;
+  int64_t blocks = 0;
+  for (int32_t i = 0; i < count; ++i) {
+    if (!valid_one_state_tensor(tensors[i])) return -PQ_INVALID_ARGUMENT;
+    const int64_t b = pq::block_count(tensors[i].numel, pq::kOptimizerBlock);
+    if (b > INT64_MAX - blocks) return -PQ_INVALID_ARGUMENT;
+    blocks += b;
+  }
+  if (blocks == 0) return 0;
+  if (!code1 || !table1) return -PQ_INVALID_ARGUMENT;
+  PQ_DISPATCH(one_state_step(tensors, count, code1, table1, rule, nonfinite))
 }
 
 }  // extern "C"

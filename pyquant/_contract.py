@@ -28,6 +28,11 @@ CONSTANT_FIELDS = (
 )
 
 
+def betas_and_eps(beta1: float, beta2: float, eps: float) -> dict:
+    """The fields every constants row starts with."""
+    return dict(beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2, eps=eps)
+
+
 def adam_constants(group: dict, step: int, eight_bit: bool, inv_grad_scale: float = 1.0) -> list[float]:
     """One row of pq::AdamConstants for a parameter group (lr, betas, eps, weight_decay) at `step`, in
     double precision (docs/numerics.md section 4); a float32 tensor of rows rounds each entry once."""
@@ -36,11 +41,7 @@ def adam_constants(group: dict, step: int, eight_bit: bool, inv_grad_scale: floa
     c1 = 1.0 - beta1**step
     c2 = math.sqrt(1.0 - beta2**step)
     values = dict(
-        beta1=beta1,
-        one_minus_beta1=1.0 - beta1,
-        beta2=beta2,
-        one_minus_beta2=1.0 - beta2,
-        eps=eps,
+        betas_and_eps(beta1, beta2, eps),
         eps_c2=eps * c2,
         c2=c2,
         step_size=-lr / c1 if eight_bit else -lr * c2 / c1,
@@ -58,3 +59,35 @@ def check_blocksize(blocksize) -> int:
 
 def blocks_of(n: int, blocksize: int) -> int:
     return -(-n // blocksize)
+
+
+# ---- the one-state 8-bit optimizers (Lion8bit, SGD8bit, RMSprop8bit, Adagrad8bit: docs/numerics.md) ----
+# The update rule of a one-state step (enum pq_one_state_rule in capi.h), bitsandbytes' optimizer names.
+ONE_STATE_RULES = {"momentum": 0, "lion": 1, "rmsprop": 2, "adagrad": 3}
+
+# Field order of pq::OneStateConstants: one row per tensor, as for Adam.
+ONE_STATE_FIELDS = (
+    "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "neg_lr", "decay", "weight_decay",
+    "grad_decay", "first_step", "inv_grad_scale",
+)
+
+
+def one_state_constants(group: dict, step: int, eight_bit: bool, inv_grad_scale: float = 1.0) -> list[float]:
+    """One row of pq::OneStateConstants for a parameter group (lr, betas, eps, weight_decay) at `step`.
+
+    bitsandbytes' CPU paths differ in two places that the row carries: its 8-bit path always adds the weight
+    decay term to the gradient (`grad.add_(p, alpha=wd)`, an fma even when wd == 0: an infinite parameter makes
+    the gradient NaN), its 32-bit path only when wd > 0 (`grad_decay`); SGD's first step copies the gradient
+    into the momentum (`first_step`)."""
+    beta1, beta2 = (float(b) for b in group["betas"])
+    lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
+    values = dict(
+        betas_and_eps(beta1, beta2, eps),
+        neg_lr=-lr,
+        decay=1.0 - lr * wd if wd > 0.0 else 1.0,
+        weight_decay=wd,
+        grad_decay=1.0 if eight_bit or wd > 0.0 else 0.0,
+        first_step=1.0 if step == 1 else 0.0,
+        inv_grad_scale=inv_grad_scale,
+    )
+    return [values[name] for name in ONE_STATE_FIELDS]

@@ -86,6 +86,31 @@ def _(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, 
     return params[0].new_empty((), dtype=torch.int64)
 
 
+@torch.library.custom_op("pyquant::one_state_step_", mutates_args=("params", "state1", "absmax1"))
+def one_state_step_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    state1: list[torch.Tensor],
+    absmax1: list[torch.Tensor],
+    constants: torch.Tensor,
+    code1: torch.Tensor,
+    rule: int,
+    nonfinite: int,
+) -> torch.Tensor:
+    """The fused step of the optimizers with one state (docs/numerics.md section 5): `rule` is a code of
+    _contract.ONE_STATE_RULES (momentum, Lion, RMSprop, Adagrad), `constants` one row of ONE_STATE_FIELDS per
+    tensor. One op with a rule code rather than one op per rule: the four share their operands, state layout,
+    checks, C entry point and block driver, and differ only in a few lines of per-element math.
+    Returns the number of non-finite gradient elements skipped (0-dim int64)."""
+    return run_kernel("one_state_step", params[0].device.type,
+                      params, grads, state1, absmax1, constants, code1, rule, nonfinite)
+
+
+@one_state_step_.register_fake
+def _(params, grads, state1, absmax1, constants, code1, rule, nonfinite):
+    return params[0].new_empty((), dtype=torch.int64)
+
+
 # ---- GradScaler's unscale-and-check (reference/techniques.md C2) ----
 @torch.library.custom_op("pyquant::unscale_", mutates_args=("grads", "found_inf"))
 def unscale_(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor) -> None:

@@ -125,3 +125,13 @@ def adam_step_multi_tensor(params, grads, state1, state2, absmax1, absmax2, cons
         return torch.zeros((), dtype=torch.int64)
     written = [t for tensors in args[:1] + args[2:6] for t in tensors]
     return _ops.call_eagerly(_ops.adam_step_, "adam_step", args[0][0], args, written)
+
+
+def one_state_step_multi_tensor(params, grads, state1, absmax1, constants, code1, rule, nonfinite):
+    """One fused step of a one-state rule (op `pyquant::one_state_step_`: momentum, Lion, RMSprop, Adagrad) over
+    lists of tensors; the optimizers check the inputs. Returns the number of non-finite gradient elements skipped."""
+    args = (list(params), list(grads), list(state1), list(absmax1), constants, code1, rule, nonfinite)
+    if not args[0]:
+        return torch.zeros((), dtype=torch.int64)
+    written = [t for tensors in (args[0], args[2], args[3]) for t in tensors]
+    return _ops.call_eagerly(_ops.one_state_step_, "one_state_step", args[0][0], args, written)

@@ -140,6 +140,48 @@ static inline int64_t adam_block_32bit(const pq_adam_tensor& t, int64_t start, i
   return bad;
 }
 
+// One block of a one-state step (8-bit or float32 state), in the order of bitsandbytes' CPU code: states and
+// gradients first, the block's square roots (RMSprop, Adagrad), then the parameters, then the requantisation.
+static inline int64_t one_state_block(const pq_one_state_tensor& t, int64_t start, int64_t len, const float* code1,
+                                      const uint8_t* table1, int32_t rule, int32_t nonfinite, pq_vsqrt_fn fn) {
+  float s[kOptimizerBlock], g[kOptimizerBlock], p[kOptimizerBlock], dir[kOptimizerBlock], root[kOptimizerBlock];
+  bool skip[kOptimizerBlock];
+  const bool eight_bit = t.state_bits == 8;
+  uint8_t* q1 = (uint8_t*)t.state1 + start;
+  float* s32 = (float*)t.state1 + start;
+  const float a1 = eight_bit ? t.absmax1[start / kOptimizerBlock] : 0.0f;
+  int64_t bad = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    g[i] = unscaled_grad(load_as_float(t.grad, start + i, t.grad_dtype), t.k.inv_grad_scale, t.grad_dtype);
+    s[i] = eight_bit ? code1[q1[i]] * a1 : s32[i];
+    p[i] = load_as_float(t.param, start + i, t.param_dtype);
+    skip[i] = nonfinite == kSkipElement && !is_finite(g[i]);  // such an element keeps its parameter and state
+    bad += skip[i];
+    float pi = p[i], gi = g[i], si = s[i];
+    dir[i] = one_state_first(rule, eight_bit, pi, gi, si, t.k);
+    if (!skip[i]) {
+      p[i] = pi;
+      g[i] = gi;
+      s[i] = si;
+    }
+  }
+  const bool needs_root = rule == PQ_RULE_RMSPROP || rule == PQ_RULE_ADAGRAD;
+  if (needs_root) block_sqrt(s, root, len, fn);
+  for (int64_t i = 0; i < len; ++i) {
+    if (skip[i]) continue;
+    const float np = one_state_param(rule, eight_bit, p[i], g[i], s[i], dir[i], needs_root ? root[i] : 0.0f, t.k);
+    store_from_float(t.param, start + i, t.param_dtype, np);
+  }
+  if (eight_bit) {
+    const float new_a1 = block_absmax(s, len);
+    t.absmax1[start / kOptimizerBlock] = new_a1;
+    quantize_values(s, len, new_a1, table1, q1);
+  } else {
+    memcpy(s32, s, (size_t)len * sizeof(float));
+  }
+  return bad;
+}
+
 }  // namespace scalar
 
 // ---- helpers of the drivers ----
@@ -347,15 +389,36 @@ static int64_t adam_blocks(const pq_adam_tensor& t, int64_t b0, int64_t b1, cons
 }
 
 // One call for a whole parameter group: the blocks of all tensors form one index space split
-// statically over the threads; each thread walks the tensors of its share in order.
-// Returns the number of non-finite gradient elements seen.
-int64_t adam_step(const pq_adam_tensor* tensors, int32_t count, const float* code1, const float* code2,
-                  const uint8_t* table1, const uint8_t* table2, int32_t nonfinite) {
+// statically over the threads; each thread walks the tensors of its share in order, calling
+// blocks(tensor index, first block, end block). Returns the sum of what `blocks` returns.
+template <class Tensor, class Blocks>
+static int64_t over_group_blocks(const Tensor* tensors, int32_t count, Blocks&& blocks) {
   std::vector<int64_t> first_block(count + 1, 0);
   for (int32_t i = 0; i < count; ++i)
     first_block[i + 1] = first_block[i] + block_count(tensors[i].numel, kOptimizerBlock);
   const int64_t total = first_block[count];
   if (total == 0) return 0;
+  int64_t bad = 0;
+#pragma omp parallel reduction(+ : bad)
+  {
+    int64_t lo, hi;
+    thread_range(total, lo, hi);
+    if (lo < hi) {
+      int32_t ti = (int32_t)(std::upper_bound(first_block.begin(), first_block.end(), lo) - first_block.begin()) - 1;
+      for (int64_t gb = lo; gb < hi;) {
+        while (first_block[ti + 1] <= gb) ++ti;  // steps over empty tensors
+        const int64_t end = std::min(hi, first_block[ti + 1]);
+        bad += blocks(ti, gb - first_block[ti], end - first_block[ti]);
+        gb = end;
+      }
+    }
+  }
+  return bad;
+}
+
+// Returns the number of non-finite gradient elements seen.
+int64_t adam_step(const pq_adam_tensor* tensors, int32_t count, const float* code1, const float* code2,
+                  const uint8_t* table1, const uint8_t* table2, int32_t nonfinite) {
   AdamCall c;
   c.code1 = code1;
   c.code2 = code2;
@@ -369,22 +432,26 @@ int64_t adam_step(const pq_adam_tensor* tensors, int32_t count, const float* cod
   vec::prepare_dequant(code1, c.tables.deq1);
   vec::prepare_dequant(code2, c.tables.deq2);
 #endif
-  int64_t bad = 0;
-#pragma omp parallel reduction(+ : bad)
-  {
-    int64_t lo, hi;
-    thread_range(total, lo, hi);
-    if (lo < hi) {
-      int32_t ti = (int32_t)(std::upper_bound(first_block.begin(), first_block.end(), lo) - first_block.begin()) - 1;
-      for (int64_t gb = lo; gb < hi;) {
-        while (first_block[ti + 1] <= gb) ++ti;  // steps over empty tensors
-        const int64_t end = std::min(hi, first_block[ti + 1]);
-        bad += adam_blocks(tensors[ti], gb - first_block[ti], end - first_block[ti], c);
-        gb = end;
-      }
+  return over_group_blocks(tensors, count, [&](int32_t ti, int64_t b0, int64_t b1) {
+    return adam_blocks(tensors[ti], b0, b1, c);
+  });
+}
+
+// The one-state rules run the per-element code of every build (the scalar rules, compiled for the build's
+// instruction set without contraction: the same bits on each).
+int64_t one_state_step(const pq_one_state_tensor* tensors, int32_t count, const float* code1, const uint8_t* table1,
+                       int32_t rule, int32_t nonfinite) {
+  const pq_vsqrt_fn fn = pq_cpu_sqrt;
+  return over_group_blocks(tensors, count, [&](int32_t ti, int64_t b0, int64_t b1) {
+    const pq_one_state_tensor& t = tensors[ti];
+    int64_t bad = 0;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t start = b * kOptimizerBlock;
+      const int64_t len = std::min<int64_t>(kOptimizerBlock, t.numel - start);
+      bad += scalar::one_state_block(t, start, len, code1, table1, rule, nonfinite, fn);
     }
-  }
-  return bad;
+    return bad;
+  });
 }
 
 }  // namespace PQ_NS

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import torch
 
-from pyquant._contract import CONSTANT_FIELDS, DTYPE_CODES, FLOAT_DTYPES, ISA_NAMES, OPTIMIZER_BLOCK, blocks_of
+from pyquant._contract import (
+    CONSTANT_FIELDS, DTYPE_CODES, FLOAT_DTYPES, ISA_NAMES, ONE_STATE_FIELDS, ONE_STATE_RULES, OPTIMIZER_BLOCK, blocks_of,
+)
 
-ABI_VERSION = 5  # PQ_ABI_VERSION of capi.h, which everything below mirrors
+ABI_VERSION = 6  # PQ_ABI_VERSION of capi.h, which everything below mirrors
 INVALID_ARGUMENT = 2  # PQ_INVALID_ARGUMENT of capi.h
 OUT_OF_MEMORY = 1  # what the low-rank convolution entry points return when a buffer cannot be allocated
 REBUILD = "pip install -e ."  # what rebuilds the libraries of a checkout (README)
@@ -51,6 +53,29 @@ class AdamTensor(ctypes.Structure):
     ]
 
 
+class OneStateConstants(ctypes.Structure):
+    """Mirror of pq_one_state_constants (capi.h): one float per name of _contract.ONE_STATE_FIELDS, in that order."""
+
+    _fields_ = [(name, ctypes.c_float) for name in ONE_STATE_FIELDS]
+
+
+class OneStateTensor(ctypes.Structure):
+    """Mirror of pq_one_state_tensor (capi.h)."""
+
+    _fields_ = [
+        ("param", ctypes.c_void_p),
+        ("grad", ctypes.c_void_p),
+        ("state1", ctypes.c_void_p),
+        ("absmax1", ctypes.c_void_p),
+        ("numel", ctypes.c_int64),
+        ("param_dtype", ctypes.c_int32),
+        ("grad_dtype", ctypes.c_int32),
+        ("state_bits", ctypes.c_int32),
+        ("reserved", ctypes.c_int32),
+        ("k", OneStateConstants),
+    ]
+
+
 # ---- every exported function: name -> (argtypes, restype), as declared in capi.h ----
 P, I32, I64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
 DIMS = ctypes.POINTER(I64)
@@ -63,6 +88,7 @@ CPU_FUNCTIONS = {
     "pq_quantize_blockwise": ([P, I32, I64, I64, P, P, P], I32),
     "pq_dequantize_blockwise": ([P, P, P, I64, I64, P, I32], I32),
     "pq_adam_step": ([ctypes.POINTER(AdamTensor), I32, P, P, P, P, I32], I64),
+    "pq_one_state_step": ([ctypes.POINTER(OneStateTensor), I32, P, P, I32, I32], I64),
     "pq_unscale_": ([I32, P, P, P, P, P, I32, I32], I32),
     "pq_matmul": ([I32, P, P, I32, P, P, I32, P, P, I32, I64, I32, P, I32, P, I64, I64, I64, I32, I32], None),
     "pq_matmul_im2col": ([P, I32, P, P, P, I32, P, I32, P, I64, P, I32, I64, I32, P, I32, P, I32, I32], None),
@@ -170,6 +196,32 @@ def check_adam_operands(params, grads, state1, state2, absmax1, absmax2, constan
             check_tensor(a1, f"adam_step: absmax1 {i}", ABSMAX, device, blocks_of(n, OPTIMIZER_BLOCK))
             check_tensor(a2, f"adam_step: absmax2 {i}", ABSMAX, device, blocks_of(n, OPTIMIZER_BLOCK))
         raise AssertionError("unreachable: check_tensor raises for what fits() refuses")
+
+
+def check_one_state_operands(params, grads, state1, absmax1, constants, code1, rule, nonfinite) -> None:
+    """The operands of one one_state_step call (one device), as check_adam_operands checks Adam's."""
+    count = len(params)
+    for name, values in dict(grads=grads, state1=state1, absmax1=absmax1).items():
+        if len(values) != count:
+            raise ValueError(f"one_state_step: {count} params but {len(values)} {name}")
+    if nonfinite not in (0, 1):
+        raise ValueError(f"one_state_step: nonfinite must be 0 (skip) or 1 (propagate), got {nonfinite!r}")
+    if rule not in ONE_STATE_RULES.values():
+        raise ValueError(f"one_state_step: rule must be one of {ONE_STATE_RULES}, got {rule!r}")
+    if count == 0:
+        return
+    device = params[0].device
+    rows = (count, len(ONE_STATE_FIELDS))
+    if not isinstance(constants, torch.Tensor) or tuple(constants.shape) != rows:
+        raise ValueError(f"one_state_step: constants must be a tensor of shape {rows}, got {getattr(constants, 'shape', constants)!r}")
+    check_code(code1, "one_state_step: code1", device)
+    for i, (p, g, s1, a1) in enumerate(zip(params, grads, state1, absmax1)):
+        check_tensor(p, f"one_state_step: param {i}", FLOAT_DTYPES, device)
+        n = p.numel()
+        check_tensor(g, f"one_state_step: grad {i}", FLOAT_DTYPES, device, n)
+        check_tensor(s1, f"one_state_step: state1 {i}", STATE_DTYPES, device, n)
+        if s1.dtype == torch.uint8:
+            check_tensor(a1, f"one_state_step: absmax1 {i}", ABSMAX, device, blocks_of(n, OPTIMIZER_BLOCK))
 
 
 GRAD_DTYPES = tuple(DTYPE_CODES)  # what GradScaler unscales: float32, float16, bfloat16, float64

@@ -190,6 +190,42 @@ PQ_HD float adam_param_32bit(float p, float m, float v, const pq_adam_constants&
   return adam_param_32bit_given_sqrt(p, m, sqrtf(v), k);
 }
 
+// ---- the one-state rules (docs/numerics.md, section 5; bitsandbytes 0.50.2's CPU code op for op) ----
+// torch's x.add_(y, alpha=a) is fmaf(a, y, x); x.addcmul_(y, z, value=a) is fmaf(a * y, z, x);
+// x.addcdiv_(y, z, value=a) is x + (a * y) / z.
+
+// torch.sign: +-1, and +0 for +-0 and NaN.
+PQ_HD float torch_sign(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }
+
+// The state update and everything before the square root. `p` may be decayed (Lion); `g` may get the weight
+// decay term (the others). Returns the value the parameter update needs besides p (Lion: the direction).
+PQ_HD float one_state_first(int32_t rule, bool eight_bit, float& p, float& g, float& s,
+                            const pq_one_state_constants& k) {
+  if (rule == PQ_RULE_LION) {
+    p = p * k.decay;
+    const float u = eight_bit ? s * k.beta1 + g * k.one_minus_beta1 : fmaf(k.one_minus_beta1, g, s * k.beta1);
+    s = fmaf(k.one_minus_beta2, g, s * k.beta2);
+    return torch_sign(u);
+  }
+  if (k.grad_decay != 0.0f) g = fmaf(k.weight_decay, p, g);
+  if (rule == PQ_RULE_MOMENTUM)
+    s = k.first_step != 0.0f ? g : s * k.beta1 + g;
+  else if (rule == PQ_RULE_RMSPROP)
+    s = fmaf(k.one_minus_beta1 * g, g, s * k.beta1);
+  else
+    s = fmaf(g, g, s);
+  return 0.0f;
+}
+
+// The parameter update, given `direction` from one_state_first and sqrt(s) (RMSprop, Adagrad).
+PQ_HD float one_state_param(int32_t rule, bool eight_bit, float p, float g, float s, float direction, float sqrt_s,
+                            const pq_one_state_constants& k) {
+  if (rule == PQ_RULE_LION) return fmaf(k.neg_lr, direction, p);
+  if (rule == PQ_RULE_MOMENTUM) return fmaf(k.neg_lr, s, p);
+  const float denom = sqrt_s + k.eps;
+  return eight_bit ? p + (k.neg_lr * g) / denom : fmaf(k.neg_lr, g / denom, p);
+}
+
 // ---- GradScaler's unscale_ (pyquant/amp.py; torch's _amp_foreach_non_finite_check_and_unscale_) ----
 PQ_HD bool is_finite64(double x) {
   uint64_t u;

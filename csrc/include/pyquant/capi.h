@@ -7,7 +7,7 @@
 
 // Bumped whenever an enum, a struct or a signature below changes, for either library: Python refuses a library
 // built from other sources rather than passing it arguments it would misread.
-#define PQ_ABI_VERSION 5
+#define PQ_ABI_VERSION 6
 
 // What the validating entry points return when an argument is invalid (a negative size, a block size <= 0,
 // an unknown dtype code, a missing pointer, a block count that does not fit in int64): they do nothing then.
@@ -66,6 +66,41 @@ struct pq_adam_tensor {  // every pointer covers `numel` elements (absmax: ceil(
   struct pq_adam_constants k;  // per tensor: the step count (hence c1, c2) can differ inside a group
 };
 
+// The update rules of pq_one_state_step (pyquant._contract.ONE_STATE_RULES: bitsandbytes' optimizer names).
+enum pq_one_state_rule {
+  PQ_RULE_MOMENTUM = 0,
+  PQ_RULE_LION = 1,
+  PQ_RULE_RMSPROP = 2,
+  PQ_RULE_ADAGRAD = 3,
+};
+
+// The constants of one tensor's one-state step (docs/numerics.md, section 5), each rounded once to float32.
+struct pq_one_state_constants {
+  float beta1, one_minus_beta1;  // f32(b1), f32(1 - b1) (RMSprop: alpha; SGD: momentum)
+  float beta2, one_minus_beta2;  // f32(b2), f32(1 - b2) (Lion)
+  float eps;                     // f32(eps) (RMSprop, Adagrad)
+  float neg_lr;                  // f32(-lr)
+  float decay;                   // f32(1 - lr * wd) when wd > 0, else 1 (Lion)
+  float weight_decay;            // f32(wd) (SGD, RMSprop, Adagrad: g = fma(wd, p, g) when grad_decay != 0)
+  float grad_decay;              // 1 or 0
+  float first_step;              // 1 on the first step (SGD copies the gradient into the momentum), else 0
+  float inv_grad_scale;          // as in pq_adam_constants
+};
+
+// One tensor of a multi-tensor one-state step; state_bits 8: uint8 codes with float32 absmax per block of 256.
+struct pq_one_state_tensor {  // every pointer covers `numel` elements (absmax: ceil(numel / 256))
+  void* param;
+  const void* grad;
+  void* state1;
+  float* absmax1;
+  int64_t numel;
+  int32_t param_dtype;  // enum pq_dtype (not float64)
+  int32_t grad_dtype;   // enum pq_dtype (not float64)
+  int32_t state_bits;   // 8 or 32
+  int32_t reserved;
+  struct pq_one_state_constants k;
+};
+
 // The CPU library's square root of a block of second moments: torch's CPU sqrt, which is not always IEEE
 // sqrtf (torch 2.14.1 computes it with MKL's vsSqrt, up to 1 ulp away). NULL means IEEE sqrtf. The
 // signature is MKL's Fortran-style vsSqrt(n, in, out); pyquant.backends.capi installs it after checking that it
@@ -106,6 +141,11 @@ int32_t pq_dequantize_blockwise(const uint8_t* q, const float* absmax, const flo
 // elements, 1 propagates them. Returns the number of non-finite gradient elements seen, or -PQ_INVALID_ARGUMENT.
 int64_t pq_adam_step(const struct pq_adam_tensor* tensors, int32_t count, const float* code1, const float* code2,
                      const uint8_t* table1, const uint8_t* table2, int32_t nonfinite);
+
+// One step of rule `rule` (enum pq_one_state_rule) over `count` tensors; nonfinite as for pq_adam_step.
+// Returns the number of non-finite gradient elements seen, or -PQ_INVALID_ARGUMENT.
+int64_t pq_one_state_step(const struct pq_one_state_tensor* tensors, int32_t count, const float* code1,
+                          const uint8_t* table1, int32_t rule, int32_t nonfinite);
 
 // C[batch] = A[batch] @ B[batch] (+ bias) with float32 accumulation and one rounding to C's dtype (capi_gemm.cpp).
 void pq_matmul(int32_t nb, const int64_t* batch_shape, const void* a, int32_t a_dtype, const int64_t* a_strides,

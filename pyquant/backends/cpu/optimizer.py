@@ -1,4 +1,6 @@
-"""The C++ CPU library's fused optimizer step (csrc/cpu): one call updates every tensor of a parameter group."""
+"""The C++ CPU library's fused optimizer steps (csrc/cpu): one call updates every tensor of a parameter group.
+
+Adam (`adam_step`) and the one-state rules (`one_state_step`: momentum, Lion, RMSprop, Adagrad), every rule in C++."""
 
 from __future__ import annotations
 
@@ -6,7 +8,10 @@ import torch
 
 from pyquant._contract import DTYPE_CODES
 from pyquant.backends import kernel
-from pyquant.backends.capi import AdamConstants, AdamTensor, check_adam_operands, check_status, cpu_library
+from pyquant.backends.capi import (
+    AdamConstants, AdamTensor, OneStateConstants, OneStateTensor, check_adam_operands, check_one_state_operands,
+    check_status, cpu_library,
+)
 from pyquant.backends.code_tables import cached_code_table
 
 
@@ -31,4 +36,24 @@ def adam_step(params, grads, state1, state2, absmax1, absmax2, constants, code1,
     )
     if bad < 0:
         check_status(-bad, "adam_step")
+    return torch.tensor(bad, dtype=torch.int64)
+
+
+@kernel("one_state_step", "cpu")
+def one_state_step(params, grads, state1, absmax1, constants, code1, rule, nonfinite):
+    check_one_state_operands(params, grads, state1, absmax1, constants, code1, rule, nonfinite)
+    count = len(params)
+    if count and params[0].device.type != "cpu":
+        raise ValueError(f"one_state_step: the cpu backend got tensors on {params[0].device}")
+    descriptors = (OneStateTensor * count)()
+    for d, p, g, s1, a1, row in zip(descriptors, params, grads, state1, absmax1, constants.tolist()):
+        d.param, d.grad, d.state1, d.absmax1 = p.data_ptr(), g.data_ptr(), s1.data_ptr(), a1.data_ptr()
+        d.numel = p.numel()
+        d.param_dtype, d.grad_dtype = DTYPE_CODES[p.dtype], DTYPE_CODES[g.dtype]
+        d.state_bits = 8 if s1.dtype == torch.uint8 else 32
+        d.k = OneStateConstants(*row)
+    table1 = cached_code_table(code1)
+    bad = cpu_library().pq_one_state_step(descriptors, count, code1.data_ptr(), table1.data_ptr(), rule, nonfinite)
+    if bad < 0:
+        check_status(-bad, "one_state_step")
     return torch.tensor(bad, dtype=torch.int64)

@@ -1,11 +1,11 @@
-"""Reference kernel of the fused optimizer step (docs/numerics.md sections 3-4): dequantise, update, requantise,
-one tensor at a time in plain torch. `fma32` is the only place where a product is not rounded before the addition."""
+"""Reference kernels of the fused optimizer steps (docs/numerics.md sections 3-5): dequantise, update, requantise,
+one tensor at a time in plain torch: Adam, and the one-state rules (momentum, Lion, RMSprop, Adagrad). `fma32` is the only place where a product is not rounded before the addition."""
 
 from __future__ import annotations
 
 import torch
 
-from pyquant._contract import CONSTANT_FIELDS, OPTIMIZER_BLOCK, SKIP_ELEMENT
+from pyquant._contract import CONSTANT_FIELDS, ONE_STATE_FIELDS, ONE_STATE_RULES, OPTIMIZER_BLOCK, SKIP_ELEMENT
 from pyquant.backends import kernel
 from pyquant.backends.reference.blockwise import (
     as_blocks,
@@ -48,11 +48,7 @@ def _adam_one_tensor(p, g, s1, s2, a1, a2, k: dict, code1, code2, nonfinite: int
     gf = unscaled_grad(g.reshape(-1), k["inv_grad_scale"])
     pf = p.reshape(-1).float()
     eight_bit = s1.dtype == torch.uint8
-    if eight_bit:
-        m = dequantize_blockwise(s1.reshape(-1), a1, code1, OPTIMIZER_BLOCK, torch.float32)
-        v = dequantize_blockwise(s2.reshape(-1), a2, code2, OPTIMIZER_BLOCK, torch.float32)
-    else:
-        m, v = s1.reshape(-1), s2.reshape(-1)
+    m, v = _load_state(s1, a1, code1), _load_state(s2, a2, code2)
     new_m = fma32(k["one_minus_beta1"], gf, m * k["beta1"])
     new_v = fma32(k["one_minus_beta2"] * gf, gf, v * k["beta2"])
     decayed = pf * k["decay"]
@@ -65,15 +61,26 @@ def _adam_one_tensor(p, g, s1, s2, a1, a2, k: dict, code1, code2, nonfinite: int
     if nonfinite == SKIP_ELEMENT:
         new_m, new_v, new_p = torch.where(bad, m, new_m), torch.where(bad, v, new_v), torch.where(bad, pf, new_p)
     p.copy_(new_p.reshape(p.shape))
-    if eight_bit:
-        for state, absmax, table, values in ((s1, a1, code_table(code1), new_m), (s2, a2, code_table(code2), new_v)):
-            blocks = as_blocks(values, OPTIMIZER_BLOCK)
-            absmax.copy_(nan_ignoring_absmax(blocks))
-            state.copy_(quantize_with_absmax(blocks, absmax, table).reshape(-1)[: values.numel()].reshape(state.shape))
-    else:
-        s1.copy_(new_m.reshape(s1.shape))
-        s2.copy_(new_v.reshape(s2.shape))
+    _store_state(s1, a1, code1, new_m)
+    _store_state(s2, a2, code2, new_v)
     return int(bad.sum()) if nonfinite == SKIP_ELEMENT else 0
+
+
+def _load_state(state, absmax, code) -> torch.Tensor:
+    """A state as float32 values: dequantised 8-bit codes, or the float32 state itself."""
+    if state.dtype == torch.uint8:
+        return dequantize_blockwise(state.reshape(-1), absmax, code, OPTIMIZER_BLOCK, torch.float32)
+    return state.reshape(-1)
+
+
+def _store_state(state, absmax, code, values) -> None:
+    """Write float32 `values` into a state: block absmax and 8-bit codes, or the float32 values."""
+    if state.dtype != torch.uint8:
+        state.copy_(values.reshape(state.shape))
+        return
+    blocks = as_blocks(values, OPTIMIZER_BLOCK)
+    absmax.copy_(nan_ignoring_absmax(blocks))
+    state.copy_(quantize_with_absmax(blocks, absmax, code_table(code)).reshape(-1)[: values.numel()].reshape(state.shape))
 
 
 @kernel("adam_step", "reference")
@@ -82,4 +89,46 @@ def adam_step(params, grads, state1, state2, absmax1, absmax2, constants, code1,
     for i, (p, g, s1, s2, a1, a2) in enumerate(zip(params, grads, state1, state2, absmax1, absmax2)):
         k = {name: f32(float(constants[i, j]), p.device) for j, name in enumerate(CONSTANT_FIELDS)}
         total += _adam_one_tensor(p, g, s1, s2, a1, a2, k, code1, code2, nonfinite)
+    return torch.tensor(total, dtype=torch.int64)
+
+
+# ---- the one-state rules: bitsandbytes 0.50.2's _optimizer_update_8bit_blockwise_cpu (8-bit states) and
+# _optimizer_update_32bit_cpu (float32 states), op for op. torch's `x.add_(y, alpha=a)` is fma(a, y, x),
+# `x.addcmul_(y, z, value=a)` is fma(a * y, z, x), `x.addcdiv_(y, z, value=a)` is x + (a * y) / z.
+def _one_state_update(rule: int, p, g, s, k: dict, eight_bit: bool):
+    """(new parameter, new state) in float32 for float32 p, g (unscaled) and s."""
+    if rule != ONE_STATE_RULES["lion"] and float(k["grad_decay"]):
+        g = fma32(k["weight_decay"], p, g)
+    if rule == ONE_STATE_RULES["momentum"]:
+        s = g if float(k["first_step"]) else s * k["beta1"] + g
+        return fma32(k["neg_lr"], s, p), s
+    if rule == ONE_STATE_RULES["lion"]:
+        p = p * k["decay"]
+        u = s * k["beta1"] + g * k["one_minus_beta1"] if eight_bit else fma32(k["one_minus_beta1"], g, s * k["beta1"])
+        p = fma32(k["neg_lr"], torch.sign(u), p)  # torch.sign: +0 for +-0 and NaN
+        return p, fma32(k["one_minus_beta2"], g, s * k["beta2"])
+    if rule == ONE_STATE_RULES["rmsprop"]:
+        s = fma32(k["one_minus_beta1"] * g, g, s * k["beta1"])
+    else:  # adagrad
+        s = fma32(g, g, s)
+    denom = torch.sqrt(s) + k["eps"]
+    p = p + (k["neg_lr"] * g) / denom if eight_bit else fma32(k["neg_lr"], g / denom, p)
+    return p, s
+
+
+@kernel("one_state_step", "reference")
+def one_state_step(params, grads, state1, absmax1, constants, code1, rule, nonfinite):
+    total = 0
+    for i, (p, g, s1, a1) in enumerate(zip(params, grads, state1, absmax1)):
+        k = {name: f32(float(constants[i, j]), p.device) for j, name in enumerate(ONE_STATE_FIELDS)}
+        gf = unscaled_grad(g.reshape(-1), k["inv_grad_scale"])
+        pf = p.reshape(-1).float()
+        s = _load_state(s1, a1, code1)
+        new_p, new_s = _one_state_update(rule, pf, gf, s, k, s1.dtype == torch.uint8)
+        bad = ~torch.isfinite(gf)
+        if nonfinite == SKIP_ELEMENT:
+            new_p, new_s = torch.where(bad, pf, new_p), torch.where(bad, s, new_s)
+            total += int(bad.sum())
+        p.copy_(new_p.reshape(p.shape))
+        _store_state(s1, a1, code1, new_s)
     return torch.tensor(total, dtype=torch.int64)

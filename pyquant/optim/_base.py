@@ -1,15 +1,12 @@
-"""Adam and AdamW with block-wise 8-bit states: drop-ins for torch.optim.Adam/AdamW and bitsandbytes' 8-bit ones.
+"""What every 8-bit optimizer of pyquant shares: `Optimizer8bit`, the base of Adam8bit/AdamW8bit (adam.py) and of
+Lion8bit, SGD8bit, RMSprop8bit and Adagrad8bit (one_state.py).
 
-The step is one fused pass per block of 256 elements (dequantise m and v, update them and the parameter,
-requantise), and one library call per parameter group and device updates every tensor of the group.
-Numerics, state layout and `state_dict()` are those of bitsandbytes 0.50.2 (docs/numerics.md), so a
-checkpoint moves between the two libraries in either direction and training continues with the same bits.
-
-Differences from torch.optim.Adam, on purpose:
-- `weight_decay` is decoupled (p *= 1 - lr * wd before the update), as in bitsandbytes' Adam8bit; for
-  Adam8bit and AdamW8bit alike.
-- tensors with fewer than `min_8bit_size` elements keep float32 states (bitsandbytes' rule).
-- non-finite gradient elements: see `nonfinite` below.
+Per parameter: the choice of 8-bit or float32 states (`min_8bit_size`, bitsandbytes' rule), their creation and
+checks; the step's loop over groups and devices, non-contiguous parameters, master weights, the non-finite
+gradient policy and GradScaler's fused unscale; `state_dict()` in bitsandbytes 0.50.2's layout and keys, and
+loading either library's state dict with every entry checked. A subclass names its states (`_states`, with the
+signedness of each one's dynamic map), checks its options (`_check_options`) and runs its fused op over one
+group's tensors on one device (`_fused_step`).
 """
 
 from __future__ import annotations
@@ -23,16 +20,14 @@ from itertools import chain
 import torch
 
 from pyquant import functional as F
-from pyquant._contract import OPTIMIZER_BLOCK, adam_constants
+from pyquant._contract import OPTIMIZER_BLOCK
 from pyquant.distributed import (
     checked_sharded_state,
     is_sharded,
     local_tensor,
-    refuse_sharded,
     sharded_state_entry,
 )
 
-__all__ = ["Adam8bit", "AdamW8bit", "from_torch", "to_torch"]
 
 # bitsandbytes 0.50.2 keeps these state entries inside one nested dict in state_dict(), so that FSDP's
 # gathering skips them; loading unwraps it. Same key, same layout, in both directions.
@@ -41,58 +36,33 @@ QUANT_STATE_FIELDS = ("state1", "state2", "qmap1", "qmap2", "absmax1", "absmax2"
 NONFINITE_POLICIES = {"skip": 0, "propagate": 1}
 
 
-class Adam8bit(torch.optim.Optimizer):
-    """Adam with 8-bit block-wise quantised moments (75% less optimizer-state memory than float32 Adam).
+class Optimizer8bit(torch.optim.Optimizer):
+    """The shared part of pyquant's 8-bit optimizers (see the module docstring); not used directly.
 
-    Args:
-        params: parameters or parameter groups, as for torch.optim.Adam.
-        lr, betas, eps: as for torch.optim.Adam.
-        weight_decay: decoupled weight decay (p *= 1 - lr * wd), as bitsandbytes' Adam8bit does.
-        amsgrad: must be False (not supported; bitsandbytes ignores it, pyquant says so).
+    Keyword arguments every subclass takes (its docstring lists its own):
         min_8bit_size: tensors with fewer elements keep float32 states (default 4096, as bitsandbytes).
         master_weights: for float16/bfloat16 parameters, keep a float32 copy (state "master") that the
-            step updates; the parameter is that copy rounded to its dtype after every step, so updates
-            smaller than half a unit in the last place of a float16 weight are not lost (+4 bytes per
+            step updates; the parameter is that copy rounded to its dtype after every step (+4 bytes per
             such parameter element). Float32 parameters need none and get none.
         nonfinite: what a NaN or inf gradient element does.
-            ``"skip"`` (default): that element's parameter and moments are left unchanged; every other
+            ``"skip"`` (default): that element's parameter and states are left unchanged; every other
             element, including the rest of its block, is updated as if it were absent (the block's scale
-            is computed over finite moments only). `self.nonfinite_count` holds the number of skipped
+            is computed over the updated and kept states). `self.nonfinite_count` holds the number of skipped
             elements in the last step.
             ``"propagate"``: bitsandbytes' CPU behaviour, bit for bit: the NaN/inf flows into the parameter
             element and, through the block's scale, into the states of its whole block.
-
-    With a GradScaler (pyquant.amp's or torch.amp's), the unscale is fused into the step: the scaler
-    hands over the loss scale and the found-inf flag (attributes ``grad_scale`` and ``found_inf``, set for
-    one step), the kernel multiplies each gradient by 1/scale as it reads it (rounded to the gradient's
-    dtype, as ``unscale_`` would store it), and a step with an inf/NaN gradient anywhere is skipped whole.
-    Same bits as unscale-then-step, without the pass that writes unscaled gradients back.
     """
 
-    _default_weight_decay = 0.0
+    _states: tuple[str, ...] = ("state1", "state2")  # state names, in order
+    _signed: tuple[bool, ...] = (True, False)  # per state: the signed or the unsigned dynamic map
+    _nonnegative_states: tuple[str, ...] = ()  # float32 states no step makes negative (checked on load)
+    _supports_sharded = False  # FSDP2 DTensor parameters (pyquant/distributed.py)
     _step_supports_amp_scaling = True
 
-    def __init__(
-        self,
-        params,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float | None = None,
-        amsgrad: bool = False,
-        *,
-        min_8bit_size: int = 4096,
-        master_weights: bool = False,
-        nonfinite: str = "skip",
-    ):
-        weight_decay = self._default_weight_decay if weight_decay is None else weight_decay
+    def __init__(self, params, defaults: dict, *, min_8bit_size: int, master_weights: bool, nonfinite: str):
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {sorted(NONFINITE_POLICIES)}, got {nonfinite!r}")
-        # alpha, t_alpha and t_beta3 are bitsandbytes' AdEMAMix fields; kept so that param_groups match its layout.
-        defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, alpha=0.0, t_alpha=None, t_beta3=None
-        )
-        self._check_options(dict(defaults, amsgrad=amsgrad))
+        self._check_options(defaults)
         # Set before the groups are added, and kept by pickling (__getstate__), as torch keeps `defaults`.
         self.min_8bit_size = int(min_8bit_size)
         self.master_weights = bool(master_weights)
@@ -100,20 +70,22 @@ class Adam8bit(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._reset_run_attributes()
 
-    # ---- options: checked for the constructor's defaults, every added group and every loaded group ----
     def _check_options(self, group: dict) -> None:
+        """Raise ValueError for options the update cannot take (subclasses; `check_common_options` helps)."""
+        raise NotImplementedError
+
+    def _fused_step(self, group: dict, items: list, stepped: list, grads: list, inv_grad_scale: float, policy: int):
+        """Run the subclass's op over one group's tensors on one device; return the skipped count (a tensor)."""
+        raise NotImplementedError
+
+    # ---- options: checked for the constructor's defaults, every added group and every loaded group ----
+    def check_common_options(self, group: dict) -> None:
+        """lr, eps and weight_decay: finite and >= 0."""
         name = type(self).__name__
-        lr, eps, betas, weight_decay = group["lr"], group["eps"], group["betas"], group["weight_decay"]
-        if not 0.0 <= float(lr) < math.inf:
-            raise ValueError(f"{name}: invalid learning rate {lr}: need a finite value >= 0")
-        if not 0.0 <= float(eps) < math.inf:
-            raise ValueError(f"{name}: invalid epsilon value {eps}: need a finite value >= 0")
-        if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
-            raise ValueError(f"{name}: invalid betas {betas}: need two values in [0, 1)")
-        if not 0.0 <= float(weight_decay) < math.inf:
-            raise ValueError(f"{name}: invalid weight_decay value {weight_decay}: need a finite value >= 0")
-        if group.get("amsgrad"):
-            raise ValueError(f"{name} does not support amsgrad=True; use torch.optim.Adam for AMSGrad")
+        for key, what in (("lr", "learning rate"), ("eps", "epsilon value"), ("weight_decay", "weight_decay value")):
+            value = group[key]
+            if not 0.0 <= float(value) < math.inf:
+                raise ValueError(f"{name}: invalid {what} {value}: need a finite value >= 0")
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's add_param_group, with the constructor's checks of the options, and a parameter listed twice
@@ -147,15 +119,13 @@ class Adam8bit(torch.optim.Optimizer):
     def _reset_run_attributes(self) -> None:
         self.nonfinite_count: torch.Tensor | int = 0
         self._warned_nonfinite = False
-        self._codes: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._codes: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
     # ---- state ----
-    def _codes_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _codes_on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The dynamic map of each state (`_signed`), on `device`."""
         if device not in self._codes:
-            self._codes[device] = (
-                F.create_dynamic_map(signed=True).to(device),
-                F.create_dynamic_map(signed=False).to(device),
-            )
+            self._codes[device] = tuple(F.create_dynamic_map(signed=sign).to(device) for sign in self._signed)
         return self._codes[device]
 
     def _uses_8bit(self, p: torch.Tensor) -> bool:
@@ -174,7 +144,7 @@ class Adam8bit(torch.optim.Optimizer):
         s1 = state["state1"]
         if s1.shape == shape and s1.device == device and (master is None or master.shape == shape):
             return state
-        for key in ("state1", "state2", "master"):
+        for key in (*self._states, "master"):
             t = state.get(key)
             if t is not None and t.shape != shape:
                 raise RuntimeError(
@@ -198,17 +168,14 @@ class Adam8bit(torch.optim.Optimizer):
         shard = local_tensor(p)  # under FSDP2 the states are this rank's shard's (pyquant/distributed.py)
         if self._keeps_master(p):
             state["master"] = shard.detach().float().contiguous()
-        if self._uses_8bit(p):  # decided on the whole parameter: the same on every rank and world size
-            code1, code2 = self._codes_on(p.device)
-            blocks = -(-shard.numel() // OPTIMIZER_BLOCK)
-            state["state1"] = torch.zeros_like(shard, dtype=torch.uint8, memory_format=torch.contiguous_format)
-            state["state2"] = torch.zeros_like(shard, dtype=torch.uint8, memory_format=torch.contiguous_format)
-            state["qmap1"], state["qmap2"] = code1, code2
-            state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
-            state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
-        else:
-            state["state1"] = torch.zeros_like(shard, dtype=torch.float32, memory_format=torch.contiguous_format)
-            state["state2"] = torch.zeros_like(shard, dtype=torch.float32, memory_format=torch.contiguous_format)
+        eight_bit = self._uses_8bit(p)  # decided on the whole parameter: the same on every rank and world size
+        blocks = -(-shard.numel() // OPTIMIZER_BLOCK)
+        for i, (key, code) in enumerate(zip(self._states, self._codes_on(p.device)), 1):
+            dtype = torch.uint8 if eight_bit else torch.float32
+            state[key] = torch.zeros_like(shard, dtype=dtype, memory_format=torch.contiguous_format)
+            if eight_bit:
+                state[f"qmap{i}"] = code
+                state[f"absmax{i}"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
         return state
 
     def state_bytes(self) -> int:
@@ -223,17 +190,18 @@ class Adam8bit(torch.optim.Optimizer):
         return total
 
     # ---- the step ----
-    @staticmethod
-    def _check_param(p: torch.Tensor) -> None:
-        g = p.grad
+    def _check_param(self, p: torch.Tensor) -> None:
+        g, name = p.grad, type(self).__name__
         if g.is_sparse:
-            raise RuntimeError("Adam8bit does not support sparse gradients; use torch.optim.SparseAdam")
+            raise RuntimeError(f"{name} does not support sparse gradients; use torch.optim.SparseAdam")
         if p.is_complex() or g.is_complex():
-            raise RuntimeError("Adam8bit does not support complex parameters; view them as real with torch.view_as_real")
+            raise RuntimeError(f"{name} does not support complex parameters; view them as real with torch.view_as_real")
         if p.dtype not in F.FLOAT_DTYPES or g.dtype not in F.FLOAT_DTYPES:
             raise TypeError(
-                f"Adam8bit needs float32, float16 or bfloat16 parameters and gradients, got {p.dtype} / {g.dtype}"
+                f"{name} needs float32, float16 or bfloat16 parameters and gradients, got {p.dtype} / {g.dtype}"
             )
+        if is_sharded(p) and not self._supports_sharded:
+            raise NotImplementedError(f"{name} does not support FSDP2 (DTensor) parameters yet; Adam8bit does")
         if g.shape != p.shape:
             raise ValueError(f"gradient shape {tuple(g.shape)} does not match parameter shape {tuple(p.shape)}")
         if g.device != p.device:
@@ -264,35 +232,13 @@ class Adam8bit(torch.optim.Optimizer):
                 state["step"] += 1
                 by_device[p.device].append((p, state))
             for device, items in by_device.items():
-                code1, code2 = self._codes_on(device)
-                empty = torch.empty(0, dtype=torch.float32, device=device)
-                rows: dict[tuple[int, bool], list[float]] = {}  # a group's tensors mostly share their step
-                for _, s in items:
-                    key = (s["step"], s["state1"].dtype == torch.uint8)
-                    if key not in rows:
-                        rows[key] = adam_constants(group, *key, inv_grad_scale)
-                constants = torch.tensor(
-                    [rows[(s["step"], s["state1"].dtype == torch.uint8)] for _, s in items], dtype=torch.float32
-                )
                 # The kernel walks memory linearly: a parameter that is not contiguous (a view into a larger
                 # tensor, channels_last) is stepped in a contiguous copy, copied back below into its own
-                # storage and layout, as torch's Adam updates it in place. FSDP2: this rank's shards.
+                # storage and layout, as torch's optimizers update it in place. FSDP2: this rank's shards.
                 targets = [local_tensor(p) for p, _ in items]
                 stepped = [s["master"] if "master" in s else t.contiguous() for t, (_, s) in zip(targets, items)]
-                counts.append(
-                    F.adam_step_multi_tensor(
-                        stepped,
-                        [local_tensor(p.grad).contiguous() for p, _ in items],
-                        [s["state1"] for _, s in items],
-                        [s["state2"] for _, s in items],
-                        [s.get("absmax1", empty) for _, s in items],
-                        [s.get("absmax2", empty) for _, s in items],
-                        constants,
-                        code1,
-                        code2,
-                        policy,
-                    )
-                )
+                grads = [local_tensor(p.grad).contiguous() for p, _ in items]
+                counts.append(self._fused_step(group, items, stepped, grads, inv_grad_scale, policy))
                 # The parameters the model computes with: master copies rounded once, and the copies above.
                 back = [(t, x) for t, x in zip(targets, stepped) if x is not t]
                 if back:
@@ -343,6 +289,8 @@ class Adam8bit(torch.optim.Optimizer):
         saved.update(saved.pop(QUANT_STATE_KEY, {}))
         where = f"state of parameter {index} (shape {tuple(p.shape)}, {p.dtype})"
         if is_sharded(p):
+            if not self._supports_sharded:
+                raise NotImplementedError(f"{where}: {type(self).__name__} does not support FSDP2 (DTensor) parameters")
             return checked_sharded_state(self, p, saved, where)
         step = saved.get("step")
         if isinstance(step, torch.Tensor):
@@ -350,7 +298,7 @@ class Adam8bit(torch.optim.Optimizer):
         if step is None or float(step) != int(step) or int(step) < 0:
             raise ValueError(f"{where}: 'step' must be a non-negative integer, got {saved.get('step')!r}")
         state = {"step": int(step)}
-        for key in ("state1", "state2"):
+        for key in self._states:
             t = saved.get(key)
             if not isinstance(t, torch.Tensor):
                 raise ValueError(f"{where}: missing tensor {key!r}")
@@ -365,17 +313,20 @@ class Adam8bit(torch.optim.Optimizer):
                 raise ValueError(f"{where}: master must be a float32 tensor of shape {tuple(p.shape)}")
             if self._keeps_master(p):
                 state["master"] = master.to(p.device).contiguous()
-        if state["state1"].dtype != state["state2"].dtype:
-            raise ValueError(f"{where}: state1 is {state['state1'].dtype} but state2 is {state['state2'].dtype}")
-        if state["state1"].dtype == torch.float32 and self.nonfinite == "skip":
-            # under "skip" no NaN enters a moment (under "propagate", bitsandbytes' states may hold NaN)
-            for key in ("state1", "state2"):
-                self._refuse_values(where, key, state[key], torch.isnan(state[key]), "NaN")
+        kinds = {state[key].dtype for key in self._states}
+        if len(kinds) > 1:
+            raise ValueError(f"{where}: its states mix dtypes {sorted(str(k) for k in kinds)}")
         if state["state1"].dtype == torch.float32:
-            self._refuse_values(where, "state2", state["state2"], state["state2"] < 0, "negative")
-        if state["state1"].dtype == torch.uint8:
+            for key in self._states:
+                if self.nonfinite == "skip":
+                    # under "skip" no NaN enters a state (under "propagate", bitsandbytes' states may hold NaN)
+                    self._refuse_values(where, key, state[key], torch.isnan(state[key]), "NaN")
+                if key in self._nonnegative_states:
+                    self._refuse_values(where, key, state[key], state[key] < 0, "negative")
+        else:
             blocks = -(-p.numel() // OPTIMIZER_BLOCK)
-            for key in ("absmax1", "absmax2"):
+            for i, expected in enumerate(self._codes_on(p.device), 1):
+                key = f"absmax{i}"
                 t = saved.get(key)
                 if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.numel() != blocks:
                     raise ValueError(f"{where}: {key} must be float32 with {blocks} entries (blocks of {OPTIMIZER_BLOCK})")
@@ -383,12 +334,10 @@ class Adam8bit(torch.optim.Optimizer):
                 # A block's absmax is a maximum of absolute values (inf allowed: v overflows): no step writes
                 # a NaN or a negative one, and one would turn the block's parameters to NaN unnoticed.
                 self._refuse_values(where, key, state[key], torch.isnan(state[key]) | (state[key] < 0), "NaN or negative")
-            code1, code2 = self._codes_on(p.device)
-            for key, expected in (("qmap1", code1), ("qmap2", code2)):
-                t = saved.get(key)
+                t = saved.get(f"qmap{i}")
                 if t is not None and not torch.equal(t.to(p.device), expected):
-                    raise ValueError(f"{where}: {key} is not the dynamic map these states were quantised with")
-            state["qmap1"], state["qmap2"] = code1, code2
+                    raise ValueError(f"{where}: qmap{i} is not the dynamic map these states were quantised with")
+                state[f"qmap{i}"] = expected
         return state
 
     def _check_saved_groups(self, saved_groups: list) -> None:
@@ -436,98 +385,3 @@ class Adam8bit(torch.optim.Optimizer):
             new_groups.append(ng)
         self.__setstate__({"state": new_state, "param_groups": new_groups})
 
-    # ---- switching with torch.optim.Adam / AdamW ----
-    def load_torch_state_dict(self, torch_state_dict: dict) -> None:
-        """Load the state of a torch.optim.Adam/AdamW (exp_avg, exp_avg_sq) over the same parameters."""
-        refuse_sharded(self, "load_torch_state_dict (and from_torch)")
-        converted = {"param_groups": [], "state": {}}
-        for sg in torch_state_dict["param_groups"]:
-            if sg.get("amsgrad"):
-                raise ValueError("cannot convert an AMSGrad state: Adam8bit has no max_exp_avg_sq")
-            if sg.get("maximize"):
-                raise ValueError("cannot convert a maximize=True optimizer: Adam8bit minimises")
-            group = {k: sg[k] for k in ("lr", "betas", "eps", "weight_decay", "params")}
-            group.update(alpha=0.0, t_alpha=None, t_beta3=None)
-            if sg["weight_decay"] > 0 and not sg.get("decoupled_weight_decay", False):
-                warnings.warn(
-                    "torch.optim.Adam applies weight_decay as an L2 term on the gradient; pyquant decouples it "
-                    "(like AdamW), so training continues with decoupled weight decay",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            group.update({k: v for k, v in sg.items() if k not in group and k not in _TORCH_ONLY_KEYS})
-            converted["param_groups"].append(group)
-        self._check_saved_groups(torch_state_dict["param_groups"])  # before indexing our parameters with its ids
-        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
-        saved_ids = list(chain.from_iterable(g["params"] for g in torch_state_dict["param_groups"]))
-        for key, s in torch_state_dict["state"].items():
-            if key not in saved_ids:
-                raise ValueError(f"loaded torch state dict has state for parameter index {key}, which no group lists")
-            p = params[saved_ids.index(key)]
-            for name in ("exp_avg", "exp_avg_sq"):
-                t = s.get(name)
-                if not isinstance(t, torch.Tensor) or t.shape != p.shape:
-                    raise ValueError(
-                        f"torch state of parameter {key}: {name} has shape {tuple(getattr(t, 'shape', ()))} but the "
-                        f"parameter has shape {tuple(p.shape)}; was it saved for another model?"
-                    )
-            state = {"step": int(float(s["step"]))}
-            m, v = s["exp_avg"].float().to(p.device), s["exp_avg_sq"].float().to(p.device)
-            if self._uses_8bit(p):
-                code1, code2 = self._codes_on(p.device)
-                state["state1"], state["absmax1"] = F.quantize_blockwise(m, code1, OPTIMIZER_BLOCK)
-                state["state2"], state["absmax2"] = F.quantize_blockwise(v, code2, OPTIMIZER_BLOCK)
-            else:
-                state["state1"], state["state2"] = m.clone(), v.clone()
-            converted["state"][key] = state
-        self.load_state_dict(converted)
-
-    def torch_state_dict(self) -> dict:
-        """This optimizer's state in torch.optim.Adam/AdamW's format (moments dequantised to float32)."""
-        refuse_sharded(self, "torch_state_dict (and to_torch)")
-        sd = super().state_dict()
-        out = {"param_groups": [], "state": {}}
-        for group in sd["param_groups"]:
-            torch_group = {k: v for k, v in group.items() if k not in ("alpha", "t_alpha", "t_beta3")}
-            out["param_groups"].append(dict(torch_group, decoupled_weight_decay=True))
-        for key, s in sd["state"].items():
-            if s["state1"].dtype == torch.uint8:
-                m = F.dequantize_blockwise(s["state1"], s["absmax1"], s["qmap1"], OPTIMIZER_BLOCK)
-                v = F.dequantize_blockwise(s["state2"], s["absmax2"], s["qmap2"], OPTIMIZER_BLOCK)
-            else:
-                m, v = s["state1"].clone(), s["state2"].clone()
-            out["state"][key] = {"step": torch.tensor(float(s["step"])), "exp_avg": m, "exp_avg_sq": v}
-        return out
-
-
-_TORCH_ONLY_KEYS = {"amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay"}
-
-
-class AdamW8bit(Adam8bit):
-    """AdamW with 8-bit states: Adam8bit with decoupled weight decay defaulting to 0.01 (as torch and bitsandbytes)."""
-
-    _default_weight_decay = 1e-2
-
-
-def from_torch(optimizer: torch.optim.Adam, **kwargs) -> Adam8bit:
-    """An Adam8bit (AdamW8bit for torch.optim.AdamW) over the same parameters, continuing from its state."""
-    if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
-        raise TypeError(f"from_torch converts torch.optim.Adam or AdamW, got {type(optimizer).__name__}")
-    cls = AdamW8bit if isinstance(optimizer, torch.optim.AdamW) else Adam8bit
-    groups = [{k: v for k, v in g.items() if k not in _TORCH_ONLY_KEYS} for g in optimizer.param_groups]
-    new = cls(groups, **kwargs)
-    new.load_torch_state_dict(optimizer.state_dict())
-    return new
-
-
-def to_torch(optimizer: Adam8bit) -> torch.optim.Adam:
-    """A torch.optim.AdamW over the same parameters, continuing from this optimizer's (dequantised) state.
-
-    AdamW, because pyquant's weight decay is decoupled; with weight_decay=0 it is plain Adam.
-    """
-    groups = [
-        {k: v for k, v in g.items() if k not in ("alpha", "t_alpha", "t_beta3")} for g in optimizer.param_groups
-    ]
-    new = torch.optim.AdamW(groups)
-    new.load_state_dict(optimizer.torch_state_dict())
-    return new

@@ -1,0 +1,15 @@
+"""pyquant's 8-bit optimizers: drop-ins for bitsandbytes 0.50.2's (same bits on CPU, same state_dict layout).
+
+- `Adam8bit`, `AdamW8bit` (adam.py), with `from_torch` / `to_torch` to switch with torch.optim.Adam/AdamW;
+- `Lion8bit`, `SGD8bit`, `RMSprop8bit`, `Adagrad8bit` (one_state.py): one 8-bit state each;
+- `Optimizer8bit` (_base.py): what they share.
+"""
+
+from pyquant.optim._base import Optimizer8bit
+from pyquant.optim.adam import Adam8bit, AdamW8bit, from_torch, to_torch
+from pyquant.optim.one_state import Adagrad8bit, Lion8bit, RMSprop8bit, SGD8bit
+
+__all__ = [
+    "Adam8bit", "AdamW8bit", "Adagrad8bit", "Lion8bit", "Optimizer8bit", "RMSprop8bit", "SGD8bit", "from_torch",
+    "to_torch",
+]

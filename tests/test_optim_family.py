@@ -1,0 +1,247 @@
+"""Lion8bit, SGD8bit, RMSprop8bit and Adagrad8bit (pyquant/optim/one_state.py) against bitsandbytes 0.50.2 on CPU,
+bit for bit: parameters and states after every step, float32/float16/bfloat16 parameters, partial last blocks,
+tensors below min_8bit_size (float32 states), each optimizer's options; state_dict round trips with bitsandbytes
+in both directions through torch.load(weights_only=True); the op's cpu kernel against the reference on every
+instruction set and thread count; the options and inputs that are refused."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import pyquant
+from pyquant import _contract, use_backend
+from pyquant import functional as F
+
+from conftest import CPU_BACKENDS, assert_same_bits, needs_cpu_library
+
+bnb = pytest.importorskip("bitsandbytes")
+
+# name -> (lr, option sets)
+CASES = {
+    "Lion8bit": (1e-3, [{}, dict(betas=(0.8, 0.95), weight_decay=0.1)]),
+    "SGD8bit": (1e-2, [dict(momentum=0.9), dict(momentum=0.5, weight_decay=0.01)]),
+    "RMSprop8bit": (1e-3, [{}, dict(alpha=0.9, eps=1e-6, weight_decay=0.01)]),
+    "Adagrad8bit": (1e-2, [{}, dict(eps=1e-8, weight_decay=0.01)]),
+}
+PARAMS = [(
+    name, i) for name, (_, options) in CASES.items() for i in range(len(options))]
+SHAPES = [(300,), (64, 70), (4096,), (5, 1000)]  # 32-bit states; 8-bit with a partial block; whole blocks; partial
+
+
+def make_params(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in SHAPES]
+
+
+def grads_for(params, step, seed=1):
+    g = torch.Generator().manual_seed(seed * 1000 + step)
+    return [(torch.randn(p.shape, generator=g) * 0.1).to(p.dtype) for p in params]
+
+
+def both(name, option_index, dtype, **ours_kwargs):
+    lr, options = CASES[name]
+    kwargs = dict(lr=lr, **options[option_index])
+    ours_p, theirs_p = make_params(dtype), make_params(dtype)
+    return ours_p, theirs_p, getattr(pyquant, name)(ours_p, **kwargs, **ours_kwargs), getattr(bnb.optim, name)(theirs_p, **kwargs)
+
+
+def state_tensors(opt, params):
+    return [{k: v for k, v in opt.state[p].items() if k in ("state1", "absmax1", "step")} for p in params]
+
+
+def step_both(ours_p, theirs_p, ours, theirs, step, mutate=None):
+    for ps in (ours_p, theirs_p):
+        for p, g in zip(ps, grads_for(ps, step)):
+            if mutate:
+                mutate(g)
+            p.grad = g
+    ours.step()
+    theirs.step()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name,option_index", PARAMS)
+def test_bits_equal_bitsandbytes(name, option_index, dtype, backend):
+    ours_p, theirs_p, ours, theirs = both(name, option_index, dtype)
+    with use_backend(backend):
+        for step in range(1, 5):
+            step_both(ours_p, theirs_p, ours, theirs, step)
+            assert_same_bits(list(ours_p), list(theirs_p), f"{name} params, step {step}")
+            assert_same_bits(state_tensors(ours, ours_p), state_tensors(theirs, theirs_p), f"{name} states, step {step}")
+    assert [ours.state[p]["state1"].dtype for p in ours_p] == [torch.float32, torch.uint8, torch.uint8, torch.uint8]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_nonfinite_propagate_is_bitsandbytes_and_skip_keeps_elements(name, backend):
+    def poison(g):
+        g.view(-1)[3] = float("nan")
+        g.view(-1)[-1] = float("inf")
+
+    ours_p, theirs_p, ours, theirs = both(name, 1, torch.float32, nonfinite="propagate")
+    with use_backend(backend):
+        step_both(ours_p, theirs_p, ours, theirs, 1)
+        step_both(ours_p, theirs_p, ours, theirs, 2, poison)
+        step_both(ours_p, theirs_p, ours, theirs, 3)
+    assert_same_bits(list(ours_p), list(theirs_p), "params", nan_blind=True)
+    assert_same_bits(state_tensors(ours, ours_p), state_tensors(theirs, theirs_p), "states", nan_blind=True)
+
+    skip_p, _, skip, _ = both(name, 1, torch.float32)
+    with use_backend(backend), pytest.warns(RuntimeWarning, match="non-finite"):
+        for step in (1, 2):
+            for p, g in zip(skip_p, grads_for(skip_p, step)):
+                if step == 2:
+                    poison(g)
+                p.grad = g
+            before = [p.detach().clone() for p in skip_p]
+            skip.step()
+    assert skip.nonfinite_count == 2 * len(SHAPES)
+    for p, b in zip(skip_p, before):
+        assert_same_bits(p.detach().reshape(-1)[[3, -1]], b.reshape(-1)[[3, -1]], "skipped elements")
+        assert torch.isfinite(p).all()
+
+
+def roundtrip(sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_state_dict_moves_both_ways_with_bitsandbytes(name):
+    lr, options = CASES[name]
+    kwargs = dict(lr=lr, **options[1])
+    for source_lib, target_lib in ((bnb.optim, pyquant), (pyquant, bnb.optim)):
+        src_p, ref_p, tgt_p = make_params(torch.bfloat16), make_params(torch.bfloat16), make_params(torch.bfloat16)
+        src, ref = getattr(source_lib, name)(src_p, **kwargs), getattr(bnb.optim, name)(ref_p, **kwargs)
+        for step in (1, 2):
+            step_both(src_p, ref_p, src, ref, step)
+        tgt = getattr(target_lib, name)(tgt_p, **kwargs)
+        with torch.no_grad():
+            for t, s in zip(tgt_p, src_p):
+                t.copy_(s)
+        tgt.load_state_dict(roundtrip(src.state_dict()))
+        for step in (3, 4):
+            step_both(tgt_p, ref_p, tgt, ref, step)
+        assert_same_bits(list(tgt_p), list(ref_p), f"{source_lib.__name__} -> {target_lib.__name__}")
+        assert_same_bits(state_tensors(tgt, tgt_p), state_tensors(ref, ref_p), "states")
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda ps: pyquant.SGD8bit(ps, lr=0.1), "momentum must be > 0"),
+        (lambda ps: pyquant.SGD8bit(ps, lr=0.1, momentum=0.9, dampening=0.1), "dampening"),
+        (lambda ps: pyquant.SGD8bit(ps, lr=0.1, momentum=0.9, nesterov=True), "nesterov"),
+        (lambda ps: pyquant.RMSprop8bit(ps, momentum=0.9), "momentum"),
+        (lambda ps: pyquant.RMSprop8bit(ps, centered=True), "centered"),
+        (lambda ps: pyquant.RMSprop8bit(ps, alpha=0.0), "alpha"),
+        (lambda ps: pyquant.Adagrad8bit(ps, lr_decay=0.1), "lr_decay"),
+        (lambda ps: pyquant.Adagrad8bit(ps, initial_accumulator_value=0.1), "initial_accumulator_value"),
+        (lambda ps: pyquant.Lion8bit(ps, betas=(0.9, 1.0)), "betas"),
+        (lambda ps: pyquant.Lion8bit(ps, lr=-1.0), "learning rate"),
+        (lambda ps: pyquant.Lion8bit(ps, weight_decay=float("nan")), "weight_decay"),
+        (lambda ps: pyquant.Lion8bit(ps, is_paged=True), "is_paged"),
+        (lambda ps: pyquant.Lion8bit(ps, nonfinite="zero"), "nonfinite"),
+    ],
+)
+def test_refused_options(make, match):
+    with pytest.raises(ValueError, match=match):
+        make([torch.nn.Parameter(torch.randn(10))])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_inputs_are_refused_clearly(name):
+    lr, options = CASES[name]
+    wide = torch.nn.Parameter(torch.randn(5000, dtype=torch.float64))
+    wide.grad = torch.randn(5000, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        getattr(pyquant, name)([wide], lr=lr, **options[0]).step()
+    p = torch.nn.Parameter(torch.randn(5000))
+    opt = getattr(pyquant, name)([p], lr=lr, **options[0])
+    p.grad = torch.randn(5000)
+    opt.step()
+    with torch.no_grad():
+        p.data = torch.randn(6000)
+    p.grad = torch.randn(6000)
+    with pytest.raises(RuntimeError, match="changed size"):
+        opt.step()
+    q = torch.nn.Parameter(torch.randn(300))
+    other = getattr(pyquant, name)([q], lr=lr, **options[0])
+    q.grad = torch.randn(300)
+    other.step()
+    sd = other.state_dict()
+    sd["state"][0]["__bnb_optimizer_quant_state__"]["state1"] = torch.full((300,), float("nan"))
+    with pytest.raises(ValueError, match="NaN"):
+        other.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("name", ["RMSprop8bit", "Adagrad8bit"])
+def test_negative_squared_state_is_refused_on_load(name):
+    q = torch.nn.Parameter(torch.randn(300))
+    opt = getattr(pyquant, name)([q])
+    q.grad = torch.randn(300)
+    opt.step()
+    sd = opt.state_dict()
+    sd["state"][0]["__bnb_optimizer_quant_state__"]["state1"] = -torch.ones(300)
+    with pytest.raises(ValueError, match="negative"):
+        opt.load_state_dict(sd)
+
+
+# ---- the op's cpu kernel against the reference ----
+def kernel_inputs(rule, dtype, eight_bit, seed):
+    g = torch.Generator().manual_seed(seed)
+    sizes = [1, 255, 256, 257, 1000, 4099]
+    params = [torch.randn(n, generator=g).to(dtype) for n in sizes]
+    grads = [(torch.randn(n, generator=g) * 0.1).to(dtype) for n in sizes]
+    grads[4][7] = float("nan")
+    grads[5][300] = float("inf")
+    code = F.create_dynamic_map(signed=True)
+    if eight_bit:
+        states = [F.quantize_blockwise(torch.randn(n, generator=g).abs() if rule >= 2 else torch.randn(n, generator=g),
+                                       code, 256) for n in sizes]
+        state1, absmax1 = [s for s, _ in states], [a for _, a in states]
+    else:
+        state1 = [torch.randn(n, generator=g).abs() if rule >= 2 else torch.randn(n, generator=g) for n in sizes]
+        absmax1 = [torch.empty(0) for _ in sizes]
+    group = dict(lr=1e-2, betas=(0.9, 0.99) if rule == 1 else (0.9, 0.0), eps=1e-8, weight_decay=0.01)
+    constants = torch.tensor([_contract.one_state_constants(group, 1 + i % 2, eight_bit) for i in range(len(sizes))])
+    return params, grads, state1, absmax1, constants, code
+
+
+def run_kernel(backend, rule, dtype, eight_bit, nonfinite, seed=0):
+    params, grads, state1, absmax1, constants, code = kernel_inputs(rule, dtype, eight_bit, seed)
+    with use_backend(backend):
+        count = F.one_state_step_multi_tensor(params, grads, state1, absmax1, constants, code, rule, nonfinite)
+    return params, state1, absmax1, int(count)
+
+
+@needs_cpu_library
+@pytest.mark.parametrize("nonfinite", [0, 1])
+@pytest.mark.parametrize("eight_bit", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rule", list(_contract.ONE_STATE_RULES.values()), ids=list(_contract.ONE_STATE_RULES))
+def test_cpu_kernel_equals_reference(isa, rule, dtype, eight_bit, nonfinite):
+    assert_same_bits(run_kernel("cpu", rule, dtype, eight_bit, nonfinite),
+                     run_kernel("reference", rule, dtype, eight_bit, nonfinite), "cpu vs reference", nan_blind=True)
+
+
+@needs_cpu_library
+def test_cpu_kernel_is_the_same_for_any_thread_count(outputs_by_thread_count):
+    script = (
+        "import hashlib, sys, torch\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from test_optim_family import run_kernel\n"
+        "h = hashlib.sha256()\n"
+        "for rule in range(4):\n"
+        "    for eight_bit in (True, False):\n"
+        "        ps, ss, aa, c = run_kernel('cpu', rule, torch.bfloat16, eight_bit, 1)\n"
+        "        for t in ps + ss + aa: h.update(t.contiguous().view(torch.uint8).numpy().tobytes())\n"
+        "print(h.hexdigest())\n"
+    )
+    assert len(outputs_by_thread_count(script)) == 1
