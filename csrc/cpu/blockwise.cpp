@@ -142,8 +142,12 @@ static inline int64_t adam_block_32bit(const pq_adam_tensor& t, int64_t start, i
 
 // One block of a one-state step (8-bit or float32 state), in the order of bitsandbytes' CPU code: states and
 // gradients first, the block's square roots (RMSprop, Adagrad), then the parameters, then the requantisation.
+// RULE is a compile-time constant so that each rule's loop holds only its own arithmetic; `quantize(s, len, absmax,
+// q)` requantises the state (StateQuantizer).
+template <int RULE, class Quantize>
 static inline int64_t one_state_block(const pq_one_state_tensor& t, int64_t start, int64_t len, const float* code1,
-                                      const uint8_t* table1, int32_t rule, int32_t nonfinite, pq_vsqrt_fn fn) {
+                                      const Quantize& quantize, int32_t nonfinite, pq_vsqrt_fn fn) {
+  constexpr int32_t rule = RULE;
   float s[kOptimizerBlock], g[kOptimizerBlock], p[kOptimizerBlock], dir[kOptimizerBlock], root[kOptimizerBlock];
   bool skip[kOptimizerBlock];
   const bool eight_bit = t.state_bits == 8;
@@ -165,7 +169,7 @@ static inline int64_t one_state_block(const pq_one_state_tensor& t, int64_t star
       s[i] = si;
     }
   }
-  const bool needs_root = rule == PQ_RULE_RMSPROP || rule == PQ_RULE_ADAGRAD;
+  constexpr bool needs_root = rule == PQ_RULE_RMSPROP || rule == PQ_RULE_ADAGRAD;
   if (needs_root) block_sqrt(s, root, len, fn);
   for (int64_t i = 0; i < len; ++i) {
     if (skip[i]) continue;
@@ -175,7 +179,7 @@ static inline int64_t one_state_block(const pq_one_state_tensor& t, int64_t star
   if (eight_bit) {
     const float new_a1 = block_absmax(s, len);
     t.absmax1[start / kOptimizerBlock] = new_a1;
-    quantize_values(s, len, new_a1, table1, q1);
+    quantize(s, len, new_a1, q1);
   } else {
     memcpy(s32, s, (size_t)len * sizeof(float));
   }
@@ -437,20 +441,45 @@ int64_t adam_step(const pq_adam_tensor* tensors, int32_t count, const float* cod
   });
 }
 
+// The 8-bit state's requantisation: the SIMD builds' block quantiser where the table suits it (Adam's; the same
+// bits as the rule), else the rule element by element.
+struct StateQuantizer {
+  const uint8_t* table;
+#if PQ_SIMD
+  bool vector;
+  vec::QuantTable vector_table;
+#endif
+  explicit StateQuantizer(const uint8_t* table_) : table(table_) {
+#if PQ_SIMD
+    vector = vec::prepare_quant(table, vector_table);
+#endif
+  }
+  void operator()(const float* s, int64_t len, float absmax, uint8_t* q) const {
+#if PQ_SIMD
+    if (vector) return vec::quantize_values<PQ_DTYPE_FLOAT32>(s, 0, len, absmax, vector_table, q);
+#endif
+    scalar::quantize_values(s, len, absmax, table, q);
+  }
+};
+
 // The one-state rules run the per-element code of every build (the scalar rules, compiled for the build's
-// instruction set without contraction: the same bits on each).
+// instruction set without contraction: the same bits on each), with the SIMD requantisation.
 int64_t one_state_step(const pq_one_state_tensor* tensors, int32_t count, const float* code1, const uint8_t* table1,
                        int32_t rule, int32_t nonfinite) {
   const pq_vsqrt_fn fn = pq_cpu_sqrt;
-  return over_group_blocks(tensors, count, [&](int32_t ti, int64_t b0, int64_t b1) {
-    const pq_one_state_tensor& t = tensors[ti];
-    int64_t bad = 0;
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t start = b * kOptimizerBlock;
-      const int64_t len = std::min<int64_t>(kOptimizerBlock, t.numel - start);
-      bad += scalar::one_state_block(t, start, len, code1, table1, rule, nonfinite, fn);
-    }
-    return bad;
+  const StateQuantizer quantize(table1);
+  return with_value<PQ_RULE_MOMENTUM, PQ_RULE_LION, PQ_RULE_RMSPROP, PQ_RULE_ADAGRAD>(rule, [&](auto r) {
+    constexpr int RULE = decltype(r)::value;
+    return over_group_blocks(tensors, count, [&](int32_t ti, int64_t b0, int64_t b1) {
+      const pq_one_state_tensor& t = tensors[ti];
+      int64_t bad = 0;
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t start = b * kOptimizerBlock;
+        const int64_t len = std::min<int64_t>(kOptimizerBlock, t.numel - start);
+        bad += scalar::one_state_block<RULE>(t, start, len, code1, quantize, nonfinite, fn);
+      }
+      return bad;
+    });
   });
 }
 

@@ -194,8 +194,19 @@ PQ_HD float adam_param_32bit(float p, float m, float v, const pq_adam_constants&
 // torch's x.add_(y, alpha=a) is fmaf(a, y, x); x.addcmul_(y, z, value=a) is fmaf(a * y, z, x);
 // x.addcdiv_(y, z, value=a) is x + (a * y) / z.
 
-// torch.sign: +-1, and +0 for +-0 and NaN.
-PQ_HD float torch_sign(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }
+// torch.sign: +-1 (x's sign bit on 1.0), and +0 for +-0 and NaN. On the bits, without a comparison of floats: the
+// signs of a momentum are random, and the branch compilers made of the comparisons was mispredicted about every
+// other element (Lion's step ran at a third of SGD's speed).
+PQ_HD float torch_sign(float x) {
+  uint32_t u;
+  memcpy(&u, &x, sizeof u);
+  const uint32_t magnitude = u & 0x7FFFFFFFu;
+  const uint32_t keep = 0u - (uint32_t)(magnitude - 1u < 0x7F800000u);  // all ones unless +-0 or NaN
+  const uint32_t r = ((u & 0x80000000u) | 0x3F800000u) & keep;
+  float out;
+  memcpy(&out, &r, sizeof out);
+  return out;
+}
 
 // The state update and everything before the square root. `p` may be decayed (Lion); `g` may get the weight
 // decay term (the others). Returns the value the parameter update needs besides p (Lion: the direction).
