@@ -80,6 +80,24 @@ int32_t pq_dequantize_blockwise(const uint8_t* q, const float* absmax, const flo
   return 0;
 }
 
+// The blocks of all tensors of a multi-tensor optimizer step (the kernels index them with one int64), or
+// -PQ_INVALID_ARGUMENT for a bad count, tensor array, non-finite policy or tensor, or a total that overflows.
+extern "C++" {  // inside this file's extern "C" block
+template <class Tensor, class Valid>
+static int64_t group_blocks(const Tensor* tensors, int32_t count, int32_t nonfinite, Valid valid) {
+  if (count < 0 || (count > 0 && !tensors) || (nonfinite != pq::kSkipElement && nonfinite != pq::kPropagate))
+    return -PQ_INVALID_ARGUMENT;
+  int64_t blocks = 0;
+  for (int32_t i = 0; i < count; ++i) {
+    if (!valid(tensors[i])) return -PQ_INVALID_ARGUMENT;
+    const int64_t b = pq::block_count(tensors[i].numel, pq::kOptimizerBlock);
+    if (b > INT64_MAX - blocks) return -PQ_INVALID_ARGUMENT;
+    blocks += b;
+  }
+  return blocks;
+}
+}
+
 static bool valid_adam_tensor(const pq_adam_tensor& t) {
   if (t.numel < 0 || !pq::valid_dtype(t.param_dtype) || !pq::valid_dtype(t.grad_dtype)) return false;
   if (t.state_bits != 8 && t.state_bits != 32) return false;
@@ -90,16 +108,8 @@ static bool valid_adam_tensor(const pq_adam_tensor& t) {
 // Returns the number of non-finite gradient elements seen, or -PQ_INVALID_ARGUMENT.
 int64_t pq_adam_step(const pq_adam_tensor* tensors, int32_t count, const float* code1, const float* code2,
                      const uint8_t* table1, const uint8_t* table2, int32_t nonfinite) {
-  if (count < 0 || (count > 0 && !tensors) || (nonfinite != pq::kSkipElement && nonfinite != pq::kPropagate))
-    return -PQ_INVALID_ARGUMENT;
-  int64_t blocks = 0;  // the kernel indexes all tensors' blocks with one int64
-  for (int32_t i = 0; i < count; ++i) {
-    if (!valid_adam_tensor(tensors[i])) return -PQ_INVALID_ARGUMENT;
-    const int64_t b = pq::block_count(tensors[i].numel, pq::kOptimizerBlock);
-    if (b > INT64_MAX - blocks) return -PQ_INVALID_ARGUMENT;
-    blocks += b;
-  }
-  if (blocks == 0) return 0;
+  const int64_t blocks = group_blocks(tensors, count, nonfinite, valid_adam_tensor);
+  if (blocks <= 0) return blocks;
   if (!code1 || !code2 || !table1 || !table2) return -PQ_INVALID_ARGUMENT;
   PQ_DISPATCH(adam_step(tensors, count, code1, code2, table1, table2, nonfinite))
 }
@@ -114,17 +124,9 @@ static bool valid_one_state_tensor(const pq_one_state_tensor& t) {
 // Returns the number of non-finite gradient elements seen, or -PQ_INVALID_ARGUMENT.
 int64_t pq_one_state_step(const pq_one_state_tensor* tensors, int32_t count, const float* code1,
                           const uint8_t* table1, int32_t rule, int32_t nonfinite) {
-  if (count < 0 || (count > 0 && !tensors) || (nonfinite != pq::kSkipElement && nonfinite != pq::kPropagate) ||
-      rule < PQ_RULE_MOMENTUM || rule > PQ_RULE_ADAGRAD)
-    return -PQ_INVALID_ARGUMENT;
-  int64_t blocks = 0;
-  for (int32_t i = 0; i < count; ++i) {
-    if (!valid_one_state_tensor(tensors[i])) return -PQ_INVALID_ARGUMENT;
-    const int64_t b = pq::block_count(tensors[i].numel, pq::kOptimizerBlock);
-    if (b > INT64_MAX - blocks) return -PQ_INVALID_ARGUMENT;
-    blocks += b;
-  }
-  if (blocks == 0) return 0;
+  if (rule < PQ_RULE_MOMENTUM || rule > PQ_RULE_ADAGRAD) return -PQ_INVALID_ARGUMENT;
+  const int64_t blocks = group_blocks(tensors, count, nonfinite, valid_one_state_tensor);
+  if (blocks <= 0) return blocks;
   if (!code1 || !table1) return -PQ_INVALID_ARGUMENT;
   PQ_DISPATCH(one_state_step(tensors, count, code1, table1, rule, nonfinite))
 }

@@ -18,7 +18,7 @@ from pyquant import _autograd, backends
 from pyquant._nvtx import kernel_range
 from pyquant._shapes import conv_output_size, im2col_shape, lowrank_shape, matmul_shape
 
-Tensor, Ints = torch.Tensor, Sequence[int]  # short names for the signatures below (torch.library reads them)
+Tensor, Tensors, Ints = torch.Tensor, list[torch.Tensor], Sequence[int]  # short names for the signatures below
 
 
 def run_kernel(name: str, device_type: str, *args):
@@ -65,17 +65,9 @@ def _(q, absmax, code, blocksize, dtype):
 # ---- the fused multi-tensor optimizer step (docs/numerics.md section 4) ----
 @torch.library.custom_op("pyquant::adam_step_", mutates_args=("params", "state1", "state2", "absmax1", "absmax2"))
 def adam_step_(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    state1: list[torch.Tensor],
-    state2: list[torch.Tensor],
-    absmax1: list[torch.Tensor],
-    absmax2: list[torch.Tensor],
-    constants: torch.Tensor,
-    code1: torch.Tensor,
-    code2: torch.Tensor,
-    nonfinite: int,
-) -> torch.Tensor:
+    params: Tensors, grads: Tensors, state1: Tensors, state2: Tensors, absmax1: Tensors, absmax2: Tensors,
+    constants: Tensor, code1: Tensor, code2: Tensor, nonfinite: int,
+) -> Tensor:
     """Returns the number of non-finite gradient elements skipped (0-dim int64)."""
     return run_kernel("adam_step", params[0].device.type,
                       params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite)
@@ -88,15 +80,9 @@ def _(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, 
 
 @torch.library.custom_op("pyquant::one_state_step_", mutates_args=("params", "state1", "absmax1"))
 def one_state_step_(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    state1: list[torch.Tensor],
-    absmax1: list[torch.Tensor],
-    constants: torch.Tensor,
-    code1: torch.Tensor,
-    rule: int,
+    params: Tensors, grads: Tensors, state1: Tensors, absmax1: Tensors, constants: Tensor, code1: Tensor, rule: int,
     nonfinite: int,
-) -> torch.Tensor:
+) -> Tensor:
     """The fused step of the optimizers with one state (docs/numerics.md section 5): `rule` is a code of
     _contract.ONE_STATE_RULES (momentum, Lion, RMSprop, Adagrad), `constants` one row of ONE_STATE_FIELDS per
     tensor. One op with a rule code rather than one op per rule: the four share their operands, state layout,

@@ -34,23 +34,17 @@ class AdamConstants(ctypes.Structure):
     _fields_ = [(name, ctypes.c_float) for name in CONSTANT_FIELDS]
 
 
+def _tensor_fields(pointers: tuple[str, ...], constants: type) -> list:
+    """The fields of an optimizer's tensor descriptor (pq_adam_tensor, pq_one_state_tensor): its pointers, then the
+    fields every descriptor has."""
+    ints = [(name, ctypes.c_int32) for name in ("param_dtype", "grad_dtype", "state_bits", "reserved")]
+    return [(name, ctypes.c_void_p) for name in pointers] + [("numel", ctypes.c_int64)] + ints + [("k", constants)]
+
+
 class AdamTensor(ctypes.Structure):
     """Mirror of pq_adam_tensor (capi.h)."""
 
-    _fields_ = [
-        ("param", ctypes.c_void_p),
-        ("grad", ctypes.c_void_p),
-        ("state1", ctypes.c_void_p),
-        ("state2", ctypes.c_void_p),
-        ("absmax1", ctypes.c_void_p),
-        ("absmax2", ctypes.c_void_p),
-        ("numel", ctypes.c_int64),
-        ("param_dtype", ctypes.c_int32),
-        ("grad_dtype", ctypes.c_int32),
-        ("state_bits", ctypes.c_int32),
-        ("reserved", ctypes.c_int32),
-        ("k", AdamConstants),
-    ]
+    _fields_ = _tensor_fields(("param", "grad", "state1", "state2", "absmax1", "absmax2"), AdamConstants)
 
 
 class OneStateConstants(ctypes.Structure):
@@ -62,18 +56,7 @@ class OneStateConstants(ctypes.Structure):
 class OneStateTensor(ctypes.Structure):
     """Mirror of pq_one_state_tensor (capi.h)."""
 
-    _fields_ = [
-        ("param", ctypes.c_void_p),
-        ("grad", ctypes.c_void_p),
-        ("state1", ctypes.c_void_p),
-        ("absmax1", ctypes.c_void_p),
-        ("numel", ctypes.c_int64),
-        ("param_dtype", ctypes.c_int32),
-        ("grad_dtype", ctypes.c_int32),
-        ("state_bits", ctypes.c_int32),
-        ("reserved", ctypes.c_int32),
-        ("k", OneStateConstants),
-    ]
+    _fields_ = _tensor_fields(("param", "grad", "state1", "absmax1"), OneStateConstants)
 
 
 # ---- every exported function: name -> (argtypes, restype), as declared in capi.h ----

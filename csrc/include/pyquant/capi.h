@@ -59,10 +59,8 @@ struct pq_adam_tensor {  // every pointer covers `numel` elements (absmax: ceil(
   float* absmax1;
   float* absmax2;
   int64_t numel;
-  int32_t param_dtype;  // enum pq_dtype (not float64)
-  int32_t grad_dtype;   // enum pq_dtype (not float64)
-  int32_t state_bits;   // 8 or 32
-  int32_t reserved;
+  int32_t param_dtype, grad_dtype;  // enum pq_dtype (not float64)
+  int32_t state_bits, reserved;     // 8 or 32; 0
   struct pq_adam_constants k;  // per tensor: the step count (hence c1, c2) can differ inside a group
 };
 
@@ -94,10 +92,8 @@ struct pq_one_state_tensor {  // every pointer covers `numel` elements (absmax: 
   void* state1;
   float* absmax1;
   int64_t numel;
-  int32_t param_dtype;  // enum pq_dtype (not float64)
-  int32_t grad_dtype;   // enum pq_dtype (not float64)
-  int32_t state_bits;   // 8 or 32
-  int32_t reserved;
+  int32_t param_dtype, grad_dtype;  // enum pq_dtype (not float64)
+  int32_t state_bits, reserved;     // 8 or 32; 0
   struct pq_one_state_constants k;
 };
 
