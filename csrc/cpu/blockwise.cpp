@@ -142,9 +142,9 @@ static inline int64_t adam_block_32bit(const pq_adam_tensor& t, int64_t start, i
 
 // One block of a one-state step (8-bit or float32 state), in the order of bitsandbytes' CPU code: states and
 // gradients first, the block's square roots (RMSprop, Adagrad), then the parameters, then the requantisation.
-// RULE is a compile-time constant so that each rule's loop holds only its own arithmetic; `quantize(s, len, absmax,
-// q)` requantises the state (StateQuantizer).
-template <int RULE, class Quantize>
+// RULE and the dtypes are compile-time constants so that each loop holds only its own arithmetic and conversions;
+// `quantize(s, len, absmax, q)` requantises the state (StateQuantizer).
+template <int RULE, int PDT, int GDT, class Quantize>
 static inline int64_t one_state_block(const pq_one_state_tensor& t, int64_t start, int64_t len, const float* code1,
                                       const Quantize& quantize, int32_t nonfinite, pq_vsqrt_fn fn) {
   constexpr int32_t rule = RULE;
@@ -156,9 +156,9 @@ static inline int64_t one_state_block(const pq_one_state_tensor& t, int64_t star
   const float a1 = eight_bit ? t.absmax1[start / kOptimizerBlock] : 0.0f;
   int64_t bad = 0;
   for (int64_t i = 0; i < len; ++i) {
-    g[i] = unscaled_grad(load_as_float(t.grad, start + i, t.grad_dtype), t.k.inv_grad_scale, t.grad_dtype);
+    g[i] = unscaled_grad(load_as_float(t.grad, start + i, GDT), t.k.inv_grad_scale, GDT);
     s[i] = eight_bit ? code1[q1[i]] * a1 : s32[i];
-    p[i] = load_as_float(t.param, start + i, t.param_dtype);
+    p[i] = load_as_float(t.param, start + i, PDT);
     skip[i] = nonfinite == kSkipElement && !is_finite(g[i]);  // such an element keeps its parameter and state
     bad += skip[i];
     float pi = p[i], gi = g[i], si = s[i];
@@ -174,7 +174,7 @@ static inline int64_t one_state_block(const pq_one_state_tensor& t, int64_t star
   for (int64_t i = 0; i < len; ++i) {
     if (skip[i]) continue;
     const float np = one_state_param(rule, eight_bit, p[i], g[i], s[i], dir[i], needs_root ? root[i] : 0.0f, t.k);
-    store_from_float(t.param, start + i, t.param_dtype, np);
+    store_from_float(t.param, start + i, PDT, np);
   }
   if (eight_bit) {
     const float new_a1 = block_absmax(s, len);
@@ -472,13 +472,18 @@ int64_t one_state_step(const pq_one_state_tensor* tensors, int32_t count, const 
     constexpr int RULE = decltype(r)::value;
     return over_group_blocks(tensors, count, [&](int32_t ti, int64_t b0, int64_t b1) {
       const pq_one_state_tensor& t = tensors[ti];
-      int64_t bad = 0;
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t start = b * kOptimizerBlock;
-        const int64_t len = std::min<int64_t>(kOptimizerBlock, t.numel - start);
-        bad += scalar::one_state_block<RULE>(t, start, len, code1, quantize, nonfinite, fn);
-      }
-      return bad;
+      return with_value<PQ_DTYPE_FLOAT32, PQ_DTYPE_FLOAT16, PQ_DTYPE_BFLOAT16>(t.param_dtype, [&](auto p) {
+        return with_value<PQ_DTYPE_FLOAT32, PQ_DTYPE_FLOAT16, PQ_DTYPE_BFLOAT16>(t.grad_dtype, [&](auto g) {
+          constexpr int PDT = decltype(p)::value, GDT = decltype(g)::value;
+          int64_t bad = 0;
+          for (int64_t b = b0; b < b1; ++b) {
+            const int64_t start = b * kOptimizerBlock;
+            const int64_t len = std::min<int64_t>(kOptimizerBlock, t.numel - start);
+            bad += scalar::one_state_block<RULE, PDT, GDT>(t, start, len, code1, quantize, nonfinite, fn);
+          }
+          return bad;
+        });
+      });
     });
   });
 }
