@@ -143,10 +143,10 @@ static inline int64_t adam_block_32bit(const pq_adam_tensor& t, int64_t start, i
 // One block of a one-state step (8-bit or float32 state), in the order of bitsandbytes' CPU code: states and
 // gradients first, the block's square roots (RMSprop, Adagrad), then the parameters, then the requantisation.
 // RULE and the dtypes are compile-time constants so that each loop holds only its own arithmetic and conversions;
-// `quantize(s, len, absmax, q)` requantises the state (StateQuantizer).
-template <int RULE, int PDT, int GDT, class Quantize>
-static inline int64_t one_state_block(const pq_one_state_tensor& t, int64_t start, int64_t len, const float* code1,
-                                      const Quantize& quantize, int32_t nonfinite, pq_vsqrt_fn fn) {
+// `codec` dequantises and requantises an 8-bit state (StateCodec).
+template <int RULE, int PDT, int GDT, class Codec>
+static inline int64_t one_state_block(const pq_one_state_tensor& t, int64_t start, int64_t len, const Codec& codec,
+                                      int32_t nonfinite, pq_vsqrt_fn fn) {
   constexpr int32_t rule = RULE;
   float s[kOptimizerBlock], g[kOptimizerBlock], p[kOptimizerBlock], dir[kOptimizerBlock], root[kOptimizerBlock];
   bool skip[kOptimizerBlock];
@@ -155,9 +155,12 @@ static inline int64_t one_state_block(const pq_one_state_tensor& t, int64_t star
   float* s32 = (float*)t.state1 + start;
   const float a1 = eight_bit ? t.absmax1[start / kOptimizerBlock] : 0.0f;
   int64_t bad = 0;
+  if (eight_bit)
+    codec.dequantize(q1, a1, len, s);
+  else
+    memcpy(s, s32, (size_t)len * sizeof(float));
   for (int64_t i = 0; i < len; ++i) {
     g[i] = unscaled_grad(load_as_float(t.grad, start + i, GDT), t.k.inv_grad_scale, GDT);
-    s[i] = eight_bit ? code1[q1[i]] * a1 : s32[i];
     p[i] = load_as_float(t.param, start + i, PDT);
     skip[i] = nonfinite == kSkipElement && !is_finite(g[i]);  // such an element keeps its parameter and state
     bad += skip[i];
@@ -179,7 +182,7 @@ static inline int64_t one_state_block(const pq_one_state_tensor& t, int64_t star
   if (eight_bit) {
     const float new_a1 = block_absmax(s, len);
     t.absmax1[start / kOptimizerBlock] = new_a1;
-    quantize(s, len, new_a1, q1);
+    codec.quantize(s, len, new_a1, q1);
   } else {
     memcpy(s32, s, (size_t)len * sizeof(float));
   }
@@ -441,33 +444,42 @@ int64_t adam_step(const pq_adam_tensor* tensors, int32_t count, const float* cod
   });
 }
 
-// The 8-bit state's requantisation: the SIMD builds' block quantiser where the table suits it (Adam's; the same
-// bits as the rule), else the rule element by element.
-struct StateQuantizer {
+// An 8-bit state's dequantisation and requantisation: the SIMD builds' block kernels (Adam's; the same bits as the
+// rules) where the tables suit them, else the rules element by element.
+struct StateCodec {
+  const float* code;
   const uint8_t* table;
 #if PQ_SIMD
   bool vector;
-  vec::QuantTable vector_table;
+  vec::QuantTable quant_table;
+  vec::DequantTable dequant_table;
 #endif
-  explicit StateQuantizer(const uint8_t* table_) : table(table_) {
+  StateCodec(const float* code_, const uint8_t* table_) : code(code_), table(table_) {
 #if PQ_SIMD
-    vector = vec::prepare_quant(table, vector_table);
+    vector = vec::prepare_quant(table, quant_table);
+    vec::prepare_dequant(code, dequant_table);
 #endif
   }
-  void operator()(const float* s, int64_t len, float absmax, uint8_t* q) const {
+  void dequantize(const uint8_t* q, float absmax, int64_t len, float* out) const {
 #if PQ_SIMD
-    if (vector) return vec::quantize_values<PQ_DTYPE_FLOAT32>(s, 0, len, absmax, vector_table, q);
+    if (vector) return vec::dequantize_block<PQ_DTYPE_FLOAT32>(q, absmax, 0, len, dequant_table, out);
+#endif
+    scalar::dequantize_block(q, absmax, 0, len, code, out, PQ_DTYPE_FLOAT32);
+  }
+  void quantize(const float* s, int64_t len, float absmax, uint8_t* q) const {
+#if PQ_SIMD
+    if (vector) return vec::quantize_values<PQ_DTYPE_FLOAT32>(s, 0, len, absmax, quant_table, q);
 #endif
     scalar::quantize_values(s, len, absmax, table, q);
   }
 };
 
 // The one-state rules run the per-element code of every build (the scalar rules, compiled for the build's
-// instruction set without contraction: the same bits on each), with the SIMD requantisation.
+// instruction set without contraction: the same bits on each), with the SIMD dequantisation and requantisation.
 int64_t one_state_step(const pq_one_state_tensor* tensors, int32_t count, const float* code1, const uint8_t* table1,
                        int32_t rule, int32_t nonfinite) {
   const pq_vsqrt_fn fn = pq_cpu_sqrt;
-  const StateQuantizer quantize(table1);
+  const StateCodec codec(code1, table1);
   return with_value<PQ_RULE_MOMENTUM, PQ_RULE_LION, PQ_RULE_RMSPROP, PQ_RULE_ADAGRAD>(rule, [&](auto r) {
     constexpr int RULE = decltype(r)::value;
     return over_group_blocks(tensors, count, [&](int32_t ti, int64_t b0, int64_t b1) {
@@ -479,7 +491,7 @@ int64_t one_state_step(const pq_one_state_tensor* tensors, int32_t count, const 
           for (int64_t b = b0; b < b1; ++b) {
             const int64_t start = b * kOptimizerBlock;
             const int64_t len = std::min<int64_t>(kOptimizerBlock, t.numel - start);
-            bad += scalar::one_state_block<RULE, PDT, GDT>(t, start, len, code1, quantize, nonfinite, fn);
+            bad += scalar::one_state_block<RULE, PDT, GDT>(t, start, len, codec, nonfinite, fn);
           }
           return bad;
         });
