@@ -21,9 +21,9 @@ def _experiment_parser(commands) -> None:
     p.add_argument("--preset", default="quick", help="quick, paper, or a TOML/YAML config file (default: quick)")
     p.add_argument("--task", nargs="+", dest="tasks", help="rsna, lidc, tabular")
     p.add_argument("--models", nargs="+", help="registered model names (e.g. densenet121 vit_tiny swin_tiny mlp)")
-    p.add_argument("--settings", nargs="+", help="baseline amp 8bit amp+8bit half+8bit bnb-8bit bf16, each optionally "
-                   "followed by +subset:<method>@<fraction> (random, moderate, proxy, ...), +importance-sampling, "
-                   "+budget:<seconds>s, e.g. amp+8bit+subset:proxy@0.25 (docs/subsets.md)")
+    p.add_argument("--settings", nargs="+", help="baseline amp 8bit amp+8bit half+8bit lion8bit amp+lion8bit bnb-8bit "
+                   "bf16, each optionally followed by +subset:<method>@<fraction> (random, moderate, proxy, ...), "
+                   "+importance-sampling, +budget:<seconds>s, e.g. amp+8bit+subset:proxy@0.25 (docs/subsets.md)")
     p.add_argument("--seeds", nargs="+", type=int)
     p.add_argument("--scales", nargs="+", type=int, help="down-sampling factors S (1 2 4 8)")
     p.add_argument("--epochs", type=int)
