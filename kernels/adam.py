@@ -6,7 +6,9 @@ launch per parameter group in the usual case. Triton cannot take a list of tenso
   - `progs` (int32 [n_programs, 2]): for each program, its tensor index and its first 256-element block.
 Each program updates ROWS consecutive blocks of one tensor, loading its pointers from `meta` (int64 ->
 pointer casts). 8-bit and float32-state tensors share the launch through a branch on the state kind.
-Both tables depend only on the tensors' addresses and sizes and are cached.
+Both tables depend only on the tensors' addresses and sizes and are cached. The one-state step
+(kernels/one_state.py) launches the same way and shares this module's helpers: `program_tile`, `unscaled_grad`,
+`store_count` in the kernels, `launch_groups` on the host.
 
 Per element the math is blockwise.h's adam_moments / adam_param_8bit / adam_param_32bit: `tl.fma` where
 the contract has fma, `tl.div_rn` / `tl.sqrt_rn` (correctly rounded on a GPU, unlike `/` and `tl.sqrt`),
@@ -36,8 +38,9 @@ from pyquant.kernels.blockwise import (
 
 STATE_BLOCK = OPTIMIZER_BLOCK  # block size of the 8-bit states
 ADAM_ROWS = 4  # state blocks per program
-N_CONSTANTS = len(CONSTANT_FIELDS)  # columns of `constants`
-META_FIELDS = 8  # param, grad, state1, state2, absmax1, absmax2 addresses; numel; state bits
+# Globals a kernel reads must be constexpr (Triton's compiler refuses other globals).
+N_CONSTANTS = tl.constexpr(len(CONSTANT_FIELDS))  # columns of `constants`
+META_FIELDS = tl.constexpr(8)  # param, grad, state1, state2, absmax1, absmax2 addresses; numel; state bits
 _LAUNCH_TABLES = LaunchTables(limit=32)
 
 
@@ -52,18 +55,50 @@ def storage_ptr(addr, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _adam_kernel(meta_ptr, const_ptr, prog_ptr, code1_ptr, code2_ptr, table1_ptr, table2_ptr, bad_ptr,
-                 P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, NONFINITE: tl.constexpr,
-                 ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def program_tile(meta_ptr, prog_ptr, FIELDS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's share of a multi-tensor launch: its tensor `t`, that tensor's row of `meta` (FIELDS int64
+    values, numel and state bits last), its ROWS state blocks, their element offsets [ROWS, BLOCK], the mask of
+    the elements that exist (the partial last block, blocks past the end) and of the blocks that do."""
     pid = tl.program_id(0)
     t = tl.load(prog_ptr + 2 * pid)  # tensor this program works on
     first = tl.load(prog_ptr + 2 * pid + 1)  # its first state block within that tensor
-    row = meta_ptr + t * 8  # the tensor's row of `meta`
-    p_ptr = storage_ptr(tl.load(row + 0), P_DTYPE)
+    row = meta_ptr + t * FIELDS
+    numel = tl.load(row + FIELDS - 2)
+    blocks = first + tl.arange(0, ROWS)  # state block indices within the tensor
+    offs = blocks.to(tl.int64)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # element indices
+    mask = offs < numel
+    block_ok = blocks.to(tl.int64) * BLOCK < numel
+    return t, row, blocks, offs, mask, block_ok
+
+
+@triton.jit
+def unscaled_grad(row, offs, mask, inv_grad_scale, G_DTYPE: tl.constexpr):
+    """The gradient (address in column 1 of the tensor's `meta` row) as float32, and where it is inf or NaN.
+
+    blockwise.h's unscaled_grad: the gradient as a separate GradScaler.unscale_ pass would have stored it."""
     g_ptr = storage_ptr(tl.load(row + 1), G_DTYPE)
-    numel = tl.load(row + 6)
+    g = rounded_to(load_f32(g_ptr, offs, mask, G_DTYPE) * inv_grad_scale, G_DTYPE)
+    bad = (g.to(tl.uint32, bitcast=True) & 0x7F800000) == 0x7F800000  # inf or NaN
+    return g, bad
+
+
+@triton.jit
+def store_count(bad_ptr, mask, bad, NONFINITE: tl.constexpr):
+    """This program's number of skipped (non-finite) gradient elements: 0 when they propagate."""
+    if NONFINITE == 0:
+        tl.store(bad_ptr + tl.program_id(0), tl.sum((mask & bad).to(tl.int32)))
+    else:
+        tl.store(bad_ptr + tl.program_id(0), 0)
+
+
+@triton.jit
+def _adam_kernel(meta_ptr, const_ptr, prog_ptr, code1_ptr, code2_ptr, table1_ptr, table2_ptr, bad_ptr,
+                 P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, NONFINITE: tl.constexpr,
+                 ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    t, row, blocks, offs, mask, block_ok = program_tile(meta_ptr, prog_ptr, META_FIELDS, ROWS, BLOCK)
+    p_ptr = storage_ptr(tl.load(row + 0), P_DTYPE)
     bits = tl.load(row + 7)
-    k = const_ptr + t * 10  # the tensor's row of constants, in pq::AdamConstants order
+    k = const_ptr + t * N_CONSTANTS  # the tensor's row of constants, in pq::AdamConstants order
     beta1 = tl.load(k + 0)
     one_minus_beta1 = tl.load(k + 1)
     beta2 = tl.load(k + 2)
@@ -74,14 +109,7 @@ def _adam_kernel(meta_ptr, const_ptr, prog_ptr, code1_ptr, code2_ptr, table1_ptr
     step_size = tl.load(k + 7)
     decay = tl.load(k + 8)
     inv_grad_scale = tl.load(k + 9)
-
-    blocks = first + tl.arange(0, ROWS)  # state block indices within the tensor
-    offs = blocks.to(tl.int64)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # element indices
-    mask = offs < numel  # covers the partial last block and blocks past the end
-    block_ok = blocks.to(tl.int64) * BLOCK < numel
-    # blockwise.h's unscaled_grad: the gradient as a separate GradScaler.unscale_ pass would have stored it.
-    g = rounded_to(load_f32(g_ptr, offs, mask, G_DTYPE) * inv_grad_scale, G_DTYPE)
-    bad = (g.to(tl.uint32, bitcast=True) & 0x7F800000) == 0x7F800000  # inf or NaN
+    g, bad = unscaled_grad(row, offs, mask, inv_grad_scale, G_DTYPE)
     if NONFINITE == 0:
         update = mask & ~bad  # a skipped element keeps its p, m and v
     else:
@@ -128,10 +156,7 @@ def _adam_kernel(meta_ptr, const_ptr, prog_ptr, code1_ptr, code2_ptr, table1_ptr
         tl.store(f2_ptr + offs, v_new, mask=update)
         store_f32(p_ptr, offs, p_new, update, P_DTYPE)
 
-    if NONFINITE == 0:
-        tl.store(bad_ptr + pid, tl.sum((mask & bad).to(tl.int32)))
-    else:
-        tl.store(bad_ptr + pid, 0)
+    store_count(bad_ptr, mask, bad, NONFINITE)
 
 
 def _check(i, device, p, g, s1, s2, a1, a2):
@@ -155,15 +180,38 @@ def _check(i, device, p, g, s1, s2, a1, a2):
 
 
 def _programs(rows) -> list[tuple[int, int]]:
-    """program -> (tensor, first block): ADAM_ROWS blocks of one tensor per program."""
-    return [(t, b) for t, row in enumerate(rows) for b in range(0, -(-row[6] // STATE_BLOCK), ADAM_ROWS)]
+    """program -> (tensor, first block): ADAM_ROWS blocks of one tensor per program (numel: a row's next-to-last)."""
+    return [(t, b) for t, row in enumerate(rows) for b in range(0, -(-row[-2] // STATE_BLOCK), ADAM_ROWS)]
 
 
-def _tables(tensors) -> tuple[torch.Tensor, torch.Tensor]:
-    """`meta` and `progs` (see the module docstring) for `tensors`: (p, g, s1, s2, a1, a2) tuples."""
-    rows = [[p.data_ptr(), g.data_ptr(), s1.data_ptr(), s2.data_ptr(), a1.data_ptr(), a2.data_ptr(), p.numel(),
-             8 if s1.dtype == torch.uint8 else 32] for p, g, s1, s2, a1, a2 in tensors]
-    return _LAUNCH_TABLES.get(tensors[0][0].device, rows, _programs)
+def launch_groups(tensors: list[tuple], constants: torch.Tensor, tables: LaunchTables, launch) -> torch.Tensor:
+    """The multi-tensor launches of an optimizer step, shared by adam_step and one_state.one_state_step.
+
+    `tensors`: one (param, grad, state..., absmax...) tuple per tensor, checked by the caller; `constants`: one row
+    per tensor. The non-empty tensors are bucketed by (param dtype, grad dtype) and each bucket is one call of
+    `launch(grid, meta, constants, progs, counts, P_DTYPE, G_DTYPE)`, where meta's rows are the tuple's addresses,
+    then numel and the state bits (8 for uint8 states, else 32), and `counts` gets one non-finite count per program.
+    Returns the total count, a 0-dim int64 tensor on the parameters' device."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.int64)
+    device = tensors[0][0].device
+    total = torch.zeros((), dtype=torch.int64, device=device)
+    buckets: dict[tuple, list[int]] = {}  # (param dtype, grad dtype) -> tensor indices: one launch each
+    for i, (p, g, *_) in enumerate(tensors):
+        if p.numel() > 0:
+            buckets.setdefault((p.dtype, g.dtype), []).append(i)
+    if not buckets:
+        return total
+    consts = constants.to(device=device, dtype=torch.float32).contiguous()
+    for (p_dtype, g_dtype), idx in buckets.items():
+        rows = [[t.data_ptr() for t in tensors[i]] + [tensors[i][0].numel(), 8 if tensors[i][2].dtype == torch.uint8 else 32]
+                for i in idx]
+        meta, progs = tables.get(device, rows, _programs)
+        k = consts if len(idx) == len(tensors) else consts[torch.tensor(idx, device=device)].contiguous()
+        counts = torch.empty(progs.shape[0], dtype=torch.int32, device=device)
+        launch((progs.shape[0],), meta, k, progs, counts, DTYPE_CODES[p_dtype], DTYPE_CODES[g_dtype])
+        total += counts.sum(dtype=torch.int64)
+    return total
 
 
 def adam_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, table1, table2, nonfinite):
@@ -171,27 +219,17 @@ def adam_step(params, grads, state1, state2, absmax1, absmax2, constants, code1,
     if len(params) == 0:
         return torch.zeros((), dtype=torch.int64)
     device = params[0].device
-    total = torch.zeros((), dtype=torch.int64, device=device)
     if nonfinite not in (0, 1):
         raise ValueError(f"adam_step: nonfinite must be 0 (skip element) or 1 (propagate), got {nonfinite!r}")
-    buckets: dict[tuple, list[int]] = {}  # (param dtype, grad dtype) -> tensor indices: one launch each
-    for i, tensors in enumerate(zip(params, grads, state1, state2, absmax1, absmax2)):
-        _check(i, device, *tensors)
-        if tensors[0].numel() > 0:
-            buckets.setdefault((tensors[0].dtype, tensors[1].dtype), []).append(i)
-    if not buckets:
-        return total
+    tensors = list(zip(params, grads, state1, state2, absmax1, absmax2))
+    for i, group in enumerate(tensors):
+        _check(i, device, *group)
     code1, code2 = code1.contiguous(), code2.contiguous()
-    consts = constants.to(device=device, dtype=torch.float32).contiguous()
-    for (p_dtype, g_dtype), idx in buckets.items():
-        group = [(params[i], grads[i], state1[i], state2[i], absmax1[i], absmax2[i]) for i in idx]
-        meta, progs = _tables(group)
-        k = consts if len(idx) == len(params) else consts[torch.tensor(idx, device=device)].contiguous()
-        counts = torch.empty(progs.shape[0], dtype=torch.int32, device=device)
-        _adam_kernel[(progs.shape[0],)](
+
+    def launch(grid, meta, k, progs, counts, p_dtype, g_dtype):
+        _adam_kernel[grid](
             meta, k, progs, code1, code2, table1, table2, counts,
-            P_DTYPE=DTYPE_CODES[p_dtype], G_DTYPE=DTYPE_CODES[g_dtype], NONFINITE=nonfinite,
-            ROWS=ADAM_ROWS, BLOCK=STATE_BLOCK, **LAUNCH,
+            P_DTYPE=p_dtype, G_DTYPE=g_dtype, NONFINITE=nonfinite, ROWS=ADAM_ROWS, BLOCK=STATE_BLOCK, **LAUNCH,
         )
-        total += counts.sum(dtype=torch.int64)
-    return total
+
+    return launch_groups(tensors, constants, _LAUNCH_TABLES, launch)
