@@ -7,8 +7,8 @@ launch per parameter group in the usual case. Triton cannot take a list of tenso
 Each program updates ROWS consecutive blocks of one tensor, loading its pointers from `meta` (int64 ->
 pointer casts). 8-bit and float32-state tensors share the launch through a branch on the state kind.
 Both tables depend only on the tensors' addresses and sizes and are cached. The one-state step
-(kernels/one_state.py) launches the same way and shares this module's helpers: `program_tile`, `unscaled_grad`,
-`store_count` in the kernels, `launch_groups` on the host.
+(kernels/one_state.py) launches the same way and shares this module's helpers: `program_tile`, `step_operands`,
+`load_state_8bit`, `store_state_8bit`, `store_count` in the kernels, `launch_groups` on the host.
 
 Per element the math is blockwise.h's adam_moments / adam_param_8bit / adam_param_32bit: `tl.fma` where
 the contract has fma, `tl.div_rn` / `tl.sqrt_rn` (correctly rounded on a GPU, unlike `/` and `tl.sqrt`),
@@ -72,14 +72,40 @@ def program_tile(meta_ptr, prog_ptr, FIELDS: tl.constexpr, ROWS: tl.constexpr, B
 
 
 @triton.jit
-def unscaled_grad(row, offs, mask, inv_grad_scale, G_DTYPE: tl.constexpr):
-    """The gradient (address in column 1 of the tensor's `meta` row) as float32, and where it is inf or NaN.
-
-    blockwise.h's unscaled_grad: the gradient as a separate GradScaler.unscale_ pass would have stored it."""
+def step_operands(row, offs, mask, inv_grad_scale, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
+                  NONFINITE: tl.constexpr):
+    """The parameter (address in column 0 of the tensor's `meta` row) as its pointer and float32 values; the
+    gradient (column 1) unscaled as blockwise.h's unscaled_grad (as a separate GradScaler.unscale_ pass would
+    have stored it); where the gradient is inf or NaN; and the elements the step writes (not the skipped ones)."""
+    p_ptr = storage_ptr(tl.load(row + 0), P_DTYPE)
+    p = load_f32(p_ptr, offs, mask, P_DTYPE)
     g_ptr = storage_ptr(tl.load(row + 1), G_DTYPE)
     g = rounded_to(load_f32(g_ptr, offs, mask, G_DTYPE) * inv_grad_scale, G_DTYPE)
     bad = (g.to(tl.uint32, bitcast=True) & 0x7F800000) == 0x7F800000  # inf or NaN
-    return g, bad
+    if NONFINITE == 0:
+        update = mask & ~bad  # a skipped element keeps its parameter and states
+    else:
+        update = mask
+    return p_ptr, p, g, bad, update
+
+
+@triton.jit
+def load_state_8bit(q_addr, a_addr, code_ptr, blocks, offs, mask, block_ok):
+    """An 8-bit state (codes at q_addr, block absmax at a_addr) dequantised: (codes' pointer, absmax pointer,
+    float32 values)."""
+    q_ptr = q_addr.to(tl.pointer_type(tl.uint8))
+    a_ptr = a_addr.to(tl.pointer_type(tl.float32))
+    a = tl.load(a_ptr + blocks, mask=block_ok, other=0.0)
+    return q_ptr, a_ptr, tl.load(code_ptr + tl.load(q_ptr + offs, mask=mask, other=0)) * a[:, None]
+
+
+@triton.jit
+def store_state_8bit(q_ptr, a_ptr, x, table_ptr, blocks, offs, mask, block_ok):
+    """Requantise float32 `x` into an 8-bit state: each block's new absmax over its real elements only
+    (masked_abs zeroes the lanes past numel), from registers, then the codes."""
+    amax = tl.max(masked_abs(x, mask), axis=1)
+    tl.store(a_ptr + blocks, amax, mask=block_ok)
+    tl.store(q_ptr + offs, quantize_values(x, amax, table_ptr, mask), mask=mask)
 
 
 @triton.jit
@@ -96,7 +122,6 @@ def _adam_kernel(meta_ptr, const_ptr, prog_ptr, code1_ptr, code2_ptr, table1_ptr
                  P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, NONFINITE: tl.constexpr,
                  ROWS: tl.constexpr, BLOCK: tl.constexpr):
     t, row, blocks, offs, mask, block_ok = program_tile(meta_ptr, prog_ptr, META_FIELDS, ROWS, BLOCK)
-    p_ptr = storage_ptr(tl.load(row + 0), P_DTYPE)
     bits = tl.load(row + 7)
     k = const_ptr + t * N_CONSTANTS  # the tensor's row of constants, in pq::AdamConstants order
     beta1 = tl.load(k + 0)
@@ -109,24 +134,13 @@ def _adam_kernel(meta_ptr, const_ptr, prog_ptr, code1_ptr, code2_ptr, table1_ptr
     step_size = tl.load(k + 7)
     decay = tl.load(k + 8)
     inv_grad_scale = tl.load(k + 9)
-    g, bad = unscaled_grad(row, offs, mask, inv_grad_scale, G_DTYPE)
-    if NONFINITE == 0:
-        update = mask & ~bad  # a skipped element keeps its p, m and v
-    else:
-        update = mask
-    p = load_f32(p_ptr, offs, mask, P_DTYPE)
+    p_ptr, p, g, bad, update = step_operands(row, offs, mask, inv_grad_scale, P_DTYPE, G_DTYPE, NONFINITE)
 
     # `bits` is a run-time value: Triton compiles both branches and joins the names they share, so the 8-bit
     # codes (q*_ptr, uint8) and the float32 moments (f*_ptr) need different names.
     if bits == 8:
-        q1_ptr = tl.load(row + 2).to(tl.pointer_type(tl.uint8))
-        q2_ptr = tl.load(row + 3).to(tl.pointer_type(tl.uint8))
-        a1_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
-        a2_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
-        a1 = tl.load(a1_ptr + blocks, mask=block_ok, other=0.0)
-        a2 = tl.load(a2_ptr + blocks, mask=block_ok, other=0.0)
-        m = tl.load(code1_ptr + tl.load(q1_ptr + offs, mask=mask, other=0)) * a1[:, None]
-        v = tl.load(code2_ptr + tl.load(q2_ptr + offs, mask=mask, other=0)) * a2[:, None]
+        q1_ptr, a1_ptr, m = load_state_8bit(tl.load(row + 2), tl.load(row + 4), code1_ptr, blocks, offs, mask, block_ok)
+        q2_ptr, a2_ptr, v = load_state_8bit(tl.load(row + 3), tl.load(row + 5), code2_ptr, blocks, offs, mask, block_ok)
         m_new = tl.fma(one_minus_beta1, g, m * beta1)
         v_new = tl.fma(one_minus_beta2 * g, g, v * beta2)
         denom = tl.div_rn(tl.sqrt_rn(v_new), c2) + eps
@@ -136,13 +150,8 @@ def _adam_kernel(meta_ptr, const_ptr, prog_ptr, code1_ptr, code2_ptr, table1_ptr
         if NONFINITE == 0:
             m_new = tl.where(bad, m, m_new)
             v_new = tl.where(bad, v, v_new)
-        # New absmax over the block's real elements only (masked_abs zeroes the lanes past numel).
-        amax1 = tl.max(masked_abs(m_new, mask), axis=1)
-        amax2 = tl.max(masked_abs(v_new, mask), axis=1)
-        tl.store(a1_ptr + blocks, amax1, mask=block_ok)
-        tl.store(a2_ptr + blocks, amax2, mask=block_ok)
-        tl.store(q1_ptr + offs, quantize_values(m_new, amax1, table1_ptr, mask), mask=mask)
-        tl.store(q2_ptr + offs, quantize_values(v_new, amax2, table2_ptr, mask), mask=mask)
+        store_state_8bit(q1_ptr, a1_ptr, m_new, table1_ptr, blocks, offs, mask, block_ok)
+        store_state_8bit(q2_ptr, a2_ptr, v_new, table2_ptr, blocks, offs, mask, block_ok)
     else:
         f1_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
         f2_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
@@ -204,8 +213,8 @@ def launch_groups(tensors: list[tuple], constants: torch.Tensor, tables: LaunchT
         return total
     consts = constants.to(device=device, dtype=torch.float32).contiguous()
     for (p_dtype, g_dtype), idx in buckets.items():
-        rows = [[t.data_ptr() for t in tensors[i]] + [tensors[i][0].numel(), 8 if tensors[i][2].dtype == torch.uint8 else 32]
-                for i in idx]
+        group = [tensors[i] for i in idx]
+        rows = [[t.data_ptr() for t in ts] + [ts[0].numel(), 8 if ts[2].dtype == torch.uint8 else 32] for ts in group]
         meta, progs = tables.get(device, rows, _programs)
         k = consts if len(idx) == len(tensors) else consts[torch.tensor(idx, device=device)].contiguous()
         counts = torch.empty(progs.shape[0], dtype=torch.int32, device=device)

@@ -24,12 +24,13 @@ from pyquant.kernels.adam import (
     ADAM_ROWS,
     STATE_BLOCK,
     launch_groups,
+    load_state_8bit,
     program_tile,
-    storage_ptr,
+    step_operands,
     store_count,
-    unscaled_grad,
+    store_state_8bit,
 )
-from pyquant.kernels.blockwise import LAUNCH, LaunchTables, load_f32, masked_abs, quantize_values, store_f32
+from pyquant.kernels.blockwise import LAUNCH, LaunchTables, store_f32
 
 # Globals a kernel reads must be constexpr.
 N_CONSTANTS = tl.constexpr(len(ONE_STATE_FIELDS))  # columns of `constants`, in pq::OneStateConstants order
@@ -91,30 +92,19 @@ def _one_state_kernel(meta_ptr, const_ptr, prog_ptr, code_ptr, table_ptr, bad_pt
                       RULE: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, NONFINITE: tl.constexpr,
                       ROWS: tl.constexpr, BLOCK: tl.constexpr):
     t, row, blocks, offs, mask, block_ok = program_tile(meta_ptr, prog_ptr, META_FIELDS, ROWS, BLOCK)
-    p_ptr = storage_ptr(tl.load(row + 0), P_DTYPE)
     bits = tl.load(row + 5)
     k = const_ptr + t * N_CONSTANTS  # the tensor's row of constants
-    g, bad = unscaled_grad(row, offs, mask, tl.load(k + 10), G_DTYPE)  # inv_grad_scale
-    if NONFINITE == 0:
-        update = mask & ~bad  # a skipped element keeps its p and s
-    else:
-        update = mask
-    p = load_f32(p_ptr, offs, mask, P_DTYPE)
+    p_ptr, p, g, bad, update = step_operands(row, offs, mask, tl.load(k + 10), P_DTYPE, G_DTYPE, NONFINITE)
 
     # `bits` is a run-time value: both branches are compiled, so the uint8 codes and the float32 state need
     # different names (see adam.py).
     if bits == 8:
-        q_ptr = tl.load(row + 2).to(tl.pointer_type(tl.uint8))
-        a_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
-        a = tl.load(a_ptr + blocks, mask=block_ok, other=0.0)
-        s = tl.load(code_ptr + tl.load(q_ptr + offs, mask=mask, other=0)) * a[:, None]
+        q_ptr, a_ptr, s = load_state_8bit(tl.load(row + 2), tl.load(row + 3), code_ptr, blocks, offs, mask, block_ok)
         p_new, s_new = one_state_update(p, g, s, k, RULE, True)
         store_f32(p_ptr, offs, p_new, update, P_DTYPE)
         if NONFINITE == 0:
             s_new = tl.where(bad, s, s_new)
-        amax = tl.max(masked_abs(s_new, mask), axis=1)  # over the block's real elements only
-        tl.store(a_ptr + blocks, amax, mask=block_ok)
-        tl.store(q_ptr + offs, quantize_values(s_new, amax, table_ptr, mask), mask=mask)
+        store_state_8bit(q_ptr, a_ptr, s_new, table_ptr, blocks, offs, mask, block_ok)
     else:
         f_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
         s = tl.load(f_ptr + offs, mask=mask, other=0.0)
