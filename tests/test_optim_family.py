@@ -360,3 +360,24 @@ def test_triton_kernel_checks_operands_as_the_cpu_backend():
         kernel([q], [q.clone()], [q.clone()], [torch.empty(0)], constants, code, 7, 0)
     with pytest.raises(ValueError, match="absmax1 0 has 0 elements, expected 2"):
         kernel([q], [q.clone()], [q.to(torch.uint8)], [torch.empty(0, device=TRITON_DEVICE)], constants, code, 0, 0)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("eight_bit", [True, False], ids=["8bit", "32bit"])
+@pytest.mark.parametrize("rule", [_contract.ONE_STATE_RULES["rmsprop"], _contract.ONE_STATE_RULES["adagrad"]],
+                         ids=["rmsprop", "adagrad"])
+def test_triton_kernel_ieee_sqrt(monkeypatch, rule, eight_bit):
+    """With an IEEE square root everywhere (tl.sqrt_rn and torch.sqrt on a GPU) the kernel still equals the
+    reference: the only sqrt-dependent difference is the device's sqrt itself (as tests/test_optimizer_kernels.py
+    shows for Adam)."""
+    if pyquant.backends.triton_interpreted():
+        import numpy as np
+        from triton.runtime import interpreter
+
+        monkeypatch.setattr(interpreter.InterpreterBuilder, "create_precise_sqrt",
+                            lambda self, arg: interpreter.TensorHandle(np.sqrt(arg.data), arg.dtype.scalar))
+    torch_sqrt = torch.sqrt
+    monkeypatch.setattr(torch, "sqrt", lambda x: torch_sqrt(x.double()).to(x.dtype))  # exact, then one rounding
+    ours = run_steps("triton", TRITON_DEVICE, rule, torch.float32, eight_bit, 0, steps=2)
+    theirs = run_steps("reference", TRITON_DEVICE, rule, torch.float32, eight_bit, 0, steps=2)
+    assert_same_bits(ours[:3], theirs[:3], "triton vs reference, IEEE sqrt", nan_blind=True)
