@@ -6,7 +6,9 @@ launch per parameter group in the usual case. Triton cannot take a list of tenso
   - `progs` (int32 [n_programs, 2]): for each program, its tensor index and its first 256-element block.
 Each program updates ROWS consecutive blocks of one tensor, loading its pointers from `meta` (int64 ->
 pointer casts). 8-bit and float32-state tensors share the launch through a branch on the state kind.
-Both tables depend only on the tensors' addresses and sizes and are cached.
+Both tables depend only on the tensors' addresses and sizes and are cached. The one-state step
+(kernels/one_state.py) launches the same way and shares this module's helpers: `program_tile`, `step_operands`,
+`load_state_8bit`, `store_state_8bit`, `store_count` in the kernels, `launch_groups` on the host.
 
 Per element the math is blockwise.h's adam_moments / adam_param_8bit / adam_param_32bit: `tl.fma` where
 the contract has fma, `tl.div_rn` / `tl.sqrt_rn` (correctly rounded on a GPU, unlike `/` and `tl.sqrt`),
@@ -36,8 +38,9 @@ from pyquant.kernels.blockwise import (
 
 STATE_BLOCK = OPTIMIZER_BLOCK  # block size of the 8-bit states
 ADAM_ROWS = 4  # state blocks per program
-N_CONSTANTS = len(CONSTANT_FIELDS)  # columns of `constants`
-META_FIELDS = 8  # param, grad, state1, state2, absmax1, absmax2 addresses; numel; state bits
+# Globals a kernel reads must be constexpr (Triton's compiler refuses other globals).
+N_CONSTANTS = tl.constexpr(len(CONSTANT_FIELDS))  # columns of `constants`
+META_FIELDS = tl.constexpr(8)  # param, grad, state1, state2, absmax1, absmax2 addresses; numel; state bits
 _LAUNCH_TABLES = LaunchTables(limit=32)
 
 
@@ -52,18 +55,75 @@ def storage_ptr(addr, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _adam_kernel(meta_ptr, const_ptr, prog_ptr, code1_ptr, code2_ptr, table1_ptr, table2_ptr, bad_ptr,
-                 P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, NONFINITE: tl.constexpr,
-                 ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def program_tile(meta_ptr, prog_ptr, FIELDS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's share of a multi-tensor launch: its tensor `t`, that tensor's row of `meta` (FIELDS int64
+    values, numel and state bits last), its ROWS state blocks, their element offsets [ROWS, BLOCK], the mask of
+    the elements that exist (the partial last block, blocks past the end) and of the blocks that do."""
     pid = tl.program_id(0)
     t = tl.load(prog_ptr + 2 * pid)  # tensor this program works on
     first = tl.load(prog_ptr + 2 * pid + 1)  # its first state block within that tensor
-    row = meta_ptr + t * 8  # the tensor's row of `meta`
+    row = meta_ptr + t * FIELDS
+    numel = tl.load(row + FIELDS - 2)
+    blocks = first + tl.arange(0, ROWS)  # state block indices within the tensor
+    offs = blocks.to(tl.int64)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # element indices
+    mask = offs < numel
+    block_ok = blocks.to(tl.int64) * BLOCK < numel
+    return t, row, blocks, offs, mask, block_ok
+
+
+@triton.jit
+def step_operands(row, offs, mask, inv_grad_scale, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
+                  NONFINITE: tl.constexpr):
+    """The parameter (address in column 0 of the tensor's `meta` row) as its pointer and float32 values; the
+    gradient (column 1) unscaled as blockwise.h's unscaled_grad (as a separate GradScaler.unscale_ pass would
+    have stored it); where the gradient is inf or NaN; and the elements the step writes (not the skipped ones)."""
     p_ptr = storage_ptr(tl.load(row + 0), P_DTYPE)
+    p = load_f32(p_ptr, offs, mask, P_DTYPE)
     g_ptr = storage_ptr(tl.load(row + 1), G_DTYPE)
-    numel = tl.load(row + 6)
+    g = rounded_to(load_f32(g_ptr, offs, mask, G_DTYPE) * inv_grad_scale, G_DTYPE)
+    bad = (g.to(tl.uint32, bitcast=True) & 0x7F800000) == 0x7F800000  # inf or NaN
+    if NONFINITE == 0:
+        update = mask & ~bad  # a skipped element keeps its parameter and states
+    else:
+        update = mask
+    return p_ptr, p, g, bad, update
+
+
+@triton.jit
+def load_state_8bit(q_addr, a_addr, code_ptr, blocks, offs, mask, block_ok):
+    """An 8-bit state (codes at q_addr, block absmax at a_addr) dequantised: (codes' pointer, absmax pointer,
+    float32 values)."""
+    q_ptr = q_addr.to(tl.pointer_type(tl.uint8))
+    a_ptr = a_addr.to(tl.pointer_type(tl.float32))
+    a = tl.load(a_ptr + blocks, mask=block_ok, other=0.0)
+    return q_ptr, a_ptr, tl.load(code_ptr + tl.load(q_ptr + offs, mask=mask, other=0)) * a[:, None]
+
+
+@triton.jit
+def store_state_8bit(q_ptr, a_ptr, x, table_ptr, blocks, offs, mask, block_ok):
+    """Requantise float32 `x` into an 8-bit state: each block's new absmax over its real elements only
+    (masked_abs zeroes the lanes past numel), from registers, then the codes."""
+    amax = tl.max(masked_abs(x, mask), axis=1)
+    tl.store(a_ptr + blocks, amax, mask=block_ok)
+    tl.store(q_ptr + offs, quantize_values(x, amax, table_ptr, mask), mask=mask)
+
+
+@triton.jit
+def store_count(bad_ptr, mask, bad, NONFINITE: tl.constexpr):
+    """This program's number of skipped (non-finite) gradient elements: 0 when they propagate."""
+    if NONFINITE == 0:
+        tl.store(bad_ptr + tl.program_id(0), tl.sum((mask & bad).to(tl.int32)))
+    else:
+        tl.store(bad_ptr + tl.program_id(0), 0)
+
+
+@triton.jit
+def _adam_kernel(meta_ptr, const_ptr, prog_ptr, code1_ptr, code2_ptr, table1_ptr, table2_ptr, bad_ptr,
+                 P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, NONFINITE: tl.constexpr,
+                 ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    t, row, blocks, offs, mask, block_ok = program_tile(meta_ptr, prog_ptr, META_FIELDS, ROWS, BLOCK)
     bits = tl.load(row + 7)
-    k = const_ptr + t * 10  # the tensor's row of constants, in pq::AdamConstants order
+    k = const_ptr + t * N_CONSTANTS  # the tensor's row of constants, in pq::AdamConstants order
     beta1 = tl.load(k + 0)
     one_minus_beta1 = tl.load(k + 1)
     beta2 = tl.load(k + 2)
@@ -74,31 +134,13 @@ def _adam_kernel(meta_ptr, const_ptr, prog_ptr, code1_ptr, code2_ptr, table1_ptr
     step_size = tl.load(k + 7)
     decay = tl.load(k + 8)
     inv_grad_scale = tl.load(k + 9)
-
-    blocks = first + tl.arange(0, ROWS)  # state block indices within the tensor
-    offs = blocks.to(tl.int64)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # element indices
-    mask = offs < numel  # covers the partial last block and blocks past the end
-    block_ok = blocks.to(tl.int64) * BLOCK < numel
-    # blockwise.h's unscaled_grad: the gradient as a separate GradScaler.unscale_ pass would have stored it.
-    g = rounded_to(load_f32(g_ptr, offs, mask, G_DTYPE) * inv_grad_scale, G_DTYPE)
-    bad = (g.to(tl.uint32, bitcast=True) & 0x7F800000) == 0x7F800000  # inf or NaN
-    if NONFINITE == 0:
-        update = mask & ~bad  # a skipped element keeps its p, m and v
-    else:
-        update = mask
-    p = load_f32(p_ptr, offs, mask, P_DTYPE)
+    p_ptr, p, g, bad, update = step_operands(row, offs, mask, inv_grad_scale, P_DTYPE, G_DTYPE, NONFINITE)
 
     # `bits` is a run-time value: Triton compiles both branches and joins the names they share, so the 8-bit
     # codes (q*_ptr, uint8) and the float32 moments (f*_ptr) need different names.
     if bits == 8:
-        q1_ptr = tl.load(row + 2).to(tl.pointer_type(tl.uint8))
-        q2_ptr = tl.load(row + 3).to(tl.pointer_type(tl.uint8))
-        a1_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
-        a2_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
-        a1 = tl.load(a1_ptr + blocks, mask=block_ok, other=0.0)
-        a2 = tl.load(a2_ptr + blocks, mask=block_ok, other=0.0)
-        m = tl.load(code1_ptr + tl.load(q1_ptr + offs, mask=mask, other=0)) * a1[:, None]
-        v = tl.load(code2_ptr + tl.load(q2_ptr + offs, mask=mask, other=0)) * a2[:, None]
+        q1_ptr, a1_ptr, m = load_state_8bit(tl.load(row + 2), tl.load(row + 4), code1_ptr, blocks, offs, mask, block_ok)
+        q2_ptr, a2_ptr, v = load_state_8bit(tl.load(row + 3), tl.load(row + 5), code2_ptr, blocks, offs, mask, block_ok)
         m_new = tl.fma(one_minus_beta1, g, m * beta1)
         v_new = tl.fma(one_minus_beta2 * g, g, v * beta2)
         denom = tl.div_rn(tl.sqrt_rn(v_new), c2) + eps
@@ -108,13 +150,8 @@ def _adam_kernel(meta_ptr, const_ptr, prog_ptr, code1_ptr, code2_ptr, table1_ptr
         if NONFINITE == 0:
             m_new = tl.where(bad, m, m_new)
             v_new = tl.where(bad, v, v_new)
-        # New absmax over the block's real elements only (masked_abs zeroes the lanes past numel).
-        amax1 = tl.max(masked_abs(m_new, mask), axis=1)
-        amax2 = tl.max(masked_abs(v_new, mask), axis=1)
-        tl.store(a1_ptr + blocks, amax1, mask=block_ok)
-        tl.store(a2_ptr + blocks, amax2, mask=block_ok)
-        tl.store(q1_ptr + offs, quantize_values(m_new, amax1, table1_ptr, mask), mask=mask)
-        tl.store(q2_ptr + offs, quantize_values(v_new, amax2, table2_ptr, mask), mask=mask)
+        store_state_8bit(q1_ptr, a1_ptr, m_new, table1_ptr, blocks, offs, mask, block_ok)
+        store_state_8bit(q2_ptr, a2_ptr, v_new, table2_ptr, blocks, offs, mask, block_ok)
     else:
         f1_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
         f2_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
@@ -128,10 +165,7 @@ def _adam_kernel(meta_ptr, const_ptr, prog_ptr, code1_ptr, code2_ptr, table1_ptr
         tl.store(f2_ptr + offs, v_new, mask=update)
         store_f32(p_ptr, offs, p_new, update, P_DTYPE)
 
-    if NONFINITE == 0:
-        tl.store(bad_ptr + pid, tl.sum((mask & bad).to(tl.int32)))
-    else:
-        tl.store(bad_ptr + pid, 0)
+    store_count(bad_ptr, mask, bad, NONFINITE)
 
 
 def _check(i, device, p, g, s1, s2, a1, a2):
@@ -155,15 +189,38 @@ def _check(i, device, p, g, s1, s2, a1, a2):
 
 
 def _programs(rows) -> list[tuple[int, int]]:
-    """program -> (tensor, first block): ADAM_ROWS blocks of one tensor per program."""
-    return [(t, b) for t, row in enumerate(rows) for b in range(0, -(-row[6] // STATE_BLOCK), ADAM_ROWS)]
+    """program -> (tensor, first block): ADAM_ROWS blocks of one tensor per program (numel: a row's next-to-last)."""
+    return [(t, b) for t, row in enumerate(rows) for b in range(0, -(-row[-2] // STATE_BLOCK), ADAM_ROWS)]
 
 
-def _tables(tensors) -> tuple[torch.Tensor, torch.Tensor]:
-    """`meta` and `progs` (see the module docstring) for `tensors`: (p, g, s1, s2, a1, a2) tuples."""
-    rows = [[p.data_ptr(), g.data_ptr(), s1.data_ptr(), s2.data_ptr(), a1.data_ptr(), a2.data_ptr(), p.numel(),
-             8 if s1.dtype == torch.uint8 else 32] for p, g, s1, s2, a1, a2 in tensors]
-    return _LAUNCH_TABLES.get(tensors[0][0].device, rows, _programs)
+def launch_groups(tensors: list[tuple], constants: torch.Tensor, tables: LaunchTables, launch) -> torch.Tensor:
+    """The multi-tensor launches of an optimizer step, shared by adam_step and one_state.one_state_step.
+
+    `tensors`: one (param, grad, state..., absmax...) tuple per tensor, checked by the caller; `constants`: one row
+    per tensor. The non-empty tensors are bucketed by (param dtype, grad dtype) and each bucket is one call of
+    `launch(grid, meta, constants, progs, counts, P_DTYPE, G_DTYPE)`, where meta's rows are the tuple's addresses,
+    then numel and the state bits (8 for uint8 states, else 32), and `counts` gets one non-finite count per program.
+    Returns the total count, a 0-dim int64 tensor on the parameters' device."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.int64)
+    device = tensors[0][0].device
+    total = torch.zeros((), dtype=torch.int64, device=device)
+    buckets: dict[tuple, list[int]] = {}  # (param dtype, grad dtype) -> tensor indices: one launch each
+    for i, (p, g, *_) in enumerate(tensors):
+        if p.numel() > 0:
+            buckets.setdefault((p.dtype, g.dtype), []).append(i)
+    if not buckets:
+        return total
+    consts = constants.to(device=device, dtype=torch.float32).contiguous()
+    for (p_dtype, g_dtype), idx in buckets.items():
+        group = [tensors[i] for i in idx]
+        rows = [[t.data_ptr() for t in ts] + [ts[0].numel(), 8 if ts[2].dtype == torch.uint8 else 32] for ts in group]
+        meta, progs = tables.get(device, rows, _programs)
+        k = consts if len(idx) == len(tensors) else consts[torch.tensor(idx, device=device)].contiguous()
+        counts = torch.empty(progs.shape[0], dtype=torch.int32, device=device)
+        launch((progs.shape[0],), meta, k, progs, counts, DTYPE_CODES[p_dtype], DTYPE_CODES[g_dtype])
+        total += counts.sum(dtype=torch.int64)
+    return total
 
 
 def adam_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, table1, table2, nonfinite):
@@ -171,27 +228,17 @@ def adam_step(params, grads, state1, state2, absmax1, absmax2, constants, code1,
     if len(params) == 0:
         return torch.zeros((), dtype=torch.int64)
     device = params[0].device
-    total = torch.zeros((), dtype=torch.int64, device=device)
     if nonfinite not in (0, 1):
         raise ValueError(f"adam_step: nonfinite must be 0 (skip element) or 1 (propagate), got {nonfinite!r}")
-    buckets: dict[tuple, list[int]] = {}  # (param dtype, grad dtype) -> tensor indices: one launch each
-    for i, tensors in enumerate(zip(params, grads, state1, state2, absmax1, absmax2)):
-        _check(i, device, *tensors)
-        if tensors[0].numel() > 0:
-            buckets.setdefault((tensors[0].dtype, tensors[1].dtype), []).append(i)
-    if not buckets:
-        return total
+    tensors = list(zip(params, grads, state1, state2, absmax1, absmax2))
+    for i, group in enumerate(tensors):
+        _check(i, device, *group)
     code1, code2 = code1.contiguous(), code2.contiguous()
-    consts = constants.to(device=device, dtype=torch.float32).contiguous()
-    for (p_dtype, g_dtype), idx in buckets.items():
-        group = [(params[i], grads[i], state1[i], state2[i], absmax1[i], absmax2[i]) for i in idx]
-        meta, progs = _tables(group)
-        k = consts if len(idx) == len(params) else consts[torch.tensor(idx, device=device)].contiguous()
-        counts = torch.empty(progs.shape[0], dtype=torch.int32, device=device)
-        _adam_kernel[(progs.shape[0],)](
+
+    def launch(grid, meta, k, progs, counts, p_dtype, g_dtype):
+        _adam_kernel[grid](
             meta, k, progs, code1, code2, table1, table2, counts,
-            P_DTYPE=DTYPE_CODES[p_dtype], G_DTYPE=DTYPE_CODES[g_dtype], NONFINITE=nonfinite,
-            ROWS=ADAM_ROWS, BLOCK=STATE_BLOCK, **LAUNCH,
+            P_DTYPE=p_dtype, G_DTYPE=g_dtype, NONFINITE=nonfinite, ROWS=ADAM_ROWS, BLOCK=STATE_BLOCK, **LAUNCH,
         )
-        total += counts.sum(dtype=torch.int64)
-    return total
+
+    return launch_groups(tensors, constants, _LAUNCH_TABLES, launch)

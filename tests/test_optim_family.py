@@ -2,7 +2,8 @@
 bit for bit: parameters and states after every step, float32/float16/bfloat16 parameters, partial last blocks,
 tensors below min_8bit_size (float32 states), each optimizer's options; state_dict round trips with bitsandbytes
 in both directions through torch.load(weights_only=True); the op's cpu kernel against the reference on every
-instruction set and thread count; the options and inputs that are refused."""
+instruction set and thread count; the op's triton kernel against both; the options and inputs that are
+refused."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pyquant
 from pyquant import _contract, use_backend
 from pyquant import functional as F
 
-from conftest import CPU_BACKENDS, assert_same_bits, needs_cpu_library
+from conftest import CPU_BACKENDS, TRITON_DEVICE, TRITON_PEERS, assert_same_bits, needs_cpu_library
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -245,3 +246,138 @@ def test_cpu_kernel_is_the_same_for_any_thread_count(outputs_by_thread_count):
         "print(h.hexdigest())\n"
     )
     assert len(outputs_by_thread_count(script)) == 1
+
+
+# ---- the op's triton kernel (kernels/one_state.py) against the reference and cpu backends ----
+# Without a GPU the kernel runs on CPU tensors through Triton's interpreter; the `triton` mark (tests/conftest.py)
+# makes the interpreter's fma exact and its sqrt_rn torch's CPU sqrt, the device's, so the bits must be equal.
+def run_steps(backend, device, rule, dtype, eight_bit, nonfinite, steps=3):
+    """`steps` calls of the op on `backend` with kernel_inputs' tensors on `device` (new gradients, with NaN and inf
+    elements, and step counts each call); returns the tensors after the last one and every call's count."""
+    params, _, state1, absmax1, _, code = kernel_inputs(rule, dtype, eight_bit, seed=0)
+    params, state1, absmax1 = ([t.to(device) for t in ts] for ts in (params, state1, absmax1))
+    counts = []
+    for step in range(1, steps + 1):
+        _, grads, _, _, constants, _ = kernel_inputs(rule, dtype, eight_bit, seed=step)
+        grads[2][255] = -float("inf")  # the last element of a whole block
+        grads[3][256] = float("nan")  # the only element of a partial last block
+        with use_backend(backend):
+            count = F.one_state_step_multi_tensor(params, [g.to(device) for g in grads], state1, absmax1, constants,
+                                                  code.to(device), rule, nonfinite)
+        counts.append(count)
+    return params, state1, absmax1, counts
+
+
+def triton_peers():
+    """The (backend, device) pairs whose bits the triton backend must give: those on the kernel's device."""
+    return [(name, dev) for name, dev in TRITON_PEERS if dev == TRITON_DEVICE]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("nonfinite", [0, 1], ids=["skip", "propagate"])
+@pytest.mark.parametrize("eight_bit", [True, False], ids=["8bit", "32bit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rule", list(_contract.ONE_STATE_RULES.values()), ids=list(_contract.ONE_STATE_RULES))
+def test_triton_kernel_equals_reference(rule, dtype, eight_bit, nonfinite):
+    *ours, counts = run_steps("triton", TRITON_DEVICE, rule, dtype, eight_bit, nonfinite)
+    bad = 4  # per call: kernel_inputs' NaN and inf, and run_steps' two
+    for count in counts:
+        assert count.dtype == torch.int64 and count.dim() == 0 and count.device.type == TRITON_DEVICE
+        assert int(count) == (bad if nonfinite == _contract.SKIP_ELEMENT else 0)
+    for name, dev in triton_peers():
+        *theirs, their_counts = run_steps(name, dev, rule, dtype, eight_bit, nonfinite)
+        assert [int(c) for c in counts] == [int(c) for c in their_counts], f"counts vs {name}"
+        assert_same_bits(ours, theirs, f"triton vs {name}", nan_blind=True)
+    params = ours[0]
+    if nonfinite == _contract.SKIP_ELEMENT:
+        assert all(torch.isfinite(p.float()).all() for p in params), "skip must keep every parameter finite"
+    elif rule != _contract.ONE_STATE_RULES["lion"]:  # Lion's step is sign(u): 0 for a NaN u
+        assert torch.isnan(params[4].float()).any(), "a NaN gradient should reach the parameter"
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("rule", list(_contract.ONE_STATE_RULES.values()), ids=list(_contract.ONE_STATE_RULES))
+def test_triton_kernel_mixed_dtypes_in_one_call(rule):
+    """One call with several (param dtype, grad dtype) pairs (one launch each, with its rows of the constants), 8-bit
+    and float32 states, an empty tensor, and GradScaler's unscale fused in (inv_grad_scale != 1)."""
+    g = torch.Generator().manual_seed(3)
+    layout = [(4099, torch.bfloat16, torch.float32, True), (300, torch.float32, torch.float32, False),
+              (0, torch.float16, torch.float16, False), (1000, torch.float16, torch.float16, True),
+              (513, torch.float32, torch.bfloat16, True), (257, torch.bfloat16, torch.float32, False)]
+    code = F.create_dynamic_map(signed=True)
+    group = dict(lr=1e-2, betas=(0.9, 0.99) if rule == 1 else (0.9, 0.0), eps=1e-8, weight_decay=0.01)
+    constants = torch.tensor([_contract.one_state_constants(group, 2, eight_bit, 2.0**-6)
+                              for _, _, _, eight_bit in layout])
+    tensors = []
+    for n, p_dtype, g_dtype, eight_bit in layout:
+        s = torch.randn(n, generator=g).abs() if rule >= 2 else torch.randn(n, generator=g)
+        s, a = F.quantize_blockwise(s, code, 256) if eight_bit else (s, torch.empty(0))
+        grad = (torch.randn(n, generator=g) * 64).to(g_dtype)
+        tensors.append([torch.randn(n, generator=g).to(p_dtype), grad, s, a])
+    runs = {}
+    for name, dev in [("triton", TRITON_DEVICE)] + triton_peers():
+        p, grads, s, a = ([t.clone().to(dev) for t in col] for col in zip(*tensors))
+        with use_backend(name):
+            count = F.one_state_step_multi_tensor(p, grads, s, a, constants, code.to(dev), rule, 0)
+        runs[name] = (p, s, a, int(count))
+    for name in runs:
+        assert_same_bits(runs["triton"], runs[name], f"triton vs {name}", nan_blind=True)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("name", list(CASES))
+def test_triton_optimizer_end_to_end(name):
+    """The optimizer class on the triton backend: the reference's (bitsandbytes') bits after every step."""
+    lr, options = CASES[name]
+    runs = {}
+    for backend in ("triton", "reference"):
+        params = [torch.nn.Parameter(p.detach().to(TRITON_DEVICE)) for p in make_params(torch.bfloat16)]
+        opt = getattr(pyquant, name)(params, lr=lr, **options[1])
+        history = []
+        with use_backend(backend):
+            for step in range(1, 4):
+                for p, grad in zip(params, grads_for(params, step)):
+                    p.grad = grad.to(TRITON_DEVICE)
+                opt.step()
+                history.append([p.detach().clone() for p in params] + [
+                    t.clone() for t in (v for s in state_tensors(opt, params) for v in s.values())
+                    if isinstance(t, torch.Tensor)])
+        runs[backend] = history
+    assert_same_bits(runs["triton"], runs["reference"], f"{name} triton vs reference")
+
+
+@pytest.mark.triton
+def test_triton_kernel_checks_operands_as_the_cpu_backend():
+    p = torch.zeros(64, 2, device=TRITON_DEVICE).t()
+    constants = torch.tensor([_contract.one_state_constants(dict(lr=0.1, betas=(0.9, 0.0), eps=1e-8, weight_decay=0),
+                                                            1, False)])
+    code = F.create_dynamic_map(signed=True).to(TRITON_DEVICE)
+    kernel = pyquant.backends.lookup("one_state_step", "triton")
+    with pytest.raises(ValueError, match="contiguous"):
+        kernel([p], [torch.zeros_like(p)], [torch.zeros_like(p)], [torch.empty(0)], constants, code, 0, 0)
+    q = torch.zeros(300, device=TRITON_DEVICE)
+    with pytest.raises(ValueError, match="rule"):
+        kernel([q], [q.clone()], [q.clone()], [torch.empty(0)], constants, code, 7, 0)
+    with pytest.raises(ValueError, match="absmax1 0 has 0 elements, expected 2"):
+        kernel([q], [q.clone()], [q.to(torch.uint8)], [torch.empty(0, device=TRITON_DEVICE)], constants, code, 0, 0)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("eight_bit", [True, False], ids=["8bit", "32bit"])
+@pytest.mark.parametrize("rule", [_contract.ONE_STATE_RULES["rmsprop"], _contract.ONE_STATE_RULES["adagrad"]],
+                         ids=["rmsprop", "adagrad"])
+def test_triton_kernel_ieee_sqrt(monkeypatch, rule, eight_bit):
+    """With an IEEE square root everywhere (tl.sqrt_rn and torch.sqrt on a GPU) the kernel still equals the
+    reference: the only sqrt-dependent difference is the device's sqrt itself (as tests/test_optimizer_kernels.py
+    shows for Adam)."""
+    if pyquant.backends.triton_interpreted():
+        import numpy as np
+        from triton.runtime import interpreter
+
+        monkeypatch.setattr(interpreter.InterpreterBuilder, "create_precise_sqrt",
+                            lambda self, arg: interpreter.TensorHandle(np.sqrt(arg.data), arg.dtype.scalar))
+    torch_sqrt = torch.sqrt
+    monkeypatch.setattr(torch, "sqrt", lambda x: torch_sqrt(x.double()).to(x.dtype))  # exact, then one rounding
+    ours = run_steps("triton", TRITON_DEVICE, rule, torch.float32, eight_bit, 0, steps=2)
+    theirs = run_steps("reference", TRITON_DEVICE, rule, torch.float32, eight_bit, 0, steps=2)
+    assert_same_bits(ours[:3], theirs[:3], "triton vs reference, IEEE sqrt", nan_blind=True)

@@ -121,6 +121,10 @@ def _exercise_every_launcher():
             for p in params:
                 p.grad = torch.randn(p.shape).to(dtype)
             pyquant.Adam8bit(params).step()
+            # the one-state kernel, one compile per rule
+            for name, kwargs in (("SGD8bit", dict(lr=0.1, momentum=0.9)), ("Lion8bit", {}), ("RMSprop8bit", {}),
+                                 ("Adagrad8bit", {})):
+                getattr(pyquant, name)(params, **kwargs).step()
         grads = [torch.randn(5).to(d) for d in (*dtypes, torch.float64)]
         unscale_(grads, torch.zeros(1), torch.full((1,), 0.5))
         for dtype in (torch.float16, torch.bfloat16):
@@ -134,7 +138,7 @@ def test_every_triton_launch_compiles_for_sm90(recorded_launches):
     _exercise_every_launcher()
     launches = list(recorded_launches.values())
     names = {launch["name"] for launch in launches}
-    assert {"_quantize_kernel", "_dequantize_kernel", "_adam_kernel", "_unscale_kernel"} <= names, names
+    assert {"_quantize_kernel", "_dequantize_kernel", "_adam_kernel", "_one_state_kernel", "_unscale_kernel"} <= names, names
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(launches), env=env,
                           capture_output=True, text=True, timeout=600)

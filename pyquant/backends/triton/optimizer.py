@@ -1,10 +1,11 @@
-"""The Triton fused Adam step (pyquant.kernels.adam) as the "triton" backend."""
+"""The Triton fused optimizer steps (pyquant.kernels.adam, pyquant.kernels.one_state) as the "triton" backend."""
 
 from __future__ import annotations
 
 from pyquant.backends import kernel
+from pyquant.backends.capi import check_one_state_operands
 from pyquant.backends.code_tables import cached_code_table
-from pyquant.kernels import adam
+from pyquant.kernels import adam, one_state
 
 
 @kernel("adam_step", "triton")
@@ -12,3 +13,10 @@ def adam_step(params, grads, state1, state2, absmax1, absmax2, constants, code1,
     table1, table2 = cached_code_table(code1), cached_code_table(code2)
     return adam.adam_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, table1, table2,
                           nonfinite)
+
+
+@kernel("one_state_step", "triton")
+def one_state_step(params, grads, state1, absmax1, constants, code1, rule, nonfinite):
+    check_one_state_operands(params, grads, state1, absmax1, constants, code1, rule, nonfinite)
+    return one_state.one_state_step(params, grads, state1, absmax1, constants, code1, cached_code_table(code1), rule,
+                                    nonfinite)
