@@ -339,5 +339,23 @@ def test_optimizer_on_cuda_tensors_equals_cpu(ieee_cpu_sqrt, name, dtype):
             with use_backend("cuda"):
                 cuda_opt.step()
             assert_same_bits(list(cuda_p), list(cpu_p), f"{name} {option} params, step {step}")
-            assert_same_bits(state_tensors(cuda_opt, cuda_p), state_tensors(cpu_opt, cpu_p), f"{name} states, step {step}")
+            assert_same_bits(state_tensors(cuda_opt, cuda_p), state_tensors(cpu_opt, cpu_p),
+                             f"{name} {option} states, step {step}")
         assert [cuda_opt.state[p]["state1"].device.type for p in cuda_p] == ["cuda"] * len(SHAPES)
+
+
+@pytest.mark.gpu
+def test_cuda_kernel_refuses_what_the_cpu_kernel_refuses(cuda_backends):
+    """The cuda kernel runs the cpu backend's argument checks before anything reaches the device."""
+    _cpu, cuda = cuda_backends
+    params, grads, state1, absmax1, constants, code = kernel_inputs(2, torch.float32, True, seed=0)
+    args = dict(params=[t.cuda() for t in params], grads=[t.cuda() for t in grads], state1=[t.cuda() for t in state1],
+                absmax1=[t.cuda() for t in absmax1], constants=constants, code1=code.cuda(), rule=2, nonfinite=0)
+    for change, match in (
+        (dict(state1=args["state1"][:4] + [args["state1"][4][:-1]] + args["state1"][5:]), "state1 4 has 999 elements"),
+        (dict(grads=[grads[0]] + args["grads"][1:]), "grad 0 is on cpu"),
+        (dict(rule=7), "rule must be one of"),
+        (dict(nonfinite=2), "nonfinite must be 0"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            cuda["one_state_step"](**{**args, **change})

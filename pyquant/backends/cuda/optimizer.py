@@ -89,4 +89,5 @@ def one_state_step(params, grads, state1, absmax1, constants, code1, rule, nonfi
             descriptors, first_block, count, total_blocks, ptr(code1), ptr(table1), rule, nonfinite, bad, on_stream,
         )
 
-    return launch_group("one_state_step", OneStateTensor, OneStateConstants, (params, grads, state1, absmax1), constants, launch)
+    columns = (params, grads, state1, absmax1)
+    return launch_group("one_state_step", OneStateTensor, OneStateConstants, columns, constants, launch)
