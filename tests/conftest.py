@@ -10,7 +10,8 @@ fixtures by name:
   `needs_cpu_library` (a skipif mark), the `isa` fixture and the `cpu_isa` context manager (the C++ library's
   instruction-set builds);
 - Triton: the `triton` mark (see `_triton_test`), `TRITON_DEVICE` and `TRITON_PEERS`;
-- CUDA: the `cuda_backends` fixture (skips with the reason when there is no GPU or library);
+- CUDA: the `cuda_backends` fixture (skips with the reason when there is no GPU or library), and `ieee_cpu_sqrt`
+  (the same, with the CPU library's square root made the GPU's IEEE one);
 - `nvtx_names`, `outputs_by_thread_count`.
 """
 
@@ -186,6 +187,23 @@ def cuda_backends():
     if capi.cuda_library() is None:
         pytest.skip("the CUDA library was not built (PYQUANT_CUDA=ON pip install -e .)")
     return backends.kernels_of("cpu"), backends.kernels_of("cuda")
+
+
+@pytest.fixture
+def ieee_cpu_sqrt(cuda_backends):
+    """(cpu ops, cuda ops), as `cuda_backends`, with the CPU library taking IEEE sqrtf for the optimizers' square
+    roots (Adam's denominator, RMSprop's and Adagrad's), as the CUDA kernels (and torch on a GPU) do.
+
+    The CPU library may take sqrt(v) from torch's CPU sqrt routine (MKL's vsSqrt, up to 1 ulp from IEEE,
+    see pyquant.backends.capi._torch_cpu_sqrt) to match torch and bitsandbytes on a CPU; the GPU has IEEE sqrt.
+    The kernels' own logic is compared with the CPU drivers under the same (IEEE) square root.
+    """
+    setter = capi.cpu_library().pq_set_cpu_sqrt
+    setter(None)
+    try:
+        yield cuda_backends
+    finally:
+        setter(capi._torch_cpu_sqrt())
 
 
 # ---- profiling and threads ----

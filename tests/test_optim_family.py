@@ -2,8 +2,8 @@
 bit for bit: parameters and states after every step, float32/float16/bfloat16 parameters, partial last blocks,
 tensors below min_8bit_size (float32 states), each optimizer's options; state_dict round trips with bitsandbytes
 in both directions through torch.load(weights_only=True); the op's cpu kernel against the reference on every
-instruction set and thread count; the op's triton kernel against both; the options and inputs that are
-refused."""
+instruction set and thread count; the op's triton kernel against both, and its cuda kernel against the cpu one (on
+a GPU); the options and inputs that are refused."""
 
 from __future__ import annotations
 
@@ -381,3 +381,117 @@ def test_triton_kernel_ieee_sqrt(monkeypatch, rule, eight_bit):
     ours = run_steps("triton", TRITON_DEVICE, rule, torch.float32, eight_bit, 0, steps=2)
     theirs = run_steps("reference", TRITON_DEVICE, rule, torch.float32, eight_bit, 0, steps=2)
     assert_same_bits(ours[:3], theirs[:3], "triton vs reference, IEEE sqrt", nan_blind=True)
+
+
+# ======== the op's cuda kernel (csrc/cuda/one_state.cu) on a GPU: against the cpu kernel, and end to end ========
+# Self-contained: it uses kernel_inputs and the optimizer helpers above, conftest's `ieee_cpu_sqrt` fixture (the cpu and
+# cuda kernels, the CPU library's square root made IEEE as the GPU's) and the `gpu` mark.
+CUDA_STEPS = 3
+
+
+def cuda_step_grads(params, step, dtype):
+    """The gradients of a step after the first (kernel_inputs gives the first's), with a NaN and an inf again."""
+    g = torch.Generator().manual_seed(500 + step)
+    grads = [(torch.randn(p.shape, generator=g) * 0.1).to(dtype) for p in params]
+    grads[3][100] = float("nan")
+    grads[5][4098] = -float("inf")  # in the partial last block
+    return grads
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nonfinite", [0, 1], ids=["skip", "propagate"])
+@pytest.mark.parametrize("eight_bit", [True, False], ids=["8bit", "32bit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rule", list(_contract.ONE_STATE_RULES.values()), ids=list(_contract.ONE_STATE_RULES))
+def test_cuda_kernel_equals_cpu(ieee_cpu_sqrt, rule, dtype, eight_bit, nonfinite):
+    """Several steps of one group (sizes 1 to 4099: partial last blocks, a lone element), the same inputs on both."""
+    cpu, cuda = ieee_cpu_sqrt
+    params, grads, state1, absmax1, constants, code = kernel_inputs(rule, dtype, eight_bit, seed=rule)
+    host = dict(params=params, state1=state1, absmax1=absmax1)
+    dev = {k: [t.cuda() for t in v] for k, v in host.items()}
+    group = dict(lr=1e-2, betas=(0.9, 0.99) if rule == 1 else (0.9, 0.0), eps=1e-8, weight_decay=0.01)
+    for step in range(1, CUDA_STEPS + 1):
+        if step > 1:
+            grads = cuda_step_grads(params, step, dtype)
+            constants = torch.tensor(
+                [_contract.one_state_constants(group, step + i % 2, eight_bit) for i in range(len(params))]
+            )
+        counts = [
+            int(ops["one_state_step"](st["params"], [g.to(device) for g in grads], st["state1"], st["absmax1"],
+                                      constants, code.to(device), rule, nonfinite))
+            for ops, device, st in ((cpu, "cpu", host), (cuda, "cuda", dev))
+        ]
+        assert counts[1] == counts[0] == (2 if nonfinite == 0 else 0), f"step {step}: non-finite counts"
+        for key in host:
+            assert_same_bits(dev[key], host[key], f"step {step}: {key}", nan_blind=True)
+
+
+@pytest.mark.gpu
+def test_cuda_kernel_group_of_many_tensors_in_one_launch(ieee_cpu_sqrt):
+    """Many tensors and blocks in one launch (the block -> tensor search), fresh all-zero 8-bit states, an empty
+    tensor, mixed parameter and gradient dtypes."""
+    cpu, cuda = ieee_cpu_sqrt
+    g = torch.Generator().manual_seed(13)
+    sizes = [int(s) for s in torch.randint(1, 20_000, (40,), generator=g)] + [0, 1_000_003]
+    dtypes = [torch.float32, torch.float16, torch.bfloat16]
+    params = [torch.randn(n, generator=g).to(dtypes[i % 3]) for i, n in enumerate(sizes)]
+    grads = [(torch.randn(n, generator=g) * 1e-2).to(dtypes[(i + 1) % 3]) for i, n in enumerate(sizes)]
+    eight = [n >= 4096 for n in sizes]
+    code = F.create_dynamic_map(signed=True)
+    for rule in _contract.ONE_STATE_RULES.values():
+        group = dict(lr=1e-3, betas=(0.9, 0.99) if rule == 1 else (0.9, 0.0), eps=1e-8, weight_decay=0.0)
+        constants = torch.tensor([_contract.one_state_constants(group, 1, e) for e in eight])
+        host = dict(
+            params=[p.clone() for p in params],
+            state1=[torch.zeros(n, dtype=torch.uint8 if e else torch.float32) for n, e in zip(sizes, eight)],
+            absmax1=[torch.zeros(-(-n // 256) if e else 0) for n, e in zip(sizes, eight)],
+        )
+        dev = {k: [t.cuda() for t in v] for k, v in host.items()}
+        cpu["one_state_step"](host["params"], grads, host["state1"], host["absmax1"], constants, code, rule, 0)
+        bad = cuda["one_state_step"](dev["params"], [t.cuda() for t in grads], dev["state1"], dev["absmax1"],
+                                     constants, code.cuda(), rule, 0)
+        assert int(bad) == 0 and bad.device.type == "cuda"
+        for key in host:
+            assert_same_bits(dev[key], host[key], f"rule {rule}: {key}", nan_blind=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_optimizer_on_cuda_tensors_equals_cpu(ieee_cpu_sqrt, name, dtype):
+    """Each optimizer on CUDA parameters (the cuda backend's kernel) against the same optimizer on CPU parameters
+    (the cpu backend), bit for bit after every step: 8-bit and float32 states, partial blocks, each option set."""
+    lr, options = CASES[name]
+    for option in options:
+        cpu_p = make_params(dtype)
+        cuda_p = [torch.nn.Parameter(p.detach().cuda()) for p in cpu_p]
+        cpu_opt = getattr(pyquant, name)(cpu_p, lr=lr, **option)
+        cuda_opt = getattr(pyquant, name)(cuda_p, lr=lr, **option)
+        for step in range(1, 5):
+            for p, c, grad in zip(cpu_p, cuda_p, grads_for(cpu_p, step)):
+                p.grad, c.grad = grad, grad.cuda()
+            with use_backend("cpu"):
+                cpu_opt.step()
+            with use_backend("cuda"):
+                cuda_opt.step()
+            assert_same_bits(list(cuda_p), list(cpu_p), f"{name} {option} params, step {step}")
+            assert_same_bits(state_tensors(cuda_opt, cuda_p), state_tensors(cpu_opt, cpu_p),
+                             f"{name} {option} states, step {step}")
+        assert [cuda_opt.state[p]["state1"].device.type for p in cuda_p] == ["cuda"] * len(SHAPES)
+
+
+@pytest.mark.gpu
+def test_cuda_kernel_refuses_what_the_cpu_kernel_refuses(cuda_backends):
+    """The cuda kernel runs the cpu backend's argument checks before anything reaches the device."""
+    _cpu, cuda = cuda_backends
+    params, grads, state1, absmax1, constants, code = kernel_inputs(2, torch.float32, True, seed=0)
+    args = dict(params=[t.cuda() for t in params], grads=[t.cuda() for t in grads], state1=[t.cuda() for t in state1],
+                absmax1=[t.cuda() for t in absmax1], constants=constants, code1=code.cuda(), rule=2, nonfinite=0)
+    for change, match in (
+        (dict(state1=args["state1"][:4] + [args["state1"][4][:-1]] + args["state1"][5:]), "state1 4 has 999 elements"),
+        (dict(grads=[grads[0]] + args["grads"][1:]), "grad 0 is on cpu"),
+        (dict(rule=7), "rule must be one of"),
+        (dict(nonfinite=2), "nonfinite must be 0"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            cuda["one_state_step"](**{**args, **change})

@@ -19,7 +19,6 @@ import torch
 import pyquant
 from pyquant import _contract, backends
 from pyquant import functional as F
-from pyquant.backends import capi
 from pyquant.backends.reference import blockwise as reference_blockwise
 from pyquant.backends.reference import optimizer as reference_optimizer
 
@@ -282,22 +281,6 @@ def make_group_grads(step: int, bad_fraction: float):
             grad[pick] = bad[torch.randint(0, 3, (int(pick.sum()),), generator=g)]
         grads.append(grad.to(gdt))
     return grads
-
-
-@pytest.fixture
-def ieee_cpu_sqrt(cuda_backends):
-    """The CPU library with IEEE sqrtf in Adam's denominator, as the CUDA kernels (and torch on a GPU) use.
-
-    The CPU library may take sqrt(v) from torch's CPU sqrt routine (MKL's vsSqrt, up to 1 ulp from IEEE,
-    see pyquant.backends.capi._torch_cpu_sqrt) to match torch and bitsandbytes on a CPU; the GPU has IEEE sqrt.
-    The kernels' own logic is compared with the CPU drivers under the same (IEEE) square root.
-    """
-    setter = capi.cpu_library().pq_set_cpu_sqrt
-    setter(None)
-    try:
-        yield cuda_backends
-    finally:
-        setter(capi._torch_cpu_sqrt())
 
 
 def run_adam_steps(ops_a, device_a, ops_b, device_b, nonfinite, bad_fraction, steps=5):

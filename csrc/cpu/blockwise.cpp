@@ -172,7 +172,7 @@ static inline int64_t one_state_block(const pq_one_state_tensor& t, int64_t star
       s[i] = si;
     }
   }
-  constexpr bool needs_root = rule == PQ_RULE_RMSPROP || rule == PQ_RULE_ADAGRAD;
+  constexpr bool needs_root = one_state_needs_root(rule);
   if (needs_root) block_sqrt(s, root, len, fn);
   for (int64_t i = 0; i < len; ++i) {
     if (skip[i]) continue;

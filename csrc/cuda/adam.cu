@@ -4,8 +4,7 @@
 namespace {
 using namespace pq_cuda;
 
-constexpr int kAdamThreads = kOptimizerBlock;   // one thread per element of a 256-element state block
-static_assert(kAdamThreads % kWarp == 0 && kAdamThreads <= 1024, "bad Adam block shape");
+constexpr int kAdamThreads = kOptimizerThreads;  // one thread per element of a 256-element state block
 // pyquant/backends/cuda/optimizer.py packs ctypes mirrors of pq_adam_tensor (backends/capi.py AdamTensor) back to back, then the
 // int64 first-block array at the next multiple of 8 bytes.
 static_assert(alignof(pq_adam_tensor) == 8 && sizeof(pq_adam_tensor) % 8 == 0, "pq_adam_tensor layout changed");
@@ -25,13 +24,10 @@ __global__ void __launch_bounds__(kAdamThreads) adam_kernel(const pq_adam_tensor
   s_code2[tid] = code2[tid];
   __syncthreads();
   for (int64_t gb = blockIdx.x; gb < total_blocks; gb += gridDim.x) {
-    const int32_t ti = tensor_of_block(first_block, count, gb);
-    const pq_adam_tensor& t = tensors[ti];  // block-uniform: every branch on it below is taken by the whole block
-    const int64_t b = gb - first_block[ti];
-    const int64_t start = b * kOptimizerBlock;
-    const int64_t len = kOptimizerBlock < t.numel - start ? (int64_t)kOptimizerBlock : t.numel - start;
-    const int64_t i = start + tid;
-    const bool live = tid < len;
+    const GroupElement at = group_element(tensors, first_block, count, gb);
+    const pq_adam_tensor& t = tensors[at.tensor];  // block-uniform: every branch on it below is taken by the whole block
+    const int64_t b = at.block, i = at.i;
+    const bool live = at.live;
     int bad = 0;
     if (t.state_bits == 8) {
       uint8_t* q1 = (uint8_t*)t.state1;
@@ -59,8 +55,8 @@ __global__ void __launch_bounds__(kAdamThreads) adam_kernel(const pq_adam_tensor
         t.absmax2[b] = new_a2;
       }
       if (live) {
-        q1[i] = new_a1 == 0.0f ? (uint8_t)0 : __ldg(table1 + grid_bin(m, block_inverse(new_a1)));
-        q2[i] = new_a2 == 0.0f ? (uint8_t)0 : __ldg(table2 + grid_bin(v, block_inverse(new_a2)));
+        q1[i] = requantize(m, new_a1, table1);
+        q2[i] = requantize(v, new_a2, table2);
       }
     } else if (live) {
       float* ms = (float*)t.state1;
@@ -78,8 +74,7 @@ __global__ void __launch_bounds__(kAdamThreads) adam_kernel(const pq_adam_tensor
       }
     }
     // Count this block's non-finite gradient elements (every thread of the block reaches this barrier).
-    const int block_bad = __syncthreads_count(bad);
-    if (tid == 0 && block_bad > 0) atomicAdd((unsigned long long*)bad_count, (unsigned long long)block_bad);
+    count_bad_elements(bad, bad_count);
   }
 }
 
@@ -95,9 +90,8 @@ extern "C" {
 int32_t pq_cuda_adam_step(const pq_adam_tensor* device_descriptors, const int64_t* device_first_block, int32_t count,
                           int64_t total_blocks, const float* code1, const float* code2, const uint8_t* table1,
                           const uint8_t* table2, int32_t nonfinite, int64_t* device_bad_count, void* stream) {
-  if (count < 0 || total_blocks < 0 || (nonfinite != pq::kSkipElement && nonfinite != pq::kPropagate))
-    return (int32_t)cudaErrorInvalidValue;
-  if (count == 0 || total_blocks == 0) return (int32_t)cudaSuccess;
+  const int32_t early = group_launch_precheck(count, total_blocks, nonfinite);
+  if (early >= 0) return early;
   adam_kernel<<<grid_for(total_blocks), kAdamThreads, 0, (cudaStream_t)stream>>>(
       device_descriptors, device_first_block, count, total_blocks, code1, code2, table1, table2, nonfinite,
       device_bad_count);

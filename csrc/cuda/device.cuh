@@ -62,4 +62,50 @@ __device__ __forceinline__ int32_t tensor_of_block(const int64_t* __restrict__ f
 
 inline unsigned grid_for(int64_t blocks) { return (unsigned)(blocks < kMaxGrid ? blocks : kMaxGrid); }
 
+// ---- the multi-tensor optimizer kernels (adam.cu, one_state.cu): one CUDA block per 256-element state block ----
+constexpr int kOptimizerThreads = kOptimizerBlock;  // one thread per element of a state block
+static_assert(kOptimizerThreads % kWarp == 0 && kOptimizerThreads <= 1024, "bad optimizer block shape");
+
+// This thread's place in global block gb of a group: its tensor, the block's index in that tensor, its element
+// and whether that element exists (the last block of a tensor may be partial). Block-uniform but for i and live.
+struct GroupElement {
+  int32_t tensor;
+  int64_t block, i;
+  bool live;
+};
+
+template <class Tensor>
+__device__ __forceinline__ GroupElement group_element(const Tensor* __restrict__ tensors,
+                                                      const int64_t* __restrict__ first_block, int32_t count,
+                                                      int64_t gb) {
+  const int32_t ti = tensor_of_block(first_block, count, gb);
+  const int64_t b = gb - first_block[ti];
+  const int64_t start = b * kOptimizerBlock;
+  const int64_t numel = tensors[ti].numel;
+  const int64_t len = kOptimizerBlock < numel - start ? (int64_t)kOptimizerBlock : numel - start;
+  const int tid = (int)threadIdx.x;
+  return GroupElement{ti, b, start + tid, tid < len};
+}
+
+// The 8-bit code of x in a block whose new absmax is `absmax` (an all-zero block is all code 0).
+__device__ __forceinline__ uint8_t requantize(float x, float absmax, const uint8_t* __restrict__ table) {
+  return absmax == 0.0f ? (uint8_t)0 : __ldg(table + grid_bin(x, block_inverse(absmax)));
+}
+
+// Adds the block's count of non-finite gradient elements (`bad`: 0 or 1 per thread) to *bad_count. Every thread
+// of the block must reach it (it is a barrier).
+__device__ __forceinline__ void count_bad_elements(int bad, int64_t* __restrict__ bad_count) {
+  const int block_bad = __syncthreads_count(bad);
+  if (threadIdx.x == 0 && block_bad > 0) atomicAdd((unsigned long long*)bad_count, (unsigned long long)block_bad);
+}
+
+// What a multi-tensor optimizer entry point returns without launching: cudaErrorInvalidValue for a negative count
+// or block total or an unknown non-finite policy, cudaSuccess for an empty group; -1 when the kernel must run.
+inline int32_t group_launch_precheck(int32_t count, int64_t total_blocks, int32_t nonfinite) {
+  if (count < 0 || total_blocks < 0 || (nonfinite != kSkipElement && nonfinite != kPropagate))
+    return (int32_t)cudaErrorInvalidValue;
+  if (count == 0 || total_blocks == 0) return (int32_t)cudaSuccess;
+  return -1;
+}
+
 }  // namespace pq_cuda

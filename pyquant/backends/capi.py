@@ -22,7 +22,7 @@ from pyquant._contract import (
     CONSTANT_FIELDS, DTYPE_CODES, FLOAT_DTYPES, ISA_NAMES, ONE_STATE_FIELDS, ONE_STATE_RULES, OPTIMIZER_BLOCK, blocks_of,
 )
 
-ABI_VERSION = 6  # PQ_ABI_VERSION of capi.h, which everything below mirrors
+ABI_VERSION = 7  # PQ_ABI_VERSION of capi.h, which everything below mirrors
 INVALID_ARGUMENT = 2  # PQ_INVALID_ARGUMENT of capi.h
 OUT_OF_MEMORY = 1  # what the low-rank convolution entry points return when a buffer cannot be allocated
 REBUILD = "pip install -e ."  # what rebuilds the libraries of a checkout (README)
@@ -85,6 +85,7 @@ CUDA_FUNCTIONS = {
     "pq_cuda_quantize_blockwise": ([P, I32, I64, I64, P, P, P, P], I32),
     "pq_cuda_dequantize_blockwise": ([P, P, P, I64, I64, P, I32, P], I32),
     "pq_cuda_adam_step": ([P, P, I32, I64, P, P, P, P, I32, P, P], I32),
+    "pq_cuda_one_state_step": ([P, P, I32, I64, P, P, I32, I32, P, P], I32),
     "pq_cuda_unscale_": ([P, I32, I64, P, P, P], I32),
     "pq_cuda_error_string": ([I32], ctypes.c_char_p),
 }

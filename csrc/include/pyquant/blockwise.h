@@ -228,6 +228,9 @@ PQ_HD float one_state_first(int32_t rule, bool eight_bit, float& p, float& g, fl
   return 0.0f;
 }
 
+// Whether the rule's parameter update takes sqrt(s): RMSprop and Adagrad.
+PQ_HD constexpr bool one_state_needs_root(int32_t rule) { return rule == PQ_RULE_RMSPROP || rule == PQ_RULE_ADAGRAD; }
+
 // The parameter update, given `direction` from one_state_first and sqrt(s) (RMSprop, Adagrad).
 PQ_HD float one_state_param(int32_t rule, bool eight_bit, float p, float g, float s, float direction, float sqrt_s,
                             const pq_one_state_constants& k) {

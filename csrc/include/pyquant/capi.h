@@ -7,7 +7,7 @@
 
 // Bumped whenever an enum, a struct or a signature below changes, for either library: Python refuses a library
 // built from other sources rather than passing it arguments it would misread.
-#define PQ_ABI_VERSION 6
+#define PQ_ABI_VERSION 7
 
 // What the validating entry points return when an argument is invalid (a negative size, a block size <= 0,
 // an unknown dtype code, a missing pointer, a block count that does not fit in int64): they do nothing then.
@@ -193,6 +193,12 @@ int32_t pq_cuda_adam_step(const struct pq_adam_tensor* device_descriptors, const
                           int32_t count, int64_t total_blocks, const float* code1, const float* code2,
                           const uint8_t* table1, const uint8_t* table2, int32_t nonfinite, int64_t* device_bad_count,
                           void* stream);
+
+// pq_one_state_step on the device, with the conventions of pq_cuda_adam_step (descriptors and first global blocks
+// in device memory; adds the number of non-finite gradient elements to *device_bad_count).
+int32_t pq_cuda_one_state_step(const struct pq_one_state_tensor* device_descriptors, const int64_t* device_first_block,
+                               int32_t count, int64_t total_blocks, const float* code1, const uint8_t* table1,
+                               int32_t rule, int32_t nonfinite, int64_t* device_bad_count, void* stream);
 
 // pq_unscale_ on the device, the gradients described by 4 x count int64 values in device memory.
 int32_t pq_cuda_unscale_(const int64_t* device_meta, int32_t count, int64_t total_chunks, float* found_inf,

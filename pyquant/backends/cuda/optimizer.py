@@ -1,4 +1,7 @@
-"""The CUDA library's fused optimizer step (csrc/cuda): one launch per parameter group."""
+"""The CUDA library's fused optimizer steps (csrc/cuda): one launch per parameter group.
+
+Adam (`adam_step`, csrc/cuda/adam.cu) and the one-state rules (`one_state_step`, csrc/cuda/one_state.cu: momentum,
+Lion, RMSprop, Adagrad) take the same arguments as the cpu backend's kernels and check them with the same functions."""
 
 from __future__ import annotations
 
@@ -8,38 +11,41 @@ import torch
 
 from pyquant._contract import DTYPE_CODES, OPTIMIZER_BLOCK, blocks_of
 from pyquant.backends import kernel
-from pyquant.backends.capi import AdamConstants, AdamTensor, check_adam_operands
+from pyquant.backends.capi import (
+    AdamConstants, AdamTensor, OneStateConstants, OneStateTensor, check_adam_operands, check_one_state_operands,
+)
 from pyquant.backends.code_tables import cached_code_table
 from pyquant.backends.cuda.launch import check, library, stream
 
 ptr = torch.Tensor.data_ptr
 
 
-@kernel("adam_step", "cuda")
-def adam_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite):
-    """One launch for the group; returns the number of non-finite gradient elements skipped, as a 0-dim
-    int64 tensor on the parameters' device (not synchronised: read it only when needed)."""
-    check_adam_operands(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite)
-    lib = library()
+def launch_group(op: str, descriptor: type, constants_type: type, columns: tuple, constants, launch) -> torch.Tensor:
+    """Describe a group's tensors to the device and launch its kernel once.
+
+    `columns` holds one list of tensors per pointer field of `descriptor` (AdamTensor, OneStateTensor), in the
+    field order: the parameters, the gradients, the first state, ... . `launch(descriptors, first_block, count,
+    total_blocks, bad, stream)` calls the entry point with the device addresses. Returns the number of non-finite
+    gradient elements skipped, as a 0-dim int64 tensor on the parameters' device (not synchronised: read it only
+    when needed)."""
+    params, grads, state1 = columns[:3]
     count = len(params)
     if count == 0:
         return torch.zeros((), dtype=torch.int64)
     device = params[0].device
-    descriptors = (AdamTensor * count)()
+    pointer_names = [name for name, _ in descriptor._fields_[: len(columns)]]
+    descriptors = (descriptor * count)()
     first_block = (ctypes.c_int64 * count)()
-    rows = constants.tolist()
     total_blocks = 0
-    for i, (d, p, g, s1, s2, a1, a2, row) in enumerate(
-        zip(descriptors, params, grads, state1, state2, absmax1, absmax2, rows)
-    ):
-        d.param, d.grad, d.state1, d.state2 = ptr(p), ptr(g), ptr(s1), ptr(s2)
-        d.absmax1, d.absmax2 = ptr(a1), ptr(a2)
-        d.numel = p.numel()
-        d.param_dtype, d.grad_dtype = DTYPE_CODES[p.dtype], DTYPE_CODES[g.dtype]
-        d.state_bits = 8 if s1.dtype == torch.uint8 else 32
-        d.k = AdamConstants(*row)
+    for i, (d, row, *tensors) in enumerate(zip(descriptors, constants.tolist(), *columns)):
+        for name, t in zip(pointer_names, tensors):
+            setattr(d, name, ptr(t))
+        d.numel = params[i].numel()
+        d.param_dtype, d.grad_dtype = DTYPE_CODES[params[i].dtype], DTYPE_CODES[grads[i].dtype]
+        d.state_bits = 8 if state1[i].dtype == torch.uint8 else 32
+        d.k = constants_type(*row)
         first_block[i] = total_blocks
-        total_blocks += blocks_of(p.numel(), OPTIMIZER_BLOCK)
+        total_blocks += blocks_of(d.numel, OPTIMIZER_BLOCK)
     bad = torch.zeros((), dtype=torch.int64, device=device)
     if total_blocks == 0:
         return bad
@@ -50,11 +56,38 @@ def adam_step(params, grads, state1, state2, absmax1, absmax2, constants, code1,
     host[:offset] = bytes(descriptors)
     host[offset:] = bytes(first_block)
     on_device = torch.frombuffer(host, dtype=torch.uint8).to(device)
-    table1, table2 = cached_code_table(code1), cached_code_table(code2)
     with torch.cuda.device(device):
-        error = lib.pq_cuda_adam_step(
-            ptr(on_device), ptr(on_device) + offset, count, total_blocks,
-            ptr(code1), ptr(code2), ptr(table1), ptr(table2), nonfinite, ptr(bad), stream(device),
-        )
-    check(error, "adam_step")
+        error = launch(ptr(on_device), ptr(on_device) + offset, count, total_blocks, ptr(bad), stream(device))
+    check(error, op)
     return bad
+
+
+@kernel("adam_step", "cuda")
+def adam_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite):
+    check_adam_operands(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite)
+    lib = library()
+    columns = (params, grads, state1, state2, absmax1, absmax2)
+
+    def launch(descriptors, first_block, count, total_blocks, bad, on_stream):
+        table1, table2 = cached_code_table(code1), cached_code_table(code2)
+        return lib.pq_cuda_adam_step(
+            descriptors, first_block, count, total_blocks,
+            ptr(code1), ptr(code2), ptr(table1), ptr(table2), nonfinite, bad, on_stream,
+        )
+
+    return launch_group("adam_step", AdamTensor, AdamConstants, columns, constants, launch)
+
+
+@kernel("one_state_step", "cuda")
+def one_state_step(params, grads, state1, absmax1, constants, code1, rule, nonfinite):
+    check_one_state_operands(params, grads, state1, absmax1, constants, code1, rule, nonfinite)
+    lib = library()
+
+    def launch(descriptors, first_block, count, total_blocks, bad, on_stream):
+        table1 = cached_code_table(code1)
+        return lib.pq_cuda_one_state_step(
+            descriptors, first_block, count, total_blocks, ptr(code1), ptr(table1), rule, nonfinite, bad, on_stream,
+        )
+
+    columns = (params, grads, state1, absmax1)
+    return launch_group("one_state_step", OneStateTensor, OneStateConstants, columns, constants, launch)
