@@ -90,9 +90,9 @@ setup_smoke() {
 
 tests() {
   local selection=(-m gpu tests)
-  # The Triton tests of quantize/dequantize and the Adam step (what tests/test_triton.py held before the tests were
-  # split by op family; `-m triton tests` would add those of amp, matmul and lowrank).
-  local triton=(-m triton tests/test_blockwise.py tests/test_optimizer_kernels.py)
+  # The Triton tests of quantize/dequantize, the Adam step (what tests/test_triton.py held before the tests were
+  # split by op family) and the one-state step; `-m triton tests` would add those of amp, matmul and lowrank.
+  local triton=(-m triton tests/test_blockwise.py tests/test_optimizer_kernels.py tests/test_optim_family.py)
   if [ -n "$smoke" ]; then
     triton+=(-k "quantize and float32")  # the interpreter is slow: a sample keeps the script's wiring tested
   fi
