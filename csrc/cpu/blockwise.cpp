@@ -159,25 +159,25 @@ static inline int64_t one_state_block(const pq_one_state_tensor& t, int64_t star
     codec.dequantize(q1, a1, len, s);
   else
     memcpy(s, s32, (size_t)len * sizeof(float));
+  // Branch-free (selects, not ifs), so that the compiler vectorises both loops for the build's instruction set.
   for (int64_t i = 0; i < len; ++i) {
-    g[i] = unscaled_grad(load_as_float(t.grad, start + i, GDT), t.k.inv_grad_scale, GDT);
-    p[i] = load_as_float(t.param, start + i, PDT);
-    skip[i] = nonfinite == kSkipElement && !is_finite(g[i]);  // such an element keeps its parameter and state
-    bad += skip[i];
-    float pi = p[i], gi = g[i], si = s[i];
+    const float g0 = unscaled_grad(load_as_float(t.grad, start + i, GDT), t.k.inv_grad_scale, GDT);
+    const float p0 = load_as_float(t.param, start + i, PDT), s0 = s[i];
+    const bool keep = nonfinite == kSkipElement && !is_finite(g0);  // keeps its parameter and state
+    bad += keep;
+    float pi = p0, gi = g0, si = s0;
     dir[i] = one_state_first(rule, eight_bit, pi, gi, si, t.k);
-    if (!skip[i]) {
-      p[i] = pi;
-      g[i] = gi;
-      s[i] = si;
-    }
+    p[i] = keep ? p0 : pi;
+    g[i] = keep ? g0 : gi;
+    s[i] = keep ? s0 : si;
+    skip[i] = keep;
   }
   constexpr bool needs_root = one_state_needs_root(rule);
   if (needs_root) block_sqrt(s, root, len, fn);
   for (int64_t i = 0; i < len; ++i) {
-    if (skip[i]) continue;
     const float np = one_state_param(rule, eight_bit, p[i], g[i], s[i], dir[i], needs_root ? root[i] : 0.0f, t.k);
-    store_from_float(t.param, start + i, PDT, np);
+    // a kept element stores its parameter back unchanged: widening to float32 and rounding back is exact
+    store_from_float(t.param, start + i, PDT, skip[i] ? p[i] : np);
   }
   if (eight_bit) {
     const float new_a1 = block_absmax(s, len);
