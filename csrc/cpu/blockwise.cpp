@@ -512,16 +512,40 @@ static inline void ademamix_sqrt(const float* v, float* out, int64_t len, int sq
   scalar::block_sqrt(v, out, len, fn);
 }
 
+// A state block's new absmax and its codes: the SIMD builds find the absmax with vector max instructions (a scalar
+// running max is one serial chain per state, which took a third of the step with three states).
+static inline float requantize_state(const StateCodec& codec, const float* s, int64_t len, uint8_t* q) {
+  float absmax;
+#if PQ_SIMD
+  if (codec.vector) {
+    vec::quantize_block<PQ_DTYPE_FLOAT32>(s, 0, len, codec.quant_table, q, &absmax);
+    return absmax;
+  }
+#endif
+  absmax = scalar::block_absmax(s, len);
+  codec.quantize(s, len, absmax, q);
+  return absmax;
+}
+
+// `kept` where keep is 1, else `updated`, on the bits. A select (keep ? kept : updated) let GCC move the update's
+// arithmetic under a branch (it may trap, -ftrapping-math), and the state loop stayed scalar under nonfinite="skip".
+static inline float kept_or_updated(uint32_t keep, float kept, float updated) {
+  const uint32_t mask = 0u - keep;
+  return bits_float((float_bits(kept) & mask) | (float_bits(updated) & ~mask));
+}
+
 namespace scalar {
 
 // One block of an AdEMAMix step (8-bit or float32 states), in the order of bitsandbytes' CPU code: the three
 // states, the block's square roots, the parameters, the requantisation. state1 holds m1 then m2 (numel apart),
 // absmax1 their scales (`blocks` apart). Branch-free loops (selects), as one_state_block, so that they vectorise.
-template <int PDT, int GDT, class Codec>
-static inline int64_t ademamix_block(const pq_ademamix_tensor& t, int64_t start, int64_t len, const Codec& codec1,
-                                     const Codec& codec2, int32_t nonfinite, int sqrt_mode, pq_vsqrt_fn fn) {
-  float m1[kOptimizerBlock], m2[kOptimizerBlock], nu[kOptimizerBlock], root[kOptimizerBlock];
+template <int PDT, int GDT>
+static inline int64_t ademamix_block(const pq_ademamix_tensor& t, int64_t start, int64_t len, const StateCodec& codec1,
+                                     const StateCodec& codec2, int32_t nonfinite, int sqrt_mode, pq_vsqrt_fn fn) {
+  float m1[kOptimizerBlock], m2[kOptimizerBlock], nu[kOptimizerBlock], root[kOptimizerBlock], p[kOptimizerBlock],
+      grad[kOptimizerBlock];
   bool skip[kOptimizerBlock];
+  const pq_ademamix_constants k = t.k;  // a local copy: the parameter stores cannot alias it
   const bool eight_bit = t.state_bits == 8;
   const int64_t n = t.numel, b = start / kOptimizerBlock, blocks = block_count(n, kOptimizerBlock);
   uint8_t* q1 = (uint8_t*)t.state1 + start;
@@ -540,32 +564,33 @@ static inline int64_t ademamix_block(const pq_ademamix_tensor& t, int64_t start,
     memcpy(m2, f2, bytes);
     memcpy(nu, f3, bytes);
   }
+  // The loads and conversions in loops of their own: in the state loop they kept GCC from vectorising it.
+  for (int64_t i = 0; i < len; ++i) grad[i] = unscaled_grad(load_as_float(t.grad, start + i, GDT), k.inv_grad_scale, GDT);
+  for (int64_t i = 0; i < len; ++i) p[i] = load_as_float(t.param, start + i, PDT);
+  const uint32_t skip_mode = nonfinite == kSkipElement;
   int64_t bad = 0;
   for (int64_t i = 0; i < len; ++i) {
-    const float g = unscaled_grad(load_as_float(t.grad, start + i, GDT), t.k.inv_grad_scale, GDT);
-    const bool keep = nonfinite == kSkipElement && !is_finite(g);  // keeps its parameter and states
+    const float g = grad[i];
+    const uint32_t keep = skip_mode & !is_finite(g);  // 1: keeps its parameter and states
     bad += keep;
     float a = m1[i], c = m2[i], v = nu[i];
-    ademamix_moments(g, a, c, v, t.k);
-    m1[i] = keep ? m1[i] : a;
-    m2[i] = keep ? m2[i] : c;
-    nu[i] = keep ? nu[i] : v;
+    ademamix_moments(g, a, c, v, k);
+    m1[i] = kept_or_updated(keep, m1[i], a);
+    m2[i] = kept_or_updated(keep, m2[i], c);
+    nu[i] = kept_or_updated(keep, nu[i], v);
     skip[i] = keep;
   }
   ademamix_sqrt(nu, root, len, sqrt_mode, fn);
-  for (int64_t i = 0; i < len; ++i) {
-    const float p = load_as_float(t.param, start + i, PDT);
-    const float np = ademamix_param_given_sqrt(p, m1[i], m2[i], root[i], t.k);
-    store_from_float(t.param, start + i, PDT, skip[i] ? p : np);  // widening and rounding back is exact
-  }
+  // Every element, then the skipped ones put back (rare): a select in this loop kept GCC from vectorising it.
+  for (int64_t i = 0; i < len; ++i)
+    store_from_float(t.param, start + i, PDT, ademamix_param_given_sqrt(p[i], m1[i], m2[i], root[i], k));
+  if (bad != 0)
+    for (int64_t i = 0; i < len; ++i)
+      if (skip[i]) store_from_float(t.param, start + i, PDT, p[i]);  // widening and rounding back is exact
   if (eight_bit) {
-    const float a1 = block_absmax(m1, len), a2 = block_absmax(m2, len), a3 = block_absmax(nu, len);
-    t.absmax1[b] = a1;
-    t.absmax1[blocks + b] = a2;
-    t.absmax2[b] = a3;
-    codec1.quantize(m1, len, a1, q1);
-    codec1.quantize(m2, len, a2, q2);
-    codec2.quantize(nu, len, a3, q3);
+    t.absmax1[b] = requantize_state(codec1, m1, len, q1);
+    t.absmax1[blocks + b] = requantize_state(codec1, m2, len, q2);
+    t.absmax2[b] = requantize_state(codec2, nu, len, q3);
   } else {
     memcpy(f1, m1, bytes);
     memcpy(f2, m2, bytes);
