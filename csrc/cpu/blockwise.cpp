@@ -538,7 +538,7 @@ namespace scalar {
 
 // One block of an AdEMAMix step (8-bit or float32 states), in the order of bitsandbytes' CPU code: the three
 // states, the block's square roots, the parameters, the requantisation. state1 holds m1 then m2 (numel apart),
-// absmax1 their scales (`blocks` apart). Branch-free loops (selects), as one_state_block, so that they vectorise.
+// absmax1 their scales (`blocks` apart). Branch-free loops, so that they vectorise.
 template <int PDT, int GDT>
 static inline int64_t ademamix_block(const pq_ademamix_tensor& t, int64_t start, int64_t len, const StateCodec& codec1,
                                      const StateCodec& codec2, int32_t nonfinite, int sqrt_mode, pq_vsqrt_fn fn) {
