@@ -17,6 +17,12 @@
   int64_t one_state_step(const pq_one_state_tensor*, int32_t, const float*, const uint8_t*, int32_t, int32_t); \
   }
 PQ_FOR_EACH_ISA(PQ_DECLARE_ISA)
+#define PQ_DECLARE_ADEMAMIX(ns)                                                                            \
+  namespace ns {                                                                                           \
+  int64_t ademamix_step(const pq_ademamix_tensor*, int32_t, const float*, const float*, const uint8_t*,   \
+                        const uint8_t*, int32_t);                                                         \
+  }
+PQ_FOR_EACH_ISA(PQ_DECLARE_ADEMAMIX)
 
 namespace {
 int32_t detect_isa() {
@@ -129,6 +135,24 @@ int64_t pq_one_state_step(const pq_one_state_tensor* tensors, int32_t count, con
   if (blocks <= 0) return blocks;
   if (!code1 || !table1) return -PQ_INVALID_ARGUMENT;
   PQ_DISPATCH(one_state_step(tensors, count, code1, table1, rule, nonfinite))
+}
+
+static bool valid_ademamix_tensor(const pq_ademamix_tensor& t) {
+  // numel <= INT64_MAX / 2: state1 holds 2 * numel values
+  if (t.numel < 0 || t.numel > INT64_MAX / 2 || !pq::valid_dtype(t.param_dtype) || !pq::valid_dtype(t.grad_dtype))
+    return false;
+  if (t.state_bits != 8 && t.state_bits != 32) return false;
+  if (t.numel == 0) return true;
+  return t.param && t.grad && t.state1 && t.state2 && (t.state_bits == 32 || (t.absmax1 && t.absmax2));
+}
+
+// Returns the number of non-finite gradient elements seen, or -PQ_INVALID_ARGUMENT.
+int64_t pq_ademamix_step(const pq_ademamix_tensor* tensors, int32_t count, const float* code1, const float* code2,
+                         const uint8_t* table1, const uint8_t* table2, int32_t nonfinite) {
+  const int64_t blocks = group_blocks(tensors, count, nonfinite, valid_ademamix_tensor);
+  if (blocks <= 0) return blocks;
+  if (!code1 || !code2 || !table1 || !table2) return -PQ_INVALID_ARGUMENT;
+  PQ_DISPATCH(ademamix_step(tensors, count, code1, code2, table1, table2, nonfinite))
 }
 
 }  // extern "C"

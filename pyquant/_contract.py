@@ -91,3 +91,48 @@ def one_state_constants(group: dict, step: int, eight_bit: bool, inv_grad_scale:
         inv_grad_scale=inv_grad_scale,
     )
     return [values[name] for name in ONE_STATE_FIELDS]
+
+
+# ---- AdEMAMix8bit (docs/numerics.md, "AdEMAMix"): Adam's moments plus a slow EMA m2 mixed in with weight alpha ----
+# Field order of pq::AdemamixConstants: one row per tensor, as for Adam.
+ADEMAMIX_FIELDS = (
+    "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "beta3", "one_minus_beta3", "alpha", "eps", "c1", "c2",
+    "neg_lr", "decay", "inv_grad_scale",
+)
+
+
+def ademamix_schedules(group: dict, step: int) -> tuple[float, float]:
+    """(alpha, beta3) at `step` (from 1) under bitsandbytes 0.50.2's schedulers, in double precision and in its
+    expression order: alpha rises linearly over t_alpha steps; beta3 rises from beta1 to beta3 over t_beta3 steps
+    along exp(ln b1 ln b3 / ((1 - s) ln b3 + s ln b1)), s = step / t_beta3. A t_alpha or t_beta3 of None or 0 turns
+    the scheduler off (bitsandbytes tests their truth value)."""
+    beta1, _, beta3 = (float(b) for b in group["betas"])
+    alpha, t_alpha, t_beta3 = float(group["alpha"]), group["t_alpha"], group["t_beta3"]
+    if t_alpha:
+        alpha = min(step * alpha / t_alpha, alpha)
+    if t_beta3:
+        ln_beta1, ln_beta3 = math.log(beta1), math.log(beta3)
+        step_scale = step / t_beta3
+        beta3 = min(math.exp((ln_beta1 * ln_beta3) / (((1 - step_scale) * ln_beta3) + (step_scale * ln_beta1))), beta3)
+    return alpha, beta3
+
+
+def ademamix_constants(group: dict, step: int, inv_grad_scale: float = 1.0) -> list[float]:
+    """One row of pq::AdemamixConstants for a parameter group (lr, betas (3), alpha, t_alpha, t_beta3, eps,
+    weight_decay) at `step`. bitsandbytes' 8-bit and 32-bit CPU paths do the same arithmetic, so one row serves
+    both state kinds."""
+    beta1, beta2, _ = (float(b) for b in group["betas"])
+    alpha, beta3 = ademamix_schedules(group, step)
+    lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
+    values = dict(
+        betas_and_eps(beta1, beta2, eps),
+        beta3=beta3,
+        one_minus_beta3=1.0 - beta3,
+        alpha=alpha,
+        c1=1.0 - beta1**step,
+        c2=math.sqrt(1.0 - beta2**step),
+        neg_lr=-lr,
+        decay=1.0 - lr * wd if wd > 0.0 else 1.0,
+        inv_grad_scale=inv_grad_scale,
+    )
+    return [values[name] for name in ADEMAMIX_FIELDS]

@@ -97,6 +97,26 @@ def _(params, grads, state1, absmax1, constants, code1, rule, nonfinite):
     return params[0].new_empty((), dtype=torch.int64)
 
 
+@torch.library.custom_op(
+    "pyquant::ademamix_step_", mutates_args=("params", "state1", "state2", "absmax1", "absmax2")
+)
+def ademamix_step_(
+    params: Tensors, grads: Tensors, state1: Tensors, state2: Tensors, absmax1: Tensors, absmax2: Tensors,
+    constants: Tensor, code1: Tensor, code2: Tensor, nonfinite: int,
+) -> Tensor:
+    """The fused AdEMAMix step (docs/numerics.md, "AdEMAMix"): `state1` holds the fast and slow EMAs stacked
+    (shape (2, *param.shape)), `absmax1` their block scales (2, blocks) for 8-bit states, `state2` the second
+    moment; `constants` one row of ADEMAMIX_FIELDS per tensor. Returns the number of non-finite gradient
+    elements skipped (0-dim int64)."""
+    return run_kernel("ademamix_step", params[0].device.type,
+                      params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite)
+
+
+@ademamix_step_.register_fake
+def _(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite):
+    return params[0].new_empty((), dtype=torch.int64)
+
+
 # ---- GradScaler's unscale-and-check (reference/techniques.md C2) ----
 @torch.library.custom_op("pyquant::unscale_", mutates_args=("grads", "found_inf"))
 def unscale_(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor) -> None:

@@ -135,3 +135,15 @@ def one_state_step_multi_tensor(params, grads, state1, absmax1, constants, code1
         return torch.zeros((), dtype=torch.int64)
     written = [t for tensors in (args[0], args[2], args[3]) for t in tensors]
     return _ops.call_eagerly(_ops.one_state_step_, "one_state_step", args[0][0], args, written)
+
+
+def ademamix_step_multi_tensor(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite):
+    """One fused AdEMAMix step over lists of tensors (op `pyquant::ademamix_step_`; the optimizer checks the
+    inputs): state1[i] is (2, *params[i].shape), the fast and slow EMAs. Returns the number of non-finite gradient
+    elements skipped, a 0-dim int64 tensor."""
+    args = (list(params), list(grads), list(state1), list(state2), list(absmax1), list(absmax2),
+            constants, code1, code2, nonfinite)
+    if not args[0]:
+        return torch.zeros((), dtype=torch.int64)
+    written = [t for tensors in args[:1] + args[2:6] for t in tensors]
+    return _ops.call_eagerly(_ops.ademamix_step_, "ademamix_step", args[0][0], args, written)

@@ -79,11 +79,12 @@ def test_a_library_from_other_sources_is_refused_with_the_rebuild_command():
 # ---- the CUDA backend: it imports without CUDA, and its sources compile ----
 def test_cuda_module_imports_without_cuda_work():
     # Importing the backend registers its kernels (no CUDA call): the ops of the cpu library, all of them.
-    hand_written = {"code_table", "quantize_blockwise", "dequantize_blockwise", "adam_step", "one_state_step", "unscale_"}
+    hand_written = {"code_table", "quantize_blockwise", "dequantize_blockwise", "adam_step", "one_state_step",
+                    "ademamix_step", "unscale_"}
     assert hand_written <= set(backends.kernels_of("cuda")) and hand_written <= set(backends.kernels_of("cpu"))
-    # The descriptors are copied as raw bytes followed by 8-byte aligned int64s (csrc/cuda/adam.cu and one_state.cu
-    # static_assert this).
-    for descriptor in (capi.AdamTensor, capi.OneStateTensor):
+    # The descriptors are copied as raw bytes followed by 8-byte aligned int64s (csrc/cuda/adam.cu, one_state.cu and
+    # ademamix.cu static_assert this).
+    for descriptor in (capi.AdamTensor, capi.OneStateTensor, capi.AdemamixTensor):
         assert ctypes.alignment(descriptor) == 8 and ctypes.sizeof(descriptor) % 8 == 0
 
 

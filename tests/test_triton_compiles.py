@@ -125,6 +125,7 @@ def _exercise_every_launcher():
             for name, kwargs in (("SGD8bit", dict(lr=0.1, momentum=0.9)), ("Lion8bit", {}), ("RMSprop8bit", {}),
                                  ("Adagrad8bit", {})):
                 getattr(pyquant, name)(params, **kwargs).step()
+            pyquant.AdEMAMix8bit(params).step()
         grads = [torch.randn(5).to(d) for d in (*dtypes, torch.float64)]
         unscale_(grads, torch.zeros(1), torch.full((1,), 0.5))
         for dtype in (torch.float16, torch.bfloat16):
@@ -138,7 +139,9 @@ def test_every_triton_launch_compiles_for_sm90(recorded_launches):
     _exercise_every_launcher()
     launches = list(recorded_launches.values())
     names = {launch["name"] for launch in launches}
-    assert {"_quantize_kernel", "_dequantize_kernel", "_adam_kernel", "_one_state_kernel", "_unscale_kernel"} <= names, names
+    expected = {"_quantize_kernel", "_dequantize_kernel", "_adam_kernel", "_one_state_kernel", "_ademamix_kernel",
+                "_unscale_kernel"}
+    assert expected <= names, names
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(launches), env=env,
                           capture_output=True, text=True, timeout=600)

@@ -500,4 +500,128 @@ int64_t one_state_step(const pq_one_state_tensor* tensors, int32_t count, const 
   });
 }
 
+// ---- AdEMAMix (docs/numerics.md, "AdEMAMix"): the one-state step's layout with three states ----
+
+// sqrt(nu) of a block as torch computes it on this CPU: the SIMD emulation or IEEE sqrt (choose_sqrt_mode), else
+// the installed routine itself (or sqrtf when there is none).
+static inline void ademamix_sqrt(const float* v, float* out, int64_t len, int sqrt_mode, pq_vsqrt_fn fn) {
+#if PQ_SIMD
+  if (sqrt_mode != kSqrtCall) return vec::sqrt_block(v, out, len, sqrt_mode, fn);
+#endif
+  (void)sqrt_mode;
+  scalar::block_sqrt(v, out, len, fn);
+}
+
+// A state block's new absmax and its codes: the SIMD builds find the absmax with vector max instructions (a scalar
+// running max is one serial chain per state, which took a third of the step with three states).
+static inline float requantize_state(const StateCodec& codec, const float* s, int64_t len, uint8_t* q) {
+  float absmax;
+#if PQ_SIMD
+  if (codec.vector) {
+    vec::quantize_block<PQ_DTYPE_FLOAT32>(s, 0, len, codec.quant_table, q, &absmax);
+    return absmax;
+  }
+#endif
+  absmax = scalar::block_absmax(s, len);
+  codec.quantize(s, len, absmax, q);
+  return absmax;
+}
+
+// `kept` where keep is 1, else `updated`, on the bits. A select (keep ? kept : updated) let GCC move the update's
+// arithmetic under a branch (it may trap, -ftrapping-math), and the state loop stayed scalar under nonfinite="skip".
+static inline float kept_or_updated(uint32_t keep, float kept, float updated) {
+  const uint32_t mask = 0u - keep;
+  return bits_float((float_bits(kept) & mask) | (float_bits(updated) & ~mask));
+}
+
+namespace scalar {
+
+// One block of an AdEMAMix step (8-bit or float32 states), in the order of bitsandbytes' CPU code: the three
+// states, the block's square roots, the parameters, the requantisation. state1 holds m1 then m2 (numel apart),
+// absmax1 their scales (`blocks` apart). Branch-free loops, so that they vectorise.
+template <int PDT, int GDT>
+static inline int64_t ademamix_block(const pq_ademamix_tensor& t, int64_t start, int64_t len, const StateCodec& codec1,
+                                     const StateCodec& codec2, int32_t nonfinite, int sqrt_mode, pq_vsqrt_fn fn) {
+  float m1[kOptimizerBlock], m2[kOptimizerBlock], nu[kOptimizerBlock], root[kOptimizerBlock], p[kOptimizerBlock],
+      grad[kOptimizerBlock];
+  bool skip[kOptimizerBlock];
+  const pq_ademamix_constants k = t.k;  // a local copy: the parameter stores cannot alias it
+  const bool eight_bit = t.state_bits == 8;
+  const int64_t n = t.numel, b = start / kOptimizerBlock, blocks = block_count(n, kOptimizerBlock);
+  uint8_t* q1 = (uint8_t*)t.state1 + start;
+  uint8_t* q2 = q1 + n;
+  uint8_t* q3 = (uint8_t*)t.state2 + start;
+  float* f1 = (float*)t.state1 + start;
+  float* f2 = f1 + n;
+  float* f3 = (float*)t.state2 + start;
+  const size_t bytes = (size_t)len * sizeof(float);
+  if (eight_bit) {
+    codec1.dequantize(q1, t.absmax1[b], len, m1);
+    codec1.dequantize(q2, t.absmax1[blocks + b], len, m2);
+    codec2.dequantize(q3, t.absmax2[b], len, nu);
+  } else {
+    memcpy(m1, f1, bytes);
+    memcpy(m2, f2, bytes);
+    memcpy(nu, f3, bytes);
+  }
+  // The loads and conversions in loops of their own: in the state loop they kept GCC from vectorising it.
+  for (int64_t i = 0; i < len; ++i) grad[i] = unscaled_grad(load_as_float(t.grad, start + i, GDT), k.inv_grad_scale, GDT);
+  for (int64_t i = 0; i < len; ++i) p[i] = load_as_float(t.param, start + i, PDT);
+  const uint32_t skip_mode = nonfinite == kSkipElement;
+  int64_t bad = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    const float g = grad[i];
+    const uint32_t keep = skip_mode & !is_finite(g);  // 1: keeps its parameter and states
+    bad += keep;
+    float a = m1[i], c = m2[i], v = nu[i];
+    ademamix_moments(g, a, c, v, k);
+    m1[i] = kept_or_updated(keep, m1[i], a);
+    m2[i] = kept_or_updated(keep, m2[i], c);
+    nu[i] = kept_or_updated(keep, nu[i], v);
+    skip[i] = keep;
+  }
+  ademamix_sqrt(nu, root, len, sqrt_mode, fn);
+  // Every element, then the skipped ones put back (rare): a select in this loop kept GCC from vectorising it.
+  for (int64_t i = 0; i < len; ++i)
+    store_from_float(t.param, start + i, PDT, ademamix_param_given_sqrt(p[i], m1[i], m2[i], root[i], k));
+  if (bad != 0)
+    for (int64_t i = 0; i < len; ++i)
+      if (skip[i]) store_from_float(t.param, start + i, PDT, p[i]);  // widening and rounding back is exact
+  if (eight_bit) {
+    t.absmax1[b] = requantize_state(codec1, m1, len, q1);
+    t.absmax1[blocks + b] = requantize_state(codec1, m2, len, q2);
+    t.absmax2[b] = requantize_state(codec2, nu, len, q3);
+  } else {
+    memcpy(f1, m1, bytes);
+    memcpy(f2, m2, bytes);
+    memcpy(f3, nu, bytes);
+  }
+  return bad;
+}
+
+}  // namespace scalar
+
+// Returns the number of non-finite gradient elements seen.
+int64_t ademamix_step(const pq_ademamix_tensor* tensors, int32_t count, const float* code1, const float* code2,
+                      const uint8_t* table1, const uint8_t* table2, int32_t nonfinite) {
+  const pq_vsqrt_fn fn = pq_cpu_sqrt;
+  const int sqrt_mode = choose_sqrt_mode(fn);
+  const StateCodec codec1(code1, table1), codec2(code2, table2);
+  return over_group_blocks(tensors, count, [&](int32_t ti, int64_t b0, int64_t b1) {
+    const pq_ademamix_tensor& t = tensors[ti];
+    return with_value<PQ_DTYPE_FLOAT32, PQ_DTYPE_FLOAT16, PQ_DTYPE_BFLOAT16>(t.param_dtype, [&](auto p) {
+      return with_value<PQ_DTYPE_FLOAT32, PQ_DTYPE_FLOAT16, PQ_DTYPE_BFLOAT16>(t.grad_dtype, [&](auto g) {
+        constexpr int PDT = decltype(p)::value, GDT = decltype(g)::value;
+        int64_t bad = 0;
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t start = b * kOptimizerBlock;
+          const int64_t len = std::min<int64_t>(kOptimizerBlock, t.numel - start);
+          bad += scalar::ademamix_block<PDT, GDT>(t, start, len, codec1, codec2, nonfinite, sqrt_mode, fn);
+        }
+        return bad;
+      });
+    });
+  });
+}
+
 }  // namespace PQ_NS

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 from pyquant._contract import (
-    CONSTANT_FIELDS, DTYPE_CODES, FLOAT_DTYPES, ISA_NAMES, ONE_STATE_FIELDS, ONE_STATE_RULES, OPTIMIZER_BLOCK, blocks_of,
+    ADEMAMIX_FIELDS, CONSTANT_FIELDS, DTYPE_CODES, FLOAT_DTYPES, ISA_NAMES, ONE_STATE_FIELDS, ONE_STATE_RULES, OPTIMIZER_BLOCK, blocks_of,
 )
 
-ABI_VERSION = 7  # PQ_ABI_VERSION of capi.h, which everything below mirrors
+ABI_VERSION = 8  # PQ_ABI_VERSION of capi.h, which everything below mirrors
 INVALID_ARGUMENT = 2  # PQ_INVALID_ARGUMENT of capi.h
 OUT_OF_MEMORY = 1  # what the low-rank convolution entry points return when a buffer cannot be allocated
 REBUILD = "pip install -e ."  # what rebuilds the libraries of a checkout (README)
@@ -59,6 +59,18 @@ class OneStateTensor(ctypes.Structure):
     _fields_ = _tensor_fields(("param", "grad", "state1", "absmax1"), OneStateConstants)
 
 
+class AdemamixConstants(ctypes.Structure):
+    """Mirror of pq_ademamix_constants (capi.h): one float per name of _contract.ADEMAMIX_FIELDS, in that order."""
+
+    _fields_ = [(name, ctypes.c_float) for name in ADEMAMIX_FIELDS]
+
+
+class AdemamixTensor(ctypes.Structure):
+    """Mirror of pq_ademamix_tensor (capi.h): state1 and absmax1 hold the fast and slow EMAs back to back."""
+
+    _fields_ = _tensor_fields(("param", "grad", "state1", "state2", "absmax1", "absmax2"), AdemamixConstants)
+
+
 # ---- every exported function: name -> (argtypes, restype), as declared in capi.h ----
 P, I32, I64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
 DIMS = ctypes.POINTER(I64)
@@ -72,6 +84,7 @@ CPU_FUNCTIONS = {
     "pq_dequantize_blockwise": ([P, P, P, I64, I64, P, I32], I32),
     "pq_adam_step": ([ctypes.POINTER(AdamTensor), I32, P, P, P, P, I32], I64),
     "pq_one_state_step": ([ctypes.POINTER(OneStateTensor), I32, P, P, I32, I32], I64),
+    "pq_ademamix_step": ([ctypes.POINTER(AdemamixTensor), I32, P, P, P, P, I32], I64),
     "pq_unscale_": ([I32, P, P, P, P, P, I32, I32], I32),
     "pq_matmul": ([I32, P, P, I32, P, P, I32, P, P, I32, I64, I32, P, I32, P, I64, I64, I64, I32, I32], None),
     "pq_matmul_im2col": ([P, I32, P, P, P, I32, P, I32, P, I64, P, I32, I64, I32, P, I32, P, I32, I32], None),
@@ -86,6 +99,7 @@ CUDA_FUNCTIONS = {
     "pq_cuda_dequantize_blockwise": ([P, P, P, I64, I64, P, I32, P], I32),
     "pq_cuda_adam_step": ([P, P, I32, I64, P, P, P, P, I32, P, P], I32),
     "pq_cuda_one_state_step": ([P, P, I32, I64, P, P, I32, I32, P, P], I32),
+    "pq_cuda_ademamix_step": ([P, P, I32, I64, P, P, P, P, I32, P, P], I32),
     "pq_cuda_unscale_": ([P, I32, I64, P, P, P], I32),
     "pq_cuda_error_string": ([I32], ctypes.c_char_p),
 }
@@ -206,6 +220,37 @@ def check_one_state_operands(params, grads, state1, absmax1, constants, code1, r
         check_tensor(s1, f"one_state_step: state1 {i}", STATE_DTYPES, device, n)
         if s1.dtype == torch.uint8:
             check_tensor(a1, f"one_state_step: absmax1 {i}", ABSMAX, device, blocks_of(n, OPTIMIZER_BLOCK))
+
+
+def check_ademamix_operands(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2,
+                            nonfinite) -> None:
+    """The operands of one ademamix_step call (one device), as check_adam_operands checks Adam's: state1 holds
+    2 x numel values (the fast and slow EMAs), absmax1 2 x blocks for 8-bit states."""
+    count = len(params)
+    lists = dict(grads=grads, state1=state1, state2=state2, absmax1=absmax1, absmax2=absmax2)
+    for name, values in lists.items():
+        if len(values) != count:
+            raise ValueError(f"ademamix_step: {count} params but {len(values)} {name}")
+    if nonfinite not in (0, 1):
+        raise ValueError(f"ademamix_step: nonfinite must be 0 (skip) or 1 (propagate), got {nonfinite!r}")
+    if count == 0:
+        return
+    device = params[0].device
+    rows = (count, len(ADEMAMIX_FIELDS))
+    if not isinstance(constants, torch.Tensor) or tuple(constants.shape) != rows:
+        raise ValueError(f"ademamix_step: constants must be a tensor of shape {rows}, got {getattr(constants, 'shape', constants)!r}")
+    check_code(code1, "ademamix_step: code1", device)
+    check_code(code2, "ademamix_step: code2", device)
+    for i, (p, g, s1, s2, a1, a2) in enumerate(zip(params, grads, state1, state2, absmax1, absmax2)):
+        check_tensor(p, f"ademamix_step: param {i}", FLOAT_DTYPES, device)
+        n = p.numel()
+        check_tensor(g, f"ademamix_step: grad {i}", FLOAT_DTYPES, device, n)
+        check_tensor(s1, f"ademamix_step: state1 {i}", STATE_DTYPES, device, 2 * n)
+        check_tensor(s2, f"ademamix_step: state2 {i}", (s1.dtype,), device, n)
+        if s1.dtype == torch.uint8:
+            blocks = blocks_of(n, OPTIMIZER_BLOCK)
+            check_tensor(a1, f"ademamix_step: absmax1 {i}", ABSMAX, device, 2 * blocks)
+            check_tensor(a2, f"ademamix_step: absmax2 {i}", ABSMAX, device, blocks)
 
 
 GRAD_DTYPES = tuple(DTYPE_CODES)  # what GradScaler unscales: float32, float16, bfloat16, float64

@@ -2,14 +2,17 @@
 
 - `Adam8bit`, `AdamW8bit` (adam.py), with `from_torch` / `to_torch` to switch with torch.optim.Adam/AdamW;
 - `Lion8bit`, `SGD8bit`, `RMSprop8bit`, `Adagrad8bit` (one_state.py): one 8-bit state each;
+- `AdEMAMix8bit`, `AdEMAMix` (optim_bits 32 or 8), `AdEMAMix32bit` (ademamix.py): two 8-bit states, one of them
+  the fast and slow EMAs stacked;
 - `Optimizer8bit` (_base.py): what they share.
 """
 
 from pyquant.optim._base import Optimizer8bit
+from pyquant.optim.ademamix import AdEMAMix, AdEMAMix8bit, AdEMAMix32bit
 from pyquant.optim.adam import Adam8bit, AdamW8bit, from_torch, to_torch
 from pyquant.optim.one_state import Adagrad8bit, Lion8bit, RMSprop8bit, SGD8bit
 
 __all__ = [
-    "Adam8bit", "AdamW8bit", "Adagrad8bit", "Lion8bit", "Optimizer8bit", "RMSprop8bit", "SGD8bit", "from_torch",
-    "to_torch",
+    "AdEMAMix", "AdEMAMix8bit", "AdEMAMix32bit", "Adam8bit", "AdamW8bit", "Adagrad8bit", "Lion8bit", "Optimizer8bit",
+    "RMSprop8bit", "SGD8bit", "from_torch", "to_torch",
 ]

@@ -240,6 +240,22 @@ PQ_HD float one_state_param(int32_t rule, bool eight_bit, float p, float g, floa
   return eight_bit ? p + (k.neg_lr * g) / denom : fmaf(k.neg_lr, g / denom, p);
 }
 
+// ---- AdEMAMix (docs/numerics.md, "AdEMAMix"; bitsandbytes 0.50.2's CPU code op for op, whose 8-bit and
+// 32-bit paths do the same arithmetic) ----
+PQ_HD void ademamix_moments(float g, float& m1, float& m2, float& nu, const pq_ademamix_constants& k) {
+  m1 = fmaf(k.one_minus_beta1, g, m1 * k.beta1);
+  m2 = fmaf(k.one_minus_beta3, g, m2 * k.beta3);
+  nu = fmaf(k.one_minus_beta2 * g, g, nu * k.beta2);
+}
+
+// p * decay + (-lr) * ((m1/c1 + alpha*m2) / (sqrt(nu)/c2 + eps)), the last step fused (torch's add_ with alpha).
+// Takes sqrt(nu), torch's sqrt on the device (see Adam's functions above).
+PQ_HD float ademamix_param_given_sqrt(float p, float m1, float m2, float sqrt_nu, const pq_ademamix_constants& k) {
+  const float mixed = m1 / k.c1 + k.alpha * m2;
+  const float denom = sqrt_nu / k.c2 + k.eps;
+  return fmaf(k.neg_lr, mixed / denom, p * k.decay);
+}
+
 // ---- GradScaler's unscale_ (pyquant/amp.py; torch's _amp_foreach_non_finite_check_and_unscale_) ----
 PQ_HD bool is_finite64(double x) {
   uint64_t u;

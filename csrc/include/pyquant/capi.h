@@ -7,7 +7,7 @@
 
 // Bumped whenever an enum, a struct or a signature below changes, for either library: Python refuses a library
 // built from other sources rather than passing it arguments it would misread.
-#define PQ_ABI_VERSION 7
+#define PQ_ABI_VERSION 8
 
 // What the validating entry points return when an argument is invalid (a negative size, a block size <= 0,
 // an unknown dtype code, a missing pointer, a block count that does not fit in int64): they do nothing then.
@@ -97,6 +97,36 @@ struct pq_one_state_tensor {  // every pointer covers `numel` elements (absmax: 
   struct pq_one_state_constants k;
 };
 
+// The constants of one tensor's AdEMAMix step (docs/numerics.md, "AdEMAMix"), each rounded once to float32; alpha
+// and beta3 are the schedulers' values at this step.
+struct pq_ademamix_constants {
+  float beta1, one_minus_beta1;  // f32(b1), f32(1 - b1)       (fast EMA m1)
+  float beta2, one_minus_beta2;  // f32(b2), f32(1 - b2)       (second moment nu)
+  float beta3, one_minus_beta3;  // f32(b3), f32(1 - b3)       (slow EMA m2)
+  float alpha;                   // f32(alpha)
+  float eps;                     // f32(eps)
+  float c1, c2;                  // f32(1 - b1^t), f32(sqrt(1 - b2^t))
+  float neg_lr;                  // f32(-lr)
+  float decay;                   // f32(1 - lr * wd) when wd > 0, else 1
+  float inv_grad_scale;          // as in pq_adam_constants
+};
+
+// One tensor of a multi-tensor AdEMAMix step. state1 holds m1 then m2 (2 * numel values: uint8 codes of the
+// signed map, or float32), absmax1 their block scales (2 * ceil(numel / 256): m1's, then m2's); state2 and
+// absmax2 hold nu (unsigned map) as Adam's state2. absmax1/absmax2 are unused for state_bits 32.
+struct pq_ademamix_tensor {
+  void* param;
+  const void* grad;
+  void* state1;
+  void* state2;
+  float* absmax1;
+  float* absmax2;
+  int64_t numel;
+  int32_t param_dtype, grad_dtype;  // enum pq_dtype (not float64)
+  int32_t state_bits, reserved;     // 8 or 32; 0
+  struct pq_ademamix_constants k;
+};
+
 // The CPU library's square root of a block of second moments: torch's CPU sqrt, which is not always IEEE
 // sqrtf (torch 2.14.1 computes it with MKL's vsSqrt, up to 1 ulp away). NULL means IEEE sqrtf. The
 // signature is MKL's Fortran-style vsSqrt(n, in, out); pyquant.backends.capi installs it after checking that it
@@ -142,6 +172,11 @@ int64_t pq_adam_step(const struct pq_adam_tensor* tensors, int32_t count, const 
 // Returns the number of non-finite gradient elements seen, or -PQ_INVALID_ARGUMENT.
 int64_t pq_one_state_step(const struct pq_one_state_tensor* tensors, int32_t count, const float* code1,
                           const uint8_t* table1, int32_t rule, int32_t nonfinite);
+
+// One AdEMAMix step of `count` tensors (code1: m1 and m2's map, code2: nu's); nonfinite as for pq_adam_step.
+// Returns the number of non-finite gradient elements seen, or -PQ_INVALID_ARGUMENT.
+int64_t pq_ademamix_step(const struct pq_ademamix_tensor* tensors, int32_t count, const float* code1,
+                         const float* code2, const uint8_t* table1, const uint8_t* table2, int32_t nonfinite);
 
 // C[batch] = A[batch] @ B[batch] (+ bias) with float32 accumulation and one rounding to C's dtype (capi_gemm.cpp).
 void pq_matmul(int32_t nb, const int64_t* batch_shape, const void* a, int32_t a_dtype, const int64_t* a_strides,
@@ -199,6 +234,12 @@ int32_t pq_cuda_adam_step(const struct pq_adam_tensor* device_descriptors, const
 int32_t pq_cuda_one_state_step(const struct pq_one_state_tensor* device_descriptors, const int64_t* device_first_block,
                                int32_t count, int64_t total_blocks, const float* code1, const uint8_t* table1,
                                int32_t rule, int32_t nonfinite, int64_t* device_bad_count, void* stream);
+
+// pq_ademamix_step on the device, with the conventions of pq_cuda_adam_step.
+int32_t pq_cuda_ademamix_step(const struct pq_ademamix_tensor* device_descriptors, const int64_t* device_first_block,
+                              int32_t count, int64_t total_blocks, const float* code1, const float* code2,
+                              const uint8_t* table1, const uint8_t* table2, int32_t nonfinite,
+                              int64_t* device_bad_count, void* stream);
 
 // pq_unscale_ on the device, the gradients described by 4 x count int64 values in device memory.
 int32_t pq_cuda_unscale_(const int64_t* device_meta, int32_t count, int64_t total_chunks, float* found_inf,

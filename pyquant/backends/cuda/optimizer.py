@@ -1,7 +1,7 @@
 """The CUDA library's fused optimizer steps (csrc/cuda): one launch per parameter group.
 
-Adam (`adam_step`, csrc/cuda/adam.cu) and the one-state rules (`one_state_step`, csrc/cuda/one_state.cu: momentum,
-Lion, RMSprop, Adagrad) take the same arguments as the cpu backend's kernels and check them with the same functions."""
+Adam (`adam_step`, csrc/cuda/adam.cu), the one-state rules (`one_state_step`, csrc/cuda/one_state.cu: momentum,
+Lion, RMSprop, Adagrad) and AdEMAMix (`ademamix_step`, csrc/cuda/ademamix.cu) take the same arguments as the cpu backend's kernels and check them with the same functions."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch
 from pyquant._contract import DTYPE_CODES, OPTIMIZER_BLOCK, blocks_of
 from pyquant.backends import kernel
 from pyquant.backends.capi import (
-    AdamConstants, AdamTensor, OneStateConstants, OneStateTensor, check_adam_operands, check_one_state_operands,
+    AdamConstants, AdamTensor, AdemamixConstants, AdemamixTensor, OneStateConstants, OneStateTensor,
+    check_adam_operands, check_ademamix_operands, check_one_state_operands,
 )
 from pyquant.backends.code_tables import cached_code_table
 from pyquant.backends.cuda.launch import check, library, stream
@@ -91,3 +92,19 @@ def one_state_step(params, grads, state1, absmax1, constants, code1, rule, nonfi
 
     columns = (params, grads, state1, absmax1)
     return launch_group("one_state_step", OneStateTensor, OneStateConstants, columns, constants, launch)
+
+
+@kernel("ademamix_step", "cuda")
+def ademamix_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite):
+    check_ademamix_operands(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite)
+    lib = library()
+
+    def launch(descriptors, first_block, count, total_blocks, bad, on_stream):
+        table1, table2 = cached_code_table(code1), cached_code_table(code2)
+        return lib.pq_cuda_ademamix_step(
+            descriptors, first_block, count, total_blocks,
+            ptr(code1), ptr(code2), ptr(table1), ptr(table2), nonfinite, bad, on_stream,
+        )
+
+    columns = (params, grads, state1, state2, absmax1, absmax2)
+    return launch_group("ademamix_step", AdemamixTensor, AdemamixConstants, columns, constants, launch)

@@ -1,11 +1,11 @@
 """Reference kernels of the fused optimizer steps (docs/numerics.md sections 3-5): dequantise, update, requantise,
-one tensor at a time in plain torch: Adam, and the one-state rules (momentum, Lion, RMSprop, Adagrad). `fma32` is the only place where a product is not rounded before the addition."""
+one tensor at a time in plain torch: Adam, the one-state rules (momentum, Lion, RMSprop, Adagrad) and AdEMAMix. `fma32` is the only place where a product is not rounded before the addition."""
 
 from __future__ import annotations
 
 import torch
 
-from pyquant._contract import CONSTANT_FIELDS, ONE_STATE_FIELDS, ONE_STATE_RULES, OPTIMIZER_BLOCK, SKIP_ELEMENT
+from pyquant._contract import ADEMAMIX_FIELDS, CONSTANT_FIELDS, ONE_STATE_FIELDS, ONE_STATE_RULES, OPTIMIZER_BLOCK, SKIP_ELEMENT
 from pyquant.backends import kernel
 from pyquant.backends.reference.blockwise import (
     as_blocks,
@@ -131,4 +131,33 @@ def one_state_step(params, grads, state1, absmax1, constants, code1, rule, nonfi
             total += int(bad.sum())
         p.copy_(new_p.reshape(p.shape))
         _store_state(s1, a1, code1, new_s)
+    return torch.tensor(total, dtype=torch.int64)
+
+
+# ---- AdEMAMix: bitsandbytes 0.50.2's CPU code (8-bit and 32-bit paths alike), op for op ----
+@kernel("ademamix_step", "reference")
+def ademamix_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite):
+    total = 0
+    for i, (p, g, s1, s2, a1, a2) in enumerate(zip(params, grads, state1, state2, absmax1, absmax2)):
+        k = {name: f32(float(constants[i, j]), p.device) for j, name in enumerate(ADEMAMIX_FIELDS)}
+        gf = unscaled_grad(g.reshape(-1), k["inv_grad_scale"])
+        pf = p.reshape(-1).float()
+        fast, slow = s1.reshape(2, -1)  # views of the stacked EMAs
+        a_fast, a_slow = a1.reshape(2, -1) if s1.dtype == torch.uint8 else (a1, a1)
+        m1, m2 = _load_state(fast, a_fast, code1), _load_state(slow, a_slow, code1)
+        nu = _load_state(s2, a2, code2)
+        new_m1 = fma32(k["one_minus_beta1"], gf, m1 * k["beta1"])
+        new_m2 = fma32(k["one_minus_beta3"], gf, m2 * k["beta3"])
+        new_nu = fma32(k["one_minus_beta2"] * gf, gf, nu * k["beta2"])
+        update = (new_m1 / k["c1"] + k["alpha"] * new_m2) / (torch.sqrt(new_nu) / k["c2"] + k["eps"])
+        new_p = fma32(k["neg_lr"], update, pf * k["decay"])
+        bad = ~torch.isfinite(gf)
+        if nonfinite == SKIP_ELEMENT:
+            new_p = torch.where(bad, pf, new_p)
+            new_m1, new_m2, new_nu = (torch.where(bad, old, new) for old, new in ((m1, new_m1), (m2, new_m2), (nu, new_nu)))
+            total += int(bad.sum())
+        p.copy_(new_p.reshape(p.shape))
+        _store_state(fast, a_fast, code1, new_m1)
+        _store_state(slow, a_slow, code1, new_m2)
+        _store_state(s2, a2, code2, new_nu)
     return torch.tensor(total, dtype=torch.int64)

@@ -1,11 +1,12 @@
-"""The Triton fused optimizer steps (pyquant.kernels.adam, pyquant.kernels.one_state) as the "triton" backend."""
+"""The Triton fused optimizer steps (pyquant.kernels.adam, pyquant.kernels.one_state, pyquant.kernels.ademamix) as the
+"triton" backend."""
 
 from __future__ import annotations
 
 from pyquant.backends import kernel
-from pyquant.backends.capi import check_one_state_operands
+from pyquant.backends.capi import check_ademamix_operands, check_one_state_operands
 from pyquant.backends.code_tables import cached_code_table
-from pyquant.kernels import adam, one_state
+from pyquant.kernels import adam, ademamix, one_state
 
 
 @kernel("adam_step", "triton")
@@ -20,3 +21,10 @@ def one_state_step(params, grads, state1, absmax1, constants, code1, rule, nonfi
     check_one_state_operands(params, grads, state1, absmax1, constants, code1, rule, nonfinite)
     return one_state.one_state_step(params, grads, state1, absmax1, constants, code1, cached_code_table(code1), rule,
                                     nonfinite)
+
+
+@kernel("ademamix_step", "triton")
+def ademamix_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite):
+    check_ademamix_operands(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite)
+    return ademamix.ademamix_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2,
+                                  cached_code_table(code1), cached_code_table(code2), nonfinite)
