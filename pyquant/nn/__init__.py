@@ -7,6 +7,7 @@ _LAYERS = {
     "Linear16": "pyquant.nn.half_precision",
     "Conv2d16": "pyquant.nn.half_precision",
     "half": "pyquant.nn.half_precision",
+    "StableEmbedding": "pyquant.nn.embedding",
 }
 __all__ = sorted(_LAYERS)
 

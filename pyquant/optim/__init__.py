@@ -1,18 +1,23 @@
 """pyquant's 8-bit optimizers: drop-ins for bitsandbytes 0.50.2's (same bits on CPU, same state_dict layout).
 
-- `Adam8bit`, `AdamW8bit` (adam.py), with `from_torch` / `to_torch` to switch with torch.optim.Adam/AdamW;
+- `Adam8bit`, `AdamW8bit` (adam.py);
 - `Lion8bit`, `SGD8bit`, `RMSprop8bit`, `Adagrad8bit` (one_state.py): one 8-bit state each;
 - `AdEMAMix8bit`, `AdEMAMix` (optim_bits 32 or 8), `AdEMAMix32bit` (ademamix.py): two 8-bit states, one of them
   the fast and slow EMAs stacked;
+- `override(param, optim_bits=32, lr=...)` (overrides.py): per-parameter options, bitsandbytes'
+  GlobalOptimManager.override_config; the same keys may be put in a parameter group;
+- `from_torch` / `to_torch`: switch with the float32 torch optimizer mid-training (Adam, AdamW, SGD, RMSprop,
+  Adagrad; torch has no Lion);
 - `Optimizer8bit` (_base.py): what they share.
 """
 
-from pyquant.optim._base import Optimizer8bit
+from pyquant.optim._base import Optimizer8bit, from_torch, to_torch
 from pyquant.optim.ademamix import AdEMAMix, AdEMAMix8bit, AdEMAMix32bit
-from pyquant.optim.adam import Adam8bit, AdamW8bit, from_torch, to_torch
+from pyquant.optim.adam import Adam8bit, AdamW8bit
 from pyquant.optim.one_state import Adagrad8bit, Lion8bit, RMSprop8bit, SGD8bit
+from pyquant.optim.overrides import override, overrides_of
 
 __all__ = [
     "AdEMAMix", "AdEMAMix8bit", "AdEMAMix32bit", "Adam8bit", "AdamW8bit", "Adagrad8bit", "Lion8bit", "Optimizer8bit",
-    "RMSprop8bit", "SGD8bit", "from_torch", "to_torch",
+    "RMSprop8bit", "SGD8bit", "from_torch", "override", "overrides_of", "to_torch",
 ]

@@ -1,16 +1,20 @@
 """What every 8-bit optimizer of pyquant shares: `Optimizer8bit`, the base of Adam8bit/AdamW8bit (adam.py) and of
 Lion8bit, SGD8bit, RMSprop8bit and Adagrad8bit (one_state.py).
 
-Per parameter: the choice of 8-bit or float32 states (`min_8bit_size`, bitsandbytes' rule), their creation and
-checks; the step's loop over groups and devices, non-contiguous parameters, master weights, the non-finite
-gradient policy and GradScaler's fused unscale; `state_dict()` in bitsandbytes 0.50.2's layout and keys, and
-loading either library's state dict with every entry checked. A subclass names its states (`_states`, with the
-signedness of each one's dynamic map), checks its options (`_check_options`) and runs its fused op over one
-group's tensors on one device (`_fused_step`).
+Per parameter: the choice of 8-bit or float32 states (`min_8bit_size`, bitsandbytes' rule, and `optim_bits`, from
+a parameter group or from `pyquant.optim.override`, overrides.py, which may also set the hyperparameters), their
+creation and checks; the step's loop over groups and devices, non-contiguous parameters, master weights, the
+non-finite gradient policy and GradScaler's fused unscale; `state_dict()` in bitsandbytes 0.50.2's layout and keys,
+and loading either library's state dict with every entry checked; `from_torch` / `to_torch`, the switch with the
+float32 torch optimizer of the same algorithm. A subclass names its states (`_states`, with the signedness of each
+one's dynamic map), checks its options (`_check_options`), runs its fused op over one group's tensors on one device
+(`_fused_step`), names the keys an override may set (`_override_keys`) and its torch optimizer, if any
+(`_torch_class`, `_torch_states`, `_group_from_torch`, `_group_to_torch`).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections import defaultdict
@@ -25,8 +29,10 @@ from pyquant.distributed import (
     checked_sharded_state,
     is_sharded,
     local_tensor,
+    refuse_sharded,
     sharded_state_entry,
 )
+from pyquant.optim.overrides import ATTRIBUTE, PRECISION_KEYS, check_precision_options
 
 
 # bitsandbytes 0.50.2 keeps these state entries inside one nested dict in state_dict(), so that FSDP's
@@ -40,7 +46,9 @@ class Optimizer8bit(torch.optim.Optimizer):
     """The shared part of pyquant's 8-bit optimizers (see the module docstring); not used directly.
 
     Keyword arguments every subclass takes (its docstring lists its own):
-        min_8bit_size: tensors with fewer elements keep float32 states (default 4096, as bitsandbytes).
+        min_8bit_size: tensors with fewer elements keep float32 states (default 4096, as bitsandbytes). A
+            parameter group may hold its own `min_8bit_size` and `optim_bits` (8 or 32; 32: float32 states);
+            `pyquant.optim.override(param, ...)` sets them, and the hyperparameters, for one tensor.
         master_weights: for float16/bfloat16 parameters, keep a float32 copy (state "master") that the
             step updates; the parameter is that copy rounded to its dtype after every step (+4 bytes per
             such parameter element). Float32 parameters need none and get none.
@@ -58,6 +66,14 @@ class Optimizer8bit(torch.optim.Optimizer):
     _nonnegative_states: tuple[str, ...] = ()  # float32 states no step makes negative (checked on load)
     _supports_sharded = False  # FSDP2 DTensor parameters (pyquant/distributed.py)
     _step_supports_amp_scaling = True
+    # The group keys the update reads, which pyquant.optim.override may set per parameter (besides the precision).
+    _override_keys: tuple[str, ...] = ("lr", "betas", "eps", "weight_decay")
+    # The float32 torch optimizer of the same algorithm (from_torch, to_torch), or None, and its state names in
+    # the order of `_states`. `_torch_step`: whether its state counts steps (torch.optim.SGD's does not).
+    _torch_class: type | None = None
+    _torch_states: tuple[str, ...] = ()
+    _torch_step = True
+    _to_torch_class: type | None = None  # to_torch's class, where it is not _torch_class
 
     def __init__(self, params, defaults: dict, *, min_8bit_size: int, master_weights: bool, nonfinite: str):
         if nonfinite not in NONFINITE_POLICIES:
@@ -96,7 +112,9 @@ class Optimizer8bit(torch.optim.Optimizer):
                 params = [params]
             elif not isinstance(params, set):  # torch refuses sets
                 param_group["params"] = params = list(params)  # as torch does: a generator can be read only once
-            self._check_options({**self.defaults, **param_group})
+            group = {**self.defaults, **param_group}
+            self._check_options(group)
+            check_precision_options(group, type(self).__name__)
             seen = set()
             for i, p in enumerate(x[1] if isinstance(x, tuple) else x for x in params):  # (name, tensor) too
                 if id(p) in seen:
@@ -104,6 +122,8 @@ class Optimizer8bit(torch.optim.Optimizer):
                         f"{type(self).__name__}: parameter {i} of the group is listed twice; list each parameter once"
                     )
                 seen.add(id(p))
+                if isinstance(p, torch.Tensor):  # an override set before the optimizer: refused now, not at step 1
+                    self._options(p, group, f"parameter {i} of the added group")
         super().add_param_group(param_group)  # refuses a parameter in two groups, a set, a non-leaf tensor
 
     # ---- pickling, copy.deepcopy, torch.save(optimizer) ----
@@ -128,8 +148,37 @@ class Optimizer8bit(torch.optim.Optimizer):
             self._codes[device] = tuple(F.create_dynamic_map(signed=sign).to(device) for sign in self._signed)
         return self._codes[device]
 
-    def _uses_8bit(self, p: torch.Tensor) -> bool:
-        return p.numel() >= self.min_8bit_size
+    def _options(self, p: torch.Tensor, group: dict, where: str | None = None) -> dict:
+        """p's options: `group`, with p's override (pyquant.optim.override) on top, checked (it may have been set
+        after the optimizer was created). The group itself when p has none."""
+        override = getattr(p, ATTRIBUTE, None)
+        if not override:
+            return group
+        name = type(self).__name__
+        where = where or f"parameter {self._index_of(p)}"
+        for key in override:
+            if key not in PRECISION_KEYS and key not in self._override_keys:
+                raise ValueError(
+                    f"{name}: {where} has an override of {key!r}, an option {name} does not have; it takes "
+                    f"{', '.join(PRECISION_KEYS + self._override_keys)}"
+                )
+        options = {**group, **override}
+        try:
+            self._check_options(options)
+        except ValueError as e:
+            raise ValueError(f"override of {where}: {e}") from None
+        return options
+
+    def _group_of(self, p: torch.Tensor) -> dict:
+        return next(g for g in self.param_groups if any(q is p for q in g["params"]))
+
+    def _uses_8bit(self, p: torch.Tensor, options: dict | None = None) -> bool:
+        """bitsandbytes' rule: optim_bits 8 and at least min_8bit_size elements (the override's, the group's,
+        else the optimizer's); `options` are p's (`_options`), found when not given."""
+        options = self._options(p, self._group_of(p)) if options is None else options
+        if options.get("optim_bits", 8) == 32:
+            return False
+        return p.numel() >= options.get("min_8bit_size", self.min_8bit_size)
 
     def _keeps_master(self, p: torch.Tensor) -> bool:
         return self.master_weights and p.dtype != torch.float32
@@ -162,13 +211,13 @@ class Optimizer8bit(torch.optim.Optimizer):
         """p's index in state_dict() (the groups' parameters in order)."""
         return next(i for i, q in enumerate(chain.from_iterable(g["params"] for g in self.param_groups)) if q is p)
 
-    def _init_state(self, p: torch.Tensor) -> dict:
+    def _init_state(self, p: torch.Tensor, options: dict | None = None) -> dict:
         state = self.state[p]
         state["step"] = 0
         shard = local_tensor(p)  # under FSDP2 the states are this rank's shard's (pyquant/distributed.py)
         if self._keeps_master(p):
             state["master"] = shard.detach().float().contiguous()
-        eight_bit = self._uses_8bit(p)  # decided on the whole parameter: the same on every rank and world size
+        eight_bit = self._uses_8bit(p, options)  # on the whole parameter: the same on every rank and world size
         blocks = -(-shard.numel() // OPTIMIZER_BLOCK)
         for i, (key, code) in enumerate(zip(self._states, self._codes_on(p.device)), 1):
             dtype = torch.uint8 if eight_bit else torch.float32
@@ -221,24 +270,32 @@ class Optimizer8bit(torch.optim.Optimizer):
             return loss
         counts = []
         for group in self.param_groups:
-            by_device: dict[torch.device, list] = defaultdict(list)
+            # One op call per device and options: a tensor with an override gets a call of its own, with its
+            # options as the group (the op's constants are per tensor anyway; overrides are few).
+            calls: dict[tuple, tuple[dict, list]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 self._check_param(p)
-                state = self._check_state(p) if len(self.state[p]) else self._init_state(p)
+                options = self._options(p, group)
+                state = self._check_state(p) if len(self.state[p]) else self._init_state(p, options)
+                if options.get("optim_bits") == 32 and state["state1"].dtype == torch.uint8:
+                    raise ValueError(
+                        f"{type(self).__name__}: parameter {self._index_of(p)} has optim_bits=32 but already has "
+                        "8-bit states (made before the override, or loaded); set it before the first step"
+                    )
                 if self._keeps_master(p) and "master" not in state:  # e.g. loaded from a checkpoint without one
                     state["master"] = local_tensor(p).detach().float().contiguous()
                 state["step"] += 1
-                by_device[p.device].append((p, state))
-            for device, items in by_device.items():
+                calls.setdefault((p.device, id(options)), (options, []))[1].append((p, state))
+            for options, items in calls.values():
                 # The kernel walks memory linearly: a parameter that is not contiguous (a view into a larger
                 # tensor, channels_last) is stepped in a contiguous copy, copied back below into its own
                 # storage and layout, as torch's optimizers update it in place. FSDP2: this rank's shards.
                 targets = [local_tensor(p) for p, _ in items]
                 stepped = [s["master"] if "master" in s else t.contiguous() for t, (_, s) in zip(targets, items)]
                 grads = [local_tensor(p.grad).contiguous() for p, _ in items]
-                counts.append(self._fused_step(group, items, stepped, grads, inv_grad_scale, policy))
+                counts.append(self._fused_step(options, items, stepped, grads, inv_grad_scale, policy))
                 # The parameters the model computes with: master copies rounded once, and the copies above.
                 back = [(t, x) for t, x in zip(targets, stepped) if x is not t]
                 if back:
@@ -352,6 +409,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                 )
             try:
                 self._check_options({**self.defaults, **sg})
+                check_precision_options(sg, type(self).__name__)
             except ValueError as e:
                 raise ValueError(f"loaded parameter group {i}: {e}") from None
 
@@ -364,6 +422,83 @@ class Optimizer8bit(torch.optim.Optimizer):
                 f"{where}: {key} has {count} {what} entries (the first at flat index {first}: "
                 f"{t.reshape(-1)[first].item()}); no step of this optimizer writes such a value"
             )
+
+    # ---- switching with the float32 torch optimizer (`_torch_class`): from_torch, to_torch ----
+    def _group_from_torch(self, torch_group: dict) -> dict:
+        """This class's hyperparameters for a torch group; ValueError for what it cannot represent."""
+        raise NotImplementedError
+
+    def _group_to_torch(self, group: dict) -> dict:
+        """The torch class's hyperparameters for one of our groups."""
+        raise NotImplementedError
+
+    def _refuse_without_torch_class(self, what: str) -> None:
+        refuse_sharded(self, f"{what} (and from_torch/to_torch)")
+        if self._torch_class is None:
+            raise TypeError(f"{type(self).__name__} has no float32 torch optimizer to convert with: torch has none")
+
+    def load_torch_state_dict(self, torch_state_dict: dict) -> None:
+        """Load the state of the torch optimizer `_torch_class` (e.g. torch.optim.SGD's momentum_buffer) over the
+        same parameters: its groups' hyperparameters, and its states quantised as this optimizer keeps them."""
+        self._refuse_without_torch_class("load_torch_state_dict")
+        torch_keys = set(_torch_option_defaults(self._torch_class))
+        converted = {"param_groups": [], "state": {}}
+        for sg in torch_state_dict["param_groups"]:
+            if sg.get("maximize"):
+                raise ValueError(f"cannot convert a maximize=True optimizer: {type(self).__name__} minimises")
+            group = dict(self._group_from_torch(sg), params=sg["params"])
+            # Keys torch does not know (a scheduler's initial_lr, a user's name) are carried over.
+            group.update({k: v for k, v in sg.items() if k not in group and k not in torch_keys})
+            converted["param_groups"].append(group)
+        self._check_saved_groups(converted["param_groups"])  # before indexing our parameters with its ids
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        saved_ids = list(chain.from_iterable(g["params"] for g in torch_state_dict["param_groups"]))
+        group_of = {i: {**self.defaults, **g} for g in converted["param_groups"] for i in g["params"]}
+        for key, s in torch_state_dict["state"].items():
+            if key not in saved_ids:
+                raise ValueError(f"loaded torch state dict has state for parameter index {key}, which no group lists")
+            p = params[saved_ids.index(key)]
+            for name in self._torch_states:
+                t = s.get(name)
+                if not isinstance(t, torch.Tensor) or t.shape != p.shape:
+                    raise ValueError(
+                        f"torch state of parameter {key}: {name} has shape {tuple(getattr(t, 'shape', ()))} but the "
+                        f"parameter has shape {tuple(p.shape)}; was it saved for another model?"
+                    )
+            # torch.optim.SGD counts no steps: a momentum buffer exists from its first step on, and our step
+            # count only tells the first step (which copies the gradient into it) from the others.
+            state = {"step": int(float(s["step"])) if self._torch_step else 1}
+            eight_bit = self._uses_8bit(p, self._options(p, group_of[key]))
+            for i, (name, ours, code) in enumerate(zip(self._torch_states, self._states, self._codes_on(p.device)), 1):
+                x = s[name].float().to(p.device)
+                if eight_bit:
+                    state[ours], state[f"absmax{i}"] = F.quantize_blockwise(x, code, OPTIMIZER_BLOCK)
+                else:
+                    state[ours] = x.clone()
+            converted["state"][key] = state
+        self.load_state_dict(converted)
+
+    def torch_state_dict(self) -> dict:
+        """This optimizer's state in its torch optimizer's format (the one to_torch makes; states dequantised to
+        float32, step counts as tensors where torch keeps them)."""
+        self._refuse_without_torch_class("torch_state_dict")
+        sd = torch.optim.Optimizer.state_dict(self)  # unwrapped: the plain entries
+        out = {"param_groups": [], "state": {}}
+        # torch's execution flags (foreach, fused, ...) are not kept here: its constructor's defaults.
+        flags = _torch_option_defaults(self._to_torch_class or self._torch_class)
+        for group in sd["param_groups"]:
+            # Our hyperparameters in torch's names; other keys (params, precision, a scheduler's) as they are.
+            rest = {k: v for k, v in group.items() if k not in self.defaults}
+            out["param_groups"].append({**flags, **rest, **self._group_to_torch(group)})
+        for key, s in sd["state"].items():
+            entry = {"step": torch.tensor(float(s["step"]))} if self._torch_step else {}
+            for i, (name, ours) in enumerate(zip(self._torch_states, self._states), 1):
+                if s[ours].dtype == torch.uint8:
+                    entry[name] = F.dequantize_blockwise(s[ours], s[f"absmax{i}"], s[f"qmap{i}"], OPTIMIZER_BLOCK)
+                else:
+                    entry[name] = s[ours].clone()
+            out["state"][key] = entry
+        return out
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a pyquant or bitsandbytes state dict; every entry is checked before anything changes."""
@@ -382,6 +517,56 @@ class Optimizer8bit(torch.optim.Optimizer):
         for g, sg in zip(groups, saved_groups):
             ng = deepcopy({k: v for k, v in sg.items() if k != "params"})
             ng["params"] = g["params"]
+            for key in PRECISION_KEYS:  # bitsandbytes' groups never hold them: a group's own precision stays
+                if key in g and key not in ng:
+                    ng[key] = g[key]
             new_groups.append(ng)
         self.__setstate__({"state": new_state, "param_groups": new_groups})
 
+
+def _torch_option_defaults(torch_class: type) -> dict:
+    """The group keys of a torch optimizer, its constructor's arguments, with their defaults."""
+    parameters = inspect.signature(torch_class.__init__).parameters
+    return {k: p.default for k, p in parameters.items() if k not in ("self", "params")}
+
+
+def _pyquant_class_for(torch_optimizer: torch.optim.Optimizer) -> type:
+    """The Optimizer8bit subclass whose `_torch_class` is the optimizer's class (or its nearest base)."""
+    classes = {}
+    todo = list(Optimizer8bit.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls.__dict__.get("_torch_class") is not None:
+            classes[cls._torch_class] = cls
+    for base in type(torch_optimizer).__mro__:
+        if base in classes:
+            return classes[base]
+    names = ", ".join(sorted(c.__name__ for c in classes))
+    raise TypeError(f"from_torch converts torch.optim {names}; got {type(torch_optimizer).__name__}")
+
+
+def from_torch(optimizer: torch.optim.Optimizer, **kwargs) -> Optimizer8bit:
+    """A pyquant 8-bit optimizer over the same parameters, continuing from a float32 torch optimizer's state:
+    Adam -> Adam8bit, AdamW -> AdamW8bit, SGD -> SGD8bit, RMSprop -> RMSprop8bit, Adagrad -> Adagrad8bit.
+    `kwargs` are the 8-bit class's own (min_8bit_size, master_weights, nonfinite). Options the 8-bit class
+    cannot represent (SGD's nesterov, RMSprop's centered, ...) are refused with its error."""
+    cls = _pyquant_class_for(optimizer)
+    arguments = set(inspect.signature(cls.__init__).parameters)
+    # The torch defaults the 8-bit constructor shares by name (lr, momentum, nesterov, alpha, centered, ...): its
+    # checks refuse what it cannot represent. Each group's own values come with the state (load_torch_state_dict).
+    defaults = {k: v for k, v in optimizer.defaults.items() if k in arguments and k != "params"}
+    new = cls([{"params": g["params"]} for g in optimizer.param_groups], **defaults, **kwargs)
+    new.load_torch_state_dict(optimizer.state_dict())
+    return new
+
+
+def to_torch(optimizer: Optimizer8bit) -> torch.optim.Optimizer:
+    """The float32 torch optimizer over the same parameters, continuing from this optimizer's dequantised state:
+    SGD8bit -> torch.optim.SGD, RMSprop8bit -> RMSprop, Adagrad8bit -> Adagrad, Adam8bit and AdamW8bit -> AdamW
+    (pyquant's weight decay is decoupled; with weight_decay=0 that is Adam). Lion8bit has none (TypeError)."""
+    sd = optimizer.torch_state_dict()
+    groups = [dict(g, params=pg["params"]) for g, pg in zip(sd["param_groups"], optimizer.param_groups)]
+    new = (optimizer._to_torch_class or optimizer._torch_class)(groups)
+    new.load_state_dict(sd)
+    return new

@@ -8,21 +8,22 @@ checkpoint moves between the two libraries in either direction and training cont
 Differences from torch.optim.Adam, on purpose:
 - `weight_decay` is decoupled (p *= 1 - lr * wd before the update), as in bitsandbytes' Adam8bit; for
   Adam8bit and AdamW8bit alike.
-- tensors with fewer than `min_8bit_size` elements keep float32 states (bitsandbytes' rule).
+- tensors with fewer than `min_8bit_size` elements keep float32 states (bitsandbytes' rule); per tensor,
+  `pyquant.optim.override(param, optim_bits=32)` keeps them float32 whatever the size (overrides.py).
 - non-finite gradient elements: see `nonfinite` below.
+
+Switching with torch mid-training: `pyquant.optim.from_torch(torch_adam)` / `to_torch(adam8bit)` (the shared code is
+in _base.py; this class names torch's states and maps the groups).
 """
 
 from __future__ import annotations
 
 import warnings
-from itertools import chain
-
 import torch
 
 from pyquant import functional as F
-from pyquant._contract import OPTIMIZER_BLOCK, adam_constants
-from pyquant.distributed import refuse_sharded
-from pyquant.optim._base import Optimizer8bit
+from pyquant._contract import adam_constants
+from pyquant.optim._base import Optimizer8bit, from_torch, to_torch
 
 __all__ = ["Adam8bit", "AdamW8bit", "from_torch", "to_torch"]
 
@@ -118,98 +119,31 @@ class Adam8bit(Optimizer8bit):
             policy,
         )
 
-    # ---- switching with torch.optim.Adam / AdamW ----
-    def load_torch_state_dict(self, torch_state_dict: dict) -> None:
-        """Load the state of a torch.optim.Adam/AdamW (exp_avg, exp_avg_sq) over the same parameters."""
-        refuse_sharded(self, "load_torch_state_dict (and from_torch)")
-        converted = {"param_groups": [], "state": {}}
-        for sg in torch_state_dict["param_groups"]:
-            if sg.get("amsgrad"):
-                raise ValueError("cannot convert an AMSGrad state: Adam8bit has no max_exp_avg_sq")
-            if sg.get("maximize"):
-                raise ValueError("cannot convert a maximize=True optimizer: Adam8bit minimises")
-            group = {k: sg[k] for k in ("lr", "betas", "eps", "weight_decay", "params")}
-            group.update(alpha=0.0, t_alpha=None, t_beta3=None)
-            if sg["weight_decay"] > 0 and not sg.get("decoupled_weight_decay", False):
-                warnings.warn(
-                    "torch.optim.Adam applies weight_decay as an L2 term on the gradient; pyquant decouples it "
-                    "(like AdamW), so training continues with decoupled weight decay",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            group.update({k: v for k, v in sg.items() if k not in group and k not in _TORCH_ONLY_KEYS})
-            converted["param_groups"].append(group)
-        self._check_saved_groups(torch_state_dict["param_groups"])  # before indexing our parameters with its ids
-        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
-        saved_ids = list(chain.from_iterable(g["params"] for g in torch_state_dict["param_groups"]))
-        for key, s in torch_state_dict["state"].items():
-            if key not in saved_ids:
-                raise ValueError(f"loaded torch state dict has state for parameter index {key}, which no group lists")
-            p = params[saved_ids.index(key)]
-            for name in ("exp_avg", "exp_avg_sq"):
-                t = s.get(name)
-                if not isinstance(t, torch.Tensor) or t.shape != p.shape:
-                    raise ValueError(
-                        f"torch state of parameter {key}: {name} has shape {tuple(getattr(t, 'shape', ()))} but the "
-                        f"parameter has shape {tuple(p.shape)}; was it saved for another model?"
-                    )
-            state = {"step": int(float(s["step"]))}
-            m, v = s["exp_avg"].float().to(p.device), s["exp_avg_sq"].float().to(p.device)
-            if self._uses_8bit(p):
-                code1, code2 = self._codes_on(p.device)
-                state["state1"], state["absmax1"] = F.quantize_blockwise(m, code1, OPTIMIZER_BLOCK)
-                state["state2"], state["absmax2"] = F.quantize_blockwise(v, code2, OPTIMIZER_BLOCK)
-            else:
-                state["state1"], state["state2"] = m.clone(), v.clone()
-            converted["state"][key] = state
-        self.load_state_dict(converted)
+    # ---- switching with torch.optim.Adam / AdamW (Optimizer8bit.load_torch_state_dict, from_torch, to_torch) ----
+    _torch_class = torch.optim.Adam
+    _torch_states = ("exp_avg", "exp_avg_sq")
+    _to_torch_class = torch.optim.AdamW  # pyquant's weight decay is decoupled; with weight_decay=0 it is Adam
 
-    def torch_state_dict(self) -> dict:
-        """This optimizer's state in torch.optim.Adam/AdamW's format (moments dequantised to float32)."""
-        refuse_sharded(self, "torch_state_dict (and to_torch)")
-        sd = torch.optim.Optimizer.state_dict(self)  # unwrapped: the plain entries
-        out = {"param_groups": [], "state": {}}
-        for group in sd["param_groups"]:
-            torch_group = {k: v for k, v in group.items() if k not in ("alpha", "t_alpha", "t_beta3")}
-            out["param_groups"].append(dict(torch_group, decoupled_weight_decay=True))
-        for key, s in sd["state"].items():
-            if s["state1"].dtype == torch.uint8:
-                m = F.dequantize_blockwise(s["state1"], s["absmax1"], s["qmap1"], OPTIMIZER_BLOCK)
-                v = F.dequantize_blockwise(s["state2"], s["absmax2"], s["qmap2"], OPTIMIZER_BLOCK)
-            else:
-                m, v = s["state1"].clone(), s["state2"].clone()
-            out["state"][key] = {"step": torch.tensor(float(s["step"])), "exp_avg": m, "exp_avg_sq": v}
-        return out
+    def _group_from_torch(self, sg: dict) -> dict:
+        if sg.get("amsgrad"):
+            raise ValueError(f"cannot convert an AMSGrad state: {type(self).__name__} has no max_exp_avg_sq")
+        if sg["weight_decay"] > 0 and not sg.get("decoupled_weight_decay", False):
+            warnings.warn(
+                "torch.optim.Adam applies weight_decay as an L2 term on the gradient; pyquant decouples it "
+                "(like AdamW), so training continues with decoupled weight decay",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return dict(lr=sg["lr"], betas=sg["betas"], eps=sg["eps"], weight_decay=sg["weight_decay"], alpha=0.0,
+                    t_alpha=None, t_beta3=None)
 
-
-_TORCH_ONLY_KEYS = {"amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay"}
+    def _group_to_torch(self, group: dict) -> dict:
+        return dict(lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
+                    decoupled_weight_decay=True)
 
 
 class AdamW8bit(Adam8bit):
     """AdamW with 8-bit states: Adam8bit with decoupled weight decay defaulting to 0.01 (as torch and bitsandbytes)."""
 
     _default_weight_decay = 1e-2
-
-
-def from_torch(optimizer: torch.optim.Adam, **kwargs) -> Adam8bit:
-    """An Adam8bit (AdamW8bit for torch.optim.AdamW) over the same parameters, continuing from its state."""
-    if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
-        raise TypeError(f"from_torch converts torch.optim.Adam or AdamW, got {type(optimizer).__name__}")
-    cls = AdamW8bit if isinstance(optimizer, torch.optim.AdamW) else Adam8bit
-    groups = [{k: v for k, v in g.items() if k not in _TORCH_ONLY_KEYS} for g in optimizer.param_groups]
-    new = cls(groups, **kwargs)
-    new.load_torch_state_dict(optimizer.state_dict())
-    return new
-
-
-def to_torch(optimizer: Adam8bit) -> torch.optim.Adam:
-    """A torch.optim.AdamW over the same parameters, continuing from this optimizer's (dequantised) state.
-
-    AdamW, because pyquant's weight decay is decoupled; with weight_decay=0 it is plain Adam.
-    """
-    groups = [
-        {k: v for k, v in g.items() if k not in ("alpha", "t_alpha", "t_beta3")} for g in optimizer.param_groups
-    ]
-    new = torch.optim.AdamW(groups)
-    new.load_state_dict(optimizer.torch_state_dict())
-    return new
+    _torch_class = torch.optim.AdamW

@@ -11,7 +11,9 @@ Options bitsandbytes accepts but ignores on its CPU paths are refused here rathe
 SGD's `dampening` and `nesterov`, RMSprop's `momentum`. Those it refuses are refused too (SGD without momentum,
 RMSprop's `centered` and alpha == 0, Adagrad's `lr_decay` and `initial_accumulator_value`). `args` (bnb's
 override object) and `is_paged=True` are refused. The shared keyword arguments `min_8bit_size`,
-`master_weights` and `nonfinite` are Optimizer8bit's (pyquant/optim/_base.py).
+`master_weights` and `nonfinite` are Optimizer8bit's (pyquant/optim/_base.py), and so are per-parameter overrides
+(`pyquant.optim.override`, overrides.py) and the conversion with torch's float32 optimizer (`from_torch`,
+`to_torch`): SGD8bit with torch.optim.SGD, RMSprop8bit with RMSprop, Adagrad8bit with Adagrad; torch has no Lion.
 """
 
 from __future__ import annotations
@@ -70,9 +72,11 @@ class Lion8bit(_OneState8bit):
     """Lion (sign of an interpolated momentum) with an 8-bit momentum: bitsandbytes' Lion8bit.
 
     p *= 1 - lr * wd (when wd > 0); p -= lr * sign(b1 * m + (1 - b1) * g); m = b2 * m + (1 - b2) * g.
-    Groups hold bitsandbytes' keys: lr, betas, eps (0, unused), weight_decay."""
+    Groups hold bitsandbytes' keys: lr, betas, eps (0, unused), weight_decay. torch has no Lion optimizer, so there
+    is no `from_torch` / `to_torch` for this one."""
 
     _rule = "lion"
+    _override_keys = ("lr", "betas", "weight_decay")
 
     def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0, args=None,
                  min_8bit_size: int = 4096, is_paged: bool = False, *, master_weights: bool = False,
@@ -88,9 +92,26 @@ class SGD8bit(_OneState8bit):
     g += wd * p; m = g on the first step, else momentum * m + g; p -= lr * m (torch.optim.SGD's rule with
     dampening 0). `momentum` must be > 0 (bitsandbytes' rule); `dampening` != 0 and `nesterov=True` are refused:
     bitsandbytes accepts both and ignores them. Groups hold bitsandbytes' keys: lr, betas = (momentum,
-    dampening), eps (0, unused), weight_decay."""
+    dampening), eps (0, unused), weight_decay.
+
+    Converts with torch.optim.SGD (momentum_buffer; `from_torch`, `to_torch`). torch's SGD counts no steps: a
+    converted state starts at step 1 (its buffer is past the first step, which copies the gradient into it)."""
 
     _rule = "momentum"
+    _override_keys = ("lr", "betas", "weight_decay")
+    _torch_class = torch.optim.SGD
+    _torch_states = ("momentum_buffer",)
+    _torch_step = False
+
+    def _group_from_torch(self, sg: dict) -> dict:
+        if sg.get("nesterov"):
+            raise ValueError("cannot convert nesterov=True: SGD8bit has no Nesterov momentum")
+        return dict(lr=sg["lr"], betas=(sg["momentum"], sg["dampening"]), eps=0.0, weight_decay=sg["weight_decay"])
+
+    def _group_to_torch(self, group: dict) -> dict:
+        momentum, dampening = group["betas"]
+        return dict(lr=group["lr"], momentum=momentum, dampening=dampening, weight_decay=group["weight_decay"],
+                    nesterov=False, maximize=False)
 
     def __init__(self, params, lr: float, momentum: float = 0, dampening: float = 0, weight_decay: float = 0,
                  nesterov: bool = False, args=None, min_8bit_size: int = 4096, *, master_weights: bool = False,
@@ -114,10 +135,24 @@ class RMSprop8bit(_OneState8bit):
 
     g += wd * p; v = alpha * v + (1 - alpha) * g^2; p -= lr * g / (sqrt(v) + eps). `alpha` must be in (0, 1);
     `centered=True` is refused (as bitsandbytes does) and so is `momentum` != 0 (bitsandbytes ignores it).
-    Groups hold bitsandbytes' keys: lr, betas = (alpha, momentum), eps, weight_decay."""
+    Groups hold bitsandbytes' keys: lr, betas = (alpha, momentum), eps, weight_decay.
+
+    Converts with torch.optim.RMSprop (square_avg, step; `from_torch`, `to_torch`)."""
 
     _rule = "rmsprop"
     _nonnegative_states = ("state1",)
+    _torch_class = torch.optim.RMSprop
+    _torch_states = ("square_avg",)
+
+    def _group_from_torch(self, sg: dict) -> dict:
+        if sg.get("centered"):
+            raise ValueError("cannot convert centered=True: RMSprop8bit has no grad_avg")
+        return dict(lr=sg["lr"], betas=(sg["alpha"], sg["momentum"]), eps=sg["eps"], weight_decay=sg["weight_decay"])
+
+    def _group_to_torch(self, group: dict) -> dict:
+        alpha, momentum = group["betas"]
+        return dict(lr=group["lr"], alpha=alpha, eps=group["eps"], weight_decay=group["weight_decay"],
+                    momentum=momentum, centered=False, maximize=False)
 
     def __init__(self, params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0,
                  momentum: float = 0, centered: bool = False, args=None, min_8bit_size: int = 4096, *,
@@ -139,10 +174,26 @@ class Adagrad8bit(_OneState8bit):
     """Adagrad with an 8-bit sum of squared gradients: bitsandbytes' Adagrad8bit.
 
     g += wd * p; s += g^2; p -= lr * g / (sqrt(s) + eps). `lr_decay` and `initial_accumulator_value` must be 0
-    (bitsandbytes refuses others too). Groups hold bitsandbytes' keys: lr, betas (0, 0), eps, weight_decay."""
+    (bitsandbytes refuses others too). Groups hold bitsandbytes' keys: lr, betas (0, 0), eps, weight_decay.
+
+    Converts with torch.optim.Adagrad (sum, step; `from_torch`, `to_torch`), with lr_decay 0 and an accumulator
+    that started at 0."""
 
     _rule = "adagrad"
     _nonnegative_states = ("state1",)
+    _override_keys = ("lr", "eps", "weight_decay")
+    _torch_class = torch.optim.Adagrad
+    _torch_states = ("sum",)
+
+    def _group_from_torch(self, sg: dict) -> dict:
+        for key in ("lr_decay", "initial_accumulator_value"):
+            if sg.get(key, 0.0) != 0.0:
+                raise ValueError(f"cannot convert {key}={sg[key]}: Adagrad8bit takes 0 only")
+        return dict(lr=sg["lr"], betas=(0.0, 0.0), eps=sg["eps"], weight_decay=sg["weight_decay"])
+
+    def _group_to_torch(self, group: dict) -> dict:
+        return dict(lr=group["lr"], lr_decay=0.0, weight_decay=group["weight_decay"], initial_accumulator_value=0.0,
+                    eps=group["eps"], maximize=False)
 
     def __init__(self, params, lr: float = 1e-2, lr_decay: float = 0, weight_decay: float = 0,
                  initial_accumulator_value: float = 0, eps: float = 1e-10, args=None, min_8bit_size: int = 4096, *,
