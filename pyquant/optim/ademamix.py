@@ -70,15 +70,16 @@ class AdEMAMix(Optimizer8bit):
                              f"got betas {betas}")
 
     # ---- state: state1 is m1 and m2 stacked, (2, *p.shape), as in bitsandbytes ----
-    def _uses_8bit(self, p: torch.Tensor) -> bool:
-        return self.optim_bits == 8 and p.numel() >= self.min_8bit_size
+    def _uses_8bit(self, p: torch.Tensor, options: dict | None = None) -> bool:
+        # the class's optim_bits, then the base rule: overrides and group keys (optim_bits, min_8bit_size)
+        return self.optim_bits == 8 and super()._uses_8bit(p, options)
 
-    def _init_state(self, p: torch.Tensor) -> dict:
+    def _init_state(self, p: torch.Tensor, options: dict | None = None) -> dict:
         state = self.state[p]
         state["step"] = 0
         if self._keeps_master(p):
             state["master"] = p.detach().float().contiguous()
-        eight_bit = self._uses_8bit(p)
+        eight_bit = self._uses_8bit(p, options)
         dtype = torch.uint8 if eight_bit else torch.float32
         state["state1"] = torch.zeros((2, *p.shape), dtype=dtype, device=p.device)
         state["state2"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
