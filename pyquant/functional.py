@@ -11,7 +11,7 @@ import hashlib
 import re
 import torch
 
-from pyquant import _maps, _ops
+from pyquant import _maps, _ops, backends
 from pyquant._contract import FLOAT_DTYPES, check_blocksize
 
 _dynamic_maps: dict[bool, torch.Tensor] = {}
@@ -125,6 +125,30 @@ def adam_step_multi_tensor(params, grads, state1, state2, absmax1, absmax2, cons
         return torch.zeros((), dtype=torch.int64)
     written = [t for tensors in args[:1] + args[2:6] for t in tensors]
     return _ops.call_eagerly(_ops.adam_step_, "adam_step", args[0][0], args, written)
+
+
+def runs_prepared_steps(first: torch.Tensor) -> bool:
+    """Whether a step over tensors like `first` may run through a PreparedStep (prepare_adam_step,
+    prepare_one_state_step): an eager call on a CPU tensor whose backend is the C++ library. Checked every step:
+    `pyquant.use_backend` and torch.compile can change the answer between steps."""
+    return first.device.type == "cpu" and backends.runs_eagerly(first) and backends.select("cpu") == "cpu"
+
+
+def prepare_adam_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2):
+    """The C++ library's Adam step over these tensors, checked and described once, to be run step after step
+    with new gradients and constants (pyquant.backends.cpu.optimizer.PreparedStep; Optimizer8bit keeps one per
+    parameter group). Only where runs_prepared_steps(params[0])."""
+    from pyquant.backends.cpu.optimizer import prepare_adam_step as prepare
+
+    return prepare(list(params), list(grads), list(state1), list(state2), list(absmax1), list(absmax2),
+                   constants, code1, code2)
+
+
+def prepare_one_state_step(params, grads, state1, absmax1, constants, code1, rule):
+    """prepare_adam_step for the one-state rules."""
+    from pyquant.backends.cpu.optimizer import prepare_one_state_step as prepare
+
+    return prepare(list(params), list(grads), list(state1), list(absmax1), constants, code1, rule)
 
 
 def one_state_step_multi_tensor(params, grads, state1, absmax1, constants, code1, rule, nonfinite):

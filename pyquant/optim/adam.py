@@ -94,30 +94,24 @@ class Adam8bit(Optimizer8bit):
             raise ValueError(f"{name} does not support amsgrad=True; use torch.optim.Adam for AMSGrad")
 
 
-    def _fused_step(self, group, items, stepped, grads, inv_grad_scale, policy):
-        device = stepped[0].device
-        code1, code2 = self._codes_on(device)
+    def _constants_row(self, group, step, eight_bit, inv_grad_scale):
+        return adam_constants(group, step, eight_bit, inv_grad_scale)
+
+    def _operands(self, items, device):
+        """The op's state operands (state1, state2, absmax1, absmax2) and codes for `items` on `device`."""
         empty = torch.empty(0, dtype=torch.float32, device=device)
-        rows: dict[tuple[int, bool], list[float]] = {}  # a group's tensors mostly share their step
-        for _, s in items:
-            key = (s["step"], s["state1"].dtype == torch.uint8)
-            if key not in rows:
-                rows[key] = adam_constants(group, *key, inv_grad_scale)
-        constants = torch.tensor(
-            [rows[(s["step"], s["state1"].dtype == torch.uint8)] for _, s in items], dtype=torch.float32
-        )
-        return F.adam_step_multi_tensor(
-            stepped,
-            grads,
-            [s["state1"] for _, s in items],
-            [s["state2"] for _, s in items],
-            [s.get("absmax1", empty) for _, s in items],
-            [s.get("absmax2", empty) for _, s in items],
-            constants,
-            code1,
-            code2,
-            policy,
-        )
+        states = [[s[k] for _, s in items] for k in ("state1", "state2")]
+        absmax = [[s.get(k, empty) for _, s in items] for k in ("absmax1", "absmax2")]
+        return (*states, *absmax), self._codes_on(device)
+
+    def _fused_step(self, group, items, stepped, grads, inv_grad_scale, policy):
+        states, codes = self._operands(items, stepped[0].device)
+        constants = self._constants(group, items, inv_grad_scale)
+        return F.adam_step_multi_tensor(stepped, grads, *states, constants, *codes, policy)
+
+    def _prepare_step(self, group, items, grads):
+        states, codes = self._operands(items, grads[0].device)
+        return F.prepare_adam_step([p for p, _ in items], grads, *states, self._constants(group, items, 1.0), *codes)
 
     # ---- switching with torch.optim.Adam / AdamW (Optimizer8bit.load_torch_state_dict, from_torch, to_torch) ----
     _torch_class = torch.optim.Adam

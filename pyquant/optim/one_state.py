@@ -52,20 +52,23 @@ class _OneState8bit(Optimizer8bit):
     def _check_rule_options(self, beta1: float, beta2: float) -> None:
         """What the rule refuses in a group's betas (bitsandbytes stores its options there)."""
 
-    def _fused_step(self, group, items, stepped, grads, inv_grad_scale, policy):
-        device = stepped[0].device
-        (code,) = self._codes_on(device)
+    def _constants_row(self, group, step, eight_bit, inv_grad_scale):
+        return one_state_constants(group, step, eight_bit, inv_grad_scale)
+
+    def _operands(self, items, device):
+        """The op's state operands (state1, absmax1) and code for `items` on `device`."""
         empty = torch.empty(0, dtype=torch.float32, device=device)
-        rows: dict[tuple[int, bool], list[float]] = {}
-        keys = [(s["step"], s["state1"].dtype == torch.uint8) for _, s in items]
-        for key in keys:
-            if key not in rows:
-                rows[key] = one_state_constants(group, *key, inv_grad_scale)
-        constants = torch.tensor([rows[key] for key in keys], dtype=torch.float32)
-        return F.one_state_step_multi_tensor(
-            stepped, grads, [s["state1"] for _, s in items], [s.get("absmax1", empty) for _, s in items],
-            constants, code, ONE_STATE_RULES[self._rule], policy,
-        )
+        return ([s["state1"] for _, s in items], [s.get("absmax1", empty) for _, s in items]), self._codes_on(device)
+
+    def _fused_step(self, group, items, stepped, grads, inv_grad_scale, policy):
+        states, (code,) = self._operands(items, stepped[0].device)
+        constants = self._constants(group, items, inv_grad_scale)
+        return F.one_state_step_multi_tensor(stepped, grads, *states, constants, code, ONE_STATE_RULES[self._rule], policy)
+
+    def _prepare_step(self, group, items, grads):
+        states, (code,) = self._operands(items, grads[0].device)
+        constants = self._constants(group, items, 1.0)
+        return F.prepare_one_state_step([p for p, _ in items], grads, *states, constants, code, ONE_STATE_RULES[self._rule])
 
 
 class Lion8bit(_OneState8bit):

@@ -5,9 +5,12 @@ and AdEMAMix (`ademamix_step`)."""
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 from pyquant._contract import DTYPE_CODES
+from pyquant._nvtx import kernel_range
 from pyquant.backends import kernel
 from pyquant.backends.capi import (
     AdamConstants, AdamTensor, AdemamixConstants, AdemamixTensor, OneStateConstants, OneStateTensor,
@@ -16,48 +19,141 @@ from pyquant.backends.capi import (
 from pyquant.backends.code_tables import cached_code_table
 
 
+def _fill(descriptors, params, grads, states: tuple, constants, row_type) -> None:
+    """Write one descriptor per tensor: its pointers (params, grads, then each list of `states`, in the
+    descriptor's pointer order), size, dtypes and constants row."""
+    rows = constants.tolist()
+    pointer_names = [name for name, kind in type(descriptors[0])._fields_ if kind is ctypes.c_void_p] if descriptors else []
+    for i, (d, p, g, row) in enumerate(zip(descriptors, params, grads, rows)):
+        pointers = (p.data_ptr(), g.data_ptr(), *(values[i].data_ptr() for values in states))
+        for name, pointer in zip(pointer_names, pointers):
+            setattr(d, name, pointer)
+        d.numel = p.numel()
+        d.param_dtype, d.grad_dtype = DTYPE_CODES[p.dtype], DTYPE_CODES[g.dtype]
+        d.state_bits = 8 if states[0][i].dtype == torch.uint8 else 32
+        d.k = row_type(*row)
+
+
+def _adam_call(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2):
+    """The descriptors of one adam_step call, and the function that runs it over them."""
+    descriptors = (AdamTensor * len(params))()
+    _fill(descriptors, params, grads, (state1, state2, absmax1, absmax2), constants, AdamConstants)
+    table1, table2 = cached_code_table(code1), cached_code_table(code2)
+    pointers = (code1.data_ptr(), code2.data_ptr(), table1.data_ptr(), table2.data_ptr())
+    keep = (code1, code2, table1, table2)  # alive as long as the call is
+
+    def run(nonfinite: int, descriptors=descriptors, keep=keep) -> int:
+        return cpu_library().pq_adam_step(descriptors, len(descriptors), *pointers, nonfinite)
+
+    return descriptors, run
+
+
+def _one_state_call(params, grads, state1, absmax1, constants, code1, rule):
+    descriptors = (OneStateTensor * len(params))()
+    _fill(descriptors, params, grads, (state1, absmax1), constants, OneStateConstants)
+    table1 = cached_code_table(code1)
+    keep = (code1, table1)
+
+    def run(nonfinite: int, descriptors=descriptors, keep=keep) -> int:
+        return cpu_library().pq_one_state_step(
+            descriptors, len(descriptors), code1.data_ptr(), table1.data_ptr(), rule, nonfinite
+        )
+
+    return descriptors, run
+
+
+def _skipped(bad: int, name: str) -> torch.Tensor:
+    if bad < 0:
+        check_status(-bad, name)
+    return torch.tensor(bad, dtype=torch.int64)
+
+
+def _on_cpu(params, name: str) -> None:
+    if params and params[0].device.type != "cpu":
+        raise ValueError(f"{name}: the cpu backend got tensors on {params[0].device}")
+
+
 @kernel("adam_step", "cpu")
 def adam_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite):
     check_adam_operands(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite)
-    count = len(params)
-    if count and params[0].device.type != "cpu":
-        raise ValueError(f"adam_step: the cpu backend got tensors on {params[0].device}")
-    descriptors = (AdamTensor * count)()
-    rows = constants.tolist()
-    for d, p, g, s1, s2, a1, a2, row in zip(descriptors, params, grads, state1, state2, absmax1, absmax2, rows):
-        d.param, d.grad, d.state1, d.state2 = p.data_ptr(), g.data_ptr(), s1.data_ptr(), s2.data_ptr()
-        d.absmax1, d.absmax2 = a1.data_ptr(), a2.data_ptr()
-        d.numel = p.numel()
-        d.param_dtype, d.grad_dtype = DTYPE_CODES[p.dtype], DTYPE_CODES[g.dtype]
-        d.state_bits = 8 if s1.dtype == torch.uint8 else 32
-        d.k = AdamConstants(*row)
-    table1, table2 = cached_code_table(code1), cached_code_table(code2)
-    bad = cpu_library().pq_adam_step(
-        descriptors, count, code1.data_ptr(), code2.data_ptr(), table1.data_ptr(), table2.data_ptr(), nonfinite
-    )
-    if bad < 0:
-        check_status(-bad, "adam_step")
-    return torch.tensor(bad, dtype=torch.int64)
+    _on_cpu(params, "adam_step")
+    _, run = _adam_call(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2)
+    return _skipped(run(nonfinite), "adam_step")
 
 
 @kernel("one_state_step", "cpu")
 def one_state_step(params, grads, state1, absmax1, constants, code1, rule, nonfinite):
     check_one_state_operands(params, grads, state1, absmax1, constants, code1, rule, nonfinite)
-    count = len(params)
-    if count and params[0].device.type != "cpu":
-        raise ValueError(f"one_state_step: the cpu backend got tensors on {params[0].device}")
-    descriptors = (OneStateTensor * count)()
-    for d, p, g, s1, a1, row in zip(descriptors, params, grads, state1, absmax1, constants.tolist()):
-        d.param, d.grad, d.state1, d.absmax1 = p.data_ptr(), g.data_ptr(), s1.data_ptr(), a1.data_ptr()
-        d.numel = p.numel()
-        d.param_dtype, d.grad_dtype = DTYPE_CODES[p.dtype], DTYPE_CODES[g.dtype]
-        d.state_bits = 8 if s1.dtype == torch.uint8 else 32
-        d.k = OneStateConstants(*row)
-    table1 = cached_code_table(code1)
-    bad = cpu_library().pq_one_state_step(descriptors, count, code1.data_ptr(), table1.data_ptr(), rule, nonfinite)
-    if bad < 0:
-        check_status(-bad, "one_state_step")
-    return torch.tensor(bad, dtype=torch.int64)
+    _on_cpu(params, "one_state_step")
+    _, run = _one_state_call(params, grads, state1, absmax1, constants, code1, rule)
+    return _skipped(run(nonfinite), "one_state_step")
+
+
+# ---- a step prepared once and run many times ----
+class PreparedStep:
+    """One fused step's descriptors, built and checked once for a fixed list of tensors, then run step after step.
+
+    The optimizers keep one per parameter group (Optimizer8bit._step_plan) while the group's parameters, their
+    gradients' presence and their states stay the same objects: per step only the gradients' pointers and dtypes
+    and the constants change, and they are written into the descriptor array column by column through tensor
+    views of it, instead of per-tensor ctypes writes and the full operand checks (about 5 us a tensor). What
+    the kernel trusts and can still change between steps is checked on every call: each parameter still has
+    the storage and size the descriptors were built with, and each gradient is a contiguous CPU tensor of a
+    float dtype with the parameter's size. When one is not, the call returns None before writing anything, and
+    the caller takes the general path, which rebuilds the plan or says what is wrong."""
+
+    def __init__(self, name: str, descriptors, run, params, written):
+        self.name, self._descriptors, self._run = name, descriptors, run
+        self._written = list(written)
+        self._pointers = [p.data_ptr() for p in params]
+        self._numels = [p.numel() for p in params]
+        self._grad_codes: list[int] | None = None
+        row = descriptors._type_
+        count, width = len(params), ctypes.sizeof(row)
+        raw = memoryview(descriptors).cast("B")
+        self._words = torch.frombuffer(raw, dtype=torch.int64).view(count, width // 8)
+        self._ints = torch.frombuffer(raw, dtype=torch.int32).view(count, width // 4)
+        self._floats = torch.frombuffer(raw, dtype=torch.float32).view(count, width // 4)
+        self._grad_column = row.grad.offset // 8
+        self._grad_dtype_column = row.grad_dtype.offset // 4
+        first = row.k.offset // 4
+        self._constants = slice(first, first + row.k.size // 4)
+
+    def __call__(self, params, grads, rows: list[list[float]], row_of: list[int] | None, nonfinite: int):
+        """Run one step. `rows`: the distinct constants rows; `row_of`: each tensor's row (None: all rows[0]).
+        Returns the skipped count (0-dim int64), or None when a tensor no longer fits the descriptors."""
+        pointers, codes = [], []
+        for p, g, pointer, n in zip(params, grads, self._pointers, self._numels):
+            code = DTYPE_CODES.get(g.dtype)
+            if (p.data_ptr() != pointer or p.numel() != n or code is None or code == DTYPE_CODES[torch.float64]
+                    or not g.is_cpu or g.numel() != n or not g.is_contiguous()):
+                return None
+            pointers.append(g.data_ptr())
+            codes.append(code)
+        self._words[:, self._grad_column] = torch.tensor(pointers, dtype=torch.int64)
+        if codes != self._grad_codes:
+            self._ints[:, self._grad_dtype_column] = torch.tensor(codes, dtype=torch.int32)
+            self._grad_codes = codes
+        table = torch.tensor(rows, dtype=torch.float32)  # each value rounded once, as the general path does
+        self._floats[:, self._constants] = table[0] if row_of is None else table[torch.tensor(row_of)]
+        with kernel_range(self.name):
+            bad = self._run(nonfinite)
+        torch.autograd.graph.increment_version(self._written)
+        return _skipped(bad, self.name)
+
+
+def prepare_adam_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2) -> PreparedStep:
+    check_adam_operands(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, 0)
+    _on_cpu(params, "adam_step")
+    descriptors, run = _adam_call(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2)
+    return PreparedStep("adam_step", descriptors, run, params, [*params, *state1, *state2, *absmax1, *absmax2])
+
+
+def prepare_one_state_step(params, grads, state1, absmax1, constants, code1, rule) -> PreparedStep:
+    check_one_state_operands(params, grads, state1, absmax1, constants, code1, rule, 0)
+    _on_cpu(params, "one_state_step")
+    descriptors, run = _one_state_call(params, grads, state1, absmax1, constants, code1, rule)
+    return PreparedStep("one_state_step", descriptors, run, params, [*params, *state1, *absmax1])
 
 
 @kernel("ademamix_step", "cpu")
