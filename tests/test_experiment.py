@@ -108,6 +108,24 @@ def test_settings_resolve_per_device():
         settings.resolve("fp8", "cpu")
 
 
+@pytest.mark.parametrize("name, class_name, lr_factor", [
+    ("lion8bit", "Lion8bit", 1 / 3), ("sgd8bit", "SGD8bit", 10.0), ("rmsprop8bit", "RMSprop8bit", 1.0),
+    ("adagrad8bit", "Adagrad8bit", 10.0), ("ademamix8bit", "AdEMAMix8bit", 1.0)])
+def test_family_settings_build_their_optimizer_and_take_a_step(name, class_name, lr_factor):
+    import pyquant
+
+    recipe = settings.resolve(name, "cpu")
+    weight = torch.nn.Parameter(torch.randn(64, 128))  # above min_8bit_size: 8-bit states
+    optimizer = recipe.make_optimizer([weight], 1e-5)
+    assert type(optimizer) is getattr(pyquant, class_name)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-5 * lr_factor, rel=1e-12)
+    before = weight.detach().clone()
+    weight.grad = torch.randn_like(weight)
+    optimizer.step()
+    assert not torch.equal(weight, before)
+    assert any(t.dtype == torch.uint8 for t in optimizer.state[weight].values() if torch.is_tensor(t))
+
+
 def test_half_model_keeps_norms_in_float32_and_uses_8bit_states():
     model = models.create_model("densenet_small")
     recipe = settings.resolve("half+8bit", "cpu")
