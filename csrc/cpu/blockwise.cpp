@@ -140,6 +140,13 @@ static inline int64_t adam_block_32bit(const pq_adam_tensor& t, int64_t start, i
   return bad;
 }
 
+// `kept` where keep is 1, else `updated`, on the bits. A select (keep ? kept : updated) let GCC move the update's
+// arithmetic under a branch (it may trap, -ftrapping-math), and the state loop stayed scalar under nonfinite="skip".
+static inline float kept_or_updated(uint32_t keep, float kept, float updated) {
+  const uint32_t mask = 0u - keep;
+  return bits_float((float_bits(kept) & mask) | (float_bits(updated) & ~mask));
+}
+
 // One block of a one-state step (8-bit or float32 state), in the order of bitsandbytes' CPU code: states and
 // gradients first, the block's square roots (RMSprop, Adagrad), then the parameters, then the requantisation.
 // RULE and the dtypes are compile-time constants so that each loop holds only its own arithmetic and conversions;
@@ -150,35 +157,41 @@ static inline int64_t one_state_block(const pq_one_state_tensor& t, int64_t star
   constexpr int32_t rule = RULE;
   float s[kOptimizerBlock], g[kOptimizerBlock], p[kOptimizerBlock], dir[kOptimizerBlock], root[kOptimizerBlock];
   bool skip[kOptimizerBlock];
+  const pq_one_state_constants k = t.k;  // a local copy: the parameter stores cannot alias it
   const bool eight_bit = t.state_bits == 8;
   uint8_t* q1 = (uint8_t*)t.state1 + start;
   float* s32 = (float*)t.state1 + start;
   const float a1 = eight_bit ? t.absmax1[start / kOptimizerBlock] : 0.0f;
-  int64_t bad = 0;
   if (eight_bit)
     codec.dequantize(q1, a1, len, s);
   else
     memcpy(s, s32, (size_t)len * sizeof(float));
-  // Branch-free (selects, not ifs), so that the compiler vectorises both loops for the build's instruction set.
+  // The loads and conversions in loops of their own, and bit blends instead of selects: either kept GCC from
+  // vectorising the state loop (as in AdEMAMix's).
+  for (int64_t i = 0; i < len; ++i) g[i] = unscaled_grad(load_as_float(t.grad, start + i, GDT), k.inv_grad_scale, GDT);
+  for (int64_t i = 0; i < len; ++i) p[i] = load_as_float(t.param, start + i, PDT);
+  const uint32_t skip_mode = nonfinite == kSkipElement;
+  int64_t bad = 0;
   for (int64_t i = 0; i < len; ++i) {
-    const float g0 = unscaled_grad(load_as_float(t.grad, start + i, GDT), t.k.inv_grad_scale, GDT);
-    const float p0 = load_as_float(t.param, start + i, PDT), s0 = s[i];
-    const bool keep = nonfinite == kSkipElement && !is_finite(g0);  // keeps its parameter and state
+    const float g0 = g[i], p0 = p[i], s0 = s[i];
+    const uint32_t keep = skip_mode & !is_finite(g0);  // 1: keeps its parameter and state
     bad += keep;
     float pi = p0, gi = g0, si = s0;
-    dir[i] = one_state_first(rule, eight_bit, pi, gi, si, t.k);
-    p[i] = keep ? p0 : pi;
-    g[i] = keep ? g0 : gi;
-    s[i] = keep ? s0 : si;
+    dir[i] = one_state_first(rule, eight_bit, pi, gi, si, k);
+    p[i] = kept_or_updated(keep, p0, pi);
+    g[i] = kept_or_updated(keep, g0, gi);
+    s[i] = kept_or_updated(keep, s0, si);
     skip[i] = keep;
   }
   constexpr bool needs_root = one_state_needs_root(rule);
   if (needs_root) block_sqrt(s, root, len, fn);
-  for (int64_t i = 0; i < len; ++i) {
-    const float np = one_state_param(rule, eight_bit, p[i], g[i], s[i], dir[i], needs_root ? root[i] : 0.0f, t.k);
-    // a kept element stores its parameter back unchanged: widening to float32 and rounding back is exact
-    store_from_float(t.param, start + i, PDT, skip[i] ? p[i] : np);
-  }
+  // Every element, then the skipped ones put back (rare): a select in this loop kept GCC from vectorising it.
+  for (int64_t i = 0; i < len; ++i)
+    store_from_float(t.param, start + i, PDT,
+                     one_state_param(rule, eight_bit, p[i], g[i], s[i], dir[i], needs_root ? root[i] : 0.0f, k));
+  if (bad != 0)
+    for (int64_t i = 0; i < len; ++i)
+      if (skip[i]) store_from_float(t.param, start + i, PDT, p[i]);  // widening and rounding back is exact
   if (eight_bit) {
     const float new_a1 = block_absmax(s, len);
     t.absmax1[start / kOptimizerBlock] = new_a1;
@@ -525,13 +538,6 @@ static inline float requantize_state(const StateCodec& codec, const float* s, in
   absmax = scalar::block_absmax(s, len);
   codec.quantize(s, len, absmax, q);
   return absmax;
-}
-
-// `kept` where keep is 1, else `updated`, on the bits. A select (keep ? kept : updated) let GCC move the update's
-// arithmetic under a branch (it may trap, -ftrapping-math), and the state loop stayed scalar under nonfinite="skip".
-static inline float kept_or_updated(uint32_t keep, float kept, float updated) {
-  const uint32_t mask = 0u - keep;
-  return bits_float((float_bits(kept) & mask) | (float_bits(updated) & ~mask));
 }
 
 namespace scalar {
