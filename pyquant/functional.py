@@ -129,7 +129,7 @@ def adam_step_multi_tensor(params, grads, state1, state2, absmax1, absmax2, cons
 
 def runs_prepared_steps(first: torch.Tensor) -> bool:
     """Whether a step over tensors like `first` may run through a PreparedStep (prepare_adam_step,
-    prepare_one_state_step): an eager call on a CPU tensor whose backend is the C++ library. Checked every step:
+    prepare_one_state_step, prepare_ademamix_step): an eager call on a CPU tensor whose backend is the C++ library. Checked every step:
     `pyquant.use_backend` and torch.compile can change the answer between steps."""
     return first.device.type == "cpu" and backends.runs_eagerly(first) and backends.select("cpu") == "cpu"
 
@@ -149,6 +149,14 @@ def prepare_one_state_step(params, grads, state1, absmax1, constants, code1, rul
     from pyquant.backends.cpu.optimizer import prepare_one_state_step as prepare
 
     return prepare(list(params), list(grads), list(state1), list(absmax1), constants, code1, rule)
+
+
+def prepare_ademamix_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2):
+    """prepare_adam_step for AdEMAMix."""
+    from pyquant.backends.cpu.optimizer import prepare_ademamix_step as prepare
+
+    return prepare(list(params), list(grads), list(state1), list(state2), list(absmax1), list(absmax2),
+                   constants, code1, code2)
 
 
 def one_state_step_multi_tensor(params, grads, state1, absmax1, constants, code1, rule, nonfinite):

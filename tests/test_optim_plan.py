@@ -18,6 +18,8 @@ CLASSES = {
     "SGD8bit": lambda ps: pyquant.SGD8bit(ps, lr=1e-2, momentum=0.9),
     "RMSprop8bit": lambda ps: pyquant.RMSprop8bit(ps, lr=1e-3),
     "Adagrad8bit": lambda ps: pyquant.Adagrad8bit(ps, lr=1e-2),
+    "AdEMAMix8bit": lambda ps: pyquant.AdEMAMix8bit(ps, lr=1e-2, t_alpha=5, t_beta3=5),
+    "AdEMAMix32bit": lambda ps: pyquant.AdEMAMix32bit(ps, lr=1e-2),
 }
 
 

@@ -140,27 +140,28 @@ class AdEMAMix(Optimizer8bit):
         return state
 
     # ---- the step ----
-    def _constants(self, group: dict, step: int, inv_grad_scale: float) -> list[float]:
-        try:
+    def _constants_row(self, group: dict, step: int, eight_bit: bool, inv_grad_scale: float) -> list[float]:
+        try:  # the same row for 8-bit and float32 states
             return ademamix_constants(group, step, inv_grad_scale)
         except (ArithmeticError, ValueError) as e:  # the beta3 schedule's formula can divide by 0 or overflow
             raise ValueError(f"{type(self).__name__}: the beta3 schedule (bitsandbytes' formula) is undefined at step "
                              f"{step} for betas {group['betas']} and t_beta3 {group['t_beta3']}: {e}") from None
 
-    def _fused_step(self, group, items, stepped, grads, inv_grad_scale, policy):
-        device = stepped[0].device
-        code1, code2 = self._codes_on(device)
+    def _operands(self, items, device):
+        """The op's state operands (state1, state2, absmax1, absmax2) and codes for `items` on `device`."""
         empty = torch.empty(0, dtype=torch.float32, device=device)
-        rows: dict[int, list[float]] = {}  # a group's tensors mostly share their step
-        for _, s in items:
-            if s["step"] not in rows:
-                rows[s["step"]] = self._constants(group, s["step"], inv_grad_scale)
-        constants = torch.tensor([rows[s["step"]] for _, s in items], dtype=torch.float32)
-        return F.ademamix_step_multi_tensor(
-            stepped, grads, [s["state1"] for _, s in items], [s["state2"] for _, s in items],
-            [s.get("absmax1", empty) for _, s in items], [s.get("absmax2", empty) for _, s in items],
-            constants, code1, code2, policy,
-        )
+        states = [[s[k] for _, s in items] for k in ("state1", "state2")]
+        absmax = [[s.get(k, empty) for _, s in items] for k in ("absmax1", "absmax2")]
+        return (*states, *absmax), self._codes_on(device)
+
+    def _fused_step(self, group, items, stepped, grads, inv_grad_scale, policy):
+        states, codes = self._operands(items, stepped[0].device)
+        constants = self._constants(group, items, inv_grad_scale)
+        return F.ademamix_step_multi_tensor(stepped, grads, *states, constants, *codes, policy)
+
+    def _prepare_step(self, group, items, grads):
+        states, codes = self._operands(items, grads[0].device)
+        return F.prepare_ademamix_step([p for p, _ in items], grads, *states, self._constants(group, items, 1.0), *codes)
 
 
 class AdEMAMix8bit(AdEMAMix):

@@ -156,25 +156,29 @@ def prepare_one_state_step(params, grads, state1, absmax1, constants, code1, rul
     return PreparedStep("one_state_step", descriptors, run, params, [*params, *state1, *absmax1])
 
 
+def _ademamix_call(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2):
+    descriptors = (AdemamixTensor * len(params))()
+    _fill(descriptors, params, grads, (state1, state2, absmax1, absmax2), constants, AdemamixConstants)
+    table1, table2 = cached_code_table(code1), cached_code_table(code2)
+    pointers = (code1.data_ptr(), code2.data_ptr(), table1.data_ptr(), table2.data_ptr())
+    keep = (code1, code2, table1, table2)
+
+    def run(nonfinite: int, descriptors=descriptors, keep=keep) -> int:
+        return cpu_library().pq_ademamix_step(descriptors, len(descriptors), *pointers, nonfinite)
+
+    return descriptors, run
+
+
 @kernel("ademamix_step", "cpu")
 def ademamix_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite):
     check_ademamix_operands(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite)
-    count = len(params)
-    if count and params[0].device.type != "cpu":
-        raise ValueError(f"ademamix_step: the cpu backend got tensors on {params[0].device}")
-    descriptors = (AdemamixTensor * count)()
-    rows = constants.tolist()
-    for d, p, g, s1, s2, a1, a2, row in zip(descriptors, params, grads, state1, state2, absmax1, absmax2, rows):
-        d.param, d.grad, d.state1, d.state2 = p.data_ptr(), g.data_ptr(), s1.data_ptr(), s2.data_ptr()
-        d.absmax1, d.absmax2 = a1.data_ptr(), a2.data_ptr()
-        d.numel = p.numel()
-        d.param_dtype, d.grad_dtype = DTYPE_CODES[p.dtype], DTYPE_CODES[g.dtype]
-        d.state_bits = 8 if s1.dtype == torch.uint8 else 32
-        d.k = AdemamixConstants(*row)
-    table1, table2 = cached_code_table(code1), cached_code_table(code2)
-    bad = cpu_library().pq_ademamix_step(
-        descriptors, count, code1.data_ptr(), code2.data_ptr(), table1.data_ptr(), table2.data_ptr(), nonfinite
-    )
-    if bad < 0:
-        check_status(-bad, "ademamix_step")
-    return torch.tensor(bad, dtype=torch.int64)
+    _on_cpu(params, "ademamix_step")
+    _, run = _ademamix_call(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2)
+    return _skipped(run(nonfinite), "ademamix_step")
+
+
+def prepare_ademamix_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2) -> PreparedStep:
+    check_ademamix_operands(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, 0)
+    _on_cpu(params, "ademamix_step")
+    descriptors, run = _ademamix_call(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2)
+    return PreparedStep("ademamix_step", descriptors, run, params, [*params, *state1, *state2, *absmax1, *absmax2])
