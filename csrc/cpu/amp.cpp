@@ -142,6 +142,55 @@ bool vec_bf16(uint16_t* p, int64_t n, float inv, bool unit) {
 }
 #endif
 
+#if !PQ_AVX512
+// The scalar and avx2 builds: the element-by-element rule written as loops without branches, which GCC
+// vectorises for the build's instruction set (the element-by-element code does not vectorise: it was 2.4x
+// slower than torch's kernel over DenseNet-121's float32 gradients on an AVX2 CPU). Same bits: one
+// multiplication per element, and bfloat16 rounded and NaNs quietened as float_to_bf16 does (so also when
+// inv == 1, as store_from_float would). float16 keeps the element-by-element rule.
+constexpr uint32_t kExponent = 0x7F800000u;
+
+bool plain_f32(float* p, int64_t n, float inv, bool unit) {
+  uint32_t bad = 0;
+  if (unit) {
+    for (int64_t i = 0; i < n; ++i) bad |= (float_bits(p[i]) & kExponent) == kExponent;
+    return bad != 0;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = p[i];
+    bad |= (float_bits(v) & kExponent) == kExponent;
+    p[i] = v * inv;
+  }
+  return bad != 0;
+}
+
+bool plain_f64(double* p, int64_t n, double inv, bool unit) {
+  constexpr uint64_t exponent = 0x7FF0000000000000ull;
+  uint64_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = p[i];
+    uint64_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    bad |= (bits & exponent) == exponent;
+    if (!unit) p[i] = v * inv;
+  }
+  return bad != 0;
+}
+
+bool plain_bf16(uint16_t* p, int64_t n, float inv, bool unit) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = bits_float((uint32_t)p[i] << 16);
+    bad |= (float_bits(v) & kExponent) == kExponent;
+    const uint32_t u = float_bits(unit ? v : v * inv);
+    const uint32_t nan = 0u - (uint32_t)((u & 0x7FFFFFFFu) > kExponent);
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16, quiet = (u >> 16) | 0x40u;
+    p[i] = (uint16_t)((quiet & nan) | (rounded & ~nan));
+  }
+  return bad != 0;
+}
+#endif
+
 // One piece [begin, end) of one tensor; true if it holds a non-finite value.
 bool unscale_piece(void* base, int32_t dtype, int64_t begin, int64_t end, float inv, bool unit, bool vector) {
 #if PQ_AVX512
@@ -156,8 +205,15 @@ bool unscale_piece(void* base, int32_t dtype, int64_t begin, int64_t end, float 
     }
   }
 #else
-  (void)vector;
-  (void)unit;
+  if (vector) {
+    const int64_t n = end - begin;
+    switch (dtype) {
+      case PQ_DTYPE_FLOAT32: return plain_f32((float*)base + begin, n, inv, unit);
+      case PQ_DTYPE_BFLOAT16: return plain_bf16((uint16_t*)base + begin, n, inv, unit);
+      case PQ_DTYPE_FLOAT64: return plain_f64((double*)base + begin, n, (double)inv, unit);
+      default: break;
+    }
+  }
 #endif
   return scalar_piece(base, dtype, begin, end, inv);
 }
