@@ -3,17 +3,14 @@
     python bench/profile_unscale.py
 
 the C++ kernel called directly, through `pyquant.amp.unscale_` (eager: no custom-op dispatch), torch's kernel,
-both on one concatenated tensor, the Python work of collecting the C call's arrays alone, and the per-call cost of
+both on one concatenated tensor, and the per-call cost of
 the two GradScalers' `unscale_` on 364 one-element gradients (their Python and dispatch, almost no arithmetic).
 """
-
-import ctypes
 
 import timm
 import torch
 
 import pyquant.amp as amp
-from pyquant._contract import DTYPE_CODES
 from pyquant.backends.cpu.amp import unscale_ as unscale_cpu
 from timing import median_time  # bench/ is the script's folder, so on sys.path
 
@@ -23,14 +20,6 @@ grads = [torch.randn(p.shape) for p in params]
 # Not a power of two, and close to 1: every element is rewritten, and repeated calls never reach subnormals.
 inv_scale, found_inf = torch.tensor(1.0 + 2.0**-23), torch.zeros(())
 one_tensor = [torch.cat([g.flatten() for g in grads])]
-
-
-def collect_arrays():  # what unscale_cpu does in Python before the C call
-    dense = [g for g in grads if g.numel() > 0 and g.is_contiguous()]
-    n = len(dense)
-    (ctypes.c_void_p * n)(*[g.data_ptr() for g in dense])
-    (ctypes.c_int64 * n)(*[g.numel() for g in dense])
-    (ctypes.c_int32 * n)(*[DTYPE_CODES[g.dtype] for g in dense])
 
 
 def scaler_unscale(cls, params):
@@ -55,7 +44,6 @@ for name, fn in [
     (f"torch, {len(grads)} tensors", lambda: torch_unscale(grads, found_inf, inv_scale)),
     ("pyquant C++ kernel, one tensor", lambda: unscale_cpu(one_tensor, found_inf, inv_scale)),
     ("torch, one tensor", lambda: torch_unscale(one_tensor, found_inf, inv_scale)),
-    ("Python work before the C call", collect_arrays),
     (f"pyquant GradScaler.unscale_, {len(tiny)} x 1", scaler_unscale(amp.GradScaler, tiny)),
     (f"torch GradScaler.unscale_, {len(tiny)} x 1", scaler_unscale(torch.amp.GradScaler, tiny)),
 ]:

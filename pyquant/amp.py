@@ -186,31 +186,52 @@ class GradScaler:
         self, optimizer: torch.optim.Optimizer, inv_scale: torch.Tensor, found_inf: torch.Tensor
     ) -> dict[torch.device, torch.Tensor]:
         """One `pyquant::unscale_` per device over all of the optimizer's grads; {device: found_inf}."""
-        per_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
         with torch.no_grad():
-            for group in optimizer.param_groups:
-                for param in group["params"]:
-                    if not isinstance(param, torch.Tensor):
-                        raise TypeError(f"optimizer parameters must be tensors, got {type(param).__name__}")
-                    grad = param.grad
-                    if grad is None:
-                        continue
-                    if grad.dtype not in GRAD_DTYPES:
-                        raise TypeError(
-                            f"cannot unscale a {grad.dtype} gradient (parameter of shape {tuple(param.shape)}): "
-                            "gradients must be float32, float16, bfloat16 or float64"
-                        )
-                    if grad.is_sparse:
-                        # Duplicate indices are summed by coalesce(); in float16 that sum may overflow,
-                        # so the coalesced values are the ones to check (as torch does).
-                        if grad.dtype == torch.float16:
-                            param.grad = grad = grad.coalesce()
-                        grad = grad._values()
-                    per_device[grad.device].append(grad)
+            grads = self._dense_cpu_grads(optimizer)
+            per_device = {torch.device("cpu"): grads} if grads is not None else self._grads_by_device(optimizer)
             inv_scales, found_infs = _PerDevice(inv_scale), _PerDevice(found_inf)
             for device, grads in per_device.items():
                 unscale_(grads, found_infs.get(device), inv_scales.get(device))
         return found_infs.copies
+
+    @staticmethod
+    def _grads_by_device(optimizer: torch.optim.Optimizer) -> dict[torch.device, list[torch.Tensor]]:
+        """The optimizer's gradients on each device, checked one by one; a sparse one as its (coalesced) values."""
+        per_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if not isinstance(param, torch.Tensor):
+                    raise TypeError(f"optimizer parameters must be tensors, got {type(param).__name__}")
+                grad = param.grad
+                if grad is None:
+                    continue
+                if grad.dtype not in GRAD_DTYPES:
+                    raise TypeError(
+                        f"cannot unscale a {grad.dtype} gradient (parameter of shape {tuple(param.shape)}): "
+                        "gradients must be float32, float16, bfloat16 or float64"
+                    )
+                if grad.is_sparse:
+                    # Duplicate indices are summed by coalesce(); in float16 that sum may overflow,
+                    # so the coalesced values are the ones to check (as torch does).
+                    if grad.dtype == torch.float16:
+                        param.grad = grad = grad.coalesce()
+                    grad = grad._values()
+                per_device[grad.device].append(grad)
+        return per_device
+
+    @staticmethod
+    def _dense_cpu_grads(optimizer: torch.optim.Optimizer) -> list[torch.Tensor] | None:
+        """The common case, checked over whole lists (per-gradient Python is most of unscale_'s cost over a
+        model's hundreds of gradients): every gradient a dense CPU tensor of a float dtype. None otherwise, and
+        the general loop sorts them by device and says what is wrong."""
+        try:
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
+            grads = [g for g in grads if g is not None]
+            fits = {(g.dtype, g.is_cpu, g.is_sparse) for g in grads}
+        except AttributeError:  # a parameter that is not a tensor
+            return None
+        ok = grads and all(dtype in GRAD_DTYPES and cpu and not sparse for dtype, cpu, sparse in fits)
+        return grads if ok else None
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         """Multiply the optimizer's gradients by 1/scale, in place, once per iteration (e.g. before
