@@ -49,16 +49,22 @@ def refuse_sharded(optimizer, what: str) -> None:
 
 
 # ---- the state of one DTensor parameter, as DCP sees it ----
-def moments(state: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float32 moments that one parameter's state stands for (dequantised if 8-bit)."""
-    if state["state1"].dtype == torch.uint8:
-        m = F.dequantize_blockwise(state["state1"], state["absmax1"], state["qmap1"], OPTIMIZER_BLOCK)
-        v = F.dequantize_blockwise(state["state2"], state["absmax2"], state["qmap2"], OPTIMIZER_BLOCK)
-        return m, v
-    return state["state1"].clone(), state["state2"].clone()
+def moments(optimizer, state: dict) -> dict[str, torch.Tensor]:
+    """The float32 moments that one parameter's state stands for (dequantised if 8-bit), by their DCP names
+    (optimizer._moment_slots: Adam's exp_avg and exp_avg_sq, SGD's momentum_buffer, ...)."""
+    out = {}
+    for name, key, index in optimizer._moment_slots():
+        number = key[-1]  # state1 -> absmax1, qmap1
+        values = state[key] if index is None else state[key][index]
+        if values.dtype == torch.uint8:
+            absmax = state[f"absmax{number}"] if index is None else state[f"absmax{number}"][index]
+            out[name] = F.dequantize_blockwise(values, absmax, state[f"qmap{number}"], OPTIMIZER_BLOCK)
+        else:
+            out[name] = values.clone()
+    return out
 
 
-def sharded_state_entry(p, state: dict) -> dict:
+def sharded_state_entry(optimizer, p, state: dict) -> dict:
     """`state_dict()` entry of a DTensor parameter: its float32 moments as DTensors placed like `p`."""
 
     from torch.distributed.tensor import DTensor
@@ -68,8 +74,7 @@ def sharded_state_entry(p, state: dict) -> dict:
             local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
         )
 
-    m, v = moments(state)
-    entry = {"step": state["step"], "exp_avg": like_param(m), "exp_avg_sq": like_param(v)}
+    entry = {"step": state["step"], **{name: like_param(m) for name, m in moments(optimizer, state).items()}}
     if "master" in state:  # master_weights=True: this shard's float32 copy of a low-precision parameter
         entry["master"] = like_param(state["master"])
     return entry
@@ -83,8 +88,9 @@ def checked_sharded_state(optimizer, p, saved: dict, where: str) -> dict:
     if step is None or float(step) != int(step) or int(step) < 0:
         raise ValueError(f"{where}: 'step' must be a non-negative integer, got {saved.get('step')!r}")
     local = p.to_local()
-    loaded = []
-    for key in ("exp_avg", "exp_avg_sq", "master"):
+    slots = optimizer._moment_slots()
+    loaded = {}
+    for key in [name for name, _, _ in slots] + ["master"]:
         t = saved.get(key)
         if key == "master" and t is None:  # only optimizers with master_weights=True write one
             continue
@@ -105,18 +111,23 @@ def checked_sharded_state(optimizer, p, saved: dict, where: str) -> dict:
                 f"{where}: local {key} is {t.dtype} of shape {tuple(t.shape)}, expected float32 of shape "
                 f"{tuple(local.shape)} (this rank's shard)"
             )
-        loaded.append(t.to(local.device).contiguous())
-    m, v = loaded[:2]
+        loaded[key] = t.to(local.device).contiguous()
     state = {"step": int(step)}
-    if len(loaded) == 3 and optimizer._keeps_master(p):
-        state["master"] = loaded[2]
-    if optimizer._uses_8bit(p):
-        code1, code2 = optimizer._codes_on(local.device)
-        state["state1"], state["absmax1"] = quantize_moment(m, code1)
-        state["state2"], state["absmax2"] = quantize_moment(v, code2)
-        state["qmap1"], state["qmap2"] = code1, code2
-    else:
-        state["state1"], state["state2"] = m.clone(), v.clone()
+    if "master" in loaded and optimizer._keeps_master(p):
+        state["master"] = loaded["master"]
+    eight_bit = optimizer._uses_8bit(p)
+    codes = optimizer._codes_on(local.device)
+    parts: dict[str, list] = {}  # state key -> [(values, absmax)], several where moments are stacked (AdEMAMix)
+    for name, key, _ in slots:
+        code = codes[int(key[-1]) - 1]
+        parts.setdefault(key, []).append(quantize_moment(loaded[name], code) if eight_bit else (loaded[name].clone(), None))
+    for key, values in parts.items():
+        number = key[-1]
+        stacked = len(values) > 1
+        state[key] = torch.stack([v for v, _ in values]) if stacked else values[0][0]
+        if eight_bit:
+            state[f"absmax{number}"] = torch.stack([a for _, a in values]) if stacked else values[0][1]
+            state[f"qmap{number}"] = codes[int(number) - 1]
     return state
 
 

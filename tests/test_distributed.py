@@ -1,4 +1,5 @@
-"""Adam8bit inside torch.distributed, on CPU with gloo: DDP bits, FSDP2 shards, DCP checkpoints across world sizes.
+"""Adam8bit and the rest of the 8-bit family inside torch.distributed, on CPU with gloo: DDP bits, FSDP2 shards,
+DCP checkpoints across world sizes.
 
 Starting processes is the expensive part (each imports torch), so one 2-process run does every 2-rank scenario
 and records what it saw, one 1-process run loads its checkpoint, and the tests below check the records.
@@ -38,11 +39,28 @@ def ddp_model():
     return nn.Sequential(nn.Linear(32, 160), nn.Tanh(), nn.Linear(160, 1))  # 5120 weights: 8-bit states
 
 
-def one_process_ddp_run(backward):
-    """ddp_model after STEPS AdamW8bit steps in one process on the global batches, `backward(model, x, y)`
-    giving each step's gradients."""
+# The rest of the family: each with options that exercise its whole rule (momentum, weight decay, schedulers).
+FAMILY = {
+    "Lion8bit": lambda ps, **kw: pyquant.Lion8bit(ps, lr=LR, weight_decay=0.1, **kw),
+    "SGD8bit": lambda ps, **kw: pyquant.SGD8bit(ps, lr=LR, momentum=0.9, weight_decay=0.01, **kw),
+    "RMSprop8bit": lambda ps, **kw: pyquant.RMSprop8bit(ps, lr=LR, **kw),
+    "Adagrad8bit": lambda ps, **kw: pyquant.Adagrad8bit(ps, lr=LR, **kw),
+    "AdEMAMix8bit": lambda ps, **kw: pyquant.AdEMAMix8bit(ps, lr=LR, t_alpha=3, t_beta3=3, **kw),
+}
+# Their moments in a sharded state_dict(), as DCP sees them.
+FAMILY_MOMENTS = {"Lion8bit": ["exp_avg"], "SGD8bit": ["momentum_buffer"], "RMSprop8bit": ["square_avg"],
+                  "Adagrad8bit": ["sum"], "AdEMAMix8bit": ["exp_avg_fast", "exp_avg_slow", "exp_avg_sq"]}
+
+
+def adamw8bit(ps, **kw):
+    return pyquant.AdamW8bit(ps, lr=LR, **kw)
+
+
+def one_process_ddp_run(backward, make=adamw8bit):
+    """ddp_model after STEPS steps of `make`'s optimizer in one process on the global batches,
+    `backward(model, x, y)` giving each step's gradients."""
     model = ddp_model()
-    optimizer = pyquant.AdamW8bit(model.parameters(), lr=LR)
+    optimizer = make(model.parameters())
     for step in range(STEPS):
         x, y = ddp_batch(step)
         optimizer.zero_grad()
@@ -111,15 +129,15 @@ def full_moments(optimizer):
 
 
 class Shadow:
-    """Plain Adam8bits over copies of this rank's shards, fed the same local gradients: the sharded optimizer
-    must give their bits, with 8-bit states for the same parameters (chosen on the full size)."""
+    """Plain optimizers (`make`'s) over copies of this rank's shards, fed the same local gradients: the sharded
+    optimizer must give their bits, with 8-bit states for the same parameters (chosen on the full size)."""
 
-    def __init__(self, model, optimizer):
+    def __init__(self, model, optimizer, make=adamw8bit):
         self.real = list(model.parameters())
         self.copies = [nn.Parameter(p.to_local().detach().clone()) for p in self.real]
         eight = [c for p, c in zip(self.real, self.copies) if optimizer._uses_8bit(p)]
         full = [c for p, c in zip(self.real, self.copies) if not optimizer._uses_8bit(p)]
-        self.optimizers = [pyquant.AdamW8bit(eight, lr=LR, min_8bit_size=0), pyquant.AdamW8bit(full, lr=LR, min_8bit_size=2**62)]
+        self.optimizers = [make(eight, min_8bit_size=0), make(full, min_8bit_size=2**62)]
         self.mismatches = 0
 
     def step_and_compare(self, optimizer):
@@ -251,6 +269,39 @@ def two_ranks(rank, world_size, out_dir):
         record["plain_error"] = str(error)
     with pytest.raises(NotImplementedError, match="unsharded parameters"):
         to_torch(optimizer)
+
+    # The rest of the family: DDP, and under FSDP2 each shard stepped like the plain optimizer on it, a
+    # checkpoint with the moments under their names, resumed bit for bit.
+    record["family"] = {}
+    for name, make in FAMILY.items():
+        seen = {}
+        ddp_net = ddp_model()
+        ddp = DistributedDataParallel(ddp_net)
+        ddp_optimizer = make(ddp.parameters())
+        for step in range(STEPS):
+            x, y = ddp_batch(step)
+            ddp_optimizer.zero_grad()
+            nn.functional.mse_loss(ddp(x.chunk(world_size)[rank]), y.chunk(world_size)[rank]).backward()
+            ddp_optimizer.step()
+        seen["ddp"] = [p.detach().clone() for p in ddp_net.parameters()]
+        model = sharded(Net(), world_size)
+        optimizer = make(model.parameters())
+        shadow = Shadow(model, optimizer, make)
+        train(model, optimizer, STEPS, rank, shadow=shadow)
+        seen["shadow_mismatches"] = shadow.mismatches
+        # fc1.weight has 4928 elements, its shards 2496 and 2432: min_8bit_size applies to the whole parameter
+        seen["fc1_8bit"] = optimizer.state[model.fc1.weight]["state1"].dtype == torch.uint8
+        seen["moment_names"] = sorted(set(optimizer.state_dict()["state"][0]) - {"step"})
+        path = os.path.join(out_dir, f"family-{name}")
+        save_checkpoint(path, model, optimizer)
+        train(model, optimizer, 2, rank, first_step=STEPS)
+        resumed = sharded(Net(seed=1), world_size)
+        resumed_optimizer = make(resumed.parameters())
+        load_checkpoint(path, resumed, resumed_optimizer)
+        train(resumed, resumed_optimizer, 2, rank, first_step=STEPS)
+        after, again = full_params(model), full_params(resumed)
+        seen["resumed"] = all(same_bits(after[k], again[k]) for k in after)
+        record["family"][name] = seen
     return record
 
 
@@ -373,6 +424,32 @@ def test_checkpoint_of_another_model_is_refused_and_nothing_changes(runs):
         assert "fc1.weight" in r["other_error"] and "80" in r["other_error"]
         assert r["other_kept_params"] and r["other_kept_state"] and r["fresh_left_empty"]
         assert "sharded DTensor" in r["plain_error"] and "exp_avg" in r["plain_error"]
+
+
+# ---- the rest of the family ----
+@pytest.mark.parametrize("name", FAMILY)
+def test_family_under_ddp_gives_every_rank_the_bits_of_one_process(runs, name):
+    two, _ = runs
+
+    def halves(model, x, y):
+        for xs, ys in zip(x.chunk(2), y.chunk(2)):
+            (nn.functional.mse_loss(model(xs), ys) * 0.5).backward()
+
+    model = one_process_ddp_run(halves, FAMILY[name])
+    for rank in (0, 1):
+        for ours, theirs in zip(model.parameters(), two[rank]["family"][name]["ddp"]):
+            assert same_bits(ours.detach(), theirs), f"rank {rank}"
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_family_under_fsdp2_steps_each_shard_and_resumes_bit_for_bit(runs, name):
+    two, _ = runs
+    for rank in (0, 1):
+        seen = two[rank]["family"][name]
+        assert seen["shadow_mismatches"] == 0, f"rank {rank}"
+        assert seen["fc1_8bit"], f"rank {rank}"
+        assert seen["moment_names"] == sorted(FAMILY_MOMENTS[name])
+        assert seen["resumed"], f"rank {rank}"
 
 
 # ---- the re-quantisation on load, without processes ----

@@ -82,6 +82,7 @@ class Optimizer8bit(torch.optim.Optimizer):
     # the order of `_states`. `_torch_step`: whether its state counts steps (torch.optim.SGD's does not).
     _torch_class: type | None = None
     _torch_states: tuple[str, ...] = ()
+    _sharded_names: tuple[str, ...] = ()  # the moments' names under FSDP2 where torch has no such optimizer
     _torch_step = True
     _to_torch_class: type | None = None  # to_torch's class, where it is not _torch_class
 
@@ -103,6 +104,12 @@ class Optimizer8bit(torch.optim.Optimizer):
     def _fused_step(self, group: dict, items: list, stepped: list, grads: list, inv_grad_scale: float, policy: int):
         """Run the subclass's op over one group's tensors on one device; return the skipped count (a tensor)."""
         raise NotImplementedError
+
+    def _moment_slots(self) -> list[tuple[str, str, int | None]]:
+        """How the states of a sharded (FSDP2) parameter appear in state_dict() (pyquant/distributed.py): per
+        moment, its float32 name there (torch's, where torch has the optimizer), the state holding it, and its
+        index where that state stacks several moments (AdEMAMix's state1), else None."""
+        return [(name, key, None) for name, key in zip(self._sharded_names or self._torch_states, self._states)]
 
     def _prepare_step(self, group: dict, items: list, grads: list):
         """The subclass's op over one group's CPU tensors as a PreparedStep (functional.prepare_*_step), or None
@@ -433,7 +440,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         wrapped = {}
         for key, param_state in sd["state"].items():
             if is_sharded(params[key]):  # FSDP2: float32 moments as DTensors, which DCP can reshard
-                wrapped[key] = sharded_state_entry(params[key], param_state)
+                wrapped[key] = sharded_state_entry(self, params[key], param_state)
                 continue
             param_state = dict(param_state)
             quant = {k: param_state.pop(k) for k in QUANT_STATE_FIELDS if k in param_state}

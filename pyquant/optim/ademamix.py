@@ -24,6 +24,7 @@ import torch
 
 from pyquant import functional as F
 from pyquant._contract import OPTIMIZER_BLOCK, ademamix_constants
+from pyquant.distributed import is_sharded, local_tensor
 from pyquant.optim._base import QUANT_STATE_KEY, Optimizer8bit
 
 __all__ = ["AdEMAMix", "AdEMAMix8bit", "AdEMAMix32bit"]
@@ -34,6 +35,7 @@ class AdEMAMix(Optimizer8bit):
     of at least `min_8bit_size` elements): bitsandbytes' AdEMAMix. See the module docstring for the update."""
 
     _nonnegative_states = ("state2",)
+    _supports_sharded = True
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999, 0.9999), alpha: float = 5.0,
                  t_alpha: int | None = None, t_beta3: int | None = None, eps: float = 1e-8, weight_decay: float = 1e-2,
@@ -77,14 +79,15 @@ class AdEMAMix(Optimizer8bit):
     def _init_state(self, p: torch.Tensor, options: dict | None = None) -> dict:
         state = self.state[p]
         state["step"] = 0
+        shard = local_tensor(p)  # under FSDP2 the states are this rank's shard's (pyquant/distributed.py)
         if self._keeps_master(p):
-            state["master"] = p.detach().float().contiguous()
-        eight_bit = self._uses_8bit(p, options)
+            state["master"] = shard.detach().float().contiguous()
+        eight_bit = self._uses_8bit(p, options)  # on the whole parameter: the same on every rank and world size
         dtype = torch.uint8 if eight_bit else torch.float32
-        state["state1"] = torch.zeros((2, *p.shape), dtype=dtype, device=p.device)
-        state["state2"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+        state["state1"] = torch.zeros((2, *shard.shape), dtype=dtype, device=p.device)
+        state["state2"] = torch.zeros(shard.shape, dtype=dtype, device=p.device)
         if eight_bit:
-            blocks = -(-p.numel() // OPTIMIZER_BLOCK)
+            blocks = -(-shard.numel() // OPTIMIZER_BLOCK)
             state["qmap1"], state["qmap2"] = self._codes_on(p.device)
             state["absmax1"] = torch.zeros((2, blocks), dtype=torch.float32, device=p.device)
             state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
@@ -93,8 +96,8 @@ class AdEMAMix(Optimizer8bit):
     def _check_state(self, p: torch.Tensor) -> dict:
         """p's states, after checking that they still fit p (the kernel writes as many elements as p has, twice
         into state1)."""
-        state = self.state[p]
-        shapes = {"state1": (2, *p.shape), "state2": p.shape, "master": p.shape}
+        state, shape = self.state[p], local_tensor(p).shape
+        shapes = {"state1": (2, *shape), "state2": shape, "master": shape}
         if state["state1"].device == p.device and all(
                 state[key].shape == shape for key, shape in shapes.items() if key in state):
             return state
@@ -112,8 +115,14 @@ class AdEMAMix(Optimizer8bit):
             "state_dict() then load_state_dict())"
         )
 
+    def _moment_slots(self):
+        # under FSDP2 each EMA is a float32 DTensor laid out like the parameter, which the stacked state1 is not
+        return [("exp_avg_fast", "state1", 0), ("exp_avg_slow", "state1", 1), ("exp_avg_sq", "state2", None)]
+
     def _checked_state(self, p: torch.Tensor, saved: dict, index) -> dict:
         """Optimizer8bit's checks, run on each of the stacked EMAs (with its scales) beside state2."""
+        if is_sharded(p):  # the moments by name, as _moment_slots says (pyquant/distributed.py)
+            return super()._checked_state(p, saved, index)
         saved = dict(saved)
         saved.update(saved.pop(QUANT_STATE_KEY, {}))
         where = f"state of parameter {index} (shape {tuple(p.shape)}, {p.dtype})"

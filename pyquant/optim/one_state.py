@@ -33,6 +33,7 @@ class _OneState8bit(Optimizer8bit):
     _states = ("state1",)
     _signed = (True,)  # bitsandbytes quantises every one-state optimizer's state with the signed map
     _rule = ""
+    _supports_sharded = True
 
     def __init__(self, params, defaults: dict, args, is_paged: bool, **shared):
         name = type(self).__name__
@@ -80,6 +81,7 @@ class Lion8bit(_OneState8bit):
 
     _rule = "lion"
     _override_keys = ("lr", "betas", "weight_decay")
+    _sharded_names = ("exp_avg",)  # the name of Lion's authors' and lion-pytorch's momentum
 
     def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0, args=None,
                  min_8bit_size: int = 4096, is_paged: bool = False, *, master_weights: bool = False,
