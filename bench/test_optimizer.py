@@ -1,6 +1,7 @@
 """One optimizer step at 1M, 4M and 16M float32 parameters: pyquant.Adam8bit against bitsandbytes' Adam8bit
-and torch's fused and foreach Adam, in the same process; Lion8bit, SGD8bit, RMSprop8bit and Adagrad8bit at 1M and
-16M against bitsandbytes' and torch's float32 SGD/RMSprop/Adagrad (fused where torch has it, and foreach). `extra_info` has the bytes each step must move
+and torch's fused and foreach Adam, in the same process; Lion8bit, SGD8bit, RMSprop8bit, Adagrad8bit and AdEMAMix8bit
+at 1M and 16M against bitsandbytes' and torch's float32 SGD/RMSprop/Adagrad (fused where torch has it, and foreach);
+every family over DenseNet-121's parameter list. `extra_info` has the bytes each step must move
 (8-bit Adam: 16 B/param; float32 Adam: 28 B/param), the achieved GB/s and the state bytes per parameter.
 """
 
@@ -60,13 +61,14 @@ def test_adam_step(benchmark, size, name, request):
     )
 
 
-# ---- the one-state 8-bit optimizers against bitsandbytes' and torch's float32 step of the same algorithm ----
+# ---- the rest of the 8-bit family against bitsandbytes' and torch's float32 step of the same algorithm ----
 FAMILY_SIZES = {"1M": 1 << 20, "16M": 16 << 20}
 FAMILY = {  # name -> (pyquant/bitsandbytes class name, kwargs, torch factory or None)
     "Lion": ("Lion8bit", dict(lr=1e-4), None),
     "SGD": ("SGD8bit", dict(lr=1e-2, momentum=0.9), lambda ps, **kw: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, **kw)),
     "RMSprop": ("RMSprop8bit", dict(lr=1e-2), lambda ps, **kw: torch.optim.RMSprop(ps, lr=1e-2, **kw)),
     "Adagrad": ("Adagrad8bit", dict(lr=1e-2), lambda ps, **kw: torch.optim.Adagrad(ps, lr=1e-2, **kw)),
+    "AdEMAMix": ("AdEMAMix8bit", dict(lr=1e-3), None),  # torch has no AdEMAMix
 }
 FAMILY_RUNS = [(algo, impl) for algo in FAMILY for impl in ("pyquant", "bitsandbytes", "torch(fused)", "torch(foreach)")
                if not (impl.startswith("torch") and FAMILY[algo][2] is None)
@@ -75,7 +77,7 @@ FAMILY_RUNS = [(algo, impl) for algo in FAMILY for impl in ("pyquant", "bitsandb
 
 @pytest.mark.parametrize("size", list(FAMILY_SIZES))
 @pytest.mark.parametrize("algo,impl", FAMILY_RUNS)
-def test_one_state_step(benchmark, size, algo, impl, request):
+def test_family_step(benchmark, size, algo, impl, request):
     cls_name, kwargs, torch_make = FAMILY[algo]
     n = FAMILY_SIZES[size]
     g = torch.Generator().manual_seed(0)
@@ -91,3 +93,39 @@ def test_one_state_step(benchmark, size, algo, impl, request):
     benchmark.group = f"{algo} step {size} float32 params"
     benchmark.pedantic(opt.step, rounds=5 if n > FAMILY_SIZES["1M"] else 10, warmup_rounds=1)
     benchmark.extra_info.update(params=n, **{"state bytes/param": _state_bytes(opt) / n})
+
+
+# ---- every family over DenseNet-121's parameter list (364 tensors, 8.0M parameters; weights not needed) ----
+DENSENET_FAMILY = {"Adam": ("Adam8bit", dict(lr=1e-3), lambda ps, **kw: torch.optim.Adam(ps, lr=1e-3, **kw)), **FAMILY}
+DENSENET_RUNS = [(algo, impl) for algo in DENSENET_FAMILY for impl in ("pyquant", "bitsandbytes", "torch(fused)", "torch(foreach)")
+                 if not (impl.startswith("torch") and DENSENET_FAMILY[algo][2] is None)
+                 and (algo, impl) != ("RMSprop", "torch(fused)")]
+_DENSENET_SHAPES: list = []
+
+
+def densenet121_shapes() -> list:
+    if not _DENSENET_SHAPES:
+        import timm
+
+        _DENSENET_SHAPES.extend(p.shape for p in timm.create_model("densenet121", pretrained=False).parameters())
+    return _DENSENET_SHAPES
+
+
+@pytest.mark.parametrize("algo,impl", DENSENET_RUNS)
+def test_family_step_densenet121(benchmark, algo, impl, request):
+    cls_name, kwargs, torch_make = DENSENET_FAMILY[algo]
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape, generator=g)) for shape in densenet121_shapes()]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g) * 1e-2
+    if impl == "pyquant":
+        opt = getattr(pyquant, cls_name)(params, **kwargs)
+    elif impl == "bitsandbytes":
+        opt = getattr(request.getfixturevalue("bnb").optim, cls_name)(params, **kwargs)
+    else:
+        opt = torch_make(params, **({"fused": True} if impl == "torch(fused)" else {"foreach": True}))
+    opt.step()
+    n = sum(p.numel() for p in params)
+    benchmark.group = f"{algo} step DenseNet-121 parameter list"
+    benchmark.pedantic(opt.step, rounds=3 if impl == "bitsandbytes" else 10, warmup_rounds=1)
+    benchmark.extra_info.update(params=n, tensors=len(params), **{"state bytes/param": _state_bytes(opt) / n})
