@@ -18,7 +18,10 @@ from pyquant import functional as F
 from pyquant._contract import FOURBIT_BLOCK
 from pyquant.backends.reference import adam4bit as ref
 
-from conftest import assert_same_bits, bits
+from conftest import assert_same_bits
+
+# run_steps puts a NaN and an inf in a gradient on purpose
+pytestmark = pytest.mark.filterwarnings("ignore:.*non-finite gradient elements were skipped:RuntimeWarning")
 
 # The backends with a kernel of the op on CPU tensors here (the cpu one once the C++ library has it).
 KERNEL_BACKENDS = ["reference"] + [b for b in ("cpu",) if backends.available(b, "cpu") and backends.lookup("adam4bit_step", b)]
@@ -470,7 +473,8 @@ def test_converges_like_float32_adamw():
             opt.zero_grad()
             loss.backward()
             opt.step()
-        losses[name] = float(torch.nn.functional.mse_loss(model(x), y))
+        with torch.no_grad():
+            losses[name] = float(torch.nn.functional.mse_loss(model(x), y))
     start = float(torch.nn.functional.mse_loss(torch.zeros_like(y), y))
     assert losses["torch"] < 0.1 * start
     # Measured (reference backend): torch 0.036, rank-1 0.078, block-wise 0.081 after 300 steps; after 600 steps

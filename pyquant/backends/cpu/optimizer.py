@@ -1,7 +1,7 @@
 """The C++ CPU library's fused optimizer steps (csrc/cpu): one call updates every tensor of a parameter group.
 
 Adam (`adam_step`), the one-state rules (`one_state_step`: momentum, Lion, RMSprop, Adagrad), every rule in C++,
-and AdEMAMix (`ademamix_step`)."""
+AdEMAMix (`ademamix_step`), and Adam with 4-bit states (`adam4bit_step`)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pyquant._contract import DTYPE_CODES
 from pyquant._nvtx import kernel_range
 from pyquant.backends import kernel
 from pyquant.backends.capi import (
-    AdamConstants, AdamTensor, AdemamixConstants, AdemamixTensor, OneStateConstants, OneStateTensor,
-    check_adam_operands, check_ademamix_operands, check_one_state_operands, check_status, cpu_library,
+    Adam4bitTensor, AdamConstants, AdamTensor, AdemamixConstants, AdemamixTensor, OneStateConstants, OneStateTensor,
+    check_adam4bit_operands, check_adam_operands, check_ademamix_operands, check_one_state_operands, check_status, cpu_library,
 )
 from pyquant.backends.code_tables import cached_code_table
 
@@ -178,3 +178,26 @@ def ademamix_step(params, grads, state1, state2, absmax1, absmax2, constants, co
     if bad < 0:
         check_status(-bad, "ademamix_step")
     return torch.tensor(bad, dtype=torch.int64)
+
+
+@kernel("adam4bit_step", "cpu")
+def adam4bit_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1, nonfinite):
+    check_adam4bit_operands(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1, nonfinite)
+    _on_cpu(params, "adam4bit_step")
+    descriptors = (Adam4bitTensor * len(params))()
+    for d, p, g, s1, s2, a1, a2, r, row in zip(descriptors, params, grads, state1, state2, absmax1, absmax2, rank1,
+                                               constants.tolist()):
+        d.param, d.grad, d.state1, d.state2 = p.data_ptr(), g.data_ptr(), s1.data_ptr(), s2.data_ptr()
+        d.absmax1, d.absmax2 = a1.data_ptr(), a2.data_ptr()
+        d.numel = p.numel()
+        d.param_dtype, d.grad_dtype = DTYPE_CODES[p.dtype], DTYPE_CODES[g.dtype]
+        d.state_bits = 4 if s1.dtype == torch.uint8 else 32
+        d.rank1 = int(bool(r))
+        if r:
+            d.ndim = p.dim()
+            d.shape[:p.dim()] = list(p.shape)
+        d.k = AdamConstants(*row)
+    bad = cpu_library().pq_adam4bit_step(descriptors, len(params), code1.data_ptr(), code2.data_ptr(), nonfinite)
+    if bad == -1:
+        raise MemoryError("pyquant adam4bit_step: the CPU kernel could not allocate its rank-1 maxima")
+    return _skipped(bad, "adam4bit_step")
