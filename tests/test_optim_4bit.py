@@ -38,7 +38,7 @@ def set_grads(params, step, scale=1.0):
     for p in params:
         # A spread of magnitudes per row, so that rank-1 scales differ from block scales.
         grad = torch.randn(p.shape, generator=g) * torch.logspace(-3, 0, p.shape[0]).view(-1, *[1] * (p.dim() - 1))
-        p.grad = (grad * scale).to(p.dtype)
+        p.grad = (grad * scale).to(p.device, p.dtype)
 
 
 def dequantized(opt, p):
@@ -206,9 +206,10 @@ def test_small_tensors_keep_float32_states(backend):
 
 
 # ---- the kernels agree bit for bit ----
-def run_steps(backend, shapes=SHAPES, dtype=torch.float32, steps=3, rank1=True, nonfinite="skip", seed=0, **kw):
-    params = make_params(shapes, dtype, seed)
-    opt = pyquant.AdamW4bit(params, rank1=rank1, min_4bit_size=256, nonfinite=nonfinite, lr=1e-2, **kw)
+def run_steps(backend, shapes=SHAPES, dtype=torch.float32, steps=3, rank1=True, nonfinite="skip", seed=0,
+              device="cpu", min_4bit_size=256, **kw):
+    params = [torch.nn.Parameter(p.detach().to(device)) for p in make_params(shapes, dtype, seed)]
+    opt = pyquant.AdamW4bit(params, rank1=rank1, min_4bit_size=min_4bit_size, nonfinite=nonfinite, lr=1e-2, **kw)
     for step in range(steps):
         set_grads(params, step)
         if step == 1 and nonfinite == "skip":
@@ -483,3 +484,38 @@ def test_converges_like_float32_adamw():
     for name in ("4bit", "4bit-blockwise"):
         assert losses[name] < 2.5 * losses["torch"], losses
     assert losses["4bit"] < losses["4bit-blockwise"], losses
+
+
+# ---- the study's settings ----
+def test_study_settings_use_adam4bit():
+    from pyquant.experiment import settings
+
+    for name, autocast in (("4bit", False), ("amp+4bit", True)):
+        recipe = settings.resolve(name, "cpu")
+        optimizer = recipe.make_optimizer([torch.nn.Parameter(torch.zeros(8))], 1e-3)
+        assert type(optimizer) is pyquant.Adam4bit and optimizer.param_groups[0]["weight_decay"] == 0.0
+        assert (settings.SETTINGS[name].autocast is not None) == autocast
+
+
+# ---- the Triton kernels (interpreted here: small sizes) ----
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rank1", [True, False])
+def test_triton_kernel_gives_the_reference_bits(dtype, rank1):
+    from conftest import TRITON_DEVICE
+
+    shapes = [(5, 67), (300,), (2, 3, 5, 7), (10, 10)]  # rank-1 2-D and 4-D, block-wise 1-D, float32 states
+    kw = dict(shapes=shapes, dtype=dtype, rank1=rank1, steps=2, min_4bit_size=200)
+    expected = snapshot(*run_steps("reference", **kw))
+    if backends.triton_interpreted():
+        # The 4-bit step's root is IEEE sqrt on every device (tl.sqrt_rn on a GPU); the triton fixture made the
+        # interpreter's sqrt_rn torch's CPU sqrt (for the 8-bit steps): make it IEEE again.
+        from triton_exact_fma import _builder_method
+
+        with _builder_method("create_precise_sqrt", ref.ieee_sqrt):
+            actual = snapshot(*run_steps("triton", device=TRITON_DEVICE, **kw))
+    else:
+        actual = snapshot(*run_steps("triton", device=TRITON_DEVICE, **kw))
+    assert expected[2].dtype == torch.uint8 and len(expected) == len(actual)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert_same_bits(a.cpu(), e, f"tensor {i}")
