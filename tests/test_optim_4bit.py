@@ -519,3 +519,14 @@ def test_triton_kernel_gives_the_reference_bits(dtype, rank1):
     assert expected[2].dtype == torch.uint8 and len(expected) == len(actual)
     for i, (a, e) in enumerate(zip(actual, expected)):
         assert_same_bits(a.cpu(), e, f"tensor {i}")
+
+
+# ---- the CUDA kernel (on a GPU) ----
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rank1", [True, False])
+def test_cuda_kernel_gives_the_cpu_bits(cuda_backends, dtype, rank1):
+    kw = dict(dtype=dtype, rank1=rank1, steps=3)
+    expected = snapshot(*run_steps("cpu", **kw))
+    actual = snapshot(*run_steps("cuda", device="cuda", **kw))
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert_same_bits(a.cpu(), e, f"tensor {i}")

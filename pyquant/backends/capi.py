@@ -112,6 +112,7 @@ CUDA_FUNCTIONS = {
     "pq_cuda_adam_step": ([P, P, I32, I64, P, P, P, P, I32, P, P], I32),
     "pq_cuda_one_state_step": ([P, P, I32, I64, P, P, I32, I32, P, P], I32),
     "pq_cuda_ademamix_step": ([P, P, I32, I64, P, P, P, P, I32, P, P], I32),
+    "pq_cuda_adam4bit_step": ([P, P, I32, I64, P, P, P, P, I32, I32, P, P], I32),
     "pq_cuda_unscale_": ([P, I32, I64, P, P, P], I32),
     "pq_cuda_error_string": ([I32], ctypes.c_char_p),
 }
@@ -300,6 +301,24 @@ def check_adam4bit_operands(params, grads, state1, state2, absmax1, absmax2, con
         if r and not 2 <= p.dim() <= RANK1_MAX_DIMS:
             raise ValueError(f"adam4bit_step: rank-1 scales need 2 to {RANK1_MAX_DIMS} dimensions; param {i} has {p.dim()}")
         check_tensor(a2, f"adam4bit_step: absmax2 {i}", ABSMAX, device, sum(p.shape) if r else blocks_of(n, FOURBIT_BLOCK))
+
+
+def describe_adam4bit(params, grads, state1, state2, absmax1, absmax2, constants, rank1) -> ctypes.Array:
+    """The pq_adam4bit_tensor descriptors of checked operands (the cpu and cuda backends' calls)."""
+    descriptors = (Adam4bitTensor * len(params))()
+    for d, p, g, s1, s2, a1, a2, r, row in zip(descriptors, params, grads, state1, state2, absmax1, absmax2, rank1,
+                                               constants.tolist()):
+        d.param, d.grad, d.state1, d.state2 = p.data_ptr(), g.data_ptr(), s1.data_ptr(), s2.data_ptr()
+        d.absmax1, d.absmax2 = a1.data_ptr(), a2.data_ptr()
+        d.numel = p.numel()
+        d.param_dtype, d.grad_dtype = DTYPE_CODES[p.dtype], DTYPE_CODES[g.dtype]
+        d.state_bits = 4 if s1.dtype == torch.uint8 else 32
+        d.rank1 = int(bool(r))
+        if r:
+            d.ndim = p.dim()
+            d.shape[:p.dim()] = list(p.shape)
+        d.k = AdamConstants(*row)
+    return descriptors
 
 
 GRAD_DTYPES = tuple(DTYPE_CODES)  # what GradScaler unscales: float32, float16, bfloat16, float64

@@ -269,11 +269,14 @@ int32_t pq_cuda_ademamix_step(const struct pq_ademamix_tensor* device_descriptor
                               const uint8_t* table1, const uint8_t* table2, int32_t nonfinite,
                               int64_t* device_bad_count, void* stream);
 
-// pq_adam4bit_step on the device for the tensors without rank-1 scales (block-wise m and v, or float32 states),
-// with the conventions of pq_cuda_adam_step (blocks of 128 elements).
+// pq_adam4bit_step on the device, in two launches as the CPU driver's two passes, with the conventions of
+// pq_cuda_adam_step but blocks of 128 elements: pass 1 folds the new v of the rank-1 tensors into new_maxima (tensor
+// i's at device_maxima_offset[i], zeroed by the caller; atomic max, order-independent), pass 2 steps every tensor
+// with them; the caller then copies each rank-1 tensor's new maxima into its absmax2.
 int32_t pq_cuda_adam4bit_step(const struct pq_adam4bit_tensor* device_descriptors, const int64_t* device_first_block,
                               int32_t count, int64_t total_blocks, const float* code1, const float* code2,
-                              int32_t nonfinite, int64_t* device_bad_count, void* stream);
+                              float* new_maxima, const int64_t* device_maxima_offset, int32_t pass, int32_t nonfinite,
+                              int64_t* device_bad_count, void* stream);
 // pq_unscale_ on the device, the gradients described by 4 x count int64 values in device memory.
 int32_t pq_cuda_unscale_(const int64_t* device_meta, int32_t count, int64_t total_chunks, float* found_inf,
                          const float* inv_scale, void* stream);

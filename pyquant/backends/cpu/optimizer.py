@@ -13,8 +13,8 @@ from pyquant._contract import DTYPE_CODES
 from pyquant._nvtx import kernel_range
 from pyquant.backends import kernel
 from pyquant.backends.capi import (
-    Adam4bitTensor, AdamConstants, AdamTensor, AdemamixConstants, AdemamixTensor, OneStateConstants, OneStateTensor,
-    check_adam4bit_operands, check_adam_operands, check_ademamix_operands, check_one_state_operands, check_status, cpu_library,
+    AdamConstants, AdamTensor, AdemamixConstants, AdemamixTensor, OneStateConstants, OneStateTensor,
+    check_adam4bit_operands, check_adam_operands, describe_adam4bit, check_ademamix_operands, check_one_state_operands, check_status, cpu_library,
 )
 from pyquant.backends.code_tables import cached_code_table
 
@@ -184,19 +184,7 @@ def ademamix_step(params, grads, state1, state2, absmax1, absmax2, constants, co
 def adam4bit_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1, nonfinite):
     check_adam4bit_operands(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1, nonfinite)
     _on_cpu(params, "adam4bit_step")
-    descriptors = (Adam4bitTensor * len(params))()
-    for d, p, g, s1, s2, a1, a2, r, row in zip(descriptors, params, grads, state1, state2, absmax1, absmax2, rank1,
-                                               constants.tolist()):
-        d.param, d.grad, d.state1, d.state2 = p.data_ptr(), g.data_ptr(), s1.data_ptr(), s2.data_ptr()
-        d.absmax1, d.absmax2 = a1.data_ptr(), a2.data_ptr()
-        d.numel = p.numel()
-        d.param_dtype, d.grad_dtype = DTYPE_CODES[p.dtype], DTYPE_CODES[g.dtype]
-        d.state_bits = 4 if s1.dtype == torch.uint8 else 32
-        d.rank1 = int(bool(r))
-        if r:
-            d.ndim = p.dim()
-            d.shape[:p.dim()] = list(p.shape)
-        d.k = AdamConstants(*row)
+    descriptors = describe_adam4bit(params, grads, state1, state2, absmax1, absmax2, constants, rank1)
     bad = cpu_library().pq_adam4bit_step(descriptors, len(params), code1.data_ptr(), code2.data_ptr(), nonfinite)
     if bad == -1:
         raise MemoryError("pyquant adam4bit_step: the CPU kernel could not allocate its rank-1 maxima")
