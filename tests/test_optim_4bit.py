@@ -530,3 +530,38 @@ def test_cuda_kernel_gives_the_cpu_bits(cuda_backends, dtype, rank1):
     actual = snapshot(*run_steps("cuda", device="cuda", **kw))
     for i, (a, e) in enumerate(zip(actual, expected)):
         assert_same_bits(a.cpu(), e, f"tensor {i}")
+
+
+# ---- torchao's AdamW4bit, the block-wise variant (rank1=False) ----
+def test_blockwise_variant_matches_torchao(monkeypatch):
+    """What agrees with torchao 0.18.0's AdamW4bit: both maps (bit for bit), the block of 128 and its absmax scale,
+    nearest rounding, the update formula; after every step the 4-bit codes are the same and the scales and
+    parameters agree to float32 rounding. What differs, by construction: torchao packs element 2i into the HIGH
+    nibble (pyquant: low, as lpmm); its moments are `lerp`s (m + (1 - b1)(g - m): other roundings than pyquant's
+    fma(1 - b1, g, b1 m)), its bias corrections are float32 tensor powers, its ties round up (residual >= half the
+    gap; pyquant's go down, as lpmm's); so scales differ by a few ulps, and a code can differ where a value sits on
+    a midpoint (none does in this run). torchao runs its step through torch.compile; here eagerly (the same
+    operations without inductor's fusions, which may move its last bits)."""
+    optim = pytest.importorskip("torchao.optim", reason="torchao is not installed (pip install torchao==0.18.0)")
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    w0 = torch.randn(64, 128, generator=torch.Generator().manual_seed(0)) * 0.5
+    a, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    ours = pyquant.AdamW4bit([a], rank1=False, lr=1e-3)
+    theirs = optim.AdamW4bit([b], lr=1e-3)
+    for step in range(5):
+        g = torch.randn(64, 128, generator=torch.Generator().manual_seed(step)) * torch.logspace(-3, 0, 64).view(-1, 1)
+        a.grad, b.grad = g.clone(), g.clone()
+        before = a.detach().clone()
+        with use_backend(KERNEL_BACKENDS[-1]):
+            ours.step()
+        theirs.step()
+        s, t = ours.state[a], theirs.state[b]
+        for key, name in (("1", "exp_avg"), ("2", "exp_avg_sq")):
+            state = t[name]
+            assert_same_bits(state.qmap, s["qmap" + key], f"{name} map")
+            their_codes = torch.stack([state.codes >> 4, state.codes & 15], dim=-1).reshape(-1).long()
+            assert torch.equal(ref.unpack_nibbles(s["state" + key], a.numel()), their_codes), (step, name)
+            torch.testing.assert_close(s["absmax" + key], state.scale, rtol=1e-6, atol=0)
+        # the parameters agree to one rounding of p (|p| < 2: an ulp is at most 2.4e-7), against steps of ~1e-3
+        torch.testing.assert_close(a.detach() - before, b.detach() - before, rtol=0, atol=2.4e-7)
+    assert float((a - b).abs().max()) <= 1e-3 * float((a - w0).abs().max())
