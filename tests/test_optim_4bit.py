@@ -566,3 +566,62 @@ def test_blockwise_variant_matches_torchao(monkeypatch):
         # against steps of ~1e-3
         torch.testing.assert_close(a.detach() - before, b.detach() - before, rtol=0, atol=1e-6)
     assert float((a - b).abs().max()) <= 1e-3 * float((a - w0).abs().max())
+
+
+# ---- the kernels' own checks ----
+def test_kernels_refuse_operands_that_do_not_fit():
+    from pyquant.backends.capi import check_adam4bit_operands
+
+    (p,) = make_params([(33, 65)])
+    p.grad = torch.ones_like(p)
+    n, packed = p.numel(), (p.numel() + 1) // 2
+    code1, code2 = F.create_4bit_map(True), F.create_4bit_map(False)
+    constants = torch.zeros(1, 10)
+    ok = dict(params=[p.detach()], grads=[p.grad], state1=[torch.zeros(packed, dtype=torch.uint8)],
+              state2=[torch.zeros(packed, dtype=torch.uint8)], absmax1=[torch.zeros(17)], absmax2=[torch.zeros(98)],
+              constants=constants, code1=code1, code2=code2, rank1=[True], nonfinite=0)
+    check_adam4bit_operands(**ok)
+    cases = [
+        (dict(state1=[torch.zeros(packed - 1, dtype=torch.uint8)]), ValueError, "state1 0 has 1072 elements, expected 1073"),
+        (dict(absmax2=[torch.zeros(17)]), ValueError, "absmax2 0 has 17 elements, expected 98"),
+        (dict(absmax1=[torch.zeros(17, dtype=torch.float64)]), TypeError, "absmax1 0 is torch.float64"),
+        (dict(grads=[torch.ones(33, 65, device="meta")]), ValueError, "grad 0 is on meta, expected cpu"),
+        (dict(params=[torch.zeros(n)], grads=[torch.zeros(n)]), ValueError, "rank-1 scales need 2 to 8 dimensions"),
+        (dict(code2=torch.zeros(256)), ValueError, "code2 has 256 elements, expected 16"),
+        (dict(nonfinite=2), ValueError, "nonfinite must be 0 .skip. or 1"),
+        (dict(rank1=[]), ValueError, "1 params but 0 rank1"),
+    ]
+    for change, error, message in cases:
+        with pytest.raises(error, match=message):
+            check_adam4bit_operands(**{**ok, **change})
+
+
+def test_c_entry_point_refuses_bad_descriptors():
+    if "cpu" not in KERNEL_BACKENDS:
+        pytest.skip("the compiled CPU library is not built")
+
+    from pyquant.backends.capi import INVALID_ARGUMENT, describe_adam4bit, cpu_library
+
+    (p,) = make_params([(33, 65)])
+    p.grad = torch.ones_like(p)
+    packed = (p.numel() + 1) // 2
+    tensors = [torch.zeros(packed, dtype=torch.uint8), torch.zeros(packed, dtype=torch.uint8), torch.zeros(17),
+               torch.zeros(98)]
+    codes = F.create_4bit_map(True), F.create_4bit_map(False)
+    lib = cpu_library()
+
+    def call(**fields):
+        d = describe_adam4bit([p.detach()], [p.grad], *([t] for t in tensors), torch.zeros(1, 10), [True])
+        for k, v in fields.items():
+            if k == "shape":
+                d[0].shape[:len(v)] = v
+            else:
+                setattr(d[0], k, v)
+        return lib.pq_adam4bit_step(d, 1, codes[0].data_ptr(), codes[1].data_ptr(), 0)
+
+    assert call() == 0
+    for fields in (dict(state_bits=8), dict(rank1=2), dict(ndim=9), dict(ndim=1), dict(shape=[33, 64]),
+                   dict(shape=[-33, -65]), dict(param_dtype=3), dict(numel=-1), dict(state1=None)):
+        assert call(**fields) == -INVALID_ARGUMENT, fields
+    assert lib.pq_adam4bit_step(None, 1, codes[0].data_ptr(), codes[1].data_ptr(), 0) == -INVALID_ARGUMENT
+    assert lib.pq_adam4bit_step(None, 0, None, None, 0) == 0  # an empty group
