@@ -625,3 +625,26 @@ def test_c_entry_point_refuses_bad_descriptors():
         assert call(**fields) == -INVALID_ARGUMENT, fields
     assert lib.pq_adam4bit_step(None, 1, codes[0].data_ptr(), codes[1].data_ptr(), 0) == -INVALID_ARGUMENT
     assert lib.pq_adam4bit_step(None, 0, None, None, 0) == 0  # an empty group
+
+
+# ---- the op's declaration ----
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_op_passes_opcheck(backend):
+    (p,) = make_params([(33, 65)])
+    packed = (p.numel() + 1) // 2
+    args = ([p.detach().clone()], [torch.randn(33, 65)], [torch.zeros(packed, dtype=torch.uint8)],
+            [torch.zeros(packed, dtype=torch.uint8)], [torch.zeros(17)], [torch.zeros(98)],
+            torch.tensor([[0.9, 0.1, 0.999, 0.001, 1e-8, 1e-8, 0.03, -0.01, 1.0, 1.0]]),
+            F.create_4bit_map(True), F.create_4bit_map(False), [True], 0)
+    with use_backend(backend):
+        torch.library.opcheck(torch.ops.pyquant.adam4bit_step_.default, args)
+
+
+def test_optimizer_pickles_with_its_options():
+    import copy
+
+    params, opt = run_steps(KERNEL_BACKENDS[-1], shapes=[(33, 65)], steps=1, rank1=False)
+    clone = copy.deepcopy(opt)
+    assert clone.rank1 is False and clone.min_4bit_size == 256
+    for a, b in zip(snapshot(params, opt), snapshot(clone.param_groups[0]["params"], clone)):
+        assert_same_bits(a, b)
