@@ -171,6 +171,14 @@ def prepare_one_state_step(params, grads, state1, absmax1, constants, code1, rul
     return prepare(list(params), list(grads), list(state1), list(absmax1), constants, code1, rule)
 
 
+def prepare_adam4bit_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1):
+    """prepare_adam_step for the Adam step with 4-bit states (`rank1`: one bool per tensor)."""
+    from pyquant.backends.cpu.optimizer import prepare_adam4bit_step as prepare
+
+    return prepare(list(params), list(grads), list(state1), list(state2), list(absmax1), list(absmax2),
+                   constants, code1, code2, [bool(r) for r in rank1])
+
+
 def one_state_step_multi_tensor(params, grads, state1, absmax1, constants, code1, rule, nonfinite):
     """One fused step of a one-state rule (op `pyquant::one_state_step_`: momentum, Lion, RMSprop, Adagrad) over
     lists of tensors; the optimizers check the inputs. Returns the number of non-finite gradient elements skipped."""

@@ -238,6 +238,16 @@ def test_cpu_kernel_gives_the_reference_bits(backend, dtype, rank1):
         assert_same_bits(a, e, f"tensor {i}")
 
 
+def test_prepared_steps_give_the_general_paths_bits():
+    if "cpu" not in KERNEL_BACKENDS:
+        pytest.skip("no cpu kernel of adam4bit_step here")
+    planned = run_steps("cpu", steps=4, dtype=torch.bfloat16)
+    assert planned[1]._plans  # steps 2 to 4 ran through the group's prepared step
+    general = run_steps("reference", steps=4, dtype=torch.bfloat16)
+    for a, b in zip(snapshot(*planned), snapshot(*general)):
+        assert_same_bits(a, b)
+
+
 def test_same_bits_for_any_thread_count():
     results = []
     for threads in (1, 2):

@@ -182,7 +182,10 @@ class Adam4bit(Adam8bit):
         return F.adam4bit_step_multi_tensor(stepped, grads, *states, constants, *codes, rank1, policy)
 
     def _prepare_step(self, group, items, grads):
-        return None  # no prepared fast path yet: every step takes the general path
+        states, codes = self._operands(items, grads[0].device)
+        rank1 = [bool(s.get("rank1", False)) for _, s in items]
+        return F.prepare_adam4bit_step([p for p, _ in items], grads, *states, self._constants(group, items, 1.0),
+                                       *codes, rank1)
 
 
 class AdamW4bit(Adam4bit):

@@ -180,12 +180,29 @@ def ademamix_step(params, grads, state1, state2, absmax1, absmax2, constants, co
     return torch.tensor(bad, dtype=torch.int64)
 
 
+def _adam4bit_call(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1):
+    """The descriptors of one adam4bit_step call, and the function that runs it over them (-1 from the library:
+    its rank-1 maxima could not be allocated, which _skipped turns into MemoryError)."""
+    descriptors = describe_adam4bit(params, grads, state1, state2, absmax1, absmax2, constants, rank1)
+    keep = (code1, code2)
+
+    def run(nonfinite: int, descriptors=descriptors, keep=keep) -> int:
+        return cpu_library().pq_adam4bit_step(descriptors, len(descriptors), code1.data_ptr(), code2.data_ptr(),
+                                              nonfinite)
+
+    return descriptors, run
+
+
 @kernel("adam4bit_step", "cpu")
 def adam4bit_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1, nonfinite):
     check_adam4bit_operands(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1, nonfinite)
     _on_cpu(params, "adam4bit_step")
-    descriptors = describe_adam4bit(params, grads, state1, state2, absmax1, absmax2, constants, rank1)
-    bad = cpu_library().pq_adam4bit_step(descriptors, len(params), code1.data_ptr(), code2.data_ptr(), nonfinite)
-    if bad == -1:
-        raise MemoryError("pyquant adam4bit_step: the CPU kernel could not allocate its rank-1 maxima")
-    return _skipped(bad, "adam4bit_step")
+    _, run = _adam4bit_call(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1)
+    return _skipped(run(nonfinite), "adam4bit_step")
+
+
+def prepare_adam4bit_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1):
+    check_adam4bit_operands(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1, 0)
+    _on_cpu(params, "adam4bit_step")
+    descriptors, run = _adam4bit_call(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1)
+    return PreparedStep("adam4bit_step", descriptors, run, params, [*params, *state1, *state2, *absmax1, *absmax2])
