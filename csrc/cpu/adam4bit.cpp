@@ -69,7 +69,7 @@ inline int64_t dim_offset(const pq_adam4bit_tensor& t, int d) {
 inline int64_t maxima_count(const pq_adam4bit_tensor& t) { return dim_offset(t, t.ndim); }
 
 // The min of the maxima of every dimension but the last at row r (r = flat index / last dimension): the part of
-// an element's rank-1 scale that a whole row shares. +inf for... never: ndim >= 2.
+// an element's rank-1 scale that a whole row shares (ndim >= 2: at least one dimension takes part).
 inline float lead_min(const pq_adam4bit_tensor& t, const float* maxima, int64_t r) {
   float lead = INFINITY;
   int64_t off = dim_offset(t, t.ndim - 1);
