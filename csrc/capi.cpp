@@ -23,6 +23,11 @@ PQ_FOR_EACH_ISA(PQ_DECLARE_ISA)
                         const uint8_t*, int32_t);                                                         \
   }
 PQ_FOR_EACH_ISA(PQ_DECLARE_ADEMAMIX)
+#define PQ_DECLARE_ADAM4BIT(ns) \
+  namespace ns {                \
+  int64_t adam4bit_step(const pq_adam4bit_tensor*, int32_t, const float*, const float*, int32_t); \
+  }
+PQ_FOR_EACH_ISA(PQ_DECLARE_ADAM4BIT)
 
 namespace {
 int32_t detect_isa() {
@@ -153,6 +158,34 @@ int64_t pq_ademamix_step(const pq_ademamix_tensor* tensors, int32_t count, const
   if (blocks <= 0) return blocks;
   if (!code1 || !code2 || !table1 || !table2) return -PQ_INVALID_ARGUMENT;
   PQ_DISPATCH(ademamix_step(tensors, count, code1, code2, table1, table2, nonfinite))
+}
+
+static bool valid_adam4bit_tensor(const pq_adam4bit_tensor& t) {
+  if (t.numel < 0 || !pq::valid_dtype(t.param_dtype) || !pq::valid_dtype(t.grad_dtype)) return false;
+  if ((t.state_bits != 4 && t.state_bits != 32) || (t.rank1 != 0 && t.rank1 != 1)) return false;
+  if (t.rank1) {
+    // the shape must describe numel elements: its product, computed without overflow
+    if (t.state_bits != 4 || t.ndim < 2 || t.ndim > PQ_RANK1_MAX_DIMS) return false;
+    int64_t product = 1, sum = 0;
+    for (int d = 0; d < t.ndim; ++d) {
+      const int64_t s = t.shape[d];
+      if (s < 1 || product > INT64_MAX / s || sum > INT64_MAX - s) return false;
+      product *= s;
+      sum += s;
+    }
+    if (product != t.numel) return false;
+  }
+  if (t.numel == 0) return true;
+  return t.param && t.grad && t.state1 && t.state2 && (t.state_bits == 32 || (t.absmax1 && t.absmax2));
+}
+
+// Returns the number of non-finite gradient elements seen, -PQ_INVALID_ARGUMENT, or -1 (out of memory).
+int64_t pq_adam4bit_step(const pq_adam4bit_tensor* tensors, int32_t count, const float* code1, const float* code2,
+                         int32_t nonfinite) {
+  const int64_t blocks = group_blocks(tensors, count, nonfinite, valid_adam4bit_tensor);
+  if (blocks <= 0) return blocks;
+  if (!code1 || !code2) return -PQ_INVALID_ARGUMENT;
+  PQ_DISPATCH(adam4bit_step(tensors, count, code1, code2, nonfinite))
 }
 
 }  // extern "C"

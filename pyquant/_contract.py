@@ -18,6 +18,8 @@ ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}  # enum pq_isa in capi.h
 GRID_POINTS = 65536  # bins of the quantisers' [-1, 1] grid (docs/numerics.md section 2)
 OPTIMIZER_BLOCK = 256  # elements per absmax entry of 8-bit optimizer states (pq::kOptimizerBlock)
 MAX_BLOCKSIZE = 2**63 - 1  # the C ABI's int64
+FOURBIT_BLOCK = 128  # elements per scale of the 4-bit first moment (and of a block-wise 4-bit second moment)
+RANK1_MAX_DIMS = 8  # rank-1 second moments for tensors of 2 to 8 dimensions (pq_adam4bit_tensor.shape)
 
 # What an optimizer step does with a non-finite gradient element (the kernels' `nonfinite` argument).
 SKIP_ELEMENT, PROPAGATE = 0, 1

@@ -78,3 +78,10 @@ UNSIGNED_HEX = (
 
 SIGNED_SHA256 = "e732639a65f497b4ad684bb166a4467708255edd5207757de8b8f0c7e1fda89c"
 UNSIGNED_SHA256 = "305f002cc11278fb769d13b25b9fd0c7c83c8402c40a878fe086f4039fde6398"
+
+# ---- the 4-bit maps of Adam4bit / AdamW4bit (docs/numerics.md, "4-bit states") ----
+# First moment: the signed dynamic map with 3 exponent bits and 4 bits in all (the paper's "nonlinear" map, lpmm's
+# create_dynamic_map(True, 3, 4)): 7 positive codes, their negatives, 0 and 1.0. The positive codes below, as float32
+# bit patterns (their float32 linspace arithmetic is rebuilt by a test).
+SIGNED4_POSITIVE_HEX = "3bb43958 3d051eb9 3d9eb852 3e599999 3ee00000 3f29999a 3f633333"
+# Second moment: the linear map without zero (the paper's "power-1"), k/16 for k = 1..16: exact in float32.

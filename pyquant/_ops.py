@@ -117,6 +117,27 @@ def _(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, 
     return params[0].new_empty((), dtype=torch.int64)
 
 
+@torch.library.custom_op(
+    "pyquant::adam4bit_step_", mutates_args=("params", "state1", "state2", "absmax1", "absmax2")
+)
+def adam4bit_step_(
+    params: Tensors, grads: Tensors, state1: Tensors, state2: Tensors, absmax1: Tensors, absmax2: Tensors,
+    constants: Tensor, code1: Tensor, code2: Tensor, rank1: list[bool], nonfinite: int,
+) -> Tensor:
+    """The fused Adam step with 4-bit states (docs/numerics.md, "4-bit states"): state1/state2 hold two codes a
+    byte (ceil(n / 2) uint8) or float32 moments (tensors below min_4bit_size); absmax1 the first moment's scales
+    per block of 128, absmax2 the second moment's (rank1[i]: the per-dimension maxima, sum(shape) floats; else
+    per block of 128). `constants` one row of CONSTANT_FIELDS per tensor (Adam's). Returns the number of
+    non-finite gradient elements skipped (0-dim int64)."""
+    return run_kernel("adam4bit_step", params[0].device.type,
+                      params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1, nonfinite)
+
+
+@adam4bit_step_.register_fake
+def _(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1, nonfinite):
+    return params[0].new_empty((), dtype=torch.int64)
+
+
 # ---- GradScaler's unscale-and-check (reference/techniques.md C2) ----
 @torch.library.custom_op("pyquant::unscale_", mutates_args=("grads", "found_inf"))
 def unscale_(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor) -> None:

@@ -35,10 +35,30 @@ def create_dynamic_map(signed: bool = True) -> torch.Tensor:
     return _dynamic_maps[signed].clone()
 
 
+_four_bit_maps: dict[bool, torch.Tensor] = {}
+
+
+def create_4bit_map(signed: bool = True) -> torch.Tensor:
+    """The 16 float32 codes of a 4-bit optimizer state (docs/numerics.md, "4-bit states"): `signed=True` the first
+    moment's dynamic map (3 exponent bits; zero at index 7), `signed=False` the second moment's linear map
+    without zero, k/16 for k = 1..16."""
+    signed = bool(signed)
+    if signed not in _four_bit_maps:
+        if signed:
+            bits = torch.tensor([int(w, 16) for w in _maps.SIGNED4_POSITIVE_HEX.split()], dtype=torch.int32)
+            positive = bits.view(torch.float32)
+            code = torch.cat([-positive.flip(0), torch.zeros(1), positive, torch.ones(1)])
+        else:
+            code = torch.arange(1, 17, dtype=torch.float32) / 16
+        _four_bit_maps[signed] = code
+    return _four_bit_maps[signed].clone()
+
+
 # Built now, in eager mode: the first call reads numpy, which torch.compile cannot trace (it failed the first
 # optimizer step under torch.compile, which creates the optimizer's maps); later calls only clone the cache.
 for _signed in (True, False):
     create_dynamic_map(_signed)
+    create_4bit_map(_signed)
 
 
 # ---- input checks: every public entry point says exactly what is wrong ----
@@ -159,6 +179,14 @@ def prepare_ademamix_step(params, grads, state1, state2, absmax1, absmax2, const
                    constants, code1, code2)
 
 
+def prepare_adam4bit_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1):
+    """prepare_adam_step for the Adam step with 4-bit states (`rank1`: one bool per tensor)."""
+    from pyquant.backends.cpu.optimizer import prepare_adam4bit_step as prepare
+
+    return prepare(list(params), list(grads), list(state1), list(state2), list(absmax1), list(absmax2),
+                   constants, code1, code2, [bool(r) for r in rank1])
+
+
 def one_state_step_multi_tensor(params, grads, state1, absmax1, constants, code1, rule, nonfinite):
     """One fused step of a one-state rule (op `pyquant::one_state_step_`: momentum, Lion, RMSprop, Adagrad) over
     lists of tensors; the optimizers check the inputs. Returns the number of non-finite gradient elements skipped."""
@@ -179,3 +207,30 @@ def ademamix_step_multi_tensor(params, grads, state1, state2, absmax1, absmax2, 
         return torch.zeros((), dtype=torch.int64)
     written = [t for tensors in args[:1] + args[2:6] for t in tensors]
     return _ops.call_eagerly(_ops.ademamix_step_, "ademamix_step", args[0][0], args, written)
+
+
+def adam4bit_step_multi_tensor(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1,
+                               nonfinite):
+    """One fused Adam step with 4-bit states over lists of tensors (op `pyquant::adam4bit_step_`; the optimizer
+    checks the inputs). Returns the number of non-finite gradient elements skipped, a 0-dim int64 tensor."""
+    args = (list(params), list(grads), list(state1), list(state2), list(absmax1), list(absmax2),
+            constants, code1, code2, [bool(r) for r in rank1], nonfinite)
+    if not args[0]:
+        return torch.zeros((), dtype=torch.int64)
+    written = [t for tensors in args[:1] + args[2:6] for t in tensors]
+    return _ops.call_eagerly(_ops.adam4bit_step_, "adam4bit_step", args[0][0], args, written)
+
+
+def quantize_4bit_state(values: torch.Tensor, shape, rank1: bool, code: torch.Tensor):
+    """(packed uint8 codes, float32 scales) of a float32 state of `shape`, as the 4-bit step stores it (block-wise
+    scales, or rank-1 maxima when `rank1`)."""
+    from pyquant.backends.reference.adam4bit import quantize_state
+
+    return quantize_state(values, tuple(shape), bool(rank1), code)
+
+
+def dequantize_4bit_state(packed: torch.Tensor, scales: torch.Tensor, shape, rank1: bool, code: torch.Tensor):
+    """The float32 values (flat) of a 4-bit state of `shape`."""
+    from pyquant.backends.reference.adam4bit import dequantize_state
+
+    return dequantize_state(packed, scales, tuple(shape), bool(rank1), code)

@@ -126,6 +126,11 @@ def _exercise_every_launcher():
                                  ("Adagrad8bit", {})):
                 getattr(pyquant, name)(params, **kwargs).step()
             pyquant.AdEMAMix8bit(params).step()
+            # 4-bit states: rank-1 (2-D), block-wise (1-D), float32 (small)
+            four = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in ((64, 65), (4099,), (10,))]
+            for p in four:
+                p.grad = torch.randn(p.shape).to(dtype)
+            pyquant.AdamW4bit(four).step()
         grads = [torch.randn(5).to(d) for d in (*dtypes, torch.float64)]
         unscale_(grads, torch.zeros(1), torch.full((1,), 0.5))
         for dtype in (torch.float16, torch.bfloat16):
@@ -140,7 +145,7 @@ def test_every_triton_launch_compiles_for_sm90(recorded_launches):
     launches = list(recorded_launches.values())
     names = {launch["name"] for launch in launches}
     expected = {"_quantize_kernel", "_dequantize_kernel", "_adam_kernel", "_one_state_kernel", "_ademamix_kernel",
-                "_unscale_kernel"}
+                "_unscale_kernel", "_adam4bit_kernel", "_rank1_maxima_kernel"}
     assert expected <= names, names
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(launches), env=env,

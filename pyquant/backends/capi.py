@@ -20,9 +20,10 @@ import torch
 
 from pyquant._contract import (
     ADEMAMIX_FIELDS, CONSTANT_FIELDS, DTYPE_CODES, FLOAT_DTYPES, ISA_NAMES, ONE_STATE_FIELDS, ONE_STATE_RULES, OPTIMIZER_BLOCK, blocks_of,
+    FOURBIT_BLOCK, RANK1_MAX_DIMS,
 )
 
-ABI_VERSION = 8  # PQ_ABI_VERSION of capi.h, which everything below mirrors
+ABI_VERSION = 9  # PQ_ABI_VERSION of capi.h, which everything below mirrors
 INVALID_ARGUMENT = 2  # PQ_INVALID_ARGUMENT of capi.h
 OUT_OF_MEMORY = 1  # what the low-rank convolution entry points return when a buffer cannot be allocated
 REBUILD = "pip install -e ."  # what rebuilds the libraries of a checkout (README)
@@ -71,6 +72,16 @@ class AdemamixTensor(ctypes.Structure):
     _fields_ = _tensor_fields(("param", "grad", "state1", "state2", "absmax1", "absmax2"), AdemamixConstants)
 
 
+class Adam4bitTensor(ctypes.Structure):
+    """Mirror of pq_adam4bit_tensor (capi.h): Adam's constants, the state layout (4 or 32 bits, rank-1 or not) and,
+    for rank-1 tensors, the shape."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("param", "grad", "state1", "state2", "absmax1", "absmax2")] + [
+        ("numel", ctypes.c_int64)] + [(name, ctypes.c_int32) for name in (
+            "param_dtype", "grad_dtype", "state_bits", "rank1", "ndim", "reserved")] + [
+        ("shape", ctypes.c_int64 * RANK1_MAX_DIMS), ("k", AdamConstants)]
+
+
 # ---- every exported function: name -> (argtypes, restype), as declared in capi.h ----
 P, I32, I64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
 DIMS = ctypes.POINTER(I64)
@@ -85,6 +96,7 @@ CPU_FUNCTIONS = {
     "pq_adam_step": ([ctypes.POINTER(AdamTensor), I32, P, P, P, P, I32], I64),
     "pq_one_state_step": ([ctypes.POINTER(OneStateTensor), I32, P, P, I32, I32], I64),
     "pq_ademamix_step": ([ctypes.POINTER(AdemamixTensor), I32, P, P, P, P, I32], I64),
+    "pq_adam4bit_step": ([ctypes.POINTER(Adam4bitTensor), I32, P, P, I32], I64),
     "pq_unscale_": ([I32, P, P, P, P, P, I32, I32], I32),
     "pq_matmul": ([I32, P, P, I32, P, P, I32, P, P, I32, I64, I32, P, I32, P, I64, I64, I64, I32, I32], None),
     "pq_matmul_im2col": ([P, I32, P, P, P, I32, P, I32, P, I64, P, I32, I64, I32, P, I32, P, I32, I32], None),
@@ -100,6 +112,7 @@ CUDA_FUNCTIONS = {
     "pq_cuda_adam_step": ([P, P, I32, I64, P, P, P, P, I32, P, P], I32),
     "pq_cuda_one_state_step": ([P, P, I32, I64, P, P, I32, I32, P, P], I32),
     "pq_cuda_ademamix_step": ([P, P, I32, I64, P, P, P, P, I32, P, P], I32),
+    "pq_cuda_adam4bit_step": ([P, P, I32, I64, P, P, P, P, I32, I32, P, P], I32),
     "pq_cuda_unscale_": ([P, I32, I64, P, P, P], I32),
     "pq_cuda_error_string": ([I32], ctypes.c_char_p),
 }
@@ -251,6 +264,61 @@ def check_ademamix_operands(params, grads, state1, state2, absmax1, absmax2, con
             blocks = blocks_of(n, OPTIMIZER_BLOCK)
             check_tensor(a1, f"ademamix_step: absmax1 {i}", ABSMAX, device, 2 * blocks)
             check_tensor(a2, f"ademamix_step: absmax2 {i}", ABSMAX, device, blocks)
+
+
+def check_adam4bit_operands(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1,
+                            nonfinite) -> None:
+    """The operands of one adam4bit_step call (one device): 4-bit states hold ceil(n / 2) bytes, absmax1
+    ceil(n / 128) scales, absmax2 sum(shape) maxima (rank1) or ceil(n / 128) scales; float32 states n values."""
+    count = len(params)
+    lists = dict(grads=grads, state1=state1, state2=state2, absmax1=absmax1, absmax2=absmax2, rank1=rank1)
+    for name, values in lists.items():
+        if len(values) != count:
+            raise ValueError(f"adam4bit_step: {count} params but {len(values)} {name}")
+    if nonfinite not in (0, 1):
+        raise ValueError(f"adam4bit_step: nonfinite must be 0 (skip) or 1 (propagate), got {nonfinite!r}")
+    if count == 0:
+        return
+    device = params[0].device
+    rows = (count, len(CONSTANT_FIELDS))
+    if not isinstance(constants, torch.Tensor) or tuple(constants.shape) != rows:
+        raise ValueError(f"adam4bit_step: constants must be a tensor of shape {rows}, got {getattr(constants, 'shape', constants)!r}")
+    check_tensor(code1, "adam4bit_step: code1", (torch.float32,), device, 16)
+    check_tensor(code2, "adam4bit_step: code2", (torch.float32,), device, 16)
+    for i, (p, g, s1, s2, a1, a2, r) in enumerate(zip(params, grads, state1, state2, absmax1, absmax2, rank1)):
+        check_tensor(p, f"adam4bit_step: param {i}", FLOAT_DTYPES, device)
+        n = p.numel()
+        check_tensor(g, f"adam4bit_step: grad {i}", FLOAT_DTYPES, device, n)
+        if not isinstance(s1, torch.Tensor) or s1.dtype != torch.uint8:
+            check_tensor(s1, f"adam4bit_step: state1 {i}", (torch.float32,), device, n)
+            check_tensor(s2, f"adam4bit_step: state2 {i}", (torch.float32,), device, n)
+            if r:
+                raise ValueError(f"adam4bit_step: tensor {i} has float32 states: rank1 must be False")
+            continue
+        check_tensor(s1, f"adam4bit_step: state1 {i}", (torch.uint8,), device, (n + 1) // 2)
+        check_tensor(s2, f"adam4bit_step: state2 {i}", (torch.uint8,), device, (n + 1) // 2)
+        check_tensor(a1, f"adam4bit_step: absmax1 {i}", ABSMAX, device, blocks_of(n, FOURBIT_BLOCK))
+        if r and not 2 <= p.dim() <= RANK1_MAX_DIMS:
+            raise ValueError(f"adam4bit_step: rank-1 scales need 2 to {RANK1_MAX_DIMS} dimensions; param {i} has {p.dim()}")
+        check_tensor(a2, f"adam4bit_step: absmax2 {i}", ABSMAX, device, sum(p.shape) if r else blocks_of(n, FOURBIT_BLOCK))
+
+
+def describe_adam4bit(params, grads, state1, state2, absmax1, absmax2, constants, rank1) -> ctypes.Array:
+    """The pq_adam4bit_tensor descriptors of checked operands (the cpu and cuda backends' calls)."""
+    descriptors = (Adam4bitTensor * len(params))()
+    for d, p, g, s1, s2, a1, a2, r, row in zip(descriptors, params, grads, state1, state2, absmax1, absmax2, rank1,
+                                               constants.tolist()):
+        d.param, d.grad, d.state1, d.state2 = p.data_ptr(), g.data_ptr(), s1.data_ptr(), s2.data_ptr()
+        d.absmax1, d.absmax2 = a1.data_ptr(), a2.data_ptr()
+        d.numel = p.numel()
+        d.param_dtype, d.grad_dtype = DTYPE_CODES[p.dtype], DTYPE_CODES[g.dtype]
+        d.state_bits = 4 if s1.dtype == torch.uint8 else 32
+        d.rank1 = int(bool(r))
+        if r:
+            d.ndim = p.dim()
+            d.shape[:p.dim()] = list(p.shape)
+        d.k = AdamConstants(*row)
+    return descriptors
 
 
 GRAD_DTYPES = tuple(DTYPE_CODES)  # what GradScaler unscales: float32, float16, bfloat16, float64

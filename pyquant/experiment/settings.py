@@ -45,6 +45,13 @@ def _adam8bit(params, lr):
     return pyquant.Adam8bit(params, lr=lr)
 
 
+@register_optimizer("adam4bit")
+def _adam4bit(params, lr):
+    import pyquant
+
+    return pyquant.Adam4bit(params, lr=lr)  # Adam (weight decay 0), as the baseline's torch.optim.Adam
+
+
 @register_optimizer("lion8bit")
 def _lion8bit(params, lr):
     import pyquant
@@ -179,6 +186,8 @@ for _s in [
     Setting("amp+8bit", optimizer="8bit", autocast="auto", description="autocast + pyquant.Adam8bit"),
     Setting("half+8bit", optimizer="8bit", model_dtype="auto",
             description="half-precision model (norms in float32), pyquant.Adam8bit, loss scaling in float16"),
+    Setting("4bit", optimizer="adam4bit", description="pyquant.Adam4bit: 4-bit optimizer states (rank-1 second moment)"),
+    Setting("amp+4bit", optimizer="adam4bit", autocast="auto", description="autocast + pyquant.Adam4bit"),
     Setting("lion8bit", optimizer="lion8bit", description="pyquant.Lion8bit (8-bit momentum) at a third of Adam's lr"),
     Setting("amp+lion8bit", optimizer="lion8bit", autocast="auto", description="autocast + pyquant.Lion8bit"),
     *(Setting(name, optimizer=name, description=f"pyquant.{cls}" + (f" at {factor:g}x Adam's learning rate" if factor != 1 else "")

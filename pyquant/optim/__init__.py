@@ -1,6 +1,7 @@
 """pyquant's 8-bit optimizers: drop-ins for bitsandbytes 0.50.2's (same bits on CPU, same state_dict layout).
 
 - `Adam8bit`, `AdamW8bit` (adam.py);
+- `Adam4bit`, `AdamW4bit` (adam4bit.py): 4-bit states (Li, Chen & Zhu 2023);
 - `Lion8bit`, `SGD8bit`, `RMSprop8bit`, `Adagrad8bit` (one_state.py): one 8-bit state each;
 - `AdEMAMix8bit`, `AdEMAMix` (optim_bits 32 or 8), `AdEMAMix32bit` (ademamix.py): two 8-bit states, one of them
   the fast and slow EMAs stacked;
@@ -14,10 +15,11 @@
 from pyquant.optim._base import Optimizer8bit, from_torch, to_torch
 from pyquant.optim.ademamix import AdEMAMix, AdEMAMix8bit, AdEMAMix32bit
 from pyquant.optim.adam import Adam8bit, AdamW8bit
+from pyquant.optim.adam4bit import Adam4bit, AdamW4bit
 from pyquant.optim.one_state import Adagrad8bit, Lion8bit, RMSprop8bit, SGD8bit
 from pyquant.optim.overrides import override, overrides_of
 
 __all__ = [
-    "AdEMAMix", "AdEMAMix8bit", "AdEMAMix32bit", "Adam8bit", "AdamW8bit", "Adagrad8bit", "Lion8bit", "Optimizer8bit",
+    "AdEMAMix", "AdEMAMix8bit", "AdEMAMix32bit", "Adam4bit", "Adam8bit", "AdamW4bit", "AdamW8bit", "Adagrad8bit", "Lion8bit", "Optimizer8bit",
     "RMSprop8bit", "SGD8bit", "from_torch", "override", "overrides_of", "to_torch",
 ]

@@ -579,12 +579,8 @@ class Optimizer8bit(torch.optim.Optimizer):
             # count only tells the first step (which copies the gradient into it) from the others.
             state = {"step": int(float(s["step"])) if self._torch_step else 1}
             eight_bit = self._uses_8bit(p, self._options(p, group_of[key]))
-            for i, (name, ours, code) in enumerate(zip(self._torch_states, self._states, self._codes_on(p.device)), 1):
-                x = s[name].float().to(p.device)
-                if eight_bit:
-                    state[ours], state[f"absmax{i}"] = F.quantize_blockwise(x, code, OPTIMIZER_BLOCK)
-                else:
-                    state[ours] = x.clone()
+            state.update(self._states_from_float(p, [s[name].float().to(p.device) for name in self._torch_states],
+                                                 eight_bit))
             converted["state"][key] = state
         self.load_state_dict(converted)
 
@@ -600,14 +596,32 @@ class Optimizer8bit(torch.optim.Optimizer):
             # Our hyperparameters in torch's names; other keys (params, precision, a scheduler's) as they are.
             rest = {k: v for k, v in group.items() if k not in self.defaults}
             out["param_groups"].append({**flags, **rest, **self._group_to_torch(group)})
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
         for key, s in sd["state"].items():
             entry = {"step": torch.tensor(float(s["step"]))} if self._torch_step else {}
-            for i, (name, ours) in enumerate(zip(self._torch_states, self._states), 1):
-                if s[ours].dtype == torch.uint8:
-                    entry[name] = F.dequantize_blockwise(s[ours], s[f"absmax{i}"], s[f"qmap{i}"], OPTIMIZER_BLOCK)
-                else:
-                    entry[name] = s[ours].clone()
+            entry.update(zip(self._torch_states, self._states_to_float(params[key], s)))
             out["state"][key] = entry
+        return out
+
+    def _states_from_float(self, p: torch.Tensor, values: list, quantized: bool) -> dict:
+        """The state entries (`_states` and their scales) holding float32 `values` (one per state, p's shape), as
+        this optimizer keeps them: quantised when `quantized`, else float32 copies."""
+        out = {}
+        for i, (ours, x, code) in enumerate(zip(self._states, values, self._codes_on(p.device)), 1):
+            if quantized:
+                out[ours], out[f"absmax{i}"] = F.quantize_blockwise(x, code, OPTIMIZER_BLOCK)
+            else:
+                out[ours] = x.clone()
+        return out
+
+    def _states_to_float(self, p: torch.Tensor, s: dict) -> list:
+        """The float32 values of p's states `s` (one tensor per `_states`, p's shape)."""
+        out = []
+        for i, ours in enumerate(self._states, 1):
+            if s[ours].dtype == torch.uint8:
+                out.append(F.dequantize_blockwise(s[ours], s[f"absmax{i}"], s[f"qmap{i}"], OPTIMIZER_BLOCK))
+            else:
+                out.append(s[ours].clone())
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -656,12 +670,19 @@ def _pyquant_class_for(torch_optimizer: torch.optim.Optimizer) -> type:
     raise TypeError(f"from_torch converts torch.optim {names}; got {type(torch_optimizer).__name__}")
 
 
-def from_torch(optimizer: torch.optim.Optimizer, **kwargs) -> Optimizer8bit:
+def from_torch(optimizer: torch.optim.Optimizer, *, into: type | None = None, **kwargs) -> Optimizer8bit:
     """A pyquant 8-bit optimizer over the same parameters, continuing from a float32 torch optimizer's state:
     Adam -> Adam8bit, AdamW -> AdamW8bit, SGD -> SGD8bit, RMSprop -> RMSprop8bit, Adagrad -> Adagrad8bit.
+    `into` picks another pyquant class of the same algorithm (pyquant.Adam4bit / AdamW4bit for Adam / AdamW).
     `kwargs` are the 8-bit class's own (min_8bit_size, master_weights, nonfinite). Options the 8-bit class
     cannot represent (SGD's nesterov, RMSprop's centered, ...) are refused with its error."""
     cls = _pyquant_class_for(optimizer)
+    if into is not None:
+        if not (isinstance(into, type) and issubclass(into, Optimizer8bit) and into._torch_class is not None
+                and isinstance(optimizer, into._torch_class)):
+            raise TypeError(f"from_torch: cannot convert {type(optimizer).__name__} into "
+                            f"{getattr(into, '__name__', into)!r}, a pyquant optimizer of another algorithm")
+        cls = into
     arguments = set(inspect.signature(cls.__init__).parameters)
     # The torch defaults the 8-bit constructor shares by name (lr, momentum, nesterov, alpha, centered, ...): its
     # checks refuse what it cannot represent. Each group's own values come with the state (load_torch_state_dict).

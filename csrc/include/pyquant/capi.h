@@ -7,7 +7,7 @@
 
 // Bumped whenever an enum, a struct or a signature below changes, for either library: Python refuses a library
 // built from other sources rather than passing it arguments it would misread.
-#define PQ_ABI_VERSION 8
+#define PQ_ABI_VERSION 9
 
 // What the validating entry points return when an argument is invalid (a negative size, a block size <= 0,
 // an unknown dtype code, a missing pointer, a block count that does not fit in int64): they do nothing then.
@@ -127,6 +127,29 @@ struct pq_ademamix_tensor {
   struct pq_ademamix_constants k;
 };
 
+// Rank-1 second moments (pq_adam4bit_tensor.rank1) are kept for tensors of 2 to this many dimensions.
+#define PQ_RANK1_MAX_DIMS 8
+
+// One tensor of a multi-tensor Adam step with 4-bit states (docs/numerics.md, "4-bit states"). state_bits 4:
+// state1/state2 hold two codes a byte (ceil(numel / 2) bytes), absmax1 m's scales (ceil(numel / 128)), absmax2 v's:
+// with rank1 = 1 the maxima of v over every dimension's slices (shape[0] + ... + shape[ndim - 1] floats, dimension 0
+// first), else one per block of 128. state_bits 32: float32 m and v, absmax1/absmax2 unused. `k` is Adam's
+// (step_size f32(-lr / c1) for 4-bit states, f32(-lr * c2 / c1) for float32 ones).
+struct pq_adam4bit_tensor {
+  void* param;
+  const void* grad;
+  void* state1;
+  void* state2;
+  float* absmax1;
+  float* absmax2;
+  int64_t numel;
+  int32_t param_dtype, grad_dtype;  // enum pq_dtype (not float64)
+  int32_t state_bits, rank1;        // 4 or 32; 1: rank-1 scales of v (state_bits 4, 2 <= ndim <= 8), else 0
+  int32_t ndim, reserved;           // the shape's dimensions (rank1 only); 0
+  int64_t shape[PQ_RANK1_MAX_DIMS];  // the parameter's shape (rank1 only; its product is numel)
+  struct pq_adam_constants k;
+};
+
 // The CPU library's square root of a block of second moments: torch's CPU sqrt, which is not always IEEE
 // sqrtf (torch 2.14.1 computes it with MKL's vsSqrt, up to 1 ulp away). NULL means IEEE sqrtf. The
 // signature is MKL's Fortran-style vsSqrt(n, in, out); pyquant.backends.capi installs it after checking that it
@@ -178,6 +201,11 @@ int64_t pq_one_state_step(const struct pq_one_state_tensor* tensors, int32_t cou
 int64_t pq_ademamix_step(const struct pq_ademamix_tensor* tensors, int32_t count, const float* code1,
                          const float* code2, const uint8_t* table1, const uint8_t* table2, int32_t nonfinite);
 
+// One Adam step with 4-bit states over `count` tensors (code1: m's 16 codes, the signed map; code2: v's, the
+// linear map without zero); nonfinite as for pq_adam_step. Returns the number of non-finite gradient elements
+// seen, -PQ_INVALID_ARGUMENT, or -1 when its buffers (rank-1 maxima) cannot be allocated.
+int64_t pq_adam4bit_step(const struct pq_adam4bit_tensor* tensors, int32_t count, const float* code1,
+                         const float* code2, int32_t nonfinite);
 // C[batch] = A[batch] @ B[batch] (+ bias) with float32 accumulation and one rounding to C's dtype (capi_gemm.cpp).
 void pq_matmul(int32_t nb, const int64_t* batch_shape, const void* a, int32_t a_dtype, const int64_t* a_strides,
                const void* b, int32_t b_dtype, const int64_t* b_strides, const void* bias, int32_t bias_dtype,
@@ -241,6 +269,14 @@ int32_t pq_cuda_ademamix_step(const struct pq_ademamix_tensor* device_descriptor
                               const uint8_t* table1, const uint8_t* table2, int32_t nonfinite,
                               int64_t* device_bad_count, void* stream);
 
+// pq_adam4bit_step on the device, in two launches as the CPU driver's two passes, with the conventions of
+// pq_cuda_adam_step but blocks of 128 elements: pass 1 folds the new v of the rank-1 tensors into new_maxima (tensor
+// i's at device_maxima_offset[i], zeroed by the caller; atomic max, order-independent), pass 2 steps every tensor
+// with them; the caller then copies each rank-1 tensor's new maxima into its absmax2.
+int32_t pq_cuda_adam4bit_step(const struct pq_adam4bit_tensor* device_descriptors, const int64_t* device_first_block,
+                              int32_t count, int64_t total_blocks, const float* code1, const float* code2,
+                              float* new_maxima, const int64_t* device_maxima_offset, int32_t pass, int32_t nonfinite,
+                              int64_t* device_bad_count, void* stream);
 // pq_unscale_ on the device, the gradients described by 4 x count int64 values in device memory.
 int32_t pq_cuda_unscale_(const int64_t* device_meta, int32_t count, int64_t total_chunks, float* found_inf,
                          const float* inv_scale, void* stream);

@@ -1,7 +1,7 @@
 """The C++ CPU library's fused optimizer steps (csrc/cpu): one call updates every tensor of a parameter group.
 
 Adam (`adam_step`), the one-state rules (`one_state_step`: momentum, Lion, RMSprop, Adagrad), every rule in C++,
-and AdEMAMix (`ademamix_step`)."""
+AdEMAMix (`ademamix_step`), and Adam with 4-bit states (`adam4bit_step`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from pyquant._nvtx import kernel_range
 from pyquant.backends import kernel
 from pyquant.backends.capi import (
     AdamConstants, AdamTensor, AdemamixConstants, AdemamixTensor, OneStateConstants, OneStateTensor,
-    check_adam_operands, check_ademamix_operands, check_one_state_operands, check_status, cpu_library,
+    check_adam4bit_operands, check_adam_operands, check_ademamix_operands, check_one_state_operands, check_status,
+    cpu_library, describe_adam4bit,
 )
 from pyquant.backends.code_tables import cached_code_table
 
@@ -182,3 +183,31 @@ def prepare_ademamix_step(params, grads, state1, state2, absmax1, absmax2, const
     _on_cpu(params, "ademamix_step")
     descriptors, run = _ademamix_call(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2)
     return PreparedStep("ademamix_step", descriptors, run, params, [*params, *state1, *state2, *absmax1, *absmax2])
+
+
+def _adam4bit_call(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1):
+    """The descriptors of one adam4bit_step call, and the function that runs it over them (-1 from the library:
+    its rank-1 maxima could not be allocated, which _skipped turns into MemoryError)."""
+    descriptors = describe_adam4bit(params, grads, state1, state2, absmax1, absmax2, constants, rank1)
+    keep = (code1, code2)
+
+    def run(nonfinite: int, descriptors=descriptors, keep=keep) -> int:
+        return cpu_library().pq_adam4bit_step(descriptors, len(descriptors), code1.data_ptr(), code2.data_ptr(),
+                                              nonfinite)
+
+    return descriptors, run
+
+
+@kernel("adam4bit_step", "cpu")
+def adam4bit_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1, nonfinite):
+    check_adam4bit_operands(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1, nonfinite)
+    _on_cpu(params, "adam4bit_step")
+    _, run = _adam4bit_call(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1)
+    return _skipped(run(nonfinite), "adam4bit_step")
+
+
+def prepare_adam4bit_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1):
+    check_adam4bit_operands(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1, 0)
+    _on_cpu(params, "adam4bit_step")
+    descriptors, run = _adam4bit_call(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1)
+    return PreparedStep("adam4bit_step", descriptors, run, params, [*params, *state1, *state2, *absmax1, *absmax2])

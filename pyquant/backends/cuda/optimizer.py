@@ -1,7 +1,7 @@
 """The CUDA library's fused optimizer steps (csrc/cuda): one launch per parameter group.
 
 Adam (`adam_step`, csrc/cuda/adam.cu), the one-state rules (`one_state_step`, csrc/cuda/one_state.cu: momentum,
-Lion, RMSprop, Adagrad) and AdEMAMix (`ademamix_step`, csrc/cuda/ademamix.cu) take the same arguments as the cpu backend's kernels and check them with the same functions."""
+Lion, RMSprop, Adagrad) and AdEMAMix (`ademamix_step`, csrc/cuda/ademamix.cu), Adam with 4-bit states (`adam4bit_step`, csrc/cuda/adam4bit.cu) take the same arguments as the cpu backend's kernels and check them with the same functions."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import ctypes
 
 import torch
 
-from pyquant._contract import DTYPE_CODES, OPTIMIZER_BLOCK, blocks_of
+from pyquant._contract import DTYPE_CODES, FOURBIT_BLOCK, OPTIMIZER_BLOCK, blocks_of
 from pyquant.backends import kernel
 from pyquant.backends.capi import (
     AdamConstants, AdamTensor, AdemamixConstants, AdemamixTensor, OneStateConstants, OneStateTensor,
-    check_adam_operands, check_ademamix_operands, check_one_state_operands,
+    check_adam4bit_operands, check_adam_operands, check_ademamix_operands, check_one_state_operands, describe_adam4bit,
 )
 from pyquant.backends.code_tables import cached_code_table
 from pyquant.backends.cuda.launch import check, library, stream
@@ -108,3 +108,41 @@ def ademamix_step(params, grads, state1, state2, absmax1, absmax2, constants, co
 
     columns = (params, grads, state1, state2, absmax1, absmax2)
     return launch_group("ademamix_step", AdemamixTensor, AdemamixConstants, columns, constants, launch)
+
+
+@kernel("adam4bit_step", "cuda")
+def adam4bit_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1, nonfinite):
+    """Two launches (pass 1: the rank-1 tensors' new maxima; pass 2: the step), then the new maxima copied into
+    the rank-1 tensors' absmax2 (csrc/cuda/adam4bit.cu)."""
+    check_adam4bit_operands(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1, nonfinite)
+    count = len(params)
+    if count == 0:
+        return torch.zeros((), dtype=torch.int64)
+    device = params[0].device
+    descriptors = describe_adam4bit(params, grads, state1, state2, absmax1, absmax2, constants, rank1)
+    first_block, maxima_offset, total_blocks, total_maxima = [], [], 0, 0
+    for p, r in zip(params, rank1):
+        first_block.append(total_blocks)
+        maxima_offset.append(total_maxima)
+        total_blocks += blocks_of(p.numel(), FOURBIT_BLOCK)
+        total_maxima += sum(p.shape) if r else 0
+    bad = torch.zeros((), dtype=torch.int64, device=device)
+    if total_blocks == 0:
+        return bad
+    offset = -(-ctypes.sizeof(descriptors) // 8) * 8
+    host = bytearray(offset + 16 * count)
+    host[:offset] = bytes(descriptors)
+    host[offset:] = bytes((ctypes.c_int64 * (2 * count))(*first_block, *maxima_offset))
+    on_device = torch.frombuffer(host, dtype=torch.uint8).to(device)
+    new_maxima = torch.zeros(max(total_maxima, 1), dtype=torch.float32, device=device)
+    lib = library()
+    with torch.cuda.device(device):
+        for step_pass in ((1, 2) if total_maxima else (2,)):
+            error = lib.pq_cuda_adam4bit_step(
+                ptr(on_device), ptr(on_device) + offset, count, total_blocks, ptr(code1), ptr(code2), ptr(new_maxima),
+                ptr(on_device) + offset + 8 * count, step_pass, nonfinite, ptr(bad), stream(device))
+            check(error, "adam4bit_step")
+    for a2, r, start, p in zip(absmax2, rank1, maxima_offset, params):
+        if r:
+            a2.copy_(new_maxima[start:start + sum(p.shape)])
+    return bad

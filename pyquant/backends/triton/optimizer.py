@@ -1,12 +1,13 @@
-"""The Triton fused optimizer steps (pyquant.kernels.adam, pyquant.kernels.one_state, pyquant.kernels.ademamix) as the
+"""The Triton fused optimizer steps (pyquant.kernels.adam, pyquant.kernels.one_state, pyquant.kernels.ademamix,
+pyquant.kernels.adam4bit) as the
 "triton" backend."""
 
 from __future__ import annotations
 
 from pyquant.backends import kernel
-from pyquant.backends.capi import check_ademamix_operands, check_one_state_operands
+from pyquant.backends.capi import check_adam4bit_operands, check_ademamix_operands, check_one_state_operands
 from pyquant.backends.code_tables import cached_code_table
-from pyquant.kernels import adam, ademamix, one_state
+from pyquant.kernels import adam, adam4bit, ademamix, one_state
 
 
 @kernel("adam_step", "triton")
@@ -28,3 +29,10 @@ def ademamix_step(params, grads, state1, state2, absmax1, absmax2, constants, co
     check_ademamix_operands(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite)
     return ademamix.ademamix_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2,
                                   cached_code_table(code1), cached_code_table(code2), nonfinite)
+
+
+@kernel("adam4bit_step", "triton")
+def adam4bit_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1, nonfinite):
+    check_adam4bit_operands(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1, nonfinite)
+    return adam4bit.adam4bit_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1,
+                                  nonfinite)

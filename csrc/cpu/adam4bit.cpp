@@ -1,0 +1,336 @@
+// CPU driver of the Adam step with 4-bit states (docs/numerics.md, "4-bit states"), around the per-element math of
+// pyquant/adam4bit.h and pyquant/blockwise.h. Compiled once per instruction set (isa.h); plain loops that GCC
+// vectorises for the build's ISA.
+//
+// Two passes keep the states at 4 bits: a rank-1 second moment needs the NEW v's maxima over every dimension before
+// any element can be quantised, so
+//   pass 1 (rank-1 tensors only, static partition over their rows, i.e. runs along the last dimension): recompute
+//     the new v of each element and fold it into per-thread maxima, then combine them with max;
+//   pass 2 (every tensor, static partition over blocks of 128 elements): recompute the new v (the same operations
+//     on the same inputs: the same bits), update m and p, quantise both moments, write the codes.
+// No float32 copy of a state is made. max is order-independent, so the maxima, and everything after them, are the
+// same for any number of threads. Blocks of 128 are whole bytes of codes: no two threads write one byte.
+#include "isa.h"
+
+#include <omp.h>
+#include <string.h>
+
+#include <algorithm>
+#include <new>
+#include <vector>
+
+#include "pyquant/adam4bit.h"
+#include "pyquant/blockwise.h"
+#include "pyquant/capi.h"
+
+namespace PQ_NS {
+using namespace pq;
+
+namespace {
+
+struct Maps {
+  float code1[16], code2[16], mids1[kFourBitMids], mids2[kFourBitMids];
+  Maps(const float* c1, const float* c2) {
+    memcpy(code1, c1, sizeof code1);
+    memcpy(code2, c2, sizeof code2);
+    for (int j = 0; j < kFourBitMids; ++j) {
+      mids1[j] = code_midpoint(code1, j);
+      mids2[j] = code_midpoint(code2, j);
+    }
+  }
+};
+
+template <int V, int... Rest, class F>
+inline auto with_value(int value, F&& f) {
+  if constexpr (sizeof...(Rest) == 0) {
+    return f(std::integral_constant<int, V>());
+  } else {
+    if (value == V) return f(std::integral_constant<int, V>());
+    return with_value<Rest...>(value, f);
+  }
+}
+
+template <class F>
+inline auto with_dtypes(const pq_adam4bit_tensor& t, F&& f) {
+  return with_value<PQ_DTYPE_FLOAT32, PQ_DTYPE_FLOAT16, PQ_DTYPE_BFLOAT16>(t.param_dtype, [&](auto p) {
+    return with_value<PQ_DTYPE_FLOAT32, PQ_DTYPE_FLOAT16, PQ_DTYPE_BFLOAT16>(t.grad_dtype, [&](auto g) {
+      return f(std::integral_constant<int, decltype(p)::value>(), std::integral_constant<int, decltype(g)::value>());
+    });
+  });
+}
+
+// Where dimension d's maxima start in a rank-1 tensor's absmax2 (and in its new maxima).
+inline int64_t dim_offset(const pq_adam4bit_tensor& t, int d) {
+  int64_t off = 0;
+  for (int i = 0; i < d; ++i) off += t.shape[i];
+  return off;
+}
+
+inline int64_t maxima_count(const pq_adam4bit_tensor& t) { return dim_offset(t, t.ndim); }
+
+// The min of the maxima of every dimension but the last at row r (r = flat index / last dimension): the part of
+// an element's rank-1 scale that a whole row shares (ndim >= 2: at least one dimension takes part).
+inline float lead_min(const pq_adam4bit_tensor& t, const float* maxima, int64_t r) {
+  float lead = INFINITY;
+  int64_t off = dim_offset(t, t.ndim - 1);
+  for (int d = t.ndim - 2; d >= 0; --d) {
+    off -= t.shape[d];
+    lead = min_float(lead, maxima[off + r % t.shape[d]]);
+    r /= t.shape[d];
+  }
+  return lead;
+}
+
+// The rank-1 scales of elements [start, start + len): min(lead_min of its row, its last-dimension maximum).
+inline void rank1_scales(const pq_adam4bit_tensor& t, const float* maxima, int64_t start, int64_t len, float* out) {
+  const int64_t last = t.shape[t.ndim - 1];
+  const float* last_max = maxima + dim_offset(t, t.ndim - 1);
+  int64_t r = start / last, j = start % last;
+  for (int64_t i = 0; i < len;) {
+    const float lead = lead_min(t, maxima, r);
+    const int64_t run = std::min(len - i, last - j);
+    for (int64_t e = 0; e < run; ++e) out[i + e] = min_float(lead, last_max[j + e]);
+    i += run;
+    j = 0;
+    ++r;
+  }
+}
+
+// Dequantised codes [start, start + len) of a packed state under per-element scales.
+inline void dequantize4(const uint8_t* q, const float* code, int64_t start, int64_t len, const float* scale,
+                        float* out) {
+  int64_t i = 0;
+#if PQ_SIMD
+  // 8 codes (4 bytes) at a time from an even element: the nibbles by variable shifts, the 16-entry table as two
+  // 8-lane permutes and a blend (GCC made the table lookup scalar). The same multiplication, the same bits.
+  if ((start & 1) == 0) {
+    const __m256 lo = _mm256_loadu_ps(code), hi = _mm256_loadu_ps(code + 8);
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    for (; i + 8 <= len; i += 8) {
+      int32_t word;
+      memcpy(&word, q + (start + i) / 2, 4);
+      const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word), shifts), _mm256_set1_epi32(15));
+      const __m256 upper = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));  // sign bit set for codes 8..15
+      const __m256 value = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx), upper);
+      _mm256_storeu_ps(out + i, _mm256_mul_ps(value, _mm256_loadu_ps(scale + i)));
+    }
+  }
+#endif
+  for (; i < len; ++i) out[i] = code[fourbit_nibble(q, start + i)] * scale[i];
+}
+
+// max |x| over len values, NaN ignored (absmax_update): eight running maxima, so that GCC vectorises it (one serial
+// maxss chain took a tenth of the step); a max is order-independent, so the result is the sequential one.
+inline float block_absmax(const float* x, int64_t len) {
+  float part[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8)
+    for (int l = 0; l < 8; ++l) part[l] = absmax_update(part[l], x[i + l]);
+  float amax = 0.0f;
+  for (; i < len; ++i) amax = absmax_update(amax, x[i]);
+  for (int l = 0; l < 8; ++l) amax = absmax_update(amax, part[l]);
+  return amax;
+}
+
+// The new v of `len` elements (skipped ones keep theirs), given their gradients and old v.
+inline void new_second_moment(const float* g, float* v, int64_t len, const pq_adam_constants& k, uint32_t skip_mode) {
+  for (int64_t i = 0; i < len; ++i) {
+    const float nv = fmaf(k.one_minus_beta2 * g[i], g[i], v[i] * k.beta2);  // adam_moments' v, on its own
+    v[i] = kept_or_new(skip_mode & !is_finite(g[i]), v[i], nv);
+  }
+}
+
+template <int GDT>
+inline void load_grads(const pq_adam4bit_tensor& t, int64_t start, int64_t len, float* g) {
+  for (int64_t i = 0; i < len; ++i) g[i] = unscaled_grad(load_as_float(t.grad, start + i, GDT), t.k.inv_grad_scale, GDT);
+}
+
+// ---- pass 1: the new v's maxima of one row of a rank-1 tensor, folded into `part` (this thread's maxima) ----
+template <int GDT>
+void rank1_row(const pq_adam4bit_tensor& t, int64_t r, const Maps& maps, uint32_t skip_mode, float* part) {
+  const int64_t last = t.shape[t.ndim - 1];
+  const int64_t last_off = dim_offset(t, t.ndim - 1);
+  float g[kFourBitBlock], v[kFourBitBlock], scale[kFourBitBlock];
+  float row_max = 0.0f;
+  for (int64_t j0 = 0; j0 < last; j0 += kFourBitBlock) {
+    const int64_t start = r * last + j0, len = std::min<int64_t>(kFourBitBlock, last - j0);
+    load_grads<GDT>(t, start, len, g);
+    rank1_scales(t, t.absmax2, start, len, scale);
+    dequantize4((const uint8_t*)t.state2, maps.code2, start, len, scale, v);
+    new_second_moment(g, v, len, t.k, skip_mode);
+    float* col = part + last_off + j0;
+    row_max = absmax_update(row_max, block_absmax(v, len));  // v >= 0: its absolute value; NaN ignored
+    for (int64_t i = 0; i < len; ++i) col[i] = absmax_update(col[i], v[i]);
+  }
+  int64_t off = last_off, rr = r;
+  for (int d = t.ndim - 2; d >= 0; --d) {
+    off -= t.shape[d];
+    float& m = part[off + rr % t.shape[d]];
+    m = absmax_update(m, row_max);
+    rr /= t.shape[d];
+  }
+}
+
+// ---- pass 2: one block of 128 elements (or the tensor's last, partial one) ----
+template <int PDT, int GDT>
+int64_t step_block(const pq_adam4bit_tensor& t, int64_t start, int64_t len, const Maps& maps, const float* new_max,
+                   uint32_t skip_mode) {
+  float g[kFourBitBlock], p[kFourBitBlock], m[kFourBitBlock], v[kFourBitBlock], scale[kFourBitBlock];
+  uint8_t c[kFourBitBlock];
+  const pq_adam_constants k = t.k;  // a local copy: the parameter stores cannot alias it
+  load_grads<GDT>(t, start, len, g);
+  for (int64_t i = 0; i < len; ++i) p[i] = load_as_float(t.param, start + i, PDT);
+  const int64_t b = start / kFourBitBlock;
+  const bool quantized = t.state_bits == 4;
+  uint8_t* q1 = (uint8_t*)t.state1;
+  uint8_t* q2 = (uint8_t*)t.state2;
+  if (quantized) {
+    for (int64_t i = 0; i < len; ++i) scale[i] = t.absmax1[b];
+    dequantize4(q1, maps.code1, start, len, scale, m);
+    if (t.rank1)
+      rank1_scales(t, t.absmax2, start, len, scale);
+    else
+      for (int64_t i = 0; i < len; ++i) scale[i] = t.absmax2[b];
+    dequantize4(q2, maps.code2, start, len, scale, v);
+  } else {
+    memcpy(m, (const float*)t.state1 + start, (size_t)len * sizeof(float));
+    memcpy(v, (const float*)t.state2 + start, (size_t)len * sizeof(float));
+  }
+  // Branch-free loops, each simple enough for GCC to vectorise: the moments, the parameters, the skip selects,
+  // the stores.
+  float nm[kFourBitBlock], nv[kFourBitBlock], np[kFourBitBlock];
+  for (int64_t i = 0; i < len; ++i) {
+    nm[i] = m[i];
+    nv[i] = v[i];
+    adam_moments(g[i], nm[i], nv[i], k);
+  }
+  if (quantized)
+    for (int64_t i = 0; i < len; ++i) np[i] = adam_param_8bit(p[i], nm[i], nv[i], k);
+  else
+    for (int64_t i = 0; i < len; ++i) np[i] = adam_param_32bit(p[i], nm[i], nv[i], k);
+  int64_t bad = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    const uint32_t keep = skip_mode & !is_finite(g[i]);
+    bad += keep;
+    m[i] = kept_or_new(keep, m[i], nm[i]);
+    v[i] = kept_or_new(keep, v[i], nv[i]);
+    np[i] = kept_or_new(keep, p[i], np[i]);
+  }
+  if (PDT == PQ_DTYPE_FLOAT32)
+    memcpy((float*)t.param + start, np, (size_t)len * sizeof(float));
+  else
+    for (int64_t i = 0; i < len; ++i) store_from_float(t.param, start + i, PDT, np[i]);
+  if (!quantized) {
+    memcpy((float*)t.state1 + start, m, (size_t)len * sizeof(float));
+    memcpy((float*)t.state2 + start, v, (size_t)len * sizeof(float));
+    return bad;
+  }
+  // m: the block's max |m|, then codes; v: the block's max or the new rank-1 scales, then codes.
+  for (int pass = 0; pass < 2; ++pass) {
+    const float* x = pass == 0 ? m : v;
+    float mids[kFourBitMids];  // a local copy: the byte stores below may alias anything else
+    memcpy(mids, pass == 0 ? maps.mids1 : maps.mids2, sizeof mids);
+    uint8_t* q = pass == 0 ? q1 : q2;
+    if (pass == 1 && t.rank1) {
+      rank1_scales(t, new_max, start, len, scale);
+    } else {
+      const float amax = block_absmax(x, len);
+      (pass == 0 ? t.absmax1 : t.absmax2)[b] = amax;
+      for (int64_t i = 0; i < len; ++i) scale[i] = amax;
+    }
+    for (int64_t i = 0; i < len; ++i) c[i] = (uint8_t)fourbit_code(fourbit_normalised(x[i], scale[i]), mids);
+    uint8_t* out = q + start / 2;  // start is a multiple of 128: whole bytes
+    for (int64_t i = 0; i < len / 2; ++i) out[i] = (uint8_t)(c[2 * i] | (c[2 * i + 1] << 4));
+    if (len & 1) out[len / 2] = c[len - 1];  // the tensor's odd last element: high nibble 0
+  }
+  return bad;
+}
+
+inline void thread_range(int64_t total, int64_t& lo, int64_t& hi) {
+  const int64_t threads = omp_get_num_threads(), id = omp_get_thread_num();
+  lo = total * id / threads;
+  hi = total * (id + 1) / threads;
+}
+
+// Items [0, first[count]) of all tensors (tensor i owns [first[i], first[i + 1])), split statically over the
+// threads; each thread calls run(tensor, first item, end item) over its share, in order. Returns the sum.
+template <class Run>
+int64_t over_items(const std::vector<int64_t>& first, Run&& run) {
+  const int64_t total = first.back();
+  if (total == 0) return 0;
+  int64_t sum = 0;
+#pragma omp parallel reduction(+ : sum)
+  {
+    int64_t lo, hi;
+    thread_range(total, lo, hi);
+    if (lo < hi) {
+      int32_t ti = (int32_t)(std::upper_bound(first.begin(), first.end(), lo) - first.begin()) - 1;
+      for (int64_t x = lo; x < hi;) {
+        while (first[ti + 1] <= x) ++ti;  // steps over tensors without items
+        const int64_t end = std::min(hi, first[ti + 1]);
+        sum += run(ti, x - first[ti], end - first[ti]);
+        x = end;
+      }
+    }
+  }
+  return sum;
+}
+
+}  // namespace
+
+// Returns the number of non-finite gradient elements seen, or -1 when the maxima buffers cannot be allocated.
+int64_t adam4bit_step(const pq_adam4bit_tensor* tensors, int32_t count, const float* code1, const float* code2,
+                      int32_t nonfinite) {
+  const Maps maps(code1, code2);
+  const uint32_t skip_mode = nonfinite == kSkipElement;
+  try {
+    // pass 1: rows of the rank-1 tensors; per-thread maxima, combined with max
+    std::vector<int64_t> first_row(count + 1, 0), first_max(count + 1, 0);
+    for (int32_t i = 0; i < count; ++i) {
+      const pq_adam4bit_tensor& t = tensors[i];
+      const bool r1 = t.rank1 && t.numel > 0;
+      first_row[i + 1] = first_row[i] + (r1 ? t.numel / t.shape[t.ndim - 1] : 0);
+      first_max[i + 1] = first_max[i] + (r1 ? maxima_count(t) : 0);
+    }
+    const int64_t stats = first_max[count];
+    const int threads = omp_get_max_threads();
+    std::vector<float> part((size_t)(stats * threads), 0.0f), new_max((size_t)stats, 0.0f);
+    if (stats > 0) {
+      over_items(first_row, [&](int32_t ti, int64_t r0, int64_t r1) {
+        const pq_adam4bit_tensor& t = tensors[ti];
+        float* mine = part.data() + (size_t)omp_get_thread_num() * stats + first_max[ti];
+        with_dtypes(t, [&](auto, auto g) {
+          for (int64_t r = r0; r < r1; ++r) rank1_row<decltype(g)::value>(t, r, maps, skip_mode, mine);
+        });
+        return (int64_t)0;
+      });
+      for (int th = 0; th < threads; ++th)
+        for (int64_t s = 0; s < stats; ++s) new_max[s] = absmax_update(new_max[s], part[(size_t)(th * stats + s)]);
+    }
+    // pass 2: blocks of 128 of every tensor
+    std::vector<int64_t> first_block(count + 1, 0);
+    for (int32_t i = 0; i < count; ++i) first_block[i + 1] = first_block[i] + block_count(tensors[i].numel, kFourBitBlock);
+    const int64_t bad = over_items(first_block, [&](int32_t ti, int64_t b0, int64_t b1) {
+      const pq_adam4bit_tensor& t = tensors[ti];
+      const float* mx = new_max.data() + first_max[ti];
+      return with_dtypes(t, [&](auto p, auto g) {
+        int64_t n = 0;
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t start = b * kFourBitBlock;
+          n += step_block<decltype(p)::value, decltype(g)::value>(t, start, std::min<int64_t>(kFourBitBlock, t.numel - start),
+                                                                 maps, mx, skip_mode);
+        }
+        return n;
+      });
+    });
+    // the rank-1 tensors' new maxima replace the old ones only now: pass 2 read the old ones everywhere
+    for (int32_t i = 0; i < count; ++i)
+      if (first_max[i + 1] > first_max[i])
+        memcpy(tensors[i].absmax2, new_max.data() + first_max[i], (size_t)(first_max[i + 1] - first_max[i]) * sizeof(float));
+    return bad;
+  } catch (const std::bad_alloc&) {
+    return -1;
+  }
+}
+
+}  // namespace PQ_NS
