@@ -47,6 +47,8 @@ FAMILY = {
     "Adagrad8bit": lambda ps, **kw: pyquant.Adagrad8bit(ps, lr=LR, **kw),
     "AdEMAMix8bit": lambda ps, **kw: pyquant.AdEMAMix8bit(ps, lr=LR, t_alpha=3, t_beta3=3, **kw),
 }
+# 4-bit states: DDP only; FSDP2 is refused (rank-1 scales over a shard would need the other shards' maxima).
+DDP_ONLY = {"AdamW4bit": lambda ps, **kw: pyquant.AdamW4bit(ps, lr=LR, **kw)}
 # Their moments in a sharded state_dict(), as DCP sees them.
 FAMILY_MOMENTS = {"Lion8bit": ["exp_avg"], "SGD8bit": ["momentum_buffer"], "RMSprop8bit": ["square_avg"],
                   "Adagrad8bit": ["sum"], "AdEMAMix8bit": ["exp_avg_fast", "exp_avg_slow", "exp_avg_sq"]}
@@ -273,7 +275,7 @@ def two_ranks(rank, world_size, out_dir):
     # The rest of the family: DDP, and under FSDP2 each shard stepped like the plain optimizer on it, a
     # checkpoint with the moments under their names, resumed bit for bit.
     record["family"] = {}
-    for name, make in FAMILY.items():
+    for name, make in {**FAMILY, **DDP_ONLY}.items():
         seen = {}
         ddp_net = ddp_model()
         ddp = DistributedDataParallel(ddp_net)
@@ -286,6 +288,15 @@ def two_ranks(rank, world_size, out_dir):
         seen["ddp"] = [p.detach().clone() for p in ddp_net.parameters()]
         model = sharded(Net(), world_size)
         optimizer = make(model.parameters())
+        if name in DDP_ONLY:
+            nn.functional.mse_loss(model(fsdp_batch(0, rank)[0]), fsdp_batch(0, rank)[1]).backward()
+            try:
+                optimizer.step()
+                seen["fsdp_error"] = ""
+            except NotImplementedError as error:
+                seen["fsdp_error"] = str(error)
+            record["family"][name] = seen
+            continue
         shadow = Shadow(model, optimizer, make)
         train(model, optimizer, STEPS, rank, shadow=shadow)
         seen["shadow_mismatches"] = shadow.mismatches
@@ -427,7 +438,7 @@ def test_checkpoint_of_another_model_is_refused_and_nothing_changes(runs):
 
 
 # ---- the rest of the family ----
-@pytest.mark.parametrize("name", FAMILY)
+@pytest.mark.parametrize("name", [*FAMILY, *DDP_ONLY])
 def test_family_under_ddp_gives_every_rank_the_bits_of_one_process(runs, name):
     two, _ = runs
 
@@ -435,7 +446,7 @@ def test_family_under_ddp_gives_every_rank_the_bits_of_one_process(runs, name):
         for xs, ys in zip(x.chunk(2), y.chunk(2)):
             (nn.functional.mse_loss(model(xs), ys) * 0.5).backward()
 
-    model = one_process_ddp_run(halves, FAMILY[name])
+    model = one_process_ddp_run(halves, {**FAMILY, **DDP_ONLY}[name])
     for rank in (0, 1):
         for ours, theirs in zip(model.parameters(), two[rank]["family"][name]["ddp"]):
             assert same_bits(ours.detach(), theirs), f"rank {rank}"
@@ -450,6 +461,12 @@ def test_family_under_fsdp2_steps_each_shard_and_resumes_bit_for_bit(runs, name)
         assert seen["fc1_8bit"], f"rank {rank}"
         assert seen["moment_names"] == sorted(FAMILY_MOMENTS[name])
         assert seen["resumed"], f"rank {rank}"
+
+
+def test_4bit_states_refuse_fsdp2_parameters_clearly(runs):
+    two, _ = runs
+    for r in two:
+        assert "AdamW4bit does not support FSDP2" in r["family"]["AdamW4bit"]["fsdp_error"]
 
 
 # ---- the re-quantisation on load, without processes ----

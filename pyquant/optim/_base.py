@@ -287,7 +287,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                 f"{name} needs float32, float16 or bfloat16 parameters and gradients, got {p.dtype} / {g.dtype}"
             )
         if is_sharded(p) and not self._supports_sharded:
-            raise NotImplementedError(f"{name} does not support FSDP2 (DTensor) parameters yet; Adam8bit does")
+            raise NotImplementedError(f"{name} does not support FSDP2 (DTensor) parameters yet; the 8-bit optimizers do")
         if g.shape != p.shape:
             raise ValueError(f"gradient shape {tuple(g.shape)} does not match parameter shape {tuple(p.shape)}")
         if g.device != p.device:
