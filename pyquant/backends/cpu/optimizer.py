@@ -1,7 +1,7 @@
 """The C++ CPU library's fused optimizer steps (csrc/cpu): one call updates every tensor of a parameter group.
 
 Adam (`adam_step`), the one-state rules (`one_state_step`: momentum, Lion, RMSprop, Adagrad), every rule in C++,
-and AdEMAMix (`ademamix_step`)."""
+AdEMAMix (`ademamix_step`), and the norm passes of LAMB's and LARS' trust ratios (`lamb_norms`, `lars_norms`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from pyquant._nvtx import kernel_range
 from pyquant.backends import kernel
 from pyquant.backends.capi import (
     AdamConstants, AdamTensor, AdemamixConstants, AdemamixTensor, OneStateConstants, OneStateTensor,
-    check_adam_operands, check_ademamix_operands, check_one_state_operands, check_status, cpu_library,
+    check_adam_operands, check_ademamix_operands, check_lars_norms_operands, check_one_state_operands, check_status,
+    cpu_library,
 )
 from pyquant.backends.code_tables import cached_code_table
 
@@ -178,3 +179,32 @@ def ademamix_step(params, grads, state1, state2, absmax1, absmax2, constants, co
     if bad < 0:
         check_status(-bad, "ademamix_step")
     return torch.tensor(bad, dtype=torch.int64)
+
+
+@kernel("lamb_norms", "cpu")
+def lamb_norms(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite):
+    check_adam_operands(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite)
+    _on_cpu(params, "lamb_norms")
+    descriptors = (AdamTensor * len(params))()
+    _fill(descriptors, params, grads, (state1, state2, absmax1, absmax2), constants, AdamConstants)
+    table1, table2 = cached_code_table(code1), cached_code_table(code2)
+    sums = torch.empty((len(params), 2), dtype=torch.float64)
+    status = cpu_library().pq_lamb_norms(descriptors, len(params), code1.data_ptr(), code2.data_ptr(),
+                                         table1.data_ptr(), table2.data_ptr(), nonfinite, sums.data_ptr())
+    check_status(status, "lamb_norms")
+    return sums
+
+
+@kernel("lars_norms", "cpu")
+def lars_norms(params, grads, constants, nonfinite):
+    check_lars_norms_operands(params, grads, constants, nonfinite)
+    _on_cpu(params, "lars_norms")
+    descriptors = (OneStateTensor * len(params))()
+    for d, p, g, row in zip(descriptors, params, grads, constants.tolist()):  # no states: the pass reads p and g
+        d.param, d.grad, d.numel = p.data_ptr(), g.data_ptr(), p.numel()
+        d.param_dtype, d.grad_dtype = DTYPE_CODES[p.dtype], DTYPE_CODES[g.dtype]
+        d.state_bits = 32
+        d.k = OneStateConstants(*row)
+    sums = torch.empty((len(params), 2), dtype=torch.float64)
+    check_status(cpu_library().pq_lars_norms(descriptors, len(params), nonfinite, sums.data_ptr()), "lars_norms")
+    return sums
