@@ -11,6 +11,7 @@ import torch
 
 from pyquant._contract import DTYPE_CODES, OPTIMIZER_BLOCK, blocks_of
 from pyquant.backends import kernel
+from pyquant.backends.reference import optimizer as reference_optimizer
 from pyquant.backends.capi import (
     AdamConstants, AdamTensor, AdemamixConstants, AdemamixTensor, OneStateConstants, OneStateTensor,
     check_adam_operands, check_ademamix_operands, check_one_state_operands,
@@ -108,3 +109,10 @@ def ademamix_step(params, grads, state1, state2, absmax1, absmax2, constants, co
 
     columns = (params, grads, state1, state2, absmax1, absmax2)
     return launch_group("ademamix_step", AdemamixTensor, AdemamixConstants, columns, constants, launch)
+
+
+# LAMB's and LARS' norm passes: the reference backend's torch code, run on the device (no cuda kernel of their own
+# yet). Its square root is torch's on the device, IEEE on a GPU as the cuda steps' own; its sums are in the C++
+# library's fixed order, so the ratios are the same for any launch configuration.
+kernel("lamb_norms", "cuda")(reference_optimizer.lamb_norms)
+kernel("lars_norms", "cuda")(reference_optimizer.lars_norms)
