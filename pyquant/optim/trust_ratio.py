@@ -164,8 +164,11 @@ class LAMB(_TrustRatio):
 
 
 class LAMB8bit(LAMB):
-    """LAMB with 8-bit states (float32 below `min_8bit_size`): bitsandbytes' LAMB8bit, with the trust ratio it
-    lacks (see LAMB; here max_unorm may be any finite value >= 0, bitsandbytes refuses all but 1.0)."""
+    """LAMB with 8-bit states (float32 below `min_8bit_size`): bitsandbytes' LAMB8bit (signature, defaults,
+    checkpoints), with the trust ratio it lacks: p -= lr * ratio * r, r = m_hat / (sqrt(v_hat) + eps) + wd p,
+    ratio = max_unorm ||p|| / ||r|| (1 for a zero norm or max_unorm 0; at most 1 with trust_clip=True).
+    bitsandbytes' LAMB8bit is AdamW8bit on its 8-bit tensors (max_unorm=0 here gives its bits) and refuses any
+    max_unorm but 1.0; here any finite value >= 0 is taken. See LAMB for the arguments."""
 
     def __init__(self, params, lr: float = 1e-3, bias_correction: bool = True, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0, amsgrad: bool = False, adam_w_mode: bool = True, args=None,
@@ -251,8 +254,11 @@ class LARS(_TrustRatio):
 
 
 class LARS8bit(LARS):
-    """LARS with an 8-bit momentum (float32 below `min_8bit_size`): bitsandbytes' LARS8bit, with the trust ratio it
-    lacks (see LARS)."""
+    """LARS with an 8-bit momentum (float32 below `min_8bit_size`): bitsandbytes' LARS8bit (signature, defaults,
+    checkpoints), with the trust ratio it lacks: m = momentum m + ratio (g + wd p), p -= lr m, ratio =
+    max_unorm ||p|| / ||g + wd p|| (eta = max_unorm; 1 for a zero norm or max_unorm 0; at most 1 with
+    trust_clip=True). bitsandbytes' LARS8bit is SGD8bit on its 8-bit tensors (max_unorm=0 here gives its bits) and
+    scales only its float32-state tensors, by min(1, max_unorm ||p|| / ||m||). See LARS for the arguments."""
 
     def __init__(self, params, lr: float, momentum: float = 0, dampening: float = 0, weight_decay: float = 0,
                  nesterov: bool = False, args=None, min_8bit_size: int = 4096, max_unorm: float = 0.02, *,
