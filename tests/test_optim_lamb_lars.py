@@ -307,6 +307,7 @@ def test_norm_pass_is_the_sum_of_squares():
         assert sd == pytest.approx(float((d**2).sum()), rel=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:.*non-finite gradient elements were skipped:RuntimeWarning")
 @pytest.mark.parametrize("nonfinite", ["skip", "propagate"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", list(CLASSES))
@@ -619,3 +620,62 @@ def test_triton_optimizer_end_to_end(name):
         runs[backend] = history
     for backend in runs:
         assert_same_bits(runs["triton"], runs[backend], f"{name} triton vs {backend}")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("nonfinite", [0, 1], ids=["skip", "propagate"])
+@pytest.mark.parametrize("eight_bit", [True, False], ids=["8bit", "32bit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_norm_passes_equal_reference(dtype, eight_bit, nonfinite):
+    """The Triton norm kernels (pyquant.kernels.trust_ratio) give the reference's sums bit for bit: the block sums in
+    the same halving order, on sizes with partial blocks, an empty tensor and a NaN and an inf gradient."""
+    params, grads, states, lamb, lars, codes = norm_inputs(dtype, eight_bit)
+    keep = [0, 1, 2, 3, 4, 5, 6]  # small sizes for the interpreter (not the 70001-element one)
+    params, grads = [params[i] for i in keep], [grads[i] for i in keep]
+    states = tuple([s[i] for i in keep] for s in states)
+    lamb, lars = lamb[keep], lars[keep]
+    results = {}
+    for backend, device in [("triton", TRITON_DEVICE)] + [p for p in TRITON_PEERS if p[1] == TRITON_DEVICE]:
+        moved = [[t.to(device) for t in ts] for ts in (params, grads, *states)]
+        with use_backend(backend):
+            results[backend] = (
+                F.lamb_norms_multi_tensor(*moved, lamb, *(c.to(device) for c in codes), nonfinite),
+                F.lars_norms_multi_tensor(moved[0], moved[1], lars, nonfinite),
+            )
+    for backend in results:
+        assert_same_bits(results["triton"], results[backend], f"triton vs {backend}", nan_blind=True)
+
+
+# ---- the cuda backend (csrc/cuda/trust_ratio.cu) on a GPU: against the cpu kernels, and end to end ----
+@pytest.mark.gpu
+@pytest.mark.parametrize("nonfinite", [0, 1], ids=["skip", "propagate"])
+@pytest.mark.parametrize("eight_bit", [True, False], ids=["8bit", "32bit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_norm_passes_equal_cpu(ieee_cpu_sqrt, dtype, eight_bit, nonfinite):
+    """The norm kernels on CUDA tensors give the cpu library's sums (its square root made IEEE, the GPU's)."""
+    cpu, cuda = ieee_cpu_sqrt
+    params, grads, states, lamb, lars, codes = norm_inputs(dtype, eight_bit)
+    on = [[t.cuda() for t in ts] for ts in (params, grads, *states)]
+    cuda_codes = [c.cuda() for c in codes]
+    assert_same_bits(cuda["lamb_norms"](*on, lamb, *cuda_codes, nonfinite),
+                     cpu["lamb_norms"](params, grads, *states, lamb, *codes, nonfinite), "lamb_norms", nan_blind=True)
+    assert_same_bits(cuda["lars_norms"](on[0], on[1], lars, nonfinite), cpu["lars_norms"](params, grads, lars, nonfinite),
+                     "lars_norms", nan_blind=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_optimizer_on_cuda_tensors_equals_cpu(ieee_cpu_sqrt, name):
+    cls, defaults = CLASSES[name]
+    cpu_p = make_params(torch.bfloat16)
+    cuda_p = [torch.nn.Parameter(p.detach().cuda()) for p in cpu_p]
+    cpu_opt, cuda_opt = cls(cpu_p, **defaults), cls(cuda_p, **defaults)
+    for step in range(1, 4):
+        for p, c, g in zip(cpu_p, cuda_p, grads_for(cpu_p, step)):
+            p.grad, c.grad = g, g.cuda()
+        with use_backend("cpu"):
+            cpu_opt.step()
+        with use_backend("cuda"):
+            cuda_opt.step()
+        assert_same_bits(list(cuda_p), list(cpu_p), f"{name} params, step {step}")
+        assert_same_bits(states_of(cuda_opt, cuda_p), states_of(cpu_opt, cpu_p), f"{name} states, step {step}")

@@ -102,6 +102,8 @@ CUDA_FUNCTIONS = {
     "pq_cuda_adam_step": ([P, P, I32, I64, P, P, P, P, I32, P, P], I32),
     "pq_cuda_one_state_step": ([P, P, I32, I64, P, P, I32, I32, P, P], I32),
     "pq_cuda_ademamix_step": ([P, P, I32, I64, P, P, P, P, I32, P, P], I32),
+    "pq_cuda_lamb_norms": ([P, P, I32, I64, P, P, I32, P, P], I32),
+    "pq_cuda_lars_norms": ([P, P, I32, I64, I32, P, P], I32),
     "pq_cuda_unscale_": ([P, I32, I64, P, P, P], I32),
     "pq_cuda_error_string": ([I32], ctypes.c_char_p),
 }

@@ -256,6 +256,17 @@ int32_t pq_cuda_ademamix_step(const struct pq_ademamix_tensor* device_descriptor
                               const uint8_t* table1, const uint8_t* table2, int32_t nonfinite,
                               int64_t* device_bad_count, void* stream);
 
+// pq_lamb_norms on the device, with the conventions of pq_cuda_adam_step, writing per global block (not per tensor)
+// the two sums into device_block_sums (2 * total_blocks doubles); the caller sums each tensor's blocks.
+int32_t pq_cuda_lamb_norms(const struct pq_adam_tensor* device_descriptors, const int64_t* device_first_block,
+                           int32_t count, int64_t total_blocks, const float* code1, const float* code2,
+                           int32_t nonfinite, double* device_block_sums, void* stream);
+
+// pq_lars_norms on the device, as pq_cuda_lamb_norms (the descriptors' states are not read).
+int32_t pq_cuda_lars_norms(const struct pq_one_state_tensor* device_descriptors, const int64_t* device_first_block,
+                           int32_t count, int64_t total_blocks, int32_t nonfinite, double* device_block_sums,
+                           void* stream);
+
 // pq_unscale_ on the device, the gradients described by 4 x count int64 values in device memory.
 int32_t pq_cuda_unscale_(const int64_t* device_meta, int32_t count, int64_t total_chunks, float* found_inf,
                          const float* inv_scale, void* stream);

@@ -175,18 +175,24 @@ def _halving_sum(x: torch.Tensor) -> torch.Tensor:
     return x[..., 0]
 
 
+def sum_of_block_sums(block_sums: torch.Tensor) -> torch.Tensor:
+    """The sum over the first dimension of float64 `block_sums` (blocks, ...), zero-padded to a power of two, by
+    halving: the second stage of every backend's norm pass (the C++ library's sum_of_blocks)."""
+    blocks = block_sums.shape[0]
+    padded = block_sums.new_zeros((1 << max(blocks - 1, 0).bit_length(), *block_sums.shape[1:]))
+    padded[:blocks] = block_sums
+    return _halving_sum(padded.movedim(0, -1))
+
+
 def pairwise_square_sum(values: torch.Tensor) -> torch.Tensor:
     """The sum of the squares of float32 `values` in double (each square exact): per block of OPTIMIZER_BLOCK slots
-    (zero past the end) by halving, then over the blocks' sums, zero-padded to a power of two, by halving."""
+    (zero past the end) by halving, then over the blocks' sums (sum_of_block_sums)."""
     n = values.numel()
     blocks = -(-n // OPTIMIZER_BLOCK)
     squares = torch.zeros(blocks * OPTIMIZER_BLOCK, dtype=torch.float64, device=values.device)
     x = values.reshape(-1).double()
     squares[:n] = x * x
-    partial = _halving_sum(squares.view(blocks, OPTIMIZER_BLOCK))
-    padded = torch.zeros(1 << max(blocks - 1, 0).bit_length(), dtype=torch.float64, device=values.device)
-    padded[:blocks] = partial
-    return _halving_sum(padded)
+    return sum_of_block_sums(_halving_sum(squares.view(blocks, OPTIMIZER_BLOCK)))
 
 
 @kernel("lamb_norms", "reference")

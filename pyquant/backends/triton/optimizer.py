@@ -1,13 +1,17 @@
-"""The Triton fused optimizer steps (pyquant.kernels.adam, pyquant.kernels.one_state, pyquant.kernels.ademamix) as the
-"triton" backend."""
+"""The Triton fused optimizer steps (pyquant.kernels.adam, pyquant.kernels.one_state, pyquant.kernels.ademamix) and the
+norm passes of LAMB and LARS (pyquant.kernels.trust_ratio) as the "triton" backend."""
 
 from __future__ import annotations
 
+import torch
+
 from pyquant.backends import kernel
-from pyquant.backends.reference import optimizer as reference_optimizer
-from pyquant.backends.capi import check_ademamix_operands, check_one_state_operands
+from pyquant.backends.capi import (
+    check_adam_operands, check_ademamix_operands, check_lars_norms_operands, check_one_state_operands,
+)
 from pyquant.backends.code_tables import cached_code_table
-from pyquant.kernels import adam, ademamix, one_state
+from pyquant.backends.reference.optimizer import sum_of_block_sums
+from pyquant.kernels import adam, ademamix, one_state, trust_ratio
 
 
 @kernel("adam_step", "triton")
@@ -31,8 +35,20 @@ def ademamix_step(params, grads, state1, state2, absmax1, absmax2, constants, co
                                   cached_code_table(code1), cached_code_table(code2), nonfinite)
 
 
-# LAMB's and LARS' norm passes: the reference backend's torch code, run on the device (no triton kernel of their own
-# yet). Its square root is torch's on the device, IEEE on a GPU as the triton steps' own; its sums are in the C++
-# library's fixed order, so the ratios are the same for any launch configuration.
-kernel("lamb_norms", "triton")(reference_optimizer.lamb_norms)
-kernel("lars_norms", "triton")(reference_optimizer.lars_norms)
+# ---- LAMB's and LARS' norm passes (pyquant.kernels.trust_ratio): block sums on the device, then the tensors' sums in
+# the fixed order of every backend (reference sum_of_block_sums) ----
+def _tensor_sums(block_sums: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([sum_of_block_sums(b.view(-1, 2)) for b in block_sums])
+
+
+@kernel("lamb_norms", "triton")
+def lamb_norms(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite):
+    check_adam_operands(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite)
+    return _tensor_sums(trust_ratio.lamb_block_sums(params, grads, state1, state2, absmax1, absmax2, constants, code1,
+                                                    code2, nonfinite))
+
+
+@kernel("lars_norms", "triton")
+def lars_norms(params, grads, constants, nonfinite):
+    check_lars_norms_operands(params, grads, constants, nonfinite)
+    return _tensor_sums(trust_ratio.lars_block_sums(params, grads, constants, nonfinite))
