@@ -655,16 +655,83 @@ static void group_norms(const Tensor* tensors, int32_t count, double* sums, Bloc
       sums[2 * i + j] = sum_of_blocks(partial.data() + 2 * first[i] + j, first[i + 1] - first[i], 2);
 }
 
-// out[0] = the pairwise sum of p^2 over a block, out[1] of d^2 (`len` values each).
+// out[0] = the pairwise sum of p^2 over a block, out[1] of d^2 (`len` values each; zero past them).
 static inline void block_square_sums(const float* p, const float* d, int64_t len, double* out) {
   double sp[kOptimizerBlock], sd[kOptimizerBlock];
-  for (int64_t i = 0; i < kOptimizerBlock; ++i) {
-    const double x = i < len ? (double)p[i] : 0.0, y = i < len ? (double)d[i] : 0.0;
+  for (int64_t i = 0; i < len; ++i) {
+    const double x = (double)p[i], y = (double)d[i];
     sp[i] = x * x;
     sd[i] = y * y;
   }
+  for (int64_t i = len; i < kOptimizerBlock; ++i) sp[i] = sd[i] = 0.0;
   out[0] = halving_sum(sp, kOptimizerBlock);
   out[1] = halving_sum(sd, kOptimizerBlock);
+}
+
+namespace scalar {
+
+// One block of LAMB's norm pass: the step's moments (adam_moments, from the same states and unscaled gradients),
+// the block's square roots (moment_sqrt, as the step's), the direction r (lamb_direction; 0 for a skipped element),
+// the two sums. The dtypes are compile-time constants and the loops branch-free, so that they vectorise.
+template <int PDT, int GDT>
+static inline void lamb_norm_block(const pq_adam_tensor& t, int64_t b, const StateCodec& codec1,
+                                   const StateCodec& codec2, int32_t nonfinite, int sqrt_mode, pq_vsqrt_fn fn,
+                                   double* out) {
+  float m[kOptimizerBlock], v[kOptimizerBlock], root[kOptimizerBlock], p[kOptimizerBlock], r[kOptimizerBlock],
+      grad[kOptimizerBlock];
+  uint32_t skip[kOptimizerBlock];
+  const pq_adam_constants k = t.k;  // a local copy: no store below can alias it
+  const int64_t start = b * kOptimizerBlock, len = std::min<int64_t>(kOptimizerBlock, t.numel - start);
+  if (t.state_bits == 8) {
+    codec1.dequantize((const uint8_t*)t.state1 + start, t.absmax1[b], len, m);
+    codec2.dequantize((const uint8_t*)t.state2 + start, t.absmax2[b], len, v);
+  } else {
+    memcpy(m, (const float*)t.state1 + start, (size_t)len * sizeof(float));
+    memcpy(v, (const float*)t.state2 + start, (size_t)len * sizeof(float));
+  }
+  for (int64_t i = 0; i < len; ++i) grad[i] = unscaled_grad(load_as_float(t.grad, start + i, GDT), k.inv_grad_scale, GDT);
+  for (int64_t i = 0; i < len; ++i) p[i] = load_as_float(t.param, start + i, PDT);
+  const uint32_t skip_mode = nonfinite == kSkipElement;
+  uint32_t skipped = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    const uint32_t keep = skip_mode & !is_finite(grad[i]);  // the step leaves it: no part of the direction
+    float a = m[i], c = v[i];
+    adam_moments(grad[i], a, c, k);
+    m[i] = kept_or_updated(keep, m[i], a);
+    v[i] = kept_or_updated(keep, v[i], c);
+    skip[i] = keep;
+    skipped |= keep;
+  }
+  moment_sqrt(v, root, len, sqrt_mode, fn);
+  for (int64_t i = 0; i < len; ++i) r[i] = lamb_direction(p[i], m[i], root[i], k);
+  if (skipped)
+    for (int64_t i = 0; i < len; ++i) r[i] = kept_or_updated(skip[i], 0.0f, r[i]);  // a skipped element: 0
+  block_square_sums(p, r, len, out);
+}
+
+// One block of LARS' norm pass: d = decayed_grad (0 for a skipped element), the two sums.
+template <int PDT, int GDT>
+static inline void lars_norm_block(const pq_one_state_tensor& t, int64_t b, int32_t nonfinite, double* out) {
+  float p[kOptimizerBlock], d[kOptimizerBlock];
+  const pq_one_state_constants k = t.k;
+  const int64_t start = b * kOptimizerBlock, len = std::min<int64_t>(kOptimizerBlock, t.numel - start);
+  const uint32_t skip_mode = nonfinite == kSkipElement;
+  for (int64_t i = 0; i < len; ++i) p[i] = load_as_float(t.param, start + i, PDT);
+  for (int64_t i = 0; i < len; ++i) {
+    const float g = unscaled_grad(load_as_float(t.grad, start + i, GDT), k.inv_grad_scale, GDT);
+    d[i] = kept_or_updated(skip_mode & !is_finite(g), 0.0f, decayed_grad(p[i], g, k));  // a skipped element: 0
+  }
+  block_square_sums(p, d, len, out);
+}
+
+}  // namespace scalar
+
+// Calls f(PDT, GDT) (std::integral_constant each) for a tensor's parameter and gradient dtypes.
+template <class F>
+static inline void with_dtypes(int32_t param_dtype, int32_t grad_dtype, F&& f) {
+  with_value<PQ_DTYPE_FLOAT32, PQ_DTYPE_FLOAT16, PQ_DTYPE_BFLOAT16>(param_dtype, [&](auto p) {
+    with_value<PQ_DTYPE_FLOAT32, PQ_DTYPE_FLOAT16, PQ_DTYPE_BFLOAT16>(grad_dtype, [&](auto g) { f(p, g); });
+  });
 }
 
 void lamb_norms(const pq_adam_tensor* tensors, int32_t count, const float* code1, const float* code2,
@@ -673,39 +740,19 @@ void lamb_norms(const pq_adam_tensor* tensors, int32_t count, const float* code1
   const int sqrt_mode = choose_sqrt_mode(fn);
   const StateCodec codec1(code1, table1), codec2(code2, table2);
   group_norms(tensors, count, sums, [&](const pq_adam_tensor& t, int64_t b, double* out) {
-    float m[kOptimizerBlock], v[kOptimizerBlock], root[kOptimizerBlock], p[kOptimizerBlock], r[kOptimizerBlock];
-    bool skip[kOptimizerBlock];
-    const int64_t start = b * kOptimizerBlock, len = std::min<int64_t>(kOptimizerBlock, t.numel - start);
-    if (t.state_bits == 8) {
-      codec1.dequantize((const uint8_t*)t.state1 + start, t.absmax1[b], len, m);
-      codec2.dequantize((const uint8_t*)t.state2 + start, t.absmax2[b], len, v);
-    } else {
-      memcpy(m, (const float*)t.state1 + start, (size_t)len * sizeof(float));
-      memcpy(v, (const float*)t.state2 + start, (size_t)len * sizeof(float));
-    }
-    for (int64_t i = 0; i < len; ++i) {
-      const float g = unscaled_grad(load_as_float(t.grad, start + i, t.grad_dtype), t.k.inv_grad_scale, t.grad_dtype);
-      p[i] = load_as_float(t.param, start + i, t.param_dtype);
-      skip[i] = nonfinite == kSkipElement && !is_finite(g);  // the step leaves it: no part of the direction
-      if (!skip[i]) adam_moments(g, m[i], v[i], t.k);
-    }
-    moment_sqrt(v, root, len, sqrt_mode, fn);
-    for (int64_t i = 0; i < len; ++i) r[i] = skip[i] ? 0.0f : lamb_direction(p[i], m[i], root[i], t.k);
-    block_square_sums(p, r, len, out);
+    with_dtypes(t.param_dtype, t.grad_dtype, [&](auto p, auto g) {
+      constexpr int PDT = decltype(p)::value, GDT = decltype(g)::value;
+      scalar::lamb_norm_block<PDT, GDT>(t, b, codec1, codec2, nonfinite, sqrt_mode, fn, out);
+    });
   });
 }
 
 void lars_norms(const pq_one_state_tensor* tensors, int32_t count, int32_t nonfinite, double* sums) {
   group_norms(tensors, count, sums, [&](const pq_one_state_tensor& t, int64_t b, double* out) {
-    float p[kOptimizerBlock], d[kOptimizerBlock];
-    const int64_t start = b * kOptimizerBlock, len = std::min<int64_t>(kOptimizerBlock, t.numel - start);
-    for (int64_t i = 0; i < len; ++i) {
-      const float g = unscaled_grad(load_as_float(t.grad, start + i, t.grad_dtype), t.k.inv_grad_scale, t.grad_dtype);
-      p[i] = load_as_float(t.param, start + i, t.param_dtype);
-      const bool skip = nonfinite == kSkipElement && !is_finite(g);
-      d[i] = skip ? 0.0f : decayed_grad(p[i], g, t.k);
-    }
-    block_square_sums(p, d, len, out);
+    with_dtypes(t.param_dtype, t.grad_dtype, [&](auto p, auto g) {
+      constexpr int PDT = decltype(p)::value, GDT = decltype(g)::value;
+      scalar::lars_norm_block<PDT, GDT>(t, b, nonfinite, out);
+    });
   });
 }
 
