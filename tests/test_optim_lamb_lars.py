@@ -6,6 +6,7 @@ GradScaler's fused unscale, overrides), the generic and 32-bit classes, and what
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 
@@ -45,11 +46,12 @@ def states_of(opt, params, keys=("state1", "state2", "absmax1", "absmax2", "unor
     return [{k: v for k, v in opt.state[p].items() if k in keys} for p in params]
 
 
-def run(name, backend="cpu", dtype=torch.float32, steps=3, **options):
+def run(name, backend=None, dtype=torch.float32, steps=3, **options):
+    """`steps` steps of CLASSES[name] over make_params(dtype) on `backend` (None: the default one)."""
     cls, defaults = CLASSES[name]
     params = make_params(dtype)
     opt = cls(params, **{**defaults, **options})
-    with use_backend(backend):
+    with use_backend(backend) if backend else contextlib.nullcontext():
         for step in range(1, steps + 1):
             set_grads(params, step)
             opt.step()
@@ -119,9 +121,8 @@ def test_step_is_the_float64_algorithm_from_the_same_states(name, options, dtype
         for step in range(1, 5):
             set_grads(params, step)
             before = [(p.detach().double().reshape(-1), p.grad.double().reshape(-1)) for p in params]
-            old = [dict(opt.state[p]) for p in params] if step > 1 else None
-            states = [[dequantised(o, k, i) for i, k in enumerate(cls._states, 1)] if old else
-                      [torch.zeros(p.numel(), dtype=torch.float64)] * len(cls._states) for p, o in zip(params, old or params)]
+            states = [[dequantised(opt.state[p], k, i) for i, k in enumerate(cls._states, 1)] if opt.state[p] else
+                      [torch.zeros(p.numel(), dtype=torch.float64)] * len(cls._states) for p in params]
             opt.step()
             for p, (p0, g), s in zip(params, before, states):
                 state = opt.state[p]
@@ -157,6 +158,20 @@ def test_step_is_the_float64_algorithm_from_the_same_states(name, options, dtype
         assert max(ratios) <= 1.0 and min(ratios) < 1.0, ratios  # the cap was active somewhere, never above 1
     else:
         assert any(abs(r - 1.0) > 0.1 for r in ratios), ratios  # the published ratio is not a no-op here
+
+
+def test_lamb_moments_are_adamw8bit_moments_bit_for_bit():
+    """LAMB's moments depend on the gradients only (its weight decay is in the direction, not the moments), and its
+    step is Adam's kernel: whatever the ratios, its states are AdamW8bit's, bit for bit, every step."""
+    lamb_p, adamw_p = make_params(torch.bfloat16), make_params(torch.bfloat16)
+    lamb, adamw = pyquant.LAMB8bit(lamb_p, **LAMB_OPTIONS), pyquant.AdamW8bit(adamw_p, **LAMB_OPTIONS)
+    for step in range(1, 5):
+        for ps in (lamb_p, adamw_p):
+            set_grads(ps, step)
+        lamb.step(), adamw.step()
+        keys = ("state1", "state2", "absmax1", "absmax2", "step")
+        assert_same_bits(states_of(lamb, lamb_p, keys), states_of(adamw, adamw_p, keys), f"states, step {step}")
+    assert not any(torch.equal(a, b) for a, b in zip(lamb_p, adamw_p))  # while the parameters differ
 
 
 def test_lamb_update_norm_is_lr_times_max_unorm_times_weight_norm():
