@@ -694,3 +694,16 @@ def test_optimizer_on_cuda_tensors_equals_cpu(ieee_cpu_sqrt, name):
             cuda_opt.step()
         assert_same_bits(list(cuda_p), list(cpu_p), f"{name} params, step {step}")
         assert_same_bits(states_of(cuda_opt, cuda_p), states_of(cpu_opt, cpu_p), f"{name} states, step {step}")
+
+
+def test_torch_compile_of_the_step_gives_the_eager_bits():
+    """Under torch.compile the norm pass's sums leave the graph (the ratios are host numbers), and the bits stay."""
+    for name, (cls, defaults) in CLASSES.items():
+        compiled_p, eager_p = make_params(shapes=[(5000,), (300,)]), make_params(shapes=[(5000,), (300,)])
+        compiled, eager = cls(compiled_p, **defaults), cls(eager_p, **defaults)
+        for step in (1, 2):
+            for ps in (compiled_p, eager_p):
+                set_grads(ps, step)
+            torch.compile(compiled.step)()
+            eager.step()
+        assert_same_bits(list(compiled_p), list(eager_p), f"{name} compiled")

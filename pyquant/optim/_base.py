@@ -1,5 +1,6 @@
-"""What every 8-bit optimizer of pyquant shares: `Optimizer8bit`, the base of Adam8bit/AdamW8bit (adam.py) and of
-Lion8bit, SGD8bit, RMSprop8bit and Adagrad8bit (one_state.py).
+"""What every 8-bit optimizer of pyquant shares: `Optimizer8bit`, the base of Adam8bit/AdamW8bit (adam.py), of
+Lion8bit, SGD8bit, RMSprop8bit and Adagrad8bit (one_state.py), of the AdEMAMix classes (ademamix.py) and of the
+LAMB and LARS classes (trust_ratio.py).
 
 Per parameter: the choice of 8-bit or float32 states (`min_8bit_size`, bitsandbytes' rule, and `optim_bits`, from
 a parameter group or from `pyquant.optim.override`, overrides.py, which may also set the hyperparameters), their
