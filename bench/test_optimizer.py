@@ -1,7 +1,8 @@
 """One optimizer step at 1M, 4M and 16M float32 parameters: pyquant.Adam8bit against bitsandbytes' Adam8bit
 and torch's fused and foreach Adam, in the same process; Lion8bit, SGD8bit, RMSprop8bit, Adagrad8bit and AdEMAMix8bit
 at 1M and 16M against bitsandbytes' and torch's float32 SGD/RMSprop/Adagrad (fused where torch has it, and foreach);
-every family over DenseNet-121's parameter list. `extra_info` has the bytes each step must move
+every family over DenseNet-121's parameter list; LAMB8bit and LARS8bit against AdamW8bit and SGD8bit (the same
+steps without the trust ratio's norm pass). `extra_info` has the bytes each step must move
 (8-bit Adam: 16 B/param; float32 Adam: 28 B/param), the achieved GB/s and the state bytes per parameter.
 """
 
@@ -129,3 +130,28 @@ def test_family_step_densenet121(benchmark, algo, impl, request):
     benchmark.group = f"{algo} step DenseNet-121 parameter list"
     benchmark.pedantic(opt.step, rounds=3 if impl == "bitsandbytes" else 10, warmup_rounds=1)
     benchmark.extra_info.update(params=n, tensors=len(params), **{"state bytes/param": _state_bytes(opt) / n})
+# ---- LAMB8bit and LARS8bit (a norm pass, then Adam's or the momentum step) against the step without the ratio ----
+# Bytes per parameter: LAMB's norm pass reads p, g and both codes (10), Adam's step moves 16; LARS' norm pass reads
+# p and g (8), the 8-bit momentum step reads p, g and a code and writes p and the code (14).
+TRUST = {  # name -> (pyquant class, kwargs, bytes per parameter)
+    "LAMB8bit": ("LAMB8bit", dict(lr=1e-3, weight_decay=1e-2), 26),
+    "AdamW8bit": ("AdamW8bit", dict(lr=1e-3, weight_decay=1e-2), 16),
+    "LARS8bit": ("LARS8bit", dict(lr=1e-2, momentum=0.9), 22),
+    "SGD8bit": ("SGD8bit", dict(lr=1e-2, momentum=0.9), 14),
+}
+
+
+@pytest.mark.parametrize("size", list(FAMILY_SIZES))
+@pytest.mark.parametrize("name", list(TRUST))
+def test_trust_ratio_step(benchmark, size, name):
+    cls_name, kwargs, per_param = TRUST[name]
+    n = FAMILY_SIZES[size]
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n, generator=g))]
+    params[0].grad = torch.randn(n, generator=g) * 1e-2
+    opt = getattr(pyquant, cls_name)(params, **kwargs)
+    opt.step()
+    benchmark.group = f"{'LAMB' if name in ('LAMB8bit', 'AdamW8bit') else 'LARS'} step {size} float32 params"
+    benchmark.pedantic(opt.step, rounds=5 if n > FAMILY_SIZES["1M"] else 10, warmup_rounds=1)
+    seconds = benchmark.stats.stats.median
+    benchmark.extra_info.update(params=n, bytes=per_param * n, **{"GB/s": per_param * n / seconds / 1e9})

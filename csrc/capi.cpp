@@ -28,6 +28,13 @@ PQ_FOR_EACH_ISA(PQ_DECLARE_ADEMAMIX)
   int64_t adam4bit_step(const pq_adam4bit_tensor*, int32_t, const float*, const float*, int32_t); \
   }
 PQ_FOR_EACH_ISA(PQ_DECLARE_ADAM4BIT)
+#define PQ_DECLARE_NORMS(ns)                                                                                \
+  namespace ns {                                                                                          \
+  void lamb_norms(const pq_adam_tensor*, int32_t, const float*, const float*, const uint8_t*, const uint8_t*, \
+                  int32_t, double*);                                                                      \
+  void lars_norms(const pq_one_state_tensor*, int32_t, int32_t, double*);                                 \
+  }
+PQ_FOR_EACH_ISA(PQ_DECLARE_NORMS)
 
 namespace {
 int32_t detect_isa() {
@@ -186,6 +193,30 @@ int64_t pq_adam4bit_step(const pq_adam4bit_tensor* tensors, int32_t count, const
   if (blocks <= 0) return blocks;
   if (!code1 || !code2) return -PQ_INVALID_ARGUMENT;
   PQ_DISPATCH(adam4bit_step(tensors, count, code1, code2, nonfinite))
+}
+
+// The trust ratios' norm passes: 0 (sums written) or PQ_INVALID_ARGUMENT (nothing written).
+int32_t pq_lamb_norms(const pq_adam_tensor* tensors, int32_t count, const float* code1, const float* code2,
+                      const uint8_t* table1, const uint8_t* table2, int32_t nonfinite, double* sums) {
+  const int64_t blocks = group_blocks(tensors, count, nonfinite, valid_adam_tensor);
+  if (blocks < 0) return (int32_t)-blocks;
+  if (count > 0 && !sums) return PQ_INVALID_ARGUMENT;
+  if (blocks > 0 && (!code1 || !code2 || !table1 || !table2)) return PQ_INVALID_ARGUMENT;
+  PQ_DISPATCH_VOID(lamb_norms(tensors, count, code1, code2, table1, table2, nonfinite, sums))
+  return 0;
+}
+
+static bool valid_lars_tensor(const pq_one_state_tensor& t) {
+  if (t.numel < 0 || !pq::valid_dtype(t.param_dtype) || !pq::valid_dtype(t.grad_dtype)) return false;
+  return t.numel == 0 || (t.param && t.grad);
+}
+
+int32_t pq_lars_norms(const pq_one_state_tensor* tensors, int32_t count, int32_t nonfinite, double* sums) {
+  const int64_t blocks = group_blocks(tensors, count, nonfinite, valid_lars_tensor);
+  if (blocks < 0) return (int32_t)-blocks;
+  if (count > 0 && !sums) return PQ_INVALID_ARGUMENT;
+  PQ_DISPATCH_VOID(lars_norms(tensors, count, nonfinite, sums))
+  return 0;
 }
 
 }  // extern "C"

@@ -41,7 +41,7 @@ RMSPROP = tl.constexpr(ONE_STATE_RULES["rmsprop"])
 _LAUNCH_TABLES = LaunchTables(limit=32)
 # The kernels read the constants by column: the columns they assume.
 assert ONE_STATE_FIELDS == ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "neg_lr", "decay",
-                            "weight_decay", "grad_decay", "first_step", "inv_grad_scale"), ONE_STATE_FIELDS
+                            "weight_decay", "grad_decay", "first_step", "inv_grad_scale", "trust_ratio"), ONE_STATE_FIELDS
 
 
 @triton.jit
@@ -72,6 +72,7 @@ def one_state_update(p, g, s, k, RULE: tl.constexpr, EIGHT_BIT: tl.constexpr):
         grad_decay = tl.load(k + 8)
         g = tl.where(grad_decay != 0.0, tl.fma(tl.load(k + 7), p, g), g)  # weight_decay
         if RULE == MOMENTUM:
+            g = g * tl.load(k + 11)  # trust_ratio: LARS' ratio; SGD's is 1, an exact no-op
             s_new = tl.where(tl.load(k + 9) != 0.0, g, s * beta1 + g)  # first_step: s = g
             p_new = tl.fma(neg_lr, s_new, p)
         else:

@@ -25,8 +25,10 @@ RANK1_MAX_DIMS = 8  # rank-1 second moments for tensors of 2 to 8 dimensions (pq
 SKIP_ELEMENT, PROPAGATE = 0, 1
 
 # Field order of pq::AdamConstants: the optimizers build one row per tensor.
+# inv_c1 and weight_decay: read by LAMB's norm pass only (pq_lamb_norms).
 CONSTANT_FIELDS = (
-    "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "eps_c2", "c2", "step_size", "decay", "inv_grad_scale"
+    "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "eps_c2", "c2", "step_size", "decay", "inv_grad_scale",
+    "inv_c1", "weight_decay",
 )
 
 
@@ -35,13 +37,15 @@ def betas_and_eps(beta1: float, beta2: float, eps: float) -> dict:
     return dict(beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2, eps=eps)
 
 
-def adam_constants(group: dict, step: int, eight_bit: bool, inv_grad_scale: float = 1.0) -> list[float]:
+def adam_constants(group: dict, step: int, eight_bit: bool, inv_grad_scale: float = 1.0, *,
+                   bias_correction: bool = True) -> list[float]:
     """One row of pq::AdamConstants for a parameter group (lr, betas, eps, weight_decay) at `step`, in
-    double precision (docs/numerics.md section 4); a float32 tensor of rows rounds each entry once."""
+    double precision (docs/numerics.md section 4); a float32 tensor of rows rounds each entry once.
+    `bias_correction=False` (LAMB's option) makes c1 = c2 = 1."""
     beta1, beta2 = (float(b) for b in group["betas"])
     lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
-    c1 = 1.0 - beta1**step
-    c2 = math.sqrt(1.0 - beta2**step)
+    c1 = 1.0 - beta1**step if bias_correction else 1.0
+    c2 = math.sqrt(1.0 - beta2**step) if bias_correction else 1.0
     values = dict(
         betas_and_eps(beta1, beta2, eps),
         eps_c2=eps * c2,
@@ -49,6 +53,8 @@ def adam_constants(group: dict, step: int, eight_bit: bool, inv_grad_scale: floa
         step_size=-lr / c1 if eight_bit else -lr * c2 / c1,
         decay=1.0 - lr * wd if wd > 0.0 else 1.0,
         inv_grad_scale=inv_grad_scale,
+        inv_c1=1.0 / c1,
+        weight_decay=wd,
     )
     return [values[name] for name in CONSTANT_FIELDS]
 
@@ -70,17 +76,18 @@ ONE_STATE_RULES = {"momentum": 0, "lion": 1, "rmsprop": 2, "adagrad": 3}
 # Field order of pq::OneStateConstants: one row per tensor, as for Adam.
 ONE_STATE_FIELDS = (
     "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "neg_lr", "decay", "weight_decay",
-    "grad_decay", "first_step", "inv_grad_scale",
+    "grad_decay", "first_step", "inv_grad_scale", "trust_ratio",
 )
 
 
-def one_state_constants(group: dict, step: int, eight_bit: bool, inv_grad_scale: float = 1.0) -> list[float]:
+def one_state_constants(group: dict, step: int, eight_bit: bool, inv_grad_scale: float = 1.0,
+                        trust_ratio: float = 1.0) -> list[float]:
     """One row of pq::OneStateConstants for a parameter group (lr, betas, eps, weight_decay) at `step`.
 
     bitsandbytes' CPU paths differ in two places that the row carries: its 8-bit path always adds the weight
     decay term to the gradient (`grad.add_(p, alpha=wd)`, an fma even when wd == 0: an infinite parameter makes
     the gradient NaN), its 32-bit path only when wd > 0 (`grad_decay`); SGD's first step copies the gradient
-    into the momentum (`first_step`)."""
+    into the momentum (`first_step`). `trust_ratio` multiplies the momentum rule's decayed gradient (LARS)."""
     beta1, beta2 = (float(b) for b in group["betas"])
     lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
     values = dict(
@@ -91,8 +98,33 @@ def one_state_constants(group: dict, step: int, eight_bit: bool, inv_grad_scale:
         grad_decay=1.0 if eight_bit or wd > 0.0 else 0.0,
         first_step=1.0 if step == 1 else 0.0,
         inv_grad_scale=inv_grad_scale,
+        trust_ratio=trust_ratio,
     )
     return [values[name] for name in ONE_STATE_FIELDS]
+
+
+# ---- LAMB and LARS (docs/numerics.md, "LAMB and LARS"): a norm pass, then Adam's or the momentum step ----
+def trust_ratio(param_square_sum: float, direction_square_sum: float, max_unorm: float, clip: bool) -> float:
+    """The layer's trust ratio from the two sums of squares of its norm pass, in double precision:
+    max_unorm * ||p|| / ||direction||; 1 when max_unorm is 0 (no trust ratio: bitsandbytes' "off") or either norm
+    is 0 (a zero-initialised tensor still moves; a zero direction moves nothing anyway); with `clip`, at most 1
+    (bitsandbytes' meaning of max_unorm: the update's norm is capped at max_unorm * ||p||, never raised). A NaN sum
+    (a NaN gradient under nonfinite="propagate") gives a NaN ratio."""
+    if max_unorm == 0.0:
+        return 1.0
+    param_norm, direction_norm = math.sqrt(param_square_sum), math.sqrt(direction_square_sum)
+    if param_norm == 0.0 or direction_norm == 0.0:
+        return 1.0
+    ratio = max_unorm * param_norm / direction_norm
+    return min(ratio, 1.0) if clip and not math.isnan(ratio) else ratio
+
+
+def lamb_constants(group: dict, step: int, eight_bit: bool, inv_grad_scale: float = 1.0, ratio: float = 1.0):
+    """One row of pq::AdamConstants for LAMB's step: Adam's row with the learning rate lr * ratio (so that
+    p - lr*ratio*(m/c1 / (sqrt(v)/c2 + eps) + wd*p) is Adam's decoupled-decay update), bias correction as the group
+    says."""
+    scaled = dict(group, lr=float(group["lr"]) * ratio)
+    return adam_constants(scaled, step, eight_bit, inv_grad_scale, bias_correction=group.get("bias_correction", True))
 
 
 # ---- AdEMAMix8bit (docs/numerics.md, "AdEMAMix"): Adam's moments plus a slow EMA m2 mixed in with weight alpha ----

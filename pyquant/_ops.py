@@ -136,6 +136,34 @@ def adam4bit_step_(
 @adam4bit_step_.register_fake
 def _(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1, nonfinite):
     return params[0].new_empty((), dtype=torch.int64)
+# ---- the trust ratios of LAMB and LARS (docs/numerics.md, "LAMB and LARS"): their norm passes ----
+@torch.library.custom_op("pyquant::lamb_norms", mutates_args=())
+def lamb_norms(
+    params: Tensors, grads: Tensors, state1: Tensors, state2: Tensors, absmax1: Tensors, absmax2: Tensors,
+    constants: Tensor, code1: Tensor, code2: Tensor, nonfinite: int,
+) -> Tensor:
+    """LAMB's norm pass over adam_step_'s operands (nothing is written): float64 (len(params), 2), per tensor the
+    sum of p^2 and the sum of r^2, r = m/c1 / (sqrt(v)/c2 + eps) + wd*p from the moments the step will compute.
+    Summed pairwise per block of 256, then pairwise over the blocks: the same bits for any thread count."""
+    return run_kernel("lamb_norms", params[0].device.type,
+                      params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite)
+
+
+@lamb_norms.register_fake
+def _(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite):
+    return params[0].new_empty((len(params), 2), dtype=torch.float64)
+
+
+@torch.library.custom_op("pyquant::lars_norms", mutates_args=())
+def lars_norms(params: Tensors, grads: Tensors, constants: Tensor, nonfinite: int) -> Tensor:
+    """LARS' norm pass, as lamb_norms: per tensor the sum of p^2 and of d^2, d = g + wd*p as the momentum rule of
+    one_state_step_ forms it (`constants`: its rows)."""
+    return run_kernel("lars_norms", params[0].device.type, params, grads, constants, nonfinite)
+
+
+@lars_norms.register_fake
+def _(params, grads, constants, nonfinite):
+    return params[0].new_empty((len(params), 2), dtype=torch.float64)
 
 
 # ---- GradScaler's unscale-and-check (reference/techniques.md C2) ----

@@ -197,6 +197,25 @@ def one_state_step_multi_tensor(params, grads, state1, absmax1, constants, code1
     return _ops.call_eagerly(_ops.one_state_step_, "one_state_step", args[0][0], args, written)
 
 
+def lamb_norms_multi_tensor(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite):
+    """LAMB's norm pass (op `pyquant::lamb_norms`) over adam_step_multi_tensor's operands: float64 (n, 2), the sums
+    of squares of each parameter and of its direction. The optimizer checks the inputs."""
+    args = (list(params), list(grads), list(state1), list(state2), list(absmax1), list(absmax2),
+            constants, code1, code2, nonfinite)
+    if not args[0]:
+        return torch.zeros((0, 2), dtype=torch.float64)
+    return _ops.call_eagerly(_ops.lamb_norms, "lamb_norms", args[0][0], args)
+
+
+def lars_norms_multi_tensor(params, grads, constants, nonfinite):
+    """LARS' norm pass (op `pyquant::lars_norms`): float64 (n, 2), the sums of squares of each parameter and of its
+    direction g + wd*p (`constants`: one_state_step_multi_tensor's rows)."""
+    args = (list(params), list(grads), constants, nonfinite)
+    if not args[0]:
+        return torch.zeros((0, 2), dtype=torch.float64)
+    return _ops.call_eagerly(_ops.lars_norms, "lars_norms", args[0][0], args)
+
+
 def ademamix_step_multi_tensor(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite):
     """One fused AdEMAMix step over lists of tensors (op `pyquant::ademamix_step_`; the optimizer checks the
     inputs): state1[i] is (2, *params[i].shape), the fast and slow EMAs. Returns the number of non-finite gradient

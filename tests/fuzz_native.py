@@ -113,6 +113,14 @@ def fuzz_bindings(cases: int) -> int:
         shapes = {k: [(tuple(t.shape), t.dtype, t.is_contiguous()) for t in v] if isinstance(v, list) else None
                   for k, v in ops.items()}
         expect_refusal(lambda: cpu["adam_step"](**ops), f"adam_step {shapes}")
+        expect_refusal(lambda: cpu["lamb_norms"](**ops), f"lamb_norms {shapes}")  # adam_step's operands
+        done += 2
+        params, grads = [torch.randn(n) for n in (5, 300)], [torch.randn(n) for n in (5, 300)]
+        which = RNG.choice(["params", "grads"])
+        i = RNG.randrange(2)
+        broken = dict(params=params, grads=grads)
+        broken[which][i] = bad_tensor(broken[which][i], DTYPES)
+        expect_refusal(lambda: cpu["lars_norms"](params, grads, torch.zeros(2, 12), 0), f"lars_norms {which} {i}")
         done += 1
 
         n = RNG.choice([1, 100, 256, 1000, 5000])
@@ -203,7 +211,10 @@ def fuzz_c_arguments() -> int:
             setattr(descriptors[1], field, value)
         bad = lib.pq_adam_step(descriptors, 2, ptr(CODE1), ptr(CODE2), ptr(table), ptr(table), 0)
         assert bad == -capi.INVALID_ARGUMENT, (field, value, bad)
-        cases += 1
+        sums = torch.full((4,), -1.0, dtype=torch.float64)
+        status = lib.pq_lamb_norms(descriptors, 2, ptr(CODE1), ptr(CODE2), ptr(table), ptr(table), 0, ptr(sums))
+        assert status == capi.INVALID_ARGUMENT and torch.all(sums == -1.0), (field, value, status)
+        cases += 2
     huge = (capi.AdamTensor * 257)()  # 257 * ceil((2**63 - 1) / 256) blocks do not fit one int64 index
     for d in huge:
         d.param = d.grad = d.state1 = d.state2 = d.absmax1 = d.absmax2 = x.data_ptr()
@@ -211,7 +222,13 @@ def fuzz_c_arguments() -> int:
     assert lib.pq_adam_step(huge, 257, ptr(CODE1), ptr(CODE2), ptr(table), ptr(table), 0) == -capi.INVALID_ARGUMENT
     for count, nonfinite in [(-1, 0), (2, 2)]:
         assert lib.pq_adam_step(None, count, None, None, None, None, nonfinite) == -capi.INVALID_ARGUMENT
-        cases += 1
+        assert lib.pq_lamb_norms(None, count, None, None, None, None, nonfinite, None) == capi.INVALID_ARGUMENT
+        assert lib.pq_lars_norms(None, count, nonfinite, None) == capi.INVALID_ARGUMENT
+        cases += 3
+    lars = (capi.OneStateTensor * 1)()
+    lars[0].param, lars[0].numel, lars[0].param_dtype = x.data_ptr(), 1000, 0  # no gradient pointer
+    assert lib.pq_lars_norms(lars, 1, 0, ptr(torch.zeros(2, dtype=torch.float64))) == capi.INVALID_ARGUMENT
+    cases += 1
     assert all(torch.equal(a, b) for a, b in zip(before, ops["params"])), "an invalid adam call wrote"
 
     fn = lib.pq_unscale_

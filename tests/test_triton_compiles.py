@@ -131,6 +131,9 @@ def _exercise_every_launcher():
             for p in four:
                 p.grad = torch.randn(p.shape).to(dtype)
             pyquant.AdamW4bit(four).step()
+            # LAMB's and LARS' norm passes (and their steps: Adam's and the momentum rule)
+            pyquant.LAMB8bit(params).step()
+            pyquant.LARS8bit(params, lr=0.1, momentum=0.9).step()
         grads = [torch.randn(5).to(d) for d in (*dtypes, torch.float64)]
         unscale_(grads, torch.zeros(1), torch.full((1,), 0.5))
         for dtype in (torch.float16, torch.bfloat16):
@@ -145,7 +148,7 @@ def test_every_triton_launch_compiles_for_sm90(recorded_launches):
     launches = list(recorded_launches.values())
     names = {launch["name"] for launch in launches}
     expected = {"_quantize_kernel", "_dequantize_kernel", "_adam_kernel", "_one_state_kernel", "_ademamix_kernel",
-                "_unscale_kernel", "_adam4bit_kernel", "_rank1_maxima_kernel"}
+                "_unscale_kernel", "_adam4bit_kernel", "_rank1_maxima_kernel", "_lamb_norms_kernel", "_lars_norms_kernel"}
     assert expected <= names, names
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(launches), env=env,

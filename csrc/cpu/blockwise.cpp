@@ -515,9 +515,9 @@ int64_t one_state_step(const pq_one_state_tensor* tensors, int32_t count, const 
 
 // ---- AdEMAMix (docs/numerics.md, "AdEMAMix"): the one-state step's layout with three states ----
 
-// sqrt(nu) of a block as torch computes it on this CPU: the SIMD emulation or IEEE sqrt (choose_sqrt_mode), else
-// the installed routine itself (or sqrtf when there is none).
-static inline void ademamix_sqrt(const float* v, float* out, int64_t len, int sqrt_mode, pq_vsqrt_fn fn) {
+// The square roots of a block of second moments as torch computes them on this CPU (AdEMAMix's nu, LAMB's v): the
+// SIMD emulation or IEEE sqrt (choose_sqrt_mode), else the installed routine itself (or sqrtf when there is none).
+static inline void moment_sqrt(const float* v, float* out, int64_t len, int sqrt_mode, pq_vsqrt_fn fn) {
 #if PQ_SIMD
   if (sqrt_mode != kSqrtCall) return vec::sqrt_block(v, out, len, sqrt_mode, fn);
 #endif
@@ -586,7 +586,7 @@ static inline int64_t ademamix_block(const pq_ademamix_tensor& t, int64_t start,
     nu[i] = kept_or_updated(keep, nu[i], v);
     skip[i] = keep;
   }
-  ademamix_sqrt(nu, root, len, sqrt_mode, fn);
+  moment_sqrt(nu, root, len, sqrt_mode, fn);
   // Every element, then the skipped ones put back (rare): a select in this loop kept GCC from vectorising it.
   for (int64_t i = 0; i < len; ++i)
     store_from_float(t.param, start + i, PDT, ademamix_param_given_sqrt(p[i], m1[i], m2[i], root[i], k));
@@ -626,6 +626,138 @@ int64_t ademamix_step(const pq_ademamix_tensor* tensors, int32_t count, const fl
         }
         return bad;
       });
+    });
+  });
+}
+
+// ---- the trust ratios' norm passes (docs/numerics.md, "LAMB and LARS") ----
+// Per tensor, the sums of squares of the parameter and of the direction the ratio scales. Each block's squares
+// (in double: a float32 square is exact there) are summed pairwise (halving_sum over 256 slots, zero past the
+// end), each block by the thread that owns it; then, after the parallel region, each tensor's block sums are summed
+// pairwise in block order. Neither order depends on the thread count, so neither do the sums. Nothing but `sums`
+// is written: the step that follows recomputes the moments from the same states.
+
+// The pairwise sum of a tensor's block sums (`count` of them, `stride` apart), zero-padded to a power of two.
+static double sum_of_blocks(const double* partial, int64_t count, int64_t stride) {
+  int64_t n = 1;
+  while (n < count) n *= 2;
+  std::vector<double> x((size_t)n, 0.0);
+  for (int64_t b = 0; b < count; ++b) x[(size_t)b] = partial[b * stride];
+  return halving_sum(x.data(), n);
+}
+
+// Runs block(tensor, block, out) over every block of the group (out: that block's two sums), then reduces.
+template <class Tensor, class Block>
+static void group_norms(const Tensor* tensors, int32_t count, double* sums, Block&& block) {
+  std::vector<int64_t> first(count + 1, 0);
+  for (int32_t i = 0; i < count; ++i) first[i + 1] = first[i] + block_count(tensors[i].numel, kOptimizerBlock);
+  std::vector<double> partial((size_t)(2 * first[count]), 0.0);
+  over_group_blocks(tensors, count, [&](int32_t ti, int64_t b0, int64_t b1) -> int64_t {
+    for (int64_t b = b0; b < b1; ++b) block(tensors[ti], b, &partial[(size_t)(2 * (first[ti] + b))]);
+    return 0;
+  });
+  for (int32_t i = 0; i < count; ++i)
+    for (int j = 0; j < 2; ++j)
+      sums[2 * i + j] = sum_of_blocks(partial.data() + 2 * first[i] + j, first[i + 1] - first[i], 2);
+}
+
+// out[0] = the pairwise sum of p^2 over a block, out[1] of d^2 (`len` values each; zero past them).
+static inline void block_square_sums(const float* p, const float* d, int64_t len, double* out) {
+  double sp[kOptimizerBlock], sd[kOptimizerBlock];
+  for (int64_t i = 0; i < len; ++i) {
+    const double x = (double)p[i], y = (double)d[i];
+    sp[i] = x * x;
+    sd[i] = y * y;
+  }
+  for (int64_t i = len; i < kOptimizerBlock; ++i) sp[i] = sd[i] = 0.0;
+  out[0] = halving_sum(sp, kOptimizerBlock);
+  out[1] = halving_sum(sd, kOptimizerBlock);
+}
+
+namespace scalar {
+
+// One block of LAMB's norm pass: the step's moments (adam_moments, from the same states and unscaled gradients),
+// the block's square roots (moment_sqrt, as the step's), the direction r (lamb_direction; 0 for a skipped element),
+// the two sums. The dtypes are compile-time constants and the loops branch-free, so that they vectorise.
+template <int PDT, int GDT>
+static inline void lamb_norm_block(const pq_adam_tensor& t, int64_t b, const StateCodec& codec1,
+                                   const StateCodec& codec2, int32_t nonfinite, int sqrt_mode, pq_vsqrt_fn fn,
+                                   double* out) {
+  float m[kOptimizerBlock], v[kOptimizerBlock], root[kOptimizerBlock], p[kOptimizerBlock], r[kOptimizerBlock],
+      grad[kOptimizerBlock];
+  uint32_t skip[kOptimizerBlock];
+  const pq_adam_constants k = t.k;  // a local copy: no store below can alias it
+  const int64_t start = b * kOptimizerBlock, len = std::min<int64_t>(kOptimizerBlock, t.numel - start);
+  if (t.state_bits == 8) {
+    codec1.dequantize((const uint8_t*)t.state1 + start, t.absmax1[b], len, m);
+    codec2.dequantize((const uint8_t*)t.state2 + start, t.absmax2[b], len, v);
+  } else {
+    memcpy(m, (const float*)t.state1 + start, (size_t)len * sizeof(float));
+    memcpy(v, (const float*)t.state2 + start, (size_t)len * sizeof(float));
+  }
+  for (int64_t i = 0; i < len; ++i) grad[i] = unscaled_grad(load_as_float(t.grad, start + i, GDT), k.inv_grad_scale, GDT);
+  for (int64_t i = 0; i < len; ++i) p[i] = load_as_float(t.param, start + i, PDT);
+  const uint32_t skip_mode = nonfinite == kSkipElement;
+  uint32_t skipped = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    const uint32_t keep = skip_mode & !is_finite(grad[i]);  // the step leaves it: no part of the direction
+    float a = m[i], c = v[i];
+    adam_moments(grad[i], a, c, k);
+    m[i] = kept_or_updated(keep, m[i], a);
+    v[i] = kept_or_updated(keep, v[i], c);
+    skip[i] = keep;
+    skipped |= keep;
+  }
+  moment_sqrt(v, root, len, sqrt_mode, fn);
+  for (int64_t i = 0; i < len; ++i) r[i] = lamb_direction(p[i], m[i], root[i], k);
+  if (skipped)
+    for (int64_t i = 0; i < len; ++i) r[i] = kept_or_updated(skip[i], 0.0f, r[i]);  // a skipped element: 0
+  block_square_sums(p, r, len, out);
+}
+
+// One block of LARS' norm pass: d = decayed_grad (0 for a skipped element), the two sums.
+template <int PDT, int GDT>
+static inline void lars_norm_block(const pq_one_state_tensor& t, int64_t b, int32_t nonfinite, double* out) {
+  float p[kOptimizerBlock], d[kOptimizerBlock];
+  const pq_one_state_constants k = t.k;
+  const int64_t start = b * kOptimizerBlock, len = std::min<int64_t>(kOptimizerBlock, t.numel - start);
+  const uint32_t skip_mode = nonfinite == kSkipElement;
+  for (int64_t i = 0; i < len; ++i) p[i] = load_as_float(t.param, start + i, PDT);
+  for (int64_t i = 0; i < len; ++i) {
+    const float g = unscaled_grad(load_as_float(t.grad, start + i, GDT), k.inv_grad_scale, GDT);
+    d[i] = kept_or_updated(skip_mode & !is_finite(g), 0.0f, decayed_grad(p[i], g, k));  // a skipped element: 0
+  }
+  block_square_sums(p, d, len, out);
+}
+
+}  // namespace scalar
+
+// Calls f(PDT, GDT) (std::integral_constant each) for a tensor's parameter and gradient dtypes.
+template <class F>
+static inline void with_dtypes(int32_t param_dtype, int32_t grad_dtype, F&& f) {
+  with_value<PQ_DTYPE_FLOAT32, PQ_DTYPE_FLOAT16, PQ_DTYPE_BFLOAT16>(param_dtype, [&](auto p) {
+    with_value<PQ_DTYPE_FLOAT32, PQ_DTYPE_FLOAT16, PQ_DTYPE_BFLOAT16>(grad_dtype, [&](auto g) { f(p, g); });
+  });
+}
+
+void lamb_norms(const pq_adam_tensor* tensors, int32_t count, const float* code1, const float* code2,
+                const uint8_t* table1, const uint8_t* table2, int32_t nonfinite, double* sums) {
+  const pq_vsqrt_fn fn = pq_cpu_sqrt;
+  const int sqrt_mode = choose_sqrt_mode(fn);
+  const StateCodec codec1(code1, table1), codec2(code2, table2);
+  group_norms(tensors, count, sums, [&](const pq_adam_tensor& t, int64_t b, double* out) {
+    with_dtypes(t.param_dtype, t.grad_dtype, [&](auto p, auto g) {
+      constexpr int PDT = decltype(p)::value, GDT = decltype(g)::value;
+      scalar::lamb_norm_block<PDT, GDT>(t, b, codec1, codec2, nonfinite, sqrt_mode, fn, out);
+    });
+  });
+}
+
+void lars_norms(const pq_one_state_tensor* tensors, int32_t count, int32_t nonfinite, double* sums) {
+  group_norms(tensors, count, sums, [&](const pq_one_state_tensor& t, int64_t b, double* out) {
+    with_dtypes(t.param_dtype, t.grad_dtype, [&](auto p, auto g) {
+      constexpr int PDT = decltype(p)::value, GDT = decltype(g)::value;
+      scalar::lars_norm_block<PDT, GDT>(t, b, nonfinite, out);
     });
   });
 }

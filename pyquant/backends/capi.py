@@ -23,7 +23,7 @@ from pyquant._contract import (
     FOURBIT_BLOCK, RANK1_MAX_DIMS,
 )
 
-ABI_VERSION = 9  # PQ_ABI_VERSION of capi.h, which everything below mirrors
+ABI_VERSION = 10  # PQ_ABI_VERSION of capi.h, which everything below mirrors
 INVALID_ARGUMENT = 2  # PQ_INVALID_ARGUMENT of capi.h
 OUT_OF_MEMORY = 1  # what the low-rank convolution entry points return when a buffer cannot be allocated
 REBUILD = "pip install -e ."  # what rebuilds the libraries of a checkout (README)
@@ -97,6 +97,8 @@ CPU_FUNCTIONS = {
     "pq_one_state_step": ([ctypes.POINTER(OneStateTensor), I32, P, P, I32, I32], I64),
     "pq_ademamix_step": ([ctypes.POINTER(AdemamixTensor), I32, P, P, P, P, I32], I64),
     "pq_adam4bit_step": ([ctypes.POINTER(Adam4bitTensor), I32, P, P, I32], I64),
+    "pq_lamb_norms": ([ctypes.POINTER(AdamTensor), I32, P, P, P, P, I32, P], I32),
+    "pq_lars_norms": ([ctypes.POINTER(OneStateTensor), I32, I32, P], I32),
     "pq_unscale_": ([I32, P, P, P, P, P, I32, I32], I32),
     "pq_matmul": ([I32, P, P, I32, P, P, I32, P, P, I32, I64, I32, P, I32, P, I64, I64, I64, I32, I32], None),
     "pq_matmul_im2col": ([P, I32, P, P, P, I32, P, I32, P, I64, P, I32, I64, I32, P, I32, P, I32, I32], None),
@@ -113,6 +115,8 @@ CUDA_FUNCTIONS = {
     "pq_cuda_one_state_step": ([P, P, I32, I64, P, P, I32, I32, P, P], I32),
     "pq_cuda_ademamix_step": ([P, P, I32, I64, P, P, P, P, I32, P, P], I32),
     "pq_cuda_adam4bit_step": ([P, P, I32, I64, P, P, P, P, I32, I32, P, P], I32),
+    "pq_cuda_lamb_norms": ([P, P, I32, I64, P, P, I32, P, P], I32),
+    "pq_cuda_lars_norms": ([P, P, I32, I64, I32, P, P], I32),
     "pq_cuda_unscale_": ([P, I32, I64, P, P, P], I32),
     "pq_cuda_error_string": ([I32], ctypes.c_char_p),
 }
@@ -319,6 +323,23 @@ def describe_adam4bit(params, grads, state1, state2, absmax1, absmax2, constants
             d.shape[:p.dim()] = list(p.shape)
         d.k = AdamConstants(*row)
     return descriptors
+def check_lars_norms_operands(params, grads, constants, nonfinite) -> None:
+    """The operands of one lars_norms call (one device): parameters and gradients of the same sizes, one row of
+    ONE_STATE_FIELDS per tensor."""
+    count = len(params)
+    if len(grads) != count:
+        raise ValueError(f"lars_norms: {count} params but {len(grads)} grads")
+    if nonfinite not in (0, 1):
+        raise ValueError(f"lars_norms: nonfinite must be 0 (skip) or 1 (propagate), got {nonfinite!r}")
+    if count == 0:
+        return
+    device = params[0].device
+    rows = (count, len(ONE_STATE_FIELDS))
+    if not isinstance(constants, torch.Tensor) or tuple(constants.shape) != rows:
+        raise ValueError(f"lars_norms: constants must be a tensor of shape {rows}, got {getattr(constants, 'shape', constants)!r}")
+    for i, (p, g) in enumerate(zip(params, grads)):
+        check_tensor(p, f"lars_norms: param {i}", FLOAT_DTYPES, device)
+        check_tensor(g, f"lars_norms: grad {i}", FLOAT_DTYPES, device, p.numel())
 
 
 GRAD_DTYPES = tuple(DTYPE_CODES)  # what GradScaler unscales: float32, float16, bfloat16, float64

@@ -1,5 +1,6 @@
-"""What every 8-bit optimizer of pyquant shares: `Optimizer8bit`, the base of Adam8bit/AdamW8bit (adam.py) and of
-Lion8bit, SGD8bit, RMSprop8bit and Adagrad8bit (one_state.py).
+"""What every 8-bit optimizer of pyquant shares: `Optimizer8bit`, the base of Adam8bit/AdamW8bit (adam.py), of
+Lion8bit, SGD8bit, RMSprop8bit and Adagrad8bit (one_state.py), of the AdEMAMix classes (ademamix.py) and of the
+LAMB and LARS classes (trust_ratio.py).
 
 Per parameter: the choice of 8-bit or float32 states (`min_8bit_size`, bitsandbytes' rule, and `optim_bits`, from
 a parameter group or from `pyquant.optim.override`, overrides.py, which may also set the hyperparameters), their
@@ -38,7 +39,7 @@ from pyquant.optim.overrides import ATTRIBUTE, PRECISION_KEYS, check_precision_o
 # bitsandbytes 0.50.2 keeps these state entries inside one nested dict in state_dict(), so that FSDP's
 # gathering skips them; loading unwraps it. Same key, same layout, in both directions.
 QUANT_STATE_KEY = "__bnb_optimizer_quant_state__"
-QUANT_STATE_FIELDS = ("state1", "state2", "qmap1", "qmap2", "absmax1", "absmax2")
+QUANT_STATE_FIELDS = ("state1", "state2", "qmap1", "qmap2", "absmax1", "absmax2", "unorm_vec")
 NONFINITE_POLICIES = {"skip": 0, "propagate": 1}
 
 
@@ -85,6 +86,9 @@ class Optimizer8bit(torch.optim.Optimizer):
     _sharded_names: tuple[str, ...] = ()  # the moments' names under FSDP2 where torch has no such optimizer
     _torch_step = True
     _to_torch_class: type | None = None  # to_torch's class, where it is not _torch_class
+    # Group keys of the subclass that bitsandbytes' groups lack (LAMB's max_unorm, ...): a loaded group without one
+    # keeps this optimizer's value, as it keeps its precision keys.
+    _own_group_keys: tuple[str, ...] = ()
 
     def __init__(self, params, defaults: dict, *, min_8bit_size: int, master_weights: bool, nonfinite: str):
         if nonfinite not in NONFINITE_POLICIES:
@@ -641,7 +645,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         for g, sg in zip(groups, saved_groups):
             ng = deepcopy({k: v for k, v in sg.items() if k != "params"})
             ng["params"] = g["params"]
-            for key in PRECISION_KEYS:  # bitsandbytes' groups never hold them: a group's own precision stays
+            for key in PRECISION_KEYS + self._own_group_keys:  # not in bitsandbytes' groups: ours stay
                 if key in g and key not in ng:
                     ng[key] = g[key]
             new_groups.append(ng)

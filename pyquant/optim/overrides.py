@@ -39,7 +39,7 @@ ATTRIBUTE = "_pyquant_optim_overrides"
 PRECISION_KEYS = ("optim_bits", "min_8bit_size")
 # Every key some pyquant 8-bit optimizer takes: precision, and the group hyperparameters of bitsandbytes' layout.
 # An optimizer with other group keys adds them here and to its `_override_keys`.
-KNOWN_KEYS = (*PRECISION_KEYS, "lr", "betas", "eps", "weight_decay")
+KNOWN_KEYS = (*PRECISION_KEYS, "lr", "betas", "eps", "weight_decay", "max_unorm")
 
 
 def override(params: torch.Tensor | Iterable[torch.Tensor], **options) -> None:

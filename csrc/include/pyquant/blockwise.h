@@ -208,6 +208,11 @@ PQ_HD float torch_sign(float x) {
   return out;
 }
 
+// The gradient with the weight decay term of SGD, RMSprop and Adagrad (and LARS' direction g + wd*p).
+PQ_HD float decayed_grad(float p, float g, const pq_one_state_constants& k) {
+  return k.grad_decay != 0.0f ? fmaf(k.weight_decay, p, g) : g;
+}
+
 // The state update and everything before the square root. `p` may be decayed (Lion); `g` may get the weight
 // decay term (the others). Returns the value the parameter update needs besides p (Lion: the direction).
 PQ_HD float one_state_first(int32_t rule, bool eight_bit, float& p, float& g, float& s,
@@ -218,9 +223,11 @@ PQ_HD float one_state_first(int32_t rule, bool eight_bit, float& p, float& g, fl
     s = fmaf(k.one_minus_beta2, g, s * k.beta2);
     return torch_sign(u);
   }
-  if (k.grad_decay != 0.0f) g = fmaf(k.weight_decay, p, g);
-  if (rule == PQ_RULE_MOMENTUM)
+  g = decayed_grad(p, g, k);
+  if (rule == PQ_RULE_MOMENTUM) {
+    g = g * k.trust_ratio;  // LARS' ratio; SGD's is 1, an exact no-op
     s = k.first_step != 0.0f ? g : s * k.beta1 + g;
+  }
   else if (rule == PQ_RULE_RMSPROP)
     s = fmaf(k.one_minus_beta1 * g, g, s * k.beta1);
   else
@@ -254,6 +261,22 @@ PQ_HD float ademamix_param_given_sqrt(float p, float m1, float m2, float sqrt_nu
   const float mixed = m1 / k.c1 + k.alpha * m2;
   const float denom = sqrt_nu / k.c2 + k.eps;
   return fmaf(k.neg_lr, mixed / denom, p * k.decay);
+}
+
+// ---- LAMB's direction (docs/numerics.md, "LAMB and LARS"): what its norm pass sums the squares of ----
+// r = m/c1 / (sqrt(v)/c2 + eps) + wd*p from the updated moments (adam_moments) and sqrt(v), for 8-bit and float32
+// states alike. Only the trust ratio depends on it: the step itself is Adam's with the ratio in its constants.
+PQ_HD float lamb_direction(float p, float m, float sqrt_v, const pq_adam_constants& k) {
+  const float u = (m * k.inv_c1) / (sqrt_v / k.c2 + k.eps);
+  return k.weight_decay > 0.0f ? fmaf(k.weight_decay, p, u) : u;
+}
+
+// The sum of n (a power of two) doubles, pairwise by halving: x[i] += x[i + h] for h = n/2, ..., 1. A fixed order,
+// whatever the thread count; the reference backend sums in the same order. Overwrites x.
+PQ_HD double halving_sum(double* x, int64_t n) {
+  for (int64_t h = n / 2; h >= 1; h /= 2)
+    for (int64_t i = 0; i < h; ++i) x[i] = x[i] + x[i + h];
+  return n > 0 ? x[0] : 0.0;
 }
 
 // ---- GradScaler's unscale_ (pyquant/amp.py; torch's _amp_foreach_non_finite_check_and_unscale_) ----

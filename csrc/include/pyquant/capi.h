@@ -7,7 +7,7 @@
 
 // Bumped whenever an enum, a struct or a signature below changes, for either library: Python refuses a library
 // built from other sources rather than passing it arguments it would misread.
-#define PQ_ABI_VERSION 9
+#define PQ_ABI_VERSION 10
 
 // What the validating entry points return when an argument is invalid (a negative size, a block size <= 0,
 // an unknown dtype code, a missing pointer, a block count that does not fit in int64): they do nothing then.
@@ -47,6 +47,8 @@ struct pq_adam_constants {
   float step_size;               // f32(-lr / c1) for 8-bit states, f32(-lr * c2 / c1) for float32 states
   float decay;                   // f32(1 - lr * wd); exactly 1 when wd == 0
   float inv_grad_scale;          // f32(1 / loss scale) when GradScaler's unscale is fused into the step, else 1
+  float inv_c1;                  // f32(1 / c1)        (LAMB's norm pass only: pq_lamb_norms)
+  float weight_decay;            // f32(wd)            (LAMB's norm pass only)
 };
 
 // One tensor of a multi-tensor Adam step. state_bits 8: state1/state2 are uint8 codes with float32
@@ -83,6 +85,7 @@ struct pq_one_state_constants {
   float grad_decay;              // 1 or 0
   float first_step;              // 1 on the first step (SGD copies the gradient into the momentum), else 0
   float inv_grad_scale;          // as in pq_adam_constants
+  float trust_ratio;             // momentum: the decayed gradient is multiplied by it (LARS' ratio; 1 for SGD)
 };
 
 // One tensor of a multi-tensor one-state step; state_bits 8: uint8 codes with float32 absmax per block of 256.
@@ -206,6 +209,18 @@ int64_t pq_ademamix_step(const struct pq_ademamix_tensor* tensors, int32_t count
 // seen, -PQ_INVALID_ARGUMENT, or -1 when its buffers (rank-1 maxima) cannot be allocated.
 int64_t pq_adam4bit_step(const struct pq_adam4bit_tensor* tensors, int32_t count, const float* code1,
                          const float* code2, int32_t nonfinite);
+// The sums of squares of LAMB's trust ratio (docs/numerics.md, "LAMB and LARS") for `count` tensors, described as
+// for pq_adam_step (k: the step's constants with inv_c1 and weight_decay): sums[2i] = sum of p^2, sums[2i + 1] = sum
+// of r^2 over tensor i, r = m/c1 / (sqrt(v)/c2 + eps) + wd*p from the updated moments (0 for a skipped element).
+// Nothing is written but `sums`. Each block's squares are summed pairwise in double, then the blocks' sums
+// pairwise, so the sums do not depend on the thread count. Returns 0 or PQ_INVALID_ARGUMENT.
+int32_t pq_lamb_norms(const struct pq_adam_tensor* tensors, int32_t count, const float* code1, const float* code2,
+                      const uint8_t* table1, const uint8_t* table2, int32_t nonfinite, double* sums);
+
+// pq_lamb_norms for LARS: sums[2i + 1] = sum of d^2, d = g + wd*p as the momentum rule forms it (its grad_decay).
+// Reads the parameters and gradients only (state1 and absmax1 may be NULL).
+int32_t pq_lars_norms(const struct pq_one_state_tensor* tensors, int32_t count, int32_t nonfinite, double* sums);
+
 // C[batch] = A[batch] @ B[batch] (+ bias) with float32 accumulation and one rounding to C's dtype (capi_gemm.cpp).
 void pq_matmul(int32_t nb, const int64_t* batch_shape, const void* a, int32_t a_dtype, const int64_t* a_strides,
                const void* b, int32_t b_dtype, const int64_t* b_strides, const void* bias, int32_t bias_dtype,
@@ -277,6 +292,17 @@ int32_t pq_cuda_adam4bit_step(const struct pq_adam4bit_tensor* device_descriptor
                               int32_t count, int64_t total_blocks, const float* code1, const float* code2,
                               float* new_maxima, const int64_t* device_maxima_offset, int32_t pass, int32_t nonfinite,
                               int64_t* device_bad_count, void* stream);
+// pq_lamb_norms on the device, with the conventions of pq_cuda_adam_step, writing per global block (not per tensor)
+// the two sums into device_block_sums (2 * total_blocks doubles); the caller sums each tensor's blocks.
+int32_t pq_cuda_lamb_norms(const struct pq_adam_tensor* device_descriptors, const int64_t* device_first_block,
+                           int32_t count, int64_t total_blocks, const float* code1, const float* code2,
+                           int32_t nonfinite, double* device_block_sums, void* stream);
+
+// pq_lars_norms on the device, as pq_cuda_lamb_norms (the descriptors' states are not read).
+int32_t pq_cuda_lars_norms(const struct pq_one_state_tensor* device_descriptors, const int64_t* device_first_block,
+                           int32_t count, int64_t total_blocks, int32_t nonfinite, double* device_block_sums,
+                           void* stream);
+
 // pq_unscale_ on the device, the gradients described by 4 x count int64 values in device memory.
 int32_t pq_cuda_unscale_(const int64_t* device_meta, int32_t count, int64_t total_chunks, float* found_inf,
                          const float* inv_scale, void* stream);

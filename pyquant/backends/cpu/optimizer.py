@@ -1,7 +1,7 @@
 """The C++ CPU library's fused optimizer steps (csrc/cpu): one call updates every tensor of a parameter group.
 
 Adam (`adam_step`), the one-state rules (`one_state_step`: momentum, Lion, RMSprop, Adagrad), every rule in C++,
-AdEMAMix (`ademamix_step`), and Adam with 4-bit states (`adam4bit_step`)."""
+AdEMAMix (`ademamix_step`), Adam with 4-bit states (`adam4bit_step`), and the norm passes of LAMB's and LARS' trust ratios (`lamb_norms`, `lars_norms`)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pyquant._nvtx import kernel_range
 from pyquant.backends import kernel
 from pyquant.backends.capi import (
     AdamConstants, AdamTensor, AdemamixConstants, AdemamixTensor, OneStateConstants, OneStateTensor,
-    check_adam4bit_operands, check_adam_operands, check_ademamix_operands, check_one_state_operands, check_status,
-    cpu_library, describe_adam4bit,
+    check_adam4bit_operands, check_adam_operands, check_ademamix_operands, check_lars_norms_operands,
+    check_one_state_operands, check_status, cpu_library, describe_adam4bit,
 )
 from pyquant.backends.code_tables import cached_code_table
 
@@ -211,3 +211,51 @@ def prepare_adam4bit_step(params, grads, state1, state2, absmax1, absmax2, const
     _on_cpu(params, "adam4bit_step")
     descriptors, run = _adam4bit_call(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1)
     return PreparedStep("adam4bit_step", descriptors, run, params, [*params, *state1, *state2, *absmax1, *absmax2])
+    count = len(params)
+    if count and params[0].device.type != "cpu":
+        raise ValueError(f"ademamix_step: the cpu backend got tensors on {params[0].device}")
+    descriptors = (AdemamixTensor * count)()
+    rows = constants.tolist()
+    for d, p, g, s1, s2, a1, a2, row in zip(descriptors, params, grads, state1, state2, absmax1, absmax2, rows):
+        d.param, d.grad, d.state1, d.state2 = p.data_ptr(), g.data_ptr(), s1.data_ptr(), s2.data_ptr()
+        d.absmax1, d.absmax2 = a1.data_ptr(), a2.data_ptr()
+        d.numel = p.numel()
+        d.param_dtype, d.grad_dtype = DTYPE_CODES[p.dtype], DTYPE_CODES[g.dtype]
+        d.state_bits = 8 if s1.dtype == torch.uint8 else 32
+        d.k = AdemamixConstants(*row)
+    table1, table2 = cached_code_table(code1), cached_code_table(code2)
+    bad = cpu_library().pq_ademamix_step(
+        descriptors, count, code1.data_ptr(), code2.data_ptr(), table1.data_ptr(), table2.data_ptr(), nonfinite
+    )
+    if bad < 0:
+        check_status(-bad, "ademamix_step")
+    return torch.tensor(bad, dtype=torch.int64)
+
+
+@kernel("lamb_norms", "cpu")
+def lamb_norms(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite):
+    check_adam_operands(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite)
+    _on_cpu(params, "lamb_norms")
+    descriptors = (AdamTensor * len(params))()
+    _fill(descriptors, params, grads, (state1, state2, absmax1, absmax2), constants, AdamConstants)
+    table1, table2 = cached_code_table(code1), cached_code_table(code2)
+    sums = torch.empty((len(params), 2), dtype=torch.float64)
+    status = cpu_library().pq_lamb_norms(descriptors, len(params), code1.data_ptr(), code2.data_ptr(),
+                                         table1.data_ptr(), table2.data_ptr(), nonfinite, sums.data_ptr())
+    check_status(status, "lamb_norms")
+    return sums
+
+
+@kernel("lars_norms", "cpu")
+def lars_norms(params, grads, constants, nonfinite):
+    check_lars_norms_operands(params, grads, constants, nonfinite)
+    _on_cpu(params, "lars_norms")
+    descriptors = (OneStateTensor * len(params))()
+    for d, p, g, row in zip(descriptors, params, grads, constants.tolist()):  # no states: the pass reads p and g
+        d.param, d.grad, d.numel = p.data_ptr(), g.data_ptr(), p.numel()
+        d.param_dtype, d.grad_dtype = DTYPE_CODES[p.dtype], DTYPE_CODES[g.dtype]
+        d.state_bits = 32
+        d.k = OneStateConstants(*row)
+    sums = torch.empty((len(params), 2), dtype=torch.float64)
+    check_status(cpu_library().pq_lars_norms(descriptors, len(params), nonfinite, sums.data_ptr()), "lars_norms")
+    return sums

@@ -1,7 +1,9 @@
 """The CUDA library's fused optimizer steps (csrc/cuda): one launch per parameter group.
 
 Adam (`adam_step`, csrc/cuda/adam.cu), the one-state rules (`one_state_step`, csrc/cuda/one_state.cu: momentum,
-Lion, RMSprop, Adagrad) and AdEMAMix (`ademamix_step`, csrc/cuda/ademamix.cu), Adam with 4-bit states (`adam4bit_step`, csrc/cuda/adam4bit.cu) take the same arguments as the cpu backend's kernels and check them with the same functions."""
+Lion, RMSprop, Adagrad), AdEMAMix (`ademamix_step`, csrc/cuda/ademamix.cu), Adam with 4-bit states (`adam4bit_step`,
+csrc/cuda/adam4bit.cu) and the norm passes of LAMB and LARS (`lamb_norms`, `lars_norms`, csrc/cuda/trust_ratio.cu) take the same arguments as the cpu backend's kernels and check
+them with the same functions."""
 
 from __future__ import annotations
 
@@ -13,10 +15,12 @@ from pyquant._contract import DTYPE_CODES, FOURBIT_BLOCK, OPTIMIZER_BLOCK, block
 from pyquant.backends import kernel
 from pyquant.backends.capi import (
     AdamConstants, AdamTensor, AdemamixConstants, AdemamixTensor, OneStateConstants, OneStateTensor,
-    check_adam4bit_operands, check_adam_operands, check_ademamix_operands, check_one_state_operands, describe_adam4bit,
+    check_adam4bit_operands, check_adam_operands, check_ademamix_operands, check_lars_norms_operands,
+    check_one_state_operands, describe_adam4bit,
 )
 from pyquant.backends.code_tables import cached_code_table
 from pyquant.backends.cuda.launch import check, library, stream
+from pyquant.backends.reference.optimizer import sum_of_block_sums
 
 ptr = torch.Tensor.data_ptr
 
@@ -29,7 +33,8 @@ def launch_group(op: str, descriptor: type, constants_type: type, columns: tuple
     total_blocks, bad, stream)` calls the entry point with the device addresses. Returns the number of non-finite
     gradient elements skipped, as a 0-dim int64 tensor on the parameters' device (not synchronised: read it only
     when needed)."""
-    params, grads, state1 = columns[:3]
+    params, grads = columns[:2]
+    state1 = columns[2] if len(columns) > 2 else [params[0].new_empty(0)] * len(params)  # LARS' norms: no states
     count = len(params)
     if count == 0:
         return torch.zeros((), dtype=torch.int64)
@@ -146,3 +151,46 @@ def adam4bit_step(params, grads, state1, state2, absmax1, absmax2, constants, co
         if r:
             a2.copy_(new_maxima[start:start + sum(p.shape)])
     return bad
+
+
+# ---- LAMB's and LARS' norm passes (csrc/cuda/trust_ratio.cu): block sums on the device, then each tensor's sum in
+# the fixed order of every backend (reference sum_of_block_sums) ----
+def _tensor_sums(params, block_sums: torch.Tensor) -> torch.Tensor:
+    sums, first = [], 0
+    for p in params:
+        blocks = blocks_of(p.numel(), OPTIMIZER_BLOCK)
+        sums.append(sum_of_block_sums(block_sums[first:first + blocks]))
+        first += blocks
+    return torch.stack(sums)
+
+
+def _block_sums_buffer(params) -> torch.Tensor:
+    total = sum(blocks_of(p.numel(), OPTIMIZER_BLOCK) for p in params)
+    return torch.zeros((total, 2), dtype=torch.float64, device=params[0].device)
+
+
+@kernel("lamb_norms", "cuda")
+def lamb_norms(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite):
+    check_adam_operands(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite)
+    lib, block_sums = library(), _block_sums_buffer(params)
+
+    def launch(descriptors, first_block, count, total_blocks, _bad, on_stream):
+        return lib.pq_cuda_lamb_norms(descriptors, first_block, count, total_blocks, ptr(code1), ptr(code2), nonfinite,
+                                      ptr(block_sums), on_stream)
+
+    columns = (params, grads, state1, state2, absmax1, absmax2)
+    launch_group("lamb_norms", AdamTensor, AdamConstants, columns, constants, launch)
+    return _tensor_sums(params, block_sums)
+
+
+@kernel("lars_norms", "cuda")
+def lars_norms(params, grads, constants, nonfinite):
+    check_lars_norms_operands(params, grads, constants, nonfinite)
+    lib, block_sums = library(), _block_sums_buffer(params)
+
+    def launch(descriptors, first_block, count, total_blocks, _bad, on_stream):
+        return lib.pq_cuda_lars_norms(descriptors, first_block, count, total_blocks, nonfinite, ptr(block_sums),
+                                      on_stream)
+
+    launch_group("lars_norms", OneStateTensor, OneStateConstants, (params, grads), constants, launch)
+    return _tensor_sums(params, block_sums)

@@ -1,5 +1,7 @@
 """Reference kernels of the fused optimizer steps (docs/numerics.md sections 3-5): dequantise, update, requantise,
-one tensor at a time in plain torch: Adam, the one-state rules (momentum, Lion, RMSprop, Adagrad) and AdEMAMix. `fma32` is the only place where a product is not rounded before the addition."""
+one tensor at a time in plain torch: Adam, the one-state rules (momentum, Lion, RMSprop, Adagrad) and AdEMAMix; and
+the norm passes of LAMB's and LARS' trust ratios. `fma32` is the only place where a product is not rounded before
+the addition."""
 
 from __future__ import annotations
 
@@ -100,6 +102,7 @@ def _one_state_update(rule: int, p, g, s, k: dict, eight_bit: bool):
     if rule != ONE_STATE_RULES["lion"] and float(k["grad_decay"]):
         g = fma32(k["weight_decay"], p, g)
     if rule == ONE_STATE_RULES["momentum"]:
+        g = g * k["trust_ratio"]  # LARS' ratio; SGD's is 1, an exact no-op
         s = g if float(k["first_step"]) else s * k["beta1"] + g
         return fma32(k["neg_lr"], s, p), s
     if rule == ONE_STATE_RULES["lion"]:
@@ -161,3 +164,65 @@ def ademamix_step(params, grads, state1, state2, absmax1, absmax2, constants, co
         _store_state(slow, a_slow, code1, new_m2)
         _store_state(s2, a2, code2, new_nu)
     return torch.tensor(total, dtype=torch.int64)
+
+
+# ---- the trust ratios' norm passes (docs/numerics.md, "LAMB and LARS"), summed in the C++ library's order ----
+def _halving_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dimension (a power of two) by halving: x[..., i] + x[..., i + h] for h = n/2, ..., 1."""
+    while x.shape[-1] > 1:
+        h = x.shape[-1] // 2
+        x = x[..., :h] + x[..., h:]
+    return x[..., 0]
+
+
+def sum_of_block_sums(block_sums: torch.Tensor) -> torch.Tensor:
+    """The sum over the first dimension of float64 `block_sums` (blocks, ...), zero-padded to a power of two, by
+    halving: the second stage of every backend's norm pass (the C++ library's sum_of_blocks)."""
+    blocks = block_sums.shape[0]
+    padded = block_sums.new_zeros((1 << max(blocks - 1, 0).bit_length(), *block_sums.shape[1:]))
+    padded[:blocks] = block_sums
+    return _halving_sum(padded.movedim(0, -1))
+
+
+def pairwise_square_sum(values: torch.Tensor) -> torch.Tensor:
+    """The sum of the squares of float32 `values` in double (each square exact): per block of OPTIMIZER_BLOCK slots
+    (zero past the end) by halving, then over the blocks' sums (sum_of_block_sums)."""
+    n = values.numel()
+    blocks = -(-n // OPTIMIZER_BLOCK)
+    squares = torch.zeros(blocks * OPTIMIZER_BLOCK, dtype=torch.float64, device=values.device)
+    x = values.reshape(-1).double()
+    squares[:n] = x * x
+    return sum_of_block_sums(_halving_sum(squares.view(blocks, OPTIMIZER_BLOCK)))
+
+
+@kernel("lamb_norms", "reference")
+def lamb_norms(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite):
+    sums = []
+    for i, (p, g, s1, s2, a1, a2) in enumerate(zip(params, grads, state1, state2, absmax1, absmax2)):
+        k = {name: f32(float(constants[i, j]), p.device) for j, name in enumerate(CONSTANT_FIELDS)}
+        gf = unscaled_grad(g.reshape(-1), k["inv_grad_scale"])
+        pf = p.reshape(-1).float()
+        m, v = _load_state(s1, a1, code1), _load_state(s2, a2, code2)
+        m = fma32(k["one_minus_beta1"], gf, m * k["beta1"])  # blockwise.h adam_moments
+        v = fma32(k["one_minus_beta2"] * gf, gf, v * k["beta2"])
+        r = (m * k["inv_c1"]) / (torch.sqrt(v) / k["c2"] + k["eps"])  # blockwise.h lamb_direction
+        if float(k["weight_decay"]) > 0.0:
+            r = fma32(k["weight_decay"], pf, r)
+        if nonfinite == SKIP_ELEMENT:  # a skipped element does not move: no part of the direction
+            r = torch.where(torch.isfinite(gf), r, torch.zeros_like(r))
+        sums.append(torch.stack([pairwise_square_sum(pf), pairwise_square_sum(r)]))
+    return torch.stack(sums)
+
+
+@kernel("lars_norms", "reference")
+def lars_norms(params, grads, constants, nonfinite):
+    sums = []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        k = {name: f32(float(constants[i, j]), p.device) for j, name in enumerate(ONE_STATE_FIELDS)}
+        gf = unscaled_grad(g.reshape(-1), k["inv_grad_scale"])
+        pf = p.reshape(-1).float()
+        d = fma32(k["weight_decay"], pf, gf) if float(k["grad_decay"]) else gf  # blockwise.h decayed_grad
+        if nonfinite == SKIP_ELEMENT:
+            d = torch.where(torch.isfinite(gf), d, torch.zeros_like(d))
+        sums.append(torch.stack([pairwise_square_sum(pf), pairwise_square_sum(d)]))
+    return torch.stack(sums)
