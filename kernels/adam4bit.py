@@ -24,9 +24,10 @@ from pyquant.kernels.blockwise import LAUNCH, load_f32, masked_abs, rounded_to, 
 BLOCK = tl.constexpr(FOURBIT_BLOCK)
 HALF = tl.constexpr(FOURBIT_BLOCK // 2)  # bytes of codes per block
 MAXD = tl.constexpr(RANK1_MAX_DIMS)  # entries per section of `dims` (globals a kernel reads must be constexpr)
-# The kernels read the constants by column (pq_adam_constants' order): the columns they assume.
-assert CONSTANT_FIELDS == ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "eps_c2", "c2", "step_size",
-                           "decay", "inv_grad_scale"), CONSTANT_FIELDS
+# The kernels read the constants by column (pq_adam_constants' order) from each tensor's row: the columns they
+# assume (those after them, LAMB's, are not read).
+assert CONSTANT_FIELDS[:10] == ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "eps_c2", "c2",
+                                "step_size", "decay", "inv_grad_scale"), CONSTANT_FIELDS
 
 
 @triton.jit

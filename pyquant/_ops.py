@@ -136,6 +136,8 @@ def adam4bit_step_(
 @adam4bit_step_.register_fake
 def _(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1, nonfinite):
     return params[0].new_empty((), dtype=torch.int64)
+
+
 # ---- the trust ratios of LAMB and LARS (docs/numerics.md, "LAMB and LARS"): their norm passes ----
 @torch.library.custom_op("pyquant::lamb_norms", mutates_args=())
 def lamb_norms(

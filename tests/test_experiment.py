@@ -110,7 +110,8 @@ def test_settings_resolve_per_device():
 
 @pytest.mark.parametrize("name, class_name, lr_factor", [
     ("lion8bit", "Lion8bit", 1 / 3), ("sgd8bit", "SGD8bit", 10.0), ("rmsprop8bit", "RMSprop8bit", 1.0),
-    ("adagrad8bit", "Adagrad8bit", 10.0), ("ademamix8bit", "AdEMAMix8bit", 1.0)])
+    ("adagrad8bit", "Adagrad8bit", 10.0), ("ademamix8bit", "AdEMAMix8bit", 1.0), ("lamb8bit", "LAMB8bit", 1.0),
+    ("lars8bit", "LARS8bit", 100.0)])
 def test_family_settings_build_their_optimizer_and_take_a_step(name, class_name, lr_factor):
     import pyquant
 

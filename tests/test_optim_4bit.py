@@ -15,7 +15,7 @@ import torch
 import pyquant
 from pyquant import backends, use_backend
 from pyquant import functional as F
-from pyquant._contract import FOURBIT_BLOCK
+from pyquant._contract import CONSTANT_FIELDS, FOURBIT_BLOCK
 from pyquant.backends.reference import adam4bit as ref
 
 from conftest import assert_same_bits
@@ -586,7 +586,7 @@ def test_kernels_refuse_operands_that_do_not_fit():
     p.grad = torch.ones_like(p)
     n, packed = p.numel(), (p.numel() + 1) // 2
     code1, code2 = F.create_4bit_map(True), F.create_4bit_map(False)
-    constants = torch.zeros(1, 10)
+    constants = torch.zeros(1, len(CONSTANT_FIELDS))
     ok = dict(params=[p.detach()], grads=[p.grad], state1=[torch.zeros(packed, dtype=torch.uint8)],
               state2=[torch.zeros(packed, dtype=torch.uint8)], absmax1=[torch.zeros(17)], absmax2=[torch.zeros(98)],
               constants=constants, code1=code1, code2=code2, rank1=[True], nonfinite=0)
@@ -644,7 +644,7 @@ def test_op_passes_opcheck(backend):
     packed = (p.numel() + 1) // 2
     args = ([p.detach().clone()], [torch.randn(33, 65)], [torch.zeros(packed, dtype=torch.uint8)],
             [torch.zeros(packed, dtype=torch.uint8)], [torch.zeros(17)], [torch.zeros(98)],
-            torch.tensor([[0.9, 0.1, 0.999, 0.001, 1e-8, 1e-8, 0.03, -0.01, 1.0, 1.0]]),
+            torch.tensor([[0.9, 0.1, 0.999, 0.001, 1e-8, 1e-8, 0.03, -0.01, 1.0, 1.0, 1.0, 0.0]]),
             F.create_4bit_map(True), F.create_4bit_map(False), [True], 0)
     with use_backend(backend):
         torch.library.opcheck(torch.ops.pyquant.adam4bit_step_.default, args)

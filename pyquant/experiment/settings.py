@@ -64,12 +64,15 @@ def _lion8bit(params, lr):
 # The rest of bitsandbytes' 8-bit family, by name. Each keeps its class defaults; the learning rate is the study's
 # (Adam's) times the ratio of the algorithm's usual rate to Adam's 1e-3: SGD with momentum 0.9 and Adagrad take
 # 10x (torch's Adagrad default is 1e-2; bench/family_accuracy.py trains both at 1e-2 on digits and breast cancer),
-# RMSprop and AdEMAMix Adam's own.
+# LARS (momentum 0.9, trust coefficient 0.02) 100x, as there; RMSprop, AdEMAMix and LAMB (whose update has norm
+# lr * ||p||) Adam's own.
 FAMILY = {
     "sgd8bit": ("SGD8bit", 10.0, {"momentum": 0.9}),
     "rmsprop8bit": ("RMSprop8bit", 1.0, {}),
     "adagrad8bit": ("Adagrad8bit", 10.0, {}),
     "ademamix8bit": ("AdEMAMix8bit", 1.0, {}),
+    "lamb8bit": ("LAMB8bit", 1.0, {}),
+    "lars8bit": ("LARS8bit", 100.0, {"momentum": 0.9}),
 }
 
 
