@@ -76,6 +76,15 @@ FAMILY_RUNS = [(algo, impl) for algo in FAMILY for impl in ("pyquant", "bitsandb
                and (algo, impl) != ("RMSprop", "torch(fused)")]  # torch 2.14's RMSprop has no fused step
 
 
+def _family_optimizer(impl, cls_name, kwargs, torch_make, params, request):
+    """pyquant's or bitsandbytes' class `cls_name`, or torch's float32 optimizer (fused or foreach), over `params`."""
+    if impl == "pyquant":
+        return getattr(pyquant, cls_name)(params, **kwargs)
+    if impl == "bitsandbytes":
+        return getattr(request.getfixturevalue("bnb").optim, cls_name)(params, **kwargs)
+    return torch_make(params, **({"fused": True} if impl == "torch(fused)" else {"foreach": True}))
+
+
 @pytest.mark.parametrize("size", list(FAMILY_SIZES))
 @pytest.mark.parametrize("algo,impl", FAMILY_RUNS)
 def test_family_step(benchmark, size, algo, impl, request):
@@ -84,12 +93,7 @@ def test_family_step(benchmark, size, algo, impl, request):
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(n, generator=g))]
     params[0].grad = torch.randn(n, generator=g) * 1e-2
-    if impl == "pyquant":
-        opt = getattr(pyquant, cls_name)(params, **kwargs)
-    elif impl == "bitsandbytes":
-        opt = getattr(request.getfixturevalue("bnb").optim, cls_name)(params, **kwargs)
-    else:
-        opt = torch_make(params, **({"fused": True} if impl == "torch(fused)" else {"foreach": True}))
+    opt = _family_optimizer(impl, cls_name, kwargs, torch_make, params, request)
     opt.step()
     benchmark.group = f"{algo} step {size} float32 params"
     benchmark.pedantic(opt.step, rounds=5 if n > FAMILY_SIZES["1M"] else 10, warmup_rounds=1)
@@ -119,12 +123,7 @@ def test_family_step_densenet121(benchmark, algo, impl, request):
     params = [torch.nn.Parameter(torch.randn(shape, generator=g)) for shape in densenet121_shapes()]
     for p in params:
         p.grad = torch.randn(p.shape, generator=g) * 1e-2
-    if impl == "pyquant":
-        opt = getattr(pyquant, cls_name)(params, **kwargs)
-    elif impl == "bitsandbytes":
-        opt = getattr(request.getfixturevalue("bnb").optim, cls_name)(params, **kwargs)
-    else:
-        opt = torch_make(params, **({"fused": True} if impl == "torch(fused)" else {"foreach": True}))
+    opt = _family_optimizer(impl, cls_name, kwargs, torch_make, params, request)
     opt.step()
     n = sum(p.numel() for p in params)
     benchmark.group = f"{algo} step DenseNet-121 parameter list"

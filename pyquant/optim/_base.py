@@ -109,6 +109,14 @@ class Optimizer8bit(torch.optim.Optimizer):
         """Run the subclass's op over one group's tensors on one device; return the skipped count (a tensor)."""
         raise NotImplementedError
 
+    def _operands(self, items, device):
+        """The op's state operands (each state in `_states` order, then their block scales; an empty tensor where a
+        tensor has float32 states) and codes for `items` on `device`."""
+        empty = torch.empty(0, dtype=torch.float32, device=device)
+        states = [[s[k] for _, s in items] for k in self._states]
+        absmax = [[s.get(f"absmax{i}", empty) for _, s in items] for i in range(1, len(self._states) + 1)]
+        return (*states, *absmax), self._codes_on(device)
+
     def _moment_slots(self) -> list[tuple[str, str, int | None]]:
         """How the states of a sharded (FSDP2) parameter appear in state_dict() (pyquant/distributed.py): per
         moment, its float32 name there (torch's, where torch has the optimizer), the state holding it, and its

@@ -156,13 +156,6 @@ class AdEMAMix(Optimizer8bit):
             raise ValueError(f"{type(self).__name__}: the beta3 schedule (bitsandbytes' formula) is undefined at step "
                              f"{step} for betas {group['betas']} and t_beta3 {group['t_beta3']}: {e}") from None
 
-    def _operands(self, items, device):
-        """The op's state operands (state1, state2, absmax1, absmax2) and codes for `items` on `device`."""
-        empty = torch.empty(0, dtype=torch.float32, device=device)
-        states = [[s[k] for _, s in items] for k in ("state1", "state2")]
-        absmax = [[s.get(k, empty) for _, s in items] for k in ("absmax1", "absmax2")]
-        return (*states, *absmax), self._codes_on(device)
-
     def _fused_step(self, group, items, stepped, grads, inv_grad_scale, policy):
         states, codes = self._operands(items, stepped[0].device)
         constants = self._constants(group, items, inv_grad_scale)

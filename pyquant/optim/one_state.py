@@ -56,11 +56,6 @@ class _OneState8bit(Optimizer8bit):
     def _constants_row(self, group, step, eight_bit, inv_grad_scale):
         return one_state_constants(group, step, eight_bit, inv_grad_scale)
 
-    def _operands(self, items, device):
-        """The op's state operands (state1, absmax1) and code for `items` on `device`."""
-        empty = torch.empty(0, dtype=torch.float32, device=device)
-        return ([s["state1"] for _, s in items], [s.get("absmax1", empty) for _, s in items]), self._codes_on(device)
-
     def _fused_step(self, group, items, stepped, grads, inv_grad_scale, policy):
         states, (code,) = self._operands(items, stepped[0].device)
         constants = self._constants(group, items, inv_grad_scale)

@@ -95,13 +95,6 @@ class _TrustRatio(Optimizer8bit):
         clip, max_unorm = group["trust_clip"], float(group["max_unorm"])
         return [trust_ratio(param, direction, max_unorm, clip) for param, direction in rows]
 
-    def _operands(self, items, device):
-        """The op's state operands and codes for `items` on `device` (Adam's four, or the one-state rule's two)."""
-        empty = torch.empty(0, dtype=torch.float32, device=device)
-        states = [[s[k] for _, s in items] for k in self._states]
-        absmax = [[s.get(f"absmax{i}", empty) for _, s in items] for i in range(1, len(self._states) + 1)]
-        return (*states, *absmax), self._codes_on(device)
-
 
 class LAMB(_TrustRatio):
     """LAMB with `optim_bits` 32 (float32 states, the default, as bitsandbytes) or 8 (8-bit states for tensors of at
