@@ -24,11 +24,12 @@ from pyquant.experiment.tasks import get_task
 
 
 def spawn(target, args: tuple):
-    """Start ``target(*args)`` in a fresh (spawned) Python process that ignores Ctrl-C until ``target`` starts.
+    """Start ``target(*args)`` in a fresh (spawned) Python process that holds Ctrl-C back until ``target`` starts.
 
     The child imports torch first (a few seconds); a Ctrl-C then would print a traceback from deep inside an import.
-    An ignored SIGINT stays ignored across exec, and Python then installs no handler, so the child sets its own
-    just before ``target`` and reports started; :func:`stop_after_interrupt` ends a child that had not started."""
+    The child is started with SIGINT blocked (a signal mask survives fork and exec), so a Ctrl-C in that time waits
+    in it until :func:`_interruptible` unblocks it just before ``target``, and ends it with exit code 130;
+    :func:`stop_after_interrupt` ends a child that had not started."""
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
@@ -36,17 +37,24 @@ def spawn(target, args: tuple):
     process = context.Process(target=_interruptible, args=(started, target, args))
     if threading.current_thread() is not threading.main_thread():  # signal handlers are the main thread's
         process.start()
-    else:
-        # Blocked, the parent's own Ctrl-C in this moment stays pending (Linux queues a blocked signal even while
-        # it is ignored) and arrives once the handler is back.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            process.start()
-        finally:
-            signal.signal(signal.SIGINT, handler)
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        process.started = started
+        return process
+    # While the child starts, the parent's own Ctrl-C is only recorded: the parent's other threads (tqdm's, torch's)
+    # do not block SIGINT, so one of them may take it, and a handler that raised inside process.start() would leave
+    # a half-started child. (An ignored SIGINT was lost that way: delivered to another thread while ignored.)
+    interrupted = []
+    handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        process.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        signal.signal(signal.SIGINT, handler)
     process.started = started
+    if interrupted:  # Ctrl-C came while the child started: as if before it (it has not begun the target)
+        process.terminate()
+        process.join()
+        raise KeyboardInterrupt
     return process
 
 
@@ -54,6 +62,7 @@ def _interruptible(started, target, args: tuple) -> None:
     try:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         started.set()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a Ctrl-C held back since the start arrives now
         target(*args)
     except KeyboardInterrupt:  # one line from the parent ("interrupted: ..."), not a traceback per process
         raise SystemExit(130) from None
