@@ -171,12 +171,13 @@ static bool valid_adam4bit_tensor(const pq_adam4bit_tensor& t) {
   if (t.numel < 0 || !pq::valid_dtype(t.param_dtype) || !pq::valid_dtype(t.grad_dtype)) return false;
   if ((t.state_bits != 4 && t.state_bits != 32) || (t.rank1 != 0 && t.rank1 != 1)) return false;
   if (t.rank1) {
-    // the shape must describe numel elements: its product, computed without overflow
+    // the shape must describe numel elements: its product, computed without overflow. A dimension may be 0 (an
+    // empty tensor, e.g. an FSDP2 rank's empty shard of a matrix): no element, its maxima are left as they are.
     if (t.state_bits != 4 || t.ndim < 2 || t.ndim > PQ_RANK1_MAX_DIMS) return false;
     int64_t product = 1, sum = 0;
     for (int d = 0; d < t.ndim; ++d) {
       const int64_t s = t.shape[d];
-      if (s < 1 || product > INT64_MAX / s || sum > INT64_MAX - s) return false;
+      if (s < 0 || (s > 0 && product > INT64_MAX / s) || sum > INT64_MAX - s) return false;
       product *= s;
       sum += s;
     }

@@ -48,17 +48,35 @@ def refuse_sharded(optimizer, what: str) -> None:
         )
 
 
+def sum_over_shards(params: list, sums: torch.Tensor) -> torch.Tensor:
+    """`sums` (one row of per-tensor sums for each of `params`, e.g. LAMB's and LARS' squared norms) with the rows
+    of DTensor parameters summed over the ranks that hold their shards: the sums of whole tensors, the same on
+    every rank. One all-reduce per mesh dimension that shards some of them (Replicate dimensions hold the same
+    values already). Every rank steps the same parameters in the same order, so the collectives match."""
+    rows: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        if is_sharded(p):
+            for dim, placement in enumerate(p.placements):
+                if placement.is_shard():
+                    rows.setdefault((p.device_mesh, dim), []).append(i)
+    for (mesh, dim), index in rows.items():
+        part = sums[index]
+        dist.all_reduce(part, op=dist.ReduceOp.SUM, group=mesh.get_group(dim))
+        sums[index] = part
+    return sums
+
+
 # ---- the state of one DTensor parameter, as DCP sees it ----
-def moments(optimizer, state: dict) -> dict[str, torch.Tensor]:
-    """The float32 moments that one parameter's state stands for (dequantised if 8-bit), by their DCP names
-    (optimizer._moment_slots: Adam's exp_avg and exp_avg_sq, SGD's momentum_buffer, ...)."""
+def moments(optimizer, shard: torch.Tensor, state: dict) -> dict[str, torch.Tensor]:
+    """The float32 moments that the state of one parameter's local `shard` stands for (dequantised if 8-bit or
+    4-bit), by their DCP names (optimizer._moment_slots: Adam's exp_avg and exp_avg_sq, SGD's momentum_buffer, ...)."""
     out = {}
     for name, key, index in optimizer._moment_slots():
-        number = key[-1]  # state1 -> absmax1, qmap1
+        number = int(key[-1])  # state1 -> absmax1, qmap1
         values = state[key] if index is None else state[key][index]
         if values.dtype == torch.uint8:
             absmax = state[f"absmax{number}"] if index is None else state[f"absmax{number}"][index]
-            out[name] = F.dequantize_blockwise(values, absmax, state[f"qmap{number}"], OPTIMIZER_BLOCK)
+            out[name] = optimizer._dequantized_moment(shard, number, values, absmax, state)
         else:
             out[name] = values.clone()
     return out
@@ -74,9 +92,13 @@ def sharded_state_entry(optimizer, p, state: dict) -> dict:
             local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
         )
 
-    entry = {"step": state["step"], **{name: like_param(m) for name, m in moments(optimizer, state).items()}}
+    moments_of_shard = moments(optimizer, p.to_local(), state)
+    entry = {"step": state["step"], **{name: like_param(m) for name, m in moments_of_shard.items()}}
     if "master" in state:  # master_weights=True: this shard's float32 copy of a low-precision parameter
         entry["master"] = like_param(state["master"])
+    for key in optimizer._whole_tensor_states:  # the same on every rank (LAMB's unorm_vec): a plain tensor
+        if key in state:
+            entry[key] = state[key].clone()
     return entry
 
 
@@ -116,41 +138,47 @@ def checked_sharded_state(optimizer, p, saved: dict, where: str) -> dict:
     if "master" in loaded and optimizer._keeps_master(p):
         state["master"] = loaded["master"]
     eight_bit = optimizer._uses_8bit(p)
-    codes = optimizer._codes_on(local.device)
     parts: dict[str, list] = {}  # state key -> [(values, absmax)], several where moments are stacked (AdEMAMix)
     for name, key, _ in slots:
-        code = codes[int(key[-1]) - 1]
-        parts.setdefault(key, []).append(quantize_moment(loaded[name], code) if eight_bit else (loaded[name].clone(), None))
+        quantized = optimizer._quantized_moment(loaded[name], int(key[-1])) if eight_bit else (loaded[name].clone(), None)
+        parts.setdefault(key, []).append(quantized)
     for key, values in parts.items():
         number = key[-1]
         stacked = len(values) > 1
         state[key] = torch.stack([v for v, _ in values]) if stacked else values[0][0]
         if eight_bit:
             state[f"absmax{number}"] = torch.stack([a for _, a in values]) if stacked else values[0][1]
-            state[f"qmap{number}"] = codes[int(number) - 1]
+            state[f"qmap{number}"] = optimizer._codes_on(local.device)[int(number) - 1]
     return state
 
 
-def quantize_moment(x: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """8-bit blocks of `x`: blocks that are exactly code[q] * absmax (dequantised pyquant states) get that q and
-    absmax back, bit for bit in value; any other block gets the plain quantisation.
+def quantize_moment(x: torch.Tensor, code: torch.Tensor, block: int = OPTIMIZER_BLOCK, plain=None):
+    """(one uint8 code per element, x's shape; float32 scale per block) of `x` in blocks of `block`: blocks that are
+    exactly code[q] * absmax (dequantised pyquant states) get that q and absmax back, bit for bit in value; any
+    other block gets the plain quantisation, `plain(rows)` -> (codes, absmax) of the zero-padded blocks (default:
+    8-bit block-wise, F.quantize_blockwise).
 
-    Quantising a dequantised block again does not always give it back: the quantiser goes through a 65536-point
-    grid that is coarser than the map's smallest codes, and a block whose largest magnitude is negative holds
-    code[0] * absmax = -0.9929 * absmax (the signed map has no -1). So each block's scale is found instead (its
-    largest magnitude, or that over 0.9929, to within 2 ulp) and each element's code is looked up in code * scale.
+    Quantising a dequantised block again does not always give it back: the 8-bit quantiser goes through a
+    65536-point grid that is coarser than the map's smallest codes, and a block whose largest magnitude is negative
+    holds code[0] * absmax, which is -0.9929 * absmax in the signed 8-bit map (the signed maps have no -1). So each
+    block's scale is found instead (its largest magnitude, or that over -code[0], to within 2 ulp) and each
+    element's code is looked up in code * scale.
     """
     flat = x.reshape(-1)
-    n, blocks = flat.numel(), -(-flat.numel() // OPTIMIZER_BLOCK)
+    n, blocks = flat.numel(), -(-flat.numel() // block)
     # Pad the last block with zeros: they change neither its scale nor the codes of its real elements.
-    rows = torch.zeros(blocks * OPTIMIZER_BLOCK, dtype=torch.float32, device=x.device)
+    rows = torch.zeros(blocks * block, dtype=torch.float32, device=x.device)
     rows[:n] = flat
-    rows = rows.view(blocks, OPTIMIZER_BLOCK)
-    q, absmax = F.quantize_blockwise(rows, code, OPTIMIZER_BLOCK)
-    q = q.view(blocks, OPTIMIZER_BLOCK)
+    rows = rows.view(blocks, block)
+    if plain is None:
+        q, absmax = F.quantize_blockwise(rows, code, block)
+    else:
+        q, absmax = plain(rows)
+    q = q.reshape(blocks, block).clone()
+    absmax = absmax.clone()
     largest = rows.abs().amax(dim=1)
     scales = [largest]
-    if code[0] < 0:  # the signed map: the largest magnitude may be -code[0] * absmax
+    if code[0] < 0:  # a signed map: the largest magnitude may be -code[0] * absmax
         guess = (largest / -code[0]).view(torch.int32)
         scales += [(guess + ulps).view(torch.float32) for ulps in (0, 1, -1, 2, -2)]
     found = torch.zeros(blocks, dtype=torch.bool, device=x.device)

@@ -1,5 +1,6 @@
-"""Adam8bit and the rest of the 8-bit family inside torch.distributed, on CPU with gloo: DDP bits, FSDP2 shards,
-DCP checkpoints across world sizes.
+"""Adam8bit, the rest of the 8-bit family, LAMB/LARS and AdamW4bit inside torch.distributed, on CPU with gloo: DDP
+bits, FSDP2 shards (4-bit rank-1 maxima per shard, LAMB's and LARS' norms over whole tensors), DCP checkpoints
+across world sizes.
 
 Starting processes is the expensive part (each imports torch), so one 2-process run does every 2-rank scenario
 and records what it saw, one 1-process run loads its checkpoint, and the tests below check the records.
@@ -46,12 +47,20 @@ FAMILY = {
     "RMSprop8bit": lambda ps, **kw: pyquant.RMSprop8bit(ps, lr=LR, **kw),
     "Adagrad8bit": lambda ps, **kw: pyquant.Adagrad8bit(ps, lr=LR, **kw),
     "AdEMAMix8bit": lambda ps, **kw: pyquant.AdEMAMix8bit(ps, lr=LR, t_alpha=3, t_beta3=3, **kw),
+    # 4-bit states, rank-1 maxima per shard (docs/distributed.md); the size rule under its own name
+    "AdamW4bit": lambda ps, min_8bit_size=4096, **kw: pyquant.AdamW4bit(ps, lr=LR, min_4bit_size=min_8bit_size, **kw),
+    # trust ratios from norms of the whole tensor: no Shadow over one shard (FullShadow checks them instead)
+    "LAMB8bit": lambda ps, **kw: pyquant.LAMB8bit(ps, lr=LR, weight_decay=0.01, **kw),
+    "LARS8bit": lambda ps, **kw: pyquant.LARS8bit(ps, lr=LR, momentum=0.9, weight_decay=0.01, **kw),
 }
-# 4-bit states: DDP only; FSDP2 is refused (rank-1 scales over a shard would need the other shards' maxima).
-DDP_ONLY = {"AdamW4bit": lambda ps, **kw: pyquant.AdamW4bit(ps, lr=LR, **kw)}
+# their float32-state variants, for FullShadow
+WHOLE_TENSOR_NORMS = {"LAMB8bit": lambda ps: pyquant.LAMB32bit(ps, lr=LR, weight_decay=0.01),
+                      "LARS8bit": lambda ps: pyquant.LARS32bit(ps, lr=LR, momentum=0.9, weight_decay=0.01)}
 # Their moments in a sharded state_dict(), as DCP sees them.
 FAMILY_MOMENTS = {"Lion8bit": ["exp_avg"], "SGD8bit": ["momentum_buffer"], "RMSprop8bit": ["square_avg"],
-                  "Adagrad8bit": ["sum"], "AdEMAMix8bit": ["exp_avg_fast", "exp_avg_slow", "exp_avg_sq"]}
+                  "Adagrad8bit": ["sum"], "AdEMAMix8bit": ["exp_avg_fast", "exp_avg_slow", "exp_avg_sq"],
+                  "AdamW4bit": ["exp_avg", "exp_avg_sq"], "LAMB8bit": ["exp_avg", "exp_avg_sq", "unorm_vec"],
+                  "LARS8bit": ["momentum_buffer", "unorm_vec"]}
 
 
 def adamw8bit(ps, **kw):
@@ -153,6 +162,27 @@ class Shadow:
             self.mismatches += not same_bits(p.to_local(), c)
             for key in ("state1", "state2", "absmax1", "absmax2"):
                 self.mismatches += (key in theirs) != (key in ours) or (key in ours and not same_bits(theirs[key], ours[key]))
+
+
+class FullShadow:
+    """`make`'s optimizer (float32 states: no blocks that a shard would place otherwise) over whole copies of the
+    parameters, fed the whole gradients: a sharded LAMB or LARS must give its parameters and its ||direction||
+    (unorm_vec), up to the order of the norms' float64 sums (a shard's sum, then the ranks' sum)."""
+
+    def __init__(self, model, make):
+        self.real = list(model.parameters())
+        self.copies = [nn.Parameter(p.full_tensor().detach().clone()) for p in self.real]
+        self.optimizer = make(self.copies)
+        self.worst_param, self.worst_norm = 0.0, 0.0
+
+    def step_and_compare(self, optimizer):
+        for p, c in zip(self.real, self.copies):
+            c.grad = p.grad.full_tensor()
+        self.optimizer.step()
+        for p, c in zip(self.real, self.copies):
+            self.worst_param = max(self.worst_param, ((p.full_tensor() - c).abs() / c.abs().clamp(min=1e-3)).max().item())
+            ours, theirs = optimizer.state[p]["unorm_vec"], self.optimizer.state[c]["unorm_vec"]
+            self.worst_norm = max(self.worst_norm, ((ours - theirs).abs() / theirs).item())
 
 
 # ---- the processes ----
@@ -275,7 +305,7 @@ def two_ranks(rank, world_size, out_dir):
     # The rest of the family: DDP, and under FSDP2 each shard stepped like the plain optimizer on it, a
     # checkpoint with the moments under their names, resumed bit for bit.
     record["family"] = {}
-    for name, make in {**FAMILY, **DDP_ONLY}.items():
+    for name, make in FAMILY.items():
         seen = {}
         ddp_net = ddp_model()
         ddp = DistributedDataParallel(ddp_net)
@@ -288,21 +318,21 @@ def two_ranks(rank, world_size, out_dir):
         seen["ddp"] = [p.detach().clone() for p in ddp_net.parameters()]
         model = sharded(Net(), world_size)
         optimizer = make(model.parameters())
-        if name in DDP_ONLY:
-            nn.functional.mse_loss(model(fsdp_batch(0, rank)[0]), fsdp_batch(0, rank)[1]).backward()
-            try:
-                optimizer.step()
-                seen["fsdp_error"] = ""
-            except NotImplementedError as error:
-                seen["fsdp_error"] = str(error)
-            record["family"][name] = seen
-            continue
-        shadow = Shadow(model, optimizer, make)
+        shadow = None if name in WHOLE_TENSOR_NORMS else Shadow(model, optimizer, make)
         train(model, optimizer, STEPS, rank, shadow=shadow)
-        seen["shadow_mismatches"] = shadow.mismatches
+        seen["shadow_mismatches"] = shadow.mismatches if shadow else 0
+        if name in WHOLE_TENSOR_NORMS:
+            seen["unorm"] = {n: optimizer.state[p]["unorm_vec"].item() for n, p in model.named_parameters()}
+            # the float32-state variant beside the whole tensors
+            make32, full_model = WHOLE_TENSOR_NORMS[name], sharded(Net(), world_size)
+            full = FullShadow(full_model, make32)
+            train(full_model, make32(full_model.parameters()), STEPS, rank, shadow=full)
+            seen["full_worst"] = (full.worst_param, full.worst_norm)
         # fc1.weight has 4928 elements, its shards 2496 and 2432: min_8bit_size applies to the whole parameter
         seen["fc1_8bit"] = optimizer.state[model.fc1.weight]["state1"].dtype == torch.uint8
         seen["moment_names"] = sorted(set(optimizer.state_dict()["state"][0]) - {"step"})
+        seen["scale_counts"] = {n: optimizer.state[p].get("absmax2", torch.zeros(0)).numel()
+                                for n, p in model.named_parameters()}
         path = os.path.join(out_dir, f"family-{name}")
         save_checkpoint(path, model, optimizer)
         train(model, optimizer, 2, rank, first_step=STEPS)
@@ -438,7 +468,7 @@ def test_checkpoint_of_another_model_is_refused_and_nothing_changes(runs):
 
 
 # ---- the rest of the family ----
-@pytest.mark.parametrize("name", [*FAMILY, *DDP_ONLY])
+@pytest.mark.parametrize("name", FAMILY)
 def test_family_under_ddp_gives_every_rank_the_bits_of_one_process(runs, name):
     two, _ = runs
 
@@ -446,7 +476,7 @@ def test_family_under_ddp_gives_every_rank_the_bits_of_one_process(runs, name):
         for xs, ys in zip(x.chunk(2), y.chunk(2)):
             (nn.functional.mse_loss(model(xs), ys) * 0.5).backward()
 
-    model = one_process_ddp_run(halves, {**FAMILY, **DDP_ONLY}[name])
+    model = one_process_ddp_run(halves, FAMILY[name])
     for rank in (0, 1):
         for ours, theirs in zip(model.parameters(), two[rank]["family"][name]["ddp"]):
             assert same_bits(ours.detach(), theirs), f"rank {rank}"
@@ -463,10 +493,26 @@ def test_family_under_fsdp2_steps_each_shard_and_resumes_bit_for_bit(runs, name)
         assert seen["resumed"], f"rank {rank}"
 
 
-def test_4bit_states_refuse_fsdp2_parameters_clearly(runs):
+@pytest.mark.parametrize("name", WHOLE_TENSOR_NORMS)
+def test_trust_ratios_under_fsdp2_take_the_whole_tensors_norms(runs, name):
     two, _ = runs
+    # Every rank records the same ||direction|| for each parameter, though their shards differ (fc1.weight's
+    # rows split 39/38, scale sits whole on rank 0): the norms are the whole tensor's ...
+    norms = [r["family"][name]["unorm"] for r in two]
+    assert norms[0] == norms[1] and all(v > 0 for v in norms[0].values())
+    # ... and with float32 states the sharded step is the step over whole tensors, to the order of a float64 sum.
     for r in two:
-        assert "AdamW4bit does not support FSDP2" in r["family"]["AdamW4bit"]["fsdp_error"]
+        worst_param, worst_norm = r["family"][name]["full_worst"]
+        assert worst_param <= 1e-6 and worst_norm <= 1e-6, (worst_param, worst_norm)
+
+
+def test_4bit_rank1_maxima_are_each_shards_own(runs):
+    two, _ = runs
+    # fc1.weight (77 x 64) splits 39/38 rows: each rank keeps its rows' and its columns' maxima; the scale row
+    # (1 x 4160) is whole on rank 0, and rank 1's empty shard still has 4160 (zero) column maxima.
+    assert two[0]["family"]["AdamW4bit"]["scale_counts"]["fc1.weight"] == 39 + 64
+    assert two[1]["family"]["AdamW4bit"]["scale_counts"]["fc1.weight"] == 38 + 64
+    assert [r["family"]["AdamW4bit"]["scale_counts"]["scale"] for r in two] == [1 + 4160, 0 + 4160]
 
 
 # ---- the re-quantisation on load, without processes ----
@@ -490,3 +536,27 @@ def test_requantising_saved_moments_gives_back_the_same_blocks():
     other = torch.randn(1000)
     ours, plain = quantize_moment(other, state["qmap1"]), F.quantize_blockwise(other, state["qmap1"])
     assert same_bits(ours[0], plain[0]) and same_bits(ours[1], plain[1])
+
+
+def test_requantising_saved_4bit_moments_gives_back_the_same_codes_and_scales():
+    # What DCP loading does with a shard's dequantised 4-bit moments: block-wise m (signed map, no -1),
+    # rank-1 v of a matrix and of a 3-D tensor, block-wise v of a vector; odd sizes, partial last blocks.
+    params = [nn.Parameter(torch.randn(shape)) for shape in ((77, 65), (5, 9, 101), (4099,))]
+    optimizer = pyquant.AdamW4bit(params, lr=LR, min_4bit_size=0)
+    plain_misses = 0
+    for step in range(6):
+        g = torch.Generator().manual_seed(step)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g) * 10.0 ** torch.randint(-6, 2, p.shape, generator=g)
+        optimizer.step()
+        for p in params:
+            state = optimizer.state[p]
+            assert state["rank1"] == (p.dim() > 1)
+            for number in (1, 2):
+                q, scales = state[f"state{number}"], state[f"absmax{number}"]
+                moment = optimizer._dequantized_moment(p.detach(), number, q, scales, state)
+                new_q, new_scales = optimizer._quantized_moment(moment, number)
+                assert same_bits(new_q, q) and same_bits(new_scales, scales), f"step {step}, {tuple(p.shape)}, {number}"
+                plain = F.quantize_4bit_state(moment, p.shape, number == 2 and state["rank1"], state[f"qmap{number}"])
+                plain_misses += int((plain[0] != q).sum())
+    assert plain_misses > 0  # m's blocks led by a negative value: plain re-quantisation would not give them back

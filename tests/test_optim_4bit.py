@@ -179,6 +179,27 @@ def test_codes_of_odd_sizes_stay_in_their_bytes(backend):
     assert opt.state[p]["absmax2"].shape == (3 + 5 + 7 + 9,) and opt.state[p]["absmax1"].shape == (8,)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_an_empty_matrix_keeps_rank1_states_and_steps_beside_others(backend):
+    # An FSDP2 rank's empty shard of a matrix (0 rows): rank-1 layout with its column maxima, nothing to step;
+    # the tensor beside it in the group gets the bits it gets alone.
+    empty, full = make_params([(0, 4160), (3, 4160)])
+    alone = torch.nn.Parameter(full.detach().clone())
+    opt, opt_alone = pyquant.AdamW4bit([empty, full], min_4bit_size=0), pyquant.AdamW4bit([alone], min_4bit_size=0)
+    for step in range(2):
+        set_grads([empty, full], step)
+        alone.grad = full.grad.clone()
+        with use_backend(backend):
+            opt.step()
+            opt_alone.step()
+    state = opt.state[empty]
+    assert state["rank1"] and state["state1"].numel() == 0 and state["absmax2"].shape == (4160,)
+    assert not state["absmax2"].any()
+    assert_same_bits(full, alone)
+    for key in ("state1", "state2", "absmax1", "absmax2"):
+        assert_same_bits(opt.state[full][key], opt_alone.state[alone][key])
+
+
 def test_state_is_at_most_1_1_bytes_per_parameter():
     for rank1 in (True, False):
         p = torch.nn.Parameter(torch.empty(4096, 4096))

@@ -30,6 +30,7 @@ from pyquant.distributed import (
     checked_sharded_state,
     is_sharded,
     local_tensor,
+    quantize_moment,
     refuse_sharded,
     sharded_state_entry,
 )
@@ -84,6 +85,7 @@ class Optimizer8bit(torch.optim.Optimizer):
     _torch_class: type | None = None
     _torch_states: tuple[str, ...] = ()
     _sharded_names: tuple[str, ...] = ()  # the moments' names under FSDP2 where torch has no such optimizer
+    _whole_tensor_states: tuple[str, ...] = ()  # per-parameter values of the whole tensor, kept as they are by FSDP2
     _torch_step = True
     _to_torch_class: type | None = None  # to_torch's class, where it is not _torch_class
     # Group keys of the subclass that bitsandbytes' groups lack (LAMB's max_unorm, ...): a loaded group without one
@@ -635,6 +637,16 @@ class Optimizer8bit(torch.optim.Optimizer):
             else:
                 out.append(s[ours].clone())
         return out
+
+    # ---- one quantised moment of an FSDP2 shard, as DCP sees it (pyquant/distributed.py) ----
+    def _dequantized_moment(self, shard: torch.Tensor, number: int, values, absmax, state: dict) -> torch.Tensor:
+        """The float32 values (shard's shape) of state `number` (1, 2, ...) of `shard`, stored as `values`/`absmax`."""
+        return F.dequantize_blockwise(values, absmax, state[f"qmap{number}"], OPTIMIZER_BLOCK)
+
+    def _quantized_moment(self, x: torch.Tensor, number: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, absmax) storing the float32 moment `x` (a shard's) as state `number`; a dequantised state
+        comes back bit for bit in value (distributed.quantize_moment)."""
+        return quantize_moment(x, self._codes_on(x.device)[number - 1])
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a pyquant or bitsandbytes state dict; every entry is checked before anything changes."""

@@ -14,7 +14,8 @@ Adam4bit (weight_decay 0 by default) and AdamW4bit (1e-2) alike, as pyquant's Ad
 `min_4bit_size` elements keep float32 m and v. Everything else (master weights, the non-finite policy, GradScaler's
 fused unscale, overrides with optim_bits=32, state_dict, from_torch(..., into=AdamW4bit) / to_torch) is
 Optimizer8bit's (pyquant/optim/_base.py). One library call per parameter group and device: op
-`pyquant::adam4bit_step_`.
+`pyquant::adam4bit_step_`. Under FSDP2 each rank's shard keeps its own blocks and rank-1 maxima (its rows, and its
+columns over its rows): no communication, and every element's scale at most the unsharded one (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch
 
 from pyquant import functional as F
 from pyquant._contract import FOURBIT_BLOCK, RANK1_MAX_DIMS, blocks_of
+from pyquant.backends.reference.adam4bit import pack_nibbles, unpack_nibbles
+from pyquant.distributed import is_sharded, local_tensor, quantize_moment
 from pyquant.optim._base import QUANT_STATE_KEY, Optimizer8bit
 from pyquant.optim.adam import Adam8bit
 
@@ -43,7 +46,6 @@ class Adam4bit(Adam8bit):
     """
 
     _default_weight_decay = 0.0
-    _supports_sharded = False
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float | None = None, *, rank1: bool = True, block_size: int = FOURBIT_BLOCK,
@@ -82,26 +84,27 @@ class Adam4bit(Adam8bit):
             return super()._init_state(p, options)  # float32 states
         state = self.state[p]
         state["step"] = 0
+        shard = local_tensor(p)  # under FSDP2 this rank's shard: its own blocks and rank-1 maxima (module docstring)
         if self._keeps_master(p):
-            state["master"] = p.detach().float().contiguous()
+            state["master"] = shard.detach().float().contiguous()
         rank1 = self._rank1_for(p)
-        packed = (p.numel() + 1) // 2
+        packed = (shard.numel() + 1) // 2
         state["state1"] = torch.zeros(packed, dtype=torch.uint8, device=p.device)
         state["state2"] = torch.zeros(packed, dtype=torch.uint8, device=p.device)
         state["qmap1"], state["qmap2"] = self._codes_on(p.device)
-        state["absmax1"] = torch.zeros(blocks_of(p.numel(), FOURBIT_BLOCK), dtype=torch.float32, device=p.device)
-        state["absmax2"] = torch.zeros(self._scale_count(p, rank1), dtype=torch.float32, device=p.device)
+        state["absmax1"] = torch.zeros(blocks_of(shard.numel(), FOURBIT_BLOCK), dtype=torch.float32, device=p.device)
+        state["absmax2"] = torch.zeros(self._scale_count(shard, rank1), dtype=torch.float32, device=p.device)
         state["rank1"] = rank1
         return state
 
     def _check_state(self, p: torch.Tensor) -> dict:
-        state = self.state[p]
+        state, shard = self.state[p], local_tensor(p)
         s1 = state["state1"]
         if s1.dtype != torch.uint8:
             return super()._check_state(p)
-        expected = ((p.numel() + 1) // 2,)
+        expected = ((shard.numel() + 1) // 2,)
         master = state.get("master")
-        if s1.shape == expected and s1.device == p.device and (master is None or master.shape == p.shape):
+        if s1.shape == expected and s1.device == p.device and (master is None or master.shape == shard.shape):
             return state
         if s1.device != p.device:
             raise RuntimeError(
@@ -110,13 +113,19 @@ class Adam4bit(Adam8bit):
                 "state_dict() then load_state_dict())")
         raise RuntimeError(
             f"{type(self).__name__}: the 4-bit states of parameter {self._index_of(p)} hold {2 * s1.numel()} codes "
-            f"but the parameter has {p.numel()} elements (shape {tuple(p.shape)}); the parameter changed size after "
-            "its first step")
+            f"but the parameter has {shard.numel()} elements (shape {tuple(shard.shape)}); the parameter changed size "
+            "after its first step")
 
     def _checked_state(self, p: torch.Tensor, saved: dict, index) -> dict:
-        """Optimizer8bit's checks for float32 states; for 4-bit ones, every size against p and the layout."""
+        """Optimizer8bit's checks for float32 states and FSDP2 shards; for 4-bit ones, every size against p and
+        the layout."""
         flat = dict(saved)
         flat.update(flat.pop(QUANT_STATE_KEY, {}))
+        if is_sharded(p):  # float32 moments as DTensors, quantised for this rank's shard
+            state = super()._checked_state(p, saved, index)
+            if state["state1"].dtype == torch.uint8:
+                state["rank1"] = self._rank1_for(p)
+            return state
         if not isinstance(flat.get("state1"), torch.Tensor) or flat["state1"].dtype != torch.uint8:
             return super()._checked_state(p, saved, index)
         where = f"state of parameter {index} (shape {tuple(p.shape)}, {p.dtype})"
@@ -173,6 +182,26 @@ class Adam4bit(Adam8bit):
         layouts = (False, s["rank1"])
         return [F.dequantize_4bit_state(s[key], s[f"absmax{i}"], p.shape, r, s[f"qmap{i}"]).reshape(p.shape)
                 for i, (key, r) in enumerate(zip(self._states, layouts), 1)]
+
+    # ---- FSDP2: a shard's 4-bit moments as float32 and back (pyquant/distributed.py) ----
+    def _dequantized_moment(self, shard, number, values, absmax, state):
+        rank1 = number == 2 and state["rank1"]
+        return F.dequantize_4bit_state(values, absmax, shard.shape, rank1, state[f"qmap{number}"]).reshape(shard.shape)
+
+    def _quantized_moment(self, x, number):
+        code = self._codes_on(x.device)[number - 1]
+        if number == 2:
+            # v's map ends at 1, so every maximum (of a block, a row, a column) is stored exactly as 1 * scale:
+            # quantising a dequantised v finds the same scales again, and each element lands on its own code
+            # (x / scale is within an ulp of it, far from a midpoint). Plain quantisation gives it back.
+            return F.quantize_4bit_state(x, x.shape, self._rank1_for(x), code)
+        # m's signed map has no -1: a block led by a negative value needs quantize_moment's search for its scale.
+        def plain(rows):
+            packed, absmax = F.quantize_4bit_state(rows, (rows.numel(),), False, code)
+            return unpack_nibbles(packed, rows.numel()).to(torch.uint8), absmax
+
+        codes, absmax = quantize_moment(x, code, FOURBIT_BLOCK, plain)
+        return pack_nibbles(codes), absmax
 
     # ---- the step ----
     def _fused_step(self, group, items, stepped, grads, inv_grad_scale, policy):

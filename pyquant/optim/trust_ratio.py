@@ -20,9 +20,12 @@ sums per tensor, summed in a fixed order: the same bits for any thread count), t
 (pyquant::adam_step_) with lr * ratio in its constants (LAMB), or the momentum rule of pyquant::one_state_step_
 with the ratio in its constants (LARS). No float32 copy of the update is kept across the tensor.
 
+Under FSDP2 each rank's norm pass sums its shard, and the sums are summed over the ranks (one all-reduce per
+group and step) before the ratios: the norms of whole tensors, as without sharding (to the order of a float64 sum).
+
 Refused rather than silently different: LAMB's amsgrad=True and adam_w_mode=False (L2 weight decay in the moments),
 LARS' momentum 0, dampening != 0 and nesterov=True, bitsandbytes' `args` object, a negative or non-finite
-max_unorm, FSDP2 (DTensor) parameters (their norms would be one shard's). The keyword arguments `master_weights`
+max_unorm. The keyword arguments `master_weights`
 and `nonfinite` are Optimizer8bit's (pyquant/optim/_base.py), and so are overrides (pyquant.optim.override, which
 may also set max_unorm). torch has no LAMB or LARS: there is no from_torch / to_torch for these.
 """
@@ -35,6 +38,7 @@ import torch
 
 from pyquant import functional as F
 from pyquant._contract import ONE_STATE_RULES, lamb_constants, one_state_constants, trust_ratio
+from pyquant.distributed import sum_over_shards
 from pyquant.optim._base import QUANT_STATE_KEY, Optimizer8bit
 
 __all__ = ["LAMB", "LAMB8bit", "LAMB32bit", "LARS", "LARS8bit", "LARS32bit"]
@@ -45,6 +49,8 @@ class _TrustRatio(Optimizer8bit):
     state `unorm_vec` (bitsandbytes' key: here the last step's ||direction||), and the ratios from a norm pass."""
 
     _own_group_keys = ("max_unorm", "trust_clip")  # bitsandbytes' groups lack them: a loaded group keeps ours
+    _supports_sharded = True  # FSDP2: the norm sums are summed over the shards (distributed.sum_over_shards)
+    _whole_tensor_states = ("unorm_vec",)
 
     def _setup(self, args, optim_bits: int) -> None:
         name = type(self).__name__
@@ -86,8 +92,9 @@ class _TrustRatio(Optimizer8bit):
 
     def _ratios(self, group: dict, items: list, sums: torch.Tensor) -> list[float]:
         """Each tensor's trust ratio from its norm pass's sums; records ||direction|| in its unorm_vec (the norm
-        of the update before the ratio, what bitsandbytes' 32-bit CPU path records there)."""
-        rows = sums.tolist()
+        of the update before the ratio, what bitsandbytes' 32-bit CPU path records there). Under FSDP2 the
+        sums are this rank's shard's until they are summed over the ranks here: the norms are the whole tensor's."""
+        rows = sum_over_shards([p for p, _ in items], sums).tolist()
         for (p, state), (_, direction) in zip(items, rows):
             if "unorm_vec" not in state:  # max_unorm was 0 when the state was made or saved
                 state["unorm_vec"] = torch.zeros(1, dtype=torch.float32, device=p.device)
@@ -112,6 +119,7 @@ class LAMB(_TrustRatio):
     """
 
     _nonnegative_states = ("state2",)
+    _sharded_names = ("exp_avg", "exp_avg_sq")  # Adam's moments, under torch.optim.Adam's names
     _override_keys = ("lr", "betas", "eps", "weight_decay", "max_unorm")
     _own_group_keys = ("max_unorm", "trust_clip", "bias_correction")
 
@@ -201,6 +209,7 @@ class LARS(_TrustRatio):
     """
 
     _states = ("state1",)
+    _sharded_names = ("momentum_buffer",)  # SGD's, under torch.optim.SGD's name
     _signed = (True,)  # bitsandbytes quantises the momentum with the signed map
     _override_keys = ("lr", "betas", "weight_decay", "max_unorm")
 

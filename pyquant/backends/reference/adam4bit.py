@@ -57,6 +57,8 @@ def rank1_maxima(v: torch.Tensor, shape) -> torch.Tensor:
     """The rank-1 statistics of v (>= 0) viewed as `shape`: for each dimension d, the max over every other
     dimension, concatenated (sum(shape) floats)."""
     a = _nan_as_zero(v.reshape(shape).abs())
+    if a.numel() == 0:  # an empty tensor (an FSDP2 rank's empty shard of a matrix): maxima 0, as a new state's
+        return a.new_zeros(sum(shape))
     out = []
     for d in range(len(shape)):
         others = [i for i in range(len(shape)) if i != d]
@@ -135,6 +137,8 @@ def adam4bit_update(pf, gf, m, v, k: dict, quantized: bool):
 
 def _one_tensor(p, g, s1, s2, a1, a2, k, code1, code2, rank1: bool, nonfinite: int) -> int:
     n, shape = p.numel(), tuple(p.shape)
+    if n == 0:  # nothing to step; as every kernel, leave an empty tensor's scales as they are
+        return 0
     gf = unscaled_grad(g.reshape(-1), k["inv_grad_scale"])
     pf = p.reshape(-1).float()
     quantized = s1.dtype == torch.uint8
