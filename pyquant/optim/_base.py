@@ -421,6 +421,20 @@ class Optimizer8bit(torch.optim.Optimizer):
             if (p is not q or p.dtype is not dtype or get(p) is not s or getattr(p, ATTRIBUTE, None)
                     or any(s.get(k) is not v for k, v in tensors)):
                 return None
+        count = self._run_plan(plan, group, params, grads, inv_grad_scale, policy)
+        if count is not None:
+            for s in plan.states:
+                s["step"] += 1
+        return count
+
+    def _run_plan(self, plan: _StepPlan, group: dict, params: list, grads: list, inv_grad_scale: float, policy: int):
+        """One step through `plan`'s PreparedStep (the tensors checked by _planned_step); the skipped count, or
+        None when a tensor no longer fits it."""
+        return plan.prepared(params, grads, *self._plan_rows(plan, group, inv_grad_scale), policy)
+
+    def _plan_rows(self, plan: _StepPlan, group: dict, inv_grad_scale: float) -> tuple[list, list | None]:
+        """This step's constants for `plan`'s tensors: each distinct row once (by step and precision), and each
+        tensor's row (None: all the first)."""
         rows, row_of, index = [], [], {}
         for s, eight_bit in zip(plan.states, plan.eight_bit):
             key = (s["step"] + 1, eight_bit)
@@ -429,11 +443,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                 i = index[key] = len(rows)
                 rows.append(self._constants_row(group, key[0], eight_bit, inv_grad_scale))
             row_of.append(i)
-        count = plan.prepared(params, grads, rows, row_of if len(rows) > 1 else None, policy)
-        if count is not None:
-            for s in plan.states:
-                s["step"] += 1
-        return count
+        return rows, row_of if len(rows) > 1 else None
 
     def _fused_inv_grad_scale(self) -> float | None:
         """1/loss-scale for the kernel when a GradScaler fused its unscale into this step (1 otherwise), or

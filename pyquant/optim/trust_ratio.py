@@ -18,7 +18,8 @@ step is two library calls per parameter group and device: a norm pass (ops pyqua
 it reads the parameters, gradients and states, recomputes the new moments in registers and writes only two float64
 sums per tensor, summed in a fixed order: the same bits for any thread count), then Adam's fused step
 (pyquant::adam_step_) with lr * ratio in its constants (LAMB), or the momentum rule of pyquant::one_state_step_
-with the ratio in its constants (LARS). No float32 copy of the update is kept across the tensor.
+with the ratio in its constants (LARS). No float32 copy of the update is kept across the tensor. After a group's first
+step both calls run over descriptors built once (the group's plan, Optimizer8bit._planned_step; _run_plan here).
 
 Under FSDP2 each rank's norm pass sums its shard, and the sums are summed over the ranks (one all-reduce per
 group and step) before the ratios: the norms of whole tensors, as without sharding (to the order of a float64 sum).
@@ -102,6 +103,36 @@ class _TrustRatio(Optimizer8bit):
         clip, max_unorm = group["trust_clip"], float(group["max_unorm"])
         return [trust_ratio(param, direction, max_unorm, clip) for param, direction in rows]
 
+    def _ratio_constants(self, group: dict, items: list, steps: list, sums: torch.Tensor, inv_grad_scale: float):
+        """Each tensor's constants row at its step in `steps`, with its trust ratio (from its norm pass's `sums`)."""
+        return [self._constants_row(group, step, s["state1"].dtype == torch.uint8, inv_grad_scale, ratio)
+                for (_, s), step, ratio in zip(items, steps, self._ratios(group, items, sums))]
+
+    def _fused_step(self, group, items, stepped, grads, inv_grad_scale, policy):
+        """The norm pass (`_norms`), the ratios, then the step (`_step`) with them; without a trust ratio
+        (max_unorm 0), the step alone."""
+        operands = self._operands(items, stepped[0].device)
+        constants = self._constants(group, items, inv_grad_scale)  # ratio 1: the norm pass's rows
+        if float(group["max_unorm"]) > 0.0:
+            sums = self._norms(stepped, grads, operands, constants, policy)
+            steps = [s["step"] for _, s in items]
+            constants = torch.tensor(self._ratio_constants(group, items, steps, sums, inv_grad_scale),
+                                     dtype=torch.float32)
+        return self._step(stepped, grads, operands, constants, policy)
+
+    def _run_plan(self, plan, group, params, grads, inv_grad_scale, policy):
+        """Optimizer8bit's planned step, with the norm pass and the ratios between loading the descriptors and the
+        step: the same two library calls as the general path, over descriptors built once."""
+        if float(group["max_unorm"]) == 0.0:
+            return super()._run_plan(plan, group, params, grads, inv_grad_scale, policy)
+        prepared, items = plan.prepared, list(zip(plan.params, plan.states))
+        if not prepared.load(params, grads, *self._plan_rows(plan, group, inv_grad_scale)):  # ratio 1
+            return None
+        sums = prepared.norm_sums(policy)
+        steps = [s["step"] + 1 for s in plan.states]
+        prepared.set_constants(self._ratio_constants(group, items, steps, sums, inv_grad_scale), list(range(len(items))))
+        return prepared.run(policy)
+
 
 class LAMB(_TrustRatio):
     """LAMB with `optim_bits` 32 (float32 states, the default, as bitsandbytes) or 8 (8-bit states for tensors of at
@@ -149,19 +180,20 @@ class LAMB(_TrustRatio):
             raise ValueError(f"{name}: bias_correction must be True or False, got {group['bias_correction']!r}")
         self._check_trust_options(group)
 
-    def _constants_row(self, group, step, eight_bit, inv_grad_scale):
-        return lamb_constants(group, step, eight_bit, inv_grad_scale)
+    def _constants_row(self, group, step, eight_bit, inv_grad_scale, ratio=1.0):
+        return lamb_constants(group, step, eight_bit, inv_grad_scale, ratio)
 
-    def _fused_step(self, group, items, stepped, grads, inv_grad_scale, policy):
-        states, codes = self._operands(items, stepped[0].device)
-        constants = self._constants(group, items, inv_grad_scale)  # ratio 1: the norm pass's rows
-        if float(group["max_unorm"]) > 0.0:
-            sums = F.lamb_norms_multi_tensor(stepped, grads, *states, constants, *codes, policy)
-            ratios = self._ratios(group, items, sums)
-            constants = torch.tensor(
-                [lamb_constants(group, s["step"], s["state1"].dtype == torch.uint8, inv_grad_scale, ratio)
-                 for (_, s), ratio in zip(items, ratios)], dtype=torch.float32)
+    def _norms(self, stepped, grads, operands, constants, policy):
+        states, codes = operands
+        return F.lamb_norms_multi_tensor(stepped, grads, *states, constants, *codes, policy)
+
+    def _step(self, stepped, grads, operands, constants, policy):
+        states, codes = operands
         return F.adam_step_multi_tensor(stepped, grads, *states, constants, *codes, policy)
+
+    def _prepare_step(self, group, items, grads):
+        states, codes = self._operands(items, grads[0].device)
+        return F.prepare_adam_step([p for p, _ in items], grads, *states, self._constants(group, items, 1.0), *codes)
 
 
 class LAMB8bit(LAMB):
@@ -239,20 +271,21 @@ class LARS(_TrustRatio):
             raise ValueError(f"{name}: dampening={dampening} is not supported (bitsandbytes ignores it); use 0")
         self._check_trust_options(group)
 
-    def _constants_row(self, group, step, eight_bit, inv_grad_scale):
-        return one_state_constants(group, step, eight_bit, inv_grad_scale)
+    def _constants_row(self, group, step, eight_bit, inv_grad_scale, ratio=1.0):
+        return one_state_constants(group, step, eight_bit, inv_grad_scale, ratio)
 
-    def _fused_step(self, group, items, stepped, grads, inv_grad_scale, policy):
-        states, (code,) = self._operands(items, stepped[0].device)
-        constants = self._constants(group, items, inv_grad_scale)  # ratio 1: the norm pass's rows
-        if float(group["max_unorm"]) > 0.0:
-            sums = F.lars_norms_multi_tensor(stepped, grads, constants, policy)
-            ratios = self._ratios(group, items, sums)
-            constants = torch.tensor(
-                [one_state_constants(group, s["step"], s["state1"].dtype == torch.uint8, inv_grad_scale, ratio)
-                 for (_, s), ratio in zip(items, ratios)], dtype=torch.float32)
+    def _norms(self, stepped, grads, operands, constants, policy):
+        return F.lars_norms_multi_tensor(stepped, grads, constants, policy)
+
+    def _step(self, stepped, grads, operands, constants, policy):
+        states, (code,) = operands
         return F.one_state_step_multi_tensor(stepped, grads, *states, constants, code, ONE_STATE_RULES["momentum"],
                                              policy)
+
+    def _prepare_step(self, group, items, grads):
+        states, (code,) = self._operands(items, grads[0].device)
+        return F.prepare_one_state_step([p for p, _ in items], grads, *states, self._constants(group, items, 1.0), code,
+                                        ONE_STATE_RULES["momentum"])
 
 
 class LARS8bit(LARS):

@@ -36,7 +36,8 @@ def _fill(descriptors, params, grads, states: tuple, constants, row_type) -> Non
 
 
 def _adam_call(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2):
-    """The descriptors of one adam_step call, and the function that runs it over them."""
+    """The descriptors of one adam_step call, the function that runs it over them, and the one that runs LAMB's
+    norm pass over the same descriptors (into a float64 [count, 2] tensor; a status back)."""
     descriptors = (AdamTensor * len(params))()
     _fill(descriptors, params, grads, (state1, state2, absmax1, absmax2), constants, AdamConstants)
     table1, table2 = cached_code_table(code1), cached_code_table(code2)
@@ -46,10 +47,14 @@ def _adam_call(params, grads, state1, state2, absmax1, absmax2, constants, code1
     def run(nonfinite: int, descriptors=descriptors, keep=keep) -> int:
         return cpu_library().pq_adam_step(descriptors, len(descriptors), *pointers, nonfinite)
 
-    return descriptors, run
+    def norms(nonfinite: int, sums: torch.Tensor, descriptors=descriptors, keep=keep) -> int:
+        return cpu_library().pq_lamb_norms(descriptors, len(descriptors), *pointers, nonfinite, sums.data_ptr())
+
+    return descriptors, run, norms
 
 
 def _one_state_call(params, grads, state1, absmax1, constants, code1, rule):
+    """_adam_call for the one-state rules; its norm pass is LARS' (it reads the parameters and gradients only)."""
     descriptors = (OneStateTensor * len(params))()
     _fill(descriptors, params, grads, (state1, absmax1), constants, OneStateConstants)
     table1 = cached_code_table(code1)
@@ -60,7 +65,10 @@ def _one_state_call(params, grads, state1, absmax1, constants, code1, rule):
             descriptors, len(descriptors), code1.data_ptr(), table1.data_ptr(), rule, nonfinite
         )
 
-    return descriptors, run
+    def norms(nonfinite: int, sums: torch.Tensor, descriptors=descriptors) -> int:
+        return cpu_library().pq_lars_norms(descriptors, len(descriptors), nonfinite, sums.data_ptr())
+
+    return descriptors, run, norms
 
 
 def _skipped(bad: int, name: str) -> torch.Tensor:
@@ -78,7 +86,7 @@ def _on_cpu(params, name: str) -> None:
 def adam_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite):
     check_adam_operands(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite)
     _on_cpu(params, "adam_step")
-    _, run = _adam_call(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2)
+    _, run, _ = _adam_call(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2)
     return _skipped(run(nonfinite), "adam_step")
 
 
@@ -86,7 +94,7 @@ def adam_step(params, grads, state1, state2, absmax1, absmax2, constants, code1,
 def one_state_step(params, grads, state1, absmax1, constants, code1, rule, nonfinite):
     check_one_state_operands(params, grads, state1, absmax1, constants, code1, rule, nonfinite)
     _on_cpu(params, "one_state_step")
-    _, run = _one_state_call(params, grads, state1, absmax1, constants, code1, rule)
+    _, run, _ = _one_state_call(params, grads, state1, absmax1, constants, code1, rule)
     return _skipped(run(nonfinite), "one_state_step")
 
 
@@ -103,8 +111,8 @@ class PreparedStep:
     float dtype with the parameter's size. When one is not, the call returns None before writing anything, and
     the caller takes the general path, which rebuilds the plan or says what is wrong."""
 
-    def __init__(self, name: str, descriptors, run, params, written):
-        self.name, self._descriptors, self._run = name, descriptors, run
+    def __init__(self, name: str, descriptors, run, params, written, norms=None):
+        self.name, self._descriptors, self._run, self._norms = name, descriptors, run, norms
         self._written = list(written)
         self._pointers = [p.data_ptr() for p in params]
         self._numels = [p.numel() for p in params]
@@ -123,38 +131,59 @@ class PreparedStep:
     def __call__(self, params, grads, rows: list[list[float]], row_of: list[int] | None, nonfinite: int):
         """Run one step. `rows`: the distinct constants rows; `row_of`: each tensor's row (None: all rows[0]).
         Returns the skipped count (0-dim int64), or None when a tensor no longer fits the descriptors."""
+        if not self.load(params, grads, rows, row_of):
+            return None
+        return self.run(nonfinite)
+
+    def load(self, params, grads, rows: list[list[float]], row_of: list[int] | None) -> bool:
+        """Write this step's gradients and constants into the descriptors; False (nothing written) when a tensor
+        no longer fits them."""
         pointers, codes = [], []
         for p, g, pointer, n in zip(params, grads, self._pointers, self._numels):
             code = DTYPE_CODES.get(g.dtype)
             if (p.data_ptr() != pointer or p.numel() != n or code is None or code == DTYPE_CODES[torch.float64]
                     or not g.is_cpu or g.numel() != n or not g.is_contiguous()):
-                return None
+                return False
             pointers.append(g.data_ptr())
             codes.append(code)
         self._words[:, self._grad_column] = torch.tensor(pointers, dtype=torch.int64)
         if codes != self._grad_codes:
             self._ints[:, self._grad_dtype_column] = torch.tensor(codes, dtype=torch.int32)
             self._grad_codes = codes
+        self.set_constants(rows, row_of)
+        return True
+
+    def set_constants(self, rows: list[list[float]], row_of: list[int] | None) -> None:
         table = torch.tensor(rows, dtype=torch.float32)  # each value rounded once, as the general path does
         self._floats[:, self._constants] = table[0] if row_of is None else table[torch.tensor(row_of)]
+
+    def run(self, nonfinite: int) -> torch.Tensor:
+        """The step over the loaded descriptors; the skipped count."""
         with kernel_range(self.name):
             bad = self._run(nonfinite)
         torch.autograd.graph.increment_version(self._written)
         return _skipped(bad, self.name)
 
+    def norm_sums(self, nonfinite: int) -> torch.Tensor:
+        """LAMB's (Adam descriptors) or LARS' (one-state descriptors) norm pass over the loaded descriptors: the
+        float64 sums of squares, [count, 2] (ops lamb_norms, lars_norms)."""
+        sums = torch.empty((len(self._numels), 2), dtype=torch.float64)
+        check_status(self._norms(nonfinite, sums), f"{self.name}'s norm pass")
+        return sums
+
 
 def prepare_adam_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2) -> PreparedStep:
     check_adam_operands(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, 0)
     _on_cpu(params, "adam_step")
-    descriptors, run = _adam_call(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2)
-    return PreparedStep("adam_step", descriptors, run, params, [*params, *state1, *state2, *absmax1, *absmax2])
+    descriptors, run, norms = _adam_call(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2)
+    return PreparedStep("adam_step", descriptors, run, params, [*params, *state1, *state2, *absmax1, *absmax2], norms)
 
 
 def prepare_one_state_step(params, grads, state1, absmax1, constants, code1, rule) -> PreparedStep:
     check_one_state_operands(params, grads, state1, absmax1, constants, code1, rule, 0)
     _on_cpu(params, "one_state_step")
-    descriptors, run = _one_state_call(params, grads, state1, absmax1, constants, code1, rule)
-    return PreparedStep("one_state_step", descriptors, run, params, [*params, *state1, *absmax1])
+    descriptors, run, norms = _one_state_call(params, grads, state1, absmax1, constants, code1, rule)
+    return PreparedStep("one_state_step", descriptors, run, params, [*params, *state1, *absmax1], norms)
 
 
 def _ademamix_call(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2):
@@ -211,38 +240,15 @@ def prepare_adam4bit_step(params, grads, state1, state2, absmax1, absmax2, const
     _on_cpu(params, "adam4bit_step")
     descriptors, run = _adam4bit_call(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1)
     return PreparedStep("adam4bit_step", descriptors, run, params, [*params, *state1, *state2, *absmax1, *absmax2])
-    count = len(params)
-    if count and params[0].device.type != "cpu":
-        raise ValueError(f"ademamix_step: the cpu backend got tensors on {params[0].device}")
-    descriptors = (AdemamixTensor * count)()
-    rows = constants.tolist()
-    for d, p, g, s1, s2, a1, a2, row in zip(descriptors, params, grads, state1, state2, absmax1, absmax2, rows):
-        d.param, d.grad, d.state1, d.state2 = p.data_ptr(), g.data_ptr(), s1.data_ptr(), s2.data_ptr()
-        d.absmax1, d.absmax2 = a1.data_ptr(), a2.data_ptr()
-        d.numel = p.numel()
-        d.param_dtype, d.grad_dtype = DTYPE_CODES[p.dtype], DTYPE_CODES[g.dtype]
-        d.state_bits = 8 if s1.dtype == torch.uint8 else 32
-        d.k = AdemamixConstants(*row)
-    table1, table2 = cached_code_table(code1), cached_code_table(code2)
-    bad = cpu_library().pq_ademamix_step(
-        descriptors, count, code1.data_ptr(), code2.data_ptr(), table1.data_ptr(), table2.data_ptr(), nonfinite
-    )
-    if bad < 0:
-        check_status(-bad, "ademamix_step")
-    return torch.tensor(bad, dtype=torch.int64)
 
 
 @kernel("lamb_norms", "cpu")
 def lamb_norms(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite):
     check_adam_operands(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, nonfinite)
     _on_cpu(params, "lamb_norms")
-    descriptors = (AdamTensor * len(params))()
-    _fill(descriptors, params, grads, (state1, state2, absmax1, absmax2), constants, AdamConstants)
-    table1, table2 = cached_code_table(code1), cached_code_table(code2)
+    _, _, norms = _adam_call(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2)
     sums = torch.empty((len(params), 2), dtype=torch.float64)
-    status = cpu_library().pq_lamb_norms(descriptors, len(params), code1.data_ptr(), code2.data_ptr(),
-                                         table1.data_ptr(), table2.data_ptr(), nonfinite, sums.data_ptr())
-    check_status(status, "lamb_norms")
+    check_status(norms(nonfinite, sums), "lamb_norms")
     return sums
 
 
