@@ -70,10 +70,22 @@ FAMILY = {  # name -> (pyquant/bitsandbytes class name, kwargs, torch factory or
     "RMSprop": ("RMSprop8bit", dict(lr=1e-2), lambda ps, **kw: torch.optim.RMSprop(ps, lr=1e-2, **kw)),
     "Adagrad": ("Adagrad8bit", dict(lr=1e-2), lambda ps, **kw: torch.optim.Adagrad(ps, lr=1e-2, **kw)),
     "AdEMAMix": ("AdEMAMix8bit", dict(lr=1e-3), None),  # torch has no AdEMAMix
+    # bitsandbytes' LAMB8bit / LARS8bit are its AdamW8bit / SGD8bit (no trust ratio); torch has neither
+    "LAMB": ("LAMB8bit", dict(lr=1e-3, weight_decay=1e-2), None),
+    "LARS": ("LARS8bit", dict(lr=1e-2, momentum=0.9), None),
 }
-FAMILY_RUNS = [(algo, impl) for algo in FAMILY for impl in ("pyquant", "bitsandbytes", "torch(fused)", "torch(foreach)")
-               if not (impl.startswith("torch") and FAMILY[algo][2] is None)
-               and (algo, impl) != ("RMSprop", "torch(fused)")]  # torch 2.14's RMSprop has no fused step
+IMPLS = ("pyquant", "bitsandbytes", "torch(fused)", "torch(foreach)")
+
+
+def _runs(family: dict) -> list:
+    return [(algo, impl) for algo in family for impl in IMPLS
+            if not (impl.startswith("torch") and family[algo][2] is None)
+            and not (impl == "bitsandbytes" and family[algo][0] in NOT_IN_BITSANDBYTES)
+            and (algo, impl) != ("RMSprop", "torch(fused)")]  # torch 2.14's RMSprop has no fused step
+
+
+NOT_IN_BITSANDBYTES = {"AdamW4bit"}
+FAMILY_RUNS = _runs(FAMILY)
 
 
 def _family_optimizer(impl, cls_name, kwargs, torch_make, params, request):
@@ -101,10 +113,13 @@ def test_family_step(benchmark, size, algo, impl, request):
 
 
 # ---- every family over DenseNet-121's parameter list (364 tensors, 8.0M parameters; weights not needed) ----
-DENSENET_FAMILY = {"Adam": ("Adam8bit", dict(lr=1e-3), lambda ps, **kw: torch.optim.Adam(ps, lr=1e-3, **kw)), **FAMILY}
-DENSENET_RUNS = [(algo, impl) for algo in DENSENET_FAMILY for impl in ("pyquant", "bitsandbytes", "torch(fused)", "torch(foreach)")
-                 if not (impl.startswith("torch") and DENSENET_FAMILY[algo][2] is None)
-                 and (algo, impl) != ("RMSprop", "torch(fused)")]
+DENSENET_FAMILY = {
+    "Adam": ("Adam8bit", dict(lr=1e-3), lambda ps, **kw: torch.optim.Adam(ps, lr=1e-3, **kw)),
+    **FAMILY,
+    # 4-bit states against torch's float32 AdamW (bitsandbytes has no 4-bit optimizer)
+    "AdamW4bit": ("AdamW4bit", dict(lr=1e-3), lambda ps, **kw: torch.optim.AdamW(ps, lr=1e-3, **kw)),
+}
+DENSENET_RUNS = _runs(DENSENET_FAMILY)
 _DENSENET_SHAPES: list = []
 
 

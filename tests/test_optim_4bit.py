@@ -259,6 +259,21 @@ def test_cpu_kernel_gives_the_reference_bits(backend, dtype, rank1):
         assert_same_bits(a, e, f"tensor {i}")
 
 
+# Convolution weights and other short trailing dimensions: the C++ driver merges trailing dimensions into rows of
+# at least 128 elements (whole tensors of (128, 64, 1, 1) and (33, 65); (4, 8, 16, 3, 3) as 4 rows of 1152), except
+# where the merged columns would pass 65536 ((40000, 3) keeps rows of 3); 8 dimensions, and size-1 dimensions.
+CONV_SHAPES = [(128, 64, 1, 1), (4, 8, 16, 3, 3), (40000, 3), (2, 1, 3, 4, 5, 6, 1, 7), (32, 1), (1, 1, 5000)]
+
+
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b != "reference"] or
+                         [pytest.param("cpu", marks=pytest.mark.skip(reason="no cpu kernel of adam4bit_step here"))])
+def test_short_trailing_dimensions_give_the_reference_bits(backend):
+    expected = snapshot(*run_steps("reference", shapes=CONV_SHAPES, min_4bit_size=0))
+    actual = snapshot(*run_steps(backend, shapes=CONV_SHAPES, min_4bit_size=0))
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert_same_bits(a, e, f"tensor {i}")
+
+
 def test_prepared_steps_give_the_general_paths_bits():
     if "cpu" not in KERNEL_BACKENDS:
         pytest.skip("no cpu kernel of adam4bit_step here")

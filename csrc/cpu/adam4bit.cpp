@@ -4,8 +4,9 @@
 //
 // Two passes keep the states at 4 bits: a rank-1 second moment needs the NEW v's maxima over every dimension before
 // any element can be quantised, so
-//   pass 1 (rank-1 tensors only, static partition over their rows, i.e. runs along the last dimension): recompute
-//     the new v of each element and fold it into per-thread maxima, then combine them with max;
+//   pass 1 (rank-1 tensors only, static partition over the rows of their Rank1View: runs along the trailing
+//     dimensions, merged until a row has 128 elements): recompute the new v of each element and fold it into
+//     per-thread maxima per row and per column, then combine them with max into every dimension's maxima;
 //   pass 2 (every tensor, static partition over blocks of 128 elements): recompute the new v (the same operations
 //     on the same inputs: the same bits), update m and p, quantise both moments, write the codes.
 // No float32 copy of a state is made. max is order-independent, so the maxima, and everything after them, are the
@@ -68,12 +69,57 @@ inline int64_t dim_offset(const pq_adam4bit_tensor& t, int d) {
 
 inline int64_t maxima_count(const pq_adam4bit_tensor& t) { return dim_offset(t, t.ndim); }
 
-// The min of the maxima of every dimension but the last at row r (r = flat index / last dimension): the part of
-// an element's rank-1 scale that a whole row shares (ndim >= 2: at least one dimension takes part).
-inline float lead_min(const pq_adam4bit_tensor& t, const float* maxima, int64_t r) {
+// A rank-1 tensor as rows x columns: the trailing dimensions [split, ndim) are merged into `columns` (at least
+// kMinRow of them where the shape allows, so that a convolution's (.., 3, 3) or (.., 1, 1) weight does not run
+// rows of one to nine elements), the leading ones [0, split) index the rows. An element's scale, the min over
+// every dimension of that dimension's maximum at its index, is then min(lead(row), trail[column]): the min over
+// the leading dimensions, and `trail`, the min over the merged ones, tabulated once per step for old and new
+// maxima. Pass 1 keeps the new v's max per merged column and per row, and folds them into every dimension's maxima
+// afterwards. min and max are exact and order-independent: the same scales, maxima and bits as element by element.
+constexpr int64_t kMinRow = 128;
+constexpr int64_t kMaxColumns = 1 << 16;  // a bound on the per-thread column maxima of a merged view
+
+struct Rank1View {
+  int split = 0;          // dimensions [split, ndim) are the columns
+  int64_t columns = 1;    // their product
+  int64_t lead_count = 0; // sum(shape[0:split]): the leading dimensions' maxima (at the start of the maxima)
+  const float* trail_old = nullptr;  // min over the merged dimensions' old maxima, per column
+  const float* trail_new = nullptr;  // the same over the new maxima (after pass 1)
+};
+
+inline Rank1View rank1_view(const pq_adam4bit_tensor& t) {
+  Rank1View v;
+  v.split = t.ndim - 1;
+  v.columns = t.shape[t.ndim - 1];
+  while (v.split > 0 && v.columns < kMinRow && v.columns * t.shape[v.split - 1] <= kMaxColumns)
+    v.columns *= t.shape[--v.split];
+  v.lead_count = dim_offset(t, v.split);
+  return v;
+}
+
+// Calls f(d, index along d) for the merged dimensions of column `c` (d from the last to `split`).
+template <class F>
+inline void for_merged_indices(const pq_adam4bit_tensor& t, const Rank1View& v, int64_t c, F&& f) {
+  for (int d = t.ndim - 1; d >= v.split; --d) {
+    f(d, c % t.shape[d]);
+    c /= t.shape[d];
+  }
+}
+
+// trail[c] = min over the merged dimensions of `maxima` at column c's indices.
+inline void tabulate_trail(const pq_adam4bit_tensor& t, const Rank1View& v, const float* maxima, float* trail) {
+  for (int64_t c = 0; c < v.columns; ++c) {
+    float m = INFINITY;
+    for_merged_indices(t, v, c, [&](int d, int64_t i) { m = min_float(m, maxima[dim_offset(t, d) + i]); });
+    trail[c] = m;
+  }
+}
+
+// The min of the leading dimensions' maxima at row r (+inf when every dimension is merged into the columns).
+inline float lead_min(const pq_adam4bit_tensor& t, const Rank1View& v, const float* maxima, int64_t r) {
   float lead = INFINITY;
-  int64_t off = dim_offset(t, t.ndim - 1);
-  for (int d = t.ndim - 2; d >= 0; --d) {
+  int64_t off = v.lead_count;
+  for (int d = v.split - 1; d >= 0; --d) {
     off -= t.shape[d];
     lead = min_float(lead, maxima[off + r % t.shape[d]]);
     r /= t.shape[d];
@@ -81,15 +127,14 @@ inline float lead_min(const pq_adam4bit_tensor& t, const float* maxima, int64_t 
   return lead;
 }
 
-// The rank-1 scales of elements [start, start + len): min(lead_min of its row, its last-dimension maximum).
-inline void rank1_scales(const pq_adam4bit_tensor& t, const float* maxima, int64_t start, int64_t len, float* out) {
-  const int64_t last = t.shape[t.ndim - 1];
-  const float* last_max = maxima + dim_offset(t, t.ndim - 1);
-  int64_t r = start / last, j = start % last;
+// The rank-1 scales of elements [start, start + len) from `maxima` and their `trail` table.
+inline void rank1_scales(const pq_adam4bit_tensor& t, const Rank1View& v, const float* maxima, const float* trail,
+                         int64_t start, int64_t len, float* out) {
+  int64_t r = start / v.columns, j = start % v.columns;
   for (int64_t i = 0; i < len;) {
-    const float lead = lead_min(t, maxima, r);
-    const int64_t run = std::min(len - i, last - j);
-    for (int64_t e = 0; e < run; ++e) out[i + e] = min_float(lead, last_max[j + e]);
+    const float lead = lead_min(t, v, maxima, r);
+    const int64_t run = std::min(len - i, v.columns - j);
+    for (int64_t e = 0; e < run; ++e) out[i + e] = min_float(lead, trail[j + e]);
     i += run;
     j = 0;
     ++r;
@@ -145,25 +190,26 @@ inline void load_grads(const pq_adam4bit_tensor& t, int64_t start, int64_t len, 
   for (int64_t i = 0; i < len; ++i) g[i] = unscaled_grad(load_as_float(t.grad, start + i, GDT), t.k.inv_grad_scale, GDT);
 }
 
-// ---- pass 1: the new v's maxima of one row of a rank-1 tensor, folded into `part` (this thread's maxima) ----
+// ---- pass 1: the new v's maxima of one row of a rank-1 tensor's view, folded into `part` (this thread's maxima:
+// the leading dimensions' lead_count, then one per column) ----
 template <int GDT>
-void rank1_row(const pq_adam4bit_tensor& t, int64_t r, const Maps& maps, uint32_t skip_mode, float* part) {
-  const int64_t last = t.shape[t.ndim - 1];
-  const int64_t last_off = dim_offset(t, t.ndim - 1);
+void rank1_row(const pq_adam4bit_tensor& t, const Rank1View& view, int64_t r, const Maps& maps, uint32_t skip_mode,
+               float* part) {
   float g[kFourBitBlock], v[kFourBitBlock], scale[kFourBitBlock];
+  const float lead = lead_min(t, view, t.absmax2, r);
   float row_max = 0.0f;
-  for (int64_t j0 = 0; j0 < last; j0 += kFourBitBlock) {
-    const int64_t start = r * last + j0, len = std::min<int64_t>(kFourBitBlock, last - j0);
+  for (int64_t j0 = 0; j0 < view.columns; j0 += kFourBitBlock) {
+    const int64_t start = r * view.columns + j0, len = std::min<int64_t>(kFourBitBlock, view.columns - j0);
     load_grads<GDT>(t, start, len, g);
-    rank1_scales(t, t.absmax2, start, len, scale);
+    for (int64_t i = 0; i < len; ++i) scale[i] = min_float(lead, view.trail_old[j0 + i]);
     dequantize4((const uint8_t*)t.state2, maps.code2, start, len, scale, v);
     new_second_moment(g, v, len, t.k, skip_mode);
-    float* col = part + last_off + j0;
+    float* col = part + view.lead_count + j0;
     row_max = absmax_update(row_max, block_absmax(v, len));  // v >= 0: its absolute value; NaN ignored
     for (int64_t i = 0; i < len; ++i) col[i] = absmax_update(col[i], v[i]);
   }
-  int64_t off = last_off, rr = r;
-  for (int d = t.ndim - 2; d >= 0; --d) {
+  int64_t off = view.lead_count, rr = r;
+  for (int d = view.split - 1; d >= 0; --d) {
     off -= t.shape[d];
     float& m = part[off + rr % t.shape[d]];
     m = absmax_update(m, row_max);
@@ -173,8 +219,8 @@ void rank1_row(const pq_adam4bit_tensor& t, int64_t r, const Maps& maps, uint32_
 
 // ---- pass 2: one block of 128 elements (or the tensor's last, partial one) ----
 template <int PDT, int GDT>
-int64_t step_block(const pq_adam4bit_tensor& t, int64_t start, int64_t len, const Maps& maps, const float* new_max,
-                   uint32_t skip_mode) {
+int64_t step_block(const pq_adam4bit_tensor& t, const Rank1View& view, int64_t start, int64_t len, const Maps& maps,
+                   const float* new_max, uint32_t skip_mode) {
   float g[kFourBitBlock], p[kFourBitBlock], m[kFourBitBlock], v[kFourBitBlock], scale[kFourBitBlock];
   uint8_t c[kFourBitBlock];
   const pq_adam_constants k = t.k;  // a local copy: the parameter stores cannot alias it
@@ -188,7 +234,7 @@ int64_t step_block(const pq_adam4bit_tensor& t, int64_t start, int64_t len, cons
     for (int64_t i = 0; i < len; ++i) scale[i] = t.absmax1[b];
     dequantize4(q1, maps.code1, start, len, scale, m);
     if (t.rank1)
-      rank1_scales(t, t.absmax2, start, len, scale);
+      rank1_scales(t, view, t.absmax2, view.trail_old, start, len, scale);
     else
       for (int64_t i = 0; i < len; ++i) scale[i] = t.absmax2[b];
     dequantize4(q2, maps.code2, start, len, scale, v);
@@ -232,7 +278,7 @@ int64_t step_block(const pq_adam4bit_tensor& t, int64_t start, int64_t len, cons
     memcpy(mids, pass == 0 ? maps.mids1 : maps.mids2, sizeof mids);
     uint8_t* q = pass == 0 ? q1 : q2;
     if (pass == 1 && t.rank1) {
-      rank1_scales(t, new_max, start, len, scale);
+      rank1_scales(t, view, new_max, view.trail_new, start, len, scale);
     } else {
       const float amax = block_absmax(x, len);
       (pass == 0 ? t.absmax1 : t.absmax2)[b] = amax;
@@ -284,28 +330,57 @@ int64_t adam4bit_step(const pq_adam4bit_tensor* tensors, int32_t count, const fl
   const Maps maps(code1, code2);
   const uint32_t skip_mode = nonfinite == kSkipElement;
   try {
-    // pass 1: rows of the rank-1 tensors; per-thread maxima, combined with max
-    std::vector<int64_t> first_row(count + 1, 0), first_max(count + 1, 0);
+    // pass 1: rows of the rank-1 tensors' views; per-thread maxima (leading dimensions, then columns), combined
+    // with max and folded into every dimension's maxima
+    std::vector<Rank1View> views(count);
+    std::vector<int64_t> first_row(count + 1, 0), first_max(count + 1, 0), first_work(count + 1, 0),
+        first_column(count + 1, 0);
     for (int32_t i = 0; i < count; ++i) {
       const pq_adam4bit_tensor& t = tensors[i];
       const bool r1 = t.rank1 && t.numel > 0;
-      first_row[i + 1] = first_row[i] + (r1 ? t.numel / t.shape[t.ndim - 1] : 0);
+      if (r1) views[i] = rank1_view(t);
+      const Rank1View& v = views[i];
+      first_row[i + 1] = first_row[i] + (r1 ? t.numel / v.columns : 0);
       first_max[i + 1] = first_max[i] + (r1 ? maxima_count(t) : 0);
+      first_work[i + 1] = first_work[i] + (r1 ? v.lead_count + v.columns : 0);
+      first_column[i + 1] = first_column[i] + (r1 ? v.columns : 0);
     }
-    const int64_t stats = first_max[count];
+    const int64_t stats = first_max[count], work = first_work[count];
     const int threads = omp_get_max_threads();
-    std::vector<float> part((size_t)(stats * threads), 0.0f), new_max((size_t)stats, 0.0f);
+    std::vector<float> part((size_t)(work * threads), 0.0f), new_max((size_t)stats, 0.0f);
+    std::vector<float> trail_old((size_t)first_column[count]), trail_new((size_t)first_column[count]);
+    for (int32_t i = 0; i < count; ++i) {
+      if (first_max[i + 1] == first_max[i]) continue;
+      views[i].trail_old = trail_old.data() + first_column[i];
+      views[i].trail_new = trail_new.data() + first_column[i];
+      tabulate_trail(tensors[i], views[i], tensors[i].absmax2, trail_old.data() + first_column[i]);
+    }
     if (stats > 0) {
       over_items(first_row, [&](int32_t ti, int64_t r0, int64_t r1) {
         const pq_adam4bit_tensor& t = tensors[ti];
-        float* mine = part.data() + (size_t)omp_get_thread_num() * stats + first_max[ti];
+        float* mine = part.data() + (size_t)omp_get_thread_num() * work + first_work[ti];
         with_dtypes(t, [&](auto, auto g) {
-          for (int64_t r = r0; r < r1; ++r) rank1_row<decltype(g)::value>(t, r, maps, skip_mode, mine);
+          for (int64_t r = r0; r < r1; ++r) rank1_row<decltype(g)::value>(t, views[ti], r, maps, skip_mode, mine);
         });
         return (int64_t)0;
       });
+      std::vector<float> combined((size_t)work, 0.0f);
       for (int th = 0; th < threads; ++th)
-        for (int64_t s = 0; s < stats; ++s) new_max[s] = absmax_update(new_max[s], part[(size_t)(th * stats + s)]);
+        for (int64_t s = 0; s < work; ++s) combined[s] = absmax_update(combined[s], part[(size_t)(th * work + s)]);
+      for (int32_t i = 0; i < count; ++i) {
+        if (first_max[i + 1] == first_max[i]) continue;
+        const pq_adam4bit_tensor& t = tensors[i];
+        const Rank1View& v = views[i];
+        const float* lead = combined.data() + first_work[i];
+        float* maxima = new_max.data() + first_max[i];
+        memcpy(maxima, lead, (size_t)v.lead_count * sizeof(float));
+        for (int64_t c = 0; c < v.columns; ++c)
+          for_merged_indices(t, v, c, [&](int d, int64_t x) {
+            float& m = maxima[dim_offset(t, d) + x];
+            m = absmax_update(m, lead[v.lead_count + c]);
+          });
+        tabulate_trail(t, v, maxima, trail_new.data() + first_column[i]);
+      }
     }
     // pass 2: blocks of 128 of every tensor
     std::vector<int64_t> first_block(count + 1, 0);
@@ -317,7 +392,8 @@ int64_t adam4bit_step(const pq_adam4bit_tensor* tensors, int32_t count, const fl
         int64_t n = 0;
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t start = b * kFourBitBlock;
-          n += step_block<decltype(p)::value, decltype(g)::value>(t, start, std::min<int64_t>(kFourBitBlock, t.numel - start),
+          n += step_block<decltype(p)::value, decltype(g)::value>(t, views[ti], start,
+                                                                 std::min<int64_t>(kFourBitBlock, t.numel - start),
                                                                  maps, mx, skip_mode);
         }
         return n;
