@@ -193,6 +193,9 @@ int64_t pq_adam4bit_step(const pq_adam4bit_tensor* tensors, int32_t count, const
   const int64_t blocks = group_blocks(tensors, count, nonfinite, valid_adam4bit_tensor);
   if (blocks <= 0) return blocks;
   if (!code1 || !code2) return -PQ_INVALID_ARGUMENT;
+  // the kernels binary-search the midpoints of each 16-value map: it must be sorted (NaN fails the test too)
+  for (int j = 0; j < 15; ++j)
+    if (!(code1[j + 1] >= code1[j]) || !(code2[j + 1] >= code2[j])) return -PQ_INVALID_ARGUMENT;
   PQ_DISPATCH(adam4bit_step(tensors, count, code1, code2, nonfinite))
 }
 

@@ -636,6 +636,8 @@ def test_kernels_refuse_operands_that_do_not_fit():
         (dict(code2=torch.zeros(256)), ValueError, "code2 has 256 elements, expected 16"),
         (dict(nonfinite=2), ValueError, "nonfinite must be 0 .skip. or 1"),
         (dict(rank1=[]), ValueError, "1 params but 0 rank1"),
+        (dict(code1=code1.flip(0)), ValueError, "code1 must hold 16 codes sorted ascending"),
+        (dict(code2=torch.where(code2 == 0.5, torch.nan, code2)), ValueError, "code2 must hold 16 codes sorted"),
     ]
     for change, error, message in cases:
         with pytest.raises(error, match=message):
@@ -670,6 +672,9 @@ def test_c_entry_point_refuses_bad_descriptors():
                    dict(shape=[-33, -65]), dict(param_dtype=3), dict(numel=-1), dict(state1=None)):
         assert call(**fields) == -INVALID_ARGUMENT, fields
     assert lib.pq_adam4bit_step(None, 1, codes[0].data_ptr(), codes[1].data_ptr(), 0) == -INVALID_ARGUMENT
+    unsorted = codes[1].flip(0).contiguous()  # the kernel binary-searches the midpoints
+    d = describe_adam4bit([p.detach()], [p.grad], *([t] for t in tensors), torch.zeros(1, 10), [True])
+    assert lib.pq_adam4bit_step(d, 1, codes[0].data_ptr(), unsorted.data_ptr(), 0) == -INVALID_ARGUMENT
     assert lib.pq_adam4bit_step(None, 0, None, None, 0) == 0  # an empty group
 
 

@@ -289,6 +289,11 @@ def check_adam4bit_operands(params, grads, state1, state2, absmax1, absmax2, con
         raise ValueError(f"adam4bit_step: constants must be a tensor of shape {rows}, got {getattr(constants, 'shape', constants)!r}")
     check_tensor(code1, "adam4bit_step: code1", (torch.float32,), device, 16)
     check_tensor(code2, "adam4bit_step: code2", (torch.float32,), device, 16)
+    for name, code in (("code1", code1), ("code2", code2)):
+        # the CPU kernel binary-searches the midpoints (checked here where it costs no device sync; the C entry
+        # point refuses an unsorted map too)
+        if device.type == "cpu" and not bool((code[1:] >= code[:-1]).all()):
+            raise ValueError(f"adam4bit_step: {name} must hold 16 codes sorted ascending, got {code.tolist()}")
     for i, (p, g, s1, s2, a1, a2, r) in enumerate(zip(params, grads, state1, state2, absmax1, absmax2, rank1)):
         check_tensor(p, f"adam4bit_step: param {i}", FLOAT_DTYPES, device)
         n = p.numel()
