@@ -59,6 +59,12 @@ def adam_constants(group: dict, step: int, eight_bit: bool, inv_grad_scale: floa
     return [values[name] for name in CONSTANT_FIELDS]
 
 
+def takes_rank1(p) -> bool:
+    """Whether a tensor can keep a rank-1 second moment (pq_adam4bit_tensor.rank1): 2 to RANK1_MAX_DIMS dimensions,
+    none of them 0 (an empty tensor has no maxima to take; the C entry point refuses such a shape)."""
+    return 2 <= p.dim() <= RANK1_MAX_DIMS and p.numel() > 0
+
+
 def check_blocksize(blocksize) -> int:
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or not 0 < blocksize <= MAX_BLOCKSIZE:
         raise ValueError(f"blocksize must be a positive int below 2**63 (an int64), got {blocksize!r}")

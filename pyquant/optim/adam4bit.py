@@ -5,7 +5,7 @@ The paper's default configuration (its code, lpmm, configs/default.yml), the num
 - second moment v: rank-1 scales (per element, the smaller of its row's and its column's max; for tensors of more
   dimensions the min over every dimension of the max over that dimension's slice), the linear 4-bit map without
   zero, so that no stored v is 0 (the paper's zero-point problem: a v quantised to 0 makes m / sqrt(v) explode);
-  1-D tensors, and `rank1=False` (torchao's variant), take block-wise scales for v too;
+  1-D and empty tensors, and `rank1=False` (torchao's variant), take block-wise scales for v too;
 - two codes per byte; nearest rounding, ties to the lower code.
 About 1.03 bytes of state per parameter on a large matrix (scales included) against 8 for float32 Adam.
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from pyquant import functional as F
-from pyquant._contract import FOURBIT_BLOCK, RANK1_MAX_DIMS, blocks_of
+from pyquant._contract import FOURBIT_BLOCK, RANK1_MAX_DIMS, blocks_of, takes_rank1
 from pyquant.optim._base import QUANT_STATE_KEY, Optimizer8bit
 from pyquant.optim.adam import Adam8bit
 
@@ -71,7 +71,7 @@ class Adam4bit(Adam8bit):
         return self._codes[device]
 
     def _rank1_for(self, p: torch.Tensor) -> bool:
-        return self.rank1 and 2 <= p.dim() <= RANK1_MAX_DIMS
+        return self.rank1 and takes_rank1(p)
 
     @staticmethod
     def _scale_count(p: torch.Tensor, rank1: bool) -> int:
@@ -127,8 +127,8 @@ class Adam4bit(Adam8bit):
         rank1 = flat.get("rank1")
         if not isinstance(rank1, bool):
             raise ValueError(f"{where}: 'rank1' must be True or False (the second moment's layout), got {rank1!r}")
-        if rank1 and not 2 <= p.dim() <= RANK1_MAX_DIMS:
-            raise ValueError(f"{where}: rank-1 scales need a parameter of 2 to {RANK1_MAX_DIMS} dimensions")
+        if rank1 and not takes_rank1(p):
+            raise ValueError(f"{where}: rank-1 scales need a non-empty parameter of 2 to {RANK1_MAX_DIMS} dimensions")
         state = {"step": int(step), "rank1": rank1}
         packed = (p.numel() + 1) // 2
         for key in self._states:

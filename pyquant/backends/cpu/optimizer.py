@@ -15,7 +15,7 @@ from pyquant.backends import kernel
 from pyquant.backends.capi import (
     AdamConstants, AdamTensor, AdemamixConstants, AdemamixTensor, OneStateConstants, OneStateTensor,
     check_adam4bit_operands, check_adam_operands, check_ademamix_operands, check_lars_norms_operands,
-    check_one_state_operands, check_status, cpu_library, describe_adam4bit,
+    check_nonfinite, check_one_state_operands, check_status, cpu_library, describe_adam4bit,
 )
 from pyquant.backends.code_tables import cached_code_table
 
@@ -99,15 +99,17 @@ class PreparedStep:
     and the constants change, and they are written into the descriptor array column by column through tensor
     views of it, instead of per-tensor ctypes writes and the full operand checks (about 5 us a tensor). What
     the kernel trusts and can still change between steps is checked on every call: each parameter still has
-    the storage and size the descriptors were built with, and each gradient is a contiguous CPU tensor of a
-    float dtype with the parameter's size. When one is not, the call returns None before writing anything, and
-    the caller takes the general path, which rebuilds the plan or says what is wrong."""
+    the storage, size and dtype the descriptors were built with, there are as many parameters and gradients as
+    descriptors, and each gradient is a contiguous CPU tensor of a float dtype with the parameter's size. When one
+    is not, the call returns None before writing anything, and the caller takes the general path, which rebuilds
+    the plan or says what is wrong. Constants rows of the wrong size and a bad `nonfinite` raise ValueError."""
 
     def __init__(self, name: str, descriptors, run, params, written):
         self.name, self._descriptors, self._run = name, descriptors, run
         self._written = list(written)
         self._pointers = [p.data_ptr() for p in params]
         self._numels = [p.numel() for p in params]
+        self._dtypes = [p.dtype for p in params]
         self._grad_codes: list[int] | None = None
         row = descriptors._type_
         count, width = len(params), ctypes.sizeof(row)
@@ -123,19 +125,29 @@ class PreparedStep:
     def __call__(self, params, grads, rows: list[list[float]], row_of: list[int] | None, nonfinite: int):
         """Run one step. `rows`: the distinct constants rows; `row_of`: each tensor's row (None: all rows[0]).
         Returns the skipped count (0-dim int64), or None when a tensor no longer fits the descriptors."""
+        count = len(self._numels)
+        check_nonfinite(nonfinite, self.name)
+        if len(params) != count or len(grads) != count:
+            return None  # zip would stop early, and one pointer would be broadcast to every descriptor below
         pointers, codes = [], []
-        for p, g, pointer, n in zip(params, grads, self._pointers, self._numels):
+        for p, g, pointer, n, dtype in zip(params, grads, self._pointers, self._numels, self._dtypes):
             code = DTYPE_CODES.get(g.dtype)
-            if (p.data_ptr() != pointer or p.numel() != n or code is None or code == DTYPE_CODES[torch.float64]
-                    or not g.is_cpu or g.numel() != n or not g.is_contiguous()):
+            if (p.data_ptr() != pointer or p.numel() != n or p.dtype != dtype or code is None
+                    or code == DTYPE_CODES[torch.float64] or not g.is_cpu or g.numel() != n or not g.is_contiguous()):
                 return None
             pointers.append(g.data_ptr())
             codes.append(code)
+        table = torch.tensor(rows, dtype=torch.float32)  # each value rounded once, as the general path does
+        width = self._constants.stop - self._constants.start
+        if table.dim() != 2 or table.shape[0] == 0 or table.shape[1] != width or (
+                row_of is not None and len(row_of) != count):
+            raise ValueError(f"{self.name}: constants must be rows of {width} values and one row index per tensor "
+                             f"({count}), got rows of shape {tuple(table.shape)} and "
+                             f"{'no' if row_of is None else len(row_of)} indices")
         self._words[:, self._grad_column] = torch.tensor(pointers, dtype=torch.int64)
         if codes != self._grad_codes:
             self._ints[:, self._grad_dtype_column] = torch.tensor(codes, dtype=torch.int32)
             self._grad_codes = codes
-        table = torch.tensor(rows, dtype=torch.float32)  # each value rounded once, as the general path does
         self._floats[:, self._constants] = table[0] if row_of is None else table[torch.tensor(row_of)]
         with kernel_range(self.name):
             bad = self._run(nonfinite)
@@ -211,25 +223,6 @@ def prepare_adam4bit_step(params, grads, state1, state2, absmax1, absmax2, const
     _on_cpu(params, "adam4bit_step")
     descriptors, run = _adam4bit_call(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2, rank1)
     return PreparedStep("adam4bit_step", descriptors, run, params, [*params, *state1, *state2, *absmax1, *absmax2])
-    count = len(params)
-    if count and params[0].device.type != "cpu":
-        raise ValueError(f"ademamix_step: the cpu backend got tensors on {params[0].device}")
-    descriptors = (AdemamixTensor * count)()
-    rows = constants.tolist()
-    for d, p, g, s1, s2, a1, a2, row in zip(descriptors, params, grads, state1, state2, absmax1, absmax2, rows):
-        d.param, d.grad, d.state1, d.state2 = p.data_ptr(), g.data_ptr(), s1.data_ptr(), s2.data_ptr()
-        d.absmax1, d.absmax2 = a1.data_ptr(), a2.data_ptr()
-        d.numel = p.numel()
-        d.param_dtype, d.grad_dtype = DTYPE_CODES[p.dtype], DTYPE_CODES[g.dtype]
-        d.state_bits = 8 if s1.dtype == torch.uint8 else 32
-        d.k = AdemamixConstants(*row)
-    table1, table2 = cached_code_table(code1), cached_code_table(code2)
-    bad = cpu_library().pq_ademamix_step(
-        descriptors, count, code1.data_ptr(), code2.data_ptr(), table1.data_ptr(), table2.data_ptr(), nonfinite
-    )
-    if bad < 0:
-        check_status(-bad, "ademamix_step")
-    return torch.tensor(bad, dtype=torch.int64)
 
 
 @kernel("lamb_norms", "cpu")
