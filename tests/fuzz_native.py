@@ -2,9 +2,14 @@
 
 tests/test_safety.py runs it in a subprocess, so that a crash fails that test instead of killing pytest;
 .ci/asan.sh runs it against a library built with AddressSanitizer. Each case breaks one thing in an
-otherwise valid call (a size, a dtype, a stride, a device, a block count, a list length, a C argument) and
-(also of the half-precision matmul's bias and inner sizes) must end in a TypeError or ValueError from the Python binding, or in PQ_INVALID_ARGUMENT from the C entry
-point: never a write outside a tensor. Usage: python tests/fuzz_native.py [cases]; prints "ok <count>".
+otherwise valid call (a size, a dtype, a stride, a device, a block count, a list length, a constants row, a rank-1
+flag, a C argument; also the half-precision matmul's bias and inner sizes) and must end in a TypeError or
+ValueError from the Python binding, or in PQ_INVALID_ARGUMENT from the C entry point: never a write outside a
+tensor. Every optimizer kernel is fuzzed (adam_step, lamb_norms, lars_norms, one_state_step, ademamix_step,
+adam4bit_step), and so are their prepared steps (PreparedStep), whose refusal of tensors that no longer fit is to
+return None with nothing written. Valid calls of each optimizer kernel with random sizes must succeed and give the
+reference backend's bits, so that the refusals are not all that is tested.
+Usage: python tests/fuzz_native.py [cases]; prints "ok <count>".
 """
 
 from __future__ import annotations
@@ -17,15 +22,22 @@ import torch
 
 from pyquant import backends
 from pyquant import functional as F
-from pyquant._contract import CONSTANT_FIELDS, DTYPE_CODES, adam_constants
+from pyquant._contract import (
+    ADEMAMIX_FIELDS, CONSTANT_FIELDS, DTYPE_CODES, FOURBIT_BLOCK, ONE_STATE_FIELDS, ONE_STATE_RULES, RANK1_MAX_DIMS,
+    adam_constants, ademamix_constants, blocks_of, one_state_constants,
+)
 from pyquant.backends import capi
 from pyquant.backends.code_tables import cached_code_table
 from pyquant.backends.cpu import gemm as cpu_gemm
+from pyquant.backends.cpu import optimizer as cpu_optimizer
 
 RNG = random.Random(0)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 WRONG_DTYPES = (torch.float64, torch.int32, torch.uint8, torch.float32, torch.int64)
 CODE1, CODE2 = F.create_dynamic_map(True), F.create_dynamic_map(False)
+CODE4 = (F.create_4bit_map(True), F.create_4bit_map(False))  # m's and v's 16 codes
+STATE_DTYPES = (torch.uint8, torch.float32)
+GROUP = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 
 
 def blocks(n: int) -> int:
@@ -52,45 +64,154 @@ def bad_tensor(t: torch.Tensor, valid_dtypes: tuple = (), kinds: tuple = ALL_KIN
     return torch.empty(n + 1, dtype=t.dtype, device="meta")
 
 
+def size() -> int:
+    """An element count around the kernels' block edges (128 for 4-bit states, 256 for 8-bit ones)."""
+    return RNG.choice([0, 1, 127, 128, 129, 255, 256, 257, 2 * RNG.randrange(1, 1500) + 1, 5000])
+
+
+def codes(n: int) -> torch.Tensor:
+    return torch.randint(0, 256, (n,), dtype=torch.uint8)
+
+
 def adam_operands(count: int) -> dict:
+    """Valid operands of adam_step (and lamb_norms): random codes and scales, so that a step reads real states."""
     ops = dict(params=[], grads=[], state1=[], state2=[], absmax1=[], absmax2=[])
     rows = []
     for _ in range(count):
-        n = RNG.choice([0, 1, 255, 256, 257, 4096, 5000, 70_000])
+        n = size()
         eight = RNG.random() < 0.7
         ops["params"].append(torch.randn(n).to(RNG.choice(DTYPES)))
         ops["grads"].append(torch.randn(n).to(RNG.choice(DTYPES)))
-        sdt = torch.uint8 if eight else torch.float32
-        ops["state1"].append(torch.zeros(n, dtype=sdt))
-        ops["state2"].append(torch.zeros(n, dtype=sdt))
+        ops["state1"].append(codes(n) if eight else torch.randn(n))
+        ops["state2"].append(codes(n) if eight else torch.rand(n))  # v >= 0 (code2 is the unsigned map)
         empty = torch.zeros(0)
-        ops["absmax1"].append(torch.zeros(blocks(n)) if eight else empty)
-        ops["absmax2"].append(torch.zeros(blocks(n)) if eight else empty)
-        rows.append(adam_constants(dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0), 1, eight))
+        ops["absmax1"].append(torch.rand(blocks(n)) if eight else empty)
+        ops["absmax2"].append(torch.rand(blocks(n)) if eight else empty)
+        rows.append(adam_constants(GROUP, RNG.randint(1, 5), eight))
     ops.update(constants=torch.tensor(rows, dtype=torch.float32).reshape(count, len(CONSTANT_FIELDS)),
-               code1=CODE1, code2=CODE2, nonfinite=0)
+               code1=CODE1, code2=CODE2, nonfinite=RNG.randrange(2))
     return ops
 
 
-def broken_adam_call() -> dict:
-    ops = adam_operands(RNG.randint(1, 4))
+def one_state_operands(count: int) -> dict:
+    """Valid operands of one_state_step: one rule of Lion, SGD (momentum), RMSprop, Adagrad, or LARS (momentum with a
+    trust ratio in the constants)."""
+    ops = dict(params=[], grads=[], state1=[], absmax1=[])
+    rows = []
+    for _ in range(count):
+        n = size()
+        eight = RNG.random() < 0.7
+        ops["params"].append(torch.randn(n).to(RNG.choice(DTYPES)))
+        ops["grads"].append(torch.randn(n).to(RNG.choice(DTYPES)))
+        ops["state1"].append(codes(n) if eight else torch.rand(n))
+        ops["absmax1"].append(torch.rand(blocks(n)) if eight else torch.zeros(0))
+        ratio = RNG.choice([1.0, RNG.uniform(0.1, 3.0)])
+        rows.append(one_state_constants(GROUP, RNG.randint(1, 3), eight, trust_ratio=ratio))
+    ops.update(constants=torch.tensor(rows, dtype=torch.float32).reshape(count, len(ONE_STATE_FIELDS)), code1=CODE1,
+               rule=RNG.choice(list(ONE_STATE_RULES.values())), nonfinite=RNG.randrange(2))
+    return ops
+
+
+def ademamix_operands(count: int) -> dict:
+    """Valid operands of ademamix_step: state1 holds m1 and m2 (2n values), absmax1 their 2 x blocks scales."""
+    ops = dict(params=[], grads=[], state1=[], state2=[], absmax1=[], absmax2=[])
+    rows = []
+    for _ in range(count):
+        n = size()
+        eight = RNG.random() < 0.7
+        ops["params"].append(torch.randn(n).to(RNG.choice(DTYPES)))
+        ops["grads"].append(torch.randn(n).to(RNG.choice(DTYPES)))
+        ops["state1"].append(codes(2 * n) if eight else torch.randn(2 * n))
+        ops["state2"].append(codes(n) if eight else torch.rand(n))
+        empty = torch.zeros(0)
+        ops["absmax1"].append(torch.rand(2 * blocks(n)) if eight else empty)
+        ops["absmax2"].append(torch.rand(blocks(n)) if eight else empty)
+        rows.append(ademamix_constants(dict(GROUP, betas=(0.9, 0.999, 0.9999), alpha=5.0, t_alpha=None, t_beta3=None),
+                                       RNG.randint(1, 5)))
+    ops.update(constants=torch.tensor(rows, dtype=torch.float32).reshape(count, len(ADEMAMIX_FIELDS)),
+               code1=CODE1, code2=CODE2, nonfinite=RNG.randrange(2))
+    return ops
+
+
+def random_shape() -> tuple:
+    """1-D, 2-D (rank-1 scales: rows and columns), up to 9 dimensions (more than rank-1 scales take), or empty."""
+    kind = RNG.randrange(4)
+    if kind == 0:
+        return (size(),)
+    if kind == 1:
+        return RNG.choice([1, 2, 3, 40, 129]), RNG.choice([1, 5, 64, 127])
+    if kind == 2:
+        return tuple(RNG.choice([1, 2, 3]) for _ in range(RNG.randint(3, RANK1_MAX_DIMS + 1)))
+    return RNG.choice([(0, 5), (3, 0, 2)])
+
+
+def adam4bit_tensor(shape: tuple, four_bit: bool, rank1: bool) -> tuple:
+    """One tensor's valid operands of adam4bit_step: (param, grad, state1, state2, absmax1, absmax2)."""
+    dtype = RNG.choice(DTYPES)
+    p, g = torch.randn(shape).to(dtype), torch.randn(shape).to(RNG.choice(DTYPES))
+    n = p.numel()
+    if not four_bit:
+        return p, g, torch.randn(n), torch.rand(n), torch.zeros(0), torch.zeros(0)
+    scales = blocks_of(n, FOURBIT_BLOCK)
+    return (p, g, codes((n + 1) // 2), codes((n + 1) // 2), torch.rand(scales),
+            torch.rand(sum(shape) if rank1 else scales))
+
+
+def adam4bit_operands(count: int) -> dict:
+    ops = dict(params=[], grads=[], state1=[], state2=[], absmax1=[], absmax2=[], rank1=[])
+    rows = []
+    for _ in range(count):
+        shape = random_shape()
+        four_bit = RNG.random() < 0.7
+        rank1 = four_bit and 2 <= len(shape) <= RANK1_MAX_DIMS and RNG.random() < 0.8  # empty ones too
+        for name, t in zip(("params", "grads", "state1", "state2", "absmax1", "absmax2"),
+                           adam4bit_tensor(shape, four_bit, rank1)):
+            ops[name].append(t)
+        ops["rank1"].append(rank1)
+        rows.append(adam_constants(GROUP, RNG.randint(1, 5), four_bit))
+    ops.update(constants=torch.tensor(rows, dtype=torch.float32).reshape(count, len(CONSTANT_FIELDS)),
+               code1=CODE4[0], code2=CODE4[1], nonfinite=RNG.randrange(2))
+    return ops
+
+
+OPERANDS = dict(adam_step=adam_operands, one_state_step=one_state_operands, ademamix_step=ademamix_operands,
+                adam4bit_step=adam4bit_operands)
+
+
+def broken_call(op: str) -> dict:
+    """Valid operands of `op` with one thing broken."""
+    ops = OPERANDS[op](RNG.randint(1, 4))
     count = len(ops["params"])
-    key = RNG.choice(["params", "grads", "state1", "state2", "absmax1", "absmax2", "list", "constants", "code",
-                      "nonfinite"])
+    tensors = [k for k, v in ops.items() if isinstance(v, list) and k != "rank1"]
+    code_names = [k for k in ("code1", "code2") if k in ops]
+    key = RNG.choice(tensors + ["list", "constants", "code", "nonfinite"] + (["rule"] if "rule" in ops else [])
+                     + (["rank1"] * 3 if "rank1" in ops else []))
     if key == "list":
-        name = RNG.choice(["grads", "state1", "state2", "absmax1", "absmax2"])
+        name = RNG.choice([k for k in ops if isinstance(ops[k], list) and k != "params"])
         ops[name] = ops[name][:-1] if RNG.random() < 0.5 else ops[name] + [ops[name][0]]
     elif key == "constants":
-        ops["constants"] = torch.zeros(count + RNG.choice([-1, 1]), len(CONSTANT_FIELDS))
+        rows, width = ops["constants"].shape
+        ops["constants"] = (torch.zeros(rows + RNG.choice([-1, 1]), width) if RNG.random() < 0.5
+                            else torch.zeros(rows, width + RNG.choice([-1, 1])))
     elif key == "code":
-        ops[RNG.choice(["code1", "code2"])] = bad_tensor(CODE1)
+        name = RNG.choice(code_names)
+        ops[name] = bad_tensor(ops[name])
     elif key == "nonfinite":
-        ops["nonfinite"] = RNG.choice([-1, 2, 7])
+        ops["nonfinite"] = RNG.choice([-1, 2, 7, 2**32, 1.0])
+    elif key == "rule":
+        ops["rule"] = RNG.choice([-1, 4, 5, 2**32 + 1])
+    elif key == "rank1":  # a rank-1 flag on a tensor that cannot take rank-1 scales, all else valid for that shape
+        i = RNG.randrange(count)
+        shape, four_bit = RNG.choice([((size(),), True), ((2,) * (RANK1_MAX_DIMS + 1), True), ((4, 33), False)])
+        for name, t in zip(("params", "grads", "state1", "state2", "absmax1", "absmax2"),
+                           adam4bit_tensor(shape, four_bit, four_bit)):
+            ops[name][i] = t
+        ops["rank1"][i] = True
     else:
         i = RNG.randrange(count)
         if key.startswith("absmax") and ops["state1"][i].dtype != torch.uint8:
             key = "state1"  # float32 states have no absmax to break
-        valid = {"params": DTYPES, "grads": DTYPES, "state1": (torch.uint8, torch.float32)}.get(key, ())
+        valid = {"params": DTYPES, "grads": DTYPES, "state1": STATE_DTYPES}.get(key, ())
         ops[key][i] = bad_tensor(ops[key][i], valid)
     return ops
 
@@ -105,16 +226,24 @@ def expect_refusal(call, what: str) -> None:
     raise AssertionError(f"{what}: accepted")
 
 
+def described(ops: dict) -> dict:
+    """What a failure message shows of the operands: each tensor's shape, dtype, contiguity and device."""
+    def one(t):
+        return (tuple(t.shape), t.dtype, t.is_contiguous(), t.device.type) if isinstance(t, torch.Tensor) else t
+    return {k: [one(t) for t in v] if isinstance(v, list) else one(v) for k, v in ops.items()}
+
+
 def fuzz_bindings(cases: int) -> int:
     cpu = backends.kernels_of("cpu")
     done = 0
     for _ in range(cases):
-        ops = broken_adam_call()
-        shapes = {k: [(tuple(t.shape), t.dtype, t.is_contiguous()) for t in v] if isinstance(v, list) else None
-                  for k, v in ops.items()}
-        expect_refusal(lambda: cpu["adam_step"](**ops), f"adam_step {shapes}")
-        expect_refusal(lambda: cpu["lamb_norms"](**ops), f"lamb_norms {shapes}")  # adam_step's operands
-        done += 2
+        ops = broken_call("adam_step")
+        expect_refusal(lambda: cpu["adam_step"](**ops), f"adam_step {described(ops)}")
+        expect_refusal(lambda: cpu["lamb_norms"](**ops), f"lamb_norms {described(ops)}")  # adam_step's operands
+        for op in ("one_state_step", "ademamix_step", "adam4bit_step"):
+            ops = broken_call(op)
+            expect_refusal(lambda: cpu[op](**ops), f"{op} {described(ops)}")
+        done += 5
         params, grads = [torch.randn(n) for n in (5, 300)], [torch.randn(n) for n in (5, 300)]
         which = RNG.choice(["params", "grads"])
         i = RNG.randrange(2)
@@ -171,6 +300,108 @@ def fuzz_bindings(cases: int) -> int:
             expect_refusal(lambda: cpu["unscale_"](*args), f"unscale_ slot {slot}")
         done += 1
     return done
+
+
+WRITTEN = dict(adam_step=("params", "state1", "state2", "absmax1", "absmax2"),
+               one_state_step=("params", "state1", "absmax1"),
+               ademamix_step=("params", "state1", "state2", "absmax1", "absmax2"),
+               adam4bit_step=("params", "state1", "state2", "absmax1", "absmax2"))
+PREPARE = dict(adam_step=F.prepare_adam_step, one_state_step=F.prepare_one_state_step,
+               ademamix_step=F.prepare_ademamix_step, adam4bit_step=F.prepare_adam4bit_step)
+
+
+def copied(ops: dict) -> dict:
+    return {k: [t.clone() if isinstance(t, torch.Tensor) else t for t in v] if isinstance(v, list) else v
+            for k, v in ops.items()}
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same dtype, shape and values, NaN where the other has NaN (a state of random codes can hold a negative
+    second moment under the one-state rules' signed map: both backends then agree on a NaN, not on its bits)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a[~nan], b[~nan])
+
+
+def assert_same_writes(op: str, actual: dict, expected: dict, what: str) -> None:
+    for name in WRITTEN[op]:
+        for i, (a, e) in enumerate(zip(actual[name], expected[name])):
+            assert same(a, e), f"{what}: {op} {name} {i} differs ({described(actual)})"
+
+
+def with_nonfinite_grads(ops: dict) -> int:
+    """Under the skip policy, a few NaN and inf gradient elements: how many the step must report skipped."""
+    if ops["nonfinite"] != 0:
+        return 0
+    planted = 0
+    for g in ops["grads"]:
+        if g.numel() > 0 and RNG.random() < 0.3:
+            g.view(-1)[RNG.randrange(g.numel())] = RNG.choice([float("nan"), float("inf")])
+            planted += 1
+    return planted
+
+
+def fuzz_valid_calls(rounds: int) -> int:
+    """Valid calls with random sizes: each succeeds, reports the planted non-finite gradients and gives the
+    reference backend's bits; a prepared step over the same tensors gives the direct call's bits, then refuses
+    a call that no longer fits (None, or ValueError for constants or the policy) without writing anything."""
+    cpu, reference = backends.kernels_of("cpu"), backends.kernels_of("reference")
+    done = 0
+    for _ in range(rounds):
+        for op in OPERANDS:
+            ops = OPERANDS[op](RNG.randint(1, 3))
+            planted = with_nonfinite_grads(ops)
+            expected = copied(ops)
+            direct = copied(ops)
+            skipped = cpu[op](**ops)
+            assert skipped.dtype == torch.int64 and int(skipped) == planted, f"{op}: {skipped} skipped of {planted}"
+            assert int(reference[op](**expected)) == planted, f"{op}: the reference skipped another count"
+            assert_same_writes(op, ops, expected, "cpu vs reference")
+
+            count = len(ops["params"])
+            args = {k: v for k, v in direct.items() if k != "nonfinite"}
+            step = PREPARE[op](**args)
+            rows = direct["constants"].tolist()
+            again = step(direct["params"], direct["grads"], rows, list(range(count)), direct["nonfinite"])
+            assert again is not None and int(again) == planted, f"prepared {op}: {again}"
+            assert_same_writes(op, direct, expected, "prepared vs reference")
+            done += 3
+            done += broken_prepared_call(op, step, direct, rows)
+    return done
+
+
+def broken_prepared_call(op: str, step, ops: dict, rows: list) -> int:
+    """One call of a prepared step with one thing that no longer fits: None or ValueError, and nothing written."""
+    count = len(ops["params"])
+    params, grads, row_of, nonfinite = list(ops["params"]), list(ops["grads"]), list(range(count)), ops["nonfinite"]
+    before = copied(ops)
+    i = RNG.randrange(count)
+    key = RNG.choice(["grad", "grad", "param", "count", "rows", "row_of", "nonfinite"])
+    if key == "grad":  # smaller, larger, float64 or integer, strided, on another device
+        grads[i] = bad_tensor(grads[i], DTYPES)
+    elif key == "param":  # another tensor of the size (not the one described), or the same memory as another dtype
+        other = {torch.float32: torch.int32, torch.float16: torch.bfloat16, torch.bfloat16: torch.float16}
+        clone = params[i].numel() > 0 and RNG.random() < 0.5  # (an empty clone has the same null pointer: it fits)
+        params[i] = params[i].clone() if clone else params[i].view(other[params[i].dtype])
+    elif key == "count":  # a tensor fewer, or one more
+        params, grads = (params[:-1], grads[:-1]) if RNG.random() < 0.5 else (params + params[:1], grads + grads[:1])
+    elif key == "rows":
+        rows = [row + [0.0] for row in rows] if RNG.random() < 0.5 else [row[:-1] for row in rows]
+    elif key == "row_of":
+        row_of = row_of + [0] if RNG.random() < 0.5 else row_of[:-1]
+    else:
+        nonfinite = RNG.choice([-1, 2, 2**32, 1.0])
+    try:
+        result = step(params, grads, rows, row_of, nonfinite)
+    except ValueError as e:
+        assert key in ("rows", "row_of", "nonfinite") and str(e), f"prepared {op} {key}: {e}"
+    else:
+        assert key in ("grad", "param", "count") and result is None, f"prepared {op} {key}: ran, {result}"
+    assert_same_writes(op, ops, before, f"refused prepared call ({key})")
+    return 1
 
 
 def fuzz_c_arguments() -> int:
@@ -242,9 +473,74 @@ def fuzz_c_arguments() -> int:
     return cases + 3
 
 
+def fuzz_c_descriptors() -> int:
+    """Raw C calls of pq_one_state_step, pq_ademamix_step and pq_adam4bit_step whose descriptor of a 300-element
+    tensor has one invalid field (a size, a dtype code, a state width, a rank-1 layout whose shape is not numel
+    elements, a missing pointer), or with an invalid rule, policy, count or code: PQ_INVALID_ARGUMENT, and
+    nothing written."""
+    lib = capi.cpu_library()
+    ptr = lambda t: t.data_ptr()  # noqa: E731
+    table = cached_code_table(CODE1)
+    ops = {op: OPERANDS[op](2) for op in ("one_state_step", "ademamix_step", "adam4bit_step")}
+    second = dict(one_state_step=(torch.randn(300), torch.randn(300), codes(300), torch.rand(2)),
+                  ademamix_step=(torch.randn(300), torch.randn(300), codes(600), codes(300), torch.rand(4),
+                                 torch.rand(2)),
+                  adam4bit_step=adam4bit_tensor((12, 25), True, True))
+    for op, tensors in second.items():
+        for name, t in zip(WRITTEN[op][:1] + ("grads",) + WRITTEN[op][1:], tensors):
+            ops[op][name][1] = t
+        ops[op]["nonfinite"] = 0
+    ops["adam4bit_step"]["rank1"][1] = True
+    calls = dict(
+        one_state_step=lambda o: cpu_optimizer._one_state_call(o["params"], o["grads"], o["state1"], o["absmax1"],
+                                                               o["constants"], o["code1"], o["rule"]),
+        ademamix_step=lambda o: cpu_optimizer._ademamix_call(*(o[k] for k in list(o)[:9])),
+        adam4bit_step=lambda o: cpu_optimizer._adam4bit_call(*(o[k] for k in list(o)[:6]), o["constants"], o["code1"],
+                                                             o["code2"], o["rank1"]),
+    )
+    broken = dict(
+        one_state_step=[("numel", -1), ("param_dtype", 3), ("grad_dtype", -1), ("state_bits", 4), ("param", None),
+                        ("grad", None), ("state1", None), ("absmax1", None)],
+        ademamix_step=[("numel", 2**62), ("numel", -1), ("param_dtype", 5), ("state_bits", 4), ("state1", None),
+                       ("state2", None), ("absmax1", None), ("absmax2", None)],
+        adam4bit_step=[("state_bits", 8), ("state_bits", 32), ("rank1", 2), ("ndim", 1), ("ndim", RANK1_MAX_DIMS + 1),
+                       ("shape", (12, 26)), ("shape", (0, 25)), ("shape", (-12, -25)), ("shape", (2**62, 2**62)),
+                       ("numel", 301), ("grad_dtype", 3), ("absmax2", None), ("state2", None)],
+    )
+    cases = 0
+    before = {op: copied(o) for op, o in ops.items()}
+    for op, fields in broken.items():
+        for field, value in fields:
+            descriptors, run = calls[op](ops[op])[:2]  # (_one_state_call's third: LARS' norm pass)
+            if field == "shape":
+                descriptors[1].shape[0], descriptors[1].shape[1] = value
+            else:
+                setattr(descriptors[1], field, value)
+            assert run(0) == -capi.INVALID_ARGUMENT, (op, field, value)
+            cases += 1
+        descriptors, run = calls[op](ops[op])[:2]
+        assert run(2) == -capi.INVALID_ARGUMENT, (op, "nonfinite 2")
+        cases += 1
+    descriptors = calls["one_state_step"](ops["one_state_step"])[0]
+    for rule in (-1, 4):
+        assert lib.pq_one_state_step(descriptors, 2, ptr(CODE1), ptr(table), rule, 0) == -capi.INVALID_ARGUMENT
+    descriptors, _ = calls["adam4bit_step"](ops["adam4bit_step"])
+    assert lib.pq_adam4bit_step(descriptors, 2, None, ptr(CODE4[1]), 0) == -capi.INVALID_ARGUMENT
+    for count in (-1, 3):  # 3: more tensors than the NULL array holds
+        assert lib.pq_one_state_step(None, count, ptr(CODE1), ptr(table), 0, 0) == -capi.INVALID_ARGUMENT
+        assert lib.pq_ademamix_step(None, count, None, None, None, None, 0) == -capi.INVALID_ARGUMENT
+        assert lib.pq_adam4bit_step(None, count, None, None, 0) == -capi.INVALID_ARGUMENT
+    for op in ops:
+        assert_same_writes(op, ops[op], before[op], "an invalid C call wrote")
+        assert calls[op](ops[op])[1](0) >= 0, f"{op}: the unbroken descriptors are refused too"
+    return cases + 9
+
+
 if __name__ == "__main__":
     if capi.cpu_library() is None:
         print("skip: the CPU library is not built")
         sys.exit(0)
-    total = fuzz_bindings(int(sys.argv[1]) if len(sys.argv) > 1 else 300) + fuzz_c_arguments()
+    cases = int(sys.argv[1]) if len(sys.argv) > 1 else 300
+    total = fuzz_bindings(cases) + fuzz_valid_calls(max(cases // 20, 1)) + fuzz_c_arguments()
+    total += fuzz_c_descriptors()
     print(f"ok {total}")

@@ -632,7 +632,7 @@ def test_kernels_refuse_operands_that_do_not_fit():
         (dict(absmax2=[torch.zeros(17)]), ValueError, "absmax2 0 has 17 elements, expected 98"),
         (dict(absmax1=[torch.zeros(17, dtype=torch.float64)]), TypeError, "absmax1 0 is torch.float64"),
         (dict(grads=[torch.ones(33, 65, device="meta")]), ValueError, "grad 0 is on meta, expected cpu"),
-        (dict(params=[torch.zeros(n)], grads=[torch.zeros(n)]), ValueError, "rank-1 scales need 2 to 8 dimensions"),
+        (dict(params=[torch.zeros(n)], grads=[torch.zeros(n)]), ValueError, "rank-1 scales need 2 to 8 dimensions; param 0 has shape .2145,."),
         (dict(code2=torch.zeros(256)), ValueError, "code2 has 256 elements, expected 16"),
         (dict(nonfinite=2), ValueError, "nonfinite must be 0 .skip. or 1"),
         (dict(rank1=[]), ValueError, "1 params but 0 rank1"),

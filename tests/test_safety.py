@@ -309,6 +309,80 @@ def test_quantize_blockwise_compiles_with_fullgraph():
     assert same_bits(torch.compile(roundtrip, fullgraph=True)(x), roundtrip(x))
 
 
+# ---- the prepared steps and the kernels' arguments (bugs the fuzzer found) ----
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="the CPU library is not built")
+def test_a_prepared_step_refuses_fewer_or_more_tensors_than_it_describes():
+    # It zipped the call's tensors with its descriptors, then broadcast the one gradient pointer of a shorter list to
+    # every descriptor: the 100000-element tensor read its gradient from a 4-element one. A subprocess: that read
+    # could crash.
+    result = run_python(
+        "import torch\n"
+        "from pyquant import functional as F\n"
+        "from pyquant._contract import adam_constants\n"
+        "n = [4, 100000]\n"
+        "p, g, s1, s2 = ([torch.ones(k) for k in n] for _ in range(4))\n"
+        "rows = [adam_constants(dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0), 1, False)] * 2\n"
+        "step = F.prepare_adam_step(p, g, s1, s2, [torch.zeros(0)] * 2, [torch.zeros(0)] * 2, torch.tensor(rows),\n"
+        "                           F.create_dynamic_map(True), F.create_dynamic_map(False))\n"
+        "print('fewer', step(p[:1], g[:1], rows[:1], None, 0), 'more', step(p + p[:1], g + g[:1], rows[:1], None, 0),\n"
+        "      'untouched', all(bool((t == 1).all()) for t in p + s1 + s2))\n"
+        "print('valid', int(step(p, g, rows[:1], None, 0)), bool((p[1] < 1).all()))\n"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[:2] == ["fewer None more None untouched True", "valid 0 True"]
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="the CPU library is not built")
+def test_a_prepared_step_refuses_a_parameter_of_another_dtype_bad_constants_and_policies():
+    from pyquant._contract import ONE_STATE_FIELDS, one_state_constants
+
+    p, g = torch.ones(300, dtype=torch.float16), torch.ones(300)
+    row = one_state_constants(dict(lr=0.1, betas=(0.9, 0.0), eps=1e-8, weight_decay=0.0), 1, False)
+    step = F.prepare_one_state_step([p], [g], [torch.zeros(300)], [torch.zeros(0)], torch.tensor([row]),
+                                    F.create_dynamic_map(True), 0)
+    # the same memory read as bfloat16: the descriptor says float16 (the optimizer checked this, the step did not)
+    assert step([p.view(torch.bfloat16)], [g], [row], None, 0) is None
+    with pytest.raises(ValueError, match=f"rows of {len(ONE_STATE_FIELDS)} values .* got rows of shape .1, 13."):
+        step([p], [g], [row + [0.0]], None, 0)
+    with pytest.raises(ValueError, match=r"one row index per tensor \(1\), got .* and 2 indices"):
+        step([p], [g], [row], [0, 0], 0)
+    for nonfinite in (2**32, 1.0):  # ctypes made 2**32 a 0 (skip); 1.0 was its ArgumentError, not ValueError
+        with pytest.raises(ValueError, match="nonfinite must be 0 .skip. or 1 .propagate., got"):
+            step([p], [g], [row], None, nonfinite)
+    assert torch.equal(p, torch.ones(300, dtype=torch.float16))
+    assert int(step([p], [g], [row], None, 0)) == 0 and torch.equal(p, torch.full((300,), 0.9, dtype=torch.float16))
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="the CPU library is not built")
+@pytest.mark.parametrize("op", ["adam_step", "one_state_step", "ademamix_step", "adam4bit_step", "lars_norms"])
+def test_a_float_nonfinite_policy_is_refused_by_the_binding(op):
+    args = dict(adam_step=([],) * 6 + (torch.zeros(0, 12), None, None), one_state_step=([],) * 4 + (None, None, 0),
+                ademamix_step=([],) * 6 + (None, None, None), adam4bit_step=([],) * 6 + (None, None, None, []),
+                lars_norms=([], [], None))[op]
+    with pytest.raises(ValueError, match=f"{op}: nonfinite must be 0 .skip. or 1 .propagate., got 1.0"):
+        backends.kernels_of("cpu")[op](*args, 1.0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_an_empty_matrix_keeps_rank1_scales(backend):
+    # Its rank-1 layout has a dimension of 0 (an FSDP2 rank's empty shard of a matrix): the C entry point refused it
+    # ("invalid arguments (status 2)") and the reference failed taking a max over it. It keeps its 5 column maxima.
+    empty, full = nn.Parameter(torch.zeros(0, 5)), nn.Parameter(torch.randn(3, 4))
+    with pyquant.use_backend(backend):
+        opt = pyquant.Adam4bit([empty, full], min_4bit_size=0)
+        stepped(opt, [empty, full])
+    assert opt.state[empty]["rank1"] is True and opt.state[empty]["absmax2"].shape == (5,)
+    assert opt.state[full]["rank1"] is True and opt.state[full]["step"] == 1
+    from pyquant.backends.capi import check_adam4bit_operands
+
+    packed = [torch.zeros(0, dtype=torch.uint8)]
+    check_adam4bit_operands([empty.detach()], [empty.grad], packed, packed, [torch.zeros(0)], [torch.zeros(5)],
+                            torch.zeros(1, 12), F.create_4bit_map(True), F.create_4bit_map(False), [True], 0)
+    with pytest.raises(ValueError, match=r"absmax2 0 has 0 elements, expected 5"):
+        check_adam4bit_operands([empty.detach()], [empty.grad], packed, packed, [torch.zeros(0)], [torch.zeros(0)],
+                                torch.zeros(1, 12), F.create_4bit_map(True), F.create_4bit_map(False), [True], 0)
+
+
 # ---- the C entry points, fuzzed ----
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="the CPU library is not built")
 def test_fuzzed_calls_into_the_c_library_are_refused_cleanly():

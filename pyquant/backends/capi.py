@@ -161,6 +161,13 @@ def check_code(code, name: str, device: torch.device) -> None:
     check_tensor(code, name, (torch.float32,), device, 256)
 
 
+def check_nonfinite(nonfinite, op: str) -> None:
+    """The kernels' `nonfinite` policy: the int 0 (skip) or 1 (propagate). ctypes refuses a float (1.0 == 1 passed
+    `in (0, 1)`) with its own ArgumentError, and truncates a large int to 32 bits (2**32 would become 0)."""
+    if isinstance(nonfinite, float) or nonfinite not in (0, 1):
+        raise ValueError(f"{op}: nonfinite must be 0 (skip) or 1 (propagate), got {nonfinite!r}")
+
+
 STATE_DTYPES = (torch.uint8, torch.float32)  # 8-bit codes, or float32 moments
 ABSMAX = (torch.float32,)
 
@@ -175,8 +182,7 @@ def check_adam_operands(params, grads, state1, state2, absmax1, absmax2, constan
     for name, values in lists.items():
         if len(values) != count:
             raise ValueError(f"adam_step: {count} params but {len(values)} {name}")
-    if nonfinite not in (0, 1):
-        raise ValueError(f"adam_step: nonfinite must be 0 (skip) or 1 (propagate), got {nonfinite!r}")
+    check_nonfinite(nonfinite, "adam_step")
     if count == 0:
         return
     device = params[0].device
@@ -219,8 +225,7 @@ def check_one_state_operands(params, grads, state1, absmax1, constants, code1, r
     for name, values in dict(grads=grads, state1=state1, absmax1=absmax1).items():
         if len(values) != count:
             raise ValueError(f"one_state_step: {count} params but {len(values)} {name}")
-    if nonfinite not in (0, 1):
-        raise ValueError(f"one_state_step: nonfinite must be 0 (skip) or 1 (propagate), got {nonfinite!r}")
+    check_nonfinite(nonfinite, "one_state_step")
     if rule not in ONE_STATE_RULES.values():
         raise ValueError(f"one_state_step: rule must be one of {ONE_STATE_RULES}, got {rule!r}")
     if count == 0:
@@ -248,8 +253,7 @@ def check_ademamix_operands(params, grads, state1, state2, absmax1, absmax2, con
     for name, values in lists.items():
         if len(values) != count:
             raise ValueError(f"ademamix_step: {count} params but {len(values)} {name}")
-    if nonfinite not in (0, 1):
-        raise ValueError(f"ademamix_step: nonfinite must be 0 (skip) or 1 (propagate), got {nonfinite!r}")
+    check_nonfinite(nonfinite, "ademamix_step")
     if count == 0:
         return
     device = params[0].device
@@ -279,8 +283,7 @@ def check_adam4bit_operands(params, grads, state1, state2, absmax1, absmax2, con
     for name, values in lists.items():
         if len(values) != count:
             raise ValueError(f"adam4bit_step: {count} params but {len(values)} {name}")
-    if nonfinite not in (0, 1):
-        raise ValueError(f"adam4bit_step: nonfinite must be 0 (skip) or 1 (propagate), got {nonfinite!r}")
+    check_nonfinite(nonfinite, "adam4bit_step")
     if count == 0:
         return
     device = params[0].device
@@ -308,7 +311,8 @@ def check_adam4bit_operands(params, grads, state1, state2, absmax1, absmax2, con
         check_tensor(s2, f"adam4bit_step: state2 {i}", (torch.uint8,), device, (n + 1) // 2)
         check_tensor(a1, f"adam4bit_step: absmax1 {i}", ABSMAX, device, blocks_of(n, FOURBIT_BLOCK))
         if r and not 2 <= p.dim() <= RANK1_MAX_DIMS:
-            raise ValueError(f"adam4bit_step: rank-1 scales need 2 to {RANK1_MAX_DIMS} dimensions; param {i} has {p.dim()}")
+            raise ValueError(f"adam4bit_step: rank-1 scales need 2 to {RANK1_MAX_DIMS} dimensions; param {i} has "
+                             f"shape {tuple(p.shape)}")
         check_tensor(a2, f"adam4bit_step: absmax2 {i}", ABSMAX, device, sum(p.shape) if r else blocks_of(n, FOURBIT_BLOCK))
 
 
@@ -334,8 +338,7 @@ def check_lars_norms_operands(params, grads, constants, nonfinite) -> None:
     count = len(params)
     if len(grads) != count:
         raise ValueError(f"lars_norms: {count} params but {len(grads)} grads")
-    if nonfinite not in (0, 1):
-        raise ValueError(f"lars_norms: nonfinite must be 0 (skip) or 1 (propagate), got {nonfinite!r}")
+    check_nonfinite(nonfinite, "lars_norms")
     if count == 0:
         return
     device = params[0].device

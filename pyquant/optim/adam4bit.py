@@ -5,7 +5,8 @@ The paper's default configuration (its code, lpmm, configs/default.yml), the num
 - second moment v: rank-1 scales (per element, the smaller of its row's and its column's max; for tensors of more
   dimensions the min over every dimension of the max over that dimension's slice), the linear 4-bit map without
   zero, so that no stored v is 0 (the paper's zero-point problem: a v quantised to 0 makes m / sqrt(v) explode);
-  1-D tensors, and `rank1=False` (torchao's variant), take block-wise scales for v too;
+  1-D tensors, and `rank1=False` (torchao's variant), take block-wise scales for v too (an empty matrix, such as an
+  FSDP2 rank's empty shard, keeps rank-1 maxima, left at 0);
 - two codes per byte; nearest rounding, ties to the lower code.
 About 1.03 bytes of state per parameter on a large matrix (scales included) against 8 for float32 Adam.
 

@@ -15,7 +15,7 @@ from pyquant.backends import kernel
 from pyquant.backends.capi import (
     AdamConstants, AdamTensor, AdemamixConstants, AdemamixTensor, OneStateConstants, OneStateTensor,
     check_adam4bit_operands, check_adam_operands, check_ademamix_operands, check_lars_norms_operands,
-    check_one_state_operands, check_status, cpu_library, describe_adam4bit,
+    check_nonfinite, check_one_state_operands, check_status, cpu_library, describe_adam4bit,
 )
 from pyquant.backends.code_tables import cached_code_table
 
@@ -107,15 +107,17 @@ class PreparedStep:
     and the constants change, and they are written into the descriptor array column by column through tensor
     views of it, instead of per-tensor ctypes writes and the full operand checks (about 5 us a tensor). What
     the kernel trusts and can still change between steps is checked on every call: each parameter still has
-    the storage and size the descriptors were built with, and each gradient is a contiguous CPU tensor of a
-    float dtype with the parameter's size. When one is not, the call returns None before writing anything, and
-    the caller takes the general path, which rebuilds the plan or says what is wrong."""
+    the storage, size and dtype the descriptors were built with, there are as many parameters and gradients as
+    descriptors, and each gradient is a contiguous CPU tensor of a float dtype with the parameter's size. When one
+    is not, the call returns None before writing anything, and the caller takes the general path, which rebuilds
+    the plan or says what is wrong. Constants rows of the wrong size and a bad `nonfinite` raise ValueError."""
 
     def __init__(self, name: str, descriptors, run, params, written, norms=None):
         self.name, self._descriptors, self._run, self._norms = name, descriptors, run, norms
         self._written = list(written)
         self._pointers = [p.data_ptr() for p in params]
         self._numels = [p.numel() for p in params]
+        self._dtypes = [p.dtype for p in params]
         self._grad_codes: list[int] | None = None
         row = descriptors._type_
         count, width = len(params), ctypes.sizeof(row)
@@ -131,34 +133,51 @@ class PreparedStep:
     def __call__(self, params, grads, rows: list[list[float]], row_of: list[int] | None, nonfinite: int):
         """Run one step. `rows`: the distinct constants rows; `row_of`: each tensor's row (None: all rows[0]).
         Returns the skipped count (0-dim int64), or None when a tensor no longer fits the descriptors."""
+        check_nonfinite(nonfinite, self.name)
         if not self.load(params, grads, rows, row_of):
             return None
         return self.run(nonfinite)
 
     def load(self, params, grads, rows: list[list[float]], row_of: list[int] | None) -> bool:
         """Write this step's gradients and constants into the descriptors; False (nothing written) when a tensor
-        no longer fits them."""
+        no longer fits them. Constants that do not fit the descriptors raise ValueError (nothing written)."""
+        count = len(self._numels)
+        if len(params) != count or len(grads) != count:
+            return False  # zip would stop early, and one pointer would be broadcast to every descriptor below
         pointers, codes = [], []
-        for p, g, pointer, n in zip(params, grads, self._pointers, self._numels):
+        for p, g, pointer, n, dtype in zip(params, grads, self._pointers, self._numels, self._dtypes):
             code = DTYPE_CODES.get(g.dtype)
-            if (p.data_ptr() != pointer or p.numel() != n or code is None or code == DTYPE_CODES[torch.float64]
-                    or not g.is_cpu or g.numel() != n or not g.is_contiguous()):
+            if (p.data_ptr() != pointer or p.numel() != n or p.dtype != dtype or code is None
+                    or code == DTYPE_CODES[torch.float64] or not g.is_cpu or g.numel() != n or not g.is_contiguous()):
                 return False
             pointers.append(g.data_ptr())
             codes.append(code)
+        constants = self._constants_of(rows, row_of)
         self._words[:, self._grad_column] = torch.tensor(pointers, dtype=torch.int64)
         if codes != self._grad_codes:
             self._ints[:, self._grad_dtype_column] = torch.tensor(codes, dtype=torch.int32)
             self._grad_codes = codes
-        self.set_constants(rows, row_of)
+        self._floats[:, self._constants] = constants
         return True
 
     def set_constants(self, rows: list[list[float]], row_of: list[int] | None) -> None:
+        """Replace the loaded constants (LAMB's and LARS' rows with their ratios, between the norm pass and the step)."""
+        self._floats[:, self._constants] = self._constants_of(rows, row_of)
+
+    def _constants_of(self, rows, row_of) -> torch.Tensor:
+        """Each tensor's constants row (one row for all when row_of is None), checked against the descriptors."""
+        count, width = len(self._numels), self._constants.stop - self._constants.start
         table = torch.tensor(rows, dtype=torch.float32)  # each value rounded once, as the general path does
-        self._floats[:, self._constants] = table[0] if row_of is None else table[torch.tensor(row_of)]
+        if table.dim() != 2 or table.shape[0] == 0 or table.shape[1] != width or (row_of is not None and (
+                len(row_of) != count or (count and not 0 <= min(row_of) <= max(row_of) < table.shape[0]))):
+            raise ValueError(f"{self.name}: constants must be rows of {width} values and one row index per tensor "
+                             f"({count}), got rows of shape {tuple(table.shape)} and "
+                             f"{'no' if row_of is None else len(row_of)} indices")
+        return table[0] if row_of is None else table[torch.tensor(row_of)]
 
     def run(self, nonfinite: int) -> torch.Tensor:
         """The step over the loaded descriptors; the skipped count."""
+        check_nonfinite(nonfinite, self.name)
         with kernel_range(self.name):
             bad = self._run(nonfinite)
         torch.autograd.graph.increment_version(self._written)
@@ -167,6 +186,7 @@ class PreparedStep:
     def norm_sums(self, nonfinite: int) -> torch.Tensor:
         """LAMB's (Adam descriptors) or LARS' (one-state descriptors) norm pass over the loaded descriptors: the
         float64 sums of squares, [count, 2] (ops lamb_norms, lars_norms)."""
+        check_nonfinite(nonfinite, self.name)
         sums = torch.empty((len(self._numels), 2), dtype=torch.float64)
         check_status(self._norms(nonfinite, sums), f"{self.name}'s norm pass")
         return sums
