@@ -6,6 +6,7 @@ for any thread count; refusals; convergence next to float32 AdamW; and torchao's
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 
@@ -544,6 +545,16 @@ def test_study_settings_use_adam4bit():
 
 
 # ---- the Triton kernels (interpreted here: small sizes) ----
+def triton_ieee_sqrt():
+    """The 4-bit step's root is IEEE sqrt on every device (tl.sqrt_rn on a GPU); under the interpreter the triton
+    fixture made the interpreter's sqrt_rn torch's CPU sqrt (for the 8-bit steps): this makes it IEEE again."""
+    if not backends.triton_interpreted():
+        return contextlib.nullcontext()
+    from triton_exact_fma import _builder_method
+
+    return _builder_method("create_precise_sqrt", ref.ieee_sqrt)
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rank1", [True, False])
@@ -553,18 +564,103 @@ def test_triton_kernel_gives_the_reference_bits(dtype, rank1):
     shapes = [(5, 67), (300,), (2, 3, 5, 7), (10, 10)]  # rank-1 2-D and 4-D, block-wise 1-D, float32 states
     kw = dict(shapes=shapes, dtype=dtype, rank1=rank1, steps=2, min_4bit_size=200)
     expected = snapshot(*run_steps("reference", **kw))
-    if backends.triton_interpreted():
-        # The 4-bit step's root is IEEE sqrt on every device (tl.sqrt_rn on a GPU); the triton fixture made the
-        # interpreter's sqrt_rn torch's CPU sqrt (for the 8-bit steps): make it IEEE again.
-        from triton_exact_fma import _builder_method
-
-        with _builder_method("create_precise_sqrt", ref.ieee_sqrt):
-            actual = snapshot(*run_steps("triton", device=TRITON_DEVICE, **kw))
-    else:
+    with triton_ieee_sqrt():
         actual = snapshot(*run_steps("triton", device=TRITON_DEVICE, **kw))
     assert expected[2].dtype == torch.uint8 and len(expected) == len(actual)
     for i, (a, e) in enumerate(zip(actual, expected)):
         assert_same_bits(a.cpu(), e, f"tensor {i}")
+
+
+class _CountedLaunches:
+    """Stands in for a Triton kernel in its module: records each launch (`kernel[grid]`) and forwards it."""
+
+    def __init__(self, kernel, name, launches):
+        self.kernel, self.name, self.launches = kernel, name, launches
+
+    def __getitem__(self, grid):
+        self.launches.append((self.name, tuple(grid)))
+        return self.kernel[grid]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("rank1", [True, False])
+def test_triton_step_launches_per_group_not_per_tensor(monkeypatch, rank1):
+    from conftest import TRITON_DEVICE
+    from pyquant.kernels import adam4bit as kernels
+
+    launches = []
+    for name in ("_rank1_maxima_kernel", "_adam4bit_kernel"):
+        monkeypatch.setattr(kernels, name, _CountedLaunches(getattr(kernels, name), name, launches))
+    # six tensors of every kind: rank-1 2-D, 3-D and 4-D, block-wise 1-D (one of more blocks than a program
+    # takes), float32 states (below min_4bit_size)
+    shapes = [(5, 67), (1200,), (2, 3, 5, 7), (10, 10), (3, 1, 41), (129,)]
+    kw = dict(shapes=shapes, rank1=rank1, steps=2, min_4bit_size=110)
+    expected = snapshot(*run_steps("reference", **kw))
+    with triton_ieee_sqrt():
+        actual = snapshot(*run_steps("triton", device=TRITON_DEVICE, **kw))
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert_same_bits(a.cpu(), e, f"tensor {i}")
+    # per step: the maxima pass over the rank-1 tensors' programs, then one step over everyone's
+    tiles = [-(-math.prod(s) // (FOURBIT_BLOCK * kernels.ROWS)) for s in shapes]  # programs of each tensor
+    rank1_tiles = sum(t for s, t in zip(shapes, tiles) if rank1 and len(s) >= 2 and math.prod(s) >= 110)
+    per_step = ([("_rank1_maxima_kernel", (rank1_tiles,))] if rank1 else []) + [("_adam4bit_kernel", (sum(tiles),))]
+    assert launches == per_step * 2
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("nonfinite", [0, 1])
+def test_triton_mixed_table_gives_the_reference_bits(nonfinite):
+    """One call whose launch table holds what it could get wrong: odd sizes side by side (a last byte with one
+    nibble), a float32-state tensor between two 4-bit ones, an empty tensor, a 3-D rank-1 tensor next to a 2-D
+    one, a 6-D one, rank-1 tensors spread over several programs, two param dtypes (two buckets, each with a
+    subset of the constants' rows), a different lr per tensor, non-finite gradients in several tensors."""
+    from conftest import TRITON_DEVICE
+    from pyquant._contract import adam_constants
+
+    # (shape, param dtype, 4-bit states, rank1)
+    layout = [((5, 9, 15), torch.float32, True, True), ((9, 13), torch.float16, True, True),
+              ((7, 7), torch.float32, False, False), ((301,), torch.float32, True, False),
+              ((0,), torch.float32, False, False), ((3, 1, 41), torch.float16, True, True),
+              ((2, 2, 2, 2, 2, 3), torch.float32, True, True), ((257,), torch.float16, True, False)]
+    gen = torch.Generator().manual_seed(5)
+    code1, code2 = F.create_4bit_map(True), F.create_4bit_map(False)
+    operands = [[] for _ in range(6)]  # params, grads, state1, state2, absmax1, absmax2
+    for shape, dtype, four, rank1 in layout:
+        p = torch.randn(shape, generator=gen).to(dtype)
+        g = (torch.randn(shape, generator=gen) * 0.1).to(dtype)
+        m = torch.randn(p.numel(), generator=gen) * 0.01
+        v = torch.rand(p.numel(), generator=gen) * 1e-4
+        if four:
+            s1, a1 = F.quantize_4bit_state(m, shape, False, code1)
+            s2, a2 = F.quantize_4bit_state(v, shape, rank1, code2)
+        else:
+            s1, s2, a1, a2 = m, v, torch.zeros(0), torch.zeros(0)
+        for group, t in zip(operands, (p, g, s1, s2, a1, a2)):
+            group.append(t)
+    for i, positions in ((0, [0, 674]), (2, [48]), (5, [7]), (7, [256])):
+        operands[1][i].view(-1)[positions] = float("nan") if i % 2 else float("inf")
+    constants = torch.tensor([adam_constants(dict(lr=1e-3 * (i + 1), betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01),
+                                             3, True) for i in range(len(layout))], dtype=torch.float32)
+    rank1 = [r for *_, r in layout]
+
+    def run(backend, device):
+        ops = [[t.clone().to(device) for t in group] for group in operands]
+        with use_backend(backend):
+            count = F.adam4bit_step_multi_tensor(*ops, constants.to(device), code1.to(device), code2.to(device),
+                                                 rank1, nonfinite)
+        return int(count), [t.cpu() for group in [ops[0]] + ops[2:] for t in group]
+
+    with triton_ieee_sqrt():
+        count, actual = run("triton", TRITON_DEVICE)
+    bad = sum(int((~torch.isfinite(g.float())).sum()) for g in operands[1])
+    assert bad == 5 and count == (bad if nonfinite == 0 else 0)
+    for backend in KERNEL_BACKENDS:
+        expected_count, expected = run(backend, "cpu")
+        assert expected_count == count, backend
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            # a propagated NaN's payload is not the contract's (float16 NaNs differ under the interpreter)
+            assert_same_bits(a, e, f"{backend}: operand {i}", nan_blind=nonfinite == 1)
+    assert not torch.equal(actual[0], operands[0][0])  # the step did move the parameters
 
 
 # ---- the CUDA kernel (on a GPU) ----
