@@ -73,8 +73,10 @@ def codes(n: int) -> torch.Tensor:
     return torch.randint(0, 256, (n,), dtype=torch.uint8)
 
 
-def adam_operands(count: int) -> dict:
-    """Valid operands of adam_step (and lamb_norms): random codes and scales, so that a step reads real states."""
+def two_state_operands(count: int, stacked: int, row, fields: tuple) -> dict:
+    """Valid operands of a step with two states: random codes and scales, so that a step reads real states. state1
+    holds `stacked` moments per element (adam_step and lamb_norms 1; ademamix_step 2: m1 and m2, with 2 x blocks
+    scales); `row(eight_bit)` gives a tensor's constants row of `fields`."""
     ops = dict(params=[], grads=[], state1=[], state2=[], absmax1=[], absmax2=[])
     rows = []
     for _ in range(count):
@@ -82,15 +84,19 @@ def adam_operands(count: int) -> dict:
         eight = RNG.random() < 0.7
         ops["params"].append(torch.randn(n).to(RNG.choice(DTYPES)))
         ops["grads"].append(torch.randn(n).to(RNG.choice(DTYPES)))
-        ops["state1"].append(codes(n) if eight else torch.randn(n))
+        ops["state1"].append(codes(stacked * n) if eight else torch.randn(stacked * n))
         ops["state2"].append(codes(n) if eight else torch.rand(n))  # v >= 0 (code2 is the unsigned map)
         empty = torch.zeros(0)
-        ops["absmax1"].append(torch.rand(blocks(n)) if eight else empty)
+        ops["absmax1"].append(torch.rand(stacked * blocks(n)) if eight else empty)
         ops["absmax2"].append(torch.rand(blocks(n)) if eight else empty)
-        rows.append(adam_constants(GROUP, RNG.randint(1, 5), eight))
-    ops.update(constants=torch.tensor(rows, dtype=torch.float32).reshape(count, len(CONSTANT_FIELDS)),
+        rows.append(row(eight))
+    ops.update(constants=torch.tensor(rows, dtype=torch.float32).reshape(count, len(fields)),
                code1=CODE1, code2=CODE2, nonfinite=RNG.randrange(2))
     return ops
+
+
+def adam_operands(count: int) -> dict:
+    return two_state_operands(count, 1, lambda eight: adam_constants(GROUP, RNG.randint(1, 5), eight), CONSTANT_FIELDS)
 
 
 def one_state_operands(count: int) -> dict:
@@ -113,24 +119,8 @@ def one_state_operands(count: int) -> dict:
 
 
 def ademamix_operands(count: int) -> dict:
-    """Valid operands of ademamix_step: state1 holds m1 and m2 (2n values), absmax1 their 2 x blocks scales."""
-    ops = dict(params=[], grads=[], state1=[], state2=[], absmax1=[], absmax2=[])
-    rows = []
-    for _ in range(count):
-        n = size()
-        eight = RNG.random() < 0.7
-        ops["params"].append(torch.randn(n).to(RNG.choice(DTYPES)))
-        ops["grads"].append(torch.randn(n).to(RNG.choice(DTYPES)))
-        ops["state1"].append(codes(2 * n) if eight else torch.randn(2 * n))
-        ops["state2"].append(codes(n) if eight else torch.rand(n))
-        empty = torch.zeros(0)
-        ops["absmax1"].append(torch.rand(2 * blocks(n)) if eight else empty)
-        ops["absmax2"].append(torch.rand(blocks(n)) if eight else empty)
-        rows.append(ademamix_constants(dict(GROUP, betas=(0.9, 0.999, 0.9999), alpha=5.0, t_alpha=None, t_beta3=None),
-                                       RNG.randint(1, 5)))
-    ops.update(constants=torch.tensor(rows, dtype=torch.float32).reshape(count, len(ADEMAMIX_FIELDS)),
-               code1=CODE1, code2=CODE2, nonfinite=RNG.randrange(2))
-    return ops
+    group = dict(GROUP, betas=(0.9, 0.999, 0.9999), alpha=5.0, t_alpha=None, t_beta3=None)
+    return two_state_operands(count, 2, lambda eight: ademamix_constants(group, RNG.randint(1, 5)), ADEMAMIX_FIELDS)
 
 
 def random_shape() -> tuple:
