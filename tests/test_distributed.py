@@ -251,20 +251,23 @@ def two_ranks(rank, world_size, out_dir):
     train(resumed, resumed_optimizer, STEPS, rank, first_step=STEPS)
     record["resumed"] = full_params(resumed)
 
-    # bfloat16 parameters with float32 master weights: the masters are per shard and resume bit for bit too.
-    finals = []
-    for seed, first_step in ((0, 0), (1, None)):
-        half = sharded(Net(seed=seed).to(torch.bfloat16), world_size)
-        half_optimizer = pyquant.AdamW8bit(half.parameters(), lr=LR, master_weights=True)
-        if first_step is None:
-            load_checkpoint(os.path.join(out_dir, "half"), half, half_optimizer)
-        else:
-            train(half, half_optimizer, 2, rank, dtype=torch.bfloat16)
-            save_checkpoint(os.path.join(out_dir, "half"), half, half_optimizer)
-        train(half, half_optimizer, 2, rank, first_step=2, dtype=torch.bfloat16)
-        finals.append(full_params(half))
-    record["master_resumed"] = all(same_bits(finals[0][k], finals[1][k]) for k in finals[0])
-    record["master_in_state"] = all("master" in s for s in half_optimizer.state_dict()["state"].values())
+    # bfloat16 parameters with float32 master weights: the masters are per shard and resume bit for bit too, with
+    # 8-bit and with 4-bit states.
+    record["master_resumed"], record["master_in_state"] = {}, {}
+    for name, make in (("AdamW8bit", pyquant.AdamW8bit), ("AdamW4bit", pyquant.AdamW4bit)):
+        finals = []
+        for seed, first_step in ((0, 0), (1, None)):
+            half = sharded(Net(seed=seed).to(torch.bfloat16), world_size)
+            half_optimizer = make(half.parameters(), lr=LR, master_weights=True)
+            if first_step is None:
+                load_checkpoint(os.path.join(out_dir, f"half-{name}"), half, half_optimizer)
+            else:
+                train(half, half_optimizer, 2, rank, dtype=torch.bfloat16)
+                save_checkpoint(os.path.join(out_dir, f"half-{name}"), half, half_optimizer)
+            train(half, half_optimizer, 2, rank, first_step=2, dtype=torch.bfloat16)
+            finals.append(full_params(half))
+        record["master_resumed"][name] = all(same_bits(finals[0][k], finals[1][k]) for k in finals[0])
+        record["master_in_state"][name] = all("master" in s for s in half_optimizer.state_dict()["state"].values())
 
     # A checkpoint of another model: refused, and the trained model and optimizer keep every bit.
     other = sharded(Net(hidden=80), world_size)
@@ -429,9 +432,10 @@ def test_fsdp2_checkpoint_resumes_bit_for_bit_at_the_same_world_size(runs):
     assert not same_bits(two[0]["saved_params"]["fc1.weight"], two[0]["uninterrupted"]["fc1.weight"])
 
 
-def test_fsdp2_master_weights_live_per_shard_and_resume_bit_for_bit(runs):
+@pytest.mark.parametrize("name", ["AdamW8bit", "AdamW4bit"])
+def test_fsdp2_master_weights_live_per_shard_and_resume_bit_for_bit(runs, name):
     two, _ = runs
-    assert all(r["master_in_state"] and r["master_resumed"] for r in two)
+    assert all(r["master_in_state"][name] and r["master_resumed"][name] for r in two)
 
 
 def test_two_rank_checkpoint_loads_in_one_rank_and_training_continues(runs):
