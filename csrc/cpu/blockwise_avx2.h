@@ -33,6 +33,23 @@ PQ_INLINE __m256 lookup8(const DequantTable& t, __m128i q) {
   return _mm256_i32gather_ps(t.code, _mm256_cvtepu8_epi32(q), 4);
 }
 
+// out[i] = code[q[i]] for i < n, and 0 up to the next multiple of 8, with scalar loads: on AVX2 a gather of 8
+// floats costs more than 8 loads (bench/NOTES.md).
+template <class Len>
+PQ_INLINE void lookup_codes(const DequantTable& t, const uint8_t* q, Len n, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    uint64_t w;
+    memcpy(&w, q + i, 8);
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) out[i + k] = t.code[(w >> (8 * k)) & 0xFF];
+  }
+  if constexpr (!std::is_same_v<Len, FullBlock>) {
+    for (; i < n; ++i) out[i] = t.code[q[i]];
+    for (; i % 8; ++i) out[i] = 0.0f;
+  }
+}
+
 // ---- quantisation ----
 
 struct QuantTable {
@@ -57,15 +74,21 @@ PQ_INLINE __m256i grid_bins(__m256 x, __m256 inv) {
   return _mm256_and_si256(_mm256_cvttps_epi32(s), _mm256_set1_epi32(0xFFFF));
 }
 
-// table[bin] for 8 bins: gather the 32-bit word at byte offset bin, or at 65532 for the last three bins
-// (so nothing past the table is read) and shift the wanted byte down.
-PQ_INLINE __m128i table_lookup8(const uint8_t* table, __m256i bins) {
-  const __m256i at = _mm256_min_epu32(bins, _mm256_set1_epi32(65532));
-  __m256i w = _mm256_i32gather_epi32((const int*)table, at, 1);
-  w = _mm256_srlv_epi32(w, _mm256_slli_epi32(_mm256_sub_epi32(bins, at), 3));
-  w = _mm256_and_si256(w, _mm256_set1_epi32(0xFF));
-  const __m128i w16 = pack_u32_to_u16(w);
-  return _mm_packus_epi16(w16, w16);
+// q[i] = table[bins[i]] for i < n, with scalar loads, eight bytes stored at a time.
+PQ_INLINE void table_lookups(const uint8_t* table, const uint16_t* bins, int64_t n, uint8_t* q) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    uint64_t lo, hi;
+    memcpy(&lo, bins + i, 8);
+    memcpy(&hi, bins + i + 4, 8);
+    uint64_t w = 0;
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) w |= (uint64_t)table[(lo >> (16 * k)) & 0xFFFF] << (8 * k);
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) w |= (uint64_t)table[(hi >> (16 * k)) & 0xFFFF] << (8 * k + 32);
+    memcpy(q + i, &w, 8);
+  }
+  for (; i < n; ++i) q[i] = table[bins[i]];
 }
 
 template <int DT, class Len>
@@ -76,9 +99,15 @@ PQ_INLINE void quantize_values(const void* x, int64_t start, Len len, float absm
     return;
   }
   const __m256 inv = _mm256_set1_ps(block_inverse(absmax));
-  for (int64_t i = 0; i < len; i += 8) {
-    const int64_t n = len - i < 8 ? len - i : 8;
-    store_bytes8(q + i, n, table_lookup8(t.table, grid_bins(load8<DT>(x, start + i, n), inv)));
+  // The bins in vectors, the table lookups with scalar loads: on AVX2 a gather of 8 bytes costs more than 8
+  // loads (bench/NOTES.md).
+  alignas(32) uint16_t bins[kOptimizerBlock];
+  for (int64_t c = 0; c < len; c += kOptimizerBlock) {
+    const int64_t cl = len - c < kOptimizerBlock ? len - c : kOptimizerBlock;
+    for (int64_t i = 0; i < cl; i += 8)
+      _mm_store_si128((__m128i*)(bins + i),
+                      pack_u32_to_u16(grid_bins(load8<DT>(x, start + c + i, cl - i < 8 ? cl - i : 8), inv)));
+    table_lookups(t.table, bins, cl, q + c);
   }
 }
 
@@ -266,11 +295,13 @@ PQ_INLINE int64_t adam_block_8bit_impl(const pq_adam_tensor& t, int64_t start, L
   prefetch_block(t, start, elem_size(PDT), elem_size(GDT), 1);
   __m256 amax1 = _mm256_setzero_ps(), amax2 = _mm256_setzero_ps();
   int64_t bad = 0;
+  lookup_codes(tab.deq1, q1, len, m);
+  lookup_codes(tab.deq2, q2, len, v);
   for (int64_t j = 0; j < len; j += 8) {
     const int64_t n = len - j < 8 ? len - j : 8;
     const __m256 valid = first_lanes(n);
-    const __m256 m_old = _mm256_mul_ps(lookup8(tab.deq1, load_bytes8(q1 + j, n)), a1);
-    const __m256 v_old = _mm256_mul_ps(lookup8(tab.deq2, load_bytes8(q2 + j, n)), a2);
+    const __m256 m_old = _mm256_mul_ps(_mm256_load_ps(m + j), a1);
+    const __m256 v_old = _mm256_mul_ps(_mm256_load_ps(v + j), a2);
     const __m256 g = unscaled8<GDT>(k, load8<GDT>(t.grad, start + j, n));
     __m256 mi = m_old, vi = v_old;
     moments8(k, g, mi, vi);
