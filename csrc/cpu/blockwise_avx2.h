@@ -22,6 +22,14 @@ using FullBlock = std::integral_constant<int64_t, kOptimizerBlock>;
 
 constexpr bool kEmulatesCpuSqrt = true;
 
+// The lanes of the vector at offset j of a block of length len (8 but at a partial end); a compile-time 8
+// for full blocks, whose loops then carry no tail masks.
+template <class Len>
+PQ_INLINE int64_t lanes_at(Len len, int64_t j) {
+  if constexpr (std::is_same_v<Len, FullBlock>) return 8;
+  return len - j < 8 ? len - j : 8;
+}
+
 // ---- dequantisation ----
 
 struct DequantTable {
@@ -297,19 +305,22 @@ PQ_INLINE int64_t adam_block_8bit_impl(const pq_adam_tensor& t, int64_t start, L
   int64_t bad = 0;
   lookup_codes(tab.deq1, q1, len, m);
   lookup_codes(tab.deq2, q2, len, v);
+  // Two loops, the moments and then the parameters: one loop with both had too long a dependency chain per
+  // vector (two divisions, the square root) for the out-of-order window.
+  __m256 upd[kOptimizerBlock / 8];
   for (int64_t j = 0; j < len; j += 8) {
-    const int64_t n = len - j < 8 ? len - j : 8;
+    const int64_t n = lanes_at(len, j);
     const __m256 valid = first_lanes(n);
     const __m256 m_old = _mm256_mul_ps(_mm256_load_ps(m + j), a1);
     const __m256 v_old = _mm256_mul_ps(_mm256_load_ps(v + j), a2);
     const __m256 g = unscaled8<GDT>(k, load8<GDT>(t.grad, start + j, n));
     __m256 mi = m_old, vi = v_old;
     moments8(k, g, mi, vi);
-    __m256 upd = valid;
+    upd[j / 8] = valid;
     if constexpr (NONFINITE == kSkipElement) {
       const __m256 skip = _mm256_and_ps(nonfinite8(g), valid);  // keeps its parameter and moments
       bad += __builtin_popcount((unsigned)_mm256_movemask_ps(skip));
-      upd = _mm256_andnot_ps(skip, valid);
+      upd[j / 8] = _mm256_andnot_ps(skip, valid);
       mi = _mm256_blendv_ps(mi, m_old, skip);
       vi = _mm256_blendv_ps(vi, v_old, skip);
     }
@@ -317,12 +328,15 @@ PQ_INLINE int64_t adam_block_8bit_impl(const pq_adam_tensor& t, int64_t start, L
     _mm256_store_ps(v + j, vi);
     amax1 = _mm256_max_ps(_mm256_and_ps(abs8(mi), valid), amax1);
     amax2 = _mm256_max_ps(_mm256_and_ps(abs8(vi), valid), amax2);
-    __m256 rest = upd;
+  }
+  for (int64_t j = 0; j < len; j += 8) {
+    __m256 rest = upd[j / 8];
     if constexpr (SQRT_MODE != kSqrtCall) {
-      const __m256 root = sqrt8(vi, SQRT_MODE, rest);
-      rest = _mm256_and_ps(rest, upd);
+      const int64_t n = lanes_at(len, j);
+      const __m256 mi = _mm256_load_ps(m + j), root = sqrt8(_mm256_load_ps(v + j), SQRT_MODE, rest);
+      rest = _mm256_and_ps(rest, upd[j / 8]);
       const __m256 p = load8<PDT>(t.param, start + j, n);
-      store8<PDT>(t.param, start + j, n, param8(k, p, mi, root), _mm256_andnot_ps(rest, upd));
+      store8<PDT>(t.param, start + j, n, param8(k, p, mi, root), _mm256_andnot_ps(rest, upd[j / 8]));
     }
     later[j / 8] = rest;
     any_later |= _mm256_movemask_ps(rest);
