@@ -37,10 +37,6 @@ struct DequantTable {
 };
 static inline void prepare_dequant(const float* code, DequantTable& t) { t.code = code; }
 
-PQ_INLINE __m256 lookup8(const DequantTable& t, __m128i q) {
-  return _mm256_i32gather_ps(t.code, _mm256_cvtepu8_epi32(q), 4);
-}
-
 // out[i] = code[q[i]] for i < n, and 0 up to the next multiple of 8, with scalar loads: on AVX2 a gather of 8
 // floats costs more than 8 loads (bench/NOTES.md).
 template <class Len>
@@ -129,14 +125,26 @@ PQ_INLINE void quantize_block_impl(const void* x, int64_t start, Len len, const 
   quantize_values<DT>(x, start, len, a, t, q + start);
 }
 
+// At most kOptimizerBlock values (a longer block goes chunk by chunk).
+template <int DT, class Len>
+PQ_INLINE void dequantize_chunk(const uint8_t* q, __m256 absmax, int64_t start, Len len, const DequantTable& t,
+                                void* out) {
+  alignas(32) float codes[kOptimizerBlock];
+  lookup_codes(t, q + start, len, codes);
+  const __m256 all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  for (int64_t i = 0; i < len; i += 8)
+    store8<DT>(out, start + i, lanes_at(len, i), _mm256_mul_ps(_mm256_load_ps(codes + i), absmax), all);
+}
+
 template <int DT, class Len>
 PQ_INLINE void dequantize_block_impl(const uint8_t* q, float absmax, int64_t start, Len len, const DequantTable& t,
                                          void* out) {
   const __m256 a = _mm256_set1_ps(absmax);
-  const __m256 all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
-  for (int64_t i = 0; i < len; i += 8) {
-    const int64_t n = len - i < 8 ? len - i : 8;
-    store8<DT>(out, start + i, n, _mm256_mul_ps(lookup8(t, load_bytes8(q + start + i, n)), a), all);
+  if constexpr (std::is_same_v<Len, FullBlock>) {
+    dequantize_chunk<DT>(q, a, start, len, t, out);
+  } else {
+    for (int64_t c = 0; c < len; c += kOptimizerBlock)
+      dequantize_chunk<DT>(q, a, start + c, len - c < kOptimizerBlock ? len - c : kOptimizerBlock, t, out);
   }
 }
 
