@@ -9,6 +9,7 @@
 #include "isa.h"
 
 #include <type_traits>
+#include <utility>
 
 #include "cpu_sqrt.h"
 #include "pyquant/capi.h"
@@ -37,21 +38,12 @@ struct DequantTable {
 };
 static inline void prepare_dequant(const float* code, DequantTable& t) { t.code = code; }
 
-// out[i] = code[q[i]] for i < n, and 0 up to the next multiple of 8, with scalar loads: on AVX2 a gather of 8
-// floats costs more than 8 loads (bench/NOTES.md).
-template <class Len>
-PQ_INLINE void lookup_codes(const DequantTable& t, const uint8_t* q, Len n, float* out) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    uint64_t w;
-    memcpy(&w, q + i, 8);
-#pragma GCC unroll 8
-    for (int k = 0; k < 8; ++k) out[i + k] = t.code[(w >> (8 * k)) & 0xFF];
-  }
-  if constexpr (!std::is_same_v<Len, FullBlock>) {
-    for (; i < n; ++i) out[i] = t.code[q[i]];
-    for (; i % 8; ++i) out[i] = 0.0f;
-  }
+// code[q[0..n-1]] (code[0] in lanes n..7) with scalar loads: on AVX2 a gather costs more than 8 loads (bench/NOTES.md).
+PQ_INLINE __m256 codes8(const DequantTable& t, const uint8_t* q, int64_t n) {
+  uint8_t padded[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  if (n < 8) q = (const uint8_t*)memcpy(padded, q, (size_t)n);
+  const float* c = t.code;
+  return _mm256_setr_ps(c[q[0]], c[q[1]], c[q[2]], c[q[3]], c[q[4]], c[q[5]], c[q[6]], c[q[7]]);
 }
 
 // ---- quantisation ----
@@ -78,20 +70,20 @@ PQ_INLINE __m256i grid_bins(__m256 x, __m256 inv) {
   return _mm256_and_si256(_mm256_cvttps_epi32(s), _mm256_set1_epi32(0xFFFF));
 }
 
-// q[i] = table[bins[i]] for i < n, with scalar loads, eight bytes stored at a time.
+// table[bins[0..15]] as 16 bytes: scalar loads put in place with byte inserts (on this class of CPU faster than
+// a gather, and than assembling the bytes in a general register).
+template <size_t... K>
+PQ_INLINE __m128i table_lookup16(const uint8_t* table, const uint16_t* bins, std::index_sequence<K...>) {
+  __m128i r = _mm_setzero_si128();
+  ((r = _mm_insert_epi8(r, table[bins[K]], K)), ...);
+  return r;
+}
+
+// q[i] = table[bins[i]] for i < n.
 PQ_INLINE void table_lookups(const uint8_t* table, const uint16_t* bins, int64_t n, uint8_t* q) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    uint64_t lo, hi;
-    memcpy(&lo, bins + i, 8);
-    memcpy(&hi, bins + i + 4, 8);
-    uint64_t w = 0;
-#pragma GCC unroll 4
-    for (int k = 0; k < 4; ++k) w |= (uint64_t)table[(lo >> (16 * k)) & 0xFFFF] << (8 * k);
-#pragma GCC unroll 4
-    for (int k = 0; k < 4; ++k) w |= (uint64_t)table[(hi >> (16 * k)) & 0xFFFF] << (8 * k + 32);
-    memcpy(q + i, &w, 8);
-  }
+  for (; i + 16 <= n; i += 16)
+    _mm_storeu_si128((__m128i*)(q + i), table_lookup16(table, bins + i, std::make_index_sequence<16>()));
   for (; i < n; ++i) q[i] = table[bins[i]];
 }
 
@@ -125,26 +117,14 @@ PQ_INLINE void quantize_block_impl(const void* x, int64_t start, Len len, const 
   quantize_values<DT>(x, start, len, a, t, q + start);
 }
 
-// At most kOptimizerBlock values (a longer block goes chunk by chunk).
-template <int DT, class Len>
-PQ_INLINE void dequantize_chunk(const uint8_t* q, __m256 absmax, int64_t start, Len len, const DequantTable& t,
-                                void* out) {
-  alignas(32) float codes[kOptimizerBlock];
-  lookup_codes(t, q + start, len, codes);
-  const __m256 all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
-  for (int64_t i = 0; i < len; i += 8)
-    store8<DT>(out, start + i, lanes_at(len, i), _mm256_mul_ps(_mm256_load_ps(codes + i), absmax), all);
-}
-
 template <int DT, class Len>
 PQ_INLINE void dequantize_block_impl(const uint8_t* q, float absmax, int64_t start, Len len, const DequantTable& t,
                                          void* out) {
   const __m256 a = _mm256_set1_ps(absmax);
-  if constexpr (std::is_same_v<Len, FullBlock>) {
-    dequantize_chunk<DT>(q, a, start, len, t, out);
-  } else {
-    for (int64_t c = 0; c < len; c += kOptimizerBlock)
-      dequantize_chunk<DT>(q, a, start + c, len - c < kOptimizerBlock ? len - c : kOptimizerBlock, t, out);
+  const __m256 all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  for (int64_t i = 0; i < len; i += 8) {
+    const int64_t n = lanes_at(len, i);
+    store8<DT>(out, start + i, n, _mm256_mul_ps(codes8(t, q + start + i, n), a), all);
   }
 }
 
@@ -311,16 +291,14 @@ PQ_INLINE int64_t adam_block_8bit_impl(const pq_adam_tensor& t, int64_t start, L
   prefetch_block(t, start, elem_size(PDT), elem_size(GDT), 1);
   __m256 amax1 = _mm256_setzero_ps(), amax2 = _mm256_setzero_ps();
   int64_t bad = 0;
-  lookup_codes(tab.deq1, q1, len, m);
-  lookup_codes(tab.deq2, q2, len, v);
   // Two loops, the moments and then the parameters: one loop with both had too long a dependency chain per
   // vector (two divisions, the square root) for the out-of-order window.
   __m256 upd[kOptimizerBlock / 8];
   for (int64_t j = 0; j < len; j += 8) {
     const int64_t n = lanes_at(len, j);
     const __m256 valid = first_lanes(n);
-    const __m256 m_old = _mm256_mul_ps(_mm256_load_ps(m + j), a1);
-    const __m256 v_old = _mm256_mul_ps(_mm256_load_ps(v + j), a2);
+    const __m256 m_old = _mm256_mul_ps(codes8(tab.deq1, q1 + j, n), a1);
+    const __m256 v_old = _mm256_mul_ps(codes8(tab.deq2, q2 + j, n), a2);
     const __m256 g = unscaled8<GDT>(k, load8<GDT>(t.grad, start + j, n));
     __m256 mi = m_old, vi = v_old;
     moments8(k, g, mi, vi);
