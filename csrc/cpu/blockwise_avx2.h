@@ -2,9 +2,10 @@
 // blockwise.cpp in its avx2 build only (the loads, stores and conversions they use are isa.h's).
 //
 // Same bits as the scalar rules of pyquant/blockwise.h. AVX2 has no two-table permutes and no mask
-// registers, so lookups use gathers (the 1 KiB code for dequantisation; 32-bit words at byte offsets of
-// the 65536-entry table for quantisation), and a partial vector at the end of a block goes through a
-// zero-padded copy. Only IEEE-exact operations, in the contract's order; fma only where it has fmaf.
+// registers, so the lookups (the 256 codes for dequantisation, the 65536-entry table for quantisation) are
+// scalar loads put into vectors: on AMD Zen 3 a gather of 8 lanes took about 10 cycles, more than the
+// 8 loads and inserts (bench/NOTES.md). A partial vector at the end of a block goes through a zero-padded
+// copy. Only IEEE-exact operations, in the contract's order; fma only where it has fmaf.
 #pragma once
 #include "isa.h"
 
@@ -38,7 +39,7 @@ struct DequantTable {
 };
 static inline void prepare_dequant(const float* code, DequantTable& t) { t.code = code; }
 
-// code[q[0..n-1]] (code[0] in lanes n..7) with scalar loads: on AVX2 a gather costs more than 8 loads (bench/NOTES.md).
+// code[q[0..n-1]] (code[0] in lanes n..7), from scalar loads.
 PQ_INLINE __m256 codes8(const DequantTable& t, const uint8_t* q, int64_t n) {
   uint8_t padded[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   if (n < 8) q = (const uint8_t*)memcpy(padded, q, (size_t)n);
@@ -95,8 +96,7 @@ PQ_INLINE void quantize_values(const void* x, int64_t start, Len len, float absm
     return;
   }
   const __m256 inv = _mm256_set1_ps(block_inverse(absmax));
-  // The bins in vectors, the table lookups with scalar loads: on AVX2 a gather of 8 bytes costs more than 8
-  // loads (bench/NOTES.md).
+  // The bins of a chunk first, then its lookups: one loop doing both per vector ran 1.2x slower.
   alignas(32) uint16_t bins[kOptimizerBlock];
   for (int64_t c = 0; c < len; c += kOptimizerBlock) {
     const int64_t cl = len - c < kOptimizerBlock ? len - c : kOptimizerBlock;
