@@ -205,19 +205,6 @@ inline int64_t quantize4_pairs(const float* x, const float* scale, int64_t len, 
   return i;
 }
 
-// max |x| over len values, NaN ignored (absmax_update): eight running maxima, so that GCC vectorises it (one serial
-// maxss chain took a tenth of the step); a max is order-independent, so the result is the sequential one.
-inline float block_absmax(const float* x, int64_t len) {
-  float part[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-  int64_t i = 0;
-  for (; i + 8 <= len; i += 8)
-    for (int l = 0; l < 8; ++l) part[l] = absmax_update(part[l], x[i + l]);
-  float amax = 0.0f;
-  for (; i < len; ++i) amax = absmax_update(amax, x[i]);
-  for (int l = 0; l < 8; ++l) amax = absmax_update(amax, part[l]);
-  return amax;
-}
-
 // The new v of `len` elements (skipped ones keep theirs), given their gradients and old v.
 inline void new_second_moment(const float* g, float* v, int64_t len, const pq_adam_constants& k, uint32_t skip_mode) {
   for (int64_t i = 0; i < len; ++i) {

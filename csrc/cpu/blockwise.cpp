@@ -34,17 +34,11 @@ namespace scalar {
 
 static inline void quantize_values(const float* x, int64_t len, float absmax, const uint8_t* table, uint8_t* q) {
   if (absmax == 0.0f) {
-    memset(q, 0, (size_t)len);
+    for (int64_t i = 0; i < len; ++i) q[i] = 0;  // a memset of (size_t)len made GCC warn about negative lengths
     return;
   }
   const float inv = block_inverse(absmax);
   for (int64_t i = 0; i < len; ++i) q[i] = table[grid_bin(x[i], inv)];
-}
-
-static inline float block_absmax(const float* x, int64_t len) {
-  float amax = 0.0f;
-  for (int64_t i = 0; i < len; ++i) amax = absmax_update(amax, x[i]);
-  return amax;
 }
 
 // `buf` holds blocksize floats for float16 / bfloat16 input.
@@ -535,7 +529,7 @@ static inline float requantize_state(const StateCodec& codec, const float* s, in
     return absmax;
   }
 #endif
-  absmax = scalar::block_absmax(s, len);
+  absmax = block_absmax(s, len);
   codec.quantize(s, len, absmax, q);
   return absmax;
 }
