@@ -1,0 +1,97 @@
+"""Two builds of the CPU library on the 8-bit Adam step, interleaved in one process on the same inputs, with the
+bits compared (a kernel change must keep them):
+
+    OMP_NUM_THREADS=1 python bench/compare_libs.py BEFORE/libpyquant_cpu.so AFTER/libpyquant_cpu.so [MILLIONS] [ROUNDS]
+
+Each library gets its own copy of one float32 tensor (MILLIONS * 2^20 parameters, default 1) with 8-bit states and
+calls `pq_adam_step` directly (no Python optimizer around it). It prints each build's minimum and median time per
+step over the rounds, in ns per parameter too, and after/before; it stops with an error if the two builds' params,
+states or absmax differ after any step. Copy a build's library out of `build/` before rebuilding to keep it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import time
+
+import torch
+
+from pyquant.backends import capi
+from pyquant.backends.code_tables import cached_code_table
+from pyquant.functional import create_dynamic_map
+
+
+def load(path: str) -> ctypes.CDLL:
+    lib = ctypes.CDLL(path)  # another file than the first: its own copy of the library, not the one loaded
+    for name in ("pq_adam_step", "pq_set_cpu_sqrt"):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = capi.CPU_FUNCTIONS[name]
+    lib.pq_set_cpu_sqrt(capi._torch_cpu_sqrt())  # the square root torch's CPU Adam uses, as pyquant installs it
+    return lib
+
+
+def operands(n: int) -> list[torch.Tensor]:
+    """param, grad, state1 (zero codes of the signed map), state2, absmax1, absmax2: the same values every call."""
+    blocks = -(-n // 256)
+    return [
+        torch.randn(n, generator=torch.Generator().manual_seed(1)),
+        torch.randn(n, generator=torch.Generator().manual_seed(2)) * 1e-2,
+        torch.full((n,), 127, dtype=torch.uint8),
+        torch.zeros(n, dtype=torch.uint8),
+        torch.zeros(blocks),
+        torch.zeros(blocks),
+    ]
+
+
+def descriptor(tensors: list[torch.Tensor]) -> capi.AdamTensor:
+    d = capi.AdamTensor(*(t.data_ptr() for t in tensors), tensors[0].numel(), 0, 0, 8, 0)
+    lr, beta1, beta2, eps, step = 1e-3, 0.9, 0.999, 1e-8, 5
+    c1, c2 = 1 - beta1**step, (1 - beta2**step) ** 0.5
+    k = d.k
+    k.beta1, k.one_minus_beta1, k.beta2, k.one_minus_beta2 = beta1, 1 - beta1, beta2, 1 - beta2
+    k.eps, k.eps_c2, k.c2, k.step_size, k.decay, k.inv_grad_scale = eps, eps * c2, c2, -lr / c1, 1.0, 1.0
+    return d
+
+
+def main() -> None:
+    before, after = sys.argv[1], sys.argv[2]
+    n = int(float(sys.argv[3] if len(sys.argv) > 3 else 1) * (1 << 20))
+    rounds = int(sys.argv[4]) if len(sys.argv) > 4 else 10
+    libs = [load(before), load(after)]
+    code1, code2 = create_dynamic_map(True), create_dynamic_map(False)
+    tables = (code1.data_ptr(), code2.data_ptr(), cached_code_table(code1).data_ptr(), cached_code_table(code2).data_ptr())
+    data = [operands(n), operands(n)]
+    descriptors = [descriptor(d) for d in data]
+
+    def step(i: int) -> None:
+        if libs[i].pq_adam_step(ctypes.byref(descriptors[i]), 1, *tables, 0) < 0:
+            raise RuntimeError(f"{sys.argv[1 + i]}: pq_adam_step refused the call")
+
+    def same_bits() -> None:
+        for x, y in zip(*data):
+            if not torch.equal(x.view(torch.uint8), y.view(torch.uint8)):
+                raise SystemExit("the two builds' results differ")
+
+    for _ in range(3):
+        step(0)
+        step(1)
+    same_bits()
+    reps = max(1, int(20e6 // n))
+    times: list[list[float]] = [[], []]
+    for _ in range(rounds):
+        for i in (0, 1):
+            t = time.perf_counter()
+            for _ in range(reps):
+                step(i)
+            times[i].append((time.perf_counter() - t) / reps * 1e3)
+        same_bits()
+    for name, t in zip(("before", "after"), times):
+        t.sort()
+        print(f"{name:6s} min {t[0]:.3f} ms  median {t[len(t) // 2]:.3f} ms  ({t[0] * 1e6 / n:.2f} ns a parameter)")
+    print(f"after/before: min {times[1][0] / times[0][0]:.3f}  median {times[1][rounds // 2] / times[0][rounds // 2]:.3f}"
+          "  (same bits)")
+
+
+if __name__ == "__main__":
+    main()
