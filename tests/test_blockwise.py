@@ -157,6 +157,22 @@ def test_large_dequantize_takes_the_streaming_path_with_the_same_bits(dtype):
 
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("blocksize", [64, 256, 4096])
+def test_every_cpu_build_quantizes_and_dequantizes_like_the_reference(isa, dtype, blocksize):
+    """Each instruction-set build (the AVX2 and AVX-512 kernels have lookups of their own; blocks of the optimizers'
+    size take their own instantiation) against the reference, partial last block and special values included."""
+    x = special_float32(20_011).to(dtype)
+    with pyquant.use_backend("reference"):
+        q_ref, a_ref = F.quantize_blockwise(x, blocksize=blocksize)
+        out_ref = F.dequantize_blockwise(q_ref, a_ref, blocksize=blocksize, dtype=dtype)
+    q, a = F.quantize_blockwise(x, blocksize=blocksize)
+    out = F.dequantize_blockwise(q_ref, a_ref, blocksize=blocksize, dtype=dtype)
+    assert_same_bits(q, q_ref)
+    assert_same_bits(a, a_ref)
+    assert_same_bits(out, out_ref)
+
+
 @needs_bitsandbytes
 @settings(max_examples=60, deadline=None)
 @given(
