@@ -269,22 +269,6 @@ PQ_INLINE __m256 first_lanes(int64_t n) {  // all-ones in lanes 0 .. n-1
   return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
 }
 
-PQ_INLINE __m128i load_bytes8(const uint8_t* q, int64_t n) {
-  if (n >= 8) return _mm_loadl_epi64((const __m128i*)q);
-  uint64_t w = 0;
-  memcpy(&w, q, (size_t)n);
-  return _mm_cvtsi64_si128((long long)w);
-}
-
-PQ_INLINE void store_bytes8(uint8_t* q, int64_t n, __m128i b) {
-  if (n >= 8) {
-    _mm_storel_epi64((__m128i*)q, b);
-  } else {
-    const uint64_t w = (uint64_t)_mm_cvtsi128_si64(b);
-    memcpy(q, &w, (size_t)n);
-  }
-}
-
 PQ_INLINE __m256 abs8(__m256 x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x); }
 
 PQ_INLINE float hmax8(__m256 v) {  // exact: max of non-NaN values in any order
