@@ -5,6 +5,7 @@ AdEMAMix (`ademamix_step`), Adam with 4-bit states (`adam4bit_step`), and the no
 
 from __future__ import annotations
 
+import array
 import ctypes
 
 import torch
@@ -119,16 +120,19 @@ class PreparedStep:
         self._numels = [p.numel() for p in params]
         self._dtypes = [p.dtype for p in params]
         self._grad_codes: list[int] | None = None
+        self._grad_pointers: list[int] | None = None
         row = descriptors._type_
         count, width = len(params), ctypes.sizeof(row)
         raw = memoryview(descriptors).cast("B")
-        self._words = torch.frombuffer(raw, dtype=torch.int64).view(count, width // 8)
-        self._ints = torch.frombuffer(raw, dtype=torch.int32).view(count, width // 4)
-        self._floats = torch.frombuffer(raw, dtype=torch.float32).view(count, width // 4)
-        self._grad_column = row.grad.offset // 8
-        self._grad_dtype_column = row.grad_dtype.offset // 4
+        # Views of the three columns written per step, made once: copy_ into a view costs a quarter of an indexed
+        # assignment, and each step's values become tensors through array buffers (bench/NOTES.md, 2026-12-06).
+        words = torch.frombuffer(raw, dtype=torch.int64).view(count, width // 8)
+        ints = torch.frombuffer(raw, dtype=torch.int32).view(count, width // 4)
+        floats = torch.frombuffer(raw, dtype=torch.float32).view(count, width // 4)
+        self._grad_pointer_view = words[:, row.grad.offset // 8]
+        self._grad_dtype_view = ints[:, row.grad_dtype.offset // 4]
         first = row.k.offset // 4
-        self._constants = slice(first, first + row.k.size // 4)
+        self._constants_view = floats[:, first : first + row.k.size // 4]
 
     def __call__(self, params, grads, rows: list[list[float]], row_of: list[int] | None, nonfinite: int):
         """Run one step. `rows`: the distinct constants rows; `row_of`: each tensor's row (None: all rows[0]).
@@ -153,20 +157,25 @@ class PreparedStep:
             pointers.append(g.data_ptr())
             codes.append(code)
         constants = self._constants_of(rows, row_of)
-        self._words[:, self._grad_column] = torch.tensor(pointers, dtype=torch.int64)
+        if pointers != self._grad_pointers:  # gradients kept between steps (zero_grad(set_to_none=False)) keep theirs
+            self._grad_pointer_view.copy_(torch.frombuffer(array.array("q", pointers), dtype=torch.int64))
+            self._grad_pointers = pointers
         if codes != self._grad_codes:
-            self._ints[:, self._grad_dtype_column] = torch.tensor(codes, dtype=torch.int32)
+            self._grad_dtype_view.copy_(torch.tensor(codes, dtype=torch.int32))
             self._grad_codes = codes
-        self._floats[:, self._constants] = constants
+        self._constants_view.copy_(constants)
         return True
 
     def set_constants(self, rows: list[list[float]], row_of: list[int] | None) -> None:
         """Replace the loaded constants (LAMB's and LARS' rows with their ratios, between the norm pass and the step)."""
-        self._floats[:, self._constants] = self._constants_of(rows, row_of)
+        self._constants_view.copy_(self._constants_of(rows, row_of))
 
     def _constants_of(self, rows, row_of) -> torch.Tensor:
         """Each tensor's constants row (one row for all when row_of is None), checked against the descriptors."""
-        count, width = len(self._numels), self._constants.stop - self._constants.start
+        count, width = len(self._numels), self._constants_view.shape[1]
+        if row_of is None and len(rows) == 1 and len(rows[0]) == width:
+            # The common case: one row, each value rounded once to float32 (array's C cast rounds as torch.tensor does).
+            return torch.frombuffer(array.array("f", rows[0]), dtype=torch.float32)
         table = torch.tensor(rows, dtype=torch.float32)  # each value rounded once, as the general path does
         if table.dim() != 2 or table.shape[0] == 0 or table.shape[1] != width or (row_of is not None and (
                 len(row_of) != count or (count and not 0 <= min(row_of) <= max(row_of) < table.shape[0]))):
