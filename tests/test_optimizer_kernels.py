@@ -83,8 +83,9 @@ ADAM_TENSORS = (
 )
 
 
-# The numel of the tensor with full blocks of zero gradients and moments (make_adam_problem, make_grads).
-ZERO_BLOCKS_NUMEL = 4099
+# The numel of the tensor with full blocks of zero gradients and moments, and of subnormal ones
+# (make_adam_problem, make_grads).
+SPECIAL_BLOCKS_NUMEL = 4099
 
 
 def adam_constants(step: int, inv_grad_scale: float = 1.0) -> torch.Tensor:
@@ -102,9 +103,10 @@ def make_adam_problem(seed: int):
         p = torch.randn(numel, generator=gen).to(p_dtype)
         m = torch.randn(numel, generator=gen) * 1e-2
         v = torch.rand(numel, generator=gen) * 1e-4
-        if numel == ZERO_BLOCKS_NUMEL:
+        if numel == SPECIAL_BLOCKS_NUMEL:
             m[256:512] = 0.0  # with make_grads' zero gradients: a block whose moments stay 0 (absmax 0) and one
-            v[256:768] = 0.0  # whose second moment alone does, which the kernels' requantisation special-cases
+            v[256:768] = 0.0  # whose second moment alone does, which the kernels' requantisation special-cases;
+            m[768:1024] = 0.0  # with subnormal gradients, a first moment whose absmax has an infinite inverse
         if eight_bit:
             s1, a1 = reference_blockwise.quantize_blockwise(m, code1, 256)
             s2, a2 = reference_blockwise.quantize_blockwise(v, code2, 256)
@@ -119,8 +121,9 @@ def make_grads(step: int, seed: int):
     grads = []
     for i, (numel, _, g_dtype, _, _) in enumerate(ADAM_TENSORS):
         g = torch.randn(numel, generator=gen) * 10 ** torch.randint(-4, 1, (numel,), generator=gen).float()
-        if numel == ZERO_BLOCKS_NUMEL:
+        if numel == SPECIAL_BLOCKS_NUMEL:
             g[256:768] = 0.0
+            g[768:1024] = torch.randn(256, generator=gen) * 1e-39
         if i == 0 or (i == 3 and step == 2):
             g[17] = float("nan")
         if i == 1:

@@ -57,18 +57,24 @@ static inline bool prepare_quant(const uint8_t* table, QuantTable& t) {
   return true;
 }
 
-// grid_bin, lane by lane.
-PQ_INLINE __m256i grid_bins(__m256 x, __m256 inv) {
+// grid_bin, lane by lane, as 16-bit bins. With a finite inverse the clamps cannot act: |x| <= absmax makes
+// |x * inv| at most 1 + 2^-24 before rounding, so 1 after; NaN passes either way. An absmax below 2^-128 has an
+// infinite inverse, and the clamps then turn infinite y into the end bins.
+template <bool Clamp>
+PQ_INLINE __m128i grid_bins(__m256 x, __m256 inv) {
   const __m256 one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f);
   __m256 y = _mm256_mul_ps(x, inv);
-  // vminps/vmaxps return the second operand when either is NaN: with y second, NaN passes like in grid_bin.
-  y = _mm256_min_ps(one, y);
-  y = _mm256_max_ps(_mm256_set1_ps(-1.0f), y);
+  if constexpr (Clamp) {
+    // vminps/vmaxps return the second operand when either is NaN: with y second, NaN passes like in grid_bin.
+    y = _mm256_min_ps(one, y);
+    y = _mm256_max_ps(_mm256_set1_ps(-1.0f), y);
+  }
   // t = (y + 1) * 0.5 is exact (y + 1 is 0 or at least 2^-24), so t * 65535 rounds exactly like
   // (y + 1) * 32767.5: one multiply fewer, same bits.
   const __m256 s = _mm256_add_ps(_mm256_mul_ps(_mm256_add_ps(y, one), _mm256_set1_ps(32767.5f)), half);
-  // NaN converts to 0x80000000, whose low 16 bits are bin 0.
-  return _mm256_and_si256(_mm256_cvttps_epi32(s), _mm256_set1_epi32(0xFFFF));
+  // NaN converts to 0x80000000, negative as a signed lane, which the unsigned saturation packs to bin 0.
+  const __m256i b = _mm256_cvttps_epi32(s);
+  return _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
 }
 
 // table[bins[0..15]] as 16 bytes: scalar loads put in place with byte inserts (on this class of CPU faster than
@@ -88,11 +94,23 @@ PQ_INLINE void table_lookups(const uint8_t* table, const uint16_t* bins, int64_t
   for (; i < n; ++i) q[i] = table[bins[i]];
 }
 
+// grid_bins with the clamps only where the block's inverse absmax is infinite (the branch is the same for every
+// vector of a block).
+PQ_INLINE __m128i grid_bins(__m256 x, __m256 inv, bool infinite_inverse) {
+  return infinite_inverse ? grid_bins<true>(x, inv) : grid_bins<false>(x, inv);
+}
+
 // The grid bins of a full block of float32 values with a nonzero absmax.
 PQ_INLINE void grid_bins_block(const float* x, float absmax, uint16_t* bins) {
-  const __m256 inv = _mm256_set1_ps(block_inverse(absmax));
-  for (int64_t i = 0; i < kOptimizerBlock; i += 8)
-    _mm_store_si128((__m128i*)(bins + i), pack_u32_to_u16(grid_bins(_mm256_load_ps(x + i), inv)));
+  const float inverse = block_inverse(absmax);
+  const __m256 inv = _mm256_set1_ps(inverse);
+  if (is_finite(inverse)) {
+    for (int64_t i = 0; i < kOptimizerBlock; i += 8)
+      _mm_store_si128((__m128i*)(bins + i), grid_bins<false>(_mm256_load_ps(x + i), inv));
+  } else {
+    for (int64_t i = 0; i < kOptimizerBlock; i += 8)
+      _mm_store_si128((__m128i*)(bins + i), grid_bins<true>(_mm256_load_ps(x + i), inv));
+  }
 }
 
 template <int DT, class Len>
@@ -102,14 +120,15 @@ PQ_INLINE void quantize_values(const void* x, int64_t start, Len len, float absm
     for (int64_t i = 0; i < len; ++i) q[i] = 0;  // a memset of (size_t)len made GCC warn about negative lengths
     return;
   }
-  const __m256 inv = _mm256_set1_ps(block_inverse(absmax));
+  const float inverse = block_inverse(absmax);
+  const __m256 inv = _mm256_set1_ps(inverse);
   // The bins of a chunk first, then its lookups: one loop doing both per vector ran 1.2x slower.
   alignas(32) uint16_t bins[kOptimizerBlock];
   for (int64_t c = 0; c < len; c += kOptimizerBlock) {
     const int64_t cl = len - c < kOptimizerBlock ? len - c : kOptimizerBlock;
     for (int64_t i = 0; i < cl; i += 8)
       _mm_store_si128((__m128i*)(bins + i),
-                      pack_u32_to_u16(grid_bins(load8<DT>(x, start + c + i, cl - i < 8 ? cl - i : 8), inv)));
+                      grid_bins(load8<DT>(x, start + c + i, cl - i < 8 ? cl - i : 8), inv, !is_finite(inverse)));
     table_lookups(t.table, bins, cl, q + c);
   }
 }
