@@ -141,6 +141,17 @@ static inline float kept_or_updated(uint32_t keep, float kept, float updated) {
   return bits_float((float_bits(kept) & mask) | (float_bits(updated) & ~mask));
 }
 
+// body(std::true_type()) where the skip policy has non-finite gradients to skip in the block, else
+// body(std::false_type()): the state loops' per-element blends and counts cost a third of such a loop (one-state
+// steps, AdEMAMix; bench/NOTES.md), and a block without a non-finite gradient needs neither.
+template <class Body>
+static inline void with_skips_if_needed(int32_t nonfinite, uint32_t nonfinite_seen, Body&& body) {
+  if (nonfinite == kSkipElement && nonfinite_seen)
+    body(std::true_type());
+  else
+    body(std::false_type());
+}
+
 // One block of a one-state step (8-bit or float32 state), in the order of bitsandbytes' CPU code: states and
 // gradients first, the block's square roots (RMSprop, Adagrad), then the parameters, then the requantisation.
 // RULE and the dtypes are compile-time constants so that each loop holds only its own arithmetic and conversions;
@@ -162,21 +173,32 @@ static inline int64_t one_state_block(const pq_one_state_tensor& t, int64_t star
     memcpy(s, s32, (size_t)len * sizeof(float));
   // The loads and conversions in loops of their own, and bit blends instead of selects: either kept GCC from
   // vectorising the state loop (as in AdEMAMix's).
-  for (int64_t i = 0; i < len; ++i) g[i] = unscaled_grad(load_as_float(t.grad, start + i, GDT), k.inv_grad_scale, GDT);
-  for (int64_t i = 0; i < len; ++i) p[i] = load_as_float(t.param, start + i, PDT);
-  const uint32_t skip_mode = nonfinite == kSkipElement;
-  int64_t bad = 0;
+  uint32_t nonfinite_seen = 0;
   for (int64_t i = 0; i < len; ++i) {
-    const float g0 = g[i], p0 = p[i], s0 = s[i];
-    const uint32_t keep = skip_mode & !is_finite(g0);  // 1: keeps its parameter and state
-    bad += keep;
-    float pi = p0, gi = g0, si = s0;
-    dir[i] = one_state_first(rule, eight_bit, pi, gi, si, k);
-    p[i] = kept_or_updated(keep, p0, pi);
-    g[i] = kept_or_updated(keep, g0, gi);
-    s[i] = kept_or_updated(keep, s0, si);
-    skip[i] = keep;
+    g[i] = unscaled_grad(load_as_float(t.grad, start + i, GDT), k.inv_grad_scale, GDT);
+    nonfinite_seen |= !is_finite(g[i]);
   }
+  for (int64_t i = 0; i < len; ++i) p[i] = load_as_float(t.param, start + i, PDT);
+  int64_t bad = 0;
+  with_skips_if_needed(nonfinite, nonfinite_seen, [&](auto may_skip) {
+    for (int64_t i = 0; i < len; ++i) {
+      const float g0 = g[i], p0 = p[i], s0 = s[i];
+      float pi = p0, gi = g0, si = s0;
+      dir[i] = one_state_first(rule, eight_bit, pi, gi, si, k);
+      if constexpr (decltype(may_skip)::value) {
+        const uint32_t keep = !is_finite(g0);  // 1: keeps its parameter and state
+        bad += keep;
+        p[i] = kept_or_updated(keep, p0, pi);
+        g[i] = kept_or_updated(keep, g0, gi);
+        s[i] = kept_or_updated(keep, s0, si);
+        skip[i] = keep;
+      } else {
+        p[i] = pi;
+        g[i] = gi;
+        s[i] = si;
+      }
+    }
+  });
   constexpr bool needs_root = one_state_needs_root(rule);
   if (needs_root) block_sqrt(s, root, len, fn);
   // Every element, then the skipped ones put back (rare): a select in this loop kept GCC from vectorising it.
@@ -565,21 +587,32 @@ static inline int64_t ademamix_block(const pq_ademamix_tensor& t, int64_t start,
     memcpy(nu, f3, bytes);
   }
   // The loads and conversions in loops of their own: in the state loop they kept GCC from vectorising it.
-  for (int64_t i = 0; i < len; ++i) grad[i] = unscaled_grad(load_as_float(t.grad, start + i, GDT), k.inv_grad_scale, GDT);
-  for (int64_t i = 0; i < len; ++i) p[i] = load_as_float(t.param, start + i, PDT);
-  const uint32_t skip_mode = nonfinite == kSkipElement;
-  int64_t bad = 0;
+  uint32_t nonfinite_seen = 0;
   for (int64_t i = 0; i < len; ++i) {
-    const float g = grad[i];
-    const uint32_t keep = skip_mode & !is_finite(g);  // 1: keeps its parameter and states
-    bad += keep;
-    float a = m1[i], c = m2[i], v = nu[i];
-    ademamix_moments(g, a, c, v, k);
-    m1[i] = kept_or_updated(keep, m1[i], a);
-    m2[i] = kept_or_updated(keep, m2[i], c);
-    nu[i] = kept_or_updated(keep, nu[i], v);
-    skip[i] = keep;
+    grad[i] = unscaled_grad(load_as_float(t.grad, start + i, GDT), k.inv_grad_scale, GDT);
+    nonfinite_seen |= !is_finite(grad[i]);
   }
+  for (int64_t i = 0; i < len; ++i) p[i] = load_as_float(t.param, start + i, PDT);
+  int64_t bad = 0;
+  with_skips_if_needed(nonfinite, nonfinite_seen, [&](auto may_skip) {
+    for (int64_t i = 0; i < len; ++i) {
+      const float g = grad[i];
+      float a = m1[i], c = m2[i], v = nu[i];
+      ademamix_moments(g, a, c, v, k);
+      if constexpr (decltype(may_skip)::value) {
+        const uint32_t keep = !is_finite(g);  // 1: keeps its parameter and states
+        bad += keep;
+        m1[i] = kept_or_updated(keep, m1[i], a);
+        m2[i] = kept_or_updated(keep, m2[i], c);
+        nu[i] = kept_or_updated(keep, nu[i], v);
+        skip[i] = keep;
+      } else {
+        m1[i] = a;
+        m2[i] = c;
+        nu[i] = v;
+      }
+    }
+  });
   moment_sqrt(nu, root, len, sqrt_mode, fn);
   // Every element, then the skipped ones put back (rare): a select in this loop kept GCC from vectorising it.
   for (int64_t i = 0; i < len; ++i)
