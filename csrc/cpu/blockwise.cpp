@@ -143,7 +143,7 @@ static inline float kept_or_updated(uint32_t keep, float kept, float updated) {
 
 // body(std::true_type()) where the skip policy has non-finite gradients to skip in the block, else
 // body(std::false_type()): the state loops' per-element blends and counts cost a third of such a loop (one-state
-// steps, AdEMAMix; bench/NOTES.md), and a block without a non-finite gradient needs neither.
+// steps, AdEMAMix, LAMB's norm pass; bench/NOTES.md), and a block without a non-finite gradient needs neither.
 template <class Body>
 static inline void with_skips_if_needed(int32_t nonfinite, uint32_t nonfinite_seen, Body&& body) {
   if (nonfinite == kSkipElement && nonfinite_seen)
@@ -722,19 +722,29 @@ static inline void lamb_norm_block(const pq_adam_tensor& t, int64_t b, const Sta
     memcpy(m, (const float*)t.state1 + start, (size_t)len * sizeof(float));
     memcpy(v, (const float*)t.state2 + start, (size_t)len * sizeof(float));
   }
-  for (int64_t i = 0; i < len; ++i) grad[i] = unscaled_grad(load_as_float(t.grad, start + i, GDT), k.inv_grad_scale, GDT);
-  for (int64_t i = 0; i < len; ++i) p[i] = load_as_float(t.param, start + i, PDT);
-  const uint32_t skip_mode = nonfinite == kSkipElement;
-  uint32_t skipped = 0;
+  uint32_t nonfinite_seen = 0;
   for (int64_t i = 0; i < len; ++i) {
-    const uint32_t keep = skip_mode & !is_finite(grad[i]);  // the step leaves it: no part of the direction
-    float a = m[i], c = v[i];
-    adam_moments(grad[i], a, c, k);
-    m[i] = kept_or_updated(keep, m[i], a);
-    v[i] = kept_or_updated(keep, v[i], c);
-    skip[i] = keep;
-    skipped |= keep;
+    grad[i] = unscaled_grad(load_as_float(t.grad, start + i, GDT), k.inv_grad_scale, GDT);
+    nonfinite_seen |= !is_finite(grad[i]);
   }
+  for (int64_t i = 0; i < len; ++i) p[i] = load_as_float(t.param, start + i, PDT);
+  uint32_t skipped = 0;
+  with_skips_if_needed(nonfinite, nonfinite_seen, [&](auto may_skip) {
+    for (int64_t i = 0; i < len; ++i) {
+      float a = m[i], c = v[i];
+      adam_moments(grad[i], a, c, k);
+      if constexpr (decltype(may_skip)::value) {
+        const uint32_t keep = !is_finite(grad[i]);  // the step leaves it: no part of the direction
+        m[i] = kept_or_updated(keep, m[i], a);
+        v[i] = kept_or_updated(keep, v[i], c);
+        skip[i] = keep;
+        skipped |= keep;
+      } else {
+        m[i] = a;
+        v[i] = c;
+      }
+    }
+  });
   moment_sqrt(v, root, len, sqrt_mode, fn);
   for (int64_t i = 0; i < len; ++i) r[i] = lamb_direction(p[i], m[i], root[i], k);
   if (skipped)
