@@ -141,6 +141,20 @@ static inline float kept_or_updated(uint32_t keep, float kept, float updated) {
   return bits_float((float_bits(kept) & mask) | (float_bits(updated) & ~mask));
 }
 
+// A block's unscaled gradients and parameters as float32, in loops of their own (inside the state loops the loads
+// and conversions kept GCC from vectorising them); returns whether a gradient is non-finite.
+template <int PDT, int GDT, class Tensor>
+static inline uint32_t load_block(const Tensor& t, int64_t start, int64_t len, float inv_grad_scale, float* grad,
+                                  float* param) {
+  uint32_t nonfinite_seen = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    grad[i] = unscaled_grad(load_as_float(t.grad, start + i, GDT), inv_grad_scale, GDT);
+    nonfinite_seen |= !is_finite(grad[i]);
+  }
+  for (int64_t i = 0; i < len; ++i) param[i] = load_as_float(t.param, start + i, PDT);
+  return nonfinite_seen;
+}
+
 // body(std::true_type()) where the skip policy has non-finite gradients to skip in the block, else
 // body(std::false_type()): the state loops' per-element blends and counts cost a third of such a loop (one-state
 // steps, AdEMAMix, LAMB's norm pass; bench/NOTES.md), and a block without a non-finite gradient needs neither.
@@ -171,14 +185,8 @@ static inline int64_t one_state_block(const pq_one_state_tensor& t, int64_t star
     codec.dequantize(q1, a1, len, s);
   else
     memcpy(s, s32, (size_t)len * sizeof(float));
-  // The loads and conversions in loops of their own, and bit blends instead of selects: either kept GCC from
-  // vectorising the state loop (as in AdEMAMix's).
-  uint32_t nonfinite_seen = 0;
-  for (int64_t i = 0; i < len; ++i) {
-    g[i] = unscaled_grad(load_as_float(t.grad, start + i, GDT), k.inv_grad_scale, GDT);
-    nonfinite_seen |= !is_finite(g[i]);
-  }
-  for (int64_t i = 0; i < len; ++i) p[i] = load_as_float(t.param, start + i, PDT);
+  // Bit blends instead of selects: selects kept GCC from vectorising the state loop (as in AdEMAMix's).
+  const uint32_t nonfinite_seen = load_block<PDT, GDT>(t, start, len, k.inv_grad_scale, g, p);
   int64_t bad = 0;
   with_skips_if_needed(nonfinite, nonfinite_seen, [&](auto may_skip) {
     for (int64_t i = 0; i < len; ++i) {
@@ -586,13 +594,7 @@ static inline int64_t ademamix_block(const pq_ademamix_tensor& t, int64_t start,
     memcpy(m2, f2, bytes);
     memcpy(nu, f3, bytes);
   }
-  // The loads and conversions in loops of their own: in the state loop they kept GCC from vectorising it.
-  uint32_t nonfinite_seen = 0;
-  for (int64_t i = 0; i < len; ++i) {
-    grad[i] = unscaled_grad(load_as_float(t.grad, start + i, GDT), k.inv_grad_scale, GDT);
-    nonfinite_seen |= !is_finite(grad[i]);
-  }
-  for (int64_t i = 0; i < len; ++i) p[i] = load_as_float(t.param, start + i, PDT);
+  const uint32_t nonfinite_seen = load_block<PDT, GDT>(t, start, len, k.inv_grad_scale, grad, p);
   int64_t bad = 0;
   with_skips_if_needed(nonfinite, nonfinite_seen, [&](auto may_skip) {
     for (int64_t i = 0; i < len; ++i) {
@@ -722,12 +724,7 @@ static inline void lamb_norm_block(const pq_adam_tensor& t, int64_t b, const Sta
     memcpy(m, (const float*)t.state1 + start, (size_t)len * sizeof(float));
     memcpy(v, (const float*)t.state2 + start, (size_t)len * sizeof(float));
   }
-  uint32_t nonfinite_seen = 0;
-  for (int64_t i = 0; i < len; ++i) {
-    grad[i] = unscaled_grad(load_as_float(t.grad, start + i, GDT), k.inv_grad_scale, GDT);
-    nonfinite_seen |= !is_finite(grad[i]);
-  }
-  for (int64_t i = 0; i < len; ++i) p[i] = load_as_float(t.param, start + i, PDT);
+  const uint32_t nonfinite_seen = load_block<PDT, GDT>(t, start, len, k.inv_grad_scale, grad, p);
   uint32_t skipped = 0;
   with_skips_if_needed(nonfinite, nonfinite_seen, [&](auto may_skip) {
     for (int64_t i = 0; i < len; ++i) {
