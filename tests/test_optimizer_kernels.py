@@ -165,6 +165,33 @@ def test_adam_step_of_every_cpu_build_equals_the_reference(isa, nonfinite):
                 assert_same_bits(a, e, f"{_contract.ISA_NAMES[isa]} build, step {step}, tensor {i} {field}", nan_blind=True)
 
 
+@needs_cpu_library
+def test_adam_sqrt_of_every_cpu_build_equals_torch_over_the_float_range(isa):
+    """The builds emulate torch's CPU sqrt (MKL's vsSqrt: csrc/cpu/cpu_sqrt.h, one emulation per MKL kernel) and
+    call vsSqrt for the inputs they do not cover. Second moments of every exponent, subnormals and the largest
+    floats included, each halved by the step (beta2 = 0.5, zero gradient) and then rooted, as Adam's float32-state
+    step divides by the root alone (eps = 0): a root one ulp off changes the parameter, and the reference takes
+    torch.sqrt itself."""
+    gen = torch.Generator().manual_seed(11)
+    exponents = torch.arange(-149, 128).repeat_interleave(64).float()
+    v = (torch.rand(exponents.numel(), generator=gen) + 1.0) * torch.exp2(exponents)  # inf beyond FLT_MAX
+    v = torch.cat([v[torch.isfinite(v)], torch.tensor([0.0, -0.0, 1e-45, 3e38, 2.0**-78, 2.0**-79, 2.0**-77])])
+    n = v.numel()
+    group = dict(lr=1.0, betas=(0.5, 0.5), eps=0.0, weight_decay=0.0)
+    constants = torch.tensor([_contract.adam_constants(group, 1, False, 1.0)], dtype=torch.float32)
+    code1, code2 = F.create_dynamic_map(True), F.create_dynamic_map(False)
+    runs = {}
+    for name in ("cpu", "reference"):
+        p, m, state2 = torch.zeros(n), torch.ones(n), v.clone()
+        backends.lookup("adam_step", name)(
+            [p], [torch.zeros(n)], [m], [state2], [torch.empty(0)], [torch.empty(0)], constants, code1, code2,
+            _contract.SKIP_ELEMENT,
+        )
+        runs[name] = (p, state2)
+    assert_same_bits(runs["cpu"][1], runs["reference"][1], "the halved second moments", nan_blind=True)
+    assert_same_bits(runs["cpu"][0], runs["reference"][0], f"{_contract.ISA_NAMES[isa]} build's roots", nan_blind=True)
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("nonfinite", (_contract.SKIP_ELEMENT, _contract.PROPAGATE), ids=("skip", "propagate"))
 def test_adam_step_bits(nonfinite):

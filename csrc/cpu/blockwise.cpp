@@ -76,6 +76,16 @@ static inline void block_sqrt(const float* v, float* out, int64_t len, pq_vsqrt_
   }
 }
 
+// The square roots of a block of second moments as torch computes them on this CPU (the one-state rules' state,
+// AdEMAMix's nu, LAMB's v): the SIMD emulation or IEEE sqrt (choose_sqrt_mode), else block_sqrt.
+static inline void moment_sqrt(const float* v, float* out, int64_t len, int sqrt_mode, pq_vsqrt_fn fn) {
+#if PQ_SIMD
+  if (sqrt_mode != kSqrtCall) return vec::sqrt_block(v, out, len, sqrt_mode, fn);
+#endif
+  (void)sqrt_mode;
+  block_sqrt(v, out, len, fn);
+}
+
 // One block of a tensor with 8-bit states: dequantise and update the moments, update the parameters,
 // find the new absmax, requantise. Everything stays in these stack arrays: no full-size temporaries.
 static inline int64_t adam_block_8bit(const pq_adam_tensor& t, int64_t start, int64_t len, const float* code1,
@@ -173,7 +183,7 @@ static inline void with_skips_if_needed(int32_t nonfinite, uint32_t nonfinite_se
 // `codec` dequantises and requantises an 8-bit state (StateCodec).
 template <int RULE, int PDT, int GDT, class Codec>
 static inline int64_t one_state_block(const pq_one_state_tensor& t, int64_t start, int64_t len, const Codec& codec,
-                                      int32_t nonfinite, pq_vsqrt_fn fn) {
+                                      int32_t nonfinite, int sqrt_mode, pq_vsqrt_fn fn) {
   constexpr int32_t rule = RULE;
   float s[kOptimizerBlock], g[kOptimizerBlock], p[kOptimizerBlock], dir[kOptimizerBlock], root[kOptimizerBlock];
   bool skip[kOptimizerBlock];
@@ -209,7 +219,7 @@ static inline int64_t one_state_block(const pq_one_state_tensor& t, int64_t star
     }
   });
   constexpr bool needs_root = one_state_needs_root(rule);
-  if (needs_root) block_sqrt(s, root, len, fn);
+  if (needs_root) moment_sqrt(s, root, len, sqrt_mode, fn);
   // Every element, then the skipped ones put back (rare): a select in this loop kept GCC from vectorising it.
   for (int64_t i = 0; i < len; ++i)
     store_from_float(t.param, start + i, PDT,
@@ -252,10 +262,11 @@ static inline void thread_range(int64_t total, int64_t& lo, int64_t& hi) {
 }
 
 #if PQ_SIMD
-// Is the SIMD emulation of torch's CPU sqrt (cpu_sqrt.h) bit-identical to `fn`? Probes every rsqrtps table
-// entry (its approximation depends on the exponent's parity and the top 12 mantissa bits), random values
-// over the whole range, and the special values.
-static bool sqrt_emulation_matches(pq_vsqrt_fn fn) {
+// Is the SIMD emulation `mode` of torch's CPU sqrt (cpu_sqrt.h) bit-identical to `fn`? Probes every rsqrtps table
+// entry (its approximation depends on the exponent's parity and the top 12 mantissa bits) at exponents of each
+// parity, among them those around kSqrtMklAvx512's scaled residual, random values over the whole range and the
+// special values.
+static bool sqrt_emulation_matches(pq_vsqrt_fn fn, int mode) {
   std::vector<uint32_t> probe;
   uint32_t state = 0x9E3779B9u;
   auto next = [&]() {  // xorshift32: any fixed spread of low bits will do
@@ -264,9 +275,10 @@ static bool sqrt_emulation_matches(pq_vsqrt_fn fn) {
     state ^= state << 5;
     return state;
   };
-  for (uint32_t exponent : {1u, 2u, 126u, 127u, 253u, 254u})
+  for (uint32_t exponent : {1u, 2u, 48u, 49u, 50u, 51u, 126u, 127u, 253u, 254u})
     for (uint32_t top = 0; top < 4096; ++top) probe.push_back(exponent << 23 | top << 11 | (next() & 0x7FFu));
   for (int i = 0; i < 32768; ++i) probe.push_back(next() & 0x7FFFFFFFu);
+  for (int i = 0; i < 4096; ++i) probe.push_back(next() & 0x007FFFFFu);  // subnormals
   for (uint32_t special : {0x00000000u, 0x80000000u, 0x00000001u, 0x007FFFFFu, 0x00800000u, 0x7F7FF000u, 0x7F7FF001u,
                            0x7F7FFFFFu, 0x7F800000u, 0xFF800000u, 0x7FC00000u, 0x7FA00000u, 0xFFC00001u, 0xBF800000u,
                            0x80800000u, 0x80000001u, 0x3F800000u})
@@ -275,28 +287,44 @@ static bool sqrt_emulation_matches(pq_vsqrt_fn fn) {
   std::vector<float> expected(n), got(n);
   const int32_t n32 = (int32_t)n;
   fn(&n32, (const float*)probe.data(), expected.data());
-  vec::sqrt_block((const float*)probe.data(), got.data(), n, kSqrtEmulated, fn);
+  vec::sqrt_block((const float*)probe.data(), got.data(), n, mode, fn);
   return memcmp(expected.data(), got.data(), (size_t)n * sizeof(float)) == 0;
 }
 #endif
 
-// How this call computes Adam's sqrt(v): IEEE when torch's is IEEE, else the emulation once it has been
-// checked against the installed routine, else the routine itself, once per block.
+// How this call computes Adam's sqrt(v): IEEE when torch's is IEEE, else the emulation of the routine's MKL kernel
+// once it has been checked against the installed routine, else the routine itself, once per block.
 static int choose_sqrt_mode(pq_vsqrt_fn fn) {
   if (fn == nullptr) return kSqrtIeee;
 #if PQ_SIMD
   static std::mutex lock;
   static pq_vsqrt_fn checked = nullptr;
-  static bool emulation_matches = false;
+  static int mode = kSqrtCall;
   std::lock_guard<std::mutex> guard(lock);
   if (checked != fn) {
-    emulation_matches = vec::kEmulatesCpuSqrt && sqrt_emulation_matches(fn);
+    mode = kSqrtCall;
+    if (vec::kEmulatesMklAvx512 && sqrt_emulation_matches(fn, kSqrtMklAvx512))
+      mode = kSqrtMklAvx512;
+    else if (vec::kEmulatesMklSse && sqrt_emulation_matches(fn, kSqrtMklSse))
+      mode = kSqrtMklSse;
     checked = fn;
   }
-  return emulation_matches ? kSqrtEmulated : kSqrtCall;
+  return mode;
 #else
   return kSqrtCall;
 #endif
+}
+
+// Calls f(std::integral_constant<int, mode>) for a mode of choose_sqrt_mode: the block kernels are instantiated per
+// mode, and only for the modes this build can return.
+template <class F>
+static inline auto with_sqrt_mode(int mode, F&& f) {
+#if PQ_AVX512
+  if (mode == kSqrtMklAvx512) return f(std::integral_constant<int, kSqrtMklAvx512>());
+#endif
+  if (mode == kSqrtIeee) return f(std::integral_constant<int, kSqrtIeee>());
+  if (mode == kSqrtCall) return f(std::integral_constant<int, kSqrtCall>());
+  return f(std::integral_constant<int, kSqrtMklSse>());
 }
 
 // ---- entry points ----
@@ -402,7 +430,7 @@ static int64_t adam_blocks(const pq_adam_tensor& t, int64_t b0, int64_t b1, cons
     return with_value<PQ_DTYPE_FLOAT32, PQ_DTYPE_FLOAT16, PQ_DTYPE_BFLOAT16>(t.param_dtype, [&](auto p) {
       return with_value<PQ_DTYPE_FLOAT32, PQ_DTYPE_FLOAT16, PQ_DTYPE_BFLOAT16>(t.grad_dtype, [&](auto g) {
         return with_value<kSkipElement, kPropagate>(c.nonfinite, [&](auto nf) {
-          return with_value<kSqrtEmulated, kSqrtIeee, kSqrtCall>(c.sqrt_mode, [&](auto sm) {
+          return with_sqrt_mode(c.sqrt_mode, [&](auto sm) {
             constexpr int PDT = decltype(p)::value, GDT = decltype(g)::value;
             constexpr int NF = decltype(nf)::value, SM = decltype(sm)::value;
             int64_t bad = 0;
@@ -517,6 +545,7 @@ struct StateCodec {
 int64_t one_state_step(const pq_one_state_tensor* tensors, int32_t count, const float* code1, const uint8_t* table1,
                        int32_t rule, int32_t nonfinite) {
   const pq_vsqrt_fn fn = pq_cpu_sqrt;
+  const int sqrt_mode = choose_sqrt_mode(fn);
   const StateCodec codec(code1, table1);
   return with_value<PQ_RULE_MOMENTUM, PQ_RULE_LION, PQ_RULE_RMSPROP, PQ_RULE_ADAGRAD>(rule, [&](auto r) {
     constexpr int RULE = decltype(r)::value;
@@ -529,7 +558,7 @@ int64_t one_state_step(const pq_one_state_tensor* tensors, int32_t count, const 
           for (int64_t b = b0; b < b1; ++b) {
             const int64_t start = b * kOptimizerBlock;
             const int64_t len = std::min<int64_t>(kOptimizerBlock, t.numel - start);
-            bad += scalar::one_state_block<RULE, PDT, GDT>(t, start, len, codec, nonfinite, fn);
+            bad += scalar::one_state_block<RULE, PDT, GDT>(t, start, len, codec, nonfinite, sqrt_mode, fn);
           }
           return bad;
         });
@@ -539,16 +568,6 @@ int64_t one_state_step(const pq_one_state_tensor* tensors, int32_t count, const 
 }
 
 // ---- AdEMAMix (docs/numerics.md, "AdEMAMix"): the one-state step's layout with three states ----
-
-// The square roots of a block of second moments as torch computes them on this CPU (AdEMAMix's nu, LAMB's v): the
-// SIMD emulation or IEEE sqrt (choose_sqrt_mode), else the installed routine itself (or sqrtf when there is none).
-static inline void moment_sqrt(const float* v, float* out, int64_t len, int sqrt_mode, pq_vsqrt_fn fn) {
-#if PQ_SIMD
-  if (sqrt_mode != kSqrtCall) return vec::sqrt_block(v, out, len, sqrt_mode, fn);
-#endif
-  (void)sqrt_mode;
-  scalar::block_sqrt(v, out, len, fn);
-}
 
 // A state block's new absmax and its codes: the SIMD builds find the absmax with vector max instructions (a scalar
 // running max is one serial chain per state, which took a third of the step with three states).

@@ -22,7 +22,8 @@ using namespace pq;
 // The length of a full optimizer block, as a type: converts to int64_t and is known at compile time.
 using FullBlock = std::integral_constant<int64_t, kOptimizerBlock>;
 
-constexpr bool kEmulatesCpuSqrt = true;
+// The emulations of torch's CPU sqrt this build has (cpu_sqrt.h): not MKL's AVX-512 kernel, which needs rsqrt14.
+constexpr bool kEmulatesMklSse = true, kEmulatesMklAvx512 = false;
 
 // The lanes of the vector at offset j of a block of length len (8 but at a partial end); a compile-time 8
 // for full blocks, whose loops then carry no tail masks.
@@ -182,7 +183,7 @@ static inline void dequantize_block_streaming(const uint8_t* q, float absmax, in
 constexpr bool kStreamingDequant = false;
 static inline void stream_fence() {}
 
-// ---- sqrt(v) of Adam's denominator: IEEE, or torch's CPU sqrt emulated (see blockwise_avx512.h, cpu_sqrt.h) ----
+// ---- sqrt(v) of Adam's denominator: IEEE, or torch's CPU sqrt emulated (kSqrtMklSse; blockwise_avx512.h, cpu_sqrt.h) ----
 
 // Lanes whose inputs need the routine itself come back in `needs_routine` (all-ones lanes), for the caller
 // to handle outside its loop.

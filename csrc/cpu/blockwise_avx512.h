@@ -10,7 +10,7 @@
 //   positions; the index of a bin is found by an 8-level branchless binary search over those positions
 //   (Eytzinger order, 16-bit lanes, one permute per level) instead of one scalar or gathered byte load
 //   per element;
-// - sqrt for Adam: IEEE vsqrtps, or an exact emulation of the non-IEEE routine torch uses (cpu_sqrt.h).
+// - sqrt for Adam: IEEE vsqrtps, or an exact emulation of either non-IEEE routine torch uses (cpu_sqrt.h).
 // Only IEEE-exact operations are used (mul/add/div/sqrt/min/max/compare/convert, integer ops), each in
 // the order the contract writes it; fused multiply-adds only where the contract has fmaf.
 #pragma once
@@ -28,7 +28,8 @@ using namespace pq;
 // The length of a full optimizer block, as a type: converts to int64_t and is known at compile time.
 using FullBlock = std::integral_constant<int64_t, kOptimizerBlock>;
 
-constexpr bool kEmulatesCpuSqrt = true;
+// The emulations of torch's CPU sqrt this build has (cpu_sqrt.h).
+constexpr bool kEmulatesMklSse = true, kEmulatesMklAvx512 = true;
 
 // ---- dequantisation: code[q] for 32 indices ----
 
@@ -287,19 +288,31 @@ static inline void stream_fence() { _mm_sfence(); }
 
 // ---- sqrt(v) of Adam's denominator ----
 
-// IEEE, or torch's CPU sqrt emulated (cpu_sqrt.h): MKL's vsSqrt on this CPU computes, for positive normal
-// x up to 0x7F7FF000, r = rsqrtps(x) (the CPU's approximation), then two Newton steps in float32 with
-// separate multiplies and adds. Its other inputs go through a scalar routine: ±0 return themselves; the
-// rest (subnormal, near FLT_MAX, negative, inf, NaN) are rare, and come back in `needs_routine` for the
-// caller to pass to the routine itself, outside its loop: a call inside the loop would make the compiler
-// keep every vector in memory across it (all zmm registers are caller-saved), which halved the speed.
+// IEEE, or torch's CPU sqrt emulated (cpu_sqrt.h): either of MKL's two kernels. Their rare inputs come back in
+// `needs_routine` for the caller to pass to the routine itself, outside its loop: a call inside the loop would make
+// the compiler keep every vector in memory across it (all zmm registers are caller-saved), which halved the speed.
 PQ_INLINE __m512 sqrt16(__m512 x, int mode, __mmask16& needs_routine) {
   needs_routine = 0;
   if (mode == kSqrtIeee) return _mm512_sqrt_ps(x);
-  const __m256 r_lo = _mm256_rsqrt_ps(_mm512_castps512_ps256(x));  // no 512-bit rsqrtps: the AVX-512
-  const __m256 r_hi = _mm256_rsqrt_ps(_mm512_extractf32x8_ps(x, 1));  // rsqrt14 is a different approximation
-  const __m512 r = _mm512_insertf32x8(_mm512_castps256_ps512(r_lo), r_hi, 1);
   const __m512 half = _mm512_set1_ps(0.5f);
+  if (mode == kSqrtMklAvx512) {
+    const __m512 r = _mm512_rsqrt14_ps(x);
+    const __m512 s = _mm512_mul_ps(r, x), h = _mm512_mul_ps(r, half);
+    // The scaled residual of tiny x, lane by lane as masked multiplies: cheaper here than a branch per vector.
+    const __mmask16 tiny = _mm512_cmp_ps_mask(_mm512_set1_ps(kTinyRoot), r, _CMP_LT_OS);
+    const __m512 xs = _mm512_mask_mul_ps(x, tiny, x, _mm512_set1_ps(kTinyScale2));
+    const __m512 ss = _mm512_mask_mul_ps(s, tiny, s, _mm512_set1_ps(kTinyScale));
+    const __m512 hs = _mm512_mask_mul_ps(h, tiny, h, _mm512_set1_ps(kTinyUnscale2));
+    const __m512 res = _mm512_fmadd_ps(_mm512_fnmadd_ps(ss, ss, xs), hs, s);
+    // QNaN | +inf | -inf | negative finite | SNaN go to the routine; +-0 return themselves.
+    needs_routine = _mm512_fpclass_ps_mask(x, 0xD9);
+    return _mm512_mask_mov_ps(res, _mm512_fpclass_ps_mask(x, 0x06), x);
+  }
+  // kSqrtMklSse: rsqrtps (no 512-bit form; rsqrt14 is a different approximation), then two Newton steps in
+  // float32 with separate multiplies and adds; its special inputs, but +-0, go to the routine.
+  const __m256 r_lo = _mm256_rsqrt_ps(_mm512_castps512_ps256(x));
+  const __m256 r_hi = _mm256_rsqrt_ps(_mm512_extractf32x8_ps(x, 1));
+  const __m512 r = _mm512_insertf32x8(_mm512_castps256_ps512(r_lo), r_hi, 1);
   const __m512 s0 = _mm512_mul_ps(x, r);
   // h0 = r * 0.5, exactly: r is a normal number near 1/sqrt(x), between about 2^-64 and 2^63 for every
   // main-path x, so halving it is an exponent decrement (an integer op, off the busy multiply pipes).
