@@ -127,13 +127,18 @@ static inline bool prepare_quant(const uint8_t* table, QuantTable& t) {
 }
 
 // grid_bin without the final truncation to 16 bits: NaN gives 0x80000000, which the signed-to-unsigned
-// saturating pack below turns into bin 0, as the contract wants.
+// saturating pack below turns into bin 0, as the contract wants. With a finite inverse the clamps cannot act:
+// |x| <= absmax makes |x * inv| at most 1 + 2^-24 before rounding, so 1 after; NaN passes either way. An absmax
+// below 2^-128 has an infinite inverse, and the clamps then turn infinite y into the end bins.
+template <bool Clamp>
 PQ_INLINE __m512i grid_bins(__m512 x, __m512 inv) {
   const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
   __m512 y = _mm512_mul_ps(x, inv);
-  // vminps/vmaxps return the second operand when either is NaN: with y second, NaN passes like in grid_bin.
-  y = _mm512_min_ps(one, y);
-  y = _mm512_max_ps(_mm512_set1_ps(-1.0f), y);
+  if constexpr (Clamp) {
+    // vminps/vmaxps return the second operand when either is NaN: with y second, NaN passes like in grid_bin.
+    y = _mm512_min_ps(one, y);
+    y = _mm512_max_ps(_mm512_set1_ps(-1.0f), y);
+  }
   // t = (y + 1) * 0.5 is exact (y + 1 is 0 or at least 2^-24), so t * 65535 rounds exactly like
   // (y + 1) * 32767.5: one multiply fewer, same bits.
   const __m512 s = _mm512_add_ps(_mm512_mul_ps(_mm512_add_ps(y, one), _mm512_set1_ps(32767.5f)), half);
@@ -141,8 +146,9 @@ PQ_INLINE __m512i grid_bins(__m512 x, __m512 inv) {
 }
 
 // Code indices of NC x 32 unsigned 16-bit bins: the count of step positions <= bin, found one tree level at
-// a time. Each level is h = 2h + (bin >= position(h)); with H = h + 1 that is H = 2H - (bin < position), and
-// bin < position is min(position -sat bin, 1): plain vector ops, no mask registers. The levels form a long
+// a time. Each level is h = 2h + (bin >= position(h)); with H = h + 1 that is H = 2H - (bin < position): a compare
+// into a mask and a masked subtract (one op fewer a level than min(position -sat bin, 1) and a plain subtract,
+// 0.91-0.96x of the step's time; bench/NOTES.md). The levels form a long
 // dependent chain (permute, subtract, min, subtract), so NC independent chunks go through each level
 // together: one chunk at a time ran at under half the throughput of eight on this CPU.
 template <int NC>
@@ -151,8 +157,9 @@ PQ_INLINE void code_index(const QuantTable& t, const __m512i (&bins)[NC], __m256
   __m512i H[NC];
   for (int c = 0; c < NC; ++c) H[c] = _mm512_set1_epi16(2);
   auto level = [&](int c, __m512i position) {
-    const __m512i below = _mm512_min_epu16(_mm512_subs_epu16(position, bins[c]), one);
-    H[c] = _mm512_sub_epi16(_mm512_add_epi16(H[c], H[c]), below);
+    const __mmask32 below = _mm512_cmplt_epu16_mask(bins[c], position);
+    const __m512i twice = _mm512_add_epi16(H[c], H[c]);
+    H[c] = _mm512_mask_sub_epi16(twice, below, twice, one);
   };
   const __m512i root = _mm512_set1_epi16((short)t.root);
   for (int c = 0; c < NC; ++c) level(c, root);
@@ -181,8 +188,9 @@ PQ_INLINE void code_index(const QuantTable& t, const __m512i (&bins)[NC], __m256
   }
 }
 
-// Quantises NC chunks of 32 values starting at x + start + i (elements beyond len read as 0, not stored).
-template <int DT, int NC>
+// Quantises NC chunks of 32 values starting at x + start + i (elements beyond len read as 0, not stored), whose
+// magnitudes are at most the absmax that `inv` inverts.
+template <int DT, int NC, bool Clamp>
 PQ_INLINE void quantize_chunks(const void* x, int64_t start, int64_t i, int64_t len, __m512 inv,
                                    const QuantTable& t, uint8_t* q) {
   __m512i bins[NC];
@@ -192,7 +200,7 @@ PQ_INLINE void quantize_chunks(const void* x, int64_t start, int64_t i, int64_t 
     const __mmask32 k = mask32(len - j);
     const __m512 x0 = load16<DT>(x, start + j, (__mmask16)k);
     const __m512 x1 = load16<DT>(x, start + j + 16, (__mmask16)(k >> 16));
-    bins[c] = _mm512_packus_epi32(grid_bins(x0, inv), grid_bins(x1, inv));
+    bins[c] = _mm512_packus_epi32(grid_bins<Clamp>(x0, inv), grid_bins<Clamp>(x1, inv));
   }
   code_index<NC>(t, bins, idx);
   for (int c = 0; c < NC; ++c) {
@@ -201,7 +209,15 @@ PQ_INLINE void quantize_chunks(const void* x, int64_t start, int64_t i, int64_t 
   }
 }
 
-// Quantise `len` values of one block whose absmax is known.
+template <int DT, bool Clamp, class Len>
+PQ_INLINE void quantize_values_impl(const void* x, int64_t start, Len len, __m512 inv, const QuantTable& t, uint8_t* q) {
+  int64_t i = 0;
+  for (; i + 224 < len; i += 256) quantize_chunks<DT, 8, Clamp>(x, start, i, len, inv, t, q);
+  for (; i + 96 < len; i += 128) quantize_chunks<DT, 4, Clamp>(x, start, i, len, inv, t, q);
+  for (; i < len; i += 32) quantize_chunks<DT, 1, Clamp>(x, start, i, len, inv, t, q);
+}
+
+// Quantise `len` values of one block whose absmax (the largest magnitude among them, NaN aside) is known.
 template <int DT, class Len>
 PQ_INLINE void quantize_values(const void* x, int64_t start, Len len, float absmax, const QuantTable& t,
                                    uint8_t* q) {
@@ -209,11 +225,12 @@ PQ_INLINE void quantize_values(const void* x, int64_t start, Len len, float absm
     memset(q, 0, (size_t)len);
     return;
   }
-  const __m512 inv = _mm512_set1_ps(block_inverse(absmax));
-  int64_t i = 0;
-  for (; i + 224 < len; i += 256) quantize_chunks<DT, 8>(x, start, i, len, inv, t, q);
-  for (; i + 96 < len; i += 128) quantize_chunks<DT, 4>(x, start, i, len, inv, t, q);
-  for (; i < len; i += 32) quantize_chunks<DT, 1>(x, start, i, len, inv, t, q);
+  const float inverse = block_inverse(absmax);
+  const __m512 inv = _mm512_set1_ps(inverse);
+  if (is_finite(inverse))
+    quantize_values_impl<DT, false>(x, start, len, inv, t, q);
+  else
+    quantize_values_impl<DT, true>(x, start, len, inv, t, q);
 }
 
 template <int DT, class Len>
