@@ -315,12 +315,14 @@ PQ_INLINE __m512 sqrt16(__m512 x, int mode, __mmask16& needs_routine) {
   if (mode == kSqrtMklAvx512) {
     const __m512 r = _mm512_rsqrt14_ps(x);
     const __m512 s = _mm512_mul_ps(r, x), h = _mm512_mul_ps(r, half);
-    // The scaled residual of tiny x, lane by lane as masked multiplies: cheaper here than a branch per vector.
+    __m512 res = _mm512_fmadd_ps(_mm512_fnmadd_ps(s, s, x), h, s);
     const __mmask16 tiny = _mm512_cmp_ps_mask(_mm512_set1_ps(kTinyRoot), r, _CMP_LT_OS);
-    const __m512 xs = _mm512_mask_mul_ps(x, tiny, x, _mm512_set1_ps(kTinyScale2));
-    const __m512 ss = _mm512_mask_mul_ps(s, tiny, s, _mm512_set1_ps(kTinyScale));
-    const __m512 hs = _mm512_mask_mul_ps(h, tiny, h, _mm512_set1_ps(kTinyUnscale2));
-    const __m512 res = _mm512_fmadd_ps(_mm512_fnmadd_ps(ss, ss, xs), hs, s);
+    if (__builtin_expect(tiny != 0, 0)) {  // the scaled residual of tiny x
+      const __m512 xs = _mm512_mask_mul_ps(x, tiny, x, _mm512_set1_ps(kTinyScale2));
+      const __m512 ss = _mm512_mask_mul_ps(s, tiny, s, _mm512_set1_ps(kTinyScale));
+      const __m512 hs = _mm512_mask_mul_ps(h, tiny, h, _mm512_set1_ps(kTinyUnscale2));
+      res = _mm512_fmadd_ps(_mm512_fnmadd_ps(ss, ss, xs), hs, s);
+    }
     // QNaN | +inf | -inf | negative finite | SNaN go to the routine; +-0 return themselves.
     needs_routine = _mm512_fpclass_ps_mask(x, 0xD9);
     return _mm512_mask_mov_ps(res, _mm512_fpclass_ps_mask(x, 0x06), x);
