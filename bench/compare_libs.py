@@ -12,6 +12,7 @@ states or absmax differ after any step. Copy a build's library out of `build/` b
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 import time
 
@@ -24,10 +25,13 @@ from pyquant.functional import create_dynamic_map
 
 def load(path: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(path)  # another file than the first: its own copy of the library, not the one loaded
-    for name in ("pq_adam_step", "pq_set_cpu_sqrt"):
+    for name in ("pq_adam_step", "pq_set_cpu_sqrt", "pq_set_isa"):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = capi.CPU_FUNCTIONS[name]
     lib.pq_set_cpu_sqrt(capi._torch_cpu_sqrt())  # the square root torch's CPU Adam uses, as pyquant installs it
+    cap = os.environ.get("PYQUANT_CPU_ISA")
+    if cap:
+        lib.pq_set_isa({name: code for code, name in capi.ISA_NAMES.items()}[cap])
     return lib
 
 

@@ -13,7 +13,7 @@ import torch
 # Storage dtype codes of the C ABI and of the Triton kernels' constexpr arguments (enum pq_dtype in capi.h).
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the quantisers and the optimizers take
-ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}  # enum pq_isa in capi.h
+ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512", 3: "avx512vbmi"}  # enum pq_isa in capi.h
 
 GRID_POINTS = 65536  # bins of the quantisers' [-1, 1] grid (docs/numerics.md section 2)
 OPTIMIZER_BLOCK = 256  # elements per absmax entry of 8-bit optimizer states (pq::kOptimizerBlock)

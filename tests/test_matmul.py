@@ -39,7 +39,7 @@ def has_cpu_flag(flag: str) -> bool:
         return False
 
 
-BF16_DOT = HAVE_CPU_LIBRARY and capi.cpu_isa() == "avx512" and has_cpu_flag("avx512_bf16")
+BF16_DOT = HAVE_CPU_LIBRARY and capi.cpu_isa().startswith("avx512") and has_cpu_flag("avx512_bf16")
 
 
 # ---- the bound ----

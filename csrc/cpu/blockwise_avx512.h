@@ -5,11 +5,14 @@
 // equivalents:
 // - dequantise: the 256 float32 codes are held as two 16-bit planes (high and low halves of each code)
 //   and looked up with two-table word permutes, 32 elements at a time; a gather from the 1 KiB code costs
-//   about 20 cycles per 16 lanes on this class of CPU, the permutes about 4;
+//   about 20 cycles per 16 lanes on this class of CPU, the permutes about 4. The avx512vbmi build holds four
+//   byte planes instead and looks them up with two-table byte permutes, 64 elements at a time: half the
+//   permutes per element;
 // - quantise: the 65536-entry bin -> index table is monotone, so it is fully described by its 255 step
 //   positions; the index of a bin is found by an 8-level branchless binary search over those positions
 //   (Eytzinger order, 16-bit lanes, one permute per level) instead of one scalar or gathered byte load
-//   per element;
+//   per element; the avx512vbmi build takes each level's decision with an average and a double shift (three
+//   operations a level instead of four, and one fewer on the shuffle port);
 // - sqrt for Adam: IEEE vsqrtps, or an exact emulation of either non-IEEE routine torch uses (cpu_sqrt.h).
 // Only IEEE-exact operations are used (mul/add/div/sqrt/min/max/compare/convert, integer ops), each in
 // the order the contract writes it; fused multiply-adds only where the contract has fmaf.
@@ -33,6 +36,43 @@ constexpr bool kEmulatesMklSse = true, kEmulatesMklAvx512 = true;
 
 // ---- dequantisation: code[q] for 32 indices ----
 
+#if PQ_AVX512_VBMI
+struct DequantTable {
+  alignas(64) uint8_t plane[4][256];  // plane[k][i]: byte k (least significant first) of code i's float32 pattern
+};
+
+static inline void prepare_dequant(const float* code, DequantTable& t) {
+  for (int i = 0; i < 256; ++i)
+    for (int k = 0; k < 4; ++k) t.plane[k][i] = (uint8_t)(float_bits(code[i]) >> (8 * k));
+}
+
+// One byte plane: vpermt2b covers 128 entries, bit 7 of the index picks between two of them.
+PQ_INLINE __m512i plane_lookup(const uint8_t* p, __m512i idx, __mmask64 bit7) {
+  const __m512i r0 = _mm512_permutex2var_epi8(_mm512_load_si512(p), idx, _mm512_load_si512(p + 64));
+  const __m512i r1 = _mm512_permutex2var_epi8(_mm512_load_si512(p + 128), idx, _mm512_load_si512(p + 192));
+  return _mm512_mask_blend_epi8(bit7, r0, r1);
+}
+
+// The codes of 64 byte indices: c[k] holds elements 16k .. 16k+15.
+PQ_INLINE void lookup64(const DequantTable& t, __m512i q, __m512 (&c)[4]) {
+  // The byte and word unpacks that assemble the floats work inside 128-bit lanes: c[k]'s lane L (elements
+  // 16k+4L .. 16k+4L+3) comes from bytes 16L+4k .. 16L+4k+3 of the permuted indices. The permutation swaps k and
+  // L, so it is its own inverse.
+  const __m512i order = _mm512_set_epi32(0x3f3e3d3c, 0x2f2e2d2c, 0x1f1e1d1c, 0x0f0e0d0c, 0x3b3a3938, 0x2b2a2928,
+                                         0x1b1a1918, 0x0b0a0908, 0x37363534, 0x27262524, 0x17161514, 0x07060504,
+                                         0x33323130, 0x23222120, 0x13121110, 0x03020100);
+  const __m512i idx = _mm512_permutexvar_epi8(order, q);
+  const __mmask64 bit7 = _mm512_movepi8_mask(idx);
+  const __m512i b0 = plane_lookup(t.plane[0], idx, bit7), b1 = plane_lookup(t.plane[1], idx, bit7);
+  const __m512i b2 = plane_lookup(t.plane[2], idx, bit7), b3 = plane_lookup(t.plane[3], idx, bit7);
+  const __m512i w01_lo = _mm512_unpacklo_epi8(b0, b1), w01_hi = _mm512_unpackhi_epi8(b0, b1);
+  const __m512i w23_lo = _mm512_unpacklo_epi8(b2, b3), w23_hi = _mm512_unpackhi_epi8(b2, b3);
+  c[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(w01_lo, w23_lo));
+  c[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(w01_lo, w23_lo));
+  c[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(w01_hi, w23_hi));
+  c[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(w01_hi, w23_hi));
+}
+#else
 struct DequantTable {
   alignas(64) uint16_t hi[256];  // high 16 bits of each code's float32 pattern
   alignas(64) uint16_t lo[256];  // low 16 bits
@@ -71,18 +111,26 @@ PQ_INLINE void lookup32(const DequantTable& t, __m256i q, __m512& a, __m512& b) 
   b = _mm512_castsi512_ps(_mm512_unpackhi_epi16(lo, hi));
 }
 
+// The codes of 64 byte indices: c[k] holds elements 16k .. 16k+15.
+PQ_INLINE void lookup64(const DequantTable& t, __m512i q, __m512 (&c)[4]) {
+  lookup32(t, _mm512_castsi512_si256(q), c[0], c[1]);
+  lookup32(t, _mm512_extracti64x4_epi64(q, 1), c[2], c[3]);
+}
+#endif
+
 // ---- quantisation: grid bin, then code index ----
 
 struct QuantTable {
   // An 8-level branchless binary search over the table's 255 step positions (the first bin whose index
   // exceeds j, clamped to 65535): node h (Eytzinger order, level k holds nodes 2^(k-1) .. 2^k - 1) tests
   // step position j(h). The search carries H = h + 1, so each level's table is stored rotated by one:
-  // entry (h + 1) mod size holds node h's position.
+  // entry (h + 1) mod size holds node h's position. The avx512vbmi build carries h itself and stores each
+  // position complemented (see code_index): entry h mod size holds ~position(h).
   alignas(64) uint16_t upper[32];   // levels 2-5, nodes 2..31 (vpermw reads 5 index bits)
   alignas(64) uint16_t level6[32];  // nodes 32..63
   alignas(64) uint16_t level7[64];  // nodes 64..127 (vpermt2w reads 6 index bits)
   alignas(64) uint16_t level8[128]; // nodes 128..255, two vpermt2w halves picked by bit 6
-  uint16_t root;                    // node 1
+  uint16_t root;                    // node 1 (complemented in the avx512vbmi build)
   uint8_t top;  // table[65535]: no bin has a larger index, which repairs the clamp at 65536
 };
 
@@ -111,16 +159,18 @@ static inline bool prepare_quant(const uint8_t* table, QuantTable& t) {
     const uint32_t r = h - (1u << (level - 1));
     const uint32_t j = ((2 * r + 1) << (8 - level)) - 1;  // the step position node h tests
     const uint16_t position = (uint16_t)(first_above[j] < 65535u ? first_above[j] : 65535u);
+    const uint16_t stored = PQ_AVX512_VBMI ? (uint16_t)~position : position;
+    const uint32_t slot = PQ_AVX512_VBMI ? h : h + 1;
     if (h == 1)
-      t.root = position;
+      t.root = stored;
     else if (h < 32)
-      t.upper[(h + 1) & 31] = position;
+      t.upper[slot & 31] = stored;
     else if (h < 64)
-      t.level6[(h + 1) & 31] = position;
+      t.level6[slot & 31] = stored;
     else if (h < 128)
-      t.level7[(h + 1) & 63] = position;
+      t.level7[slot & 63] = stored;
     else
-      t.level8[(h + 1) & 127] = position;
+      t.level8[slot & 127] = stored;
   }
   t.top = table[65535];
   return true;
@@ -151,8 +201,9 @@ PQ_INLINE __m512i grid_bins(__m512 x, __m512 inv) {
 // 0.91-0.96x of the step's time; bench/NOTES.md). The levels form a long
 // dependent chain (permute, subtract, min, subtract), so NC independent chunks go through each level
 // together: one chunk at a time ran at under half the throughput of eight on this CPU.
+#if !PQ_AVX512_VBMI
 template <int NC>
-PQ_INLINE void code_index(const QuantTable& t, const __m512i (&bins)[NC], __m256i (&out)[NC]) {
+PQ_INLINE void code_index(const QuantTable& t, const __m512i (&bins)[NC], uint8_t* q, int64_t len) {
   const __m512i one = _mm512_set1_epi16(1);
   __m512i H[NC];
   for (int c = 0; c < NC; ++c) H[c] = _mm512_set1_epi16(2);
@@ -184,9 +235,66 @@ PQ_INLINE void code_index(const QuantTable& t, const __m512i (&bins)[NC], __m256
   const __m256i top = _mm256_set1_epi8((char)t.top);
   for (int c = 0; c < NC; ++c) {
     const __m256i idx = _mm256_permutevar8x32_epi32(_mm512_cvtepi16_epi8(H[c]), order);
-    out[c] = _mm256_min_epu8(_mm256_sub_epi8(idx, _mm256_set1_epi8(1)), top);
+    _mm256_mask_storeu_epi8(q + 32 * c, mask32(len - 32 * c), _mm256_min_epu8(_mm256_sub_epi8(idx, _mm256_set1_epi8(1)), top));
   }
 }
+#else
+// Where the low bytes of two vectors of code_index's results go: output byte e (element e of 64) is byte
+// order[e] of the two vectors' concatenation. packus (see quantize_chunks) left word 8L+i of a vector holding
+// element 4L+i and word 8L+4+i element 16+4L+i (i < 4).
+struct ByteOrder {
+  alignas(64) uint8_t at[64];
+};
+constexpr ByteOrder low_byte_order() {
+  ByteOrder o{};
+  for (int e = 0; e < 64; ++e) {
+    const int k = e % 32, word = k < 16 ? 8 * (k / 4) + k % 4 : 8 * ((k - 16) / 4) + 4 + k % 4;
+    o.at[e] = (uint8_t)(64 * (e / 32) + 2 * word);
+  }
+  return o;
+}
+constexpr ByteOrder kLowByteOrder = low_byte_order();
+
+// As above, with h itself carried and each level one average and one double shift: with the positions stored
+// complemented, avg(bin, ~position) = (bin - position + 65536) >> 1 has bit 15 set exactly when bin >= position,
+// and shldi(h, that, 1) = 2h + bit 15 appends the decision.
+template <int NC>
+PQ_INLINE void code_index(const QuantTable& t, const __m512i (&bins)[NC], uint8_t* q, int64_t len) {
+  __m512i h[NC];
+  auto level = [&](int c, __m512i not_position) {
+    h[c] = _mm512_shldi_epi16(h[c], _mm512_avg_epu16(bins[c], not_position), 1);
+  };
+  const __m512i root = _mm512_set1_epi16((short)t.root);
+  for (int c = 0; c < NC; ++c) {
+    h[c] = _mm512_set1_epi16(1);
+    level(c, root);
+  }
+  const __m512i upper = _mm512_load_si512(t.upper);
+  for (int l = 2; l <= 5; ++l)
+    for (int c = 0; c < NC; ++c) level(c, _mm512_permutexvar_epi16(h[c], upper));
+  const __m512i l6 = _mm512_load_si512(t.level6);
+  for (int c = 0; c < NC; ++c) level(c, _mm512_permutexvar_epi16(h[c], l6));
+  const __m512i l7a = _mm512_load_si512(t.level7), l7b = _mm512_load_si512(t.level7 + 32);
+  for (int c = 0; c < NC; ++c) level(c, _mm512_permutex2var_epi16(l7a, h[c], l7b));
+  const __m512i l8a = _mm512_load_si512(t.level8), l8b = _mm512_load_si512(t.level8 + 32);
+  const __m512i l8c = _mm512_load_si512(t.level8 + 64), l8d = _mm512_load_si512(t.level8 + 96);
+  const __m512i bit6 = _mm512_set1_epi16(64);
+  for (int c = 0; c < NC; ++c) {
+    const __m512i lo = _mm512_permutex2var_epi16(l8a, h[c], l8b);
+    const __m512i hi = _mm512_permutex2var_epi16(l8c, h[c], l8d);
+    level(c, _mm512_mask_blend_epi16(_mm512_test_epi16_mask(h[c], bit6), lo, hi));
+  }
+  // h = 256 + index: one byte permute takes the low bytes of two vectors, in element order.
+  const __m512i order = _mm512_load_si512(kLowByteOrder.at);
+  const __m512i top = _mm512_set1_epi8((char)t.top);
+  for (int c = 0; c < NC; c += 2) {
+    const bool pair = c + 1 < NC;
+    const __m512i idx = _mm512_permutex2var_epi8(h[c], order, h[pair ? c + 1 : c]);
+    const __mmask64 k = mask64(len - 32 * c) & (pair ? ~(__mmask64)0 : (__mmask64)0xFFFFFFFFu);
+    _mm512_mask_storeu_epi8(q + 32 * c, k, _mm512_min_epu8(idx, top));
+  }
+}
+#endif
 
 // Quantises NC chunks of 32 values starting at x + start + i (elements beyond len read as 0, not stored), whose
 // magnitudes are at most the absmax that `inv` inverts.
@@ -194,7 +302,6 @@ template <int DT, int NC, bool Clamp>
 PQ_INLINE void quantize_chunks(const void* x, int64_t start, int64_t i, int64_t len, __m512 inv,
                                    const QuantTable& t, uint8_t* q) {
   __m512i bins[NC];
-  __m256i idx[NC];
   for (int c = 0; c < NC; ++c) {
     const int64_t j = i + 32 * c;
     const __mmask32 k = mask32(len - j);
@@ -202,11 +309,7 @@ PQ_INLINE void quantize_chunks(const void* x, int64_t start, int64_t i, int64_t 
     const __m512 x1 = load16<DT>(x, start + j + 16, (__mmask16)(k >> 16));
     bins[c] = _mm512_packus_epi32(grid_bins<Clamp>(x0, inv), grid_bins<Clamp>(x1, inv));
   }
-  code_index<NC>(t, bins, idx);
-  for (int c = 0; c < NC; ++c) {
-    const int64_t j = i + 32 * c;
-    _mm256_mask_storeu_epi8(q + j, mask32(len - j), idx[c]);
-  }
+  code_index<NC>(t, bins, q + i, len - i);
 }
 
 template <int DT, bool Clamp, class Len>
@@ -249,12 +352,11 @@ template <int DT, class Len>
 PQ_INLINE void dequantize_block_impl(const uint8_t* q, float absmax, int64_t start, Len len, const DequantTable& t,
                                          void* out) {
   const __m512 a = _mm512_set1_ps(absmax);
-  for (int64_t i = 0; i < len; i += 32) {
-    const __mmask32 k = mask32(len - i);
-    __m512 c0, c1;
-    lookup32(t, _mm256_maskz_loadu_epi8(k, q + start + i), c0, c1);
-    store16<DT>(out, start + i, _mm512_mul_ps(c0, a), (__mmask16)k);
-    store16<DT>(out, start + i + 16, _mm512_mul_ps(c1, a), (__mmask16)(k >> 16));
+  for (int64_t i = 0; i < len; i += 64) {
+    const __mmask64 k = mask64(len - i);
+    __m512 c[4];
+    lookup64(t, _mm512_maskz_loadu_epi8(k, q + start + i), c);
+    for (int r = 0; r < 4; ++r) store16<DT>(out, start + i + 16 * r, _mm512_mul_ps(c[r], a), (__mmask16)(k >> (16 * r)));
   }
 }
 
@@ -285,18 +387,17 @@ template <int DT>
 static inline void dequantize_block_streaming(const uint8_t* q, float absmax, int64_t start, const DequantTable& t,
                                               void* out) {
   const __m512 a = _mm512_set1_ps(absmax);
-  for (int64_t i = 0; i < kOptimizerBlock; i += 32) {
-    __m512 c0, c1;
-    lookup32(t, _mm256_loadu_si256((const __m256i*)(q + start + i)), c0, c1);
-    c0 = _mm512_mul_ps(c0, a);
-    c1 = _mm512_mul_ps(c1, a);
-    if constexpr (DT == PQ_DTYPE_FLOAT32) {
-      _mm512_stream_ps((float*)out + start + i, c0);
-      _mm512_stream_ps((float*)out + start + i + 16, c1);
-    } else {
-      uint16_t* o = (uint16_t*)out + start + i;
-      _mm256_stream_si256((__m256i*)o, DT == PQ_DTYPE_FLOAT16 ? to_half16(c0) : to_bf16_16(c0));
-      _mm256_stream_si256((__m256i*)(o + 16), DT == PQ_DTYPE_FLOAT16 ? to_half16(c1) : to_bf16_16(c1));
+  for (int64_t i = 0; i < kOptimizerBlock; i += 64) {
+    __m512 c[4];
+    lookup64(t, _mm512_loadu_si512(q + start + i), c);
+    for (int r = 0; r < 4; ++r) {
+      const __m512 x = _mm512_mul_ps(c[r], a);
+      if constexpr (DT == PQ_DTYPE_FLOAT32) {
+        _mm512_stream_ps((float*)out + start + i + 16 * r, x);
+      } else {
+        const __m256i h = DT == PQ_DTYPE_FLOAT16 ? to_half16(x) : to_bf16_16(x);
+        _mm256_stream_si256((__m256i*)((uint16_t*)out + start + i + 16 * r), h);
+      }
     }
   }
 }
@@ -469,15 +570,15 @@ PQ_INLINE int64_t adam_block_8bit_impl(const pq_adam_tensor& t, int64_t start, L
   prefetch_block<PDT, GDT>(t, start, 1);
   __m512 amax1 = _mm512_setzero_ps(), amax2 = _mm512_setzero_ps();
   int64_t bad = 0;
-  for (int64_t i = 0; i < len; i += 32) {
-    const __mmask32 k32 = mask32(len - i);
-    __m512 mq[2], vq[2];
-    lookup32(tab.deq1, _mm256_maskz_loadu_epi8(k32, q1 + i), mq[0], mq[1]);
-    lookup32(tab.deq2, _mm256_maskz_loadu_epi8(k32, q2 + i), vq[0], vq[1]);
-    for (int half = 0; half < 2; ++half) {
-      const int64_t j = i + 16 * half;
-      const __mmask16 valid = (__mmask16)(k32 >> (16 * half));
-      const __m512 m_old = _mm512_mul_ps(mq[half], a1), v_old = _mm512_mul_ps(vq[half], a2);
+  for (int64_t i = 0; i < len; i += 64) {
+    const __mmask64 k64 = mask64(len - i);
+    __m512 mq[4], vq[4];
+    lookup64(tab.deq1, _mm512_maskz_loadu_epi8(k64, q1 + i), mq);
+    lookup64(tab.deq2, _mm512_maskz_loadu_epi8(k64, q2 + i), vq);
+    for (int r = 0; r < 4; ++r) {
+      const int64_t j = i + 16 * r;
+      const __mmask16 valid = (__mmask16)(k64 >> (16 * r));
+      const __m512 m_old = _mm512_mul_ps(mq[r], a1), v_old = _mm512_mul_ps(vq[r], a2);
       const __m512 g = unscaled16<GDT>(k, load16<GDT>(t.grad, start + j, valid));
       __m512 mi = m_old, vi = v_old;
       moments16(k, g, mi, vi);

@@ -1,10 +1,10 @@
 // The instruction set of a CPU kernel file, and everything the kernel files share about it.
 //
-// Every csrc/cpu/*.cpp is compiled once per instruction set (CMakeLists.txt: PQ_ISA = scalar, avx2 or avx512,
-// each with its own -m flags) and puts its kernels in namespace PQ_NS (pq_scalar, pq_avx2, pq_avx512); the C
+// Every csrc/cpu/*.cpp is compiled once per instruction set (CMakeLists.txt: PQ_ISA = scalar, avx2, avx512 or
+// avx512vbmi, each with its own -m flags) and puts its kernels in namespace PQ_NS (pq_scalar, pq_avx2, ...); the C
 // ABI files (csrc/capi*.cpp) pick one at run time (csrc/include/pyquant/dispatch.h). This header is the one place for:
 // - PQ_NS, and the ISA of the build as macros: PQ_AVX512 or PQ_AVX2 is 1 in that build (both 0 in the scalar
-//   one), PQ_SIMD is 1 in either;
+//   one; PQ_AVX512 also in the avx512vbmi build, where PQ_AVX512_VBMI is 1 as well), PQ_SIMD is 1 in either;
 // - the vector shim: the float vector of the build (fvec, kLanes lanes; a float in the scalar build) with the
 //   operations the micro-kernels are written in, and the loads, stores, masks and conversions the kernels
 //   share. Each wrapper is the intrinsic sequence the kernels used before they shared it, so the kernels
@@ -37,6 +37,12 @@
 #define PQ_AVX2 0
 #endif
 #define PQ_SIMD (PQ_AVX512 || PQ_AVX2)
+// The avx512vbmi build: AVX-512 with the byte permutes (VBMI) and double shifts (VBMI2) the 8-bit codecs use.
+#if PQ_AVX512 && defined(__AVX512VBMI__) && defined(__AVX512VBMI2__)
+#define PQ_AVX512_VBMI 1
+#else
+#define PQ_AVX512_VBMI 0
+#endif
 
 #if PQ_SIMD
 #include <immintrin.h>
@@ -121,6 +127,7 @@ static inline float hsum(fvec a) { return a; }
 PQ_INLINE __mmask8 mask8(int64_t n) { return n >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << n) - 1u); }
 PQ_INLINE __mmask16 mask16(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
 PQ_INLINE __mmask32 mask32(int64_t n) { return n >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << n) - 1u); }
+PQ_INLINE __mmask64 mask64(int64_t n) { return n >= 64 ? ~(__mmask64)0 : (__mmask64)((1ull << n) - 1ull); }
 // The same for any n (none for n <= 0), for callers that may ask for an empty remainder.
 static inline __mmask16 mask16_any(int64_t n) {
   return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
