@@ -34,7 +34,7 @@ using FullBlock = std::integral_constant<int64_t, kOptimizerBlock>;
 // The emulations of torch's CPU sqrt this build has (cpu_sqrt.h).
 constexpr bool kEmulatesMklSse = true, kEmulatesMklAvx512 = true;
 
-// ---- dequantisation: code[q] for 32 indices ----
+// ---- dequantisation: code[q] for 64 indices ----
 
 #if PQ_AVX512_VBMI
 struct DequantTable {
@@ -235,7 +235,8 @@ PQ_INLINE void code_index(const QuantTable& t, const __m512i (&bins)[NC], uint8_
   const __m256i top = _mm256_set1_epi8((char)t.top);
   for (int c = 0; c < NC; ++c) {
     const __m256i idx = _mm256_permutevar8x32_epi32(_mm512_cvtepi16_epi8(H[c]), order);
-    _mm256_mask_storeu_epi8(q + 32 * c, mask32(len - 32 * c), _mm256_min_epu8(_mm256_sub_epi8(idx, _mm256_set1_epi8(1)), top));
+    const __m256i index = _mm256_min_epu8(_mm256_sub_epi8(idx, _mm256_set1_epi8(1)), top);
+    _mm256_mask_storeu_epi8(q + 32 * c, mask32(len - 32 * c), index);
   }
 }
 #else
@@ -356,7 +357,8 @@ PQ_INLINE void dequantize_block_impl(const uint8_t* q, float absmax, int64_t sta
     const __mmask64 k = mask64(len - i);
     __m512 c[4];
     lookup64(t, _mm512_maskz_loadu_epi8(k, q + start + i), c);
-    for (int r = 0; r < 4; ++r) store16<DT>(out, start + i + 16 * r, _mm512_mul_ps(c[r], a), (__mmask16)(k >> (16 * r)));
+    for (int r = 0; r < 4; ++r)
+      store16<DT>(out, start + i + 16 * r, _mm512_mul_ps(c[r], a), (__mmask16)(k >> (16 * r)));
   }
 }
 
