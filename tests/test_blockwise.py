@@ -173,6 +173,32 @@ def test_every_cpu_build_quantizes_and_dequantizes_like_the_reference(isa, dtype
     assert_same_bits(out, out_ref)
 
 
+def other_code_map(name: str) -> torch.Tensor:
+    """Sorted float32 maps of 256 codes other than the dynamic ones."""
+    if name == "beyond_one":  # the top codes lie beyond 1: the last grid bins' index is below 255
+        return torch.linspace(-1.0, 1.5, 256)
+    if name == "crowded":  # many codes inside one grid bin around 0: equal step positions in the search
+        return torch.cat([torch.linspace(-1.0, 1.0, 200), torch.linspace(-1e-6, 1e-6, 56)]).sort().values
+    return torch.linspace(-1.0, 1.0, 256)
+
+
+@pytest.mark.parametrize("code_name", ["beyond_one", "crowded", "linear"])
+def test_every_cpu_build_takes_other_code_maps_like_the_reference(isa, code_name):
+    """The vector codecs describe any sorted map by its step positions; maps unlike the dynamic ones reach the
+    repairs the dynamic ones never need (a top index below 255, positions shared by several codes)."""
+    code = other_code_map(code_name)
+    x = special_float32(20_011)
+    with pyquant.use_backend("reference"):
+        q_ref, a_ref = F.quantize_blockwise(x, code=code)
+        out_ref = F.dequantize_blockwise(q_ref, a_ref, code=code)
+    q, a = F.quantize_blockwise(x, code=code)
+    assert_same_bits(q, q_ref)
+    assert_same_bits(a, a_ref)
+    assert_same_bits(F.dequantize_blockwise(q_ref, a_ref, code=code), out_ref)
+    if code_name == "beyond_one":  # the case is what it claims: no element reaches the codes beyond 1
+        assert int(q_ref.max()) < 255
+
+
 @needs_bitsandbytes
 @settings(max_examples=60, deadline=None)
 @given(
