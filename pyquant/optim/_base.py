@@ -356,7 +356,10 @@ class Optimizer8bit(torch.optim.Optimizer):
                 if back:
                     torch._foreach_copy_([t for t, _ in back], [x for _, x in back])
             self._plan(group, calls)
-        self.nonfinite_count = sum(int(c) if c.device.type == "cpu" else c for c in counts) if counts else 0
+        # Counts are ints (a group's plan), 0-dim tensors on the CPU (read here) or on a GPU (summed, not synced).
+        self.nonfinite_count = sum(
+            c if isinstance(c, int) else int(c) if c.device.type == "cpu" else c for c in counts
+        ) if counts else 0
         if isinstance(self.nonfinite_count, int) and self.nonfinite_count and not self._warned_nonfinite:
             self._warned_nonfinite = True
             warnings.warn(

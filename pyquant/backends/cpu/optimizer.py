@@ -72,10 +72,16 @@ def _one_state_call(params, grads, state1, absmax1, constants, code1, rule):
     return descriptors, run, norms
 
 
-def _skipped(bad: int, name: str) -> torch.Tensor:
+def _skipped_count(bad: int, name: str) -> int:
+    """The kernel's skipped count; a negative value is a status, raised as its error."""
     if bad < 0:
         check_status(-bad, name)
-    return torch.tensor(bad, dtype=torch.int64)
+    return bad
+
+
+def _skipped(bad: int, name: str) -> torch.Tensor:
+    """_skipped_count as the ops return it (0-dim int64)."""
+    return torch.tensor(_skipped_count(bad, name), dtype=torch.int64)
 
 
 def _on_cpu(params, name: str) -> None:
@@ -136,7 +142,7 @@ class PreparedStep:
 
     def __call__(self, params, grads, rows: list[list[float]], row_of: list[int] | None, nonfinite: int):
         """Run one step. `rows`: the distinct constants rows; `row_of`: each tensor's row (None: all rows[0]).
-        Returns the skipped count (0-dim int64), or None when a tensor no longer fits the descriptors."""
+        Returns the skipped count (an int), or None when a tensor no longer fits the descriptors."""
         check_nonfinite(nonfinite, self.name)
         if not self.load(params, grads, rows, row_of):
             return None
@@ -184,13 +190,14 @@ class PreparedStep:
                              f"{'no' if row_of is None else len(row_of)} indices")
         return table[0] if row_of is None else table[torch.tensor(row_of)]
 
-    def run(self, nonfinite: int) -> torch.Tensor:
-        """The step over the loaded descriptors; the skipped count."""
+    def run(self, nonfinite: int) -> int:
+        """The step over the loaded descriptors; the skipped count, an int: no tensor is made for it, since right
+        after a kernel that streamed its tensors through the caches making one took about 50 us (bench/NOTES.md)."""
         check_nonfinite(nonfinite, self.name)
         with kernel_range(self.name):
             bad = self._run(nonfinite)
         torch.autograd.graph.increment_version(self._written)
-        return _skipped(bad, self.name)
+        return _skipped_count(bad, self.name)
 
     def norm_sums(self, nonfinite: int) -> torch.Tensor:
         """LAMB's (Adam descriptors) or LARS' (one-state descriptors) norm pass over the loaded descriptors: the
