@@ -199,6 +199,33 @@ def test_every_cpu_build_takes_other_code_maps_like_the_reference(isa, code_name
         assert int(q_ref.max()) < 255
 
 
+@pytest.mark.parametrize("code_name", ["signed", "unsigned", "linear"])
+def test_every_cpu_build_bins_the_values_beside_each_step_like_the_reference(isa, code_name):
+    """Values within 8 ulps of the grid-bin boundary at each step of the map, in blocks whose absmax is 1 (so y = x):
+    where the vector grid bins round once instead of the contract's twice (bench/micro/grid_fma_exhaustive.cpp
+    proves them equal on every y), a wrong rounding changes a code exactly here."""
+    code = {"signed": F.create_dynamic_map(True), "unsigned": F.create_dynamic_map(False),
+            "linear": torch.linspace(-1.0, 1.0, 256)}[code_name]
+    with pyquant.use_backend("reference"):
+        table = backends.lookup("code_table", "reference")(code).long()
+    steps = torch.nonzero(table[1:] != table[:-1]).flatten() + 1  # the first bin of each new index
+    boundary = ((steps.double() - 0.5) / 32767.5 - 1.0).float()  # s = (y + 1) * 32767.5 + 0.5 crosses the step here
+    near = [boundary]
+    for direction in (1.0, -1.0):
+        y = boundary
+        for _ in range(8):
+            y = torch.nextafter(y, torch.full_like(y, direction))
+            near.append(y)
+    values = torch.cat(near).clamp(-1.0, 1.0)
+    values = torch.cat([values, torch.zeros(-len(values) % 255)]).view(-1, 255)
+    x = torch.cat([values, torch.ones(len(values), 1)], dim=1).flatten()  # each block of 256 has absmax 1
+    with pyquant.use_backend("reference"):
+        q_ref, a_ref = F.quantize_blockwise(x, code=code)
+    q, a = F.quantize_blockwise(x, code=code)
+    assert bool((a_ref == 1.0).all())
+    assert_same_bits(q, q_ref)
+
+
 @needs_bitsandbytes
 @settings(max_examples=60, deadline=None)
 @given(
