@@ -198,12 +198,36 @@ PQ_INLINE __m512i grid_bins(__m512 x, __m512 inv) {
   return _mm512_cvttps_epi32(s);
 }
 
+// The eight levels of the search over NC chunks: `level(c, stored)` takes chunk c's decision against the value its
+// level's table stores for the node `node[c]` it has reached, and moves `node[c]` on (the builds differ in what
+// they carry and store; the tables' slots hold each node where its carried value's low bits point).
+template <int NC, class Level>
+PQ_INLINE void walk_levels(const QuantTable& t, const __m512i (&node)[NC], Level&& level) {
+  const __m512i root = _mm512_set1_epi16((short)t.root);
+  for (int c = 0; c < NC; ++c) level(c, root);
+  const __m512i upper = _mm512_load_si512(t.upper);
+  for (int l = 2; l <= 5; ++l)
+    for (int c = 0; c < NC; ++c) level(c, _mm512_permutexvar_epi16(node[c], upper));
+  const __m512i l6 = _mm512_load_si512(t.level6);
+  for (int c = 0; c < NC; ++c) level(c, _mm512_permutexvar_epi16(node[c], l6));
+  const __m512i l7a = _mm512_load_si512(t.level7), l7b = _mm512_load_si512(t.level7 + 32);
+  for (int c = 0; c < NC; ++c) level(c, _mm512_permutex2var_epi16(l7a, node[c], l7b));
+  const __m512i l8a = _mm512_load_si512(t.level8), l8b = _mm512_load_si512(t.level8 + 32);
+  const __m512i l8c = _mm512_load_si512(t.level8 + 64), l8d = _mm512_load_si512(t.level8 + 96);
+  const __m512i bit6 = _mm512_set1_epi16(64);
+  for (int c = 0; c < NC; ++c) {
+    const __m512i lo = _mm512_permutex2var_epi16(l8a, node[c], l8b);
+    const __m512i hi = _mm512_permutex2var_epi16(l8c, node[c], l8d);
+    level(c, _mm512_mask_blend_epi16(_mm512_test_epi16_mask(node[c], bit6), lo, hi));
+  }
+}
+
 // Code indices of NC x 32 unsigned 16-bit bins: the count of step positions <= bin, found one tree level at
 // a time. Each level is h = 2h + (bin >= position(h)); with H = h + 1 that is H = 2H - (bin < position): a compare
 // into a mask and a masked subtract (one op fewer a level than min(position -sat bin, 1) and a plain subtract,
-// 0.91-0.96x of the step's time; bench/NOTES.md). The levels form a long
-// dependent chain (permute, subtract, min, subtract), so NC independent chunks go through each level
-// together: one chunk at a time ran at under half the throughput of eight on this CPU.
+// 0.91-0.96x of the step's time; bench/NOTES.md). The levels form a long dependent chain (a permute and the
+// decision), so NC independent chunks go through each level together: one chunk at a time ran at under half the
+// throughput of eight on this CPU.
 #if !PQ_AVX512_VBMI
 template <int NC>
 PQ_INLINE void code_index(const QuantTable& t, const __m512i (&bins)[NC], uint8_t* q, int64_t len) {
@@ -215,23 +239,7 @@ PQ_INLINE void code_index(const QuantTable& t, const __m512i (&bins)[NC], uint8_
     const __m512i twice = _mm512_add_epi16(H[c], H[c]);
     H[c] = _mm512_mask_sub_epi16(twice, below, twice, one);
   };
-  const __m512i root = _mm512_set1_epi16((short)t.root);
-  for (int c = 0; c < NC; ++c) level(c, root);
-  const __m512i upper = _mm512_load_si512(t.upper);
-  for (int l = 2; l <= 5; ++l)
-    for (int c = 0; c < NC; ++c) level(c, _mm512_permutexvar_epi16(H[c], upper));
-  const __m512i l6 = _mm512_load_si512(t.level6);
-  for (int c = 0; c < NC; ++c) level(c, _mm512_permutexvar_epi16(H[c], l6));
-  const __m512i l7a = _mm512_load_si512(t.level7), l7b = _mm512_load_si512(t.level7 + 32);
-  for (int c = 0; c < NC; ++c) level(c, _mm512_permutex2var_epi16(l7a, H[c], l7b));
-  const __m512i l8a = _mm512_load_si512(t.level8), l8b = _mm512_load_si512(t.level8 + 32);
-  const __m512i l8c = _mm512_load_si512(t.level8 + 64), l8d = _mm512_load_si512(t.level8 + 96);
-  const __m512i bit6 = _mm512_set1_epi16(64);
-  for (int c = 0; c < NC; ++c) {
-    const __m512i lo = _mm512_permutex2var_epi16(l8a, H[c], l8b);
-    const __m512i hi = _mm512_permutex2var_epi16(l8c, H[c], l8d);
-    level(c, _mm512_mask_blend_epi16(_mm512_test_epi16_mask(H[c], bit6), lo, hi));
-  }
+  walk_levels<NC>(t, H, level);
   // H = 257 + index: its low byte is index + 1. packus (see quantize_chunks) interleaved 4-element groups of
   // the two input vectors within 128-bit lanes: the dword permute restores element order.
   const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
@@ -268,26 +276,8 @@ PQ_INLINE void code_index(const QuantTable& t, const __m512i (&bins)[NC], uint8_
   auto level = [&](int c, __m512i not_position) {
     h[c] = _mm512_shldi_epi16(h[c], _mm512_avg_epu16(bins[c], not_position), 1);
   };
-  const __m512i root = _mm512_set1_epi16((short)t.root);
-  for (int c = 0; c < NC; ++c) {
-    h[c] = _mm512_set1_epi16(1);
-    level(c, root);
-  }
-  const __m512i upper = _mm512_load_si512(t.upper);
-  for (int l = 2; l <= 5; ++l)
-    for (int c = 0; c < NC; ++c) level(c, _mm512_permutexvar_epi16(h[c], upper));
-  const __m512i l6 = _mm512_load_si512(t.level6);
-  for (int c = 0; c < NC; ++c) level(c, _mm512_permutexvar_epi16(h[c], l6));
-  const __m512i l7a = _mm512_load_si512(t.level7), l7b = _mm512_load_si512(t.level7 + 32);
-  for (int c = 0; c < NC; ++c) level(c, _mm512_permutex2var_epi16(l7a, h[c], l7b));
-  const __m512i l8a = _mm512_load_si512(t.level8), l8b = _mm512_load_si512(t.level8 + 32);
-  const __m512i l8c = _mm512_load_si512(t.level8 + 64), l8d = _mm512_load_si512(t.level8 + 96);
-  const __m512i bit6 = _mm512_set1_epi16(64);
-  for (int c = 0; c < NC; ++c) {
-    const __m512i lo = _mm512_permutex2var_epi16(l8a, h[c], l8b);
-    const __m512i hi = _mm512_permutex2var_epi16(l8c, h[c], l8d);
-    level(c, _mm512_mask_blend_epi16(_mm512_test_epi16_mask(h[c], bit6), lo, hi));
-  }
+  for (int c = 0; c < NC; ++c) h[c] = _mm512_set1_epi16(1);
+  walk_levels<NC>(t, h, level);
   // h = 256 + index: one byte permute takes the low bytes of two vectors, in element order.
   const __m512i order = _mm512_load_si512(kLowByteOrder.at);
   const __m512i top = _mm512_set1_epi8((char)t.top);
