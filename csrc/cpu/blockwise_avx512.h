@@ -412,6 +412,12 @@ PQ_INLINE __m512 sqrt16(__m512 x, int mode, __mmask16& needs_routine) {
     const __m512 r = _mm512_rsqrt14_ps(x);
     const __m512 s = _mm512_mul_ps(r, x), h = _mm512_mul_ps(r, half);
     __m512 res = _mm512_fmadd_ps(_mm512_fnmadd_ps(s, s, x), h, s);
+    // The common case in one compare: every lane finite and at least 2^-76 (bits in [0x19800000, 0x7F800000)),
+    // where rsqrt14(x) <= 2^38 (1 + 2^-14) stays below kTinyRoot, so no lane needs the rules below. Three mask
+    // compares on the shuffle port fewer for such vectors.
+    const __m512i above_floor = _mm512_sub_epi32(_mm512_castps_si512(x), _mm512_set1_epi32(0x19800000));
+    if (__builtin_expect(_mm512_cmplt_epu32_mask(above_floor, _mm512_set1_epi32(0x7F800000 - 0x19800000)) == 0xFFFF, 1))
+      return res;
     const __mmask16 tiny = _mm512_cmp_ps_mask(_mm512_set1_ps(kTinyRoot), r, _CMP_LT_OS);
     if (__builtin_expect(tiny != 0, 0)) {  // the scaled residual of tiny x
       const __m512 xs = _mm512_mask_mul_ps(x, tiny, x, _mm512_set1_ps(kTinyScale2));
