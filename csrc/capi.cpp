@@ -2,6 +2,7 @@
 #include "pyquant/capi.h"
 
 #include <stdint.h>
+#include <string.h>
 
 #include <omp.h>
 
@@ -60,6 +61,22 @@ void pq_set_cpu_sqrt(pq_vsqrt_fn fn) { pq_cpu_sqrt = fn; }
 int32_t pq_isa(void) { return g_isa; }
 
 int32_t pq_abi_version(void) { return PQ_ABI_VERSION; }
+
+int32_t pq_write_field(void* records, int64_t count, int64_t record_bytes, int64_t offset, int64_t width,
+                       const void* rows, int64_t row_count, const int32_t* row_of) {
+  if (count < 0 || width <= 0 || offset < 0 || record_bytes < width || offset > record_bytes - width ||
+      row_count < 0 || (count > 0 && (row_count < 1 || !records || !rows)) ||
+      (!row_of && row_count != count && row_count != 1))
+    return PQ_INVALID_ARGUMENT;
+  if (row_of)
+    for (int64_t i = 0; i < count; ++i)
+      if (row_of[i] < 0 || row_of[i] >= row_count) return PQ_INVALID_ARGUMENT;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t row = row_of ? row_of[i] : row_count == 1 ? 0 : i;
+    memcpy((char*)records + i * record_bytes + offset, (const char*)rows + row * width, (size_t)width);
+  }
+  return 0;
+}
 
 // Lets tests and benchmarks force a narrower path.
 int32_t pq_set_isa(int32_t isa) {

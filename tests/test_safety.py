@@ -3,6 +3,7 @@ fuzzing of the C entry points. Cases that corrupted memory before run in a subpr
 fails the test instead of killing pytest."""
 
 import copy
+import ctypes
 import io
 import os
 import pickle
@@ -351,6 +352,40 @@ def test_a_prepared_step_refuses_a_parameter_of_another_dtype_bad_constants_and_
             step([p], [g], [row], None, nonfinite)
     assert torch.equal(p, torch.ones(300, dtype=torch.float16))
     assert int(step([p], [g], [row], None, 0)) == 0 and torch.equal(p, torch.full((300,), 0.9, dtype=torch.float16))
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="the CPU library is not built")
+def test_write_field_writes_the_chosen_rows_and_refuses_fields_and_rows_it_would_overrun():
+    # PreparedStep writes the descriptors' gradient pointers, dtypes and constants through it (4 records of 16 bytes,
+    # a field of 8 bytes at offset 4 here).
+    import array
+
+    from pyquant.backends.capi import cpu_library
+
+    lib = cpu_library()
+    records = bytearray(64)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(records))
+    rows = array.array("q", [11, 22, 33, 44])
+    row_of = array.array("i", [3, 0, 0, 1])
+
+    def write(offset=4, width=8, count=4, row_count=4, indices=row_of, data=rows):
+        return lib.pq_write_field(address, count, 16, offset, width, data.buffer_info()[0], row_count,
+                                  None if indices is None else indices.buffer_info()[0])
+
+    def field(i):
+        return int.from_bytes(records[16 * i + 4:16 * i + 12], "little")
+
+    assert write() == 0 and [field(i) for i in range(4)] == [44, 11, 11, 22]
+    assert write(indices=None) == 0 and [field(i) for i in range(4)] == [11, 22, 33, 44]
+    assert write(row_count=1, indices=None) == 0 and [field(i) for i in range(4)] == [11] * 4
+    assert records[:4] == bytes(4) and all(records[16 * i + 12:16 * i + 20] == bytes(8) for i in range(3))
+    before = bytes(records)
+    refused = dict(past_the_record=write(offset=9), wider_than_the_record=write(offset=0, width=17),
+                   negative_offset=write(offset=-1), row_index_past_the_rows=write(indices=array.array("i", [0, 0, 0, 4])),
+                   negative_row_index=write(indices=array.array("i", [0, -1, 0, 0])),
+                   rows_neither_one_nor_count=write(row_count=2, indices=None), no_rows=write(row_count=0),
+                   negative_count=write(count=-1))
+    assert refused == dict.fromkeys(refused, 2) and bytes(records) == before  # PQ_INVALID_ARGUMENT, nothing written
 
 
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="the CPU library is not built")

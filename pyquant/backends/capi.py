@@ -23,7 +23,7 @@ from pyquant._contract import (
     FOURBIT_BLOCK, RANK1_MAX_DIMS,
 )
 
-ABI_VERSION = 10  # PQ_ABI_VERSION of capi.h, which everything below mirrors
+ABI_VERSION = 11  # PQ_ABI_VERSION of capi.h, which everything below mirrors
 INVALID_ARGUMENT = 2  # PQ_INVALID_ARGUMENT of capi.h
 OUT_OF_MEMORY = 1  # what the low-rank convolution entry points return when a buffer cannot be allocated
 REBUILD = "pip install -e ."  # what rebuilds the libraries of a checkout (README)
@@ -93,6 +93,7 @@ CPU_FUNCTIONS = {
     "pq_build_code_table": ([P, P], None),
     "pq_quantize_blockwise": ([P, I32, I64, I64, P, P, P], I32),
     "pq_dequantize_blockwise": ([P, P, P, I64, I64, P, I32], I32),
+    "pq_write_field": ([P, I64, I64, I64, I64, P, I64, P], I32),
     "pq_adam_step": ([ctypes.POINTER(AdamTensor), I32, P, P, P, P, I32], I64),
     "pq_one_state_step": ([ctypes.POINTER(OneStateTensor), I32, P, P, I32, I32], I64),
     "pq_ademamix_step": ([ctypes.POINTER(AdemamixTensor), I32, P, P, P, P, I32], I64),

@@ -7,7 +7,7 @@
 
 // Bumped whenever an enum, a struct or a signature below changes, for either library: Python refuses a library
 // built from other sources rather than passing it arguments it would misread.
-#define PQ_ABI_VERSION 10
+#define PQ_ABI_VERSION 11
 
 // What the validating entry points return when an argument is invalid (a negative size, a block size <= 0,
 // an unknown dtype code, a missing pointer, a block count that does not fit in int64): they do nothing then.
@@ -189,6 +189,15 @@ int32_t pq_quantize_blockwise(const void* x, int32_t dtype, int64_t n, int64_t b
 // out (dtype) = code[q] * absmax[block] for n codes; 0 or PQ_INVALID_ARGUMENT.
 int32_t pq_dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n,
                                 int64_t blocksize, void* out, int32_t dtype);
+
+// Writes one field of `count` records (`record_bytes` apart; the field `width` bytes wide, `offset` bytes into
+// each): record i gets row row_of[i] of `rows` (rows `width` bytes apart). Without row_of, record i gets row i
+// (row_count == count) or every record row 0 (row_count == 1). Python fills the step descriptors' gradient
+// pointers, dtypes and constants with it, one call each instead of torch operations on views of the array.
+// 0, or PQ_INVALID_ARGUMENT (nothing written) for a field outside the record, a missing pointer or a row index
+// outside [0, row_count).
+int32_t pq_write_field(void* records, int64_t count, int64_t record_bytes, int64_t offset, int64_t width,
+                       const void* rows, int64_t row_count, const int32_t* row_of);
 
 // One Adam step of `count` tensors (one call per parameter group); nonfinite 0 skips non-finite gradient
 // elements, 1 propagates them. Returns the number of non-finite gradient elements seen, or -PQ_INVALID_ARGUMENT.

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import array
 import ctypes
+from itertools import chain
+from operator import attrgetter
 
 import torch
+from torch import Tensor
 
 from pyquant._contract import DTYPE_CODES
 from pyquant._nvtx import kernel_range
@@ -19,6 +22,10 @@ from pyquant.backends.capi import (
     check_nonfinite, check_one_state_operands, check_status, cpu_library, describe_adam4bit,
 )
 from pyquant.backends.code_tables import cached_code_table
+
+
+_DTYPE, _IS_CPU = attrgetter("dtype"), attrgetter("is_cpu")
+_GRAD_CODES = {dtype: code for dtype, code in DTYPE_CODES.items() if dtype is not torch.float64}  # the kernels' grads
 
 
 def _fill(descriptors, params, grads, states: tuple, constants, row_type) -> None:
@@ -111,8 +118,8 @@ class PreparedStep:
 
     The optimizers keep one per parameter group (Optimizer8bit._step_plan) while the group's parameters, their
     gradients' presence and their states stay the same objects: per step only the gradients' pointers and dtypes
-    and the constants change, and they are written into the descriptor array column by column through tensor
-    views of it, instead of per-tensor ctypes writes and the full operand checks (about 5 us a tensor). What
+    and the constants change, and the library writes them into the descriptor array field by field
+    (pq_write_field), instead of per-tensor ctypes writes and the full operand checks (about 5 us a tensor). What
     the kernel trusts and can still change between steps is checked on every call: each parameter still has
     the storage, size and dtype the descriptors were built with, there are as many parameters and gradients as
     descriptors, and each gradient is a contiguous CPU tensor of a float dtype with the parameter's size. When one
@@ -127,18 +134,10 @@ class PreparedStep:
         self._dtypes = [p.dtype for p in params]
         self._grad_codes: list[int] | None = None
         self._grad_pointers: list[int] | None = None
-        row = descriptors._type_
-        count, width = len(params), ctypes.sizeof(row)
-        raw = memoryview(descriptors).cast("B")
-        # Views of the three columns written per step, made once: copy_ into a view costs a quarter of an indexed
-        # assignment, and each step's values become tensors through array buffers (bench/NOTES.md, 2026-12-06).
-        words = torch.frombuffer(raw, dtype=torch.int64).view(count, width // 8)
-        ints = torch.frombuffer(raw, dtype=torch.int32).view(count, width // 4)
-        floats = torch.frombuffer(raw, dtype=torch.float32).view(count, width // 4)
-        self._grad_pointer_view = words[:, row.grad.offset // 8]
-        self._grad_dtype_view = ints[:, row.grad_dtype.offset // 4]
-        first = row.k.offset // 4
-        self._constants_view = floats[:, first : first + row.k.size // 4]
+        self._row_of: list[int] | None = None  # the last row indices given, as int32 for the library, and their bounds
+        self._row_index, self._row_bounds = array.array("i"), (0, 0)
+        self._width = descriptors._type_.k.size  # bytes of a constants row, float32 values
+        self._floats = self._width // 4
 
     def __call__(self, params, grads, rows: list[list[float]], row_of: list[int] | None, nonfinite: int):
         """Run one step. `rows`: the distinct constants rows; `row_of`: each tensor's row (None: all rows[0]).
@@ -153,42 +152,58 @@ class PreparedStep:
         no longer fits them. Constants that do not fit the descriptors raise ValueError (nothing written)."""
         count = len(self._numels)
         if len(params) != count or len(grads) != count:
-            return False  # zip would stop early, and one pointer would be broadcast to every descriptor below
-        pointers, codes = [], []
-        for p, g, pointer, n, dtype in zip(params, grads, self._pointers, self._numels, self._dtypes):
-            code = DTYPE_CODES.get(g.dtype)
-            if (p.data_ptr() != pointer or p.numel() != n or p.dtype != dtype or code is None
-                    or code == DTYPE_CODES[torch.float64] or not g.is_cpu or g.numel() != n or not g.is_contiguous()):
-                return False
-            pointers.append(g.data_ptr())
-            codes.append(code)
+            return False  # one pointer would be broadcast to every descriptor below
+        # Each check is one C-level map over the tensors (a Python loop per tensor cost 2-3x as much; bench/NOTES.md).
+        # The lists compare equal element by element, so a mismatch anywhere fails the step before anything is written.
+        codes = list(map(_GRAD_CODES.get, map(_DTYPE, grads)))
+        if (list(map(Tensor.data_ptr, params)) != self._pointers or list(map(Tensor.numel, params)) != self._numels
+                or list(map(_DTYPE, params)) != self._dtypes or None in codes or not all(map(_IS_CPU, grads))
+                or list(map(Tensor.numel, grads)) != self._numels or not all(map(Tensor.is_contiguous, grads))):
+            return False
+        pointers = list(map(Tensor.data_ptr, grads))
         constants = self._constants_of(rows, row_of)
+        # Written through the library rather than torch operations on views of the array: right after a kernel
+        # that streamed its tensors through the caches, each distinct torch operation cost 15-90 us (bench/NOTES.md).
+        row = self._descriptors._type_
         if pointers != self._grad_pointers:  # gradients kept between steps (zero_grad(set_to_none=False)) keep theirs
-            self._grad_pointer_view.copy_(torch.frombuffer(array.array("q", pointers), dtype=torch.int64))
+            self._write(row.grad.offset, 8, array.array("q", pointers))
             self._grad_pointers = pointers
         if codes != self._grad_codes:
-            self._grad_dtype_view.copy_(torch.tensor(codes, dtype=torch.int32))
+            self._write(row.grad_dtype.offset, 4, array.array("i", codes))
             self._grad_codes = codes
-        self._constants_view.copy_(constants)
+        self._write(row.k.offset, self._width, *constants)
         return True
 
     def set_constants(self, rows: list[list[float]], row_of: list[int] | None) -> None:
         """Replace the loaded constants (LAMB's and LARS' rows with their ratios, between the norm pass and the step)."""
-        self._constants_view.copy_(self._constants_of(rows, row_of))
+        self._write(self._descriptors._type_.k.offset, self._width, *self._constants_of(rows, row_of))
 
-    def _constants_of(self, rows, row_of) -> torch.Tensor:
-        """Each tensor's constants row (one row for all when row_of is None), checked against the descriptors."""
-        count, width = len(self._numels), self._constants_view.shape[1]
-        if row_of is None and len(rows) == 1 and len(rows[0]) == width:
-            # The common case: one row, each value rounded once to float32 (array's C cast rounds as torch.tensor does).
-            return torch.frombuffer(array.array("f", rows[0]), dtype=torch.float32)
-        table = torch.tensor(rows, dtype=torch.float32)  # each value rounded once, as the general path does
-        if table.dim() != 2 or table.shape[0] == 0 or table.shape[1] != width or (row_of is not None and (
-                len(row_of) != count or (count and not 0 <= min(row_of) <= max(row_of) < table.shape[0]))):
-            raise ValueError(f"{self.name}: constants must be rows of {width} values and one row index per tensor "
-                             f"({count}), got rows of shape {tuple(table.shape)} and "
+    def _write(self, offset: int, width: int, rows: array.array, row_of: array.array | None = None) -> None:
+        """Each descriptor's field at `offset` (`width` bytes): row row_of[i] of `rows`, or row i, or the one row."""
+        descriptors = self._descriptors
+        status = cpu_library().pq_write_field(
+            ctypes.addressof(descriptors), len(descriptors), ctypes.sizeof(descriptors._type_), offset, width,
+            rows.buffer_info()[0], len(rows) * rows.itemsize // width, None if row_of is None else row_of.buffer_info()[0])
+        check_status(status, f"{self.name}'s descriptors")
+
+    def _constants_of(self, rows, row_of) -> tuple[array.array, array.array | None]:
+        """The constants rows as float32 (each value rounded once: array's C cast rounds as torch.tensor does) and
+        each tensor's row as int32 (None: the first row for all), checked against the descriptors."""
+        count, floats = len(self._numels), self._floats
+        lengths = [len(r) for r in rows]
+        if row_of is not None and row_of != self._row_of:  # an optimizer passes the same indices step after step
+            self._row_of, self._row_index = list(row_of), array.array("i", row_of)
+            self._row_bounds = (min(row_of), max(row_of)) if row_of else (0, 0)
+        low, high = self._row_bounds
+        if not rows or lengths.count(floats) != len(rows) or (row_of is not None and (
+                len(row_of) != count or not 0 <= low <= high < len(rows))):
+            shape = (len(rows), *sorted(set(lengths)))
+            raise ValueError(f"{self.name}: constants must be rows of {floats} values and one row index per tensor "
+                             f"({count}), got rows of shape {shape} and "
                              f"{'no' if row_of is None else len(row_of)} indices")
-        return table[0] if row_of is None else table[torch.tensor(row_of)]
+        if row_of is None:
+            return array.array("f", rows[0]), None
+        return array.array("f", chain.from_iterable(rows)), self._row_index
 
     def run(self, nonfinite: int) -> int:
         """The step over the loaded descriptors; the skipped count, an int: no tensor is made for it, since right

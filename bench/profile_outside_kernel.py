@@ -1,0 +1,30 @@
+"""Adam8bit's step over DenseNet-121's 364 parameter tensors (8-bit states from 4096 elements), split into the
+library call (the plan's PreparedStep.run: the kernel, the NVTX range, the version bumps) and everything else, with
+torch's fused Adam on the same shapes interleaved, one thread; minimum and median over the rounds, in ms:
+    python bench/profile_outside_kernel.py [ROUNDS]
+"""
+import sys, time, torch, torchvision, pyquant
+from pyquant.backends.cpu.optimizer import PreparedStep
+torch.set_num_threads(1)
+rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 40
+shapes = [p.shape for p in torchvision.models.densenet121().parameters()]
+def params():
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    for p in ps: p.grad = torch.randn_like(p) * 1e-2
+    return ps
+ours, theirs = pyquant.Adam8bit(params(), min_8bit_size=4096), torch.optim.Adam(params(), fused=True)
+in_run = [0.0]
+original = PreparedStep.run
+def timed(self, nonfinite):
+    t = time.perf_counter(); count = original(self, nonfinite); in_run[0] += time.perf_counter() - t
+    return count
+PreparedStep.run = timed
+for _ in range(3): ours.step(); theirs.step()
+times = {"step": [], "library call": [], "outside it": [], "torch fused step": []}
+for _ in range(rounds):
+    in_run[0] = 0.0
+    t = time.perf_counter(); ours.step(); total = time.perf_counter() - t
+    times["step"].append(total); times["library call"].append(in_run[0]); times["outside it"].append(total - in_run[0])
+    t = time.perf_counter(); theirs.step(); times["torch fused step"].append(time.perf_counter() - t)
+for k, v in times.items():
+    v.sort(); print(f"{k:16s} min {v[0] * 1e3:.3f} ms  med {v[len(v) // 2] * 1e3:.3f} ms")
