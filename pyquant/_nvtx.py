@@ -8,6 +8,7 @@ opened while that profiler is on (one global flag read per launch).
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch.autograd.profiler as _torch_profiler
 
@@ -17,10 +18,17 @@ except ImportError:  # nvtx is a dependency, but a missing profiler hook must ne
     _nvtx = None
 
 
+@functools.lru_cache(maxsize=None)
+def _nvtx_range(name: str) -> tuple[str, contextlib.AbstractContextManager]:
+    """The label and the NVTX range of kernel `name`, made once: an annotate object can be entered again and again,
+    and making one per launch took 11.5 us with cold caches where entering a made one takes 7.7-8.1 (bench/NOTES.md)."""
+    label = f"pyquant::{name}"
+    return label, contextlib.nullcontext() if _nvtx is None else _nvtx.annotate(label, domain="pyquant")
+
+
 def kernel_range(name: str):
     """A context manager marking one kernel launch named `pyquant::<name>`."""
-    label = f"pyquant::{name}"
-    nvtx_range = contextlib.nullcontext() if _nvtx is None else _nvtx.annotate(label, domain="pyquant")
+    label, nvtx_range = _nvtx_range(name)
     if not _torch_profiler._is_profiler_enabled:
         return nvtx_range
     return _with_torch_range(nvtx_range, label)

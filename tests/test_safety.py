@@ -381,7 +381,8 @@ def test_write_field_writes_the_chosen_rows_and_refuses_fields_and_rows_it_would
     assert records[:4] == bytes(4) and all(records[16 * i + 12:16 * i + 20] == bytes(8) for i in range(3))
     before = bytes(records)
     refused = dict(past_the_record=write(offset=9), wider_than_the_record=write(offset=0, width=17),
-                   negative_offset=write(offset=-1), row_index_past_the_rows=write(indices=array.array("i", [0, 0, 0, 4])),
+                   negative_offset=write(offset=-1),
+                   row_index_past_the_rows=write(indices=array.array("i", [0, 0, 0, 4])),
                    negative_row_index=write(indices=array.array("i", [0, -1, 0, 0])),
                    rows_neither_one_nor_count=write(row_count=2, indices=None), no_rows=write(row_count=0),
                    negative_count=write(count=-1))

@@ -180,10 +180,10 @@ class PreparedStep:
 
     def _write(self, offset: int, width: int, rows: array.array, row_of: array.array | None = None) -> None:
         """Each descriptor's field at `offset` (`width` bytes): row row_of[i] of `rows`, or row i, or the one row."""
-        descriptors = self._descriptors
+        descriptors, indices = self._descriptors, None if row_of is None else row_of.buffer_info()[0]
         status = cpu_library().pq_write_field(
             ctypes.addressof(descriptors), len(descriptors), ctypes.sizeof(descriptors._type_), offset, width,
-            rows.buffer_info()[0], len(rows) * rows.itemsize // width, None if row_of is None else row_of.buffer_info()[0])
+            rows.buffer_info()[0], len(rows) * rows.itemsize // width, indices)
         check_status(status, f"{self.name}'s descriptors")
 
     def _constants_of(self, rows, row_of) -> tuple[array.array, array.array | None]:
