@@ -151,7 +151,7 @@ def runs_prepared_steps(first: torch.Tensor) -> bool:
     """Whether a step over tensors like `first` may run through a PreparedStep (prepare_adam_step,
     prepare_one_state_step, prepare_ademamix_step): an eager call on a CPU tensor whose backend is the C++ library. Checked every step:
     `pyquant.use_backend` and torch.compile can change the answer between steps."""
-    return first.device.type == "cpu" and backends.runs_eagerly(first) and backends.select("cpu") == "cpu"
+    return first.is_cpu and backends.runs_eagerly(first) and backends.select("cpu") == "cpu"
 
 
 def prepare_adam_step(params, grads, state1, state2, absmax1, absmax2, constants, code1, code2):

@@ -118,7 +118,7 @@ def runs_eagerly(t) -> bool:
     stays the path for everything else, so torch.compile, meta tensors and fake tensors keep working."""
     import torch
 
-    return (type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type != "meta"
+    return (type(t) in (torch.Tensor, torch.nn.Parameter) and not t.is_meta  # is_meta: no torch.device object made
             and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0)
 
 
