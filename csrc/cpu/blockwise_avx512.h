@@ -401,6 +401,26 @@ static inline void stream_fence() { _mm_sfence(); }
 
 // ---- sqrt(v) of Adam's denominator ----
 
+// Whether every lane of x takes sqrt16's main sequence (sqrt16_main: no rule, no routine). kSqrtMklAvx512: every
+// lane finite and at least 2^-76 (bits in [0x19800000, 0x7F800000)), where rsqrt14(x) <= 2^38 (1 + 2^-14) stays
+// below kTinyRoot; one compare and a mask test, where the rules take three mask compares on the shuffle port.
+// kSqrtMklSse: its rules are masks applied to every vector, so never.
+PQ_INLINE bool sqrt16_main_only(__m512 x, int mode) {
+  if (mode == kSqrtIeee) return true;
+  if (mode != kSqrtMklAvx512) return false;
+  const __m512i above_floor = _mm512_sub_epi32(_mm512_castps_si512(x), _mm512_set1_epi32(0x19800000));
+  const __mmask16 inside = _mm512_cmplt_epu32_mask(above_floor, _mm512_set1_epi32(0x7F800000 - 0x19800000));
+  return _kortestc_mask16_u8(inside, inside);
+}
+
+// sqrt16's result where sqrt16_main_only(x, mode).
+PQ_INLINE __m512 sqrt16_main(__m512 x, int mode) {
+  if (mode == kSqrtIeee) return _mm512_sqrt_ps(x);
+  const __m512 r = _mm512_rsqrt14_ps(x);
+  const __m512 s = _mm512_mul_ps(r, x), h = _mm512_mul_ps(r, _mm512_set1_ps(0.5f));
+  return _mm512_fmadd_ps(_mm512_fnmadd_ps(s, s, x), h, s);
+}
+
 // IEEE, or torch's CPU sqrt emulated (cpu_sqrt.h): either of MKL's two kernels. Their rare inputs come back in
 // `needs_routine` for the caller to pass to the routine itself, outside its loop: a call inside the loop would make
 // the compiler keep every vector in memory across it (all zmm registers are caller-saved), which halved the speed.
@@ -409,15 +429,11 @@ PQ_INLINE __m512 sqrt16(__m512 x, int mode, __mmask16& needs_routine) {
   if (mode == kSqrtIeee) return _mm512_sqrt_ps(x);
   const __m512 half = _mm512_set1_ps(0.5f);
   if (mode == kSqrtMklAvx512) {
+    __m512 res = sqrt16_main(x, mode);
+    if (__builtin_expect(sqrt16_main_only(x, mode), 1)) return res;
+    // The rules take the main sequence's terms (the compiler shares them with sqrt16_main's).
     const __m512 r = _mm512_rsqrt14_ps(x);
     const __m512 s = _mm512_mul_ps(r, x), h = _mm512_mul_ps(r, half);
-    __m512 res = _mm512_fmadd_ps(_mm512_fnmadd_ps(s, s, x), h, s);
-    // The common case in one compare: every lane finite and at least 2^-76 (bits in [0x19800000, 0x7F800000)),
-    // where rsqrt14(x) <= 2^38 (1 + 2^-14) stays below kTinyRoot, so no lane needs the rules below. Three mask
-    // compares on the shuffle port fewer for such vectors.
-    const __m512i above_floor = _mm512_sub_epi32(_mm512_castps_si512(x), _mm512_set1_epi32(0x19800000));
-    if (__builtin_expect(_mm512_cmplt_epu32_mask(above_floor, _mm512_set1_epi32(0x7F800000 - 0x19800000)) == 0xFFFF, 1))
-      return res;
     const __mmask16 tiny = _mm512_cmp_ps_mask(_mm512_set1_ps(kTinyRoot), r, _CMP_LT_OS);
     if (__builtin_expect(tiny != 0, 0)) {  // the scaled residual of tiny x
       const __m512 xs = _mm512_mask_mul_ps(x, tiny, x, _mm512_set1_ps(kTinyScale2));
@@ -561,7 +577,7 @@ template <int PDT, int GDT, int NONFINITE, int SQRT_MODE, class Len>
 PQ_INLINE int64_t adam_block_8bit_impl(const pq_adam_tensor& t, int64_t start, Len len, const AdamTables& tab,
                                            pq_vsqrt_fn fn) {
   alignas(64) float m[kOptimizerBlock], v[kOptimizerBlock];
-  __mmask16 later[kOptimizerBlock / 16];
+  __mmask16 later[kOptimizerBlock / 16] = {};  // written only for the vectors with deferred lanes
   __mmask16 any_later = 0;
   const AdamVectors k(t.k);
   uint8_t* q1 = (uint8_t*)t.state1 + start;
@@ -576,6 +592,7 @@ PQ_INLINE int64_t adam_block_8bit_impl(const pq_adam_tensor& t, int64_t start, L
     __m512 mq[4], vq[4];
     lookup64(tab.deq1, _mm512_maskz_loadu_epi8(k64, q1 + i), mq);
     lookup64(tab.deq2, _mm512_maskz_loadu_epi8(k64, q2 + i), vq);
+#pragma GCC unroll 4
     for (int r = 0; r < 4; ++r) {
       const int64_t j = i + 16 * r;
       const __mmask16 valid = (__mmask16)(k64 >> (16 * r));
@@ -583,14 +600,13 @@ PQ_INLINE int64_t adam_block_8bit_impl(const pq_adam_tensor& t, int64_t start, L
       const __m512 g = unscaled16<GDT>(k, load16<GDT>(t.grad, start + j, valid));
       __m512 mi = m_old, vi = v_old;
       moments16(k, g, mi, vi);
-      __mmask16 upd = valid;
+      __mmask16 skip = 0;
       if constexpr (NONFINITE == kSkipElement) {
         // Such an element keeps its parameter and moments. Behind a branch (almost never taken): the count, the
-        // mask and the two blends on every vector cost 4-9 % of the step (bench/NOTES.md).
-        const __mmask16 skip = nonfinite16(valid, g);
+        // masks and the two blends on every vector cost 4-9 % of the step (bench/NOTES.md).
+        skip = nonfinite16(valid, g);
         if (__builtin_expect(skip != 0, 0)) {
           bad += __builtin_popcount((unsigned)skip);
-          upd = valid & (__mmask16)~skip;
           mi = _mm512_mask_mov_ps(mi, skip, m_old);
           vi = _mm512_mask_mov_ps(vi, skip, v_old);
         }
@@ -599,18 +615,33 @@ PQ_INLINE int64_t adam_block_8bit_impl(const pq_adam_tensor& t, int64_t start, L
       _mm512_store_ps(v + j, vi);
       amax1 = _mm512_mask_max_ps(amax1, valid, _mm512_abs_ps(mi), amax1);
       amax2 = _mm512_mask_max_ps(amax2, valid, _mm512_abs_ps(vi), amax2);
-      __mmask16 rest = upd;
-      if constexpr (SQRT_MODE != kSqrtCall) {
-        // Load and store masks must not depend on the arithmetic: with a late mask the core holds younger
-        // loads behind the store and memory latency is no longer hidden (the step ran at half speed). The
-        // lanes left for the routine get a placeholder here and their final value in finish_deferred.
-        const __m512 p = load16<PDT>(t.param, start + j, upd);
-        const __m512 root = sqrt16(vi, SQRT_MODE, rest);
-        rest &= upd;
-        store16<PDT>(t.param, start + j, _mm512_mask_mov_ps(param8(k, p, mi, root), rest, p), upd);
-      }
-      later[j / 16] = rest;
-      any_later |= rest;
+      // The parameters of lanes `upd`. Called with `valid` in the common case, a constant in a full block, so that
+      // the loads and stores take no mask register; likewise the common sqrt takes no blend of deferred lanes.
+      const auto update = [&](__mmask16 upd) {
+        if constexpr (SQRT_MODE != kSqrtCall) {
+          // Load and store masks must not depend on the arithmetic: with a late mask the core holds younger
+          // loads behind the store and memory latency is no longer hidden (the step ran at half speed). The
+          // lanes left for the routine get a placeholder here and their final value in finish_deferred.
+          const __m512 p = load16<PDT>(t.param, start + j, upd);
+          if (__builtin_expect(sqrt16_main_only(vi, SQRT_MODE), 1)) {
+            store16<PDT>(t.param, start + j, param8(k, p, mi, sqrt16_main(vi, SQRT_MODE)), upd);
+            return;
+          }
+          __mmask16 rest;
+          const __m512 root = sqrt16(vi, SQRT_MODE, rest);
+          rest &= upd;
+          store16<PDT>(t.param, start + j, _mm512_mask_mov_ps(param8(k, p, mi, root), rest, p), upd);
+          later[j / 16] = rest;
+          any_later |= rest;
+        } else {
+          later[j / 16] = upd;
+          any_later |= upd;
+        }
+      };
+      if (__builtin_expect(skip != 0, 0))
+        update(valid & (__mmask16)~skip);
+      else
+        update(valid);
     }
   }
   if (any_later) finish_deferred<PDT, true>(t, start, len, k, m, v, later, fn);
