@@ -119,9 +119,11 @@ def test_what_changes_under_a_plan_sends_the_step_to_the_general_path():
     # A replaced state tensor is the one updated.
     for opt, p in ((a, pa[0]), (b, pb[0])):
         opt.state[p]["state1"] = opt.state[p]["state1"].clone()
-    # A parameter's storage replaced: the new storage is updated.
+    # A parameter's storage replaced: the new storage is updated; another's dtype changed: it is stepped as bfloat16.
     for p in (pa[2], pb[2]):
         p.data = p.data.clone()
+    for p in (pa[1], pb[1]):
+        p.data = p.data.bfloat16()
     # A non-contiguous gradient is stepped from a contiguous copy.
     set_grads(pa, 2), set_grads(pb, 2)
     for p in (pa[0], pb[0]):

@@ -43,7 +43,7 @@ from pyquant.optim.overrides import ATTRIBUTE, PRECISION_KEYS, check_precision_o
 QUANT_STATE_KEY = "__bnb_optimizer_quant_state__"
 QUANT_STATE_FIELDS = ("state1", "state2", "qmap1", "qmap2", "absmax1", "absmax2", "unorm_vec")
 NONFINITE_POLICIES = {"skip": 0, "propagate": 1}
-_GRAD, _DTYPE, _STEP = attrgetter("grad"), attrgetter("dtype"), itemgetter("step")
+_GRAD, _STEP = attrgetter("grad"), itemgetter("step")
 
 
 class _StepPlan:
@@ -51,11 +51,11 @@ class _StepPlan:
     flat columns (its state dict, its key, the tensor itself), so that the per-step check that every entry is
     still the same tensor runs as one C-level map over them instead of a Python loop per parameter."""
 
-    __slots__ = ("group", "params", "dtypes", "states", "state_dicts", "state_keys", "state_tensors", "eight_bit",
+    __slots__ = ("group", "params", "states", "state_dicts", "state_keys", "state_tensors", "eight_bit",
                  "precisions", "row_of_precision", "prepared")
 
-    def __init__(self, group, params, dtypes, states, eight_bit, prepared):
-        self.group, self.params, self.dtypes, self.states = group, params, dtypes, states
+    def __init__(self, group, params, states, eight_bit, prepared):
+        self.group, self.params, self.states = group, params, states
         entries = [(s, k, v) for s in states for k, v in s.items() if isinstance(v, torch.Tensor)]
         self.state_dicts = [s for s, _, _ in entries]
         self.state_keys = [k for _, k, _ in entries]
@@ -413,8 +413,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         prepared = self._prepare_step(group, items, grads)
         if prepared is None:
             return
-        dtypes = [p.dtype for p in params]
-        self._plans[id(group)] = _StepPlan(group, params, dtypes, states, eight_bit, prepared)
+        self._plans[id(group)] = _StepPlan(group, params, states, eight_bit, prepared)
 
     def _planned_step(self, group: dict, inv_grad_scale: float, policy: int):
         """Step `group` through its plan; the skipped count, or None when the general path must run."""
@@ -432,8 +431,8 @@ class Optimizer8bit(torch.optim.Optimizer):
             return None
         if group.get("optim_bits") == 32 and any(plan.eight_bit):  # the general path says what is wrong
             return None
+        # A parameter's storage, size or dtype changed is the PreparedStep's to see (its load returns False).
         if not (all(map(is_, params, plan.params))
-                and all(map(is_, map(_DTYPE, params), plan.dtypes))
                 and all(map(is_, map(self.state.get, params), plan.states))
                 and not any(map(getattr, params, repeat(ATTRIBUTE), repeat(None)))
                 and all(map(is_, map(dict.get, plan.state_dicts, plan.state_keys), plan.state_tensors))):
