@@ -166,6 +166,35 @@ def test_adam_step_of_every_cpu_build_equals_the_reference(isa, nonfinite):
 
 
 @needs_cpu_library
+@pytest.mark.parametrize("c2", [1.0, 0.5, 1.0 - 2.0**-24, 0.0316227766, 2.0**-60, 2.0**-61, 3.0, 0.0],
+                         ids=["1", "0.5", "below-1", "beta2-0.999", "2^-60", "2^-61", "3", "0"])
+def test_adam_8bit_bias_correction_of_every_cpu_build_equals_the_reference(isa, c2):
+    """root / c2 of the 8-bit update: the AVX-512 builds take it from the reciprocal of c2 with two corrections
+    (exact for c2 in [2^-60, 1] and the roots of their common sqrt path), the division elsewhere. Values of c2 on
+    both sides of that range, as a constants row may hold them (Adam's own lie in (0, 1]), give the reference's bits
+    on second moments across the float range."""
+    gen = torch.Generator().manual_seed(5)
+    n = 4096
+    code1, code2 = F.create_dynamic_map(True), F.create_dynamic_map(False)
+    m = torch.randn(n, generator=gen)
+    v = torch.rand(n, generator=gen) * torch.exp2(torch.randint(-120, 120, (n,), generator=gen).float())
+    s1, a1 = reference_blockwise.quantize_blockwise(m, code1, 256)
+    s2, a2 = reference_blockwise.quantize_blockwise(v, code2, 256)
+    row = constants_row(1, True, lr=1e-3)
+    row[_contract.CONSTANT_FIELDS.index("c2")] = c2
+    constants = torch.tensor([row], dtype=torch.float32)
+    grad = torch.randn(n, generator=gen) * torch.exp2(torch.randint(-60, 60, (n,), generator=gen).float())
+    runs = {}
+    for name in ("cpu", "reference"):
+        ts = [torch.randn(n, generator=torch.Generator().manual_seed(6)), s1.clone(), s2.clone(), a1.clone(), a2.clone()]
+        backends.lookup("adam_step", name)([ts[0]], [grad], [ts[1]], [ts[2]], [ts[3]], [ts[4]], constants, code1, code2,
+                                           _contract.SKIP_ELEMENT)
+        runs[name] = ts
+    for field, a, e in zip(("param", "state1", "state2", "absmax1", "absmax2"), runs["cpu"], runs["reference"]):
+        assert_same_bits(a, e, f"{_contract.ISA_NAMES[isa]} build, c2 {c2}, {field}", nan_blind=True)
+
+
+@needs_cpu_library
 def test_adam_sqrt_of_every_cpu_build_equals_torch_over_the_float_range(isa):
     """The builds emulate torch's CPU sqrt (MKL's vsSqrt: csrc/cpu/cpu_sqrt.h, one emulation per MKL kernel) and
     call vsSqrt for the inputs they do not cover. Second moments of every exponent, subnormals and the largest

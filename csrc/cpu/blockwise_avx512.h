@@ -515,12 +515,15 @@ struct AdamTables {
 
 struct AdamVectors {
   __m512 beta1, one_minus_beta1, beta2, one_minus_beta2, eps, eps_c2, c2, step_size, decay, inv_grad_scale;
+  __m512 inv_c2;        // RN(1 / c2), for divide_by_c2
+  bool divides_by_c2;   // c2 in [2^-60, 1]: divide_by_c2 is exact for roots in [2^-38, 2^64)
   explicit AdamVectors(const pq_adam_constants& k)
       : beta1(_mm512_set1_ps(k.beta1)), one_minus_beta1(_mm512_set1_ps(k.one_minus_beta1)),
         beta2(_mm512_set1_ps(k.beta2)), one_minus_beta2(_mm512_set1_ps(k.one_minus_beta2)),
         eps(_mm512_set1_ps(k.eps)), eps_c2(_mm512_set1_ps(k.eps_c2)), c2(_mm512_set1_ps(k.c2)),
         step_size(_mm512_set1_ps(k.step_size)), decay(_mm512_set1_ps(k.decay)),
-        inv_grad_scale(_mm512_set1_ps(k.inv_grad_scale)) {}
+        inv_grad_scale(_mm512_set1_ps(k.inv_grad_scale)), inv_c2(_mm512_set1_ps(1.0f / k.c2)),
+        divides_by_c2(k.c2 >= 0x1p-60f && k.c2 <= 1.0f) {}
 };
 
 // unscaled_grad, lane by lane: always applied (a multiply by 1 and an exact round trip when no scale is fused),
@@ -539,10 +542,26 @@ PQ_INLINE void moments16(const AdamVectors& k, __m512 g, __m512& m, __m512& v) {
   v = _mm512_fmadd_ps(_mm512_mul_ps(k.one_minus_beta2, g), g, _mm512_mul_ps(v, k.beta2));
 }
 
+// adam_param_8bit_given_sqrt, with root / c2 given as `scaled`.
+PQ_INLINE __m512 param8_scaled(const AdamVectors& k, __m512 p, __m512 m, __m512 scaled) {
+  const __m512 denom = _mm512_add_ps(scaled, k.eps);
+  return _mm512_add_ps(_mm512_mul_ps(p, k.decay), _mm512_div_ps(_mm512_mul_ps(k.step_size, m), denom));
+}
+
 // adam_param_8bit_given_sqrt.
 PQ_INLINE __m512 param8(const AdamVectors& k, __m512 p, __m512 m, __m512 root) {
-  const __m512 denom = _mm512_add_ps(_mm512_div_ps(root, k.c2), k.eps);
-  return _mm512_add_ps(_mm512_mul_ps(p, k.decay), _mm512_div_ps(_mm512_mul_ps(k.step_size, m), denom));
+  return param8_scaled(k, p, m, _mm512_div_ps(root, k.c2));
+}
+
+// root / c2 correctly rounded, by the reciprocal and two corrections, off the divider (the block's other division
+// keeps it busy): q0 = RN(root * RN(1/c2)) is within 1.5 ulps, the first correction brings it within one, and the
+// second is then exact by Markstein's theorem (r = root - q c2 exact, RN(q + r RN(1/c2)) = RN(root / c2)), where
+// nothing underflows or overflows: AdamVectors::divides_by_c2 and a root in [2^-38, 2^64) (sqrt16_main_only).
+// bench/micro/divide_by_c2_exhaustive.cpp compares it with the division for every such root and thousands of c2.
+PQ_INLINE __m512 divide_by_c2(const AdamVectors& k, __m512 root) {
+  __m512 q = _mm512_mul_ps(root, k.inv_c2);
+  q = _mm512_fmadd_ps(_mm512_fnmadd_ps(q, k.c2, root), k.inv_c2, q);
+  return _mm512_fmadd_ps(_mm512_fnmadd_ps(q, k.c2, root), k.inv_c2, q);
 }
 
 // adam_param_32bit_given_sqrt.
@@ -624,7 +643,9 @@ PQ_INLINE int64_t adam_block_8bit_impl(const pq_adam_tensor& t, int64_t start, L
           // lanes left for the routine get a placeholder here and their final value in finish_deferred.
           const __m512 p = load16<PDT>(t.param, start + j, upd);
           if (__builtin_expect(sqrt16_main_only(vi, SQRT_MODE), 1)) {
-            store16<PDT>(t.param, start + j, param8(k, p, mi, sqrt16_main(vi, SQRT_MODE)), upd);
+            const __m512 root = sqrt16_main(vi, SQRT_MODE);
+            const __m512 scaled = k.divides_by_c2 ? divide_by_c2(k, root) : _mm512_div_ps(root, k.c2);
+            store16<PDT>(t.param, start + j, param8_scaled(k, p, mi, scaled), upd);
             return;
           }
           __mmask16 rest;
