@@ -18,6 +18,7 @@ import torch
 
 import pyquant
 from pyquant import _contract, backends
+from pyquant.backends import capi
 from pyquant import functional as F
 from pyquant.backends.reference import blockwise as reference_blockwise
 from pyquant.backends.reference import optimizer as reference_optimizer
@@ -168,11 +169,25 @@ def test_adam_step_of_every_cpu_build_equals_the_reference(isa, nonfinite):
 @needs_cpu_library
 @pytest.mark.parametrize("c2", [1.0, 0.5, 1.0 - 2.0**-24, 0.0316227766, 2.0**-60, 2.0**-61, 3.0, 0.0],
                          ids=["1", "0.5", "below-1", "beta2-0.999", "2^-60", "2^-61", "3", "0"])
-def test_adam_8bit_bias_correction_of_every_cpu_build_equals_the_reference(isa, c2):
+@pytest.mark.parametrize("sqrt", ["torch", "ieee"])
+def test_adam_8bit_bias_correction_of_every_cpu_build_equals_the_reference(isa, c2, sqrt, monkeypatch):
     """root / c2 of the 8-bit update: the AVX-512 builds take it from the reciprocal of c2 with two corrections
-    (exact for c2 in [2^-60, 1] and the roots of their common sqrt path), the division elsewhere. Values of c2 on
-    both sides of that range, as a constants row may hold them (Adam's own lie in (0, 1]), give the reference's bits
-    on second moments across the float range."""
+    (exact for c2 in [2^-60, 1] and the roots of the emulated sqrt's common path), the division elsewhere. Values
+    of c2 on both sides of that range, as a constants row may hold them (Adam's own lie in (0, 1]), give the
+    reference's bits on second moments across the float range, with zero, tiny and overflowing ones; also with an
+    IEEE sqrt on both sides, whose every root takes the library's common path."""
+    routine = capi._torch_cpu_sqrt()  # before torch.sqrt is patched: it probes torch.sqrt
+    if sqrt == "ieee":
+        torch_sqrt = torch.sqrt
+        monkeypatch.setattr(torch, "sqrt", lambda x: torch_sqrt(x.double()).to(x.dtype))  # exact, then one rounding
+        capi.cpu_library().pq_set_cpu_sqrt(None)
+    try:
+        run_bias_correction_case(isa, c2)
+    finally:
+        capi.cpu_library().pq_set_cpu_sqrt(routine)
+
+
+def run_bias_correction_case(isa, c2):
     gen = torch.Generator().manual_seed(5)
     n = 4096
     code1, code2 = F.create_dynamic_map(True), F.create_dynamic_map(False)
@@ -184,6 +199,9 @@ def test_adam_8bit_bias_correction_of_every_cpu_build_equals_the_reference(isa, 
     row[_contract.CONSTANT_FIELDS.index("c2")] = c2
     constants = torch.tensor([row], dtype=torch.float32)
     grad = torch.randn(n, generator=gen) * torch.exp2(torch.randint(-60, 60, (n,), generator=gen).float())
+    v[:8], grad[:8] = 0.0, 0.0  # roots of zero
+    v[8:16], grad[8:16] = 1e-45, 1e-20  # tiny roots (subnormal second moments)
+    grad[16:24] = 2.0**70  # v overflows: infinite roots
     runs = {}
     for name in ("cpu", "reference"):
         ts = [torch.randn(n, generator=torch.Generator().manual_seed(6)), s1.clone(), s2.clone(), a1.clone(), a2.clone()]

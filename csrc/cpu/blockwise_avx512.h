@@ -644,7 +644,9 @@ PQ_INLINE int64_t adam_block_8bit_impl(const pq_adam_tensor& t, int64_t start, L
           const __m512 p = load16<PDT>(t.param, start + j, upd);
           if (__builtin_expect(sqrt16_main_only(vi, SQRT_MODE), 1)) {
             const __m512 root = sqrt16_main(vi, SQRT_MODE);
-            const __m512 scaled = k.divides_by_c2 ? divide_by_c2(k, root) : _mm512_div_ps(root, k.c2);
+            // Only the emulated sqrt's common path bounds the root (IEEE mode takes every root here).
+            const bool reciprocal = SQRT_MODE == kSqrtMklAvx512 && k.divides_by_c2;
+            const __m512 scaled = reciprocal ? divide_by_c2(k, root) : _mm512_div_ps(root, k.c2);
             store16<PDT>(t.param, start + j, param8_scaled(k, p, mi, scaled), upd);
             return;
           }
