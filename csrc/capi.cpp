@@ -42,7 +42,7 @@ int32_t detect_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vbmi2") ? PQ_ISA_AVX512VBMI
+    return __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("gfni") ? PQ_ISA_AVX512VBMI
                                                                                          : PQ_ISA_AVX512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
     return PQ_ISA_AVX2;

@@ -11,8 +11,9 @@
 // - quantise: the 65536-entry bin -> index table is monotone, so it is fully described by its 255 step
 //   positions; the index of a bin is found by an 8-level branchless binary search over those positions
 //   (Eytzinger order, 16-bit lanes, one permute per level) instead of one scalar or gathered byte load
-//   per element; the avx512vbmi build takes each level's decision with an average and a double shift (three
-//   operations a level instead of four, and one fewer on the shuffle port);
+//   per element; the avx512vbmi build gathers the decisions least significant first, reads each level's
+//   positions with byte permutes and takes each decision with a compare and a masked add (three operations a
+//   level instead of four), and orders the index's bits with one GFNI bit permutation at the end;
 // - sqrt for Adam: IEEE vsqrtps, or an exact emulation of either non-IEEE routine torch uses (cpu_sqrt.h).
 // Only IEEE-exact operations are used (mul/add/div/sqrt/min/max/compare/convert, integer ops), each in
 // the order the contract writes it; fused multiply-adds only where the contract has fmaf, and in the grid bin, where
@@ -121,19 +122,31 @@ PQ_INLINE void lookup64(const DequantTable& t, __m512i q, __m512 (&c)[4]) {
 
 // ---- quantisation: grid bin, then code index ----
 
+// An 8-level branchless binary search over the table's 255 step positions (the first bin whose index exceeds j,
+// clamped to 65535): node h (Eytzinger order, level k holds nodes 2^(k-1) .. 2^k - 1) tests step position j(h).
+#if !PQ_AVX512_VBMI
 struct QuantTable {
-  // An 8-level branchless binary search over the table's 255 step positions (the first bin whose index
-  // exceeds j, clamped to 65535): node h (Eytzinger order, level k holds nodes 2^(k-1) .. 2^k - 1) tests
-  // step position j(h). The search carries H = h + 1, so each level's table is stored rotated by one:
-  // entry (h + 1) mod size holds node h's position. The avx512vbmi build carries h itself and stores each
-  // position complemented (see code_index): entry h mod size holds ~position(h).
+  // The search carries H = h + 1, so each level's table is stored rotated by one: entry (h + 1) mod size holds
+  // node h's position.
   alignas(64) uint16_t upper[32];   // levels 2-5, nodes 2..31 (vpermw reads 5 index bits)
   alignas(64) uint16_t level6[32];  // nodes 32..63
   alignas(64) uint16_t level7[64];  // nodes 64..127 (vpermt2w reads 6 index bits)
   alignas(64) uint16_t level8[128]; // nodes 128..255, two vpermt2w halves picked by bit 6
-  uint16_t root;                    // node 1 (complemented in the avx512vbmi build)
+  uint16_t root;                    // node 1
   uint8_t top;  // table[65535]: no bin has a larger index, which repairs the clamp at 65536
 };
+#else
+struct QuantTable {
+  // The avx512vbmi build gathers the decisions least significant first: after level l the path is
+  // p = d1 + 2 d2 + ... + 2^(l-1) dl, and level l + 1 has a table of its own, entry p holding the position of
+  // the node that path reaches. The positions are read with byte permutes (see code_index).
+  alignas(64) uint16_t level[5][32];  // levels 2..6 (2^(l-1) entries each)
+  alignas(64) uint16_t level7[64];
+  alignas(64) uint16_t level8[128];
+  uint16_t root;
+  uint8_t top;  // as above
+};
+#endif
 
 // Reads the table's 255 step positions. Returns false if the table is not monotone (it always is when
 // built from a sorted code; the caller then falls back to plain table lookups).
@@ -154,24 +167,40 @@ static inline bool prepare_quant(const uint8_t* table, QuantTable& t) {
     for (uint32_t j = table[bin - 1]; j < table[bin]; ++j) first_above[j] = bin;
   }
   for (uint32_t j = table[65535]; j < 255; ++j) first_above[j] = 65536;
+#if !PQ_AVX512_VBMI
   memset(t.upper, 0, sizeof t.upper);
+#else
+  memset(t.level, 0, sizeof t.level);
+#endif
   for (uint32_t h = 1; h < 256; ++h) {
     const uint32_t level = 32 - (uint32_t)__builtin_clz(h);  // node h sits on this level (1..8)
-    const uint32_t r = h - (1u << (level - 1));
+    const uint32_t r = h - (1u << (level - 1));  // the decisions that reach it, the first one most significant
     const uint32_t j = ((2 * r + 1) << (8 - level)) - 1;  // the step position node h tests
     const uint16_t position = (uint16_t)(first_above[j] < 65535u ? first_above[j] : 65535u);
-    const uint16_t stored = PQ_AVX512_VBMI ? (uint16_t)~position : position;
-    const uint32_t slot = PQ_AVX512_VBMI ? h : h + 1;
+#if !PQ_AVX512_VBMI
+    const uint32_t slot = h + 1;
     if (h == 1)
-      t.root = stored;
+      t.root = position;
     else if (h < 32)
-      t.upper[slot & 31] = stored;
+      t.upper[slot & 31] = position;
     else if (h < 64)
-      t.level6[slot & 31] = stored;
+      t.level6[slot & 31] = position;
     else if (h < 128)
-      t.level7[slot & 63] = stored;
+      t.level7[slot & 63] = position;
     else
-      t.level8[slot & 127] = stored;
+      t.level8[slot & 127] = position;
+#else
+    uint32_t p = 0;  // r's level - 1 bits in the reverse order
+    for (uint32_t b = 0; b + 1 < level; ++b) p |= ((r >> (level - 2 - b)) & 1u) << b;
+    if (level == 1)
+      t.root = position;
+    else if (level <= 6)
+      t.level[level - 2][p] = position;
+    else if (level == 7)
+      t.level7[p] = position;
+    else
+      t.level8[p] = position;
+#endif
   }
   t.top = table[65535];
   return true;
@@ -198,9 +227,9 @@ PQ_INLINE __m512i grid_bins(__m512 x, __m512 inv) {
   return _mm512_cvttps_epi32(s);
 }
 
-// The eight levels of the search over NC chunks: `level(c, stored)` takes chunk c's decision against the value its
-// level's table stores for the node `node[c]` it has reached, and moves `node[c]` on (the builds differ in what
-// they carry and store; the tables' slots hold each node where its carried value's low bits point).
+#if !PQ_AVX512_VBMI
+// The eight levels of the search over NC chunks: `level(c, position)` takes chunk c's decision against the position
+// of the node it has reached (H = node[c]) and moves H on.
 template <int NC, class Level>
 PQ_INLINE void walk_levels(const QuantTable& t, const __m512i (&node)[NC], Level&& level) {
   const __m512i root = _mm512_set1_epi16((short)t.root);
@@ -228,7 +257,6 @@ PQ_INLINE void walk_levels(const QuantTable& t, const __m512i (&node)[NC], Level
 // 0.91-0.96x of the step's time; bench/NOTES.md). The levels form a long dependent chain (a permute and the
 // decision), so NC independent chunks go through each level together: one chunk at a time ran at under half the
 // throughput of eight on this CPU.
-#if !PQ_AVX512_VBMI
 template <int NC>
 PQ_INLINE void code_index(const QuantTable& t, const __m512i (&bins)[NC], uint8_t* q, int64_t len) {
   const __m512i one = _mm512_set1_epi16(1);
@@ -267,25 +295,64 @@ constexpr ByteOrder low_byte_order() {
 }
 constexpr ByteOrder kLowByteOrder = low_byte_order();
 
-// As above, with h itself carried and each level one average and one double shift: with the positions stored
-// complemented, avg(bin, ~position) = (bin - position + 65536) >> 1 has bit 15 set exactly when bin >= position,
-// and shldi(h, that, 1) = 2h + bit 15 appends the decision.
+// vgf2p8affineqb's matrix that moves bit j of a byte to bit 8 - j (j = 1..7) and keeps bit 0 (byte 7 - i of the
+// matrix selects the input bits of output bit i).
+constexpr uint64_t index_bits_matrix() {
+  uint64_t m = 0;
+  for (int i = 0; i < 8; ++i) m |= (uint64_t)(1u << (i == 0 ? 0 : 8 - i)) << (8 * (7 - i));
+  return m;
+}
+
+// The search with the decisions least significant first (see QuantTable). On this class of CPU vpermw and
+// vpavgw / vpshldw compete for one port (vpermw takes two operations, one on each of the two vector ports),
+// while vpermb takes one on the shuffle port: so each level is one byte permute, one compare into a mask (the
+// shuffle port) and one masked add (either port), where building the index most significant first needs a
+// doubling that costs an operation. The search carries G = 0x0101 * 2p + 0x0100, whose bytes 2p and 2p + 1
+// make vpermb read both bytes of word p of a level's table; level l adds 0x0101 << l where dl = 1. Level 8's
+// 128 entries are two vpermt2b halves (bit 7 of G's bytes, i.e. d7, picks the half); its decision is added as 1,
+// so G's low byte ends as d8 + 2 d1 + 4 d2 + ... + 128 d7, and one bit permutation (GFNI) makes the index
+// 128 d1 + 64 d2 + ... + 2 d7 + d8. Same positions, same bits as the search above; 0.91-0.97x of the 8-bit
+// Adam step's kernel time (bench/NOTES.md).
 template <int NC>
 PQ_INLINE void code_index(const QuantTable& t, const __m512i (&bins)[NC], uint8_t* q, int64_t len) {
-  __m512i h[NC];
-  auto level = [&](int c, __m512i not_position) {
-    h[c] = _mm512_shldi_epi16(h[c], _mm512_avg_epu16(bins[c], not_position), 1);
-  };
-  for (int c = 0; c < NC; ++c) h[c] = _mm512_set1_epi16(1);
-  walk_levels<NC>(t, h, level);
-  // h = 256 + index: one byte permute takes the low bytes of two vectors, in element order.
+  __m512i g[NC];
+  __mmask32 d[NC];
+  const __m512i root = _mm512_set1_epi16((short)t.root), start = _mm512_set1_epi16(0x0100);
+  for (int c = 0; c < NC; ++c) {
+    d[c] = _mm512_cmpge_epu16_mask(bins[c], root);
+    g[c] = _mm512_mask_add_epi16(start, d[c], start, _mm512_set1_epi16(0x0202));
+  }
+  for (int l = 2; l <= 6; ++l) {
+    const __m512i table = _mm512_load_si512(t.level[l - 2]), step = _mm512_set1_epi16((short)(0x0101 << l));
+    for (int c = 0; c < NC; ++c) {
+      d[c] = _mm512_cmpge_epu16_mask(bins[c], _mm512_permutexvar_epi8(g[c], table));
+      g[c] = _mm512_mask_add_epi16(g[c], d[c], g[c], step);
+    }
+  }
+  const __m512i l7a = _mm512_load_si512(t.level7), l7b = _mm512_load_si512(t.level7 + 32);
+  const __m512i step7 = _mm512_set1_epi16((short)(0x0101 << 7));
+  for (int c = 0; c < NC; ++c) {
+    d[c] = _mm512_cmpge_epu16_mask(bins[c], _mm512_permutex2var_epi8(l7a, g[c], l7b));
+    g[c] = _mm512_mask_add_epi16(g[c], d[c], g[c], step7);
+  }
+  const __m512i l8a = _mm512_load_si512(t.level8), l8b = _mm512_load_si512(t.level8 + 32);
+  const __m512i l8c = _mm512_load_si512(t.level8 + 64), l8d = _mm512_load_si512(t.level8 + 96);
+  const __m512i one = _mm512_set1_epi16(1);
+  for (int c = 0; c < NC; ++c) {
+    const __m512i lo = _mm512_permutex2var_epi8(l8a, g[c], l8b), hi = _mm512_permutex2var_epi8(l8c, g[c], l8d);
+    const __mmask32 d8 = _mm512_cmpge_epu16_mask(bins[c], _mm512_mask_blend_epi16(d[c], lo, hi));
+    g[c] = _mm512_mask_add_epi16(g[c], d8, g[c], one);
+  }
+  // One byte permute takes the low bytes of two vectors, in element order.
   const __m512i order = _mm512_load_si512(kLowByteOrder.at);
   const __m512i top = _mm512_set1_epi8((char)t.top);
+  const __m512i index_bits = _mm512_set1_epi64((long long)index_bits_matrix());
   for (int c = 0; c < NC; c += 2) {
     const bool pair = c + 1 < NC;
-    const __m512i idx = _mm512_permutex2var_epi8(h[c], order, h[pair ? c + 1 : c]);
+    const __m512i low = _mm512_permutex2var_epi8(g[c], order, g[pair ? c + 1 : c]);
+    const __m512i index = _mm512_gf2p8affine_epi64_epi8(low, index_bits, 0);
     const __mmask64 k = mask64(len - 32 * c) & (pair ? ~(__mmask64)0 : (__mmask64)0xFFFFFFFFu);
-    _mm512_mask_storeu_epi8(q + 32 * c, k, _mm512_min_epu8(idx, top));
+    _mm512_mask_storeu_epi8(q + 32 * c, k, _mm512_min_epu8(index, top));
   }
 }
 #endif

@@ -37,8 +37,8 @@
 #define PQ_AVX2 0
 #endif
 #define PQ_SIMD (PQ_AVX512 || PQ_AVX2)
-// The avx512vbmi build: AVX-512 with the byte permutes (VBMI) and double shifts (VBMI2) the 8-bit codecs use.
-#if PQ_AVX512 && defined(__AVX512VBMI__) && defined(__AVX512VBMI2__)
+// The avx512vbmi build: AVX-512 with the byte permutes (VBMI) and the GFNI bit permutation the 8-bit codecs use.
+#if PQ_AVX512 && defined(__AVX512VBMI__) && defined(__GFNI__)
 #define PQ_AVX512_VBMI 1
 #else
 #define PQ_AVX512_VBMI 0

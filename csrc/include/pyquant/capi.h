@@ -35,7 +35,7 @@ enum pq_isa_code {
   PQ_ISA_SCALAR = 0,
   PQ_ISA_AVX2 = 1,
   PQ_ISA_AVX512 = 2,
-  PQ_ISA_AVX512VBMI = 3,  // AVX-512 with VBMI and VBMI2
+  PQ_ISA_AVX512VBMI = 3,  // AVX-512 with VBMI and GFNI
 };
 
 // The constants of one tensor's Adam step (docs/numerics.md, section 4), each rounded once to float32.
