@@ -199,6 +199,34 @@ def test_every_cpu_build_takes_other_code_maps_like_the_reference(isa, code_name
         assert int(q_ref.max()) < 255
 
 
+def mirror_case_map(name: str) -> torch.Tensor:
+    """The signed dynamic map (code[127] = +0, code[i] = -code[254 - i] below 127) and maps that break the mirror by
+    one bit or keep it with another top code."""
+    code = F.create_dynamic_map(True)
+    if name == "negative_zero":
+        code[127] = -0.0
+    elif name == "one_ulp_off":
+        code[3] = torch.nextafter(code[3], torch.tensor(0.0))
+    elif name == "other_top":  # code[255] has no mirror image: any value keeps the mirror
+        code[255] = 1.5
+    return code
+
+
+@pytest.mark.parametrize("code_name", ["signed", "negative_zero", "one_ulp_off", "other_top"])
+def test_every_cpu_build_dequantizes_every_index_of_mirrored_maps_like_the_reference(isa, code_name):
+    """The avx512vbmi build looks a mirrored map up in its 128-entry half (the sign from the index); each of the 256
+    indices, and maps that only nearly mirror, which must take the full table."""
+    code = mirror_case_map(code_name)
+    q = torch.arange(256, dtype=torch.uint8).repeat(3)[torch.randperm(768, generator=torch.Generator().manual_seed(0))]
+    absmax = torch.tensor([1.0, 0.5, 3.0])
+    with pyquant.use_backend("reference"):
+        expected = F.dequantize_blockwise(q, absmax, code=code, blocksize=256)
+    out = F.dequantize_blockwise(q, absmax, code=code, blocksize=256)
+    assert_same_bits(out, expected)
+    if code_name == "negative_zero":  # the case is what it claims: index 127 gives -0
+        assert math.copysign(1.0, float(out[q == 127][0])) == -1.0
+
+
 @pytest.mark.parametrize("code_name", ["signed", "unsigned", "linear"])
 def test_every_cpu_build_bins_the_values_beside_each_step_like_the_reference(isa, code_name):
     """Values within 8 ulps of the grid-bin boundary at each step of the map, in blocks whose absmax is 1 (so y = x):

@@ -7,7 +7,7 @@
 //   and looked up with two-table word permutes, 32 elements at a time; a gather from the 1 KiB code costs
 //   about 20 cycles per 16 lanes on this class of CPU, the permutes about 4. The avx512vbmi build holds four
 //   byte planes instead and looks them up with two-table byte permutes, 64 elements at a time: half the
-//   permutes per element;
+//   permutes per element, and half again for a map that mirrors around code 127 (the signed dynamic one);
 // - quantise: the 65536-entry bin -> index table is monotone, so it is fully described by its 255 step
 //   positions; the index of a bin is found by an 8-level branchless binary search over those positions
 //   (Eytzinger order, 16-bit lanes, one permute per level) instead of one scalar or gathered byte load
@@ -41,11 +41,21 @@ constexpr bool kEmulatesMklSse = true, kEmulatesMklAvx512 = true;
 #if PQ_AVX512_VBMI
 struct DequantTable {
   alignas(64) uint8_t plane[4][256];  // plane[k][i]: byte k (least significant first) of code i's float32 pattern
+  // A mirrored map (the signed dynamic one): code[127] is +0 and code[i] = -code[254 - i] for i < 127, so 128
+  // entries hold it: half[k][j] is byte k of code[127 + j] for j = 1..127 and of -code[255] for j = 0.
+  bool mirrored;
+  alignas(64) uint8_t half[4][128];
 };
 
 static inline void prepare_dequant(const float* code, DequantTable& t) {
   for (int i = 0; i < 256; ++i)
     for (int k = 0; k < 4; ++k) t.plane[k][i] = (uint8_t)(float_bits(code[i]) >> (8 * k));
+  t.mirrored = float_bits(code[127]) == 0;
+  for (int i = 0; i < 127; ++i) t.mirrored &= float_bits(code[i]) == (float_bits(code[254 - i]) ^ 0x80000000u);
+  for (int j = 0; j < 128; ++j) {
+    const uint32_t u = j == 0 ? float_bits(code[255]) ^ 0x80000000u : float_bits(code[127 + j]);
+    for (int k = 0; k < 4; ++k) t.half[k][j] = (uint8_t)(u >> (8 * k));
+  }
 }
 
 // One byte plane: vpermt2b covers 128 entries, bit 7 of the index picks between two of them.
@@ -64,9 +74,24 @@ PQ_INLINE void lookup64(const DequantTable& t, __m512i q, __m512 (&c)[4]) {
                                          0x1b1a1918, 0x0b0a0908, 0x37363534, 0x27262524, 0x17161514, 0x07060504,
                                          0x33323130, 0x23222120, 0x13121110, 0x03020100);
   const __m512i idx = _mm512_permutexvar_epi8(order, q);
-  const __mmask64 bit7 = _mm512_movepi8_mask(idx);
-  const __m512i b0 = plane_lookup(t.plane[0], idx, bit7), b1 = plane_lookup(t.plane[1], idx, bit7);
-  const __m512i b2 = plane_lookup(t.plane[2], idx, bit7), b3 = plane_lookup(t.plane[3], idx, bit7);
+  __m512i b0, b1, b2, b3;
+  if (t.mirrored) {
+    // d = i - 127 as a signed byte: |d| (its low 7 bits; 0 for i = 255, whose d is -128) indexes the half table,
+    // the sign of d flips the code's sign (i < 127, and i = 255 whose entry holds -code[255]), d = 0 gives +0.
+    // One permute per plane where the full table takes two (each holds the shuffle port for two cycles).
+    const __m512i d = _mm512_sub_epi8(idx, _mm512_set1_epi8(127)), j = _mm512_abs_epi8(d);
+    const __mmask64 nonzero = _mm512_test_epi8_mask(d, d);
+    const auto half = [&](int k) {
+      return _mm512_maskz_permutex2var_epi8(nonzero, _mm512_load_si512(t.half[k]), j,
+                                            _mm512_load_si512(t.half[k] + 64));
+    };
+    b0 = half(0), b1 = half(1), b2 = half(2);
+    b3 = _mm512_xor_si512(half(3), _mm512_maskz_mov_epi8(_mm512_movepi8_mask(d), _mm512_set1_epi8((char)0x80)));
+  } else {
+    const __mmask64 bit7 = _mm512_movepi8_mask(idx);
+    b0 = plane_lookup(t.plane[0], idx, bit7), b1 = plane_lookup(t.plane[1], idx, bit7);
+    b2 = plane_lookup(t.plane[2], idx, bit7), b3 = plane_lookup(t.plane[3], idx, bit7);
+  }
   const __m512i w01_lo = _mm512_unpacklo_epi8(b0, b1), w01_hi = _mm512_unpackhi_epi8(b0, b1);
   const __m512i w23_lo = _mm512_unpacklo_epi8(b2, b3), w23_hi = _mm512_unpackhi_epi8(b2, b3);
   c[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(w01_lo, w23_lo));
