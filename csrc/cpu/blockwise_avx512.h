@@ -7,7 +7,8 @@
 //   and looked up with two-table word permutes, 32 elements at a time; a gather from the 1 KiB code costs
 //   about 20 cycles per 16 lanes on this class of CPU, the permutes about 4. The avx512vbmi build holds four
 //   byte planes instead and looks them up with two-table byte permutes, 64 elements at a time: half the
-//   permutes per element, and half again for a map that mirrors around code 127 (the signed dynamic one);
+//   permutes per element. Both hold a map that mirrors around code 127 (the signed dynamic one) in half the
+//   entries, with half the permutes;
 // - quantise: the 65536-entry bin -> index table is monotone, so it is fully described by its 255 step
 //   positions; the index of a bin is found by an 8-level branchless binary search over those positions
 //   (Eytzinger order, 16-bit lanes, one permute per level) instead of one scalar or gathered byte load
@@ -38,24 +39,31 @@ constexpr bool kEmulatesMklSse = true, kEmulatesMklAvx512 = true;
 
 // ---- dequantisation: code[q] for 64 indices ----
 
+// A map mirrored around code 127 (the signed dynamic one): code[127] is +0 and code[i] = -code[254 - i] for i < 127,
+// so 128 entries hold it. With d = i - 127 as a signed byte (i = 255 gives -128), |d| mod 128 indexes the half
+// `mirror_half`, d < 0 flips its sign and d = 0 is +0; entry 0 is -code[255], which the flip of i = 255 restores.
+static inline bool mirrors_around_127(const float* code) {
+  bool mirrored = float_bits(code[127]) == 0;
+  for (int i = 0; i < 127; ++i) mirrored &= float_bits(code[i]) == (float_bits(code[254 - i]) ^ 0x80000000u);
+  return mirrored;
+}
+static inline uint32_t mirror_half(const float* code, int j) {
+  return j == 0 ? float_bits(code[255]) ^ 0x80000000u : float_bits(code[127 + j]);
+}
+
 #if PQ_AVX512_VBMI
 struct DequantTable {
   alignas(64) uint8_t plane[4][256];  // plane[k][i]: byte k (least significant first) of code i's float32 pattern
-  // A mirrored map (the signed dynamic one): code[127] is +0 and code[i] = -code[254 - i] for i < 127, so 128
-  // entries hold it: half[k][j] is byte k of code[127 + j] for j = 1..127 and of -code[255] for j = 0.
-  bool mirrored;
+  bool mirrored;                      // mirrors_around_127; half[k][j]: byte k of mirror_half(j)
   alignas(64) uint8_t half[4][128];
 };
 
 static inline void prepare_dequant(const float* code, DequantTable& t) {
   for (int i = 0; i < 256; ++i)
     for (int k = 0; k < 4; ++k) t.plane[k][i] = (uint8_t)(float_bits(code[i]) >> (8 * k));
-  t.mirrored = float_bits(code[127]) == 0;
-  for (int i = 0; i < 127; ++i) t.mirrored &= float_bits(code[i]) == (float_bits(code[254 - i]) ^ 0x80000000u);
-  for (int j = 0; j < 128; ++j) {
-    const uint32_t u = j == 0 ? float_bits(code[255]) ^ 0x80000000u : float_bits(code[127 + j]);
-    for (int k = 0; k < 4; ++k) t.half[k][j] = (uint8_t)(u >> (8 * k));
-  }
+  t.mirrored = mirrors_around_127(code);
+  for (int j = 0; j < 128; ++j)
+    for (int k = 0; k < 4; ++k) t.half[k][j] = (uint8_t)(mirror_half(code, j) >> (8 * k));
 }
 
 // One byte plane: vpermt2b covers 128 entries, bit 7 of the index picks between two of them.
@@ -76,9 +84,8 @@ PQ_INLINE void lookup64(const DequantTable& t, __m512i q, __m512 (&c)[4]) {
   const __m512i idx = _mm512_permutexvar_epi8(order, q);
   __m512i b0, b1, b2, b3;
   if (t.mirrored) {
-    // d = i - 127 as a signed byte: |d| (its low 7 bits; 0 for i = 255, whose d is -128) indexes the half table,
-    // the sign of d flips the code's sign (i < 127, and i = 255 whose entry holds -code[255]), d = 0 gives +0.
-    // One permute per plane where the full table takes two (each holds the shuffle port for two cycles).
+    // See mirrors_around_127: one permute per plane where the full table takes two (each holds the shuffle port
+    // for two cycles).
     const __m512i d = _mm512_sub_epi8(idx, _mm512_set1_epi8(127)), j = _mm512_abs_epi8(d);
     const __mmask64 nonzero = _mm512_test_epi8_mask(d, d);
     const auto half = [&](int k) {
@@ -103,6 +110,9 @@ PQ_INLINE void lookup64(const DequantTable& t, __m512i q, __m512 (&c)[4]) {
 struct DequantTable {
   alignas(64) uint16_t hi[256];  // high 16 bits of each code's float32 pattern
   alignas(64) uint16_t lo[256];  // low 16 bits
+  bool mirrored;                 // mirrors_around_127; the halves of mirror_half(j)
+  alignas(64) uint16_t half_hi[128];
+  alignas(64) uint16_t half_lo[128];
 };
 
 static inline void prepare_dequant(const float* code, DequantTable& t) {
@@ -110,6 +120,11 @@ static inline void prepare_dequant(const float* code, DequantTable& t) {
     const uint32_t u = float_bits(code[i]);
     t.hi[i] = (uint16_t)(u >> 16);
     t.lo[i] = (uint16_t)(u & 0xFFFFu);
+  }
+  t.mirrored = mirrors_around_127(code);
+  for (int j = 0; j < 128; ++j) {
+    t.half_hi[j] = (uint16_t)(mirror_half(code, j) >> 16);
+    t.half_lo[j] = (uint16_t)(mirror_half(code, j) & 0xFFFFu);
   }
 }
 
@@ -130,10 +145,27 @@ PQ_INLINE void lookup32(const DequantTable& t, __m256i q, __m512& a, __m512& b) 
   const __m256i mixed = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi32(q0, q1)),
                                                 _mm_unpackhi_epi32(q0, q1), 1);
   const __m512i idx = _mm512_cvtepu8_epi16(mixed);
-  const __mmask32 bit6 = _mm512_test_epi16_mask(idx, _mm512_set1_epi16(64));
-  const __mmask32 bit7 = _mm512_test_epi16_mask(idx, _mm512_set1_epi16(128));
-  const __m512i hi = plane_lookup(t.hi, idx, bit6, bit7);
-  const __m512i lo = plane_lookup(t.lo, idx, bit6, bit7);
+  __m512i hi, lo;
+  if (t.mirrored) {
+    // See mirrors_around_127, with d in 16 bits: its bit 7 is set for i < 127 and i = 255 (d = 128), and
+    // |d| = 128 indexes entry 0. Two permutes per plane instead of four.
+    const __m512i d = _mm512_sub_epi16(idx, _mm512_set1_epi16(127)), j = _mm512_abs_epi16(d);
+    const __mmask32 nonzero = _mm512_test_epi16_mask(d, d);
+    const __mmask32 bit6 = _mm512_test_epi16_mask(j, _mm512_set1_epi16(64));
+    const auto half = [&](const uint16_t* p) {
+      const __m512i r0 = _mm512_maskz_permutex2var_epi16(nonzero, _mm512_load_si512(p), j, _mm512_load_si512(p + 32));
+      const __m512i r1 = _mm512_maskz_permutex2var_epi16(nonzero, _mm512_load_si512(p + 64), j, _mm512_load_si512(p + 96));
+      return _mm512_mask_blend_epi16(bit6, r0, r1);
+    };
+    const __mmask32 flip = _mm512_test_epi16_mask(d, _mm512_set1_epi16(128));
+    hi = _mm512_xor_si512(half(t.half_hi), _mm512_maskz_mov_epi16(flip, _mm512_set1_epi16((short)0x8000)));
+    lo = half(t.half_lo);
+  } else {
+    const __mmask32 bit6 = _mm512_test_epi16_mask(idx, _mm512_set1_epi16(64));
+    const __mmask32 bit7 = _mm512_test_epi16_mask(idx, _mm512_set1_epi16(128));
+    hi = plane_lookup(t.hi, idx, bit6, bit7);
+    lo = plane_lookup(t.lo, idx, bit6, bit7);
+  }
   a = _mm512_castsi512_ps(_mm512_unpacklo_epi16(lo, hi));
   b = _mm512_castsi512_ps(_mm512_unpackhi_epi16(lo, hi));
 }
