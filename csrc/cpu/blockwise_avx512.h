@@ -368,7 +368,7 @@ constexpr uint64_t index_bits_matrix() {
 // make vpermb read both bytes of word p of a level's table; level l adds 0x0101 << l where dl = 1. Level 8's
 // 128 entries are two vpermt2b halves (bit 7 of G's bytes, i.e. d7, picks the half); its decision is added as 1,
 // so G's low byte ends as d8 + 2 d1 + 4 d2 + ... + 128 d7, and one bit permutation (GFNI) makes the index
-// 128 d1 + 64 d2 + ... + 2 d7 + d8. Same positions, same bits as the search above; 0.91-0.97x of the 8-bit
+// 128 d1 + 64 d2 + ... + 2 d7 + d8. Same positions, same bits as the search above; 0.93-0.98x of the 8-bit
 // Adam step's kernel time (bench/NOTES.md).
 template <int NC>
 PQ_INLINE void code_index(const QuantTable& t, const __m512i (&bins)[NC], uint8_t* q, int64_t len) {
