@@ -16,6 +16,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BASELINES = ("pyquant", "bitsandbytes", "torch")  # ratios are taken against the first entry of each group
+# RESULTS.md's sections from this line on are measured by hand (a session's before/after runs with their commands);
+# a rewrite keeps them, where it regenerates the tables and the analysis above them.
+HAND_MEASURED = "<!-- The sections below are measured by hand, session by session: bench/report.py keeps them. -->"
+
+
+def hand_measured_sections(previous: str) -> list[str]:
+    """The lines of a previous RESULTS.md from the HAND_MEASURED marker on (none without the marker)."""
+    lines = previous.splitlines()
+    return lines[lines.index(HAND_MEASURED):] if HAND_MEASURED in lines else []
 
 
 def machine() -> str:
@@ -89,7 +98,10 @@ def main(argv: list[str]) -> int:
     notes = HERE / "NOTES.md"
     if notes.exists():
         lines += ["## Analysis", "", notes.read_text().strip(), ""]
-    (HERE / "RESULTS.md").write_text("\n".join(lines))
+    results = HERE / "RESULTS.md"
+    lines += hand_measured_sections(results.read_text() if results.exists() else "")
+    text = "\n".join(lines)
+    results.write_text(text if text.endswith("\n") else text + "\n")
     print(f"wrote {HERE / 'RESULTS.md'}")
     return 0
 

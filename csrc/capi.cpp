@@ -3,6 +3,7 @@
 
 #include <stdint.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <omp.h>
 
@@ -50,6 +51,13 @@ int32_t detect_isa() {
 }
 
 int32_t g_isa = detect_isa();
+
+int64_t default_streaming_bytes() {
+  const long llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
+  return llc > 0 ? (int64_t)llc : (int64_t)32 << 20;
+}
+
+int64_t g_streaming_bytes = default_streaming_bytes();
 }  // namespace
 
 extern "C" {
@@ -59,6 +67,14 @@ pq_vsqrt_fn pq_cpu_sqrt = nullptr;
 void pq_set_cpu_sqrt(pq_vsqrt_fn fn) { pq_cpu_sqrt = fn; }
 
 int32_t pq_isa(void) { return g_isa; }
+
+int64_t pq_streaming_bytes(void) { return g_streaming_bytes; }
+
+int64_t pq_set_streaming_bytes(int64_t bytes) {
+  const int64_t previous = g_streaming_bytes;
+  g_streaming_bytes = bytes > 0 ? bytes : default_streaming_bytes();
+  return previous;
+}
 
 int32_t pq_abi_version(void) { return PQ_ABI_VERSION; }
 

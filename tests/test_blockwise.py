@@ -25,10 +25,11 @@ from hypothesis import strategies as st
 import pyquant
 import pyquant.functional as F
 from pyquant import _maps, backends
+from pyquant.backends import capi
 from pyquant.backends.reference import blockwise as reference
 
 from conftest import (
-    CPU_BACKENDS, HAVE_CPU_LIBRARY, TRITON_DEVICE, TRITON_PEERS, assert_same_bits, special_values,
+    CPU_BACKENDS, HAVE_CPU_LIBRARY, TRITON_DEVICE, TRITON_PEERS, assert_same_bits, needs_cpu_library, special_values,
 )
 
 try:
@@ -142,15 +143,37 @@ def test_shapes_and_non_contiguous_inputs(backend):
     assert out.shape == x.shape
     assert (out - x).abs().max() <= 0.02 * x.abs().max()  # 8-bit codes: relative error of the dynamic map
 
+@needs_cpu_library
+def test_outputs_stream_beyond_the_last_level_cache():
+    lib = capi.cpu_library()
+    # The library asks sysconf(_SC_LEVEL3_CACHE_SIZE), which Python's os.sysconf does not name; getconf reads it.
+    reported = subprocess.run(["getconf", "LEVEL3_CACHE_SIZE"], capture_output=True, text=True).stdout.strip()
+    llc = int(reported) if reported.isdigit() else 0
+    assert lib.pq_streaming_bytes() == (llc if llc > 0 else 32 << 20)
+    previous = lib.pq_set_streaming_bytes(1 << 20)
+    try:
+        assert lib.pq_streaming_bytes() == 1 << 20
+        assert lib.pq_set_streaming_bytes(0) == 1 << 20 and lib.pq_streaming_bytes() == previous  # the default
+    finally:
+        lib.pq_set_streaming_bytes(previous)
+
+
+@needs_cpu_library
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_large_dequantize_takes_the_streaming_path_with_the_same_bits(dtype):
-    # Outputs of 32 MiB and more are written with non-temporal stores (csrc/cpu/blockwise.cpp); the partial last
-    # block still takes the ordinary path.
+    # Outputs of pq_streaming_bytes and more are written with non-temporal stores (csrc/cpu/blockwise.cpp; the
+    # threshold is lowered to 32 MiB here, below this machine's cache); the partial last block still takes the
+    # ordinary path.
     n = (32 << 20) // torch.tensor([], dtype=dtype).element_size() + 300
     x = torch.randn(n, generator=torch.Generator().manual_seed(1))
     q, absmax = F.quantize_blockwise(x, blocksize=256)
-    with pyquant.use_backend("cpu"):
-        out = F.dequantize_blockwise(q, absmax, blocksize=256, dtype=dtype)
+    lib = capi.cpu_library()
+    previous = lib.pq_set_streaming_bytes(32 << 20)
+    try:
+        with pyquant.use_backend("cpu"):
+            out = F.dequantize_blockwise(q, absmax, blocksize=256, dtype=dtype)
+    finally:
+        lib.pq_set_streaming_bytes(previous)
     with pyquant.use_backend("reference"):
         expected = F.dequantize_blockwise(q, absmax, blocksize=256, dtype=dtype)
     assert torch.equal(out, expected)

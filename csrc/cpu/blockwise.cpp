@@ -359,19 +359,15 @@ void quantize_blockwise(const void* x, int32_t dtype, int64_t n, int64_t blocksi
   }
 }
 
-#if PQ_SIMD
-constexpr int64_t kStreamingBytes = (int64_t)32 << 20;  // the last-level cache of this class of CPU
-#endif
-
 void dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n,
                           int64_t blocksize, void* out, int32_t dtype) {
   const int64_t blocks = block_count(n, blocksize);
 #if PQ_SIMD
   vec::DequantTable deq;
   vec::prepare_dequant(code, deq);
-  // An output much larger than the last-level cache goes out with non-temporal stores (blockwise_avx512.h).
+  // An output beyond the last-level cache goes out with non-temporal stores (blockwise_avx512.h, pq_streaming_bytes).
   const int64_t out_bytes = n * elem_size(dtype);
-  const bool streaming = vec::kStreamingDequant && blocksize == kOptimizerBlock && out_bytes >= kStreamingBytes &&
+  const bool streaming = vec::kStreamingDequant && blocksize == kOptimizerBlock && out_bytes >= pq_streaming_bytes() &&
                          ((uintptr_t)out & 63) == 0;
   with_dtype(dtype, [&](auto d) {
     constexpr int DT = decltype(d)::value;

@@ -498,10 +498,11 @@ static inline void dequantize_block(const uint8_t* q, float absmax, int64_t star
     dequantize_block_impl<DT>(q, absmax, start, len, t, out);
 }
 
-// Full blocks of a dequantised output far larger than the caches, written with non-temporal stores: the
-// output is not read back soon, and plain stores first read every line (a 64 MiB float32 output ran at
-// three quarters of the speed). `out` must be 64-byte aligned; call stream_fence() before other threads
-// may read the output.
+// Full blocks of a dequantised output larger than the last-level cache (pq_streaming_bytes), written with
+// non-temporal stores: plain stores first read every line (on an AMD EPYC with 32 MiB of L3 a 64 MiB float32
+// output ran at three quarters of the speed). Where the output fits in that cache, plain stores win (on an Intel
+// Xeon with 480 MiB of L3, 64 MiB in 13.8 ms against 23.3 ms streamed; bench/NOTES.md). `out` must be 64-byte
+// aligned; call stream_fence() before other threads may read the output.
 template <int DT>
 static inline void dequantize_block_streaming(const uint8_t* q, float absmax, int64_t start, const DequantTable& t,
                                               void* out) {

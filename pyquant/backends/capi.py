@@ -23,7 +23,7 @@ from pyquant._contract import (
     FOURBIT_BLOCK, RANK1_MAX_DIMS,
 )
 
-ABI_VERSION = 11  # PQ_ABI_VERSION of capi.h, which everything below mirrors
+ABI_VERSION = 12  # PQ_ABI_VERSION of capi.h, which everything below mirrors
 INVALID_ARGUMENT = 2  # PQ_INVALID_ARGUMENT of capi.h
 OUT_OF_MEMORY = 1  # what the low-rank convolution entry points return when a buffer cannot be allocated
 REBUILD = "pip install -e ."  # what rebuilds the libraries of a checkout (README)
@@ -89,6 +89,8 @@ CPU_FUNCTIONS = {
     "pq_abi_version": ([], I32),
     "pq_isa": ([], I32),
     "pq_set_isa": ([I32], I32),
+    "pq_streaming_bytes": ([], I64),
+    "pq_set_streaming_bytes": ([I64], I64),
     "pq_set_cpu_sqrt": ([P], None),
     "pq_build_code_table": ([P, P], None),
     "pq_quantize_blockwise": ([P, I32, I64, I64, P, P, P], I32),

@@ -7,7 +7,7 @@
 
 // Bumped whenever an enum, a struct or a signature below changes, for either library: Python refuses a library
 // built from other sources rather than passing it arguments it would misread.
-#define PQ_ABI_VERSION 11
+#define PQ_ABI_VERSION 12
 
 // What the validating entry points return when an argument is invalid (a negative size, a block size <= 0,
 // an unknown dtype code, a missing pointer, a block count that does not fit in int64): they do nothing then.
@@ -178,6 +178,13 @@ int32_t pq_isa(void);
 
 // Runs the kernels with min(isa, the widest the CPU has) (tests and benchmarks); returns the previous choice.
 int32_t pq_set_isa(int32_t isa);
+
+// Dequantised outputs of at least this many bytes are written with non-temporal stores: by default the last-level
+// cache's size as the OS reports it (32 MiB where it reports none), since an output that fits there is read back
+// faster from it. pq_set_streaming_bytes sets it (tests and benchmarks; <= 0 restores the default) and returns
+// the previous value.
+int64_t pq_streaming_bytes(void);
+int64_t pq_set_streaming_bytes(int64_t bytes);
 
 // table[bin] = code index of each of the 65536 grid bins for a sorted 256-entry code (docs/numerics.md, 2).
 void pq_build_code_table(const float* code, uint8_t* table);
