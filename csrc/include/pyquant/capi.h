@@ -180,8 +180,8 @@ int32_t pq_isa(void);
 int32_t pq_set_isa(int32_t isa);
 
 // Dequantised outputs of at least this many bytes are written with non-temporal stores: by default the last-level
-// cache's size as the OS reports it (32 MiB where it reports none), since an output that fits there is read back
-// faster from it. pq_set_streaming_bytes sets it (tests and benchmarks; <= 0 restores the default) and returns
+// cache's size as the OS reports it (32 MiB where it reports none): an output that fits there is written faster
+// with plain stores. pq_set_streaming_bytes sets it (tests and benchmarks; <= 0 restores the default) and returns
 // the previous value.
 int64_t pq_streaming_bytes(void);
 int64_t pq_set_streaming_bytes(int64_t bytes);
