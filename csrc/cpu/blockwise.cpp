@@ -430,6 +430,9 @@ static int64_t adam_blocks(const pq_adam_tensor& t, int64_t b0, int64_t b1, cons
             constexpr int PDT = decltype(p)::value, GDT = decltype(g)::value;
             constexpr int NF = decltype(nf)::value, SM = decltype(sm)::value;
             int64_t bad = 0;
+#if PQ_AVX512
+            if (t.state_bits == 8) return vec::adam_blocks_8bit<PDT, GDT, NF, SM>(t, b0, b1, c.tables, c.fn);
+#endif
             for (int64_t b = b0; b < b1; ++b) {
               const int64_t start = b * kOptimizerBlock;
               const int64_t len = std::min<int64_t>(kOptimizerBlock, t.numel - start);

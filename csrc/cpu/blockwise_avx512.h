@@ -715,12 +715,15 @@ static inline void finish_deferred(const pq_adam_tensor& t, int64_t start, int64
   }
 }
 
+// A block's step but its requantisation: the new parameters, and the new moments into m and v, their absmax into
+// new_a1, new_a2 and the tensor's absmax arrays. between(i) runs after the main loop's 64 elements from i (other work
+// for the core while these wait on their divisions: see adam_blocks_8bit).
 // NONFINITE and SQRT_MODE are template parameters: with them as run-time values (even perfectly predicted
 // branches) GCC generated code that ran at half the speed.
-template <int PDT, int GDT, int NONFINITE, int SQRT_MODE, class Len>
-PQ_INLINE int64_t adam_block_8bit_impl(const pq_adam_tensor& t, int64_t start, Len len, const AdamTables& tab,
-                                           pq_vsqrt_fn fn) {
-  alignas(64) float m[kOptimizerBlock], v[kOptimizerBlock];
+template <int PDT, int GDT, int NONFINITE, int SQRT_MODE, class Len, class Between>
+PQ_INLINE int64_t adam_block_8bit_update(const pq_adam_tensor& t, int64_t start, Len len, const AdamTables& tab,
+                                         pq_vsqrt_fn fn, float* m, float* v, float& new_a1, float& new_a2,
+                                         Between&& between) {
   __mmask16 later[kOptimizerBlock / 16] = {};  // written only for the vectors with deferred lanes
   __mmask16 any_later = 0;
   const AdamVectors k(t.k);
@@ -791,13 +794,24 @@ PQ_INLINE int64_t adam_block_8bit_impl(const pq_adam_tensor& t, int64_t start, L
       else
         update(valid);
     }
+    between(i);
   }
   if (any_later) finish_deferred<PDT, true>(t, start, len, k, m, v, later, fn);
-  const float new_a1 = _mm512_reduce_max_ps(amax1), new_a2 = _mm512_reduce_max_ps(amax2);
+  new_a1 = _mm512_reduce_max_ps(amax1), new_a2 = _mm512_reduce_max_ps(amax2);
   t.absmax1[b] = new_a1;
   t.absmax2[b] = new_a2;
-  quantize_values<PQ_DTYPE_FLOAT32>(m, 0, len, new_a1, tab.quant1, q1);
-  quantize_values<PQ_DTYPE_FLOAT32>(v, 0, len, new_a2, tab.quant2, q2);
+  return bad;
+}
+
+template <int PDT, int GDT, int NONFINITE, int SQRT_MODE, class Len>
+PQ_INLINE int64_t adam_block_8bit_impl(const pq_adam_tensor& t, int64_t start, Len len, const AdamTables& tab,
+                                       pq_vsqrt_fn fn) {
+  alignas(64) float m[kOptimizerBlock], v[kOptimizerBlock];
+  float a1, a2;
+  const int64_t bad = adam_block_8bit_update<PDT, GDT, NONFINITE, SQRT_MODE>(t, start, len, tab, fn, m, v, a1, a2,
+                                                                             [](int64_t) {});
+  quantize_values<PQ_DTYPE_FLOAT32>(m, 0, len, a1, tab.quant1, (uint8_t*)t.state1 + start);
+  quantize_values<PQ_DTYPE_FLOAT32>(v, 0, len, a2, tab.quant2, (uint8_t*)t.state2 + start);
   return bad;
 }
 
@@ -809,6 +823,60 @@ static inline int64_t adam_block_8bit(const pq_adam_tensor& t, int64_t start, in
   if (len == kOptimizerBlock)
     return adam_block_8bit_impl<PDT, GDT, NONFINITE, SQRT_MODE>(t, start, FullBlock(), tab, fn);
   return adam_block_8bit_impl<PDT, GDT, NONFINITE, SQRT_MODE>(t, start, len, tab, fn);
+}
+
+// Whether quantize_values takes a block of this absmax without the clamps (its common case: see grid_bins).
+static inline bool quantizes_unclamped(float absmax) { return absmax != 0.0f && is_finite(block_inverse(absmax)); }
+
+// Blocks [b0, b1) of one tensor, software-pipelined: a full block's requantisation runs inside the next block's
+// main loop, the first moment's after its first 64 elements and the second's after the next 64. At the end of its
+// own block it waited on the block's absmax (two reductions and a division) and its search, which keeps the
+// shuffle port busy, ran beside nothing else: 0.89-0.96x of the kernel's time at 1M and 4M parameters on one
+// thread (bench/NOTES.md). Same bits: each block is still quantised from its own moments and absmax. Blocks whose
+// absmax takes the clamps or is 0, and the partial last block, take adam_block_8bit_impl's order.
+template <int PDT, int GDT, int NONFINITE, int SQRT_MODE>
+static inline int64_t adam_blocks_8bit(const pq_adam_tensor& t, int64_t b0, int64_t b1, const AdamTables& tab,
+                                       pq_vsqrt_fn fn) {
+  struct NewMoments {
+    alignas(64) float m[kOptimizerBlock], v[kOptimizerBlock];
+    float absmax1, absmax2;
+    uint8_t *q1, *q2;  // where the block's codes go
+  };
+  NewMoments moments[2];
+  NewMoments* pending = nullptr;  // a full block's new moments, not yet requantised
+  const auto requantise_pending = [&]() {
+    if (!pending) return;
+    quantize_values<PQ_DTYPE_FLOAT32>(pending->m, 0, FullBlock(), pending->absmax1, tab.quant1, pending->q1);
+    quantize_values<PQ_DTYPE_FLOAT32>(pending->v, 0, FullBlock(), pending->absmax2, tab.quant2, pending->q2);
+    pending = nullptr;
+  };
+  int64_t bad = 0;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t start = b * kOptimizerBlock;
+    if (t.numel - start < kOptimizerBlock) {  // the partial last block (its own buffers)
+      bad += adam_block_8bit_impl<PDT, GDT, NONFINITE, SQRT_MODE>(t, start, t.numel - start, tab, fn);
+      break;
+    }
+    NewMoments& out = moments[b & 1];
+    out.q1 = (uint8_t*)t.state1 + start;
+    out.q2 = (uint8_t*)t.state2 + start;
+    if (pending && quantizes_unclamped(pending->absmax1) && quantizes_unclamped(pending->absmax2)) {
+      const NewMoments& p = *pending;
+      const __m512 inv1 = _mm512_set1_ps(block_inverse(p.absmax1)), inv2 = _mm512_set1_ps(block_inverse(p.absmax2));
+      bad += adam_block_8bit_update<PDT, GDT, NONFINITE, SQRT_MODE>(
+          t, start, FullBlock(), tab, fn, out.m, out.v, out.absmax1, out.absmax2, [&](int64_t i) {
+            if (i == 0) quantize_chunks<PQ_DTYPE_FLOAT32, 8, false>(p.m, 0, 0, kOptimizerBlock, inv1, tab.quant1, p.q1);
+            if (i == 64) quantize_chunks<PQ_DTYPE_FLOAT32, 8, false>(p.v, 0, 0, kOptimizerBlock, inv2, tab.quant2, p.q2);
+          });
+    } else {
+      requantise_pending();
+      bad += adam_block_8bit_update<PDT, GDT, NONFINITE, SQRT_MODE>(t, start, FullBlock(), tab, fn, out.m, out.v,
+                                                                    out.absmax1, out.absmax2, [](int64_t) {});
+    }
+    pending = &out;
+  }
+  requantise_pending();
+  return bad;
 }
 
 template <int PDT, int GDT, int NONFINITE, int SQRT_MODE, class Len>
