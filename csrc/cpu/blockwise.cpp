@@ -181,11 +181,24 @@ static inline void with_skips_if_needed(int32_t nonfinite, uint32_t nonfinite_se
 // gradients first, the block's square roots (RMSprop, Adagrad), then the parameters, then the requantisation.
 // RULE and the dtypes are compile-time constants so that each loop holds only its own arithmetic and conversions;
 // `codec` dequantises and requantises an 8-bit state (StateCodec).
+// An 8-bit state block's requantisation left for later: its new values, their absmax and where its codes go.
+struct PendingState {
+  const float* s = nullptr;  // none pending
+  int64_t len;
+  float absmax;
+  uint8_t* q;
+};
+
+// The requantisation of an 8-bit state is left in `pending` (s is the caller's buffer for the block's state), and
+// the one pending before runs once this block's inputs are loaded: it then no longer waits on its own block's
+// absmax, and its search overlaps this block's arithmetic (as adam_blocks_8bit's does; bench/NOTES.md). The codes
+// are the same: each block is quantised from its own values and absmax.
 template <int RULE, int PDT, int GDT, class Codec>
 static inline int64_t one_state_block(const pq_one_state_tensor& t, int64_t start, int64_t len, const Codec& codec,
-                                      int32_t nonfinite, int sqrt_mode, pq_vsqrt_fn fn) {
+                                      int32_t nonfinite, int sqrt_mode, pq_vsqrt_fn fn, float* s,
+                                      PendingState& pending) {
   constexpr int32_t rule = RULE;
-  float s[kOptimizerBlock], g[kOptimizerBlock], p[kOptimizerBlock], dir[kOptimizerBlock], root[kOptimizerBlock];
+  float g[kOptimizerBlock], p[kOptimizerBlock], dir[kOptimizerBlock], root[kOptimizerBlock];
   bool skip[kOptimizerBlock];
   const pq_one_state_constants k = t.k;  // a local copy: the parameter stores cannot alias it
   const bool eight_bit = t.state_bits == 8;
@@ -198,6 +211,10 @@ static inline int64_t one_state_block(const pq_one_state_tensor& t, int64_t star
     memcpy(s, s32, (size_t)len * sizeof(float));
   // Bit blends instead of selects: selects kept GCC from vectorising the state loop (as in AdEMAMix's).
   const uint32_t nonfinite_seen = load_block<PDT, GDT>(t, start, len, k.inv_grad_scale, g, p);
+  if (pending.s) {
+    codec.quantize(pending.s, pending.len, pending.absmax, pending.q);
+    pending.s = nullptr;
+  }
   int64_t bad = 0;
   with_skips_if_needed(nonfinite, nonfinite_seen, [&](auto may_skip) {
     for (int64_t i = 0; i < len; ++i) {
@@ -230,7 +247,7 @@ static inline int64_t one_state_block(const pq_one_state_tensor& t, int64_t star
   if (eight_bit) {
     const float new_a1 = block_absmax(s, len);
     t.absmax1[start / kOptimizerBlock] = new_a1;
-    codec.quantize(s, len, new_a1, q1);
+    pending = {s, len, new_a1, q1};
   } else {
     memcpy(s32, s, (size_t)len * sizeof(float));
   }
@@ -554,11 +571,15 @@ int64_t one_state_step(const pq_one_state_tensor* tensors, int32_t count, const 
         return with_value<PQ_DTYPE_FLOAT32, PQ_DTYPE_FLOAT16, PQ_DTYPE_BFLOAT16>(t.grad_dtype, [&](auto g) {
           constexpr int PDT = decltype(p)::value, GDT = decltype(g)::value;
           int64_t bad = 0;
+          float states[2][kOptimizerBlock];  // a block's and the one before's, whose requantisation may be pending
+          scalar::PendingState pending;
           for (int64_t b = b0; b < b1; ++b) {
             const int64_t start = b * kOptimizerBlock;
             const int64_t len = std::min<int64_t>(kOptimizerBlock, t.numel - start);
-            bad += scalar::one_state_block<RULE, PDT, GDT>(t, start, len, codec, nonfinite, sqrt_mode, fn);
+            bad += scalar::one_state_block<RULE, PDT, GDT>(t, start, len, codec, nonfinite, sqrt_mode, fn,
+                                                           states[b & 1], pending);
           }
+          if (pending.s) codec.quantize(pending.s, pending.len, pending.absmax, pending.q);
           return bad;
         });
       });
