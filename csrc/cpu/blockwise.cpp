@@ -177,10 +177,6 @@ static inline void with_skips_if_needed(int32_t nonfinite, uint32_t nonfinite_se
     body(std::false_type());
 }
 
-// One block of a one-state step (8-bit or float32 state), in the order of bitsandbytes' CPU code: states and
-// gradients first, the block's square roots (RMSprop, Adagrad), then the parameters, then the requantisation.
-// RULE and the dtypes are compile-time constants so that each loop holds only its own arithmetic and conversions;
-// `codec` dequantises and requantises an 8-bit state (StateCodec).
 // An 8-bit state block's requantisation left for later: its new values, their absmax and where its codes go.
 struct PendingState {
   const float* s = nullptr;  // none pending
@@ -189,6 +185,11 @@ struct PendingState {
   uint8_t* q;
 };
 
+// One block of a one-state step (8-bit or float32 state), in the order of bitsandbytes' CPU code: states and
+// gradients first, the block's square roots (RMSprop, Adagrad), then the parameters, then the requantisation.
+// RULE and the dtypes are compile-time constants so that each loop holds only its own arithmetic and conversions;
+// `codec` dequantises and requantises an 8-bit state (StateCodec).
+//
 // The requantisation of an 8-bit state is left in `pending` (s is the caller's buffer for the block's state), and
 // the one pending before runs once this block's inputs are loaded: it then no longer waits on its own block's
 // absmax, and its search overlaps this block's arithmetic (as adam_blocks_8bit's does; bench/NOTES.md). The codes

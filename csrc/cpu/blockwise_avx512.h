@@ -831,7 +831,7 @@ static inline bool quantizes_unclamped(float absmax) { return absmax != 0.0f && 
 // Blocks [b0, b1) of one tensor, software-pipelined: a full block's requantisation runs inside the next block's
 // main loop, the first moment's after its first 64 elements and the second's after the next 64. At the end of its
 // own block it waited on the block's absmax (two reductions and a division) and its search, which keeps the
-// shuffle port busy, ran beside nothing else: 0.89-0.96x of the kernel's time at 1M and 4M parameters on one
+// shuffle port busy, ran beside nothing else: 0.91-0.98x of the kernel's time at 1M and 4M parameters on one
 // thread (bench/NOTES.md). Same bits: each block is still quantised from its own moments and absmax. Blocks whose
 // absmax takes the clamps or is 0, and the partial last block, take adam_block_8bit_impl's order.
 template <int PDT, int GDT, int NONFINITE, int SQRT_MODE>
