@@ -1,12 +1,12 @@
 """Adam8bit's step over DenseNet-121's 364 parameter tensors (8-bit states from 4096 elements), split into the
 library call (the plan's PreparedStep.run: the kernel, the NVTX range, the version bumps) and everything else, with
-torch's fused Adam on the same shapes interleaved, one thread; minimum and median over the rounds, in ms:
-    python bench/profile_outside_kernel.py [ROUNDS]
+torch's fused Adam on the same shapes interleaved, one thread unless told; minimum and median over the rounds, in ms:
+    python bench/profile_outside_kernel.py [ROUNDS] [THREADS]
 """
 import sys, time, torch, torchvision, pyquant
 from pyquant.backends.cpu.optimizer import PreparedStep
-torch.set_num_threads(1)
 rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 40
+torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
 shapes = [p.shape for p in torchvision.models.densenet121().parameters()]
 def params():
     ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]

@@ -412,6 +412,56 @@ PQ_INLINE void code_index(const QuantTable& t, const __m512i (&bins)[NC], uint8_
     _mm512_mask_storeu_epi8(q + 32 * c, k, _mm512_min_epu8(index, top));
   }
 }
+
+// The search of one full block's 256 values (8 chunks) cut into 8 stages, so that a block's requantisation can be
+// spread over the next block's main loop a stage at a time (see adam_blocks_8bit): the bins and the root level,
+// levels 2-6 one a stage, levels 7 and 8, the codes. The state lives in memory between stages.
+struct StagedSearch {
+  __m512i bins[8], g[8];
+};
+
+PQ_INLINE void search_stage(int s, StagedSearch& st, const float* x, __m512 inv, const QuantTable& t, uint8_t* q) {
+  if (s == 0) {
+    const __m512i root = _mm512_set1_epi16((short)t.root), start = _mm512_set1_epi16(0x0100);
+    for (int c = 0; c < 8; ++c) {
+      const __m512 x0 = _mm512_load_ps(x + 32 * c), x1 = _mm512_load_ps(x + 32 * c + 16);
+      const __m512i bins = _mm512_packus_epi32(grid_bins<false>(x0, inv), grid_bins<false>(x1, inv));
+      st.bins[c] = bins;
+      st.g[c] = _mm512_mask_add_epi16(start, _mm512_cmpge_epu16_mask(bins, root), start, _mm512_set1_epi16(0x0202));
+    }
+  } else if (s <= 5) {
+    const int l = s + 1;
+    const __m512i table = _mm512_load_si512(t.level[l - 2]), step = _mm512_set1_epi16((short)(0x0101 << l));
+    for (int c = 0; c < 8; ++c) {
+      const __mmask32 d = _mm512_cmpge_epu16_mask(st.bins[c], _mm512_permutexvar_epi8(st.g[c], table));
+      st.g[c] = _mm512_mask_add_epi16(st.g[c], d, st.g[c], step);
+    }
+  } else if (s == 6) {
+    const __m512i l7a = _mm512_load_si512(t.level7), l7b = _mm512_load_si512(t.level7 + 32);
+    const __m512i step7 = _mm512_set1_epi16((short)(0x0101 << 7));
+    const __m512i l8a = _mm512_load_si512(t.level8), l8b = _mm512_load_si512(t.level8 + 32);
+    const __m512i l8c = _mm512_load_si512(t.level8 + 64), l8d = _mm512_load_si512(t.level8 + 96);
+    const __m512i one = _mm512_set1_epi16(1);
+    for (int c = 0; c < 8; ++c) {
+      const __m512i bins = st.bins[c];
+      __m512i g = st.g[c];
+      const __mmask32 d7 = _mm512_cmpge_epu16_mask(bins, _mm512_permutex2var_epi8(l7a, g, l7b));
+      g = _mm512_mask_add_epi16(g, d7, g, step7);
+      const __m512i lo = _mm512_permutex2var_epi8(l8a, g, l8b), hi = _mm512_permutex2var_epi8(l8c, g, l8d);
+      const __mmask32 d8 = _mm512_cmpge_epu16_mask(bins, _mm512_mask_blend_epi16(d7, lo, hi));
+      st.g[c] = _mm512_mask_add_epi16(g, d8, g, one);
+    }
+  } else {
+    const __m512i order = _mm512_load_si512(kLowByteOrder.at);
+    const __m512i top = _mm512_set1_epi8((char)t.top);
+    const __m512i index_bits = _mm512_set1_epi64((long long)index_bits_matrix());
+    for (int c = 0; c < 8; c += 2) {
+      const __m512i low = _mm512_permutex2var_epi8(st.g[c], order, st.g[c + 1]);
+      const __m512i index = _mm512_gf2p8affine_epi64_epi8(low, index_bits, 0);
+      _mm512_storeu_si512(q + 32 * c, _mm512_min_epu8(index, top));
+    }
+  }
+}
 #endif
 
 // Quantises NC chunks of 32 values starting at x + start + i (elements beyond len read as 0, not stored), whose
@@ -536,6 +586,12 @@ PQ_INLINE bool sqrt16_main_only(__m512 x, int mode) {
   const __m512i above_floor = _mm512_sub_epi32(_mm512_castps_si512(x), _mm512_set1_epi32(0x19800000));
   const __mmask16 inside = _mm512_cmplt_epu32_mask(above_floor, _mm512_set1_epi32(0x7F800000 - 0x19800000));
   return _kortestc_mask16_u8(inside, inside);
+}
+
+// The lanes of x that sqrt16_main_only refuses (kSqrtMklAvx512).
+PQ_INLINE __mmask16 main_sqrt_miss16(__m512 x) {
+  const __m512i above_floor = _mm512_sub_epi32(_mm512_castps_si512(x), _mm512_set1_epi32(0x19800000));
+  return _mm512_cmpge_epu32_mask(above_floor, _mm512_set1_epi32(0x7F800000 - 0x19800000));
 }
 
 // sqrt16's result where sqrt16_main_only(x, mode).
@@ -716,8 +772,8 @@ static inline void finish_deferred(const pq_adam_tensor& t, int64_t start, int64
 }
 
 // A block's step but its requantisation: the new parameters, and the new moments into m and v, their absmax into
-// new_a1, new_a2 and the tensor's absmax arrays. between(i) runs after the main loop's 64 elements from i (other work
-// for the core while these wait on their divisions: see adam_blocks_8bit).
+// new_a1, new_a2 and the tensor's absmax arrays. between(j) runs after the parameters of the 16 elements from j (other
+// work for the core while these wait on their divisions: see adam_blocks_8bit).
 // NONFINITE and SQRT_MODE are template parameters: with them as run-time values (even perfectly predicted
 // branches) GCC generated code that ran at half the speed.
 template <int PDT, int GDT, int NONFINITE, int SQRT_MODE, class Len, class Between>
@@ -739,29 +795,59 @@ PQ_INLINE int64_t adam_block_8bit_update(const pq_adam_tensor& t, int64_t start,
     __m512 mq[4], vq[4];
     lookup64(tab.deq1, _mm512_maskz_loadu_epi8(k64, q1 + i), mq);
     lookup64(tab.deq2, _mm512_maskz_loadu_epi8(k64, q2 + i), vq);
+    // Two passes over the four vectors. First their moments; then, in the common case (no lane skipped, every sqrt
+    // on the main sequence), their parameters in one straight-line stretch whose four dependent chains (sqrt,
+    // division: some 80 cycles) the core overlaps with each other and with the search stages `between` runs.
+    // Interleaved per vector, with a branch in each, the step ran 2-4 % slower (bench/NOTES.md).
+    __m512 mi[4], vi[4];
+    __mmask16 skips[4] = {};  // lanes whose gradient is not finite (kSkipElement)
+    __mmask16 unusual = 0;    // any lane skipped or off the main sqrt
 #pragma GCC unroll 4
     for (int r = 0; r < 4; ++r) {
       const int64_t j = i + 16 * r;
       const __mmask16 valid = (__mmask16)(k64 >> (16 * r));
       const __m512 m_old = _mm512_mul_ps(mq[r], a1), v_old = _mm512_mul_ps(vq[r], a2);
       const __m512 g = unscaled16<GDT>(k, load16<GDT>(t.grad, start + j, valid));
-      __m512 mi = m_old, vi = v_old;
-      moments16(k, g, mi, vi);
-      __mmask16 skip = 0;
+      mi[r] = m_old, vi[r] = v_old;
+      moments16(k, g, mi[r], vi[r]);
       if constexpr (NONFINITE == kSkipElement) {
         // Such an element keeps its parameter and moments. Behind a branch (almost never taken): the count, the
         // masks and the two blends on every vector cost 4-9 % of the step (bench/NOTES.md).
-        skip = nonfinite16(valid, g);
+        const __mmask16 skip = nonfinite16(valid, g);
         if (__builtin_expect(skip != 0, 0)) {
+          skips[r] = skip;
+          unusual |= skip;
           bad += __builtin_popcount((unsigned)skip);
-          mi = _mm512_mask_mov_ps(mi, skip, m_old);
-          vi = _mm512_mask_mov_ps(vi, skip, v_old);
+          mi[r] = _mm512_mask_mov_ps(mi[r], skip, m_old);
+          vi[r] = _mm512_mask_mov_ps(vi[r], skip, v_old);
         }
       }
-      _mm512_store_ps(m + j, mi);
-      _mm512_store_ps(v + j, vi);
-      amax1 = _mm512_mask_max_ps(amax1, valid, _mm512_abs_ps(mi), amax1);
-      amax2 = _mm512_mask_max_ps(amax2, valid, _mm512_abs_ps(vi), amax2);
+      _mm512_store_ps(m + j, mi[r]);
+      _mm512_store_ps(v + j, vi[r]);
+      amax1 = _mm512_mask_max_ps(amax1, valid, _mm512_abs_ps(mi[r]), amax1);
+      amax2 = _mm512_mask_max_ps(amax2, valid, _mm512_abs_ps(vi[r]), amax2);
+      if constexpr (SQRT_MODE == kSqrtMklAvx512) unusual |= main_sqrt_miss16(vi[r]);
+    }
+    if ((SQRT_MODE == kSqrtIeee || SQRT_MODE == kSqrtMklAvx512) && __builtin_expect(unusual == 0, 1)) {
+      const bool reciprocal = SQRT_MODE == kSqrtMklAvx512 && k.divides_by_c2;
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+        const int64_t j = i + 16 * r;
+        const __mmask16 valid = (__mmask16)(k64 >> (16 * r));
+        const __m512 p = load16<PDT>(t.param, start + j, valid);
+        const __m512 root = sqrt16_main(vi[r], SQRT_MODE);
+        const __m512 scaled = reciprocal ? divide_by_c2(k, root) : _mm512_div_ps(root, k.c2);
+        store16<PDT>(t.param, start + j, param8_scaled(k, p, mi[r], scaled), valid);
+        between(j);
+      }
+      continue;
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      const int64_t j = i + 16 * r;
+      const __mmask16 valid = (__mmask16)(k64 >> (16 * r));
+      const __mmask16 skip = skips[r];
+      const __m512 mi_r = mi[r], vi_r = vi[r];
       // The parameters of lanes `upd`. Called with `valid` in the common case, a constant in a full block, so that
       // the loads and stores take no mask register; likewise the common sqrt takes no blend of deferred lanes.
       const auto update = [&](__mmask16 upd) {
@@ -770,18 +856,18 @@ PQ_INLINE int64_t adam_block_8bit_update(const pq_adam_tensor& t, int64_t start,
           // loads behind the store and memory latency is no longer hidden (the step ran at half speed). The
           // lanes left for the routine get a placeholder here and their final value in finish_deferred.
           const __m512 p = load16<PDT>(t.param, start + j, upd);
-          if (__builtin_expect(sqrt16_main_only(vi, SQRT_MODE), 1)) {
-            const __m512 root = sqrt16_main(vi, SQRT_MODE);
+          if (__builtin_expect(sqrt16_main_only(vi_r, SQRT_MODE), 1)) {
+            const __m512 root = sqrt16_main(vi_r, SQRT_MODE);
             // Only the emulated sqrt's common path bounds the root (IEEE mode takes every root here).
             const bool reciprocal = SQRT_MODE == kSqrtMklAvx512 && k.divides_by_c2;
             const __m512 scaled = reciprocal ? divide_by_c2(k, root) : _mm512_div_ps(root, k.c2);
-            store16<PDT>(t.param, start + j, param8_scaled(k, p, mi, scaled), upd);
+            store16<PDT>(t.param, start + j, param8_scaled(k, p, mi_r, scaled), upd);
             return;
           }
           __mmask16 rest;
-          const __m512 root = sqrt16(vi, SQRT_MODE, rest);
+          const __m512 root = sqrt16(vi_r, SQRT_MODE, rest);
           rest &= upd;
-          store16<PDT>(t.param, start + j, _mm512_mask_mov_ps(param8(k, p, mi, root), rest, p), upd);
+          store16<PDT>(t.param, start + j, _mm512_mask_mov_ps(param8(k, p, mi_r, root), rest, p), upd);
           later[j / 16] = rest;
           any_later |= rest;
         } else {
@@ -793,8 +879,8 @@ PQ_INLINE int64_t adam_block_8bit_update(const pq_adam_tensor& t, int64_t start,
         update(valid & (__mmask16)~skip);
       else
         update(valid);
+      between(j);
     }
-    between(i);
   }
   if (any_later) finish_deferred<PDT, true>(t, start, len, k, m, v, later, fn);
   new_a1 = _mm512_reduce_max_ps(amax1), new_a2 = _mm512_reduce_max_ps(amax2);
@@ -843,6 +929,9 @@ static inline int64_t adam_blocks_8bit(const pq_adam_tensor& t, int64_t b0, int6
     uint8_t *q1, *q2;  // where the block's codes go
   };
   NewMoments moments[2];
+#if PQ_AVX512_VBMI
+  StagedSearch st1, st2;
+#endif
   NewMoments* pending = nullptr;  // a full block's new moments, not yet requantised
   const auto requantise_pending = [&]() {
     if (!pending) return;
@@ -864,9 +953,17 @@ static inline int64_t adam_blocks_8bit(const pq_adam_tensor& t, int64_t b0, int6
       const NewMoments& p = *pending;
       const __m512 inv1 = _mm512_set1_ps(block_inverse(p.absmax1)), inv2 = _mm512_set1_ps(block_inverse(p.absmax2));
       bad += adam_block_8bit_update<PDT, GDT, NONFINITE, SQRT_MODE>(
-          t, start, FullBlock(), tab, fn, out.m, out.v, out.absmax1, out.absmax2, [&](int64_t i) {
-            if (i == 0) quantize_chunks<PQ_DTYPE_FLOAT32, 8, false>(p.m, 0, 0, kOptimizerBlock, inv1, tab.quant1, p.q1);
-            if (i == 64) quantize_chunks<PQ_DTYPE_FLOAT32, 8, false>(p.v, 0, 0, kOptimizerBlock, inv2, tab.quant2, p.q2);
+          t, start, FullBlock(), tab, fn, out.m, out.v, out.absmax1, out.absmax2, [&](int64_t j) {
+#if PQ_AVX512_VBMI
+            // m's eight stages after vectors 0-7, v's after vectors 4-11: two searches overlapping by half
+            // measured 6-10 % faster than one after the other, and 5 % than both at once (bench/NOTES.md).
+            const int slot = (int)(j / 16);
+            if (slot < 8) search_stage(slot, st1, p.m, inv1, tab.quant1, p.q1);
+            if (slot >= 4 && slot < 12) search_stage(slot - 4, st2, p.v, inv2, tab.quant2, p.q2);
+#else
+            if (j == 0) quantize_chunks<PQ_DTYPE_FLOAT32, 8, false>(p.m, 0, 0, kOptimizerBlock, inv1, tab.quant1, p.q1);
+            if (j == 64) quantize_chunks<PQ_DTYPE_FLOAT32, 8, false>(p.v, 0, 0, kOptimizerBlock, inv2, tab.quant2, p.q2);
+#endif
           });
     } else {
       requantise_pending();
