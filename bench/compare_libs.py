@@ -1,10 +1,11 @@
 """Two builds of the CPU library on the 8-bit Adam step, interleaved in one process on the same inputs, with the
 bits compared (a kernel change must keep them):
 
-    OMP_NUM_THREADS=1 python bench/compare_libs.py BEFORE/libpyquant_cpu.so AFTER/libpyquant_cpu.so [MILLIONS] [ROUNDS]
+    OMP_NUM_THREADS=1 python bench/compare_libs.py BEFORE/libpyquant_cpu.so AFTER/libpyquant_cpu.so [MILLIONS] [ROUNDS] [RULE]
 
 Each library gets its own copy of one float32 tensor (MILLIONS * 2^20 parameters, default 1) with 8-bit states and
-calls `pq_adam_step` directly (no Python optimizer around it). It prints each build's minimum and median time per
+calls `pq_adam_step` directly (no Python optimizer around it), or with RULE (momentum, lion, rmsprop, adagrad)
+`pq_one_state_step`. It prints each build's minimum and median time per
 step over the rounds, in ns per parameter too, and after/before; it stops with an error if the two builds' params,
 states or absmax differ after any step. Copy a build's library out of `build/` before rebuilding to keep it.
 On the Intel Xeon of 2026-12-07 the second library came out up to 5 % faster than the first even when both were the
@@ -22,12 +23,13 @@ import torch
 
 from pyquant.backends import capi
 from pyquant.backends.code_tables import cached_code_table
+from pyquant._contract import ONE_STATE_FIELDS, ONE_STATE_RULES, one_state_constants
 from pyquant.functional import create_dynamic_map
 
 
 def load(path: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(path)  # another file than the first: its own copy of the library, not the one loaded
-    for name in ("pq_adam_step", "pq_set_cpu_sqrt", "pq_set_isa"):
+    for name in ("pq_adam_step", "pq_one_state_step", "pq_set_cpu_sqrt", "pq_set_isa"):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = capi.CPU_FUNCTIONS[name]
     lib.pq_set_cpu_sqrt(capi._torch_cpu_sqrt())  # the square root torch's CPU Adam uses, as pyquant installs it
@@ -60,19 +62,37 @@ def descriptor(tensors: list[torch.Tensor]) -> capi.AdamTensor:
     return d
 
 
+def one_state_descriptor(tensors: list[torch.Tensor]) -> capi.OneStateTensor:
+    """param, grad, state1, absmax1 of operands(): SGD's, Lion's and RMSprop's defaults but lr 1e-3 and momentum 0.9."""
+    d = capi.OneStateTensor(*(tensors[i].data_ptr() for i in (0, 1, 2, 4)), tensors[0].numel(), 0, 0, 8, 0)
+    group = {"lr": 1e-3, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.0}
+    for name, value in zip(ONE_STATE_FIELDS, one_state_constants(group, 5, eight_bit=True)):
+        setattr(d.k, name, value)
+    return d
+
+
 def main() -> None:
     before, after = sys.argv[1], sys.argv[2]
     n = int(float(sys.argv[3] if len(sys.argv) > 3 else 1) * (1 << 20))
     rounds = int(sys.argv[4]) if len(sys.argv) > 4 else 10
+    rule = sys.argv[5] if len(sys.argv) > 5 else "adam"
     libs = [load(before), load(after)]
     code1, code2 = create_dynamic_map(True), create_dynamic_map(False)
     tables = (code1.data_ptr(), code2.data_ptr(), cached_code_table(code1).data_ptr(), cached_code_table(code2).data_ptr())
     data = [operands(n), operands(n)]
-    descriptors = [descriptor(d) for d in data]
+    if rule == "adam":
+        descriptors = [descriptor(d) for d in data]
+    else:
+        descriptors = [one_state_descriptor(d) for d in data]
+        tables = (tables[0], tables[2])  # bitsandbytes quantises every one-state rule's state with the signed map
 
     def step(i: int) -> None:
-        if libs[i].pq_adam_step(ctypes.byref(descriptors[i]), 1, *tables, 0) < 0:
-            raise RuntimeError(f"{sys.argv[1 + i]}: pq_adam_step refused the call")
+        if rule == "adam":
+            count = libs[i].pq_adam_step(ctypes.byref(descriptors[i]), 1, *tables, 0)
+        else:
+            count = libs[i].pq_one_state_step(ctypes.byref(descriptors[i]), 1, *tables, ONE_STATE_RULES[rule], 0)
+        if count < 0:
+            raise RuntimeError(f"{sys.argv[1 + i]}: the step refused the call")
 
     def same_bits() -> None:
         for x, y in zip(*data):

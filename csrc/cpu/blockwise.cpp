@@ -183,6 +183,9 @@ struct PendingState {
   int64_t len;
   float absmax;
   uint8_t* q;
+#if PQ_AVX512_VBMI
+  vec::StagedSearch search;  // between the stages of a staged requantisation (StateCodec::requantise)
+#endif
 };
 
 // One block of a one-state step (8-bit or float32 state), in the order of bitsandbytes' CPU code: states and
@@ -191,9 +194,10 @@ struct PendingState {
 // `codec` dequantises and requantises an 8-bit state (StateCodec).
 //
 // The requantisation of an 8-bit state is left in `pending` (s is the caller's buffer for the block's state), and
-// the one pending before runs once this block's inputs are loaded: it then no longer waits on its own block's
-// absmax, and its search overlaps this block's arithmetic (as adam_blocks_8bit's does; bench/NOTES.md). The codes
-// are the same: each block is quantised from its own values and absmax.
+// the one pending before runs once this block's inputs are loaded, in the avx512vbmi build two stages of its search
+// after each of this block's loops (StateCodec::requantise): it then no longer waits on its own block's absmax, and
+// its search overlaps this block's arithmetic (as adam_blocks_8bit's does; bench/NOTES.md). The codes are the same:
+// each block is quantised from its own values and absmax.
 template <int RULE, int PDT, int GDT, class Codec>
 static inline int64_t one_state_block(const pq_one_state_tensor& t, int64_t start, int64_t len, const Codec& codec,
                                       int32_t nonfinite, int sqrt_mode, pq_vsqrt_fn fn, float* s,
@@ -212,10 +216,7 @@ static inline int64_t one_state_block(const pq_one_state_tensor& t, int64_t star
     memcpy(s, s32, (size_t)len * sizeof(float));
   // Bit blends instead of selects: selects kept GCC from vectorising the state loop (as in AdEMAMix's).
   const uint32_t nonfinite_seen = load_block<PDT, GDT>(t, start, len, k.inv_grad_scale, g, p);
-  if (pending.s) {
-    codec.quantize(pending.s, pending.len, pending.absmax, pending.q);
-    pending.s = nullptr;
-  }
+  codec.requantise(pending, 0, 2);
   int64_t bad = 0;
   with_skips_if_needed(nonfinite, nonfinite_seen, [&](auto may_skip) {
     for (int64_t i = 0; i < len; ++i) {
@@ -236,8 +237,10 @@ static inline int64_t one_state_block(const pq_one_state_tensor& t, int64_t star
       }
     }
   });
+  codec.requantise(pending, 2, 4);
   constexpr bool needs_root = one_state_needs_root(rule);
   if (needs_root) moment_sqrt(s, root, len, sqrt_mode, fn);
+  codec.requantise(pending, 4, 6);
   // Every element, then the skipped ones put back (rare): a select in this loop kept GCC from vectorising it.
   for (int64_t i = 0; i < len; ++i)
     store_from_float(t.param, start + i, PDT,
@@ -245,10 +248,11 @@ static inline int64_t one_state_block(const pq_one_state_tensor& t, int64_t star
   if (bad != 0)
     for (int64_t i = 0; i < len; ++i)
       if (skip[i]) store_from_float(t.param, start + i, PDT, p[i]);  // widening and rounding back is exact
+  codec.requantise(pending, 6, 8);
   if (eight_bit) {
     const float new_a1 = block_absmax(s, len);
     t.absmax1[start / kOptimizerBlock] = new_a1;
-    pending = {s, len, new_a1, q1};
+    pending.s = s, pending.len = len, pending.absmax = new_a1, pending.q = q1;
   } else {
     memcpy(s32, s, (size_t)len * sizeof(float));
   }
@@ -555,6 +559,26 @@ struct StateCodec {
 #endif
     scalar::quantize_values(s, len, absmax, table, q);
   }
+  // Stages [s0, s1) of 8 of a pending requantisation, which is done once stage 7 has run. The avx512vbmi build takes
+  // a full block with a finite inverse a stage at a time (vec::search_stage), so that the next block's loops run
+  // between them; any other block is requantised at once in stage 0.
+  void requantise(scalar::PendingState& p, int s0, int s1) const {
+    if (!p.s) return;
+#if PQ_AVX512_VBMI
+    if (vector && p.len == kOptimizerBlock && vec::quantizes_unclamped(p.absmax)) {
+      const __m512 inv = _mm512_set1_ps(block_inverse(p.absmax));
+      for (int s = s0; s < s1; ++s) vec::search_stage(s, p.search, p.s, inv, quant_table, p.q);
+      if (s1 == 8) p.s = nullptr;
+      return;
+    }
+#else
+    (void)s1;
+#endif
+    if (s0 == 0) {
+      quantize(p.s, p.len, p.absmax, p.q);
+      p.s = nullptr;
+    }
+  }
 };
 
 // The one-state rules run the per-element code of every build (the scalar rules, compiled for the build's
@@ -572,7 +596,7 @@ int64_t one_state_step(const pq_one_state_tensor* tensors, int32_t count, const 
         return with_value<PQ_DTYPE_FLOAT32, PQ_DTYPE_FLOAT16, PQ_DTYPE_BFLOAT16>(t.grad_dtype, [&](auto g) {
           constexpr int PDT = decltype(p)::value, GDT = decltype(g)::value;
           int64_t bad = 0;
-          float states[2][kOptimizerBlock];  // a block's and the one before's, whose requantisation may be pending
+          alignas(64) float states[2][kOptimizerBlock];  // a block's and the one before's, whose requantisation may be pending
           scalar::PendingState pending;
           for (int64_t b = b0; b < b1; ++b) {
             const int64_t start = b * kOptimizerBlock;
@@ -580,7 +604,7 @@ int64_t one_state_step(const pq_one_state_tensor* tensors, int32_t count, const 
             bad += scalar::one_state_block<RULE, PDT, GDT>(t, start, len, codec, nonfinite, sqrt_mode, fn,
                                                            states[b & 1], pending);
           }
-          if (pending.s) codec.quantize(pending.s, pending.len, pending.absmax, pending.q);
+          codec.requantise(pending, 0, 8);
           return bad;
         });
       });

@@ -424,7 +424,7 @@ PQ_INLINE void search_stage(int s, StagedSearch& st, const float* x, __m512 inv,
   if (s == 0) {
     const __m512i root = _mm512_set1_epi16((short)t.root), start = _mm512_set1_epi16(0x0100);
     for (int c = 0; c < 8; ++c) {
-      const __m512 x0 = _mm512_load_ps(x + 32 * c), x1 = _mm512_load_ps(x + 32 * c + 16);
+      const __m512 x0 = _mm512_loadu_ps(x + 32 * c), x1 = _mm512_loadu_ps(x + 32 * c + 16);
       const __m512i bins = _mm512_packus_epi32(grid_bins<false>(x0, inv), grid_bins<false>(x1, inv));
       st.bins[c] = bins;
       st.g[c] = _mm512_mask_add_epi16(start, _mm512_cmpge_epu16_mask(bins, root), start, _mm512_set1_epi16(0x0202));
@@ -915,7 +915,8 @@ static inline int64_t adam_block_8bit(const pq_adam_tensor& t, int64_t start, in
 static inline bool quantizes_unclamped(float absmax) { return absmax != 0.0f && is_finite(block_inverse(absmax)); }
 
 // Blocks [b0, b1) of one tensor, software-pipelined: a full block's requantisation runs inside the next block's
-// main loop, the first moment's after its first 64 elements and the second's after the next 64. At the end of its
+// main loop (the avx512vbmi build's in eight stages per moment spread over the loop's vectors, the avx512 build's
+// the first moment's after its first 64 elements and the second's after the next 64). At the end of its
 // own block it waited on the block's absmax (two reductions and a division) and its search, which keeps the
 // shuffle port busy, ran beside nothing else: 0.91-0.98x of the kernel's time at 1M and 4M parameters on one
 // thread (bench/NOTES.md). Same bits: each block is still quantised from its own moments and absmax. Blocks whose
