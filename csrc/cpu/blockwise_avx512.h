@@ -415,7 +415,9 @@ PQ_INLINE void code_index(const QuantTable& t, const __m512i (&bins)[NC], uint8_
 
 // The search of one full block's 256 values (8 chunks) cut into 8 stages, so that a block's requantisation can be
 // spread over the next block's main loop a stage at a time (see adam_blocks_8bit): the bins and the root level,
-// levels 2-6 one a stage, levels 7 and 8, the codes. The state lives in memory between stages.
+// levels 2-6 one a stage, levels 7 and 8, the codes. The state lives in memory between stages. The levels are
+// code_index's, written out again: built from shared per-level functions, the staged Adam step ran 5-11 % slower
+// (bench/NOTES.md). Both are checked against the reference (test_blockwise.py, test_optimizer_kernels.py).
 struct StagedSearch {
   __m512i bins[8], g[8];
 };
