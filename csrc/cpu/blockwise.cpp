@@ -596,7 +596,8 @@ int64_t one_state_step(const pq_one_state_tensor* tensors, int32_t count, const 
         return with_value<PQ_DTYPE_FLOAT32, PQ_DTYPE_FLOAT16, PQ_DTYPE_BFLOAT16>(t.grad_dtype, [&](auto g) {
           constexpr int PDT = decltype(p)::value, GDT = decltype(g)::value;
           int64_t bad = 0;
-          alignas(64) float states[2][kOptimizerBlock];  // a block's and the one before's, whose requantisation may be pending
+          // A block's and the one before's, whose requantisation may be pending.
+          alignas(64) float states[2][kOptimizerBlock];
           scalar::PendingState pending;
           for (int64_t b = b0; b < b1; ++b) {
             const int64_t start = b * kOptimizerBlock;
