@@ -590,12 +590,6 @@ PQ_INLINE bool sqrt16_main_only(__m512 x, int mode) {
   return _kortestc_mask16_u8(inside, inside);
 }
 
-// The lanes of x that sqrt16_main_only refuses (kSqrtMklAvx512).
-PQ_INLINE __mmask16 main_sqrt_miss16(__m512 x) {
-  const __m512i above_floor = _mm512_sub_epi32(_mm512_castps_si512(x), _mm512_set1_epi32(0x19800000));
-  return _mm512_cmpge_epu32_mask(above_floor, _mm512_set1_epi32(0x7F800000 - 0x19800000));
-}
-
 // sqrt16's result where sqrt16_main_only(x, mode).
 PQ_INLINE __m512 sqrt16_main(__m512 x, int mode) {
   if (mode == kSqrtIeee) return _mm512_sqrt_ps(x);
@@ -725,10 +719,11 @@ PQ_INLINE void moments16(const AdamVectors& k, __m512 g, __m512& m, __m512& v) {
   v = _mm512_fmadd_ps(_mm512_mul_ps(k.one_minus_beta2, g), g, _mm512_mul_ps(v, k.beta2));
 }
 
-// adam_param_8bit_given_sqrt, with root / c2 given as `scaled`.
+// adam_param_8bit_given_sqrt, with root / c2 given as `scaled`. UNIT: the decay is 1 (p * 1 is p).
+template <bool UNIT = false>
 PQ_INLINE __m512 param8_scaled(const AdamVectors& k, __m512 p, __m512 m, __m512 scaled) {
   const __m512 denom = _mm512_add_ps(scaled, k.eps);
-  return _mm512_add_ps(_mm512_mul_ps(p, k.decay), _mm512_div_ps(_mm512_mul_ps(k.step_size, m), denom));
+  return _mm512_add_ps(UNIT ? p : _mm512_mul_ps(p, k.decay), _mm512_div_ps(_mm512_mul_ps(k.step_size, m), denom));
 }
 
 // adam_param_8bit_given_sqrt.
@@ -776,9 +771,11 @@ static inline void finish_deferred(const pq_adam_tensor& t, int64_t start, int64
 // A block's step but its requantisation: the new parameters, and the new moments into m and v, their absmax into
 // new_a1, new_a2 and the tensor's absmax arrays. between(j) runs after the parameters of the 16 elements from j (other
 // work for the core while these wait on their divisions: see adam_blocks_8bit).
+// UNIT: the gradient scale and the decay are 1, so that the common case skips multiplying by them (exact either
+// way; the caller picks it per tensor).
 // NONFINITE and SQRT_MODE are template parameters: with them as run-time values (even perfectly predicted
 // branches) GCC generated code that ran at half the speed.
-template <int PDT, int GDT, int NONFINITE, int SQRT_MODE, class Len, class Between>
+template <int PDT, int GDT, int NONFINITE, int SQRT_MODE, bool UNIT, class Len, class Between>
 PQ_INLINE int64_t adam_block_8bit_update(const pq_adam_tensor& t, int64_t start, Len len, const AdamTables& tab,
                                          pq_vsqrt_fn fn, float* m, float* v, float& new_a1, float& new_a2,
                                          Between&& between) {
@@ -797,52 +794,76 @@ PQ_INLINE int64_t adam_block_8bit_update(const pq_adam_tensor& t, int64_t start,
     __m512 mq[4], vq[4];
     lookup64(tab.deq1, _mm512_maskz_loadu_epi8(k64, q1 + i), mq);
     lookup64(tab.deq2, _mm512_maskz_loadu_epi8(k64, q2 + i), vq);
-    // Two passes over the four vectors. First their moments; then, in the common case (no lane skipped, every sqrt
-    // on the main sequence), their parameters in one straight-line stretch whose four dependent chains (sqrt,
+    // Two passes over the four vectors. First their moments; then, in the common case (every lane's new v on the
+    // main sqrt sequence), their parameters in one straight-line stretch whose four dependent chains (sqrt,
     // division: some 80 cycles) the core overlaps with each other and with the search stages `between` runs.
     // Interleaved per vector, with a branch in each, the step ran 2-4 % slower (bench/NOTES.md).
+    // The common case is one test of the four vectors' v bits: an unsigned min and max over them, where a compare
+    // and a mask test per vector (and a class test of each gradient) took the shuffle port the searches need. It
+    // also rules out every skipped lane: a NaN or infinite gradient gives a NaN or infinite v, and the main
+    // range holds neither (nor negatives, so the absmax of v needs no abs there).
     __m512 mi[4], vi[4];
-    __mmask16 skips[4] = {};  // lanes whose gradient is not finite (kSkipElement)
-    __mmask16 unusual = 0;    // any lane skipped or off the main sqrt
+    __m512i v_low = _mm512_set1_epi32(-1), v_high = _mm512_setzero_si512();  // v's bits, unsigned
 #pragma GCC unroll 4
     for (int r = 0; r < 4; ++r) {
       const int64_t j = i + 16 * r;
       const __mmask16 valid = (__mmask16)(k64 >> (16 * r));
-      const __m512 m_old = _mm512_mul_ps(mq[r], a1), v_old = _mm512_mul_ps(vq[r], a2);
-      const __m512 g = unscaled16<GDT>(k, load16<GDT>(t.grad, start + j, valid));
-      mi[r] = m_old, vi[r] = v_old;
+      const __m512 loaded = load16<GDT>(t.grad, start + j, valid);
+      const __m512 g = UNIT ? loaded : unscaled16<GDT>(k, loaded);
+      mi[r] = _mm512_mul_ps(mq[r], a1), vi[r] = _mm512_mul_ps(vq[r], a2);
       moments16(k, g, mi[r], vi[r]);
+      v_high = _mm512_max_epu32(v_high, _mm512_castps_si512(vi[r]));
+      if constexpr (SQRT_MODE == kSqrtMklAvx512) v_low = _mm512_min_epu32(v_low, _mm512_castps_si512(vi[r]));
+    }
+    if constexpr (SQRT_MODE == kSqrtIeee || SQRT_MODE == kSqrtMklAvx512) {
+      // kSqrtIeee: v finite and not negative; kSqrtMklAvx512: sqrt16_main_only's [0x19800000, 0x7F800000).
+      const __m512i floor = _mm512_set1_epi32(SQRT_MODE == kSqrtIeee ? 0 : 0x19800000);
+      const __mmask16 inside = _mm512_cmplt_epu32_mask(v_high, _mm512_set1_epi32(0x7F800000)) &
+                               _mm512_cmpge_epu32_mask(v_low, floor);
+      if (__builtin_expect(_kortestc_mask16_u8(inside, inside), 1)) {
+        const bool reciprocal = SQRT_MODE == kSqrtMklAvx512 && k.divides_by_c2;
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) {
+          const int64_t j = i + 16 * r;
+          const __mmask16 valid = (__mmask16)(k64 >> (16 * r));
+          _mm512_store_ps(m + j, mi[r]);
+          _mm512_store_ps(v + j, vi[r]);
+          amax1 = _mm512_mask_max_ps(amax1, valid, _mm512_abs_ps(mi[r]), amax1);
+          amax2 = _mm512_mask_max_ps(amax2, valid, vi[r], amax2);
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) {
+          const int64_t j = i + 16 * r;
+          const __mmask16 valid = (__mmask16)(k64 >> (16 * r));
+          const __m512 p = load16<PDT>(t.param, start + j, valid);
+          const __m512 root = sqrt16_main(vi[r], SQRT_MODE);
+          const __m512 scaled = reciprocal ? divide_by_c2(k, root) : _mm512_div_ps(root, k.c2);
+          store16<PDT>(t.param, start + j, param8_scaled<UNIT>(k, p, mi[r], scaled), valid);
+          between(j);
+        }
+        continue;
+      }
+    }
+    // Otherwise vector by vector: skipped lanes (kSkipElement) keep their moments, each sqrt takes its own path.
+    __mmask16 skips[4] = {};
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      const int64_t j = i + 16 * r;
+      const __mmask16 valid = (__mmask16)(k64 >> (16 * r));
       if constexpr (NONFINITE == kSkipElement) {
-        // Such an element keeps its parameter and moments. Behind a branch (almost never taken): the count, the
-        // masks and the two blends on every vector cost 4-9 % of the step (bench/NOTES.md).
+        const __m512 g = unscaled16<GDT>(k, load16<GDT>(t.grad, start + j, valid));
         const __mmask16 skip = nonfinite16(valid, g);
         if (__builtin_expect(skip != 0, 0)) {
           skips[r] = skip;
-          unusual |= skip;
           bad += __builtin_popcount((unsigned)skip);
-          mi[r] = _mm512_mask_mov_ps(mi[r], skip, m_old);
-          vi[r] = _mm512_mask_mov_ps(vi[r], skip, v_old);
+          mi[r] = _mm512_mask_mov_ps(mi[r], skip, _mm512_mul_ps(mq[r], a1));
+          vi[r] = _mm512_mask_mov_ps(vi[r], skip, _mm512_mul_ps(vq[r], a2));
         }
       }
       _mm512_store_ps(m + j, mi[r]);
       _mm512_store_ps(v + j, vi[r]);
       amax1 = _mm512_mask_max_ps(amax1, valid, _mm512_abs_ps(mi[r]), amax1);
       amax2 = _mm512_mask_max_ps(amax2, valid, _mm512_abs_ps(vi[r]), amax2);
-      if constexpr (SQRT_MODE == kSqrtMklAvx512) unusual |= main_sqrt_miss16(vi[r]);
-    }
-    if ((SQRT_MODE == kSqrtIeee || SQRT_MODE == kSqrtMklAvx512) && __builtin_expect(unusual == 0, 1)) {
-      const bool reciprocal = SQRT_MODE == kSqrtMklAvx512 && k.divides_by_c2;
-#pragma GCC unroll 4
-      for (int r = 0; r < 4; ++r) {
-        const int64_t j = i + 16 * r;
-        const __mmask16 valid = (__mmask16)(k64 >> (16 * r));
-        const __m512 p = load16<PDT>(t.param, start + j, valid);
-        const __m512 root = sqrt16_main(vi[r], SQRT_MODE);
-        const __m512 scaled = reciprocal ? divide_by_c2(k, root) : _mm512_div_ps(root, k.c2);
-        store16<PDT>(t.param, start + j, param8_scaled(k, p, mi[r], scaled), valid);
-        between(j);
-      }
-      continue;
     }
 #pragma GCC unroll 4
     for (int r = 0; r < 4; ++r) {
@@ -896,8 +917,8 @@ PQ_INLINE int64_t adam_block_8bit_impl(const pq_adam_tensor& t, int64_t start, L
                                        pq_vsqrt_fn fn) {
   alignas(64) float m[kOptimizerBlock], v[kOptimizerBlock];
   float a1, a2;
-  const int64_t bad = adam_block_8bit_update<PDT, GDT, NONFINITE, SQRT_MODE>(t, start, len, tab, fn, m, v, a1, a2,
-                                                                             [](int64_t) {});
+  const int64_t bad = adam_block_8bit_update<PDT, GDT, NONFINITE, SQRT_MODE, false>(t, start, len, tab, fn, m, v,
+                                                                                    a1, a2, [](int64_t) {});
   quantize_values<PQ_DTYPE_FLOAT32>(m, 0, len, a1, tab.quant1, (uint8_t*)t.state1 + start);
   quantize_values<PQ_DTYPE_FLOAT32>(v, 0, len, a2, tab.quant2, (uint8_t*)t.state2 + start);
   return bad;
@@ -923,7 +944,7 @@ static inline bool quantizes_unclamped(float absmax) { return absmax != 0.0f && 
 // shuffle port busy, ran beside nothing else: 0.91-0.98x of the kernel's time at 1M and 4M parameters on one
 // thread (bench/NOTES.md). Same bits: each block is still quantised from its own moments and absmax. Blocks whose
 // absmax takes the clamps or is 0, and the partial last block, take adam_block_8bit_impl's order.
-template <int PDT, int GDT, int NONFINITE, int SQRT_MODE>
+template <int PDT, int GDT, int NONFINITE, int SQRT_MODE, bool UNIT = false>
 static inline int64_t adam_blocks_8bit(const pq_adam_tensor& t, int64_t b0, int64_t b1, const AdamTables& tab,
                                        pq_vsqrt_fn fn) {
   struct NewMoments {
@@ -955,7 +976,7 @@ static inline int64_t adam_blocks_8bit(const pq_adam_tensor& t, int64_t b0, int6
     if (pending && quantizes_unclamped(pending->absmax1) && quantizes_unclamped(pending->absmax2)) {
       const NewMoments& p = *pending;
       const __m512 inv1 = _mm512_set1_ps(block_inverse(p.absmax1)), inv2 = _mm512_set1_ps(block_inverse(p.absmax2));
-      bad += adam_block_8bit_update<PDT, GDT, NONFINITE, SQRT_MODE>(
+      bad += adam_block_8bit_update<PDT, GDT, NONFINITE, SQRT_MODE, UNIT>(
           t, start, FullBlock(), tab, fn, out.m, out.v, out.absmax1, out.absmax2, [&](int64_t j) {
 #if PQ_AVX512_VBMI
             // m's eight stages after vectors 0-7, v's after vectors 4-11: two searches overlapping by half
@@ -970,8 +991,9 @@ static inline int64_t adam_blocks_8bit(const pq_adam_tensor& t, int64_t b0, int6
           });
     } else {
       requantise_pending();
-      bad += adam_block_8bit_update<PDT, GDT, NONFINITE, SQRT_MODE>(t, start, FullBlock(), tab, fn, out.m, out.v,
-                                                                    out.absmax1, out.absmax2, [](int64_t) {});
+      bad += adam_block_8bit_update<PDT, GDT, NONFINITE, SQRT_MODE, UNIT>(t, start, FullBlock(), tab, fn, out.m,
+                                                                          out.v, out.absmax1, out.absmax2,
+                                                                          [](int64_t) {});
     }
     pending = &out;
   }
