@@ -1,7 +1,7 @@
 """Two builds of the CPU library on the 8-bit Adam step, interleaved in one process on the same inputs, with the
 bits compared (a kernel change must keep them):
 
-    OMP_NUM_THREADS=1 python bench/compare_libs.py BEFORE/libpyquant_cpu.so AFTER/libpyquant_cpu.so [MILLIONS] [ROUNDS] [RULE]
+    OMP_NUM_THREADS=1 python bench/compare_libs.py BEFORE/libpyquant_cpu.so AFTER/libpyquant_cpu.so [MILLIONS] [ROUNDS] [RULE] [--timing-only]
 
 Each library gets its own copy of one float32 tensor (MILLIONS * 2^20 parameters, default 1) with 8-bit states and
 calls `pq_adam_step` directly (no Python optimizer around it), or with RULE (momentum, lion, rmsprop, adagrad)
@@ -9,13 +9,20 @@ calls `pq_adam_step` directly (no Python optimizer around it), or with RULE (mom
 step over the rounds, in ns per parameter too, and after/before; it stops with an error if the two builds' params,
 states or absmax differ after any step. Copy a build's library out of `build/` before rebuilding to keep it.
 On the Intel Xeon of 2026-12-07 the second library came out up to 5 % faster than the first even when both were the
-same file: run it in both orders and take the geometric mean of after/before and before/after's inverse.
+same file: run it in both orders and take the geometric mean of after/before and before/after's inverse. It also
+prints the paired ratio: each round times both builds back to back, in alternating order, and the median and
+quartiles of the rounds' after/before ratios move less with the host than the two minimums do (the same file twice
+gave 0.989 and 1.006 over 200 and 100 rounds at 1M, quartiles within 3 %).
+
+--timing-only skips the bit comparison, for a build changed on purpose to time what one part of a kernel costs (a
+part removed or replaced, wrong bits).
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import statistics
 import sys
 import time
 
@@ -72,10 +79,12 @@ def one_state_descriptor(tensors: list[torch.Tensor]) -> capi.OneStateTensor:
 
 
 def main() -> None:
-    before, after = sys.argv[1], sys.argv[2]
-    n = int(float(sys.argv[3] if len(sys.argv) > 3 else 1) * (1 << 20))
-    rounds = int(sys.argv[4]) if len(sys.argv) > 4 else 10
-    rule = sys.argv[5] if len(sys.argv) > 5 else "adam"
+    timing_only = "--timing-only" in sys.argv
+    args = [a for a in sys.argv[1:] if a != "--timing-only"]
+    before, after = args[0], args[1]
+    n = int(float(args[2] if len(args) > 2 else 1) * (1 << 20))
+    rounds = int(args[3]) if len(args) > 3 else 10
+    rule = args[4] if len(args) > 4 else "adam"
     libs = [load(before), load(after)]
     code1, code2 = create_dynamic_map(True), create_dynamic_map(False)
     tables = (code1.data_ptr(), code2.data_ptr(), cached_code_table(code1).data_ptr(), cached_code_table(code2).data_ptr())
@@ -92,9 +101,11 @@ def main() -> None:
         else:
             count = libs[i].pq_one_state_step(ctypes.byref(descriptors[i]), 1, *tables, ONE_STATE_RULES[rule], 0)
         if count < 0:
-            raise RuntimeError(f"{sys.argv[1 + i]}: the step refused the call")
+            raise RuntimeError(f"{args[i]}: the step refused the call")
 
     def same_bits() -> None:
+        if timing_only:
+            return
         for x, y in zip(*data):
             if not torch.equal(x.view(torch.uint8), y.view(torch.uint8)):
                 raise SystemExit("the two builds' results differ")
@@ -105,18 +116,23 @@ def main() -> None:
     same_bits()
     reps = max(1, int(20e6 // n))
     times: list[list[float]] = [[], []]
-    for _ in range(rounds):
-        for i in (0, 1):
+    ratios = []
+    for r in range(rounds):
+        for i in (0, 1) if r % 2 == 0 else (1, 0):
             t = time.perf_counter()
             for _ in range(reps):
                 step(i)
             times[i].append((time.perf_counter() - t) / reps * 1e3)
+        ratios.append(times[1][-1] / times[0][-1])
         same_bits()
     for name, t in zip(("before", "after"), times):
         t.sort()
         print(f"{name:6s} min {t[0]:.3f} ms  median {t[len(t) // 2]:.3f} ms  ({t[0] * 1e6 / n:.2f} ns a parameter)")
     print(f"after/before: min {times[1][0] / times[0][0]:.3f}  median {times[1][rounds // 2] / times[0][rounds // 2]:.3f}"
-          "  (same bits)")
+          + ("  (bits not compared)" if timing_only else "  (same bits)"))
+    if rounds >= 4:
+        low, _, high = statistics.quantiles(ratios, n=4)
+        print(f"paired after/before: median {statistics.median(ratios):.3f}  quartiles {low:.3f} {high:.3f}")
 
 
 if __name__ == "__main__":

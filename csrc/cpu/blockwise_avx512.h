@@ -789,7 +789,11 @@ PQ_INLINE int64_t adam_block_8bit_update(const pq_adam_tensor& t, int64_t start,
   prefetch_block<PDT, GDT>(t, start, 1);
   __m512 amax1 = _mm512_setzero_ps(), amax2 = _mm512_setzero_ps();
   int64_t bad = 0;
-  for (int64_t i = 0; i < len; i += 64) {
+  // One 64-element stretch at offset i. In the avx512vbmi build a full block with search stages to run in between
+  // takes its four with compile-time offsets, so that each call of `between` keeps only its own slot's stages: with
+  // a run-time offset every call site carried the code of all of them (0.96x of the kernel's time at 1M parameters,
+  // 0.98-0.99x at 4M and 16M; bench/NOTES.md). Elsewhere the loop stays: unrolled, the library grew by a fifth.
+  const auto stretch = [&](auto i) __attribute__((always_inline)) {
     const __mmask64 k64 = mask64(len - i);
     __m512 mq[4], vq[4];
     lookup64(tab.deq1, _mm512_maskz_loadu_epi8(k64, q1 + i), mq);
@@ -841,7 +845,7 @@ PQ_INLINE int64_t adam_block_8bit_update(const pq_adam_tensor& t, int64_t start,
           store16<PDT>(t.param, start + j, param8_scaled<UNIT>(k, p, mi[r], scaled), valid);
           between(j);
         }
-        continue;
+        return;
       }
     }
     // Otherwise vector by vector: skipped lanes (kSkipElement) keep their moments, each sqrt takes its own path.
@@ -904,6 +908,14 @@ PQ_INLINE int64_t adam_block_8bit_update(const pq_adam_tensor& t, int64_t start,
         update(valid);
       between(j);
     }
+  };
+  if constexpr (PQ_AVX512_VBMI && std::is_same_v<Len, FullBlock> && !std::is_empty_v<std::decay_t<Between>>) {
+    stretch(std::integral_constant<int64_t, 0>());
+    stretch(std::integral_constant<int64_t, 64>());
+    stretch(std::integral_constant<int64_t, 128>());
+    stretch(std::integral_constant<int64_t, 192>());
+  } else {
+    for (int64_t i = 0; i < len; i += 64) stretch(i);
   }
   if (any_later) finish_deferred<PDT, true>(t, start, len, k, m, v, later, fn);
   new_a1 = _mm512_reduce_max_ps(amax1), new_a2 = _mm512_reduce_max_ps(amax2);
@@ -977,7 +989,8 @@ static inline int64_t adam_blocks_8bit(const pq_adam_tensor& t, int64_t b0, int6
       const NewMoments& p = *pending;
       const __m512 inv1 = _mm512_set1_ps(block_inverse(p.absmax1)), inv2 = _mm512_set1_ps(block_inverse(p.absmax2));
       bad += adam_block_8bit_update<PDT, GDT, NONFINITE, SQRT_MODE, UNIT>(
-          t, start, FullBlock(), tab, fn, out.m, out.v, out.absmax1, out.absmax2, [&](int64_t j) {
+          t, start, FullBlock(), tab, fn, out.m, out.v, out.absmax1, out.absmax2,
+          [&](int64_t j) __attribute__((always_inline)) {
 #if PQ_AVX512_VBMI
             // m's eight stages after vectors 0-7, v's after vectors 4-11: two searches overlapping by half
             // measured 6-10 % faster than one after the other, and 5 % than both at once (bench/NOTES.md).
