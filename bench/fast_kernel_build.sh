@@ -1,6 +1,6 @@
 #!/bin/bash
 # A CPU library for timing experiments on the SIMD 8-bit kernels, built in about a minute instead of the full
-# build's 6-9 (blockwise.cpp, compiled once per instruction set, is most of it):
+# build's 6-11 (blockwise.cpp, compiled once per instruction set, is most of it):
 #
 #     bench/fast_kernel_build.sh OUT.so ["-DFLAG ..."]
 #
