@@ -1,7 +1,7 @@
 """Two builds of the CPU library on the 8-bit Adam step, interleaved in one process on the same inputs, with the
 bits compared (a kernel change must keep them):
 
-    OMP_NUM_THREADS=1 python bench/compare_libs.py BEFORE/libpyquant_cpu.so AFTER/libpyquant_cpu.so [MILLIONS] [ROUNDS] [RULE] [--timing-only]
+    OMP_NUM_THREADS=1 python bench/compare_libs.py BEFORE/libpyquant_cpu.so AFTER/libpyquant_cpu.so [MILLIONS] [ROUNDS] [RULE] [--timing-only] [--step=T]
 
 Each library gets its own copy of one float32 tensor (MILLIONS * 2^20 parameters, default 1) with 8-bit states and
 calls `pq_adam_step` directly (no Python optimizer around it), or with RULE (momentum, lion, rmsprop, adagrad)
@@ -14,7 +14,8 @@ prints the paired ratio: each round times both builds back to back, in alternati
 quartiles of the rounds' after/before ratios move less with the host than the two minimums do (the same file twice
 gave 0.989 and 1.006 over 200 and 100 rounds at 1M, quartiles within 3 %).
 
---timing-only skips the bit comparison, for a build changed on purpose to time what one part of a kernel costs (a
+--step=T sets Adam's step count (default 5; from about 16,600 the bias correction c2 of beta2 = 0.999 is 1 in
+float32). --timing-only skips the bit comparison, for a build changed on purpose to time what one part of a kernel costs (a
 part removed or replaced, wrong bits).
 """
 
@@ -59,9 +60,9 @@ def operands(n: int) -> list[torch.Tensor]:
     ]
 
 
-def descriptor(tensors: list[torch.Tensor]) -> capi.AdamTensor:
+def descriptor(tensors: list[torch.Tensor], step: int = 5) -> capi.AdamTensor:
     d = capi.AdamTensor(*(t.data_ptr() for t in tensors), tensors[0].numel(), 0, 0, 8, 0)
-    lr, beta1, beta2, eps, step = 1e-3, 0.9, 0.999, 1e-8, 5
+    lr, beta1, beta2, eps = 1e-3, 0.9, 0.999, 1e-8
     c1, c2 = 1 - beta1**step, (1 - beta2**step) ** 0.5
     k = d.k
     k.beta1, k.one_minus_beta1, k.beta2, k.one_minus_beta2 = beta1, 1 - beta1, beta2, 1 - beta2
@@ -80,7 +81,8 @@ def one_state_descriptor(tensors: list[torch.Tensor]) -> capi.OneStateTensor:
 
 def main() -> None:
     timing_only = "--timing-only" in sys.argv
-    args = [a for a in sys.argv[1:] if a != "--timing-only"]
+    steps = [int(a.split("=", 1)[1]) for a in sys.argv[1:] if a.startswith("--step=")]
+    args = [a for a in sys.argv[1:] if a != "--timing-only" and not a.startswith("--step=")]
     before, after = args[0], args[1]
     n = int(float(args[2] if len(args) > 2 else 1) * (1 << 20))
     rounds = int(args[3]) if len(args) > 3 else 10
@@ -90,7 +92,7 @@ def main() -> None:
     tables = (code1.data_ptr(), code2.data_ptr(), cached_code_table(code1).data_ptr(), cached_code_table(code2).data_ptr())
     data = [operands(n), operands(n)]
     if rule == "adam":
-        descriptors = [descriptor(d) for d in data]
+        descriptors = [descriptor(d, *steps) for d in data]
     else:
         descriptors = [one_state_descriptor(d) for d in data]
         tables = (tables[0], tables[2])  # bitsandbytes quantises every one-state rule's state with the signed map

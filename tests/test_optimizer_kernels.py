@@ -153,10 +153,15 @@ def run_adam(name: str, device: str, tensors, grads, step: int, code1, code2, no
 @pytest.mark.parametrize("nonfinite", (_contract.SKIP_ELEMENT, _contract.PROPAGATE), ids=("skip", "propagate"))
 def test_adam_step_of_every_cpu_build_equals_the_reference(isa, nonfinite):
     """Each instruction-set build's Adam step (the AVX2 and AVX-512 kernels have their own lookups and loops) on
-    tensors whose last blocks are partial, in three dtypes, with NaN and inf gradients: the reference's bits."""
+    tensors whose last blocks are partial, in three dtypes, with NaN and inf gradients: the reference's bits. The
+    last step's count makes the bias correction c2 exactly 1 in float32, which the AVX-512 kernels' common path
+    takes without dividing by it."""
     tensors, code1, code2 = make_adam_problem(seed=3)
     runs = {name: clone_to(tensors, "cpu") for name in ("cpu", "reference")}
-    for step in (1, 2, 3):
+    late = 20000
+    assert adam_constants(late)[0, _contract.CONSTANT_FIELDS.index("c2")] == 1.0
+    assert adam_constants(3)[0, _contract.CONSTANT_FIELDS.index("c2")] < 1.0
+    for step in (1, 2, 3, late):
         grads = make_grads(step, seed=3)
         counts = {name: int(run_adam(name, "cpu", ts, grads, step, code1, code2, nonfinite)) for name, ts in runs.items()}
         expected_bad = sum(int((~torch.isfinite(g.float())).sum()) for g in grads)
