@@ -349,3 +349,22 @@ def test_step_marks_parameters_and_states_written(backend):
     assert all(t._version > v for t, v in zip(written, before))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="the CPU library is not built")
+def test_a_prepared_step_marks_each_written_tensor_once():
+    """Float32-state tensors share one empty block-scale placeholder (Optimizer8bit._operands): a prepared step
+    bumps its version once, like every other tensor it writes, not once per tensor that lists it."""
+    from pyquant import functional as F
+    from pyquant._contract import adam_constants
+
+    p, g, s1, s2 = ([torch.ones(k) for k in (4, 6, 8)] for _ in range(4))
+    empty = torch.zeros(0)
+    row = adam_constants(dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0), 1, False)
+    step = F.prepare_adam_step(p, g, s1, s2, [empty] * 3, [empty] * 3, torch.tensor([row] * 3),
+                               F.create_dynamic_map(True), F.create_dynamic_map(False))
+    written = [empty, *p, *s1, *s2]
+    before = [t._version for t in written]
+    assert step(p, g, [row], None, 0) == 0
+    assert [t._version - v for t, v in zip(written, before)] == [1] * len(written)
+    assert all(bool((x < 1).all()) for x in p)  # the step ran
