@@ -1,5 +1,6 @@
 """Adam8bit's step over DenseNet-121's 364 parameter tensors (8-bit states from 4096 elements), split into the
-library call (the plan's PreparedStep.run: the kernel, the NVTX range, the version bumps) and everything else, with
+library call (the plan's PreparedStep.run: the kernel, the NVTX range, the version bumps; "kernel call" is the C call
+alone) and everything else, with
 torch's fused Adam on the same shapes interleaved, one thread unless told; minimum and median over the rounds, in ms:
     python bench/profile_outside_kernel.py [ROUNDS] [THREADS]
 """
@@ -20,11 +21,18 @@ def timed(self, nonfinite):
     return count
 PreparedStep.run = timed
 for _ in range(3): ours.step(); theirs.step()
-times = {"step": [], "library call": [], "outside it": [], "torch fused step": []}
+in_kernel = [0.0]
+for plan in ours._plans.values():
+    def kernel(nonfinite, call=plan.prepared._run):
+        t = time.perf_counter(); count = call(nonfinite); in_kernel[0] += time.perf_counter() - t
+        return count
+    plan.prepared._run = kernel
+times = {"step": [], "library call": [], "kernel call": [], "outside it": [], "torch fused step": []}
 for _ in range(rounds):
-    in_run[0] = 0.0
+    in_run[0] = in_kernel[0] = 0.0
     t = time.perf_counter(); ours.step(); total = time.perf_counter() - t
     times["step"].append(total); times["library call"].append(in_run[0]); times["outside it"].append(total - in_run[0])
+    times["kernel call"].append(in_kernel[0])
     t = time.perf_counter(); theirs.step(); times["torch fused step"].append(time.perf_counter() - t)
 for k, v in times.items():
     v.sort(); print(f"{k:16s} min {v[0] * 1e3:.3f} ms  med {v[len(v) // 2] * 1e3:.3f} ms")
