@@ -129,7 +129,7 @@ class PreparedStep:
     def __init__(self, name: str, descriptors, run, params, written, norms=None):
         self.name, self._descriptors, self._run, self._norms = name, descriptors, run, norms
         # Each tensor once: the float32-state tensors share one empty block-scale placeholder (Optimizer8bit._operands),
-        # which listed per tensor made a third of the version bumps over DenseNet-121's list.
+        # which listed per tensor made a quarter of the version bumps over DenseNet-121's list (486 of 1820).
         self._written = list({id(t): t for t in written}.values())
         self._pointers = [p.data_ptr() for p in params]
         self._numels = [p.numel() for p in params]
