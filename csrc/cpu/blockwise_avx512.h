@@ -839,7 +839,7 @@ PQ_INLINE int64_t adam_block_8bit_update(const pq_adam_tensor& t, int64_t start,
         // The four roots first, then root / c2 for all four behind one branch (none once c2 is 1: x / 1 is x),
         // then the parameters and the search stages. Against each vector's root and division between the stages,
         // with c2 below 1: 0.93x of the kernel's time at 4M parameters, 0.96x at 16M, 0.91-0.92x on two threads,
-        // unchanged at 1M on one; with c2 = 1, 0.87-0.95x (bench/NOTES.md).
+        // unchanged at 1M on one; with c2 = 1, 0.85-0.95x (bench/NOTES.md).
         __m512 scaled[4];
 #pragma GCC unroll 4
         for (int r = 0; r < 4; ++r) scaled[r] = sqrt16_main(vi[r], SQRT_MODE);
