@@ -1,6 +1,6 @@
 """Adam8bit's step over DenseNet-121's 364 parameter tensors (8-bit states from 4096 elements), split into the
 library call (the plan's PreparedStep.run: the kernel, the NVTX range, the version bumps; "kernel call" is the C call
-alone) and everything else, with
+alone) and everything else ("before it": the plan's checks and the descriptors' loading; "after it"), with
 torch's fused Adam on the same shapes interleaved, one thread unless told; minimum and median over the rounds, in ms:
     python bench/profile_outside_kernel.py [ROUNDS] [THREADS]
 """
@@ -14,10 +14,10 @@ def params():
     for p in ps: p.grad = torch.randn_like(p) * 1e-2
     return ps
 ours, theirs = pyquant.Adam8bit(params(), min_8bit_size=4096), torch.optim.Adam(params(), fused=True)
-in_run = [0.0]
+calls = []  # each library call's start and end in this step
 original = PreparedStep.run
 def timed(self, nonfinite):
-    t = time.perf_counter(); count = original(self, nonfinite); in_run[0] += time.perf_counter() - t
+    t = time.perf_counter(); count = original(self, nonfinite); calls.append((t, time.perf_counter()))
     return count
 PreparedStep.run = timed
 for _ in range(3): ours.step(); theirs.step()
@@ -27,12 +27,15 @@ for plan in ours._plans.values():
         t = time.perf_counter(); count = call(nonfinite); in_kernel[0] += time.perf_counter() - t
         return count
     plan.prepared._run = kernel
-times = {"step": [], "library call": [], "kernel call": [], "outside it": [], "torch fused step": []}
+times = {"step": [], "library call": [], "kernel call": [], "outside it": [], "before it": [], "after it": [],
+         "torch fused step": []}
 for _ in range(rounds):
-    in_run[0] = in_kernel[0] = 0.0
+    calls.clear(); in_kernel[0] = 0.0
     t = time.perf_counter(); ours.step(); total = time.perf_counter() - t
-    times["step"].append(total); times["library call"].append(in_run[0]); times["outside it"].append(total - in_run[0])
+    in_run = sum(end - start for start, end in calls)
+    times["step"].append(total); times["library call"].append(in_run); times["outside it"].append(total - in_run)
     times["kernel call"].append(in_kernel[0])
+    times["before it"].append(calls[0][0] - t); times["after it"].append(t + total - calls[-1][1])
     t = time.perf_counter(); theirs.step(); times["torch fused step"].append(time.perf_counter() - t)
 for k, v in times.items():
     v.sort(); print(f"{k:16s} min {v[0] * 1e3:.3f} ms  med {v[len(v) // 2] * 1e3:.3f} ms")
