@@ -59,8 +59,9 @@ def main() -> None:
         print(f"{count / numel:8.2f} a parameter  {name[:110]}")
     kernel = [a for a in inside if re.search(r"adam_blocks?_8bit", function[a])]
     print(f"block kernels: {len(kernel) / numel:.2f} instructions a parameter; by mnemonic:")
-    for op, count in collections.Counter(mnemonic[a] for a in kernel).most_common(40):
-        print(f"{count / numel:8.3f}  {op}")
+    for op, count in collections.Counter(mnemonic[a] for a in kernel).most_common():
+        if count / numel >= 0.001:
+            print(f"{count / numel:8.3f}  {op}")
 
 
 if __name__ == "__main__":
