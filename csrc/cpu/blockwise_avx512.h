@@ -56,6 +56,8 @@ struct DequantTable {
   alignas(64) uint8_t plane[4][256];  // plane[k][i]: byte k (least significant first) of code i's float32 pattern
   bool mirrored;                      // mirrors_around_127; half[k][j]: byte k of mirror_half(j)
   alignas(64) uint8_t half[4][128];
+  // lookup64's byte constants, read from memory (see QuantTable::splats).
+  alignas(64) uint8_t middle[64], sign_bit[64];
 };
 
 static inline void prepare_dequant(const float* code, DequantTable& t) {
@@ -64,6 +66,8 @@ static inline void prepare_dequant(const float* code, DequantTable& t) {
   t.mirrored = mirrors_around_127(code);
   for (int j = 0; j < 128; ++j)
     for (int k = 0; k < 4; ++k) t.half[k][j] = (uint8_t)(mirror_half(code, j) >> (8 * k));
+  memset(t.middle, 127, sizeof t.middle);
+  memset(t.sign_bit, 0x80, sizeof t.sign_bit);
 }
 
 // One byte plane: vpermt2b covers 128 entries, bit 7 of the index picks between two of them.
@@ -86,14 +90,14 @@ PQ_INLINE void lookup64(const DequantTable& t, __m512i q, __m512 (&c)[4]) {
   if (t.mirrored) {
     // See mirrors_around_127: one permute per plane where the full table takes two (each holds the shuffle port
     // for two cycles).
-    const __m512i d = _mm512_sub_epi8(idx, _mm512_set1_epi8(127)), j = _mm512_abs_epi8(d);
+    const __m512i d = _mm512_sub_epi8(idx, _mm512_load_si512(t.middle)), j = _mm512_abs_epi8(d);
     const __mmask64 nonzero = _mm512_test_epi8_mask(d, d);
     const auto half = [&](int k) {
       return _mm512_maskz_permutex2var_epi8(nonzero, _mm512_load_si512(t.half[k]), j,
                                             _mm512_load_si512(t.half[k] + 64));
     };
     b0 = half(0), b1 = half(1), b2 = half(2);
-    b3 = _mm512_xor_si512(half(3), _mm512_maskz_mov_epi8(_mm512_movepi8_mask(d), _mm512_set1_epi8((char)0x80)));
+    b3 = _mm512_xor_si512(half(3), _mm512_maskz_mov_epi8(_mm512_movepi8_mask(d), _mm512_load_si512(t.sign_bit)));
   } else {
     const __mmask64 bit7 = _mm512_movepi8_mask(idx);
     b0 = plane_lookup(t.plane[0], idx, bit7), b1 = plane_lookup(t.plane[1], idx, bit7);
@@ -202,7 +206,27 @@ struct QuantTable {
   alignas(64) uint16_t level8[128];
   uint16_t root;
   uint8_t top;  // as above
+  // The staged search's constants as whole vectors in memory, for search_stage to load: GCC materialises a
+  // _mm512_set1_epi16 or _epi8 at each stage with a move into a general register and a broadcast from it, and on
+  // this class of CPU the broadcast of a byte or word takes the shuffle port (0.12 of its 2.2 cycles a parameter in
+  // the Adam step; bench/NOTES.md), where a load does not.
+  struct Splats {
+    alignas(64) uint16_t root[32], start[32], first_step[32], one[32];
+    alignas(64) uint16_t step[8][32];  // step[l]: 0x0101 << l, the path bit of level l in both bytes
+    alignas(64) uint8_t top[64];
+    alignas(64) uint64_t index_bits[8];
+  } splats;
 };
+#endif
+
+#if PQ_AVX512_VBMI
+// vgf2p8affineqb's matrix that moves bit j of a byte to bit 8 - j (j = 1..7) and keeps bit 0 (byte 7 - i of the
+// matrix selects the input bits of output bit i).
+constexpr uint64_t index_bits_matrix() {
+  uint64_t m = 0;
+  for (int i = 0; i < 8; ++i) m |= (uint64_t)(1u << (i == 0 ? 0 : 8 - i)) << (8 * (7 - i));
+  return m;
+}
 #endif
 
 // Reads the table's 255 step positions. Returns false if the table is not monotone (it always is when
@@ -260,6 +284,14 @@ static inline bool prepare_quant(const uint8_t* table, QuantTable& t) {
 #endif
   }
   t.top = table[65535];
+#if PQ_AVX512_VBMI
+  for (int i = 0; i < 32; ++i) {
+    t.splats.root[i] = t.root, t.splats.start[i] = 0x0100, t.splats.first_step[i] = 0x0202, t.splats.one[i] = 1;
+    for (int l = 0; l < 8; ++l) t.splats.step[l][i] = (uint16_t)(0x0101 << l);
+  }
+  memset(t.splats.top, t.top, sizeof t.splats.top);
+  for (uint64_t& m : t.splats.index_bits) m = index_bits_matrix();
+#endif
   return true;
 }
 
@@ -352,13 +384,6 @@ constexpr ByteOrder low_byte_order() {
 }
 constexpr ByteOrder kLowByteOrder = low_byte_order();
 
-// vgf2p8affineqb's matrix that moves bit j of a byte to bit 8 - j (j = 1..7) and keeps bit 0 (byte 7 - i of the
-// matrix selects the input bits of output bit i).
-constexpr uint64_t index_bits_matrix() {
-  uint64_t m = 0;
-  for (int i = 0; i < 8; ++i) m |= (uint64_t)(1u << (i == 0 ? 0 : 8 - i)) << (8 * (7 - i));
-  return m;
-}
 
 // The search with the decisions least significant first (see QuantTable). On this class of CPU vpermw and
 // vpavgw / vpshldw compete for one port (vpermw takes two operations, one on each of the two vector ports),
@@ -374,27 +399,28 @@ template <int NC>
 PQ_INLINE void code_index(const QuantTable& t, const __m512i (&bins)[NC], uint8_t* q, int64_t len) {
   __m512i g[NC];
   __mmask32 d[NC];
-  const __m512i root = _mm512_set1_epi16((short)t.root), start = _mm512_set1_epi16(0x0100);
+  const __m512i root = _mm512_load_si512(t.splats.root), start = _mm512_load_si512(t.splats.start);
+  const __m512i first_step = _mm512_load_si512(t.splats.first_step);
   for (int c = 0; c < NC; ++c) {
     d[c] = _mm512_cmpge_epu16_mask(bins[c], root);
-    g[c] = _mm512_mask_add_epi16(start, d[c], start, _mm512_set1_epi16(0x0202));
+    g[c] = _mm512_mask_add_epi16(start, d[c], start, first_step);
   }
   for (int l = 2; l <= 6; ++l) {
-    const __m512i table = _mm512_load_si512(t.level[l - 2]), step = _mm512_set1_epi16((short)(0x0101 << l));
+    const __m512i table = _mm512_load_si512(t.level[l - 2]), step = _mm512_load_si512(t.splats.step[l]);
     for (int c = 0; c < NC; ++c) {
       d[c] = _mm512_cmpge_epu16_mask(bins[c], _mm512_permutexvar_epi8(g[c], table));
       g[c] = _mm512_mask_add_epi16(g[c], d[c], g[c], step);
     }
   }
   const __m512i l7a = _mm512_load_si512(t.level7), l7b = _mm512_load_si512(t.level7 + 32);
-  const __m512i step7 = _mm512_set1_epi16((short)(0x0101 << 7));
+  const __m512i step7 = _mm512_load_si512(t.splats.step[7]);
   for (int c = 0; c < NC; ++c) {
     d[c] = _mm512_cmpge_epu16_mask(bins[c], _mm512_permutex2var_epi8(l7a, g[c], l7b));
     g[c] = _mm512_mask_add_epi16(g[c], d[c], g[c], step7);
   }
   const __m512i l8a = _mm512_load_si512(t.level8), l8b = _mm512_load_si512(t.level8 + 32);
   const __m512i l8c = _mm512_load_si512(t.level8 + 64), l8d = _mm512_load_si512(t.level8 + 96);
-  const __m512i one = _mm512_set1_epi16(1);
+  const __m512i one = _mm512_load_si512(t.splats.one);
   for (int c = 0; c < NC; ++c) {
     const __m512i lo = _mm512_permutex2var_epi8(l8a, g[c], l8b), hi = _mm512_permutex2var_epi8(l8c, g[c], l8d);
     const __mmask32 d8 = _mm512_cmpge_epu16_mask(bins[c], _mm512_mask_blend_epi16(d[c], lo, hi));
@@ -402,8 +428,7 @@ PQ_INLINE void code_index(const QuantTable& t, const __m512i (&bins)[NC], uint8_
   }
   // One byte permute takes the low bytes of two vectors, in element order.
   const __m512i order = _mm512_load_si512(kLowByteOrder.at);
-  const __m512i top = _mm512_set1_epi8((char)t.top);
-  const __m512i index_bits = _mm512_set1_epi64((long long)index_bits_matrix());
+  const __m512i top = _mm512_load_si512(t.splats.top), index_bits = _mm512_load_si512(t.splats.index_bits);
   for (int c = 0; c < NC; c += 2) {
     const bool pair = c + 1 < NC;
     const __m512i low = _mm512_permutex2var_epi8(g[c], order, g[pair ? c + 1 : c]);
@@ -424,26 +449,27 @@ struct StagedSearch {
 
 PQ_INLINE void search_stage(int s, StagedSearch& st, const float* x, __m512 inv, const QuantTable& t, uint8_t* q) {
   if (s == 0) {
-    const __m512i root = _mm512_set1_epi16((short)t.root), start = _mm512_set1_epi16(0x0100);
+    const __m512i root = _mm512_load_si512(t.splats.root), start = _mm512_load_si512(t.splats.start);
+    const __m512i first_step = _mm512_load_si512(t.splats.first_step);
     for (int c = 0; c < 8; ++c) {
       const __m512 x0 = _mm512_loadu_ps(x + 32 * c), x1 = _mm512_loadu_ps(x + 32 * c + 16);
       const __m512i bins = _mm512_packus_epi32(grid_bins<false>(x0, inv), grid_bins<false>(x1, inv));
       st.bins[c] = bins;
-      st.g[c] = _mm512_mask_add_epi16(start, _mm512_cmpge_epu16_mask(bins, root), start, _mm512_set1_epi16(0x0202));
+      st.g[c] = _mm512_mask_add_epi16(start, _mm512_cmpge_epu16_mask(bins, root), start, first_step);
     }
   } else if (s <= 5) {
     const int l = s + 1;
-    const __m512i table = _mm512_load_si512(t.level[l - 2]), step = _mm512_set1_epi16((short)(0x0101 << l));
+    const __m512i table = _mm512_load_si512(t.level[l - 2]), step = _mm512_load_si512(t.splats.step[l]);
     for (int c = 0; c < 8; ++c) {
       const __mmask32 d = _mm512_cmpge_epu16_mask(st.bins[c], _mm512_permutexvar_epi8(st.g[c], table));
       st.g[c] = _mm512_mask_add_epi16(st.g[c], d, st.g[c], step);
     }
   } else if (s == 6) {
     const __m512i l7a = _mm512_load_si512(t.level7), l7b = _mm512_load_si512(t.level7 + 32);
-    const __m512i step7 = _mm512_set1_epi16((short)(0x0101 << 7));
+    const __m512i step7 = _mm512_load_si512(t.splats.step[7]);
     const __m512i l8a = _mm512_load_si512(t.level8), l8b = _mm512_load_si512(t.level8 + 32);
     const __m512i l8c = _mm512_load_si512(t.level8 + 64), l8d = _mm512_load_si512(t.level8 + 96);
-    const __m512i one = _mm512_set1_epi16(1);
+    const __m512i one = _mm512_load_si512(t.splats.one);
     for (int c = 0; c < 8; ++c) {
       const __m512i bins = st.bins[c];
       __m512i g = st.g[c];
@@ -455,8 +481,7 @@ PQ_INLINE void search_stage(int s, StagedSearch& st, const float* x, __m512 inv,
     }
   } else {
     const __m512i order = _mm512_load_si512(kLowByteOrder.at);
-    const __m512i top = _mm512_set1_epi8((char)t.top);
-    const __m512i index_bits = _mm512_set1_epi64((long long)index_bits_matrix());
+    const __m512i top = _mm512_load_si512(t.splats.top), index_bits = _mm512_load_si512(t.splats.index_bits);
     for (int c = 0; c < 8; c += 2) {
       const __m512i low = _mm512_permutex2var_epi8(st.g[c], order, st.g[c + 1]);
       const __m512i index = _mm512_gf2p8affine_epi64_epi8(low, index_bits, 0);
