@@ -206,7 +206,7 @@ struct QuantTable {
   alignas(64) uint16_t level8[128];
   uint16_t root;
   uint8_t top;  // as above
-  // The staged search's constants as whole vectors in memory, for search_stage to load: GCC materialises a
+  // The search's constants as whole vectors in memory, for search_stage and code_index to load: GCC materialises a
   // _mm512_set1_epi16 or _epi8 at each stage with a move into a general register and a broadcast from it, and on
   // this class of CPU the broadcast of a byte or word takes the shuffle port (0.12 of its 2.2 cycles a parameter in
   // the Adam step; bench/NOTES.md), where a load does not.
@@ -383,7 +383,6 @@ constexpr ByteOrder low_byte_order() {
   return o;
 }
 constexpr ByteOrder kLowByteOrder = low_byte_order();
-
 
 // The search with the decisions least significant first (see QuantTable). On this class of CPU vpermw and
 // vpavgw / vpshldw compete for one port (vpermw takes two operations, one on each of the two vector ports),
