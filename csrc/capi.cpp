@@ -42,7 +42,7 @@ namespace {
 int32_t detect_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("popcnt"))
     return __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("gfni") ? PQ_ISA_AVX512VBMI
                                                                                          : PQ_ISA_AVX512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))

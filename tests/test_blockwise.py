@@ -235,6 +235,28 @@ def mirror_case_map(name: str) -> torch.Tensor:
     return code
 
 
+@pytest.mark.parametrize("broken_bin", [0, 40, 64, 1023, 1024, 32768, 65535])
+def test_every_cpu_build_quantizes_through_a_table_that_is_not_monotone_by_plain_lookups(isa, broken_bin):
+    """The vector codecs describe a table by its step positions, which only a monotone table has (any sorted map's
+    is; a C caller may pass another). One bin out of order, at the first bin, inside and at the edges of the
+    64-bin chunks and 1024-bin groups the check reads, or at the last bin, must send every build to the table's own
+    lookups: values in that bin get the entry written there."""
+    table = reference.code_table(F.create_dynamic_map(True)).clone()
+    table[broken_bin] = 0 if broken_bin > 32767 else 255  # below the bin before it, or above the bin after it
+    bins = torch.tensor([broken_bin, max(broken_bin - 1, 0), min(broken_bin + 1, 65535)])
+    y = (bins.double() / 32767.5 - 1.0).float()  # each bin's centre; blocks of absmax 1, so x = y
+    x = torch.cat([y.repeat(85), torch.ones(1)]).repeat(4)
+    assert torch.equal(reference.grid_bins(x, torch.tensor(1.0))[:3], bins)  # the values are in the bins named
+    q, absmax = torch.empty(x.numel(), dtype=torch.uint8), torch.empty(4)
+    lib = capi.cpu_library()
+    status = lib.pq_quantize_blockwise(x.data_ptr(), capi.DTYPE_CODES[torch.float32], x.numel(), 256,
+                                       table.data_ptr(), q.data_ptr(), absmax.data_ptr())
+    assert status == 0
+    expected = reference.quantize_with_absmax(x.view(4, 256), torch.ones(4), table).flatten()
+    assert int(expected[0]) == int(table[broken_bin])
+    assert_same_bits(q, expected)
+
+
 @pytest.mark.parametrize("code_name", ["signed", "negative_zero", "one_ulp_off", "other_top"])
 def test_every_cpu_build_dequantizes_every_index_of_mirrored_maps_like_the_reference(isa, code_name):
     """The avx512vbmi build looks a mirrored map up in its 128-entry half (the sign from the index); each of the 256

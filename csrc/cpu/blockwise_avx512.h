@@ -22,6 +22,7 @@
 #pragma once
 #include "isa.h"
 
+#include <algorithm>
 #include <type_traits>
 
 #include "cpu_sqrt.h"
@@ -229,25 +230,52 @@ constexpr uint64_t index_bits_matrix() {
 }
 #endif
 
-// Reads the table's 255 step positions. Returns false if the table is not monotone (it always is when
-// built from a sorted code; the caller then falls back to plain table lookups).
+// The table's 255 step positions: first_above[j] is the first bin whose index exceeds j (65536 when none), that is
+// the number of bins whose index is at most j. Returns false if the table is not monotone (it always is when built
+// from a sorted code; the caller then falls back to plain table lookups). This runs on every call (two tables for
+// Adam), so it has no branch per step: walking the steps one by one took most of a call's fixed cost, with a
+// mispredicted branch at about every fourth 64-bin chunk. Here one pass checks the order and notes each chunk's
+// last index, then each j counts its bins in three levels: the 64 groups of 1024 bins, then the group's 16 chunks,
+// then the chunk's 64 bins.
+static inline bool step_positions(const uint8_t* table, uint32_t (&first_above)[255]) {
+  alignas(64) uint8_t chunk_last[1024], group_last[64];  // the index of bins 64k + 63 and 1024g + 1023
+  __mmask64 descending = 0;
+  for (uint32_t k = 0; k < 1024; ++k) {
+    // bins 64k .. 64k + 63 against the bins before them (chunk 0: bins 1 .. 64)
+    const uint8_t* cur = table + (k ? 64 * k : 1);
+    descending |= _mm512_cmplt_epu8_mask(_mm512_loadu_si512(cur), _mm512_loadu_si512(cur - 1));
+    chunk_last[k] = table[64 * k + 63];
+  }
+  if (descending) return false;
+  for (uint32_t g = 0; g < 64; ++g) group_last[g] = chunk_last[16 * g + 15];
+  const __m512i groups = _mm512_load_si512(group_last);
+  for (uint32_t j = 0; j < 255; ++j) {
+    const __m512i at_most = _mm512_set1_epi8((char)j);
+    // A j at or above table[65535] counts all 64 groups: clamped to the last group and chunk, whose 64 bins count
+    // too, it gives 65536.
+    const uint32_t g = std::min<uint32_t>(63, (uint32_t)_mm_popcnt_u64(_mm512_cmple_epu8_mask(groups, at_most)));
+    const uint32_t k = std::min<uint32_t>(
+        1023, 16 * g + (uint32_t)_mm_popcnt_u32(
+                           _mm_cmple_epu8_mask(_mm_load_si128((const __m128i*)(chunk_last + 16 * g)),
+                                               _mm512_castsi512_si128(at_most))));
+    first_above[j] = 64 * k + (uint32_t)_mm_popcnt_u64(
+                                  _mm512_cmple_epu8_mask(_mm512_loadu_si512(table + 64 * k), at_most));
+  }
+  return true;
+}
+
+// Reverses the low n bits of x < 256 (n <= 8).
+constexpr uint32_t reversed_bits(uint32_t x, uint32_t n) {
+  x = ((x & 0x55u) << 1) | ((x >> 1) & 0x55u);
+  x = ((x & 0x33u) << 2) | ((x >> 2) & 0x33u);
+  x = ((x & 0x0Fu) << 4) | ((x >> 4) & 0x0Fu);
+  return x >> (8 - n);
+}
+
+// Reads the table's 255 step positions into t. Returns false if the table is not monotone.
 static inline bool prepare_quant(const uint8_t* table, QuantTable& t) {
-  uint32_t first_above[255];  // first_above[j] = first bin with table[bin] > j, 65536 when none
-  for (uint32_t j = 0; j < table[0]; ++j) first_above[j] = 0;
-  uint32_t bin = 1;
-  for (; bin + 64 <= 65536; bin += 64) {
-    const __m512i cur = _mm512_loadu_si512(table + bin), prev = _mm512_loadu_si512(table + bin - 1);
-    if (_mm512_cmplt_epu8_mask(cur, prev)) return false;
-    for (uint64_t steps = _mm512_cmpneq_epu8_mask(cur, prev); steps; steps &= steps - 1) {
-      const uint32_t b = bin + (uint32_t)__builtin_ctzll(steps);
-      for (uint32_t j = table[b - 1]; j < table[b]; ++j) first_above[j] = b;
-    }
-  }
-  for (; bin < 65536; ++bin) {
-    if (table[bin] < table[bin - 1]) return false;
-    for (uint32_t j = table[bin - 1]; j < table[bin]; ++j) first_above[j] = bin;
-  }
-  for (uint32_t j = table[65535]; j < 255; ++j) first_above[j] = 65536;
+  uint32_t first_above[255];
+  if (!step_positions(table, first_above)) return false;
 #if !PQ_AVX512_VBMI
   memset(t.upper, 0, sizeof t.upper);
 #else
@@ -271,8 +299,7 @@ static inline bool prepare_quant(const uint8_t* table, QuantTable& t) {
     else
       t.level8[slot & 127] = position;
 #else
-    uint32_t p = 0;  // r's level - 1 bits in the reverse order
-    for (uint32_t b = 0; b + 1 < level; ++b) p |= ((r >> (level - 2 - b)) & 1u) << b;
+    const uint32_t p = reversed_bits(r, level - 1);  // the decisions least significant first
     if (level == 1)
       t.root = position;
     else if (level <= 6)
