@@ -200,15 +200,18 @@ def other_code_map(name: str) -> torch.Tensor:
     """Sorted float32 maps of 256 codes other than the dynamic ones."""
     if name == "beyond_one":  # the top codes lie beyond 1: the last grid bins' index is below 255
         return torch.linspace(-1.0, 1.5, 256)
+    if name == "below_minus_one":  # the bottom codes lie below -1: the first grid bins' index is above 0
+        return torch.linspace(-1.5, 1.0, 256)
     if name == "crowded":  # many codes inside one grid bin around 0: equal step positions in the search
         return torch.cat([torch.linspace(-1.0, 1.0, 200), torch.linspace(-1e-6, 1e-6, 56)]).sort().values
     return torch.linspace(-1.0, 1.0, 256)
 
 
-@pytest.mark.parametrize("code_name", ["beyond_one", "crowded", "linear"])
+@pytest.mark.parametrize("code_name", ["beyond_one", "below_minus_one", "crowded", "linear"])
 def test_every_cpu_build_takes_other_code_maps_like_the_reference(isa, code_name):
     """The vector codecs describe any sorted map by its step positions; maps unlike the dynamic ones reach the
-    repairs the dynamic ones never need (a top index below 255, positions shared by several codes)."""
+    repairs the dynamic ones never need (a top index below 255, a bottom one above 0, positions shared by several
+    codes)."""
     code = other_code_map(code_name)
     x = special_float32(20_011)
     with pyquant.use_backend("reference"):
@@ -220,6 +223,8 @@ def test_every_cpu_build_takes_other_code_maps_like_the_reference(isa, code_name
     assert_same_bits(F.dequantize_blockwise(q_ref, a_ref, code=code), out_ref)
     if code_name == "beyond_one":  # the case is what it claims: no element reaches the codes beyond 1
         assert int(q_ref.max()) < 255
+    if code_name == "below_minus_one":  # nor here the codes below -1 (NaN's index 0 aside)
+        assert int(q_ref[~torch.isnan(x)].min()) > 0
 
 
 def mirror_case_map(name: str) -> torch.Tensor:
