@@ -2,13 +2,15 @@
 library call (the plan's PreparedStep.run: the kernel, the NVTX range, the version bumps; "kernel call" is the C call
 alone) and everything else ("before it": the plan's checks and the descriptors' loading; "after it"), with
 torch's fused Adam on the same shapes interleaved, one thread unless told; minimum and median over the rounds, in ms:
-    python bench/profile_outside_kernel.py [ROUNDS] [THREADS]
+    python bench/profile_outside_kernel.py [ROUNDS] [THREADS] [NUMEL]
+NUMEL: one tensor of that many elements instead of DenseNet-121's list.
 """
 import sys, time, torch, torchvision, pyquant
 from pyquant.backends.cpu.optimizer import PreparedStep
 rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 40
 torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
-shapes = [p.shape for p in torchvision.models.densenet121().parameters()]
+shapes = ([(int(sys.argv[3]),)] if len(sys.argv) > 3
+          else [p.shape for p in torchvision.models.densenet121().parameters()])
 def params():
     ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     for p in ps: p.grad = torch.randn_like(p) * 1e-2
